@@ -1,0 +1,193 @@
+"""Safetensors checkpoints on disk: headers, tensor references and bounded reads.
+
+A checkpoint is a folder of ``*.safetensors`` shards (with or without
+``model.safetensors.index.json``) or a single ``.safetensors`` file. Planning
+reads only the headers; tensor data is read one tensor at a time with ``pread``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import rawio
+from .dtypes import item_size, torch_dtype
+from .errors import InputError
+
+INDEX_NAME = "model.safetensors.index.json"
+#: a header larger than this is corrupt, not a model (safetensors itself caps it at 100 MB)
+MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor's bytes live; cheap, picklable, and all a task needs to read it."""
+
+    name: str
+    path: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    path: str
+    data_start: int
+    metadata: dict[str, str]
+    tensors: tuple[TensorRef, ...]  # in file-offset order
+
+
+def read_header(path: str | Path) -> ShardHeader:
+    """Parse and validate one safetensors header without touching tensor data."""
+    path = str(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            (hlen,) = struct.unpack("<Q", head)
+            if hlen > MAX_HEADER or 8 + hlen > size:
+                raise InputError(f"{path}: corrupt safetensors header (declares {hlen} header bytes, "
+                                 f"file has {size}); re-download or re-save this shard")
+            raw = f.read(hlen)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+    except (UnicodeDecodeError, ValueError):
+        raise InputError(f"{path}: corrupt safetensors header (not valid JSON); "
+                         "re-download or re-save this shard") from None
+    data_start = 8 + hlen
+    metadata = header.pop("__metadata__", None) or {}
+    refs = []
+    for name, entry in header.items():
+        refs.append(_tensor_ref(path, name, entry, data_start))
+    refs.sort(key=lambda r: r.offset)
+    end = data_start
+    for ref in refs:
+        if ref.offset != end:
+            raise InputError(f"{path}: tensor {ref.name!r} does not follow the previous one "
+                             "(overlapping or gapped data); the file is corrupt")
+        end = ref.offset + ref.nbytes
+    if end > size:
+        raise InputError(f"{path}: file is truncated ({size} bytes, header needs {end}); "
+                         "re-download this shard")
+    return ShardHeader(path, data_start, dict(metadata), tuple(refs))
+
+
+def _tensor_ref(path: str, name: str, entry: object, data_start: int) -> TensorRef:
+    where = f"{path}: tensor {name!r}"
+    try:
+        dtype = entry["dtype"]  # type: ignore[index]
+        shape = tuple(int(d) for d in entry["shape"])  # type: ignore[index]
+        begin, end = (int(x) for x in entry["data_offsets"])  # type: ignore[index]
+    except (TypeError, KeyError, ValueError):
+        raise InputError(f"{where}: malformed header entry; the file is corrupt") from None
+    if any(d < 0 for d in shape) or begin < 0 or end < begin:
+        raise InputError(f"{where}: negative shape or offsets; the file is corrupt")
+    nbytes = math.prod(shape) * item_size(dtype, where)
+    if end - begin != nbytes:
+        raise InputError(f"{where}: header says {end - begin} bytes but {dtype}{list(shape)} needs "
+                         f"{nbytes}; the file is corrupt")
+    return TensorRef(name, path, dtype, shape, data_start + begin, nbytes)
+
+
+class Checkpoint(Mapping[str, TensorRef]):
+    """A read-only mapping name -> TensorRef over every shard of a checkpoint, in file order."""
+
+    def __init__(self, root: Path, shards: list[ShardHeader]) -> None:
+        self.root = root
+        self.shards = shards
+        self._refs: dict[str, TensorRef] = {}
+        for shard in shards:
+            for ref in shard.tensors:
+                if ref.name in self._refs:
+                    raise InputError(f"{root}: tensor {ref.name!r} appears in both "
+                                     f"{Path(self._refs[ref.name].path).name} and {Path(ref.path).name}")
+                self._refs[ref.name] = ref
+
+    @classmethod
+    def from_path(cls, path: str | Path, role: str = "checkpoint") -> Checkpoint:
+        path = Path(path)
+        if not path.exists():
+            raise InputError(f"{role} {path} does not exist")
+        if path.is_file():
+            if path.suffix != ".safetensors":
+                raise InputError(f"{role} {path} is not a .safetensors file or a folder of them")
+            return cls(path, [read_header(path)])
+        index = path / INDEX_NAME
+        files = _files_from_index(index) if index.exists() else sorted(p.name for p in path.glob("*.safetensors"))
+        if not files:
+            raise InputError(f"{role} {path} has no *.safetensors files (only .safetensors checkpoints "
+                             "are supported; convert .bin weights first)")
+        ckpt = cls(path, [read_header(path / f) for f in files])
+        if index.exists():
+            ckpt._check_index(index)
+        return ckpt
+
+    def _check_index(self, index: Path) -> None:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        for name, file in weight_map.items():
+            ref = self._refs.get(name)
+            if ref is None or Path(ref.path).name != file:
+                raise InputError(f"{index}: tensor {name!r} is mapped to {file} but that shard does not hold it")
+
+    def __getitem__(self, name: str) -> TensorRef:
+        return self._refs[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._refs)
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.nbytes for r in self._refs.values())
+
+    @property
+    def files(self) -> list[str]:
+        return [s.path for s in self.shards]
+
+
+def _files_from_index(index: Path) -> list[str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = list(dict.fromkeys(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise InputError(f"{index}: not a valid index (needs a 'weight_map' object)") from None
+    for file in files:
+        if not isinstance(file, str) or not (index.parent / file).is_file():
+            raise InputError(f"{index}: names shard {file!r}, which does not exist in {index.parent}")
+    return sorted(files)
+
+
+def read_tensor(ref: TensorRef) -> torch.Tensor:
+    """Load one tensor into a fresh buffer, leaving nothing in the page cache."""
+    try:
+        fd = os.open(ref.path, os.O_RDONLY)
+    except OSError as exc:
+        raise InputError(f"{ref.path}: cannot open ({exc.strerror})") from None
+    try:
+        data = rawio.read_bytes(fd, ref.offset, ref.nbytes)
+    except EOFError as exc:
+        raise InputError(f"{ref.path}: tensor {ref.name!r}: {exc}; the file is truncated") from None
+    finally:
+        os.close(fd)
+    return torch.from_numpy(data).view(torch_dtype(ref.dtype)).reshape(ref.shape)

@@ -1,0 +1,33 @@
+"""One exception hierarchy for user-facing failures; the CLI maps each to one line and an exit code."""
+
+from __future__ import annotations
+
+
+class StreamsoupError(Exception):
+    """Base of every failure a user should see as one clear line."""
+
+    exit_code = 1
+
+
+class UsageError(StreamsoupError):
+    """Bad options or arguments: nothing was written."""
+
+    exit_code = 2
+
+
+class InputError(StreamsoupError):
+    """A checkpoint is missing, malformed or inconsistent: nothing was written."""
+
+    exit_code = 2
+
+
+class RunError(StreamsoupError):
+    """A failure while merging (I/O, numerics): the partial state is kept for a rerun."""
+
+    exit_code = 1
+
+
+class Interrupted(StreamsoupError):
+    """Ctrl-C or SIGTERM: the partial state is kept for a rerun."""
+
+    exit_code = 130

@@ -1,0 +1,90 @@
+"""MonoSoup's per-tensor rules (arXiv 2602.09689, DESIGN.md section 1), device-agnostic torch.
+
+Given the singular values ``s`` of a fine-tuning update ``dW = W1 - W0``:
+
+    k        entropy rule: ceil(exp(H)), H the entropy of p_i = s_i / sum s
+             energy rule:  smallest k with sum_{i<=k} s_i^2 / sum s^2 >= R
+    P_k      share of the energy in the top-k directions
+    rho      (s_{k+1} / s_1)^2
+    lam_low  rho + (1 - rho) * sqrt(1 - P_k)       lam_high = 1 - lam_low
+    W        W0 + lam_high * dW_high + lam_low * (dW - dW_high)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """What MonoSoup decided for one tensor; the report is built from these."""
+
+    k: int
+    rank: int
+    p_k: float
+    rho: float
+    lambda_high: float
+    lambda_low: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def relative_update(dw_norm: float, w0_norm: float) -> float:
+    return dw_norm / (w0_norm + EPS)
+
+
+def update_is_significant(dw_norm: float, w0_norm: float, min_rel_update: float) -> bool:
+    """The edit threshold of DESIGN.md: relative to ||W0||, absolute when W0 is ~0."""
+    if w0_norm < EPS:
+        return dw_norm >= EPS
+    return relative_update(dw_norm, w0_norm) >= min_rel_update
+
+
+def entropy_rank(s: torch.Tensor) -> int:
+    """k = ceil(exp(H)) of the normalised singular values, clamped to [1, r]."""
+    p = s / s.sum()
+    h = float(-(p * torch.log(p + EPS)).sum())
+    return min(max(math.ceil(math.exp(h)), 1), s.numel())
+
+
+def energy_rank(s: torch.Tensor, energy: float) -> int:
+    """Smallest k whose top-k directions hold at least `energy` of sum s^2."""
+    s2 = s.square()
+    share = torch.cumsum(s2, 0) / s2.sum()
+    k = int(torch.searchsorted(share, torch.tensor([energy], dtype=share.dtype)).item()) + 1
+    return min(max(k, 1), s.numel())
+
+
+def choose_rank(s: torch.Tensor, rule: str, energy: float) -> int:
+    if rule == "entropy":
+        return entropy_rank(s)
+    if rule == "energy":
+        return energy_rank(s, energy)
+    raise ValueError(f"unknown rank rule {rule!r}")
+
+
+def coefficients(s: torch.Tensor, rule: str = "entropy", energy: float = 0.8) -> Coefficients:
+    """MonoSoup's layer-wise, data-free coefficients from the descending float64 spectrum `s`."""
+    s = s.to(torch.float64)
+    r = s.numel()
+    k = choose_rank(s, rule, energy)
+    s2 = s.square()
+    p_k = float(s2[:k].sum() / (s2.sum() + EPS))
+    rho = 0.0 if k == r else float((s[k] / (s[0] + EPS)) ** 2)
+    lam_low = rho + (1.0 - rho) * math.sqrt(min(max(1.0 - p_k, 0.0), 1.0))
+    lam_high = 1.0 - lam_low
+    clamp = lambda x: min(max(x, 0.0), 1.0)  # noqa: E731
+    return Coefficients(k=k, rank=r, p_k=p_k, rho=rho, lambda_high=clamp(lam_high), lambda_low=clamp(lam_low))
+
+
+def reweigh(w0: torch.Tensor, dw: torch.Tensor, dw_high: torch.Tensor, c: Coefficients) -> torch.Tensor:
+    """W = W0 + lam_low * dW + (lam_high - lam_low) * dW_high, in the dtype of the inputs."""
+    out = w0 + c.lambda_low * dw
+    out.add_(dw_high, alpha=c.lambda_high - c.lambda_low)
+    return out

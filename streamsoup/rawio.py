@@ -1,0 +1,66 @@
+"""Bounded positional reads and writes: the page cache never keeps what we touched.
+
+safetensors' own readers either mmap (touched pages pile up in RSS) or read a whole
+tensor into a fresh allocation; we pread into our own buffers and drop the cached pages.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+#: Linux caps one read/write at just under 2 GiB; stay well below.
+IO_CHUNK = 256 * 1024 * 1024
+
+
+def _drop_cache(fd: int, offset: int, length: int) -> None:
+    if hasattr(os, "posix_fadvise") and length > 0:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+def pread_into(fd: int, buf: memoryview, offset: int, *, drop_cache: bool = True) -> None:
+    """Fill `buf` from `fd` at `offset`; a short file is an EOFError."""
+    done, total = 0, len(buf)
+    while done < total:
+        step = min(IO_CHUNK, total - done)
+        got = os.preadv(fd, [buf[done : done + step]], offset + done)
+        if got == 0:
+            raise EOFError(f"file ends {total - done} bytes early at offset {offset + done}")
+        done += got
+    if drop_cache:
+        _drop_cache(fd, offset, total)
+
+
+def read_bytes(fd: int, offset: int, length: int) -> np.ndarray:
+    buf = np.empty(length, dtype=np.uint8)
+    pread_into(fd, memoryview(buf), offset)
+    return buf
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of `data` at `offset` (pwrite may write less than asked)."""
+    done, total = 0, len(data)
+    while done < total:
+        step = min(IO_CHUNK, total - done)
+        done += os.pwrite(fd, data[done : done + step], offset + done)
+
+
+def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, length: int) -> None:
+    """Byte-exact copy of a range between files through one bounded buffer."""
+    buf = np.empty(min(IO_CHUNK, max(length, 1)), dtype=np.uint8)
+    view = memoryview(buf)
+    done = 0
+    while done < length:
+        step = min(len(buf), length - done)
+        pread_into(src_fd, view[:step], src_off + done)
+        pwrite_all(dst_fd, view[:step], dst_off + done)
+        done += step
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

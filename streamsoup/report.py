@@ -1,0 +1,59 @@
+"""streamsoup_report.json: what was done to every tensor, and why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__, writer
+from .plan import EDIT, MergePlan
+from .tasks import TensorResult
+
+REPORT_NAME = "streamsoup_report.json"
+
+
+@dataclass(frozen=True)
+class MergeSummary:
+    """What `merge` returns: where the model is and what happened."""
+
+    out: Path
+    tensors: int
+    edited: int
+    copied: int
+    dropped: int
+    output_bytes: int
+    seconds: float
+    report: Path
+
+    def line(self) -> str:
+        from .options import format_size
+
+        return (f"merged {self.tensors} tensors ({self.edited} edited, {self.copied} copied, "
+                f"{self.dropped} dropped) in {self.seconds:.1f} s -> {self.out} ({format_size(self.output_bytes)})")
+
+
+def build_report(plan: MergePlan, results: list[TensorResult], seconds: float) -> dict:
+    edited = sum(r.action == EDIT for r in results)
+    return {
+        "streamsoup": __version__,
+        "method": "MonoSoup (arXiv 2602.09689)",
+        "base": str(plan.base.root),
+        "finetuned": str(plan.finetuned.root),
+        "options": plan.options.output_fingerprint(),
+        "summary": {
+            "tensors": len(results),
+            "edited": edited,
+            "copied": len(results) - edited,
+            "dropped": len(plan.dropped),
+            "output_bytes": plan.bytes_to_write,
+            "seconds": round(seconds, 3),
+        },
+        "tensors": [r.as_dict() for r in results],
+        "dropped": [{"name": n, "action": "drop", "reason": "only in base"} for n in plan.dropped],
+    }
+
+
+def write_report(folder: Path, report: dict) -> Path:
+    path = folder / REPORT_NAME
+    writer.write_json(path, report)
+    return path

@@ -1,0 +1,120 @@
+"""Preallocated output shards written in place, then published atomically.
+
+Shards are created from their precomputed headers at full size (sparse), each
+tensor is pwritten at its fixed offset, and the folder is renamed to OUT only
+once every byte is durable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import rawio
+from .checkpoint import TensorRef
+from .layout import Placement, ShardLayout
+
+#: files of a model folder that are weights (never copied from the fine-tune: we write our own)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def partial_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def preallocate(layout: ShardLayout, folder: Path) -> None:
+    """Create every shard with its final header and size; an existing correct one is kept."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard in layout.shards:
+        path = folder / shard.file
+        if path.exists() and path.stat().st_size == shard.size:
+            with open(path, "rb") as f:
+                if f.read(len(shard.header)) == shard.header:
+                    continue
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            rawio.pwrite_all(fd, memoryview(shard.header), 0)
+            os.ftruncate(fd, shard.size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    rawio.fsync_dir(folder)
+
+
+def _open_for_write(folder: Path, placement: Placement) -> int:
+    return os.open(folder / placement.file, os.O_WRONLY)
+
+
+def write_tensor(folder: Path, placement: Placement, tensor: torch.Tensor) -> None:
+    """Write a contiguous tensor's bytes at its placement and make them durable."""
+    data = tensor.contiguous().view(-1).view(torch.uint8).numpy()
+    if data.nbytes != placement.nbytes:
+        raise AssertionError(f"tensor has {data.nbytes} bytes, its slot {placement.nbytes}")
+    fd = _open_for_write(folder, placement)
+    try:
+        rawio.pwrite_all(fd, memoryview(data), placement.offset)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def copy_tensor(source: TensorRef, folder: Path, placement: Placement) -> None:
+    """Byte-for-byte copy of a tensor of the fine-tune into its output slot."""
+    src = os.open(source.path, os.O_RDONLY)
+    try:
+        dst = _open_for_write(folder, placement)
+        try:
+            rawio.copy_range(src, source.offset, dst, placement.offset, source.nbytes)
+            os.fdatasync(dst)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+
+
+def write_json(path: Path, data: object) -> None:
+    """Write-then-rename with fsync, so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def is_weight_file(name: str) -> bool:
+    return name.endswith(WEIGHT_SUFFIXES) or name in WEIGHT_INDEXES
+
+
+def copy_side_files(source: Path, folder: Path) -> list[str]:
+    """Copy config, tokenizer and other non-weight files of the fine-tune (dotfiles skipped)."""
+    copied = []
+    if not source.is_dir():
+        return copied
+    for path in sorted(source.rglob("*")):
+        rel = path.relative_to(source)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file() or is_weight_file(path.name):
+            continue
+        dst = folder / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dst)
+        with open(dst, "rb+") as f:
+            os.fsync(f.fileno())
+        copied.append(str(rel))
+    return copied
+
+
+def publish(partial: Path, out: Path) -> None:
+    """Make OUT appear, complete, in one atomic rename."""
+    for path in partial.rglob("*"):
+        if path.is_dir():
+            rawio.fsync_dir(path)
+    rawio.fsync_dir(partial)
+    os.replace(partial, out)
+    rawio.fsync_dir(out.parent)
