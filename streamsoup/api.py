@@ -23,8 +23,16 @@ from .tasks import TensorResult
 log = logging.getLogger(__name__)
 
 
-def merge(base: str | Path, finetuned: str | Path, out: str | Path, *, config: str | Path | None = None,
-          fresh: bool = False, progress: bool = False, **options: Any) -> MergeSummary:
+def merge(
+    base: str | Path,
+    finetuned: str | Path,
+    out: str | Path,
+    *,
+    config: str | Path | None = None,
+    fresh: bool = False,
+    progress: bool = False,
+    **options: Any,
+) -> MergeSummary:
     """MonoSoup-edit FINETUNED against BASE into the new folder OUT; returns a summary.
 
     `options` are the fields of MergeOptions (``rank_rule="energy"``, ``shard_size="2GB"``, ...),
@@ -39,15 +47,24 @@ def merge(base: str | Path, finetuned: str | Path, out: str | Path, *, config: s
     partial = writer.partial_dir(out)
     if fresh and partial.exists():
         shutil.rmtree(partial)
-    log.info("planned %d tensors (%d to edit) into %d shard(s)", len(plan.jobs), len(plan.edits),
-             len(plan.layout.shards))
+    log.info(
+        "planned %d tensors (%d to edit) into %d shard(s)", len(plan.jobs), len(plan.edits), len(plan.layout.shards)
+    )
     writer.preallocate(plan.layout, partial)
     results = execute(plan, partial, opts, progress)
     seconds = time.perf_counter() - start
     report_path = finish(plan, partial, out, results, seconds)
     edited = sum(r.action == EDIT for r in results)
-    return MergeSummary(out, len(results), edited, len(results) - edited, len(plan.dropped),
-                        plan.bytes_to_write, time.perf_counter() - start, out / report_path.name)
+    return MergeSummary(
+        out,
+        len(results),
+        edited,
+        len(results) - edited,
+        len(plan.dropped),
+        plan.bytes_to_write,
+        time.perf_counter() - start,
+        out / report_path.name,
+    )
 
 
 def check_output(out: Path, plan: MergePlan) -> None:
@@ -57,16 +74,22 @@ def check_output(out: Path, plan: MergePlan) -> None:
     target = out.resolve()
     for role, ckpt in (("BASE", plan.base), ("FINETUNED", plan.finetuned)):
         root = ckpt.root.resolve()
-        folder = root if root.is_dir() else root.parent
-        if target == folder or folder in target.parents:
+        if target == root or (root.is_dir() and root in target.parents):
             raise UsageError(f"OUT {out} is inside {role} {ckpt.root}; write the merged model elsewhere")
 
 
 def execute(plan: MergePlan, partial: Path, opts: MergeOptions, progress: bool) -> list[TensorResult]:
     tasks = build_graph(plan, partial, opts)
     results: dict[str, TensorResult] = {}
-    with tqdm(total=plan.bytes_to_write, unit="B", unit_scale=True, unit_divisor=1024, desc="merging",
-              disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=plan.bytes_to_write,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="merging",
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
 
         def on_done(task: GraphTask, result: TensorResult) -> None:
             results[task.key] = result

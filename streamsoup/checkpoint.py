@@ -61,8 +61,10 @@ def read_header(path: str | Path) -> ShardHeader:
                 raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
             (hlen,) = struct.unpack("<Q", head)
             if hlen > MAX_HEADER or 8 + hlen > size:
-                raise InputError(f"{path}: corrupt safetensors header (declares {hlen} header bytes, "
-                                 f"file has {size}); re-download or re-save this shard")
+                raise InputError(
+                    f"{path}: corrupt safetensors header (declares {hlen} header bytes, "
+                    f"file has {size}); re-download or re-save this shard"
+                )
             raw = f.read(hlen)
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
@@ -71,8 +73,9 @@ def read_header(path: str | Path) -> ShardHeader:
         if not isinstance(header, dict):
             raise ValueError("not an object")
     except (UnicodeDecodeError, ValueError):
-        raise InputError(f"{path}: corrupt safetensors header (not valid JSON); "
-                         "re-download or re-save this shard") from None
+        raise InputError(
+            f"{path}: corrupt safetensors header (not valid JSON); re-download or re-save this shard"
+        ) from None
     data_start = 8 + hlen
     metadata = header.pop("__metadata__", None) or {}
     refs = []
@@ -82,12 +85,13 @@ def read_header(path: str | Path) -> ShardHeader:
     end = data_start
     for ref in refs:
         if ref.offset != end:
-            raise InputError(f"{path}: tensor {ref.name!r} does not follow the previous one "
-                             "(overlapping or gapped data); the file is corrupt")
+            raise InputError(
+                f"{path}: tensor {ref.name!r} does not follow the previous one "
+                "(overlapping or gapped data); the file is corrupt"
+            )
         end = ref.offset + ref.nbytes
     if end > size:
-        raise InputError(f"{path}: file is truncated ({size} bytes, header needs {end}); "
-                         "re-download this shard")
+        raise InputError(f"{path}: file is truncated ({size} bytes, header needs {end}); re-download this shard")
     return ShardHeader(path, data_start, dict(metadata), tuple(refs))
 
 
@@ -103,8 +107,9 @@ def _tensor_ref(path: str, name: str, entry: object, data_start: int) -> TensorR
         raise InputError(f"{where}: negative shape or offsets; the file is corrupt")
     nbytes = math.prod(shape) * item_size(dtype, where)
     if end - begin != nbytes:
-        raise InputError(f"{where}: header says {end - begin} bytes but {dtype}{list(shape)} needs "
-                         f"{nbytes}; the file is corrupt")
+        raise InputError(
+            f"{where}: header says {end - begin} bytes but {dtype}{list(shape)} needs {nbytes}; the file is corrupt"
+        )
     return TensorRef(name, path, dtype, shape, data_start + begin, nbytes)
 
 
@@ -118,8 +123,10 @@ class Checkpoint(Mapping[str, TensorRef]):
         for shard in shards:
             for ref in shard.tensors:
                 if ref.name in self._refs:
-                    raise InputError(f"{root}: tensor {ref.name!r} appears in both "
-                                     f"{Path(self._refs[ref.name].path).name} and {Path(ref.path).name}")
+                    raise InputError(
+                        f"{root}: tensor {ref.name!r} appears in both "
+                        f"{Path(self._refs[ref.name].path).name} and {Path(ref.path).name}"
+                    )
                 self._refs[ref.name] = ref
 
     @classmethod
@@ -134,8 +141,10 @@ class Checkpoint(Mapping[str, TensorRef]):
         index = path / INDEX_NAME
         files = _files_from_index(index) if index.exists() else sorted(p.name for p in path.glob("*.safetensors"))
         if not files:
-            raise InputError(f"{role} {path} has no *.safetensors files (only .safetensors checkpoints "
-                             "are supported; convert .bin weights first)")
+            raise InputError(
+                f"{role} {path} has no *.safetensors files (only .safetensors checkpoints "
+                "are supported; convert .bin weights first)"
+            )
         ckpt = cls(path, [read_header(path / f) for f in files])
         if index.exists():
             ckpt._check_index(index)

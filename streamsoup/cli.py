@@ -43,8 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="streamsoup", description="MonoSoup for huge sharded checkpoints, out of core.")
     parser.add_argument("--version", action="version", version=f"streamsoup {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    m = sub.add_parser("merge", help="MonoSoup-edit FINETUNED against BASE into OUT",
-                       description="MonoSoup-edit FINETUNED against BASE into the new folder OUT.")
+    m = sub.add_parser(
+        "merge",
+        help="MonoSoup-edit FINETUNED against BASE into OUT",
+        description="MonoSoup-edit FINETUNED against BASE into the new folder OUT.",
+    )
     m.add_argument("base", metavar="BASE", help="pre-trained checkpoint: a folder of *.safetensors or one file")
     m.add_argument("finetuned", metavar="FINETUNED", help="fine-tuned checkpoint: a folder or one file")
     m.add_argument("out", metavar="OUT", help="output folder; appears only when complete")
@@ -58,13 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         if args.command == "merge":
             overrides = {f.name: getattr(args, f.name) for f in fields(MergeOptions)}
-            summary = merge(args.base, args.finetuned, args.out, config=args.config, fresh=args.fresh,
-                            progress=not args.quiet, **overrides)
+            summary = merge(
+                args.base,
+                args.finetuned,
+                args.out,
+                config=args.config,
+                fresh=args.fresh,
+                progress=not args.quiet,
+                **overrides,
+            )
             if not args.quiet:
                 print(summary.line())
         return 0

@@ -34,8 +34,14 @@ def local_client(lanes: int, threads: int) -> Iterator[Client]:
     for name in ("distributed", "distributed.worker", "distributed.scheduler", "distributed.nanny"):
         logging.getLogger(name).setLevel(logging.ERROR)
     torch.set_num_threads(cpu_threads(lanes, threads))
-    cluster = LocalCluster(processes=False, n_workers=1, threads_per_worker=lanes, memory_limit=0,
-                           dashboard_address=None, resources={LANE: lanes})
+    cluster = LocalCluster(
+        processes=False,
+        n_workers=1,
+        threads_per_worker=lanes,
+        memory_limit=0,
+        dashboard_address=None,
+        resources={LANE: lanes},
+    )
     client = Client(cluster)
     try:
         yield client

@@ -25,13 +25,17 @@ class GraphTask:
     nbytes: int  # output bytes, for progress
 
 
-def build_graph(plan: MergePlan, folder: Path, options: MergeOptions, skip: frozenset[str] = frozenset()) -> list[GraphTask]:
+def build_graph(
+    plan: MergePlan, folder: Path, options: MergeOptions, skip: frozenset[str] = frozenset()
+) -> list[GraphTask]:
     """Tasks for every tensor of the plan not in `skip` (keys of work already committed)."""
     tasks = []
     for job in plan.jobs:
         if job.key in skip:
             continue
-        tasks.append(GraphTask(job.key, job.name, (merge_tensor, job, options, str(folder)), -job.index, job.placement.nbytes))
+        tasks.append(
+            GraphTask(job.key, job.name, (merge_tensor, job, options, str(folder)), -job.index, job.placement.nbytes)
+        )
     return tasks
 
 

@@ -66,7 +66,7 @@ class ShardLayout:
         for i, group in enumerate(groups, 1):
             file = SINGLE_NAME if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
             header, offsets = encode_header(group)
-            for spec, begin in zip(group, offsets):
+            for spec, begin in zip(group, offsets, strict=True):
                 placements[spec.name] = Placement(file, len(header) + begin, spec.nbytes)
             size = len(header) + sum(s.nbytes for s in group)
             shards.append(Shard(file, header, size, tuple(group)))

@@ -42,8 +42,9 @@ def format_size(n: float) -> str:
     raise AssertionError
 
 
-def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, size: bool = False,
-         output: bool = True) -> Any:
+def _opt(
+    default: Any, help: str, *, choices: tuple[str, ...] | None = None, size: bool = False, output: bool = True
+) -> Any:
     """A field with the metadata the CLI builds its flags from; `output`: changes the result bytes."""
     return field(default=default, metadata={"help": help, "choices": choices, "size": size, "output": output})
 
@@ -52,13 +53,17 @@ def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, siz
 class MergeOptions:
     """How to merge; every field is a `--flag` of `streamsoup merge` and a key of a `--config` YAML."""
 
-    rank_rule: str = _opt("entropy", "how k, the number of high-energy directions, is chosen",
-                          choices=("entropy", "energy"))
+    rank_rule: str = _opt(
+        "entropy", "how k, the number of high-energy directions, is chosen", choices=("entropy", "energy")
+    )
     energy: float = _opt(0.8, "energy share R kept in the top-k directions under --rank-rule energy")
     min_rel_update: float = _opt(1e-6, "tensors whose ||dW||/||W0|| is below this are copied from the fine-tune")
     shard_size: int = _opt(5 * 10**9, "largest output shard, e.g. 5GB or 2GiB", size=True)
-    spectral: str = _opt("auto", "how the spectrum is computed: exact Gram eigendecomposition, full SVD, "
-                         "or auto (fastest exact path)", choices=("auto", "gram", "svd"))
+    spectral: str = _opt(
+        "auto",
+        "how the spectrum is computed: exact Gram eigendecomposition, full SVD, or auto (fastest exact path)",
+        choices=("auto", "gram", "svd"),
+    )
     lanes: int = _opt(1, "tensors processed at once (each lane holds one tensor's working set)", output=False)
     threads: int = _opt(0, "torch threads per lane; 0 = cores / lanes", output=False)
 

@@ -28,8 +28,10 @@ class MergeSummary:
     def line(self) -> str:
         from .options import format_size
 
-        return (f"merged {self.tensors} tensors ({self.edited} edited, {self.copied} copied, "
-                f"{self.dropped} dropped) in {self.seconds:.1f} s -> {self.out} ({format_size(self.output_bytes)})")
+        return (
+            f"merged {self.tensors} tensors ({self.edited} edited, {self.copied} copied, "
+            f"{self.dropped} dropped) in {self.seconds:.1f} s -> {self.out} ({format_size(self.output_bytes)})"
+        )
 
 
 def build_report(plan: MergePlan, results: list[TensorResult], seconds: float) -> dict:

@@ -66,8 +66,9 @@ def merge_tensor(job: TensorJob, options: MergeOptions, folder: str) -> TensorRe
         dw_norm, w0_norm = pair.norms()
     except FloatingPointError:
         culprit = ref if not bool(torch.isfinite(w1).all()) else job.base
-        raise InputError(f"{culprit.path}: tensor {job.name!r} contains NaN or Inf; "
-                         "MonoSoup cannot edit it (fix or drop the tensor)") from None
+        raise InputError(
+            f"{culprit.path}: tensor {job.name!r} contains NaN or Inf; MonoSoup cannot edit it (fix or drop the tensor)"
+        ) from None
     rel = relative_update(dw_norm, w0_norm)
     reason = ""
     if not update_is_significant(dw_norm, w0_norm, options.min_rel_update):
@@ -83,9 +84,15 @@ def merge_tensor(job: TensorJob, options: MergeOptions, folder: str) -> TensorRe
     out = torch.empty(ref.shape, dtype=w1.dtype)
     _reweigh_blocks(pair, spectrum, coef, out)
     writer.write_tensor(Path(folder), job.placement, out)
-    return TensorResult(action=EDIT, reason=f"rank {coef.k} of {coef.rank} ({options.rank_rule})",
-                        rel_update=rel, spectral=spectrum.path, seconds=time.perf_counter() - start,
-                        **_coef_fields(coef), **row)
+    return TensorResult(
+        action=EDIT,
+        reason=f"rank {coef.k} of {coef.rank} ({options.rank_rule})",
+        rel_update=rel,
+        spectral=spectrum.path,
+        seconds=time.perf_counter() - start,
+        **_coef_fields(coef),
+        **row,
+    )
 
 
 def _reweigh_blocks(pair: UpdatePair, spectrum, coef: Coefficients, out: torch.Tensor) -> None:

@@ -57,8 +57,9 @@ class ModelShape:
 PRESETS: dict[str, ModelShape] = {
     "tiny": ModelShape(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=320),
     "small": ModelShape(hidden=256, intermediate=688, layers=4, heads=8, kv_heads=2, vocab=2048),
-    "qwen-small": ModelShape(hidden=256, intermediate=704, layers=3, heads=8, kv_heads=2, vocab=2304,
-                             qkv_bias=True, arch="qwen2"),
+    "qwen-small": ModelShape(
+        hidden=256, intermediate=704, layers=3, heads=8, kv_heads=2, vocab=2304, qkv_bias=True, arch="qwen2"
+    ),
     "medium": ModelShape(hidden=1024, intermediate=2816, layers=4, heads=16, kv_heads=4, vocab=8192),
     # ~1.5 GB per checkpoint in bf16 (TinyLlama widths)
     "1.5gb": ModelShape(hidden=2048, intermediate=5632, layers=14, heads=32, kv_heads=4, vocab=32000),
@@ -229,8 +230,15 @@ def _row_blocks(t: TensorDef, shape: tuple[int, ...], seed: int, update: UpdateM
         yield start, w0, w1
 
 
-def make_pair(out: str | Path, preset: str | ModelShape = "tiny", *, awkward: bool = False, seed: int = 0,
-              base_shard_size: int | None = None, ft_shard_size: int | None = None) -> tuple[Path, Path]:
+def make_pair(
+    out: str | Path,
+    preset: str | ModelShape = "tiny",
+    *,
+    awkward: bool = False,
+    seed: int = 0,
+    base_shard_size: int | None = None,
+    ft_shard_size: int | None = None,
+) -> tuple[Path, Path]:
     """Write OUT/base and OUT/finetuned; returns their paths."""
     shape = PRESETS[preset] if isinstance(preset, str) else preset
     tensors = llama_tensors(shape)
@@ -240,10 +248,18 @@ def make_pair(out: str | Path, preset: str | ModelShape = "tiny", *, awkward: bo
     ft_shard_size = ft_shard_size or max(total // 3, 1)  # several shards by default
     base_shard_size = base_shard_size or (max(total // 2, 1) if awkward else ft_shard_size)
     out = Path(out)
-    base = Writer(out / "base", [TensorSpec(t.name, t.base_dtype, t.base_shape) for t in tensors if t.base_shape],
-                  base_shard_size, with_index=not awkward)
-    ft = Writer(out / "finetuned", [TensorSpec(t.name, t.ft_dtype, t.ft_shape) for t in tensors if t.ft_shape],
-                ft_shard_size, with_index=True)
+    base = Writer(
+        out / "base",
+        [TensorSpec(t.name, t.base_dtype, t.base_shape) for t in tensors if t.base_shape],
+        base_shard_size,
+        with_index=not awkward,
+    )
+    ft = Writer(
+        out / "finetuned",
+        [TensorSpec(t.name, t.ft_dtype, t.ft_shape) for t in tensors if t.ft_shape],
+        ft_shard_size,
+        with_index=True,
+    )
     for t in tensors:
         if t.base_shape == t.ft_shape:
             update = UpdateModel(t, seed) if t.kind == "matrix" else None
@@ -274,8 +290,14 @@ def main(argv: list[str] | None = None) -> None:
     shape = PRESETS[args.preset]
     if args.layers:
         shape = replace(shape, layers=args.layers)
-    base, ft = make_pair(args.out, shape, awkward=args.awkward, seed=args.seed,
-                         base_shard_size=args.base_shard_size, ft_shard_size=args.shard_size)
+    base, ft = make_pair(
+        args.out,
+        shape,
+        awkward=args.awkward,
+        seed=args.seed,
+        base_shard_size=args.base_shard_size,
+        ft_shard_size=args.shard_size,
+    )
     size = sum(f.stat().st_size for f in ft.glob("*.safetensors"))
     print(f"wrote {base} and {ft} ({size / 2**20:.1f} MiB per checkpoint)")
 

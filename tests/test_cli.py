@@ -1,0 +1,121 @@
+"""End to end through the `streamsoup` command, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import load_folder, raw_bytes
+from safetensors import safe_open
+
+CLI = [sys.executable, "-m", "streamsoup.cli"]
+
+
+def run(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, *needles: str) -> None:
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_merge_produces_a_valid_hf_checkpoint(awkward_pair, tmp_path):
+    base, ft = awkward_pair
+    out = tmp_path / "merged"
+    proc = run("merge", base, ft, out, "--shard-size", "120KB")
+    assert proc.returncode == 0, proc.stderr
+    assert "edited" in proc.stdout and "copied" in proc.stdout
+    assert not (tmp_path / "merged.partial").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 1 and all(p.name.startswith("model-") and "-of-" in p.name for p in shards)
+    assert set(index["weight_map"].values()) == {p.name for p in shards}
+    tensors = load_folder(out)
+    assert set(index["weight_map"]) == set(tensors) == set(load_folder(ft))
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    for p in shards:
+        with safe_open(str(p), "pt") as h:
+            assert h.metadata() == {"format": "pt"}
+            for name in h.keys():
+                assert index["weight_map"][name] == p.name
+    for side in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / side).read_bytes() == (ft / side).read_bytes()
+    report = json.loads((out / "streamsoup_report.json").read_text())
+    keys = {
+        "name",
+        "shape",
+        "dtype",
+        "action",
+        "reason",
+        "k",
+        "rank",
+        "P_k",
+        "rho",
+        "lambda_high",
+        "lambda_low",
+        "device",
+        "seconds",
+    }
+    assert len(report["tensors"]) == len(tensors)
+    assert all(keys <= set(row) for row in report["tensors"])
+    assert [r["name"] for r in report["tensors"]] == list(raw_bytes(ft))  # the fine-tune's order
+    assert list(raw_bytes(out)) == list(raw_bytes(ft))
+
+
+def test_single_file_output_and_config(awkward_pair, tmp_path):
+    base, ft = awkward_pair
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("rank-rule: energy\nenergy: 0.6\n")
+    proc = run("merge", base, ft, tmp_path / "m", "--config", cfg, "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    assert sorted(p.name for p in (tmp_path / "m").glob("*.safetensors")) == ["model.safetensors"]
+    assert not (tmp_path / "m" / "model.safetensors.index.json").exists()
+    report = json.loads((tmp_path / "m" / "streamsoup_report.json").read_text())
+    assert report["options"]["rank_rule"] == "energy" and report["options"]["energy"] == 0.6
+
+
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["--rank-rule", "median"], ["--rank-rule", "median"]),
+        (["--energy", "1.5"], ["--energy"]),
+        (["--energy", "lots"], ["--energy"]),
+        (["--shard-size", "5 parsecs"], ["--shard-size"]),
+        (["--min-rel-update", "-1"], ["--min-rel-update"]),
+        (["--bogus"], ["--bogus"]),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(awkward_pair, tmp_path, args, needles):
+    base, ft = awkward_pair
+    proc = run("merge", base, ft, tmp_path / "o", *args)
+    assert_one_line_error(proc, 2, *needles)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_bad_inputs_exit_2_with_one_line(awkward_pair, tmp_path):
+    base, ft = awkward_pair
+    assert_one_line_error(run("merge", tmp_path / "nope", ft, tmp_path / "o"), 2, "nope", "does not exist")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run("merge", base, tmp_path / "empty", tmp_path / "o"), 2, "empty", "no *.safetensors")
+    assert_one_line_error(run("merge", base, ft, ft / "inside"), 2, "inside FINETUNED")
+    (tmp_path / "exists").mkdir()
+    assert_one_line_error(run("merge", base, ft, tmp_path / "exists"), 2, "already exists")
+    bad_cfg = tmp_path / "bad.yaml"
+    bad_cfg.write_text("rank_rul: entropy\n")
+    assert_one_line_error(run("merge", base, ft, tmp_path / "o", "--config", bad_cfg), 2, "rank_rul")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+    assert not (ft / "inside").exists() and not (ft / "inside.partial").exists()
+
+
+def test_usage_errors_are_one_line():
+    assert_one_line_error(run(), 2, "command")
+    assert_one_line_error(run("merge", "only-one"), 2, "required")
