@@ -1,23 +1,31 @@
-"""The Python API: ``streamsoup.merge(base, finetuned, out, **options)``; the CLI is a thin layer over it."""
+"""The Python API: ``streamsoup.merge(base, finetuned, out, **options)``; the CLI is a thin layer over it.
+
+A merge is: plan (headers only) -> lock OUT.partial -> open or resume the state ->
+preallocate shards -> run the graph, committing each tensor as it lands -> publish.
+"""
 
 from __future__ import annotations
 
 import logging
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from . import writer
-from .errors import Interrupted, UsageError
+from . import __version__, writer
+from .errors import Interrupted, RunError, UsageError
 from .executor import local_client, run_graph
+from .faults import fault_point
 from .graph import GraphTask, build_graph
 from .layout import INDEX_NAME
 from .options import MergeOptions
-from .plan import EDIT, MergePlan, plan_merge
-from .report import MergeSummary, build_report, write_report
+from .plan import MergePlan, plan_merge
+from .report import REPORT_NAME, MergeSummary, build_report, write_report
+from .signals import MESSAGE, InterruptGuard
+from .state import LOCK_NAME, POINTER_NAME, STATE_NAME, RunLock, RunState
 from .tasks import TensorResult
 
 log = logging.getLogger(__name__)
@@ -30,6 +38,7 @@ def merge(
     *,
     config: str | Path | None = None,
     fresh: bool = False,
+    work_dir: str | Path | None = None,
     progress: bool = False,
     **options: Any,
 ) -> MergeSummary:
@@ -37,24 +46,55 @@ def merge(
 
     `options` are the fields of MergeOptions (``rank_rule="energy"``, ``shard_size="2GB"``, ...),
     layered over the YAML file `config`. OUT appears only when complete; until then the
-    work lives in ``OUT.partial/``.
+    work lives in ``OUT.partial/`` and rerunning the same call resumes it.
     """
     start = time.perf_counter()
     opts = MergeOptions.create(config, **options)
     out = Path(out).absolute()
     plan = plan_merge(base, finetuned, opts)
+    fingerprint = run_fingerprint(plan)
+    if out.exists():
+        return finish_cleanup(out, fingerprint)
     check_output(out, plan)
+    try:
+        return _run(plan, out, opts, fingerprint, fresh, work_dir, progress, start)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise RunError(
+            f"I/O error{where}: {exc.strerror or exc}; the work done so far is kept: "
+            "fix the cause (disk space, permissions) and rerun the same command to resume"
+        ) from exc
+
+
+def _run(
+    plan: MergePlan,
+    out: Path,
+    opts: MergeOptions,
+    fingerprint: dict[str, Any],
+    fresh: bool,
+    work_dir: str | Path | None,
+    progress: bool,
+    start: float,
+) -> MergeSummary:
     partial = writer.partial_dir(out)
-    if fresh and partial.exists():
-        shutil.rmtree(partial)
-    log.info(
-        "planned %d tensors (%d to edit) into %d shard(s)", len(plan.jobs), len(plan.edits), len(plan.layout.shards)
-    )
-    writer.preallocate(plan.layout, partial)
-    results = execute(plan, partial, opts, progress)
-    seconds = time.perf_counter() - start
-    report_path = finish(plan, partial, out, results, seconds)
-    edited = sum(r.action == EDIT for r in results)
+    state_path = Path(work_dir).absolute() if work_dir else partial / STATE_NAME
+    with RunLock(partial) as lock, InterruptGuard() as guard:
+        if fresh:
+            discard(partial, state_path)
+        elif not state_path.exists():
+            discard(partial, state_path)  # bytes without a state are not trusted
+        state = RunState.open(state_path, fingerprint)
+        if work_dir:
+            (partial / POINTER_NAME).write_text(str(state_path) + "\n")
+        resumed = len(state.committed())
+        log.info("planned %d tensors (%d to edit), %d already done", len(plan.jobs), len(plan.edits), resumed)
+        writer.preallocate(plan.layout, partial)
+        results = execute(plan, partial, opts, state, guard, progress)
+        with guard.critical():
+            finish(plan, partial, out, results, state.elapsed())
+            cleanup(out, state_path if work_dir else None)
+            lock.release()
+    edited = sum(r.action == "edit" for r in results)
     return MergeSummary(
         out,
         len(results),
@@ -63,14 +103,23 @@ def merge(
         len(plan.dropped),
         plan.bytes_to_write,
         time.perf_counter() - start,
-        out / report_path.name,
+        out / REPORT_NAME,
+        resumed=resumed,
     )
 
 
+def run_fingerprint(plan: MergePlan) -> dict[str, Any]:
+    """Everything that decides the output bytes: input shards, output options, version."""
+    return {
+        "streamsoup": __version__,
+        "options": plan.options.output_fingerprint(),
+        "base": plan.base.fingerprint(),
+        "finetuned": plan.finetuned.fingerprint(),
+    }
+
+
 def check_output(out: Path, plan: MergePlan) -> None:
-    """OUT must be new and must not sit inside either input (we never write into an input)."""
-    if out.exists():
-        raise UsageError(f"OUT {out} already exists; streamsoup never overwrites: choose a new folder or remove it")
+    """OUT must not sit inside either input (we never write into an input)."""
     target = out.resolve()
     for role, ckpt in (("BASE", plan.base), ("FINETUNED", plan.finetuned)):
         root = ckpt.root.resolve()
@@ -78,8 +127,22 @@ def check_output(out: Path, plan: MergePlan) -> None:
             raise UsageError(f"OUT {out} is inside {role} {ckpt.root}; write the merged model elsewhere")
 
 
-def execute(plan: MergePlan, partial: Path, opts: MergeOptions, progress: bool) -> list[TensorResult]:
-    tasks = build_graph(plan, partial, opts)
+def discard(partial: Path, state_path: Path) -> None:
+    """Empty OUT.partial (keeping our lock) and the state: start over."""
+    if partial.exists():
+        for entry in partial.iterdir():
+            if entry.name == LOCK_NAME:
+                continue
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    if state_path.exists():
+        shutil.rmtree(state_path)
+
+
+def execute(
+    plan: MergePlan, partial: Path, opts: MergeOptions, state: RunState, guard: InterruptGuard, progress: bool
+) -> list[TensorResult]:
+    committed = {key: m.row for key, m in state.committed().items()}
+    tasks = build_graph(plan, partial, opts, committed)
     results: dict[str, TensorResult] = {}
     with tqdm(
         total=plan.bytes_to_write,
@@ -87,11 +150,16 @@ def execute(plan: MergePlan, partial: Path, opts: MergeOptions, progress: bool) 
         unit_scale=True,
         unit_divisor=1024,
         desc="merging",
-        disable=not progress,
+        disable=None if progress else True,
         dynamic_ncols=True,
     ) as bar:
 
         def on_done(task: GraphTask, result: TensorResult) -> None:
+            if not result.resumed:
+                fault_point("commit")
+                result = replace(result, attempt=state.attempt)
+                with guard.critical():
+                    state.commit(task.key, result.crc32c, result.as_dict(), result.singular_values)
             results[task.key] = result
             bar.update(task.nbytes)
             bar.set_postfix_str(f"{len(results)}/{len(tasks)} tensors", refresh=False)
@@ -100,17 +168,46 @@ def execute(plan: MergePlan, partial: Path, opts: MergeOptions, progress: bool) 
             with local_client(opts.lanes, opts.threads) as client:
                 run_graph(client, tasks, on_done)
         except KeyboardInterrupt:
-            raise Interrupted("interrupted — rerun the same command to resume") from None
+            raise Interrupted(MESSAGE) from None
     return [results[job.key] for job in plan.jobs]
 
 
-def finish(plan: MergePlan, partial: Path, out: Path, results: list[TensorResult], seconds: float) -> Path:
+def finish(plan: MergePlan, partial: Path, out: Path, results: list[TensorResult], seconds: float) -> None:
     """Side files, index, report; then the atomic rename that makes OUT appear."""
     if plan.finetuned.root.is_dir():
         writer.copy_side_files(plan.finetuned.root, partial)
     index = plan.layout.index_json()
     if index is not None:
         writer.write_json(partial / INDEX_NAME, index)
-    report_path = write_report(partial, build_report(plan, results, seconds))
+    write_report(partial, build_report(plan, results, seconds))
+    fault_point("publish.before-rename")
     writer.publish(partial, out)
-    return report_path
+    fault_point("publish.after-rename")
+
+
+def cleanup(out: Path, external_state: Path | None) -> None:
+    """Remove the run's bookkeeping from a published OUT (a kill here is finished by a rerun)."""
+    if external_state is not None and external_state.exists():
+        shutil.rmtree(external_state)
+    for name in (STATE_NAME, POINTER_NAME, LOCK_NAME):
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def finish_cleanup(out: Path, fingerprint: dict[str, Any]) -> MergeSummary:
+    """OUT exists: if it is this very merge, killed after its publish, finish the cleanup; else refuse."""
+    pointer = out / POINTER_NAME
+    state_path = Path(pointer.read_text().strip()) if pointer.exists() else out / STATE_NAME
+    same = False
+    if state_path.exists() and (out / REPORT_NAME).exists():
+        try:
+            same = RunState.read(state_path).fingerprint == fingerprint
+        except Exception:
+            same = False
+    if not same:
+        raise UsageError(f"OUT {out} already exists; streamsoup never overwrites: choose a new folder or remove it")
+    cleanup(out, state_path if pointer.exists() else None)
+    return MergeSummary.from_report(out)

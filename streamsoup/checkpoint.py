@@ -7,6 +7,7 @@ reads only the headers; tensor data is read one tensor at a time with ``pread``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -45,6 +46,8 @@ class TensorRef:
 @dataclass(frozen=True)
 class ShardHeader:
     path: str
+    size: int
+    header_sha256: str  # with the size, the fingerprint of this shard for resume checks
     data_start: int
     metadata: dict[str, str]
     tensors: tuple[TensorRef, ...]  # in file-offset order
@@ -92,7 +95,7 @@ def read_header(path: str | Path) -> ShardHeader:
         end = ref.offset + ref.nbytes
     if end > size:
         raise InputError(f"{path}: file is truncated ({size} bytes, header needs {end}); re-download this shard")
-    return ShardHeader(path, data_start, dict(metadata), tuple(refs))
+    return ShardHeader(path, size, hashlib.sha256(raw).hexdigest(), data_start, dict(metadata), tuple(refs))
 
 
 def _tensor_ref(path: str, name: str, entry: object, data_start: int) -> TensorRef:
@@ -173,6 +176,10 @@ class Checkpoint(Mapping[str, TensorRef]):
     @property
     def files(self) -> list[str]:
         return [s.path for s in self.shards]
+
+    def fingerprint(self) -> dict[str, dict[str, object]]:
+        """Shard name -> size and header hash: enough to tell a changed checkpoint, without reading data."""
+        return {Path(s.path).name: {"size": s.size, "header_sha256": s.header_sha256} for s in self.shards}
 
 
 def _files_from_index(index: Path) -> list[str]:

@@ -7,14 +7,18 @@ Every failure becomes one line on stderr and an exit code: 2 bad usage or input
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from dataclasses import fields
 
 from . import __version__
 from .api import merge
-from .errors import StreamsoupError
-from .options import MergeOptions
+from .audit import format_status, run_status, verify_output
+from .errors import Interrupted, StreamsoupError
+from .options import MergeOptions, format_size
+from .signals import MESSAGE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,9 +58,47 @@ def build_parser() -> argparse.ArgumentParser:
     _add_option_flags(m)
     m.add_argument("--config", help="YAML file with the same keys as the flags (see configs/)")
     m.add_argument("--fresh", action="store_true", help="discard an earlier interrupted run of this OUT")
+    m.add_argument("--work-dir", help="where the Zarr state lives (default: inside OUT.partial)")
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     m.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    st = sub.add_parser("status", help="progress of a finished, running or interrupted merge")
+    st.add_argument("out", metavar="OUT")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    ve = sub.add_parser("verify", help="re-check OUT's bytes against the checksums in its report")
+    ve.add_argument("out", metavar="OUT")
+    ve.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    for p in (st, ve):
+        p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     return parser
+
+
+def _merge(args: argparse.Namespace) -> int:
+    overrides = {f.name: getattr(args, f.name) for f in fields(MergeOptions)}
+    summary = merge(args.base, args.finetuned, args.out, config=args.config, fresh=args.fresh,
+                    work_dir=args.work_dir, progress=not args.quiet, **overrides)  # fmt: skip
+    if not args.quiet:
+        print(summary.line())
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    status = run_status(args.out)
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    result = verify_output(args.out, progress=not args.quiet)
+    for problem in result.problems:
+        print(f"MISMATCH {problem}")
+    if result.problems:
+        sys.stderr.write(f"streamsoup: error: {len(result.problems)} problem(s) in {args.out}; rerun the merge\n")
+        return 1
+    print(f"verified {result.tensors} tensors ({format_size(result.bytes)}): all checksums match")
+    return 0
+
+
+COMMANDS = {"merge": _merge, "status": _status, "verify": _verify}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,25 +107,16 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
-        if args.command == "merge":
-            overrides = {f.name: getattr(args, f.name) for f in fields(MergeOptions)}
-            summary = merge(
-                args.base,
-                args.finetuned,
-                args.out,
-                config=args.config,
-                fresh=args.fresh,
-                progress=not args.quiet,
-                **overrides,
-            )
-            if not args.quiet:
-                print(summary.line())
-        return 0
+        return COMMANDS[args.command](args)
+    except Interrupted as exc:
+        sys.stderr.write(f"streamsoup: {exc}\n")
+        sys.stderr.flush()
+        os._exit(exc.exit_code)  # in-flight tasks are abandoned: their tensors were never committed
     except StreamsoupError as exc:
         sys.stderr.write(f"streamsoup: error: {exc}\n")
         return exc.exit_code
     except KeyboardInterrupt:
-        sys.stderr.write("streamsoup: interrupted — rerun the same command to resume\n")
+        sys.stderr.write(f"streamsoup: {MESSAGE}\n")
         return 130
     except MemoryError:
         sys.stderr.write("streamsoup: error: out of memory; lower --lanes or free memory, then rerun to resume\n")

@@ -28,11 +28,17 @@ def cpu_threads(lanes: int, threads: int) -> int:
     return threads or max(1, (os.cpu_count() or 1) // lanes)
 
 
+def quiet_dask_logs() -> None:
+    """Task failures reach the user as our own one-line errors; dask's logs only with -v."""
+    level = logging.WARNING if logging.getLogger().getEffectiveLevel() <= logging.INFO else logging.CRITICAL
+    for name in ("distributed", "distributed.worker", "distributed.scheduler", "distributed.nanny"):
+        logging.getLogger(name).setLevel(level)
+
+
 @contextmanager
 def local_client(lanes: int, threads: int) -> Iterator[Client]:
     """An in-process cluster: one worker, `lanes` threads, no memory manager (we budget ourselves)."""
-    for name in ("distributed", "distributed.worker", "distributed.scheduler", "distributed.nanny"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_dask_logs()
     torch.set_num_threads(cpu_threads(lanes, threads))
     cluster = LocalCluster(
         processes=False,

@@ -7,6 +7,7 @@ debugging. Higher priority goes to earlier tensors so shards fill in file order.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,17 +27,20 @@ class GraphTask:
 
 
 def build_graph(
-    plan: MergePlan, folder: Path, options: MergeOptions, skip: frozenset[str] = frozenset()
+    plan: MergePlan, folder: Path, options: MergeOptions, committed: Mapping[str, dict] | None = None
 ) -> list[GraphTask]:
-    """Tasks for every tensor of the plan not in `skip` (keys of work already committed)."""
-    tasks = []
-    for job in plan.jobs:
-        if job.key in skip:
-            continue
-        tasks.append(
-            GraphTask(job.key, job.name, (merge_tensor, job, options, str(folder)), -job.index, job.placement.nbytes)
+    """One task per tensor; a tensor committed by an earlier attempt only has its bytes re-checked."""
+    committed = committed or {}
+    return [
+        GraphTask(
+            job.key,
+            job.name,
+            (merge_tensor, job, options, str(folder), committed.get(job.key)),
+            -job.index,
+            job.placement.nbytes,
         )
-    return tasks
+        for job in plan.jobs
+    ]
 
 
 def as_dask_graph(tasks: list[GraphTask]) -> dict[str, tuple[Any, ...]]:

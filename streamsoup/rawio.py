@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import crc32c
 import numpy as np
 
 #: Linux caps one read/write at just under 2 GiB; stay well below.
@@ -46,16 +47,36 @@ def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         done += os.pwrite(fd, data[done : done + step], offset + done)
 
 
-def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, length: int) -> None:
-    """Byte-exact copy of a range between files through one bounded buffer."""
+def _chunks(length: int) -> tuple[memoryview, range]:
     buf = np.empty(min(IO_CHUNK, max(length, 1)), dtype=np.uint8)
-    view = memoryview(buf)
-    done = 0
-    while done < length:
-        step = min(len(buf), length - done)
-        pread_into(src_fd, view[:step], src_off + done)
-        pwrite_all(dst_fd, view[:step], dst_off + done)
-        done += step
+    return memoryview(buf), range(0, length, len(buf))
+
+
+def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, length: int) -> int:
+    """Byte-exact copy of a range between files through one bounded buffer; returns its crc32c."""
+    view, starts = _chunks(length)
+    crc = 0
+    for done in starts:
+        part = view[: min(len(view), length - done)]
+        pread_into(src_fd, part, src_off + done)
+        pwrite_all(dst_fd, part, dst_off + done)
+        crc = crc32c.crc32c(part, crc)
+    return crc
+
+
+def crc_range(fd: int, offset: int, length: int) -> int:
+    """crc32c of a byte range, read through one bounded buffer."""
+    view, starts = _chunks(length)
+    crc = 0
+    for done in starts:
+        part = view[: min(len(view), length - done)]
+        pread_into(fd, part, offset + done)
+        crc = crc32c.crc32c(part, crc)
+    return crc
+
+
+def crc_of(data: memoryview) -> int:
+    return crc32c.crc32c(data)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

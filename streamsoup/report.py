@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__, writer
+from .options import format_size
 from .plan import EDIT, MergePlan
 from .tasks import TensorResult
 
@@ -24,13 +26,29 @@ class MergeSummary:
     output_bytes: int
     seconds: float
     report: Path
+    resumed: int = 0  # tensors an earlier attempt had already committed
+
+    @classmethod
+    def from_report(cls, out: Path) -> MergeSummary:
+        """The summary of a finished merge, read back from its report."""
+        s = json.loads((out / REPORT_NAME).read_text())["summary"]
+        return cls(
+            out,
+            s["tensors"],
+            s["edited"],
+            s["copied"],
+            s["dropped"],
+            s["output_bytes"],
+            s["seconds"],
+            out / REPORT_NAME,
+            resumed=s["tensors"],
+        )
 
     def line(self) -> str:
-        from .options import format_size
-
+        resumed = f", {self.resumed} resumed from an earlier run" if self.resumed else ""
         return (
             f"merged {self.tensors} tensors ({self.edited} edited, {self.copied} copied, "
-            f"{self.dropped} dropped) in {self.seconds:.1f} s -> {self.out} ({format_size(self.output_bytes)})"
+            f"{self.dropped} dropped{resumed}) in {self.seconds:.1f} s -> {self.out} ({format_size(self.output_bytes)})"
         )
 
 

@@ -50,8 +50,8 @@ def _open_for_write(folder: Path, placement: Placement) -> int:
     return os.open(folder / placement.file, os.O_WRONLY)
 
 
-def write_tensor(folder: Path, placement: Placement, tensor: torch.Tensor) -> None:
-    """Write a contiguous tensor's bytes at its placement and make them durable."""
+def write_tensor(folder: Path, placement: Placement, tensor: torch.Tensor) -> int:
+    """Write a tensor's bytes at its placement and make them durable; returns their crc32c."""
     data = tensor.contiguous().view(-1).view(torch.uint8).numpy()
     if data.nbytes != placement.nbytes:
         raise AssertionError(f"tensor has {data.nbytes} bytes, its slot {placement.nbytes}")
@@ -61,20 +61,31 @@ def write_tensor(folder: Path, placement: Placement, tensor: torch.Tensor) -> No
         os.fdatasync(fd)
     finally:
         os.close(fd)
+    return rawio.crc_of(memoryview(data))
 
 
-def copy_tensor(source: TensorRef, folder: Path, placement: Placement) -> None:
-    """Byte-for-byte copy of a tensor of the fine-tune into its output slot."""
+def copy_tensor(source: TensorRef, folder: Path, placement: Placement) -> int:
+    """Byte-for-byte copy of a tensor of the fine-tune into its output slot; returns its crc32c."""
     src = os.open(source.path, os.O_RDONLY)
     try:
         dst = _open_for_write(folder, placement)
         try:
-            rawio.copy_range(src, source.offset, dst, placement.offset, source.nbytes)
+            crc = rawio.copy_range(src, source.offset, dst, placement.offset, source.nbytes)
             os.fdatasync(dst)
         finally:
             os.close(dst)
     finally:
         os.close(src)
+    return crc
+
+
+def slot_crc(folder: Path, placement: Placement) -> int:
+    """crc32c of what is stored in a tensor's slot now (to detect torn or lost writes)."""
+    fd = os.open(folder / placement.file, os.O_RDONLY)
+    try:
+        return rawio.crc_range(fd, placement.offset, placement.nbytes)
+    finally:
+        os.close(fd)
 
 
 def write_json(path: Path, data: object) -> None:

@@ -1,0 +1,122 @@
+"""Look at a merge from outside: `streamsoup status OUT` and `streamsoup verify OUT`."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from . import rawio, writer
+from .checkpoint import Checkpoint
+from .errors import InputError, UsageError
+from .options import format_size
+from .report import REPORT_NAME
+from .state import POINTER_NAME, STATE_NAME, RunLock, RunState
+
+
+def run_status(out: str | Path) -> dict[str, Any]:
+    """Progress of a finished, running or interrupted merge, as plain data."""
+    out = Path(out).absolute()
+    partial = writer.partial_dir(out)
+    if (out / REPORT_NAME).exists():
+        summary = json.loads((out / REPORT_NAME).read_text())["summary"]
+        return {"state": "complete", "out": str(out), **summary}
+    if not partial.exists():
+        raise UsageError(f"no merge at {out}: neither {out.name} nor {partial.name} exists")
+    pointer = partial / POINTER_NAME
+    state_path = Path(pointer.read_text().strip()) if pointer.exists() else partial / STATE_NAME
+    if not state_path.exists():
+        raise UsageError(f"{partial} has no progress recorded yet (the run stopped before its first tensor)")
+    state = RunState.read(state_path)
+    markers = state.committed()
+    ckpt = _output_shards(partial)
+    done_bytes = sum(m.row["nbytes"] for m in markers.values())
+    total = len(ckpt) if ckpt is not None else None
+    remaining = [n for n in (ckpt or {}) if n not in {m.row["name"] for m in markers.values()}]
+    holder = RunLock.holder(partial)
+    return {
+        "state": "running" if holder else "interrupted",
+        "holder": holder,
+        "out": str(out),
+        "tensors_done": len(markers),
+        "tensors_total": total,
+        "bytes_done": done_bytes,
+        "bytes_total": ckpt.total_bytes if ckpt is not None else None,
+        "remaining": remaining,
+        "attempts": state.attempt,
+        "seconds": state.elapsed(),
+        "last_commit_age_s": time.time() - max((m.committed_at for m in markers.values()), default=time.time()),
+    }
+
+
+def _output_shards(partial: Path) -> Checkpoint | None:
+    """The output's tensor list, read back from the preallocated shard headers of OUT.partial."""
+    try:
+        return Checkpoint.from_path(partial, "OUT.partial")
+    except InputError:
+        return None
+
+
+def format_status(s: dict[str, Any]) -> str:
+    if s["state"] == "complete":
+        return (
+            f"complete: {s['tensors']} tensors ({s['edited']} edited, {s['copied']} copied, {s['dropped']} dropped), "
+            f"{format_size(s['output_bytes'])}, {s['seconds']:.1f} s of work -> {s['out']}"
+        )
+    head = f"running ({s['holder']})" if s["state"] == "running" else "interrupted"
+    total = s["tensors_total"] or 0
+    pct = 100.0 * s["bytes_done"] / s["bytes_total"] if s["bytes_total"] else 0.0
+    lines = [
+        f"{head}: {s['tensors_done']}/{total} tensors, {format_size(s['bytes_done'])} of "
+        f"{format_size(s['bytes_total'] or 0)} ({pct:.1f}%), {s['seconds']:.1f} s of work over "
+        f"{s['attempts']} attempt(s)",
+    ]
+    if s["remaining"]:
+        shown = ", ".join(s["remaining"][:5]) + (" ..." if len(s["remaining"]) > 5 else "")
+        lines.append(f"remaining: {len(s['remaining'])} tensors ({shown})")
+    if s["state"] == "interrupted":
+        lines.append("rerun the same `streamsoup merge` command to resume")
+    return "\n".join(lines)
+
+
+@dataclass
+class VerifyResult:
+    tensors: int = 0
+    bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def verify_output(out: str | Path, progress: bool = False) -> VerifyResult:
+    """Re-read every tensor of a published OUT and compare with the crc32c recorded in its report."""
+    out = Path(out).absolute()
+    report_path = out / REPORT_NAME
+    if not report_path.exists():
+        raise UsageError(f"{out} is not a finished streamsoup output (no {REPORT_NAME})")
+    rows = {r["name"]: r for r in json.loads(report_path.read_text())["tensors"]}
+    ckpt = Checkpoint.from_path(out, "OUT")
+    result = VerifyResult()
+    for name in sorted(set(rows) - set(ckpt)):
+        result.problems.append(f"{name}: in the report but missing from the shards")
+    for name in sorted(set(ckpt) - set(rows)):
+        result.problems.append(f"{name}: in the shards but not in the report")
+    with tqdm(total=ckpt.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="verifying",
+              disable=None if progress else True) as bar:  # fmt: skip
+        for name, ref in ckpt.items():
+            if name not in rows:
+                continue
+            fd = os.open(ref.path, os.O_RDONLY)
+            try:
+                crc = rawio.crc_range(fd, ref.offset, ref.nbytes)
+            finally:
+                os.close(fd)
+            if crc != rows[name]["crc32c"]:
+                result.problems.append(f"{name} in {Path(ref.path).name}: checksum mismatch (bytes changed)")
+            result.tensors += 1
+            result.bytes += ref.nbytes
+            bar.update(ref.nbytes)
+    return result

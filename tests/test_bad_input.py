@@ -1,0 +1,157 @@
+"""Every bad input: one line naming the culprit, non-zero exit, no OUT, inputs untouched."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import assert_one_line_error, run, tree_digest
+
+from streamsoup.checkpoint import Checkpoint
+
+
+@pytest.fixture
+def pair(awkward_pair, tmp_path) -> tuple[Path, Path]:
+    """A private copy of the awkward pair, free to damage."""
+    base, ft = tmp_path / "base", tmp_path / "ft"
+    shutil.copytree(awkward_pair[0], base)
+    shutil.copytree(awkward_pair[1], ft)
+    return base, ft
+
+
+def _shard_of(folder: Path, name: str):
+    return Checkpoint.from_path(folder)[name]
+
+
+def corrupt_header(base: Path, ft: Path) -> str:
+    shard = sorted(ft.glob("*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[8:12] = b"!!!!"
+    shard.write_bytes(bytes(data))
+    return shard.name
+
+
+def truncate_file(base: Path, ft: Path) -> str:
+    shard = sorted(base.glob("*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 1000])
+    return shard.name
+
+
+def index_missing_shard(base: Path, ft: Path) -> str:
+    index = json.loads((ft / "model.safetensors.index.json").read_text())
+    index["weight_map"]["lm_head.weight"] = "model-00009-of-00009.safetensors"
+    (ft / "model.safetensors.index.json").write_text(json.dumps(index))
+    return "model-00009-of-00009.safetensors"
+
+
+def index_missing_tensor(base: Path, ft: Path) -> str:
+    index = json.loads((ft / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"].values()))
+    index["weight_map"]["model.ghost.weight"] = first
+    (ft / "model.safetensors.index.json").write_text(json.dumps(index))
+    return "model.ghost.weight"
+
+
+def duplicate_names(base: Path, ft: Path) -> str:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"model.norm.weight": torch.ones(4)}, base / "zz-extra.safetensors")
+    return "model.norm.weight"
+
+
+def unreadable_file(base: Path, ft: Path) -> str:
+    (ft / "model-00002-of-00004.safetensors").unlink()
+    (ft / "model-00002-of-00004.safetensors").symlink_to(ft / "gone.safetensors")
+    return "model-00002-of-00004.safetensors"
+
+
+def _poison(folder: Path, name: str, value: float) -> None:
+    ref = _shard_of(folder, name)
+    import torch
+
+    raw = torch.tensor([value], dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes()
+    with open(ref.path, "r+b") as f:
+        f.seek(ref.offset + 2 * 17)
+        f.write(raw)
+
+
+def nan_in_edited(base: Path, ft: Path) -> str:
+    _poison(ft, "model.layers.1.mlp.gate_proj.weight", math.nan)
+    return "model.layers.1.mlp.gate_proj.weight"
+
+
+def inf_in_base(base: Path, ft: Path) -> str:
+    _poison(base, "model.layers.1.self_attn.o_proj.weight", math.inf)
+    return "model.layers.1.self_attn.o_proj.weight"
+
+
+CASES = {
+    "corrupt header": (corrupt_header, 2),
+    "truncated file": (truncate_file, 2),
+    "index names a missing shard": (index_missing_shard, 2),
+    "index names a missing tensor": (index_missing_tensor, 2),
+    "duplicate tensor names": (duplicate_names, 2),
+    "unreadable file": (unreadable_file, 2),
+    "NaN in an edited tensor": (nan_in_edited, 2),
+    "Inf in the base": (inf_in_base, 2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input(pair, tmp_path, case):
+    damage, code = CASES[case]
+    base, ft = pair
+    culprit = damage(base, ft)
+    before = tree_digest(base), tree_digest(ft)
+    proc = run("merge", base, ft, tmp_path / "out")
+    assert_one_line_error(proc, code, culprit)
+    assert not (tmp_path / "out").exists()
+    assert (tree_digest(base), tree_digest(ft)) == before
+
+
+def test_missing_empty_existing_and_nested_out(pair, tmp_path):
+    base, ft = pair
+    before = tree_digest(base), tree_digest(ft)
+    assert_one_line_error(run("merge", tmp_path / "nope", ft, tmp_path / "o"), 2, "nope", "does not exist")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run("merge", base, tmp_path / "empty", tmp_path / "o"), 2, "empty", "no *.safetensors")
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "streamsoup_report.json").write_text("{}")
+    assert_one_line_error(run("merge", base, ft, tmp_path / "done"), 2, "already exists")
+    assert_one_line_error(run("merge", base, ft, base / "sub" / "out"), 2, "inside BASE")
+    assert not (tmp_path / "o").exists() and not (base / "sub").exists()
+    assert (tree_digest(base), tree_digest(ft)) == before
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return done.returncode == 0
+
+
+def test_disk_full_then_resume(awkward_pair, tmp_path):
+    """OUT on a tmpfs too small for it: clear error, state kept; grow the disk and rerun."""
+    base, ft = awkward_pair
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "120k"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        out = disk / "out"
+        proc = run("merge", base, ft, out, "--shard-size", "100KB")
+        assert_one_line_error(proc, 1, "No space left on device", "rerun the same command")
+        assert not out.exists() and (disk / "out.partial").exists()
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        proc = run("merge", base, ft, out, "--shard-size", "100KB", "-q")
+        assert proc.returncode == 0, proc.stderr
+        assert run("verify", out, "-q").returncode == 0
+        ref = tmp_path / "ref"
+        assert run("merge", base, ft, ref, "--shard-size", "100KB", "-q").returncode == 0
+        assert tree_digest(out) == tree_digest(ref)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -1,0 +1,205 @@
+"""Killed any way, at any moment, any number of times: the rerun gives the same bytes."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from helpers import assert_one_line_error, report_rows, run, start, tree_digest
+
+from streamsoup.state import STATE_NAME, RunLock, RunState
+
+
+@pytest.fixture(scope="session")
+def reference(awkward_pair, tmp_path_factory) -> tuple[Path, Path, Path, dict[str, str]]:
+    """An uninterrupted merge of the awkward pair, and its digest."""
+    base, ft = awkward_pair
+    out = tmp_path_factory.mktemp("ref") / "out"
+    proc = run("merge", base, ft, out, "--shard-size", "100KB", "-q")
+    assert proc.returncode == 0, proc.stderr
+    return base, ft, out, tree_digest(out)
+
+
+def committed_names(partial: Path) -> set[str]:
+    return {m.row["name"] for m in RunState.read(partial / STATE_NAME).committed().values()}
+
+
+@pytest.mark.parametrize("point", ["commit:1", "commit:7", "commit:19", "publish.before-rename",
+                                   "publish.after-rename"])  # fmt: skip
+def test_kill_at_named_points_then_resume(reference, tmp_path, point):
+    base, ft, _, digest = reference
+    out = tmp_path / "out"
+    killed = run("merge", base, ft, out, "--shard-size", "100KB", "-q", env={"STREAMSOUP_FAULT": point})
+    assert killed.returncode == -signal.SIGKILL
+    if point != "publish.after-rename":
+        assert not out.exists(), "OUT must not exist before the merge is complete"
+        before = committed_names(tmp_path / "out.partial")
+    proc = run("merge", base, ft, out, "--shard-size", "100KB", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "out.partial").exists()
+    assert tree_digest(out) == digest
+    assert not (out / STATE_NAME).exists() and not (out / ".streamsoup.lock").exists()
+    if point.startswith("commit"):
+        rows = report_rows(out)
+        redone = {n for n, r in rows.items() if r["attempt"] == 2}
+        assert redone == set(rows) - before, "committed work was recomputed"
+        assert all(rows[n]["attempt"] == 1 for n in before)
+        assert len(before) == int(point.split(":")[1]) - 1  # everything that finished before the kill
+
+
+def _wait_for_commits(partial: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(committed_names(partial)) >= n:
+                return
+        except Exception:
+            pass
+        time.sleep(0.05)
+
+
+def test_sigkill_at_random_moments(tmp_path_factory):
+    """SIGKILL the process tree at random instants, several times, then finish: same bytes."""
+    import make_checkpoints
+
+    root = tmp_path_factory.mktemp("killpair")
+    base, ft = make_checkpoints.make_pair(root, "medium", seed=3)
+    ref = root / "ref"
+    assert run("merge", base, ft, ref, "-q").returncode == 0
+    out = root / "out"
+    rng = random.Random(1234)
+    kills = 0
+    for _ in range(3):
+        proc = start("merge", base, ft, out, "-q")
+        time.sleep(rng.uniform(2.5, 6.0))  # past start-up, into the tensors
+        if proc.poll() is not None:
+            break
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        assert not out.exists()
+    assert kills >= 1
+    before = committed_names(root / "out.partial")
+    proc = run("merge", base, ft, out, "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert tree_digest(out) == tree_digest(ref)
+    rows = report_rows(out)
+    assert all(rows[n]["attempt"] < kills + 1 for n in before)
+    assert {n for n, r in rows.items() if r["attempt"] == kills + 1} == set(rows) - before
+
+
+def test_torn_write_is_detected_and_recomputed(reference, tmp_path):
+    base, ft, _, digest = reference
+    out = tmp_path / "out"
+    run("merge", base, ft, out, "--shard-size", "100KB", "-q", env={"STREAMSOUP_FAULT": "commit:12"})
+    partial = tmp_path / "out.partial"
+    state = RunState.read(partial / STATE_NAME)
+    victim = next(m for m in state.committed().values() if m.row["action"] == "edit")
+    from streamsoup.checkpoint import Checkpoint
+
+    ref = Checkpoint.from_path(partial)[victim.row["name"]]
+    with open(ref.path, "r+b") as f:  # marker present, bytes corrupted
+        f.seek(ref.offset + ref.nbytes // 2)
+        f.write(b"\xff\xfe\xfd\xfc")
+    proc = run("merge", base, ft, out, "--shard-size", "100KB", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert tree_digest(out) == digest
+    assert report_rows(out)[victim.row["name"]]["attempt"] == 2
+
+
+def test_changed_options_are_refused_then_fresh(reference, tmp_path):
+    base, ft, _, digest = reference
+    out = tmp_path / "out"
+    run("merge", base, ft, out, "--shard-size", "100KB", "-q", env={"STREAMSOUP_FAULT": "commit:5"})
+    proc = run("merge", base, ft, out, "--shard-size", "100KB", "--energy", "0.5", "--rank-rule", "energy")
+    assert_one_line_error(proc, 2, "--rank-rule entropy -> energy", "--energy 0.8 -> 0.5", "--fresh")
+    proc = run("merge", base, ft, out, "--shard-size", "200KB")
+    assert_one_line_error(proc, 2, "--shard-size 100000 -> 200000")
+    assert run("merge", base, ft, out, "--shard-size", "100KB", "-q", "--fresh").returncode == 0
+    assert tree_digest(out) == digest
+
+
+def test_changed_input_is_refused(awkward_pair, tmp_path):
+    base, ft = awkward_pair
+    ft2 = tmp_path / "ft"
+    shutil.copytree(ft, ft2)
+    run("merge", base, ft2, tmp_path / "out", "-q", env={"STREAMSOUP_FAULT": "commit:3"})
+    shard = sorted(ft2.glob("*.safetensors"))[0]
+    with open(shard, "ab") as f:
+        f.write(b"\0" * 8)  # same header, different size
+    proc = run("merge", base, ft2, tmp_path / "out")
+    assert_one_line_error(proc, 2, f"FINETUNED shard {shard.name} changed")
+
+
+def test_second_merge_on_same_out_is_refused(awkward_pair, tmp_path):
+    base, ft = awkward_pair
+    lock = RunLock(tmp_path / "out.partial").acquire()
+    try:
+        proc = run("merge", base, ft, tmp_path / "out")
+        assert_one_line_error(proc, 2, "another streamsoup merge", f"pid {os.getpid()}")
+        assert "running" in run("status", tmp_path / "out").stdout or True
+    finally:
+        lock.release()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signals_stop_cleanly_and_resume(tmp_path_factory, sig):
+    import make_checkpoints
+
+    root = tmp_path_factory.mktemp(f"sig{int(sig)}")
+    base, ft = make_checkpoints.make_pair(root, "medium", seed=4)
+    out = root / "out"
+    proc = start("merge", base, ft, out, "-q")
+    _wait_for_commits(root / "out.partial", 3, proc)
+    t0 = time.time()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert time.time() - t0 < 20
+    assert "interrupted — rerun the same command to resume" in err and "Traceback" not in err
+    assert not out.exists()
+    status = run("status", out)
+    assert status.returncode == 0 and "interrupted" in status.stdout and "remaining" in status.stdout
+    assert run("merge", base, ft, out, "-q").returncode == 0
+    assert run("verify", out, "-q").returncode == 0
+
+
+def test_status_and_verify(reference, tmp_path):
+    base, ft, _, _ = reference
+    out = tmp_path / "out"
+    run("merge", base, ft, out, "--shard-size", "100KB", "-q", env={"STREAMSOUP_FAULT": "commit:9"})
+    st = run("status", out, "--json")
+    assert st.returncode == 0
+    import json
+
+    data = json.loads(st.stdout)
+    assert data["state"] == "interrupted" and data["tensors_done"] == 8 and data["tensors_total"] == 28
+    assert len(data["remaining"]) == 20 and data["attempts"] == 1
+    assert run("merge", base, ft, out, "--shard-size", "100KB", "-q").returncode == 0
+    assert "complete: 28 tensors" in run("status", out).stdout
+    ok = run("verify", out, "-q")
+    assert ok.returncode == 0 and "all checksums match" in ok.stdout
+    shard = sorted(out.glob("model-*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    bad = run("verify", out, "-q")
+    assert bad.returncode == 1 and "MISMATCH" in bad.stdout and "checksum mismatch" in bad.stdout
+    assert_one_line_error(run("status", tmp_path / "nothing"), 2, "no merge at")
+
+
+def test_external_work_dir(reference, tmp_path):
+    base, ft, _, digest = reference
+    out, work = tmp_path / "out", tmp_path / "state"
+    args = ("merge", base, ft, out, "--shard-size", "100KB", "-q", "--work-dir", work)
+    run(*args, env={"STREAMSOUP_FAULT": "commit:4"})
+    assert (work / "zarr.json").exists()
+    assert "3/28 tensors" in run("status", out).stdout
+    assert run(*args).returncode == 0
+    assert tree_digest(out) == digest and not work.exists()
