@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,16 +18,18 @@ from tqdm import tqdm
 
 from . import __version__, writer
 from .errors import Interrupted, RunError, UsageError
-from .executor import local_client, run_graph
+from .executor import local_client, run_graph, worker_capacity
 from .faults import fault_point
 from .graph import GraphTask, build_graph
 from .layout import INDEX_NAME
-from .options import MergeOptions
+from .options import MergeOptions, format_size
 from .plan import MergePlan, plan_merge
 from .report import REPORT_NAME, MergeSummary, build_report, write_report
+from .resources import check_budget, configure_process, default_max_ram, default_max_vram, process_rss, resolve_lanes
+from .schedule import Budget, schedule
 from .signals import MESSAGE, InterruptGuard
 from .state import LOCK_NAME, POINTER_NAME, STATE_NAME, RunLock, RunState
-from .tasks import TensorResult
+from .tasks import Execution, TaskContext, TensorResult
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +81,13 @@ def _run(
 ) -> MergeSummary:
     partial = writer.partial_dir(out)
     state_path = Path(work_dir).absolute() if work_dir else partial / STATE_NAME
+    budget = make_budget(opts)
+    runs = schedule(plan, budget)
+    if progress:
+        announce(budget, opts, runs)
+    opts = replace(opts, threads=budget.lanes.threads)
     with RunLock(partial) as lock, InterruptGuard() as guard:
-        if fresh:
-            discard(partial, state_path)
-        elif not state_path.exists():
+        if fresh or not state_path.exists():
             discard(partial, state_path)  # bytes without a state are not trusted
         state = RunState.open(state_path, fingerprint)
         if work_dir:
@@ -89,7 +95,8 @@ def _run(
         resumed = len(state.committed())
         log.info("planned %d tensors (%d to edit), %d already done", len(plan.jobs), len(plan.edits), resumed)
         writer.preallocate(plan.layout, partial)
-        results = execute(plan, partial, opts, state, guard, progress)
+        ctx = TaskContext(str(partial), str(state_path), opts.checkpoint_seconds)
+        results = execute(plan, ctx, opts, runs, budget, state, guard, progress)
         with guard.critical():
             finish(plan, partial, out, results, state.elapsed())
             cleanup(out, state_path if work_dir else None)
@@ -138,11 +145,34 @@ def discard(partial: Path, state_path: Path) -> None:
         shutil.rmtree(state_path)
 
 
+def make_budget(opts: MergeOptions) -> Budget:
+    """Lanes and memory budgets of this run; the RAM left for tasks is what the process does not use already."""
+    configure_process()
+    lanes = resolve_lanes(opts.devices, opts.lanes, opts.threads)
+    max_ram = opts.max_ram or default_max_ram()
+    task_ram = check_budget(max_ram, process_rss())
+    return Budget(max_ram, task_ram, opts.max_vram or default_max_vram(lanes.devices), lanes)
+
+
+def announce(budget: Budget, opts: MergeOptions, runs: dict[str, Execution]) -> None:
+    source = "" if opts.max_ram else " (default: 70% of available memory; set --max-ram)"
+    streamed = sum(r.streamed for r in runs.values())
+    extra = f", {streamed} tensor(s) streamed in row blocks" if streamed else ""
+    sys.stderr.write(f"streamsoup: max-ram {format_size(budget.max_ram)}{source}; {budget.lanes.describe()}{extra}\n")
+
+
 def execute(
-    plan: MergePlan, partial: Path, opts: MergeOptions, state: RunState, guard: InterruptGuard, progress: bool
+    plan: MergePlan,
+    ctx: TaskContext,
+    opts: MergeOptions,
+    runs: dict[str, Execution],
+    budget: Budget,
+    state: RunState,
+    guard: InterruptGuard,
+    progress: bool,
 ) -> list[TensorResult]:
     committed = {key: m.row for key, m in state.committed().items()}
-    tasks = build_graph(plan, partial, opts, committed)
+    tasks = build_graph(plan, ctx, opts, runs, committed)
     results: dict[str, TensorResult] = {}
     with tqdm(
         total=plan.bytes_to_write,
@@ -165,8 +195,8 @@ def execute(
             bar.set_postfix_str(f"{len(results)}/{len(tasks)} tensors", refresh=False)
 
         try:
-            with local_client(opts.lanes, opts.threads) as client:
-                run_graph(client, tasks, on_done)
+            with local_client(budget) as client:
+                run_graph(client, tasks, on_done, capacity=worker_capacity(budget))
         except KeyboardInterrupt:
             raise Interrupted(MESSAGE) from None
     return [results[job.key] for job in plan.jobs]

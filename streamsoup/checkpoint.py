@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import rawio
@@ -207,3 +208,32 @@ def read_tensor(ref: TensorRef) -> torch.Tensor:
     finally:
         os.close(fd)
     return torch.from_numpy(data).view(torch_dtype(ref.dtype)).reshape(ref.shape)
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The 2-D view MonoSoup works on: [shape[0], prod(shape[1:])]."""
+    return shape[0], math.prod(shape[1:])
+
+
+def read_block(ref: TensorRef, start: int, stop: int, transposed: bool) -> torch.Tensor:
+    """Rows start:stop of the 2-D view (or, transposed, those columns, as rows), read with pread only.
+
+    Rows of a row-major tensor are one contiguous range; columns are one short range per row.
+    """
+    m, n = matrix_shape(ref.shape)
+    item = ref.nbytes // max(m * n, 1)
+    fd = os.open(ref.path, os.O_RDONLY)
+    try:
+        if not transposed:
+            data = rawio.read_bytes(fd, ref.offset + start * n * item, (stop - start) * n * item)
+            return torch.from_numpy(data).view(torch_dtype(ref.dtype)).reshape(stop - start, n)
+        width = (stop - start) * item
+        data = np.empty((m, width), dtype=np.uint8)
+        for row in range(m):
+            rawio.pread_into(fd, memoryview(data[row]), ref.offset + (row * n + start) * item, uncache=False)
+        rawio.drop_cache(fd, ref.offset, ref.nbytes)
+        return torch.from_numpy(data).view(torch_dtype(ref.dtype)).reshape(m, stop - start).T
+    except EOFError as exc:
+        raise InputError(f"{ref.path}: tensor {ref.name!r}: {exc}; the file is truncated") from None
+    finally:
+        os.close(fd)

@@ -34,7 +34,7 @@ def _add_option_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(MergeOptions):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
-        shown = f"{default / 1e9:g}GB" if f.metadata.get("size") else default
+        shown = default if not f.metadata.get("size") else "auto" if default is None else f"{default / 1e9:g}GB"
         kwargs = dict(dest=f.name, default=None, help=f"{f.metadata['help']} (default: {shown})")
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]

@@ -8,7 +8,6 @@ one "lane": a lane holds one tensor's working set, so lanes bound the memory.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -16,16 +15,12 @@ import torch
 from distributed import Client, LocalCluster, as_completed
 
 from .errors import RunError, StreamsoupError
-from .graph import GraphTask
+from .graph import RAM, GraphTask
+from .resources import DevicePool, to_mib
+from .schedule import Budget
 from .tasks import TensorResult
 
 log = logging.getLogger(__name__)
-LANE = "lane"
-
-
-def cpu_threads(lanes: int, threads: int) -> int:
-    """torch threads per lane: the cores shared out between lanes unless given."""
-    return threads or max(1, (os.cpu_count() or 1) // lanes)
 
 
 def quiet_dask_logs() -> None:
@@ -36,18 +31,17 @@ def quiet_dask_logs() -> None:
 
 
 @contextmanager
-def local_client(lanes: int, threads: int) -> Iterator[Client]:
-    """An in-process cluster: one worker, `lanes` threads, no memory manager (we budget ourselves)."""
+def local_client(budget: Budget) -> Iterator[Client]:
+    """An in-process cluster: one worker, a thread per lane, resources for lanes and RAM.
+
+    No dask memory manager: admission by the "ram" resource is our budget, and the
+    nanny's RSS-based pausing would misread our deliberate working sets.
+    """
     quiet_dask_logs()
-    torch.set_num_threads(cpu_threads(lanes, threads))
-    cluster = LocalCluster(
-        processes=False,
-        n_workers=1,
-        threads_per_worker=lanes,
-        memory_limit=0,
-        dashboard_address=None,
-        resources={LANE: lanes},
-    )
+    torch.set_num_threads(budget.lanes.threads)
+    DevicePool.configure(budget.lanes.devices)
+    cluster = LocalCluster(processes=False, n_workers=1, threads_per_worker=budget.lanes.total, memory_limit=0,
+                           dashboard_address=None, resources=worker_capacity(budget))  # fmt: skip
     client = Client(cluster)
     try:
         yield client
@@ -56,13 +50,33 @@ def local_client(lanes: int, threads: int) -> Iterator[Client]:
         cluster.close()
 
 
-def run_graph(client: Client, tasks: list[GraphTask], on_done: Callable[[GraphTask, TensorResult], None]) -> None:
+def check_capacity(tasks: list[GraphTask], capacity: dict[str, float]) -> None:
+    """A task asking more than any worker has would wait forever, silently: refuse it now."""
+    for task in tasks:
+        for name, amount in task.resources.items():
+            if amount > capacity.get(name, 0):
+                raise RunError(f"tensor {task.name!r} needs {amount:g} {name} but workers offer "
+                               f"{capacity.get(name, 0):g}; raise the budget")  # fmt: skip
+
+
+def worker_capacity(budget: Budget) -> dict[str, float]:
+    """What the embedded worker offers (see local_client)."""
+    return {"cpu": budget.lanes.cpu, "device": len(budget.lanes.devices), RAM: to_mib(budget.task_ram)}
+
+
+def run_graph(
+    client: Client,
+    tasks: list[GraphTask],
+    on_done: Callable[[GraphTask, TensorResult], None],
+    capacity: dict[str, float],
+) -> None:
     """Submit every task and call `on_done` as each finishes; the first failure cancels the rest."""
+    check_capacity(tasks, capacity)
     by_key = {}
     futures = []
     for task in tasks:
         func, *args = task.call
-        fut = client.submit(func, *args, key=task.key, priority=task.priority, resources={LANE: 1}, pure=False)
+        fut = client.submit(func, *args, key=task.key, priority=task.priority, resources=task.resources, pure=False)
         by_key[fut.key] = task
         futures.append(fut)
     try:

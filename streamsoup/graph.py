@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .options import MergeOptions
 from .plan import MergePlan
-from .tasks import merge_tensor
+from .resources import to_mib
+from .tasks import Execution, TaskContext, merge_tensor
+
+RAM = "ram"  # worker resource: MiB of host memory for tasks
 
 
 @dataclass(frozen=True)
@@ -24,23 +26,25 @@ class GraphTask:
     call: tuple[Any, ...]  # (func, *args): the dask task tuple
     priority: int
     nbytes: int  # output bytes, for progress
+    resources: dict[str, float]  # dask worker resources it holds while it runs
 
 
 def build_graph(
-    plan: MergePlan, folder: Path, options: MergeOptions, committed: Mapping[str, dict] | None = None
+    plan: MergePlan,
+    ctx: TaskContext,
+    options: MergeOptions,
+    runs: Mapping[str, Execution],
+    committed: Mapping[str, dict] | None = None,
 ) -> list[GraphTask]:
     """One task per tensor; a tensor committed by an earlier attempt only has its bytes re-checked."""
     committed = committed or {}
-    return [
-        GraphTask(
-            job.key,
-            job.name,
-            (merge_tensor, job, options, str(folder), committed.get(job.key)),
-            -job.index,
-            job.placement.nbytes,
-        )
-        for job in plan.jobs
-    ]
+    tasks = []
+    for job in plan.jobs:
+        run = runs[job.key]
+        resources = {run.lane: 1, RAM: to_mib(run.ram)}
+        call = (merge_tensor, job, options, ctx, run, committed.get(job.key))
+        tasks.append(GraphTask(job.key, job.name, call, -job.index, job.placement.nbytes, resources))
+    return tasks
 
 
 def as_dask_graph(tasks: list[GraphTask]) -> dict[str, tuple[Any, ...]]:

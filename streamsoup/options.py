@@ -64,8 +64,21 @@ class MergeOptions:
         "how the spectrum is computed: exact Gram eigendecomposition, full SVD, or auto (fastest exact path)",
         choices=("auto", "gram", "svd"),
     )
-    lanes: int = _opt(1, "tensors processed at once (each lane holds one tensor's working set)", output=False)
-    threads: int = _opt(0, "torch threads per lane; 0 = cores / lanes", output=False)
+    max_ram: int | None = _opt(
+        None,
+        "peak resident memory of the whole run, e.g. 8GiB (default: 70%% of the memory available at start)",
+        size=True,
+        output=False,
+    )
+    max_vram: int | None = _opt(
+        None, "GPU memory per device, e.g. 40GiB (default: 90%% of what is free)", size=True, output=False
+    )
+    devices: str = _opt("auto", "auto | cpu | cuda | cuda:0,cuda:1 (one lane per listed device)", output=False)
+    lanes: int = _opt(1, "CPU lanes: tensors processed at once on the host", output=False)
+    threads: int = _opt(0, "torch threads; 0 = cores / lanes", output=False)
+    checkpoint_seconds: float = _opt(
+        60.0, "how often a streamed tensor's partial Gram is saved for resume", output=False
+    )
 
     def __post_init__(self) -> None:
         if self.rank_rule not in ("entropy", "energy"):
@@ -78,6 +91,8 @@ class MergeOptions:
             raise UsageError(f"--spectral must be auto, gram or svd, got {self.spectral!r}")
         if int(self.lanes) < 1:
             raise UsageError(f"--lanes must be >= 1, got {self.lanes!r}")
+        if float(self.checkpoint_seconds) < 0:
+            raise UsageError(f"--checkpoint-seconds must be >= 0, got {self.checkpoint_seconds!r}")
         if int(self.threads) < 0:
             raise UsageError(f"--threads must be >= 0, got {self.threads!r}")
 
@@ -106,7 +121,7 @@ class MergeOptions:
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
     flag = "--" + f.name.replace("_", "-")
     if f.metadata.get("size"):
-        return parse_size(value, flag)
+        return None if value in (None, "auto") else parse_size(value, flag)
     kind = type(f.default)
     if kind is str:
         return str(value)

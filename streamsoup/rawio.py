@@ -12,15 +12,15 @@ import crc32c
 import numpy as np
 
 #: Linux caps one read/write at just under 2 GiB; stay well below.
-IO_CHUNK = 256 * 1024 * 1024
+IO_CHUNK = 64 * 1024 * 1024
 
 
-def _drop_cache(fd: int, offset: int, length: int) -> None:
+def drop_cache(fd: int, offset: int, length: int) -> None:
     if hasattr(os, "posix_fadvise") and length > 0:
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
-def pread_into(fd: int, buf: memoryview, offset: int, *, drop_cache: bool = True) -> None:
+def pread_into(fd: int, buf: memoryview, offset: int, *, uncache: bool = True) -> None:
     """Fill `buf` from `fd` at `offset`; a short file is an EOFError."""
     done, total = 0, len(buf)
     while done < total:
@@ -29,8 +29,8 @@ def pread_into(fd: int, buf: memoryview, offset: int, *, drop_cache: bool = True
         if got == 0:
             raise EOFError(f"file ends {total - done} bytes early at offset {offset + done}")
         done += got
-    if drop_cache:
-        _drop_cache(fd, offset, total)
+    if uncache:
+        drop_cache(fd, offset, total)
 
 
 def read_bytes(fd: int, offset: int, length: int) -> np.ndarray:

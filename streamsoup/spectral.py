@@ -1,81 +1,173 @@
-"""Exact spectra of a weight update, computed block by block in float64.
+"""Exact spectra of a weight update, computed block by block in float64 on any torch device.
 
 Every path works on the *tall* orientation X of the update (X = dW, or dW^T when
-dW is wide), so the small side has r = X.shape[1] columns and
+dW is wide), so the small side has c = X.shape[1] columns and
 
     s^2 = eig(X^T X)            dW_high = X V_k V_k^T = X - X V_c V_c^T
 
-(V_c: the r - k trailing directions, used when that is the cheaper side).
-The Gram matrix is a sum over row blocks, so X is never materialised in float64.
+(V_c: the trailing directions, used when that is the cheaper side). The Gram matrix
+is a sum over row blocks (DESIGN.md section 1), so X never exists whole in float64:
+its blocks come from tensors in memory or straight from disk.
 
 Paths:  gram  float64 Gram + eigh (exact, the default)
-        svd   float64 full SVD of X (the reference; slow and memory-hungry)
+        svd   float64 full SVD of X (the reference; needs the whole update in memory)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-#: float64 elements per row block (64 MiB): bounds the transient working set
-BLOCK_ELEMENTS = 8 * 1024 * 1024
+from .checkpoint import TensorRef, matrix_shape, read_block
+from .resources import micro_rows
+
 PATHS = ("gram", "svd")
 
 
-class UpdatePair:
-    """W0 and W1 of one tensor seen as tall matrices, yielding float64 row blocks of X = W1 - W0."""
+class RowSource:
+    """Row blocks of X as float64 (W0 block, dW block) pairs on `device`.
 
-    def __init__(self, w0: torch.Tensor, w1: torch.Tensor) -> None:
-        m = w1.shape[0]
-        n = w1.numel() // m
+    Two levels: *read blocks* (what is fetched at once; a multiple of the micro block) and
+    *micro blocks* (what each float64 operation sees; fixed by the shape).
+    """
+
+    rows: int
+    cols: int
+    transposed: bool
+    block_rows: int
+    device: torch.device
+
+    @property
+    def micro(self) -> int:
+        return micro_rows(self.cols)
+
+    def read_blocks(self, first: int = 0) -> Iterator[tuple[int, slice]]:
+        for i, start in enumerate(range(0, self.rows, self.block_rows)):
+            if i >= first:
+                yield i, slice(start, min(start + self.block_rows, self.rows))
+
+    def micro_blocks(self, rows: slice) -> Iterator[slice]:
+        for start in range(rows.start, rows.stop, self.micro):
+            yield slice(start, min(start + self.micro, rows.stop))
+
+    @property
+    def n_blocks(self) -> int:
+        return math.ceil(self.rows / self.block_rows)
+
+    def load(self, rows: slice) -> None:
+        """Fetch a read block (a no-op for tensors in memory)."""
+
+    def native(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def read(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact float64 W0 and W1 - W0 of rows inside the loaded block (never subtracted in bf16)."""
+        w0, w1 = self.native(rows)
+        w0 = w0.to(self.device, non_blocking=True).to(torch.float64)
+        dw = w1.to(self.device, non_blocking=True).to(torch.float64)
+        dw.sub_(w0)
+        return w0, dw
+
+
+class MemoryRows(RowSource):
+    """W0 and W1 held whole in host memory, seen as tall matrices."""
+
+    def __init__(self, w0: torch.Tensor, w1: torch.Tensor, device: str | torch.device = "cpu") -> None:
+        m, n = matrix_shape(tuple(w1.shape))
         w0, w1 = w0.reshape(m, n), w1.reshape(m, n)
         self.transposed = n > m
         self.w0 = w0.T if self.transposed else w0
         self.w1 = w1.T if self.transposed else w1
         self.rows, self.cols = self.w1.shape
-        self.block_rows = max(1, BLOCK_ELEMENTS // self.cols)
+        self.block_rows = self.micro
+        self.device = torch.device(device)
 
-    def blocks(self) -> Iterator[slice]:
-        for start in range(0, self.rows, self.block_rows):
-            yield slice(start, min(start + self.block_rows, self.rows))
-
-    def delta(self, rows: slice) -> torch.Tensor:
-        """Exact float64 difference of the stored values (never subtracted in bf16/fp16)."""
-        return self.w1[rows].to(torch.float64) - self.w0[rows].to(torch.float64)
-
-    def base(self, rows: slice) -> torch.Tensor:
-        return self.w0[rows].to(torch.float64)
-
-    def norms(self) -> tuple[float, float]:
-        """||dW||_F and ||W0||_F in float64; NaN or Inf in either input is a FloatingPointError."""
-        dw_sq = w0_sq = 0.0
-        for rows in self.blocks():
-            dw_sq += float(self.delta(rows).square().sum())
-            w0_sq += float(self.base(rows).square().sum())
-        if not (math.isfinite(dw_sq) and math.isfinite(w0_sq)):
-            raise FloatingPointError("NaN or Inf in the base or fine-tuned values")
-        return math.sqrt(dw_sq), math.sqrt(w0_sq)
+    def native(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.w0[rows], self.w1[rows]
 
     def tall_view(self, out: torch.Tensor) -> torch.Tensor:
         """`out` (the original shape) seen in the same orientation as X."""
-        out2d = out.reshape(self.w1.T.shape if self.transposed else self.w1.shape)
+        m, n = matrix_shape(tuple(out.shape))
+        out2d = out.reshape(m, n)
         return out2d.T if self.transposed else out2d
+
+
+class DiskRows(RowSource):
+    """W0 and W1 streamed from their files one read block at a time (tensors bigger than the budget)."""
+
+    def __init__(self, base: TensorRef, finetuned: TensorRef, block_rows: int, device: str | torch.device = "cpu"):
+        m, n = matrix_shape(finetuned.shape)
+        self.base, self.finetuned = base, finetuned
+        self.transposed = n > m
+        self.rows, self.cols = (n, m) if self.transposed else (m, n)
+        self.block_rows = min(max(self.micro, block_rows // self.micro * self.micro), self.rows)
+        self.device = torch.device(device)
+        self._loaded: tuple[slice, torch.Tensor, torch.Tensor] | None = None
+
+    def load(self, rows: slice) -> None:
+        self._loaded = (
+            rows,
+            read_block(self.base, rows.start, rows.stop, self.transposed),
+            read_block(self.finetuned, rows.start, rows.stop, self.transposed),
+        )
+
+    def native(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        block, w0, w1 = self._loaded
+        part = slice(rows.start - block.start, rows.stop - block.start)
+        return w0[part], w1[part]
+
+
+@dataclass
+class GramSums:
+    """What one pass over the row blocks accumulates; resumable from `next_block` (a read block)."""
+
+    gram: torch.Tensor | None
+    dw_sq: float = 0.0
+    w0_sq: float = 0.0
+    next_block: int = 0
+
+    @property
+    def norms(self) -> tuple[float, float]:
+        """||dW||_F and ||W0||_F; NaN or Inf anywhere is a FloatingPointError."""
+        if not (math.isfinite(self.dw_sq) and math.isfinite(self.w0_sq)):
+            raise FloatingPointError("NaN or Inf in the base or fine-tuned values")
+        return math.sqrt(self.dw_sq), math.sqrt(self.w0_sq)
+
+
+def accumulate(
+    src: RowSource,
+    with_gram: bool,
+    sums: GramSums | None = None,
+    on_block: Callable[[GramSums], None] | None = None,
+) -> GramSums:
+    """One pass: squared norms, and the Gram X^T X if asked; continues `sums` where it stopped."""
+    if sums is None:
+        gram = torch.zeros(src.cols, src.cols, dtype=torch.float64, device=src.device) if with_gram else None
+        sums = GramSums(gram)
+    for i, block in src.read_blocks(sums.next_block):
+        src.load(block)
+        for rows in src.micro_blocks(block):
+            w0, x = src.read(rows)
+            sums.dw_sq += float(x.square().sum())
+            sums.w0_sq += float(w0.square().sum())
+            if sums.gram is not None:
+                sums.gram.addmm_(x.T, x)
+        sums.next_block = i + 1
+        if on_block is not None:
+            on_block(sums)
+    return sums
 
 
 @dataclass
 class Spectrum:
     """Descending singular values and the matching right singular vectors of X (columns of `basis`)."""
 
-    s: torch.Tensor  # float64 [r]
-    basis: torch.Tensor  # float64 [cols, r]
+    s: torch.Tensor  # float64 [r], on the host
+    basis: torch.Tensor  # float64 [cols, r], on the compute device
     path: str
-
-    @property
-    def energy(self) -> float:
-        return float(self.s.square().sum())
 
     def high_part(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """X_block V_k V_k^T, through whichever of the top-k or its complement is smaller."""
@@ -89,28 +181,31 @@ class Spectrum:
         return x - (x @ v) @ v.T
 
 
-def gram_spectrum(pair: UpdatePair) -> Spectrum:
-    """s^2 = eig(X^T X), the Gram accumulated over row blocks in float64."""
-    gram = torch.zeros(pair.cols, pair.cols, dtype=torch.float64)
-    for rows in pair.blocks():
-        x = pair.delta(rows)
-        gram.addmm_(x.T, x)
+def eigh_spectrum(gram: torch.Tensor) -> Spectrum:
+    """s^2 = eig(X^T X) in float64; eigenvalues ascending -> flipped to descending."""
     evals, evecs = torch.linalg.eigh(gram)
-    del gram
-    s = evals.flip(0).clamp_min(0.0).sqrt()
+    s = evals.flip(0).clamp_min(0.0).sqrt().cpu()
     return Spectrum(s, evecs.flip(1), "gram")
 
 
-def svd_spectrum(pair: UpdatePair) -> Spectrum:
-    """Reference path: one float64 SVD of the whole update."""
-    x = torch.cat([pair.delta(rows) for rows in pair.blocks()])
-    _, s, vh = torch.linalg.svd(x, full_matrices=False)
-    return Spectrum(s, vh.T.contiguous(), "svd")
+def gram_spectrum(src: RowSource) -> Spectrum:
+    sums = accumulate(src, with_gram=True)
+    return eigh_spectrum(sums.gram)
 
 
-def compute_spectrum(pair: UpdatePair, path: str) -> Spectrum:
+def svd_spectrum(src: MemoryRows) -> Spectrum:
+    """Reference path: one float64 SVD of the whole update (gesvd on CUDA: gesvdj fails on big inputs)."""
+    x = torch.cat([src.read(rows)[1] for _, block in src.read_blocks() for rows in src.micro_blocks(block)])
+    driver = "gesvd" if x.is_cuda else None
+    _, s, vh = torch.linalg.svd(x, full_matrices=False, driver=driver)
+    return Spectrum(s.cpu(), vh.T.contiguous(), "svd")
+
+
+def compute_spectrum(src: RowSource, path: str) -> Spectrum:
     if path in ("gram", "auto"):
-        return gram_spectrum(pair)
+        return gram_spectrum(src)
     if path == "svd":
-        return svd_spectrum(pair)
+        if not isinstance(src, MemoryRows):
+            raise ValueError("the svd path needs the whole update in memory")
+        return svd_spectrum(src)
     raise ValueError(f"unknown spectral path {path!r}")

@@ -14,6 +14,7 @@ group attributes, not "chunk exists" tests: zarr skips chunks equal to the fill 
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import shutil
 import socket
@@ -140,6 +141,8 @@ class RunState:
                 arr[:] = s
             marker = {"crc32c": int(crc), "attempt": self.attempt, "committed_at": time.time(), "row": row}
             group.attrs.put({"marker": marker})
+            if "partial" in group:  # mid-tensor progress of a streamed tensor: no longer needed
+                del group["partial"]
         except OSError as exc:
             raise RunError(
                 f"cannot record progress in {self.path}: {exc.strerror or exc}; "
@@ -212,3 +215,46 @@ class RunLock:
             return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
         finally:
             os.close(fd)
+
+
+class PartialTensor:
+    """Mid-tensor progress of one streamed tensor, in ``tensors/<key>/partial`` (written by its task only).
+
+    phase "gram":    the Gram sums after `next_block` blocks, double-buffered (gram_0 / gram_1):
+                     a kill while one buffer is written leaves the other, named by the attrs, intact
+    phase "project": the eigenbasis columns in use and the coefficients; `next_block` blocks written
+    """
+
+    def __init__(self, state_path: str | Path, key: str) -> None:
+        root = zarr.open_group(str(state_path), mode="a")
+        self.group = root["tensors"].require_group(key).require_group("partial")
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs)
+
+    def _put_array(self, name: str, value: np.ndarray) -> None:
+        chunks = (max(1, min(value.shape[0], (64 * 2**20) // max(8 * math.prod(value.shape[1:]), 1))),
+                  *value.shape[1:])  # fmt: skip
+        arr = self.group.create_array(name, shape=value.shape, dtype="float64", chunks=chunks,
+                                      compressors=[Crc32cCodec()], fill_value=0.0, overwrite=True)  # fmt: skip
+        arr[...] = value
+
+    def save_gram(self, gram: np.ndarray, next_block: int, dw_sq: float, w0_sq: float) -> None:
+        slot = 1 - int(self.attrs.get("slot", 1))
+        self._put_array(f"gram_{slot}", gram)
+        self.group.attrs.put({"phase": "gram", "slot": slot, "next_block": next_block, "dw_sq": dw_sq, "w0_sq": w0_sq})
+
+    def load_gram(self) -> np.ndarray:
+        return self.group[f"gram_{self.attrs['slot']}"][...]
+
+    def save_basis(self, s: np.ndarray, basis: np.ndarray, info: dict[str, Any]) -> None:
+        self._put_array("s", s)
+        self._put_array("basis", basis)
+        self.group.attrs.put({"phase": "project", "next_block": 0, **info})
+
+    def load_basis(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.group["s"][...], self.group["basis"][...]
+
+    def save_progress(self, next_block: int) -> None:
+        self.group.attrs.put({**self.attrs, "next_block": next_block})

@@ -1,8 +1,10 @@
-"""The per-tensor task: load -> delta -> spectrum -> reweight -> write, fused.
+"""The per-tensor task: load -> delta -> spectrum -> reweigh -> write, fused.
 
 One task per tensor keeps every intermediate on the worker that made it: only the
 small TensorResult travels back (dask holds a finished task's output until its
 dependents run, so separate load/compute tasks would pile up whole tensors).
+A tensor runs either whole in memory or, when its working set passes the budget,
+streamed in row blocks from disk, with its progress saved so a kill resumes mid-tensor.
 """
 
 from __future__ import annotations
@@ -16,14 +18,41 @@ import numpy as np
 import torch
 
 from . import writer
-from .checkpoint import read_tensor
+from .checkpoint import matrix_shape, read_tensor
+from .dtypes import torch_dtype
 from .errors import InputError
+from .faults import fault_point
 from .monosoup import EPS, Coefficients, coefficients, relative_update, reweigh, update_is_significant
 from .options import MergeOptions
 from .plan import COPY, EDIT, TensorJob
-from .spectral import UpdatePair, compute_spectrum
+from .resources import DevicePool, release_memory
+from .spectral import DiskRows, GramSums, MemoryRows, RowSource, Spectrum, accumulate, compute_spectrum, eigh_spectrum
+from .state import PartialTensor
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How one tensor runs, decided from the budgets before the run (see schedule.py)."""
+
+    lane: str = "cpu"  # "cpu" or "device"
+    block_rows: int = 0  # > 0: streamed from disk in blocks of this many rows of X
+    ram: int = 0  # bytes of host memory admitted for it
+    vram: int = 0  # bytes of device memory it may use
+
+    @property
+    def streamed(self) -> bool:
+        return self.block_rows > 0
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """Where a task writes: the output folder and the state (for mid-tensor progress)."""
+
+    folder: str
+    state_path: str
+    checkpoint_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +73,7 @@ class TensorResult:
     rel_update: float | None = None
     spectral: str | None = None
     device: str = "cpu"
+    blocks: int = 0  # > 0: streamed from disk in this many row blocks
     seconds: float = 0.0
     nbytes: int = 0
     crc32c: int = 0
@@ -62,72 +92,179 @@ class TensorResult:
         return cls(**{**row, "shape": tuple(row["shape"]), "resumed": resumed})
 
 
-def merge_tensor(job: TensorJob, options: MergeOptions, folder: str, committed: dict | None = None) -> TensorResult:
+def merge_tensor(
+    job: TensorJob, options: MergeOptions, ctx: TaskContext, run: Execution, committed: dict | None = None
+) -> TensorResult:
     """Produce one output tensor in its slot, or confirm that an earlier attempt already did.
 
     `committed` is the report row of an earlier attempt's marker: if the slot still holds
     bytes with its checksum, nothing is recomputed; a torn or lost write is redone.
     """
+    folder = Path(ctx.folder)
     if committed is not None:
-        if writer.slot_crc(Path(folder), job.placement) == committed["crc32c"]:
+        if writer.slot_crc(folder, job.placement) == committed["crc32c"]:
             return TensorResult.from_dict(committed, resumed=True)
         log.warning("%s: stored bytes do not match the recorded checksum; recomputing", job.name)
     start = time.perf_counter()
     if options.threads:
         torch.set_num_threads(options.threads)
-    ref = job.finetuned
-    row = dict(name=job.name, shape=ref.shape, dtype=ref.dtype, nbytes=ref.nbytes)
     if job.action == COPY:
-        crc = writer.copy_tensor(ref, Path(folder), job.placement)
-        return TensorResult(action=COPY, reason=job.reason, crc32c=crc, seconds=time.perf_counter() - start, **row)
+        crc = writer.copy_tensor(job.finetuned, folder, job.placement)
+        return _result(job, COPY, job.reason, start, crc32c=crc)
     assert job.action == EDIT and job.base is not None
-    w1, w0 = read_tensor(ref), read_tensor(job.base)
-    pair = UpdatePair(w0, w1)
+    device = DevicePool.acquire() if run.lane == "device" else "cpu"
     try:
-        dw_norm, w0_norm = pair.norms()
+        if run.streamed:
+            return _merge_streamed(job, options, ctx, run, device, start)
+        return _merge_in_memory(job, options, folder, device, start)
+    finally:
+        DevicePool.release(device) if run.lane == "device" else None
+        release_memory()
+
+
+def _result(job: TensorJob, action: str, reason: str, start: float, **fields) -> TensorResult:
+    ref = job.finetuned
+    return TensorResult(name=job.name, shape=ref.shape, dtype=ref.dtype, nbytes=ref.nbytes, action=action,
+                        reason=reason, seconds=time.perf_counter() - start, **fields)  # fmt: skip
+
+
+def _nonfinite(job: TensorJob) -> InputError:
+    culprit = job.finetuned
+    try:
+        if bool(torch.isfinite(read_tensor(job.finetuned)).all()):
+            culprit = job.base
+    except MemoryError:
+        pass
+    return InputError(f"{culprit.path}: tensor {job.name!r} contains NaN or Inf; MonoSoup cannot edit it "
+                      "(fix or drop the tensor, then rerun with --fresh)")  # fmt: skip
+
+
+def _skip_reason(sums: GramSums, options: MergeOptions, job: TensorJob) -> tuple[str, float]:
+    """Why an edit candidate is copied after all ("" when it is edited), and its relative update."""
+    try:
+        dw_norm, w0_norm = sums.norms
     except FloatingPointError:
-        culprit = ref if not bool(torch.isfinite(w1).all()) else job.base
-        raise InputError(
-            f"{culprit.path}: tensor {job.name!r} contains NaN or Inf; MonoSoup cannot edit it "
-            "(fix or drop the tensor, then rerun with --fresh)"
-        ) from None
+        raise _nonfinite(job) from None
     rel = relative_update(dw_norm, w0_norm)
-    reason = ""
     if not update_is_significant(dw_norm, w0_norm, options.min_rel_update):
-        reason = f"relative update {rel:.3g} below --min-rel-update {options.min_rel_update:g}"
-    elif dw_norm**2 < EPS:
-        reason = "update energy below eps: the fine-tune's values are kept"
+        return f"relative update {rel:.3g} below --min-rel-update {options.min_rel_update:g}", rel
+    if dw_norm**2 < EPS:
+        return "update energy below eps: the fine-tune's values are kept", rel
+    return "", rel
+
+
+def _edited(job, options, start, coef, spectrum_s, path, rel, crc, device, blocks=0) -> TensorResult:
+    return _result(job, EDIT, f"rank {coef.k} of {coef.rank} ({options.rank_rule})", start, rel_update=rel,
+                   spectral=path, crc32c=crc, singular_values=np.asarray(spectrum_s), device=str(device),
+                   blocks=blocks, **_coef_fields(coef))  # fmt: skip
+
+
+def _merge_in_memory(job: TensorJob, options: MergeOptions, folder: Path, device: str, start: float) -> TensorResult:
+    w1, w0 = read_tensor(job.finetuned), read_tensor(job.base)
+    src = MemoryRows(w0, w1, device)
+    reason, rel = _skip_reason(accumulate(src, with_gram=False), options, job)
     if reason:
-        del w0, w1, pair
-        crc = writer.copy_tensor(ref, Path(folder), job.placement)
-        return TensorResult(
-            action=COPY, reason=reason, rel_update=rel, crc32c=crc, seconds=time.perf_counter() - start, **row
-        )
-    spectrum = compute_spectrum(pair, options.spectral)
+        del w0, w1, src
+        crc = writer.copy_tensor(job.finetuned, folder, job.placement)
+        return _result(job, COPY, reason, start, rel_update=rel, crc32c=crc)
+    spectrum = compute_spectrum(src, options.spectral)
     coef = coefficients(spectrum.s, options.rank_rule, options.energy)
-    out = torch.empty(ref.shape, dtype=w1.dtype)
-    _reweigh_blocks(pair, spectrum, coef, out)
-    crc = writer.write_tensor(Path(folder), job.placement, out)
-    return TensorResult(
-        action=EDIT,
-        reason=f"rank {coef.k} of {coef.rank} ({options.rank_rule})",
-        rel_update=rel,
-        spectral=spectrum.path,
-        seconds=time.perf_counter() - start,
-        crc32c=crc,
-        singular_values=spectrum.s.numpy(),
-        **_coef_fields(coef),
-        **row,
-    )
+    out = torch.empty(job.finetuned.shape, dtype=w1.dtype)
+    tall = src.tall_view(out)
+    for _, block in src.read_blocks():
+        for rows in src.micro_blocks(block):
+            tall[rows] = _reweighed(src, rows, spectrum, coef).to(out.dtype).cpu()
+    crc = writer.write_tensor(folder, job.placement, out)
+    return _edited(job, options, start, coef, spectrum.s, spectrum.path, rel, crc, device)
 
 
-def _reweigh_blocks(pair: UpdatePair, spectrum, coef: Coefficients, out: torch.Tensor) -> None:
-    """W = W0 + lam_low dW + (lam_high - lam_low) dW_high, in float64 row block by row block."""
-    tall = pair.tall_view(out)
-    for rows in pair.blocks():
-        x = pair.delta(rows)
-        high = spectrum.high_part(x, coef.k)
-        tall[rows] = reweigh(pair.base(rows), x, high, coef).to(out.dtype)
+def _reweighed(src: RowSource, rows: slice, spectrum: Spectrum, coef: Coefficients) -> torch.Tensor:
+    """W = W0 + lam_low dW + (lam_high - lam_low) dW_high for one row block, in float64."""
+    w0, x = src.read(rows)
+    return reweigh(w0, x, spectrum.high_part(x, coef.k), coef)
+
+
+def _merge_streamed(
+    job: TensorJob, options: MergeOptions, ctx: TaskContext, run: Execution, device: str, start: float
+) -> TensorResult:
+    """Row blocks from disk: Gram pass (saved now and then), eigh once, then project and write block by block."""
+    folder, ref = Path(ctx.folder), job.finetuned
+    src = DiskRows(job.base, ref, run.block_rows, device)
+    partial = PartialTensor(ctx.state_path, job.key)
+    saved = partial.attrs
+    if saved.get("phase") != "project":
+        sums = _gram_pass(src, partial, saved, ctx.checkpoint_seconds)
+        reason, rel = _skip_reason(sums, options, job)
+        if reason:
+            crc = writer.copy_tensor(ref, folder, job.placement)
+            return _result(job, COPY, reason, start, rel_update=rel, crc32c=crc, blocks=src.n_blocks)
+        spectrum = eigh_spectrum(sums.gram)
+        del sums
+        coef = coefficients(spectrum.s, options.rank_rule, options.energy)
+        spectrum = _keep_needed_columns(spectrum, coef.k)
+        partial.save_basis(
+            spectrum.s.numpy(),
+            spectrum.basis.cpu().numpy(),
+            {"k": coef.k, "rel": rel, "coef": coef.as_dict(), "columns": _columns(spectrum, coef.k)},
+        )
+        saved = partial.attrs
+    s, basis = partial.load_basis()
+    coef = Coefficients(**saved["coef"])
+    spectrum = _SavedSpectrum(torch.from_numpy(s), torch.from_numpy(basis).to(device), saved["columns"])
+    shape, dtype = matrix_shape(ref.shape), torch_dtype(ref.dtype)
+    for i, block in src.read_blocks(saved["next_block"]):
+        src.load(block)
+        out = torch.empty(block.stop - block.start, src.cols, dtype=dtype)
+        for rows in src.micro_blocks(block):
+            out[rows.start - block.start : rows.stop - block.start] = (
+                _reweighed(src, rows, spectrum, coef).to(dtype).cpu()
+            )
+        writer.write_block(folder, job.placement, shape, block.start, out, src.transposed)
+        partial.save_progress(i + 1)
+        fault_point("block")
+    crc = writer.slot_crc(folder, job.placement)
+    return _edited(job, options, start, coef, s, "gram", saved["rel"], crc, device, blocks=src.n_blocks)
+
+
+def _gram_pass(src: DiskRows, partial: PartialTensor, saved: dict, every: float) -> GramSums:
+    sums = None
+    if saved.get("phase") == "gram":
+        gram = torch.from_numpy(partial.load_gram()).to(src.device)
+        sums = GramSums(gram, saved["dw_sq"], saved["w0_sq"], saved["next_block"])
+    last = time.monotonic()
+
+    def checkpoint(acc: GramSums) -> None:
+        nonlocal last
+        if time.monotonic() - last >= every and acc.next_block < src.n_blocks:
+            partial.save_gram(acc.gram.cpu().numpy(), acc.next_block, acc.dw_sq, acc.w0_sq)
+            last = time.monotonic()
+            fault_point("gram")
+
+    return accumulate(src, with_gram=True, sums=sums, on_block=checkpoint)
+
+
+def _columns(spectrum: Spectrum, k: int) -> str:
+    return "top" if k <= spectrum.s.numel() - k else "complement"
+
+
+def _keep_needed_columns(spectrum: Spectrum, k: int) -> Spectrum:
+    """Only one side of the split needs vectors: keep V_k or its complement, whichever is smaller."""
+    cols = spectrum.basis[:, :k] if _columns(spectrum, k) == "top" else spectrum.basis[:, k:]
+    return Spectrum(spectrum.s, cols.contiguous(), spectrum.path)
+
+
+class _SavedSpectrum(Spectrum):
+    """A spectrum restored with only the columns its split needs."""
+
+    def __init__(self, s: torch.Tensor, columns: torch.Tensor, which: str) -> None:
+        super().__init__(s, columns, "gram")
+        self.which = which
+
+    def high_part(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        v = self.basis
+        if self.which == "top":
+            return (x @ v) @ v.T if k < self.s.numel() else x.clone()
+        return x - (x @ v) @ v.T
 
 
 def _coef_fields(c: Coefficients) -> dict:

@@ -129,3 +129,22 @@ def publish(partial: Path, out: Path) -> None:
     rawio.fsync_dir(partial)
     os.replace(partial, out)
     rawio.fsync_dir(out.parent)
+
+
+def write_block(folder: Path, placement: Placement, shape: tuple[int, int], start: int, block: torch.Tensor,
+                transposed: bool) -> None:  # fmt: skip
+    """Write rows start:.. of the 2-D output (or, transposed, those columns) into the slot."""
+    m, n = shape
+    item = placement.nbytes // max(m * n, 1)
+    fd = _open_for_write(folder, placement)
+    try:
+        if not transposed:
+            data = block.contiguous().view(-1).view(torch.uint8).numpy()
+            rawio.pwrite_all(fd, memoryview(data), placement.offset + start * n * item)
+        else:
+            rows = block.T.contiguous().view(torch.uint8).numpy()  # [m, width * item]
+            for row in range(m):
+                rawio.pwrite_all(fd, memoryview(rows[row]), placement.offset + (row * n + start) * item)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)

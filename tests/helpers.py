@@ -51,3 +51,29 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
 def report_rows(out: Path) -> dict[str, dict]:
     return {r["name"]: r for r in json.loads((out / REPORT).read_text())["tensors"]}
+
+
+def assert_merged_exactly(base: Path, ft: Path, out: Path, rule: str = "entropy", energy: float = 0.8) -> dict:
+    """Every output tensor against the float64 reference; copies byte-identical. Returns the report."""
+    import pytest
+    from conftest import load_folder, raw_bytes
+    from reference import assert_within_rounding, monosoup_reference
+
+    folder = lambda p: p if p.is_dir() else p.parent  # noqa: E731
+    b, f, o = load_folder(folder(base)), load_folder(folder(ft)), load_folder(out)
+    f_raw, o_raw = raw_bytes(folder(ft)), raw_bytes(out)
+    report = json.loads((out / REPORT).read_text())
+    rows = {r["name"]: r for r in report["tensors"]}
+    assert set(o) == set(f) == set(rows)
+    for name, w1 in f.items():
+        assert o[name].dtype == w1.dtype and o[name].shape == w1.shape, name
+        exp = monosoup_reference(b[name], w1, rule, energy) if name in b else None
+        if exp is not None and exp.edited:
+            assert rows[name]["action"] == "edit", name
+            assert rows[name]["k"] == exp.k and rows[name]["rank"] == exp.rank, name
+            assert rows[name]["lambda_high"] == pytest.approx(exp.lambda_high, abs=1e-9), name
+            assert_within_rounding(o[name], exp, name)
+        else:
+            assert rows[name]["action"] == "copy", name
+            assert o_raw[name] == f_raw[name], f"{name}: copied tensor is not byte-identical"
+    return report

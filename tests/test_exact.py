@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_folder, raw_bytes
-from reference import assert_within_rounding, monosoup_reference
+from helpers import assert_merged_exactly
 from safetensors.torch import save_file
 
 import streamsoup
@@ -18,30 +16,9 @@ RULES = [("entropy", 0.8), ("energy", 0.8), ("energy", 0.5)]
 
 
 def check_merge(base: Path, ft: Path, out: Path, rule: str, energy: float, **options) -> dict:
-    """Merge, then hold every output tensor to the reference; returns the report."""
+    """Merge in-process, then hold every output tensor to the reference; returns the report."""
     streamsoup.merge(base, ft, out, rank_rule=rule, energy=energy, **options)
-    b, f, o = (
-        load_folder(base if base.is_dir() else base.parent),
-        load_folder(ft if ft.is_dir() else ft.parent),
-        load_folder(out),
-    )
-    f_raw, o_raw = raw_bytes(ft if ft.is_dir() else ft.parent), raw_bytes(out)
-    report = json.loads((out / "streamsoup_report.json").read_text())
-    rows = {r["name"]: r for r in report["tensors"]}
-    assert list(o) == list(f) or set(o) == set(f)
-    assert [r["name"] for r in report["tensors"]] == list(rows)
-    for name, w1 in f.items():
-        assert o[name].dtype == w1.dtype and o[name].shape == w1.shape, name
-        exp = monosoup_reference(b[name], w1, rule, energy) if name in b else None
-        if exp is not None and exp.edited:
-            assert rows[name]["action"] == "edit", name
-            assert rows[name]["k"] == exp.k and rows[name]["rank"] == exp.rank, name
-            assert rows[name]["lambda_high"] == pytest.approx(exp.lambda_high, abs=1e-9), name
-            assert_within_rounding(o[name], exp, name)
-        else:
-            assert rows[name]["action"] == "copy", name
-            assert o_raw[name] == f_raw[name], f"{name}: copied tensor is not byte-identical"
-    return report
+    return assert_merged_exactly(base, ft, out, rule, energy)
 
 
 @pytest.mark.parametrize("spectral", ["gram", "svd"])

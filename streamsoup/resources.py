@@ -1,0 +1,215 @@
+"""Devices, lanes and memory budgets: what may run at once without passing --max-ram / --max-vram.
+
+A *lane* runs one tensor at a time: CPU lanes use torch on the host, device lanes
+(one per GPU) stream row blocks to their GPU. Every tensor gets a working-set
+estimate; tasks are admitted through dask worker resources ("ram" in MiB, "cpu"
+and "device" lanes), so the sum of what runs stays inside the budget. A tensor
+whose whole working set does not fit is processed in row blocks read from disk.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import queue
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from .errors import UsageError
+from .options import format_size
+
+MiB = 2**20
+#: what the driver needs besides tasks: Zarr commits, tqdm, dask bookkeeping
+DRIVER_RESERVE = 96 * MiB
+#: elements of one float64 micro block (see micro_rows)
+BLOCK_ELEMENTS = 512 * 1024
+#: fewer rows per Gram update than this and the c x c update is memory-bound
+MIN_MICRO_ROWS = 256
+#: float64 temporaries alive per row block: delta, base, high, result, projection, cast
+BLOCK_TEMPS = 6
+#: c x c float64 matrices alive around the eigensolve: Gram, eigenvectors, solver workspace (~2)
+EIGH_MATRICES = 4
+
+
+@dataclass(frozen=True)
+class Lanes:
+    """The lanes of this run."""
+
+    cpu: int
+    devices: tuple[str, ...]  # one device lane each: "cuda:0", ... ("cpu" entries simulate a GPU lane)
+    threads: int  # torch threads (process-wide; lanes share the cores)
+
+    @property
+    def total(self) -> int:
+        return self.cpu + len(self.devices)
+
+    def describe(self) -> str:
+        parts = [f"{self.cpu} CPU lane(s)"] if self.cpu else []
+        parts += [f"device lane {d}" for d in self.devices]
+        return ", ".join(parts) + f", {self.threads} torch thread(s)"
+
+
+def resolve_lanes(devices: str, lanes: int, threads: int) -> Lanes:
+    """--devices auto|cpu|cuda|cuda:0,cuda:1 (a list of devices makes one device lane per entry)."""
+    spec = devices.strip().lower()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if spec == "auto":
+        found = tuple(f"cuda:{i}" for i in range(gpus))
+        cpu = lanes if not found else max(0, lanes - 1) or 1
+    elif spec == "cpu":
+        found, cpu = (), lanes
+    elif spec == "cuda":
+        if not gpus:
+            raise UsageError("--devices cuda: no CUDA device is visible (use --devices cpu or auto)")
+        found, cpu = tuple(f"cuda:{i}" for i in range(gpus)), 0
+    else:
+        items = [d.strip() for d in spec.split(",") if d.strip()]
+        for item in items:
+            if item == "cpu":
+                continue
+            if not item.startswith("cuda:") or not item[5:].isdigit():
+                raise UsageError(f"--devices: {item!r} is not auto, cpu, cuda or cuda:N")
+            if int(item[5:]) >= gpus:
+                raise UsageError(f"--devices {item}: no such GPU (this machine has {gpus})")
+        found, cpu = tuple(items), 0
+    cores = os.cpu_count() or 1
+    busy = cpu + len(found)
+    return Lanes(cpu=cpu, devices=found, threads=threads or max(1, cores // max(1, busy)))
+
+
+def available_ram() -> int:
+    return psutil.virtual_memory().available
+
+
+def default_max_ram() -> int:
+    """A safe share of what is free now: 70%, leaving room for the page cache and other programs."""
+    return int(available_ram() * 0.7)
+
+
+def process_rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def device_memory(device: str) -> int:
+    if device.startswith("cuda"):
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return free
+    return available_ram()
+
+
+def default_max_vram(devices: tuple[str, ...]) -> int:
+    """90% of the least free memory among the GPUs of the run."""
+    gpu = [d for d in devices if d.startswith("cuda")]
+    return int(min(device_memory(d) for d in gpu) * 0.9) if gpu else 0
+
+
+# ---------------------------------------------------------------- working sets
+
+
+def eigh_bytes(cols: int) -> int:
+    return EIGH_MATRICES * cols * cols * 8
+
+
+def micro_rows(cols: int) -> int:
+    """Rows per float64 step. A function of the shape alone, so every budget, read-block size and
+    resume point sums in the same order and gives the same bits."""
+    return max(MIN_MICRO_ROWS, BLOCK_ELEMENTS // max(cols, 1))
+
+
+def micro_temp_bytes(cols: int) -> int:
+    """float64 temporaries of one micro block."""
+    return BLOCK_TEMPS * micro_rows(cols) * cols * 8
+
+
+def in_memory_bytes(rows: int, cols: int, in_bytes: int, out_bytes: int) -> int:
+    """Both inputs and the output held whole, plus the eigensolve and one micro block of float64."""
+    return in_bytes + out_bytes + eigh_bytes(cols) + micro_temp_bytes(cols)
+
+
+def streamed_bytes(block_rows: int, cols: int, elem_bytes: int) -> int:
+    """Read blocks from disk: the eigensolve, one read block of native inputs/output, one micro block."""
+    return eigh_bytes(cols) + block_rows * cols * elem_bytes + micro_temp_bytes(cols)
+
+
+def fit_block_rows(budget: int, rows: int, cols: int, elem_bytes: int, cap: int = 256 * MiB) -> int:
+    """The most rows per read block (a multiple of the micro block) inside `budget`; 0 if none fits."""
+    micro = micro_rows(cols)
+    spare = budget - eigh_bytes(cols) - micro_temp_bytes(cols)
+    fit = min(spare, cap) // max(cols * elem_bytes, 1)
+    if fit < micro:
+        return 0
+    return int(min(rows, fit // micro * micro))
+
+
+def to_mib(n: int) -> int:
+    return max(1, math.ceil(n / MiB))
+
+
+# ---------------------------------------------------------------- device pool
+
+
+class DevicePool:
+    """Device lanes of this process: a task takes a free device and gives it back.
+
+    dask admits at most as many device tasks as there are device lanes, so a free
+    device always exists when a task asks.
+    """
+
+    _queue: queue.SimpleQueue[str] | None = None
+
+    @classmethod
+    def configure(cls, devices: tuple[str, ...]) -> None:
+        cls._queue = queue.SimpleQueue()
+        for d in devices:
+            cls._queue.put(d)
+
+    @classmethod
+    def acquire(cls) -> str:
+        if cls._queue is None:  # a cluster worker: its own visible GPU, or the CPU
+            return "cuda:0" if torch.cuda.is_available() else "cpu"
+        return cls._queue.get(timeout=600)
+
+    @classmethod
+    def release(cls, device: str) -> None:
+        if cls._queue is not None:
+            cls._queue.put(device)
+
+
+# ---------------------------------------------------------------- process hygiene
+
+
+def configure_process() -> None:
+    """Make freed memory go back to the OS, so RSS follows the working set.
+
+    glibc raises its mmap threshold after large frees and then serves tensors up to
+    32 MiB from arenas it never returns; a fixed threshold keeps big buffers mmapped.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 1 * MiB)
+        libc.mallopt(m_trim_threshold, 16 * MiB)
+    except (OSError, AttributeError):
+        pass
+
+
+def release_memory() -> None:
+    """Give freed heap pages back after a task (glibc only)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def check_budget(max_ram: int, baseline: int) -> int:
+    """The RAM left for tasks; refuse a budget below what the process itself needs."""
+    left = max_ram - baseline - DRIVER_RESERVE
+    if left < 32 * MiB:
+        raise UsageError(
+            f"--max-ram {format_size(max_ram)} is too small: streamsoup itself uses {format_size(baseline)}; "
+            f"give at least {format_size(baseline + DRIVER_RESERVE + 32 * MiB)}"
+        )
+    return left
