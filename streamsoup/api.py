@@ -241,3 +241,14 @@ def finish_cleanup(out: Path, fingerprint: dict[str, Any]) -> MergeSummary:
         raise UsageError(f"OUT {out} already exists; streamsoup never overwrites: choose a new folder or remove it")
     cleanup(out, state_path if pointer.exists() else None)
     return MergeSummary.from_report(out)
+
+
+def estimate(base: str | Path, finetuned: str | Path, *, config: str | Path | None = None, **options: Any):
+    """What `merge` would do with these options: counts, bytes, memory and a time estimate; no tensor data read."""
+    from .estimate import calibrate, summarize
+
+    opts = MergeOptions.create(config, **options)
+    plan = plan_merge(base, finetuned, opts)
+    budget = make_budget(opts)
+    runs = schedule(plan, budget)
+    return summarize(plan, budget, runs, calibrate(plan, budget, Path.cwd()))

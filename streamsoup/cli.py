@@ -14,7 +14,7 @@ import sys
 from dataclasses import fields
 
 from . import __version__
-from .api import merge
+from .api import estimate, merge
 from .audit import format_status, run_status, verify_output
 from .errors import Interrupted, StreamsoupError
 from .options import MergeOptions, format_size
@@ -61,13 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--work-dir", help="where the Zarr state lives (default: inside OUT.partial)")
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     m.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    pl = sub.add_parser(
+        "plan",
+        help="what a merge would do, its memory and an estimated time; reads no tensor data",
+        description="Plan a merge from the headers alone, with a short calibration of this machine.",
+    )
+    pl.add_argument("base", metavar="BASE")
+    pl.add_argument("finetuned", metavar="FINETUNED")
+    _add_option_flags(pl)
+    pl.add_argument("--config", help="YAML file with the same keys as the flags")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
     st = sub.add_parser("status", help="progress of a finished, running or interrupted merge")
     st.add_argument("out", metavar="OUT")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     ve = sub.add_parser("verify", help="re-check OUT's bytes against the checksums in its report")
     ve.add_argument("out", metavar="OUT")
     ve.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    for p in (st, ve):
+    for p in (pl, st, ve):
         p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     return parser
 
@@ -78,6 +88,15 @@ def _merge(args: argparse.Namespace) -> int:
                     work_dir=args.work_dir, progress=not args.quiet, **overrides)  # fmt: skip
     if not args.quiet:
         print(summary.line())
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .estimate import format_plan
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(MergeOptions)}
+    summary = estimate(args.base, args.finetuned, config=args.config, **overrides)
+    print(json.dumps(summary.as_dict(), indent=2) if args.json else format_plan(summary))
     return 0
 
 
@@ -98,7 +117,7 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"merge": _merge, "status": _status, "verify": _verify}
+COMMANDS = {"merge": _merge, "plan": _plan, "status": _status, "verify": _verify}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,7 +65,14 @@ PRESETS: dict[str, ModelShape] = {
     "1.5gb": ModelShape(hidden=2048, intermediate=5632, layers=14, heads=32, kv_heads=4, vocab=32000),
     # ~1.7 GB per checkpoint: the benchmark pair of the README
     "bench": ModelShape(hidden=2048, intermediate=5632, layers=16, heads=32, kv_heads=4, vocab=32000),
+    "llama2-7b": ModelShape(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000),
+    # real 70B-class shapes, for --sparse (headers real, data holes): plan and budgets at full scale
+    "llama3-70b": ModelShape(hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, vocab=128256),
+    "qwen2-72b": ModelShape(
+        hidden=8192, intermediate=29568, layers=80, heads=64, kv_heads=8, vocab=152064, qkv_bias=True, arch="qwen2"
+    ),
 }
+HF_SHARD_SIZE = 5 * 10**9
 
 
 @dataclass(frozen=True)
@@ -238,6 +245,7 @@ def make_pair(
     seed: int = 0,
     base_shard_size: int | None = None,
     ft_shard_size: int | None = None,
+    sparse: bool = False,
 ) -> tuple[Path, Path]:
     """Write OUT/base and OUT/finetuned; returns their paths."""
     shape = PRESETS[preset] if isinstance(preset, str) else preset
@@ -260,7 +268,7 @@ def make_pair(
         ft_shard_size,
         with_index=True,
     )
-    for t in tensors:
+    for t in [] if sparse else tensors:  # sparse: headers only, the data are holes
         if t.base_shape == t.ft_shape:
             update = UpdateModel(t, seed) if t.kind == "matrix" else None
             for start, w0, w1 in _row_blocks(t, t.ft_shape, seed, update):
@@ -286,7 +294,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-size", type=int, help="fine-tune shard size in bytes (default: a third of the model)")
     p.add_argument("--base-shard-size", type=int, help="base shard size in bytes (default: as the fine-tune's)")
+    p.add_argument(
+        "--sparse",
+        action="store_true",
+        help="real headers, data left as holes: full-size shapes "
+        "(llama3-70b, qwen2-72b) in no disk space, for `streamsoup plan` and budget tests",
+    )
     args = p.parse_args(argv)
+    if args.sparse and not args.shard_size:
+        args.shard_size = args.base_shard_size = HF_SHARD_SIZE
     shape = PRESETS[args.preset]
     if args.layers:
         shape = replace(shape, layers=args.layers)
@@ -297,9 +313,11 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         base_shard_size=args.base_shard_size,
         ft_shard_size=args.shard_size,
+        sparse=args.sparse,
     )
     size = sum(f.stat().st_size for f in ft.glob("*.safetensors"))
-    print(f"wrote {base} and {ft} ({size / 2**20:.1f} MiB per checkpoint)")
+    kind = " apparent size, sparse" if args.sparse else ""
+    print(f"wrote {base} and {ft} ({size / 2**20:.1f} MiB per checkpoint{kind})")
 
 
 if __name__ == "__main__":

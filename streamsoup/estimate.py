@@ -1,0 +1,201 @@
+"""`streamsoup plan`: what a merge will do, how much memory it will take, and how long, from headers only.
+
+Time comes from a short calibration of this machine (a float64 matmul, an eigensolve,
+reading an input shard, writing a scratch file) and a cost model per tensor:
+Gram 2*rows*c^2, eigh alpha*c^3, projection <= 2*rows*c^2 flops, plus its bytes read and
+written (streamed tensors read their inputs twice). Tensors are then packed onto the
+lanes longest first.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import rawio
+from .checkpoint import matrix_shape
+from .options import format_size
+from .plan import COPY, MergePlan
+from .resources import DRIVER_RESERVE, process_rss
+from .schedule import Budget
+from .tasks import Execution
+
+CALIBRATION_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Measured on this machine, per lane kind."""
+
+    cpu_gflops: float  # float64 matmul
+    cpu_eigh_alpha: float  # seconds per c^3 of a float64 eigh
+    device_gflops: float
+    device_eigh_alpha: float
+    read_bps: float
+    write_bps: float
+
+
+def _time(fn, repeat: int = 2) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _compute_rates(device: str) -> tuple[float, float]:
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    n = 2048 if dev.type == "cuda" else 768
+    a = torch.randn(n, n, dtype=torch.float64, device=dev)
+    gflops = 2 * n**3 / _time(lambda: (a @ a, sync())) / 1e9
+    g = a.T @ a
+    alpha = _time(lambda: (torch.linalg.eigh(g), sync()), repeat=1) / n**3
+    return gflops, alpha
+
+
+def _io_rates(read_from: str, write_dir: Path) -> tuple[float, float]:
+    size = min(CALIBRATION_BYTES, os.path.getsize(read_from))
+    fd = os.open(read_from, os.O_RDONLY)
+    try:
+        rawio.drop_cache(fd, 0, size)
+        t0 = time.perf_counter()
+        rawio.read_bytes(fd, 0, size)
+        read_bps = size / max(time.perf_counter() - t0, 1e-6)
+    finally:
+        os.close(fd)
+    data = np.random.default_rng(0).integers(0, 255, CALIBRATION_BYTES, dtype=np.uint8)
+    write_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=write_dir) as f:
+        t0 = time.perf_counter()
+        rawio.pwrite_all(f.fileno(), memoryview(data), 0)
+        os.fdatasync(f.fileno())
+        write_bps = CALIBRATION_BYTES / max(time.perf_counter() - t0, 1e-6)
+    return read_bps, write_bps
+
+
+def calibrate(plan: MergePlan, budget: Budget, out_dir: Path) -> Rates:
+    cpu = _compute_rates("cpu")
+    gpus = [d for d in budget.lanes.devices if d.startswith("cuda")]
+    dev = _compute_rates(gpus[0]) if gpus else cpu
+    largest = max(plan.finetuned.shards, key=lambda s: s.size).path
+    return Rates(*cpu, *dev, *_io_rates(largest, out_dir))
+
+
+def tensor_seconds(job, run: Execution, rates: Rates, lane_is_gpu: bool) -> float:
+    io = run_io_bytes(job, run)
+    seconds = io[0] / rates.read_bps + io[1] / rates.write_bps
+    if job.action == COPY:
+        return seconds
+    m, n = matrix_shape(job.finetuned.shape)
+    rows, c = max(m, n), min(m, n)
+    gflops = rates.device_gflops if lane_is_gpu else rates.cpu_gflops
+    alpha = rates.device_eigh_alpha if lane_is_gpu else rates.cpu_eigh_alpha
+    return seconds + 4 * rows * c * c / (gflops * 1e9) + alpha * c**3
+
+
+def run_io_bytes(job, run: Execution) -> tuple[int, int]:
+    """(bytes read, bytes written); a streamed tensor reads its inputs twice."""
+    if job.action == COPY:
+        return job.finetuned.nbytes, job.finetuned.nbytes
+    reads = job.base.nbytes + job.finetuned.nbytes
+    return reads * (2 if run.streamed else 1), job.finetuned.nbytes
+
+
+@dataclass
+class PlanSummary:
+    tensors: int
+    edit_candidates: int
+    copies: int
+    dropped: int
+    bytes_read: int
+    bytes_written: int
+    streamed: int
+    largest_tensor: str
+    largest_working_set: int
+    max_ram: int
+    task_ram: int
+    peak_ram: int
+    max_vram: int
+    lanes: list[dict]
+    estimated_seconds: float
+    rates: dict
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def summarize(plan: MergePlan, budget: Budget, runs: dict[str, Execution], rates: Rates) -> PlanSummary:
+    lanes = [("cpu", f"cpu{i}") for i in range(budget.lanes.cpu)] + [("device", d) for d in budget.lanes.devices]
+    loads: dict[str, list] = {name: [0.0, 0, name] for _, name in lanes}
+    jobs = sorted(plan.jobs, key=lambda j: -j.placement.nbytes)
+    costs = {}
+    for job in jobs:
+        run = runs[job.key]
+        costs[job.key] = tensor_seconds(job, run, rates, run.lane == "device" and budget.lanes.devices[0] != "cpu")
+    heaps = {kind: [(0.0, name) for k, name in lanes if k == kind] for kind in ("cpu", "device")}
+    for kind in heaps:
+        heapq.heapify(heaps[kind])
+    for job in sorted(jobs, key=lambda j: -costs[j.key]):  # longest first onto the least loaded lane
+        heap = heaps[runs[job.key].lane]
+        load, name = heapq.heappop(heap)
+        heapq.heappush(heap, (load + costs[job.key], name))
+        loads[name][0] += costs[job.key]
+        loads[name][1] += 1
+    biggest = max(plan.jobs, key=lambda j: runs[j.key].ram)
+    concurrent = sorted((r.ram for r in runs.values()), reverse=True)[: budget.lanes.total]
+    peak = process_rss() + DRIVER_RESERVE + min(sum(concurrent), budget.task_ram)
+    return PlanSummary(
+        tensors=len(plan.jobs),
+        edit_candidates=len(plan.edits),
+        copies=len(plan.jobs) - len(plan.edits),
+        dropped=len(plan.dropped),
+        bytes_read=sum(run_io_bytes(j, runs[j.key])[0] for j in plan.jobs),
+        bytes_written=plan.bytes_to_write,
+        streamed=sum(r.streamed for r in runs.values()),
+        largest_tensor=biggest.name,
+        largest_working_set=runs[biggest.key].ram,
+        max_ram=budget.max_ram,
+        task_ram=budget.task_ram,
+        peak_ram=peak,
+        max_vram=budget.max_vram,
+        lanes=[{"lane": name, "tensors": n, "seconds": round(t, 1)} for t, n, name in loads.values()],
+        estimated_seconds=max((t for t, _, _ in loads.values()), default=0.0),
+        rates=asdict(rates),
+    )
+
+
+def format_plan(s: PlanSummary) -> str:
+    def hms(sec: float) -> str:
+        h, rem = divmod(int(sec), 3600)
+        return f"{h}h{rem // 60:02d}m{rem % 60:02d}s" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+    r = s.rates
+    lines = [
+        f"tensors      {s.tensors}: {s.edit_candidates} to edit, {s.copies} to copy, "
+        f"{s.dropped} dropped (only in base)",
+        f"I/O          read {format_size(s.bytes_read)}, write {format_size(s.bytes_written)}",
+        f"largest      {s.largest_tensor}: working set {format_size(s.largest_working_set)}",
+        f"memory       peak RAM <= {format_size(s.peak_ram)} (--max-ram {format_size(s.max_ram)}, "
+        f"{format_size(s.task_ram)} for tensors); {s.streamed} tensor(s) streamed in row blocks",
+    ]
+    if s.max_vram:
+        lines.append(f"GPU memory   <= {format_size(s.max_vram)} per device")
+    lines.append(
+        f"calibration  float64 {r['cpu_gflops']:.1f} GFLOP/s CPU"
+        + (f", {r['device_gflops']:.1f} GFLOP/s device" if r["device_gflops"] != r["cpu_gflops"] else "")
+        + f"; read {format_size(r['read_bps'])}/s, write {format_size(r['write_bps'])}/s"
+    )
+    for lane in s.lanes:
+        lines.append(f"lane {lane['lane']:<8} {lane['tensors']:>5} tensors  ~{hms(lane['seconds'])}")
+    lines.append(f"estimate     ~{hms(s.estimated_seconds)} on this machine")
+    return "\n".join(lines)
