@@ -251,4 +251,4 @@ def estimate(base: str | Path, finetuned: str | Path, *, config: str | Path | No
     plan = plan_merge(base, finetuned, opts)
     budget = make_budget(opts)
     runs = schedule(plan, budget)
-    return summarize(plan, budget, runs, calibrate(plan, budget, Path.cwd()))
+    return summarize(plan, budget, runs, calibrate(budget, Path.cwd()))

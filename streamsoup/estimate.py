@@ -23,7 +23,6 @@ from . import rawio
 from .checkpoint import matrix_shape
 from .options import format_size
 from .plan import COPY, MergePlan
-from .resources import DRIVER_RESERVE, process_rss
 from .schedule import Budget
 from .tasks import Execution
 
@@ -63,32 +62,29 @@ def _compute_rates(device: str) -> tuple[float, float]:
     return gflops, alpha
 
 
-def _io_rates(read_from: str, write_dir: Path) -> tuple[float, float]:
-    size = min(CALIBRATION_BYTES, os.path.getsize(read_from))
-    fd = os.open(read_from, os.O_RDONLY)
-    try:
-        rawio.drop_cache(fd, 0, size)
-        t0 = time.perf_counter()
-        rawio.read_bytes(fd, 0, size)
-        read_bps = size / max(time.perf_counter() - t0, 1e-6)
-    finally:
-        os.close(fd)
+def _io_rates(scratch_dir: Path) -> tuple[float, float]:
+    """Write then read back a scratch file (page cache dropped): no input tensor data is touched."""
     data = np.random.default_rng(0).integers(0, 255, CALIBRATION_BYTES, dtype=np.uint8)
-    write_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=write_dir) as f:
+    scratch_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=scratch_dir, prefix=".streamsoup-calibration-") as f:
         t0 = time.perf_counter()
         rawio.pwrite_all(f.fileno(), memoryview(data), 0)
         os.fdatasync(f.fileno())
         write_bps = CALIBRATION_BYTES / max(time.perf_counter() - t0, 1e-6)
+        rawio.drop_cache(f.fileno(), 0, CALIBRATION_BYTES)
+        t0 = time.perf_counter()
+        rawio.read_bytes(f.fileno(), 0, CALIBRATION_BYTES)
+        read_bps = CALIBRATION_BYTES / max(time.perf_counter() - t0, 1e-6)
     return read_bps, write_bps
 
 
-def calibrate(plan: MergePlan, budget: Budget, out_dir: Path) -> Rates:
+def calibrate(budget: Budget, scratch_dir: Path) -> Rates:
+    """Rates of one lane: torch runs with the thread count each lane will have."""
+    torch.set_num_threads(budget.lanes.threads)
     cpu = _compute_rates("cpu")
     gpus = [d for d in budget.lanes.devices if d.startswith("cuda")]
     dev = _compute_rates(gpus[0]) if gpus else cpu
-    largest = max(plan.finetuned.shards, key=lambda s: s.size).path
-    return Rates(*cpu, *dev, *_io_rates(largest, out_dir))
+    return Rates(*cpu, *dev, *_io_rates(scratch_dir))
 
 
 def tensor_seconds(job, run: Execution, rates: Rates, lane_is_gpu: bool) -> float:
@@ -153,7 +149,7 @@ def summarize(plan: MergePlan, budget: Budget, runs: dict[str, Execution], rates
         loads[name][1] += 1
     biggest = max(plan.jobs, key=lambda j: runs[j.key].ram)
     concurrent = sorted((r.ram for r in runs.values()), reverse=True)[: budget.lanes.total]
-    peak = process_rss() + DRIVER_RESERVE + min(sum(concurrent), budget.task_ram)
+    peak = budget.max_ram - budget.task_ram + min(sum(concurrent), budget.task_ram)  # baseline + reserve + tasks
     return PlanSummary(
         tensors=len(plan.jobs),
         edit_candidates=len(plan.edits),

@@ -108,11 +108,15 @@ class DiskRows(RowSource):
         self._loaded: tuple[slice, torch.Tensor, torch.Tensor] | None = None
 
     def load(self, rows: slice) -> None:
+        self._loaded = None  # drop the previous block before reading the next: one block in memory, not two
         self._loaded = (
             rows,
             read_block(self.base, rows.start, rows.stop, self.transposed),
             read_block(self.finetuned, rows.start, rows.stop, self.transposed),
         )
+
+    def release(self) -> None:
+        self._loaded = None
 
     def native(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         block, w0, w1 = self._loaded

@@ -194,6 +194,7 @@ def _merge_streamed(
     saved = partial.attrs
     if saved.get("phase") != "project":
         sums = _gram_pass(src, partial, saved, ctx.checkpoint_seconds)
+        src.release()
         reason, rel = _skip_reason(sums, options, job)
         if reason:
             crc = writer.copy_tensor(ref, folder, job.placement)
@@ -220,8 +221,10 @@ def _merge_streamed(
                 _reweighed(src, rows, spectrum, coef).to(dtype).cpu()
             )
         writer.write_block(folder, job.placement, shape, block.start, out, src.transposed)
+        del out  # before the next block's buffer exists
         partial.save_progress(i + 1)
         fault_point("block")
+    src.release()
     crc = writer.slot_crc(folder, job.placement)
     return _edited(job, options, start, coef, s, "gram", saved["rel"], crc, device, blocks=src.n_blocks)
 

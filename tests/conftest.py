@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -48,3 +50,33 @@ def raw_bytes(folder: Path) -> dict[str, bytes]:
             b, e_ = e["data_offsets"]
             out[name] = data[8 + n + b : 8 + n + e_]
     return out
+
+
+def _pair(shape, dtype, g):
+    w0 = 0.02 * torch.randn(*shape, generator=g)
+    m = shape[0]
+    n = w0.numel() // m
+    low = torch.randn(m, 8, generator=g) @ (torch.randn(8, n, generator=g) * 0.7 ** torch.arange(8.0)[:, None])
+    dw = 2e-3 * low.reshape(shape) + 5e-4 * torch.randn(*shape, generator=g)
+    return w0.to(dtype), (w0 + dw).to(dtype)
+
+
+@pytest.fixture(scope="session")
+def big_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """Tensors whose whole working set passes the budget: tall, wide, conv, fp32, plus a small one."""
+    root = tmp_path_factory.mktemp("big")
+    g = torch.Generator().manual_seed(0)
+    specs = [
+        ("tall.weight", (32768, 512), torch.bfloat16),
+        ("wide.weight", (384, 40000), torch.bfloat16),
+        ("conv.weight", (24000, 64, 3, 3), torch.float16),
+        ("f32.weight", (24000, 300), torch.float32),
+        ("small.weight", (64, 64), torch.bfloat16),
+    ]
+    base, ft = {}, {}
+    for name, shape, dtype in specs:
+        base[name], ft[name] = _pair(shape, dtype, g)
+    for side, tensors in (("base", base), ("ft", ft)):
+        (root / side).mkdir()
+        save_file(tensors, root / side / "model.safetensors", metadata={"format": "pt"})
+    return root / "base", root / "ft"

@@ -1,0 +1,56 @@
+"""Peak RSS of the whole process tree follows --max-ram, not the model's size."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+from helpers import CLI, report_rows
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from make_checkpoints import Writer  # noqa: E402
+from peak_rss import measure  # noqa: E402
+
+from streamsoup.layout import TensorSpec  # noqa: E402
+
+MAX_RAM = 640 * 2**20
+
+
+def write_pair(root: Path, n_small: int, seed: int) -> tuple[Path, Path]:
+    """`n_small` 32 MiB tensors and two 256 MiB ones; the base is all zeros (sparse), the fine-tune random."""
+    specs = [TensorSpec(f"layers.{i}.weight", "BF16", (262144, 64)) for i in range(n_small)]
+    specs += [TensorSpec(f"big.{i}.weight", "BF16", (2097152, 64)) for i in range(2)]
+    base = Writer(root / "base", specs, 1 << 30, with_index=True)
+    base.close()
+    ft = Writer(root / "ft", specs, 1 << 30, with_index=True)
+    g = torch.Generator().manual_seed(seed)
+    for spec in specs:
+        for start in range(0, spec.shape[0], 262144):
+            ft.write(spec.name, "BF16", start, 0.02 * torch.randn(262144, 64, generator=g))
+    ft.close()
+    return root / "base", root / "ft"
+
+
+def peak_of_merge(root: Path, n_small: int) -> tuple[int, int]:
+    base, ft = write_pair(root, n_small, seed=n_small)
+    result = measure([*CLI, "merge", str(base), str(ft), str(root / "out"), "--max-ram", str(MAX_RAM), "-q"])
+    assert result["returncode"] == 0
+    rows = report_rows(root / "out")
+    assert sum(r["blocks"] > 1 for r in rows.values()) == 2  # the 256 MiB tensors were streamed
+    size = sum(p.stat().st_size for p in (root / "ft").glob("*.safetensors"))
+    return result["peak_rss_bytes"], size
+
+
+def test_peak_rss_stays_under_budget_and_does_not_grow(tmp_path):
+    peak_a, size_a = peak_of_merge(tmp_path / "a", n_small=16)  # 1 GiB per checkpoint
+    peak_b, size_b = peak_of_merge(tmp_path / "b", n_small=112)  # 4 GiB per checkpoint
+    assert 2 * size_a >= 3 * MAX_RAM and size_b >= 3.5 * size_a
+    assert peak_a <= MAX_RAM, f"peak {peak_a / 2**20:.0f} MiB over --max-ram {MAX_RAM / 2**20:.0f} MiB"
+    assert peak_b <= MAX_RAM, f"peak {peak_b / 2**20:.0f} MiB over --max-ram {MAX_RAM / 2**20:.0f} MiB"
+    assert math.isclose(peak_a, peak_b, rel_tol=0.10), (peak_a, peak_b)
+    print(
+        f"peak RSS {peak_a / 2**20:.0f} MiB (pair {2 * size_a / 2**30:.1f} GiB), "
+        f"{peak_b / 2**20:.0f} MiB (pair {2 * size_b / 2**30:.1f} GiB), --max-ram {MAX_RAM / 2**20:.0f} MiB"
+    )
