@@ -22,6 +22,8 @@ from .errors import UsageError
 from .options import format_size
 
 MiB = 2**20
+#: lanes per GPU: while one task computes, the other reads or writes (they share the VRAM budget)
+GPU_SLOTS = 2
 #: what the driver needs besides tasks: Zarr commits, tqdm, dask bookkeeping
 DRIVER_RESERVE = 96 * MiB
 #: elements of one float64 micro block (see micro_rows)
@@ -46,9 +48,14 @@ class Lanes:
     def total(self) -> int:
         return self.cpu + len(self.devices)
 
+    def vram_share(self, max_vram: int) -> int:
+        """VRAM per device lane: a GPU's budget split between the lanes that share it."""
+        gpus = [d for d in self.devices if d.startswith("cuda")]
+        return max_vram // max(1, max((gpus.count(d) for d in gpus), default=1))
+
     def describe(self) -> str:
         parts = [f"{self.cpu} CPU lane(s)"] if self.cpu else []
-        parts += [f"device lane {d}" for d in self.devices]
+        parts += [f"{self.devices.count(d)} lane(s) on {d}" for d in dict.fromkeys(self.devices)]
         return ", ".join(parts) + f", {self.threads} torch thread(s)"
 
 
@@ -75,6 +82,7 @@ def resolve_lanes(devices: str, lanes: int, threads: int) -> Lanes:
             if int(item[5:]) >= gpus:
                 raise UsageError(f"--devices {item}: no such GPU (this machine has {gpus})")
         found, cpu = tuple(items), 0
+    found = tuple(d for d in found for _ in range(GPU_SLOTS if d.startswith("cuda") else 1))
     cores = os.cpu_count() or 1
     busy = cpu + len(found)
     return Lanes(cpu=cpu, devices=found, threads=threads or max(1, cores // max(1, busy)))

@@ -50,11 +50,13 @@ def execution_for(job: TensorJob, budget: Budget) -> Execution:
     rows, cols = max(m, n), min(m, n)
     on_device = bool(lanes.devices) and (not lanes.cpu or job.finetuned.numel >= DEVICE_MIN_ELEMENTS)
     gpu = on_device and any(d.startswith("cuda") for d in lanes.devices)
-    if gpu and eigh_bytes(cols) > budget.max_vram:
+    vram_budget = lanes.vram_share(budget.max_vram)
+    if gpu and in_memory_bytes(rows, cols, 0, 0) > vram_budget:  # eigensolve + one micro block on the GPU
         if not lanes.cpu:
             raise UsageError(
-                f"tensor {job.name!r} needs {format_size(eigh_bytes(cols))} of GPU memory for its eigensolve; "
-                f"raise --max-vram (now {format_size(budget.max_vram)}) or add CPU lanes (--devices auto)"
+                f"tensor {job.name!r} needs {format_size(in_memory_bytes(rows, cols, 0, 0))} of GPU memory; "
+                f"raise --max-vram (now {format_size(budget.max_vram)}, shared by {len(lanes.devices)} lanes) "
+                "or add CPU lanes (--devices auto)"
             )
         on_device = gpu = False
     lane = "device" if on_device else "cpu"
