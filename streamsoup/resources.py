@@ -9,6 +9,7 @@ whose whole working set does not fit is processed in row blocks read from disk.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
@@ -173,6 +174,7 @@ class DevicePool:
         cls._queue = queue.SimpleQueue()
         for d in devices:
             cls._queue.put(d)
+        warm_up(devices)
 
     @classmethod
     def acquire(cls) -> str:
@@ -184,6 +186,24 @@ class DevicePool:
     def release(cls, device: str) -> None:
         if cls._queue is not None:
             cls._queue.put(device)
+
+
+def warm_up(devices: tuple[str, ...]) -> None:
+    """Initialise CUDA's solver libraries once, from one thread: torch's lazy linalg loader is not
+    thread-safe ("lazy wrapper should be called at most once" when two lanes race on it)."""
+    for d in dict.fromkeys(devices):
+        if d.startswith("cuda"):
+            a = torch.eye(4, dtype=torch.float64, device=d)
+            torch.linalg.eigh(a)
+            torch.linalg.svd(a, driver="gesvd")
+            torch.cuda.synchronize(d)
+
+
+def device_stream(device: str):
+    """A CUDA stream of the task's own, so the lanes sharing a GPU overlap; nothing on the CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.stream(torch.cuda.Stream(device=device))
+    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------- process hygiene

@@ -25,7 +25,7 @@ from .faults import fault_point
 from .monosoup import EPS, Coefficients, coefficients, relative_update, reweigh, update_is_significant
 from .options import MergeOptions
 from .plan import COPY, EDIT, TensorJob
-from .resources import DevicePool, release_memory
+from .resources import DevicePool, device_stream, release_memory
 from .spectral import DiskRows, GramSums, MemoryRows, RowSource, Spectrum, accumulate, compute_spectrum, eigh_spectrum
 from .state import PartialTensor
 
@@ -114,9 +114,10 @@ def merge_tensor(
     assert job.action == EDIT and job.base is not None
     device = DevicePool.acquire() if run.lane == "device" else "cpu"
     try:
-        if run.streamed:
-            return _merge_streamed(job, options, ctx, run, device, start)
-        return _merge_in_memory(job, options, folder, device, start)
+        with device_stream(device):
+            if run.streamed:
+                return _merge_streamed(job, options, ctx, run, device, start)
+            return _merge_in_memory(job, options, folder, device, start)
     finally:
         DevicePool.release(device) if run.lane == "device" else None
         release_memory()

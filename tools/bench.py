@@ -189,7 +189,7 @@ def main() -> None:
     p.add_argument("--preset", default="bench", choices=sorted(make_checkpoints.PRESETS))
     p.add_argument("--data", type=Path, default=ROOT / "bench-data", help="where pairs and outputs go")
     p.add_argument("--devices", default="auto")
-    p.add_argument("--lanes", default="2")
+    p.add_argument("--lanes", default="1")
     p.add_argument("--max-ram", default=None)
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--kernels", action="store_true", help="only per-tensor compute rates of each spectral path")
