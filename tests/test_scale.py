@@ -16,7 +16,7 @@ BUDGET = "450MB"  # leaves ~100 MiB for tasks after streamsoup's own ~260 MiB an
 @pytest.fixture(scope="session")
 def streamed_reference(big_pair, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("streamref") / "out"
-    proc = run("merge", *big_pair, out, "--max-ram", BUDGET, "-q")
+    proc = run("merge", *big_pair, out, "--max-ram", BUDGET, "--devices", "cpu", "-q")
     assert proc.returncode == 0, proc.stderr
     return out, tree_digest(out)
 
@@ -34,7 +34,7 @@ def test_streamed_equals_in_memory_bytes(big_pair, streamed_reference, tmp_path)
     """A roomy budget (all in memory) gives the very same bytes: the arithmetic never depends on the budget."""
     ref, digest = streamed_reference
     out = tmp_path / "roomy"
-    assert run("merge", *big_pair, out, "--max-ram", "8GiB", "-q").returncode == 0
+    assert run("merge", *big_pair, out, "--max-ram", "8GiB", "--devices", "cpu", "-q").returncode == 0
     assert all(r["blocks"] == 0 for r in report_rows(out).values())
     assert tree_digest(out)["model.safetensors"] == digest["model.safetensors"]
 
@@ -44,7 +44,7 @@ def test_kill_mid_tensor_then_resume(big_pair, streamed_reference, tmp_path, pha
     """SIGKILL inside a streamed tensor (Gram pass, or projection pass), rerun: it resumes mid-tensor."""
     ref, digest = streamed_reference
     out = tmp_path / "out"
-    args = ("merge", *big_pair, out, "--max-ram", BUDGET, "--checkpoint-seconds", "0", "-q")
+    args = ("merge", *big_pair, out, "--max-ram", BUDGET, "--devices", "cpu", "--checkpoint-seconds", "0", "-q")
     killed = run(*args, env={"STREAMSOUP_FAULT": phase})
     assert killed.returncode == -signal.SIGKILL
     import zarr
