@@ -10,15 +10,25 @@ import logging
 import shutil
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from distributed import Client
 from tqdm import tqdm
 
 from . import __version__, writer
 from .errors import Interrupted, RunError, UsageError
-from .executor import local_client, run_graph, worker_capacity
+from .executor import (
+    client_capacity,
+    cluster_budget,
+    cluster_client,
+    dashboard,
+    local_client,
+    run_graph,
+    worker_capacity,
+)
 from .faults import fault_point
 from .graph import GraphTask, build_graph
 from .layout import INDEX_NAME
@@ -79,13 +89,19 @@ def _run(
     progress: bool,
     start: float,
 ) -> MergeSummary:
+    with ExitStack() as stack:
+        client = stack.enter_context(cluster_client(opts.scheduler)) if opts.scheduler else None
+        budget = cluster_budget(client, opts) if client else make_budget(opts)
+        runs = schedule(plan, budget)
+        if progress:
+            announce(budget, opts, runs, dashboard(client) if client else None)
+        opts = replace(opts, threads=budget.lanes.threads)
+        return _locked_run(plan, out, opts, fingerprint, fresh, work_dir, progress, start, budget, runs, client)
+
+
+def _locked_run(plan, out, opts, fingerprint, fresh, work_dir, progress, start, budget, runs, client) -> MergeSummary:
     partial = writer.partial_dir(out)
     state_path = Path(work_dir).absolute() if work_dir else partial / STATE_NAME
-    budget = make_budget(opts)
-    runs = schedule(plan, budget)
-    if progress:
-        announce(budget, opts, runs)
-    opts = replace(opts, threads=budget.lanes.threads)
     with RunLock(partial) as lock, InterruptGuard() as guard:
         if fresh or not state_path.exists():
             discard(partial, state_path)  # bytes without a state are not trusted
@@ -96,7 +112,7 @@ def _run(
         log.info("planned %d tensors (%d to edit), %d already done", len(plan.jobs), len(plan.edits), resumed)
         writer.preallocate(plan.layout, partial)
         ctx = TaskContext(str(partial), str(state_path), opts.checkpoint_seconds)
-        results = execute(plan, ctx, opts, runs, budget, state, guard, progress)
+        results = execute(plan, ctx, opts, runs, budget, state, guard, progress, client)
         with guard.critical():
             finish(plan, partial, out, results, state.elapsed())
             cleanup(out, state_path if work_dir else None)
@@ -154,7 +170,12 @@ def make_budget(opts: MergeOptions) -> Budget:
     return Budget(max_ram, task_ram, opts.max_vram or default_max_vram(lanes.devices), lanes)
 
 
-def announce(budget: Budget, opts: MergeOptions, runs: dict[str, Execution]) -> None:
+def announce(budget: Budget, opts: MergeOptions, runs: dict[str, Execution], link: str | None = None) -> None:
+    if opts.scheduler:
+        workers = f"{budget.lanes.cpu} CPU lane(s), {len(budget.lanes.devices)} GPU lane(s)"
+        sys.stderr.write(f"streamsoup: cluster {opts.scheduler}: {workers}" + (f"; dashboard {link}" if link else ""))
+        sys.stderr.write(f"; up to {format_size(budget.task_ram)} per task\n")
+        return
     source = "" if opts.max_ram else " (default: 70% of available memory; set --max-ram)"
     streamed = sum(r.streamed for r in runs.values())
     extra = f", {streamed} tensor(s) streamed in row blocks" if streamed else ""
@@ -170,6 +191,7 @@ def execute(
     state: RunState,
     guard: InterruptGuard,
     progress: bool,
+    client: Client | None = None,
 ) -> list[TensorResult]:
     committed = {key: m.row for key, m in state.committed().items()}
     tasks = build_graph(plan, ctx, opts, runs, committed)
@@ -195,8 +217,11 @@ def execute(
             bar.set_postfix_str(f"{len(results)}/{len(tasks)} tensors", refresh=False)
 
         try:
-            with local_client(budget) as client:
-                run_graph(client, tasks, on_done, capacity=worker_capacity(budget))
+            if client is not None:
+                run_graph(client, tasks, on_done, capacity=client_capacity(client))
+            else:
+                with local_client(budget) as local:
+                    run_graph(local, tasks, on_done, capacity=worker_capacity(budget))
         except KeyboardInterrupt:
             raise Interrupted(MESSAGE) from None
     return [results[job.key] for job in plan.jobs]

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError
 from contextlib import contextmanager
 
 import torch
 from distributed import Client, LocalCluster, as_completed
 
-from .errors import RunError, StreamsoupError
+from .errors import RunError, StreamsoupError, UsageError
 from .graph import RAM, GraphTask
-from .resources import DevicePool, to_mib
+from .resources import DevicePool, Lanes, to_mib
 from .schedule import Budget
 from .tasks import TensorResult
 
@@ -26,8 +27,9 @@ log = logging.getLogger(__name__)
 def quiet_dask_logs() -> None:
     """Task failures reach the user as our own one-line errors; dask's logs only with -v."""
     level = logging.WARNING if logging.getLogger().getEffectiveLevel() <= logging.INFO else logging.CRITICAL
-    for name in ("distributed", "distributed.worker", "distributed.scheduler", "distributed.nanny"):
-        logging.getLogger(name).setLevel(level)
+    names = [n for n in logging.root.manager.loggerDict if n.startswith(("distributed", "tornado"))]
+    for name in {"distributed", "distributed.client", "distributed.worker", "distributed.scheduler", *names}:
+        logging.getLogger(name).setLevel(level)  # dask's config gives child loggers levels of their own
 
 
 @contextmanager
@@ -48,6 +50,53 @@ def local_client(budget: Budget) -> Iterator[Client]:
     finally:
         client.close()
         cluster.close()
+
+
+@contextmanager
+def cluster_client(address: str) -> Iterator[Client]:
+    """A client of an existing dask.distributed cluster; a dead address is a clear error."""
+    quiet_dask_logs()
+    try:
+        client = Client(address, timeout="20s")
+    except (OSError, TimeoutError) as exc:
+        raise UsageError(f"--scheduler {address}: cannot reach a dask scheduler there ({exc})") from None
+    try:
+        quiet_dask_logs()  # again: connecting created more loggers
+        yield client
+    finally:
+        client.close()
+
+
+def dashboard(client: Client) -> str | None:
+    """The scheduler's dashboard address, when it serves one."""
+    services = client.scheduler_info().get("services") or {}
+    return client.dashboard_link if "dashboard" in services else None
+
+
+def cluster_budget(client: Client, opts) -> Budget:
+    """Lanes and memory from what the workers declare: resources cpu=N (CPU lanes), device=N (GPU lanes)
+    and ram=MiB (memory for streamsoup's tasks on that worker)."""
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    declared = [w.get("resources") or {} for w in workers]
+    if not declared or not any(r.get(RAM) for r in declared):
+        raise UsageError(
+            f"--scheduler {opts.scheduler}: no worker declares streamsoup's resources; start workers with e.g. "
+            '`dask worker ADDR --nthreads 2 --resources "cpu=2,ram=8192"` (ram in MiB; GPU workers: device=1)'
+        )
+    cpu = int(sum(r.get("cpu", 0) for r in declared))
+    devices = ("cuda",) * int(sum(r.get("device", 0) for r in declared))
+    task_ram = int(min(r[RAM] for r in declared if r.get(RAM))) * 2**20
+    lanes = Lanes(cpu=cpu, devices=devices, threads=opts.threads)
+    return Budget(max_ram=task_ram, task_ram=task_ram, max_vram=opts.max_vram or 16 * 2**30, lanes=lanes)
+
+
+def client_capacity(client: Client) -> dict[str, float]:
+    """The most of each resource that one worker offers (a task must fit on some worker)."""
+    caps: dict[str, float] = {}
+    for w in client.scheduler_info(n_workers=-1)["workers"].values():
+        for name, amount in (w.get("resources") or {}).items():
+            caps[name] = max(caps.get(name, 0), amount)
+    return caps
 
 
 def check_capacity(tasks: list[GraphTask], capacity: dict[str, float]) -> None:
@@ -86,6 +135,11 @@ def run_graph(
                 result = fut.result()
             except StreamsoupError:
                 raise
+            except CancelledError as exc:
+                raise RunError(
+                    "lost the dask cluster (scheduler or workers gone); the work done so far is kept: "
+                    "rerun the same command, on this or another cluster or locally, to resume"
+                ) from exc
             except OSError as exc:
                 raise RunError(f"tensor {task.name!r}: I/O error: {exc}") from exc
             except Exception as exc:

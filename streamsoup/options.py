@@ -76,6 +76,12 @@ class MergeOptions:
     devices: str = _opt("auto", "auto | cpu | cuda | cuda:0,cuda:1 (one lane per listed device)", output=False)
     lanes: int = _opt(1, "CPU lanes: tensors processed at once on the host", output=False)
     threads: int = _opt(0, "torch threads; 0 = cores / lanes", output=False)
+    scheduler: str = _opt(
+        "",
+        "a dask.distributed scheduler (tcp://host:port); default: an embedded local "
+        "cluster. Workers need a shared filesystem and resources, see README",
+        output=False,
+    )
     checkpoint_seconds: float = _opt(
         60.0, "how often a streamed tensor's partial Gram is saved for resume", output=False
     )

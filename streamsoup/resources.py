@@ -14,6 +14,7 @@ import ctypes
 import math
 import os
 import queue
+import threading
 from dataclasses import dataclass
 
 import psutil
@@ -176,10 +177,18 @@ class DevicePool:
             cls._queue.put(d)
         warm_up(devices)
 
+    _warm_lock = threading.Lock()
+    _warmed: bool = False
+
     @classmethod
     def acquire(cls) -> str:
-        if cls._queue is None:  # a cluster worker: its own visible GPU, or the CPU
-            return "cuda:0" if torch.cuda.is_available() else "cpu"
+        if cls._queue is None:  # a cluster worker: its own visible GPU (dask-cuda sets CUDA_VISIBLE_DEVICES)
+            device = "cuda:0" if torch.cuda.is_available() else "cpu"
+            with cls._warm_lock:
+                if not cls._warmed:
+                    warm_up((device,))
+                    cls._warmed = True
+            return device
         return cls._queue.get(timeout=600)
 
     @classmethod
