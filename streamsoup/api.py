@@ -93,8 +93,7 @@ def _run(
         client = stack.enter_context(cluster_client(opts.scheduler)) if opts.scheduler else None
         budget = cluster_budget(client, opts) if client else make_budget(opts)
         runs = schedule(plan, budget)
-        if progress:
-            announce(budget, opts, runs, dashboard(client) if client else None)
+        announce(budget, opts, runs, dashboard(client) if client else None, progress and sys.stderr.isatty())
         opts = replace(opts, threads=budget.lanes.threads)
         return _locked_run(plan, out, opts, fingerprint, fresh, work_dir, progress, start, budget, runs, client)
 
@@ -170,16 +169,20 @@ def make_budget(opts: MergeOptions) -> Budget:
     return Budget(max_ram, task_ram, opts.max_vram or default_max_vram(lanes.devices), lanes)
 
 
-def announce(budget: Budget, opts: MergeOptions, runs: dict[str, Execution], link: str | None = None) -> None:
+def announce(budget: Budget, opts: MergeOptions, runs: dict[str, Execution], link: str | None, show: bool) -> None:
+    """The budget in force, on the terminal (like the progress bar) and in the -v log."""
     if opts.scheduler:
         workers = f"{budget.lanes.cpu} CPU lane(s), {len(budget.lanes.devices)} GPU lane(s)"
-        sys.stderr.write(f"streamsoup: cluster {opts.scheduler}: {workers}" + (f"; dashboard {link}" if link else ""))
-        sys.stderr.write(f"; up to {format_size(budget.task_ram)} per task\n")
-        return
-    source = "" if opts.max_ram else " (default: 70% of available memory; set --max-ram)"
-    streamed = sum(r.streamed for r in runs.values())
-    extra = f", {streamed} tensor(s) streamed in row blocks" if streamed else ""
-    sys.stderr.write(f"streamsoup: max-ram {format_size(budget.max_ram)}{source}; {budget.lanes.describe()}{extra}\n")
+        line = f"cluster {opts.scheduler}: {workers}, up to {format_size(budget.task_ram)} per task"
+        line += f"; dashboard {link}" if link else ""
+    else:
+        source = "" if opts.max_ram else " (default: 70% of available memory; set --max-ram)"
+        streamed = sum(r.streamed for r in runs.values())
+        extra = f", {streamed} tensor(s) streamed in row blocks" if streamed else ""
+        line = f"max-ram {format_size(budget.max_ram)}{source}; {budget.lanes.describe()}{extra}"
+    log.info(line)
+    if show:
+        sys.stderr.write(f"streamsoup: {line}\n")
 
 
 def execute(

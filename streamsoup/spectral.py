@@ -44,10 +44,11 @@ class RowSource:
     def micro(self) -> int:
         return micro_rows(self.cols)
 
-    def read_blocks(self, first: int = 0) -> Iterator[tuple[int, slice]]:
-        for i, start in enumerate(range(0, self.rows, self.block_rows)):
-            if i >= first:
-                yield i, slice(start, min(start + self.block_rows, self.rows))
+    def read_blocks(self, first_row: int = 0) -> Iterator[slice]:
+        """Read blocks from `first_row` on. Progress is kept in rows, not block numbers: the block
+        size follows the budget, which may differ between a run and its resume."""
+        for start in range(first_row, self.rows, self.block_rows):
+            yield slice(start, min(start + self.block_rows, self.rows))
 
     def micro_blocks(self, rows: slice) -> Iterator[slice]:
         for start in range(rows.start, rows.stop, self.micro):
@@ -126,12 +127,12 @@ class DiskRows(RowSource):
 
 @dataclass
 class GramSums:
-    """What one pass over the row blocks accumulates; resumable from `next_block` (a read block)."""
+    """What one pass over the row blocks accumulates; resumable from `next_row` (a micro-block boundary)."""
 
     gram: torch.Tensor | None
     dw_sq: float = 0.0
     w0_sq: float = 0.0
-    next_block: int = 0
+    next_row: int = 0
 
     @property
     def norms(self) -> tuple[float, float]:
@@ -151,7 +152,7 @@ def accumulate(
     if sums is None:
         gram = torch.zeros(src.cols, src.cols, dtype=torch.float64, device=src.device) if with_gram else None
         sums = GramSums(gram)
-    for i, block in src.read_blocks(sums.next_block):
+    for block in src.read_blocks(sums.next_row):
         src.load(block)
         for rows in src.micro_blocks(block):
             w0, x = src.read(rows)
@@ -159,7 +160,7 @@ def accumulate(
             sums.w0_sq += float(w0.square().sum())
             if sums.gram is not None:
                 sums.gram.addmm_(x.T, x)
-        sums.next_block = i + 1
+        sums.next_row = block.stop
         if on_block is not None:
             on_block(sums)
     return sums
@@ -170,19 +171,29 @@ class Spectrum:
     """Descending singular values and the matching right singular vectors of X (columns of `basis`)."""
 
     s: torch.Tensor  # float64 [r], on the host
-    basis: torch.Tensor  # float64 [cols, r], on the compute device
+    basis: torch.Tensor  # float64 [cols, r] on the compute device; or only the columns `kept`
     path: str
+    kept: str = "all"  # "all", or "top" / "complement": only those columns of V are in `basis`
+
+    @staticmethod
+    def side(k: int, r: int) -> str:
+        """Which side of the split needs vectors: the top-k, or its complement when that is smaller."""
+        return "top" if k <= r - k else "complement"
 
     def high_part(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """X_block V_k V_k^T, through whichever of the top-k or its complement is smaller."""
         r = self.s.numel()
         if k >= r:
             return x.clone()
-        if k <= r - k:
-            v = self.basis[:, :k]
-            return (x @ v) @ v.T
-        v = self.basis[:, k:]
-        return x - (x @ v) @ v.T
+        side = self.side(k, r)
+        v = self.basis if self.kept != "all" else self.basis[:, :k] if side == "top" else self.basis[:, k:]
+        return (x @ v) @ v.T if side == "top" else x - (x @ v) @ v.T
+
+    def keep_needed(self, k: int) -> Spectrum:
+        """Only the columns the split needs (what a streamed tensor saves for its resume)."""
+        side = self.side(k, self.s.numel())
+        cols = self.basis[:, :k] if side == "top" else self.basis[:, k:]
+        return Spectrum(self.s, cols.contiguous(), self.path, side)
 
 
 def eigh_spectrum(gram: torch.Tensor) -> Spectrum:
@@ -199,7 +210,7 @@ def gram_spectrum(src: RowSource) -> Spectrum:
 
 def svd_spectrum(src: MemoryRows) -> Spectrum:
     """Reference path: one float64 SVD of the whole update (gesvd on CUDA: gesvdj fails on big inputs)."""
-    x = torch.cat([src.read(rows)[1] for _, block in src.read_blocks() for rows in src.micro_blocks(block)])
+    x = torch.cat([src.read(rows)[1] for block in src.read_blocks() for rows in src.micro_blocks(block)])
     driver = "gesvd" if x.is_cuda else None
     _, s, vh = torch.linalg.svd(x, full_matrices=False, driver=driver)
     return Spectrum(s.cpu(), vh.T.contiguous(), "svd")

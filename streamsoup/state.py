@@ -220,9 +220,9 @@ class RunLock:
 class PartialTensor:
     """Mid-tensor progress of one streamed tensor, in ``tensors/<key>/partial`` (written by its task only).
 
-    phase "gram":    the Gram sums after `next_block` blocks, double-buffered (gram_0 / gram_1):
+    phase "gram":    the Gram sums of rows [0, next_row), double-buffered (gram_0 / gram_1):
                      a kill while one buffer is written leaves the other, named by the attrs, intact
-    phase "project": the eigenbasis columns in use and the coefficients; `next_block` blocks written
+    phase "project": the eigenbasis columns in use and the coefficients; rows [0, next_row) written
     """
 
     def __init__(self, state_path: str | Path, key: str) -> None:
@@ -240,10 +240,10 @@ class PartialTensor:
                                       compressors=[Crc32cCodec()], fill_value=0.0, overwrite=True)  # fmt: skip
         arr[...] = value
 
-    def save_gram(self, gram: np.ndarray, next_block: int, dw_sq: float, w0_sq: float) -> None:
+    def save_gram(self, gram: np.ndarray, next_row: int, dw_sq: float, w0_sq: float) -> None:
         slot = 1 - int(self.attrs.get("slot", 1))
         self._put_array(f"gram_{slot}", gram)
-        self.group.attrs.put({"phase": "gram", "slot": slot, "next_block": next_block, "dw_sq": dw_sq, "w0_sq": w0_sq})
+        self.group.attrs.put({"phase": "gram", "slot": slot, "next_row": next_row, "dw_sq": dw_sq, "w0_sq": w0_sq})
 
     def load_gram(self) -> np.ndarray:
         return self.group[f"gram_{self.attrs['slot']}"][...]
@@ -251,10 +251,10 @@ class PartialTensor:
     def save_basis(self, s: np.ndarray, basis: np.ndarray, info: dict[str, Any]) -> None:
         self._put_array("s", s)
         self._put_array("basis", basis)
-        self.group.attrs.put({"phase": "project", "next_block": 0, **info})
+        self.group.attrs.put({"phase": "project", "next_row": 0, **info})
 
     def load_basis(self) -> tuple[np.ndarray, np.ndarray]:
         return self.group["s"][...], self.group["basis"][...]
 
-    def save_progress(self, next_block: int) -> None:
-        self.group.attrs.put({**self.attrs, "next_block": next_block})
+    def save_progress(self, next_row: int) -> None:
+        self.group.attrs.put({**self.attrs, "next_row": next_row})

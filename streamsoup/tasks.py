@@ -172,7 +172,7 @@ def _merge_in_memory(job: TensorJob, options: MergeOptions, folder: Path, device
     coef = coefficients(spectrum.s, options.rank_rule, options.energy)
     out = torch.empty(job.finetuned.shape, dtype=w1.dtype)
     tall = src.tall_view(out)
-    for _, block in src.read_blocks():
+    for block in src.read_blocks():
         for rows in src.micro_blocks(block):
             tall[rows] = _reweighed(src, rows, spectrum, coef).to(out.dtype).cpu()
     crc = writer.write_tensor(folder, job.placement, out)
@@ -203,18 +203,15 @@ def _merge_streamed(
         spectrum = eigh_spectrum(sums.gram)
         del sums
         coef = coefficients(spectrum.s, options.rank_rule, options.energy)
-        spectrum = _keep_needed_columns(spectrum, coef.k)
-        partial.save_basis(
-            spectrum.s.numpy(),
-            spectrum.basis.cpu().numpy(),
-            {"k": coef.k, "rel": rel, "coef": coef.as_dict(), "columns": _columns(spectrum, coef.k)},
-        )
+        spectrum = spectrum.keep_needed(coef.k)
+        info = {"k": coef.k, "rel": rel, "coef": coef.as_dict(), "kept": spectrum.kept}
+        partial.save_basis(spectrum.s.numpy(), spectrum.basis.cpu().numpy(), info)
         saved = partial.attrs
     s, basis = partial.load_basis()
     coef = Coefficients(**saved["coef"])
-    spectrum = _SavedSpectrum(torch.from_numpy(s), torch.from_numpy(basis).to(device), saved["columns"])
+    spectrum = Spectrum(torch.from_numpy(s), torch.from_numpy(basis).to(device), "gram", saved["kept"])
     shape, dtype = matrix_shape(ref.shape), torch_dtype(ref.dtype)
-    for i, block in src.read_blocks(saved["next_block"]):
+    for block in src.read_blocks(saved["next_row"]):
         src.load(block)
         out = torch.empty(block.stop - block.start, src.cols, dtype=dtype)
         for rows in src.micro_blocks(block):
@@ -223,7 +220,7 @@ def _merge_streamed(
             )
         writer.write_block(folder, job.placement, shape, block.start, out, src.transposed)
         del out  # before the next block's buffer exists
-        partial.save_progress(i + 1)
+        partial.save_progress(block.stop)
         fault_point("block")
     src.release()
     crc = writer.slot_crc(folder, job.placement)
@@ -234,41 +231,17 @@ def _gram_pass(src: DiskRows, partial: PartialTensor, saved: dict, every: float)
     sums = None
     if saved.get("phase") == "gram":
         gram = torch.from_numpy(partial.load_gram()).to(src.device)
-        sums = GramSums(gram, saved["dw_sq"], saved["w0_sq"], saved["next_block"])
+        sums = GramSums(gram, saved["dw_sq"], saved["w0_sq"], saved["next_row"])
     last = time.monotonic()
 
     def checkpoint(acc: GramSums) -> None:
         nonlocal last
-        if time.monotonic() - last >= every and acc.next_block < src.n_blocks:
-            partial.save_gram(acc.gram.cpu().numpy(), acc.next_block, acc.dw_sq, acc.w0_sq)
+        if time.monotonic() - last >= every and acc.next_row < src.rows:
+            partial.save_gram(acc.gram.cpu().numpy(), acc.next_row, acc.dw_sq, acc.w0_sq)
             last = time.monotonic()
             fault_point("gram")
 
     return accumulate(src, with_gram=True, sums=sums, on_block=checkpoint)
-
-
-def _columns(spectrum: Spectrum, k: int) -> str:
-    return "top" if k <= spectrum.s.numel() - k else "complement"
-
-
-def _keep_needed_columns(spectrum: Spectrum, k: int) -> Spectrum:
-    """Only one side of the split needs vectors: keep V_k or its complement, whichever is smaller."""
-    cols = spectrum.basis[:, :k] if _columns(spectrum, k) == "top" else spectrum.basis[:, k:]
-    return Spectrum(spectrum.s, cols.contiguous(), spectrum.path)
-
-
-class _SavedSpectrum(Spectrum):
-    """A spectrum restored with only the columns its split needs."""
-
-    def __init__(self, s: torch.Tensor, columns: torch.Tensor, which: str) -> None:
-        super().__init__(s, columns, "gram")
-        self.which = which
-
-    def high_part(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        v = self.basis
-        if self.which == "top":
-            return (x @ v) @ v.T if k < self.s.numel() else x.clone()
-        return x - (x @ v) @ v.T
 
 
 def _coef_fields(c: Coefficients) -> dict:
