@@ -1,8 +1,8 @@
 """The dask task graph of a merge: one fused chain per tensor, nothing shipped but metadata.
 
-The graph is a plain dask graph (``{key: (func, *args)}``), so it can run on the
-embedded local scheduler, on a dask.distributed cluster, or with ``dask.get`` for
-debugging. Higher priority goes to earlier tensors so shards fill in file order.
+Each task is a dask task tuple ``(func, *args)`` with its key, priority and worker
+resources; the executor submits them to the embedded local cluster or to a
+dask.distributed cluster. Higher priority goes to earlier tensors so shards fill in order.
 """
 
 from __future__ import annotations
@@ -45,7 +45,3 @@ def build_graph(
         call = (merge_tensor, job, options, ctx, run, committed.get(job.key))
         tasks.append(GraphTask(job.key, job.name, call, -job.index, job.placement.nbytes, resources))
     return tasks
-
-
-def as_dask_graph(tasks: list[GraphTask]) -> dict[str, tuple[Any, ...]]:
-    return {t.key: t.call for t in tasks}

@@ -29,10 +29,6 @@ class TensorJob:
     def key(self) -> str:
         return f"tensor-{self.index:06d}"
 
-    @property
-    def read_bytes(self) -> int:
-        return self.finetuned.nbytes + (self.base.nbytes if self.action == EDIT and self.base else 0)
-
 
 @dataclass(frozen=True)
 class MergePlan:
@@ -46,10 +42,6 @@ class MergePlan:
     @property
     def edits(self) -> list[TensorJob]:
         return [j for j in self.jobs if j.action == EDIT]
-
-    @property
-    def bytes_to_read(self) -> int:
-        return sum(j.read_bytes for j in self.jobs)
 
     @property
     def bytes_to_write(self) -> int:

@@ -24,8 +24,6 @@ import torch
 from .checkpoint import TensorRef, matrix_shape, read_block
 from .resources import micro_rows
 
-PATHS = ("gram", "svd")
-
 
 class RowSource:
     """Row blocks of X as float64 (W0 block, dW block) pairs on `device`.

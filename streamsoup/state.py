@@ -149,10 +149,6 @@ class RunState:
                 "free space or fix the disk, then rerun the same command to resume"
             ) from exc
 
-    def singular_values(self, key: str) -> np.ndarray | None:
-        group = self.group["tensors"][key]
-        return group["s"][:] if "s" in group else None
-
     def elapsed(self) -> float:
         """Seconds of work over every attempt: from each run's start to its last commit."""
         runs = self.runs

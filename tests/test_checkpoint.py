@@ -46,7 +46,7 @@ def test_planning_reads_headers_only(awkward_pair, monkeypatch):
 
     monkeypatch.setattr(os, "preadv", no_pread)
     plan = plan_merge(*awkward_pair, MergeOptions())
-    assert len(plan.jobs) > 10 and plan.bytes_to_read > 0
+    assert len(plan.jobs) > 10 and plan.bytes_to_write > 0
 
 
 def test_corrupt_and_truncated_headers(tmp_path):
