@@ -131,17 +131,14 @@ class PlanSummary:
 
 
 def summarize(plan: MergePlan, budget: Budget, runs: dict[str, Execution], rates: Rates) -> PlanSummary:
-    lanes = [("cpu", f"cpu{i}") for i in range(budget.lanes.cpu)] + [("device", d) for d in budget.lanes.devices]
+    lanes = [("cpu", f"cpu{i}") for i in range(budget.lanes.cpu)]
+    lanes += [("device", f"{d}#{i}") for i, d in enumerate(budget.lanes.devices)]  # two lanes may share a GPU
+    real_gpu = any(d.startswith("cuda") for d in budget.lanes.devices)
+    costs = {j.key: tensor_seconds(j, runs[j.key], rates, runs[j.key].lane == "device" and real_gpu)
+             for j in plan.jobs}  # fmt: skip
     loads: dict[str, list] = {name: [0.0, 0, name] for _, name in lanes}
-    jobs = sorted(plan.jobs, key=lambda j: -j.placement.nbytes)
-    costs = {}
-    for job in jobs:
-        run = runs[job.key]
-        costs[job.key] = tensor_seconds(job, run, rates, run.lane == "device" and budget.lanes.devices[0] != "cpu")
     heaps = {kind: [(0.0, name) for k, name in lanes if k == kind] for kind in ("cpu", "device")}
-    for kind in heaps:
-        heapq.heapify(heaps[kind])
-    for job in sorted(jobs, key=lambda j: -costs[j.key]):  # longest first onto the least loaded lane
+    for job in sorted(plan.jobs, key=lambda j: -costs[j.key]):  # longest first onto the least loaded lane
         heap = heaps[runs[job.key].lane]
         load, name = heapq.heappop(heap)
         heapq.heappush(heap, (load + costs[job.key], name))

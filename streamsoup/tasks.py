@@ -10,6 +10,7 @@ streamed in row blocks from disk, with its progress saved so a kill resumes mid-
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -129,13 +130,9 @@ def _result(job: TensorJob, action: str, reason: str, start: float, **fields) ->
                         reason=reason, seconds=time.perf_counter() - start, **fields)  # fmt: skip
 
 
-def _nonfinite(job: TensorJob) -> InputError:
-    culprit = job.finetuned
-    try:
-        if bool(torch.isfinite(read_tensor(job.finetuned)).all()):
-            culprit = job.base
-    except MemoryError:
-        pass
+def _nonfinite(job: TensorJob, sums: GramSums) -> InputError:
+    """Name the checkpoint at fault from the sums already taken: no second read of the tensor."""
+    culprit = job.base if not math.isfinite(sums.w0_sq) else job.finetuned  # dW = W1 - W0 with W0 finite
     return InputError(f"{culprit.path}: tensor {job.name!r} contains NaN or Inf; MonoSoup cannot edit it "
                       "(fix or drop the tensor, then rerun with --fresh)")  # fmt: skip
 
@@ -145,7 +142,7 @@ def _skip_reason(sums: GramSums, options: MergeOptions, job: TensorJob) -> tuple
     try:
         dw_norm, w0_norm = sums.norms
     except FloatingPointError:
-        raise _nonfinite(job) from None
+        raise _nonfinite(job, sums) from None
     rel = relative_update(dw_norm, w0_norm)
     if not update_is_significant(dw_norm, w0_norm, options.min_rel_update):
         return f"relative update {rel:.3g} below --min-rel-update {options.min_rel_update:g}", rel
