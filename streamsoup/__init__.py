@@ -1,6 +1,6 @@
 """streamsoup: MonoSoup (arXiv 2602.09689) for huge sharded checkpoints, out of core."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .api import merge  # noqa: E402
 from .options import MergeOptions  # noqa: E402

@@ -6,6 +6,7 @@ preallocate shards -> run the graph, committing each tensor as it lands -> publi
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import sys
@@ -16,29 +17,33 @@ from pathlib import Path
 from typing import Any
 
 from distributed import Client
-from tqdm import tqdm
 
 from . import __version__, writer
-from .errors import Interrupted, RunError, UsageError
-from .executor import (
-    client_capacity,
-    cluster_budget,
-    cluster_client,
-    dashboard,
-    local_client,
-    run_graph,
-    worker_capacity,
-)
+from .cluster import cluster_budget, cluster_client, describe, scheduler_address, worker_resources
+from .errors import Interrupted, OptionError, RunError, UsageError
+from .executor import local_client, run_graph, worker_capacity
 from .faults import fault_point
 from .graph import GraphTask, build_graph
 from .layout import INDEX_NAME
-from .options import MergeOptions, format_size
+from .options import MergeOptions, expand_path, format_size
 from .plan import MergePlan, plan_merge
+from .preflight import check_disk_space, check_values_differ, output_needs, small_side, state_bytes
+from .progress import Progress
 from .report import REPORT_NAME, MergeSummary, build_report, write_report
-from .resources import check_budget, configure_process, default_max_ram, default_max_vram, process_rss, resolve_lanes
+from .resources import (
+    check_budget,
+    check_max_ram,
+    check_max_vram,
+    configure_process,
+    default_max_ram,
+    default_max_vram,
+    physical_ram,
+    process_rss,
+    resolve_lanes,
+)
 from .schedule import Budget, schedule
 from .signals import MESSAGE, InterruptGuard
-from .state import LOCK_NAME, POINTER_NAME, STATE_NAME, RunLock, RunState
+from .state import LOCK_NAME, POINTER_NAME, STATE_NAME, RunLock, RunState, describe_changes
 from .tasks import Execution, TaskContext, TensorResult
 
 log = logging.getLogger(__name__)
@@ -51,26 +56,29 @@ def merge(
     *,
     config: str | Path | None = None,
     fresh: bool = False,
-    work_dir: str | Path | None = None,
     progress: bool = False,
     **options: Any,
 ) -> MergeSummary:
     """MonoSoup-edit FINETUNED against BASE into the new folder OUT; returns a summary.
 
-    `options` are the fields of MergeOptions (``rank_rule="energy"``, ``shard_size="2GB"``, ...),
-    layered over the YAML file `config`. OUT appears only when complete; until then the
-    work lives in ``OUT.partial/`` and rerunning the same call resumes it.
+    `options` are the fields of MergeOptions (``rank_rule="energy"``, ``shard_size="2GB"``,
+    ``work_dir="~/state"``, ...), layered over the YAML file `config`. OUT appears only when
+    complete; until then the work lives in ``OUT.partial/`` and rerunning the same call resumes
+    it. Called again once OUT is complete, it does nothing and says so (``already_complete``).
     """
     start = time.perf_counter()
     opts = MergeOptions.create(config, **options)
-    out = Path(out).absolute()
-    plan = plan_merge(base, finetuned, opts)
+    out = expand_path(out).absolute()
+    plan = plan_merge(expand_path(base), expand_path(finetuned), opts)
     fingerprint = run_fingerprint(plan)
     if out.exists():
-        return finish_cleanup(out, fingerprint)
+        return existing_output(out, fingerprint)
     check_output(out, plan)
+    for warning in plan.warnings:
+        log.warning(warning)
+    check_values_differ(plan.base, plan.finetuned, [j.name for j in plan.edits])
     try:
-        return _run(plan, out, opts, fingerprint, fresh, work_dir, progress, start)
+        return _run(plan, out, opts, fingerprint, fresh, progress, start)
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
         raise RunError(
@@ -85,27 +93,32 @@ def _run(
     opts: MergeOptions,
     fingerprint: dict[str, Any],
     fresh: bool,
-    work_dir: str | Path | None,
     progress: bool,
     start: float,
 ) -> MergeSummary:
     with ExitStack() as stack:
-        client = stack.enter_context(cluster_client(opts.scheduler)) if opts.scheduler else None
+        on_cluster = bool(opts.scheduler or opts.scheduler_file)
+        client = stack.enter_context(cluster_client(opts)) if on_cluster else None
         budget = cluster_budget(client, opts) if client else make_budget(opts)
         runs = schedule(plan, budget)
-        announce(budget, opts, runs, dashboard(client) if client else None, progress and sys.stderr.isatty())
+        partial = writer.partial_dir(out)
+        state_path = Path(opts.work_dir).absolute() if opts.work_dir else partial / STATE_NAME
+        check_space(plan, runs, budget, partial, state_path, fresh)
+        line = describe(client, budget, scheduler_address(opts)) if client else describe_local(budget, opts, runs)
+        log.info(line)
+        if progress:
+            sys.stderr.write(f"streamsoup: {line}\n")
         opts = replace(opts, threads=budget.lanes.threads)
-        return _locked_run(plan, out, opts, fingerprint, fresh, work_dir, progress, start, budget, runs, client)
+        return _locked_run(plan, out, opts, fingerprint, fresh, state_path, progress, start, budget, runs, client)
 
 
-def _locked_run(plan, out, opts, fingerprint, fresh, work_dir, progress, start, budget, runs, client) -> MergeSummary:
+def _locked_run(plan, out, opts, fingerprint, fresh, state_path, progress, start, budget, runs, client) -> MergeSummary:
     partial = writer.partial_dir(out)
-    state_path = Path(work_dir).absolute() if work_dir else partial / STATE_NAME
     with RunLock(partial) as lock, InterruptGuard() as guard:
         if fresh or not state_path.exists():
             discard(partial, state_path)  # bytes without a state are not trusted
         state = RunState.open(state_path, fingerprint)
-        if work_dir:
+        if opts.work_dir:
             (partial / POINTER_NAME).write_text(str(state_path) + "\n")
         resumed = len(state.committed())
         log.info("planned %d tensors (%d to edit), %d already done", len(plan.jobs), len(plan.edits), resumed)
@@ -113,8 +126,8 @@ def _locked_run(plan, out, opts, fingerprint, fresh, work_dir, progress, start, 
         ctx = TaskContext(str(partial), str(state_path), opts.checkpoint_seconds)
         results = execute(plan, ctx, opts, runs, budget, state, guard, progress, client)
         with guard.critical():
-            finish(plan, partial, out, results, state.elapsed())
-            cleanup(out, state_path if work_dir else None)
+            finish(plan, partial, out, results, state.elapsed(), fingerprint)
+            cleanup(out, state_path if opts.work_dir else None)
             lock.release()
     edited = sum(r.action == "edit" for r in results)
     return MergeSummary(
@@ -127,6 +140,7 @@ def _locked_run(plan, out, opts, fingerprint, fresh, work_dir, progress, start, 
         time.perf_counter() - start,
         out / REPORT_NAME,
         resumed=resumed,
+        warnings=plan.warnings,
     )
 
 
@@ -164,25 +178,33 @@ def make_budget(opts: MergeOptions) -> Budget:
     """Lanes and memory budgets of this run; the RAM left for tasks is what the process does not use already."""
     configure_process()
     lanes = resolve_lanes(opts.devices, opts.lanes, opts.threads)
+    if opts.max_ram:
+        check_max_ram(opts.max_ram, physical_ram())
+    if opts.max_vram:
+        check_max_vram(opts.max_vram, lanes.devices)
     max_ram = opts.max_ram or default_max_ram()
     task_ram = check_budget(max_ram, process_rss())
     return Budget(max_ram, task_ram, opts.max_vram or default_max_vram(lanes.devices), lanes)
 
 
-def announce(budget: Budget, opts: MergeOptions, runs: dict[str, Execution], link: str | None, show: bool) -> None:
-    """The budget in force, on the terminal (like the progress bar) and in the -v log."""
-    if opts.scheduler:
-        workers = f"{budget.lanes.cpu} CPU lane(s), {len(budget.lanes.devices)} GPU lane(s)"
-        line = f"cluster {opts.scheduler}: {workers}, up to {format_size(budget.task_ram)} per task"
-        line += f"; dashboard {link}" if link else ""
-    else:
-        source = "" if opts.max_ram else " (default: 70% of available memory; set --max-ram)"
-        streamed = sum(r.streamed for r in runs.values())
-        extra = f", {streamed} tensor(s) streamed in row blocks" if streamed else ""
-        line = f"max-ram {format_size(budget.max_ram)}{source}; {budget.lanes.describe()}{extra}"
-    log.info(line)
-    if show:
-        sys.stderr.write(f"streamsoup: {line}\n")
+def check_space(plan: MergePlan, runs: dict[str, Execution], budget: Budget, partial: Path, state_path: Path,
+                fresh: bool) -> None:  # fmt: skip
+    """Before any tensor is computed: room for what remains to write on OUT's and the state's filesystems."""
+    streamed = [small_side(j.finetuned) for j in plan.edits if runs[j.key].streamed]
+    widths = [small_side(j.finetuned) for j in plan.edits]
+    existing = partial if partial.exists() and not fresh else partial / ".none"
+    needs = {partial: output_needs(plan.layout, existing, plan.finetuned)}
+    state = state_bytes(widths, streamed, budget.lanes.total, len(plan.jobs))
+    needs[state_path] = needs.get(state_path, 0) + state
+    check_disk_space(needs)
+
+
+def describe_local(budget: Budget, opts: MergeOptions, runs: dict[str, Execution]) -> str:
+    """The budget in force, for the terminal, the batch log and the -v log."""
+    source = "" if opts.max_ram else " (70% of available memory; set --max-ram)"
+    streamed = sum(r.streamed for r in runs.values())
+    extra = f", {streamed} tensor(s) streamed in row blocks" if streamed else ""
+    return f"max-ram {format_size(budget.max_ram)}{source}; {budget.lanes.describe()}{extra}"
 
 
 def execute(
@@ -199,15 +221,8 @@ def execute(
     committed = {key: m.row for key, m in state.committed().items()}
     tasks = build_graph(plan, ctx, opts, runs, committed)
     results: dict[str, TensorResult] = {}
-    with tqdm(
-        total=plan.bytes_to_write,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc="merging",
-        disable=None if progress else True,
-        dynamic_ncols=True,
-    ) as bar:
+    done = [t for t in tasks if t.key in committed]
+    with Progress(len(tasks), plan.bytes_to_write, len(done), sum(t.nbytes for t in done), enabled=progress) as bar:
 
         def on_done(task: GraphTask, result: TensorResult) -> None:
             if not result.resumed:
@@ -216,28 +231,29 @@ def execute(
                 with guard.critical():
                     state.commit(task.key, result.crc32c, result.as_dict(), result.singular_values)
             results[task.key] = result
-            bar.update(task.nbytes)
-            bar.set_postfix_str(f"{len(results)}/{len(tasks)} tensors", refresh=False)
+            if task.key not in committed:  # resumed tensors are in the bar's starting count already
+                bar.advance(task.nbytes)
 
         try:
             if client is not None:
-                run_graph(client, tasks, on_done, capacity=client_capacity(client))
+                run_graph(client, tasks, on_done, worker_resources(client), watch=True, tick=bar.tick)
             else:
                 with local_client(budget) as local:
-                    run_graph(local, tasks, on_done, capacity=worker_capacity(budget))
+                    run_graph(local, tasks, on_done, {"local": worker_capacity(budget)}, tick=bar.tick)
         except KeyboardInterrupt:
             raise Interrupted(MESSAGE) from None
     return [results[job.key] for job in plan.jobs]
 
 
-def finish(plan: MergePlan, partial: Path, out: Path, results: list[TensorResult], seconds: float) -> None:
+def finish(plan: MergePlan, partial: Path, out: Path, results: list[TensorResult], seconds: float,
+           fingerprint: dict[str, Any]) -> None:  # fmt: skip
     """Side files, index, report; then the atomic rename that makes OUT appear."""
     if plan.finetuned.root.is_dir():
         writer.copy_side_files(plan.finetuned.root, partial)
     index = plan.layout.index_json()
     if index is not None:
         writer.write_json(partial / INDEX_NAME, index)
-    write_report(partial, build_report(plan, results, seconds))
+    write_report(partial, build_report(plan, results, seconds, fingerprint))
     fault_point("publish.before-rename")
     writer.publish(partial, out)
     fault_point("publish.after-rename")
@@ -255,20 +271,25 @@ def cleanup(out: Path, external_state: Path | None) -> None:
             path.unlink()
 
 
-def finish_cleanup(out: Path, fingerprint: dict[str, Any]) -> MergeSummary:
-    """OUT exists: if it is this very merge, killed after its publish, finish the cleanup; else refuse."""
+def existing_output(out: Path, fingerprint: dict[str, Any]) -> MergeSummary:
+    """OUT exists. The same merge (its report records the fingerprint): nothing to do, or only the cleanup a
+    kill after the publish rename left. Anything else is refused: streamsoup never overwrites."""
+    try:
+        recorded = json.loads((out / REPORT_NAME).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise UsageError(f"OUT {out} already exists and is not a streamsoup output; streamsoup never overwrites: "
+                         "choose a new folder or remove it")  # fmt: skip
+    if recorded != fingerprint:
+        changes = "; ".join(describe_changes(recorded, fingerprint)) or "a different fingerprint"
+        raise UsageError(f"OUT {out} already holds a different merge ({changes}); streamsoup never overwrites: "
+                         "choose a new folder or remove it")  # fmt: skip
     pointer = out / POINTER_NAME
-    state_path = Path(pointer.read_text().strip()) if pointer.exists() else out / STATE_NAME
-    same = False
-    if state_path.exists() and (out / REPORT_NAME).exists():
-        try:
-            same = RunState.read(state_path).fingerprint == fingerprint
-        except Exception:
-            same = False
-    if not same:
-        raise UsageError(f"OUT {out} already exists; streamsoup never overwrites: choose a new folder or remove it")
-    cleanup(out, state_path if pointer.exists() else None)
-    return MergeSummary.from_report(out)
+    leftovers = [p for p in (out / STATE_NAME, pointer, out / LOCK_NAME) if p.exists()]
+    if leftovers:
+        cleanup(out, Path(pointer.read_text().strip()) if pointer.exists() else None)
+    return MergeSummary.from_report(out, already_complete=not leftovers)
 
 
 def estimate(base: str | Path, finetuned: str | Path, *, config: str | Path | None = None, **options: Any):
@@ -276,7 +297,12 @@ def estimate(base: str | Path, finetuned: str | Path, *, config: str | Path | No
     from .estimate import calibrate, summarize
 
     opts = MergeOptions.create(config, **options)
-    plan = plan_merge(base, finetuned, opts)
+    plan_names = {f.name for f in MergeOptions.plan_fields()}
+    unused = [name for name, value in options.items() if value not in (None, "", False) and name not in plan_names]
+    if unused:
+        raise OptionError(unused[0], "is not used by plan, which plans a merge on this machine from the headers "
+                                     "alone; leave it out")  # fmt: skip
+    plan = plan_merge(expand_path(base), expand_path(finetuned), opts)
     budget = make_budget(opts)
     runs = schedule(plan, budget)
     return summarize(plan, budget, runs, calibrate(budget, Path.cwd()))

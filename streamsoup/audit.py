@@ -14,19 +14,22 @@ from tqdm import tqdm
 from . import rawio, writer
 from .checkpoint import Checkpoint
 from .errors import InputError, UsageError
-from .options import format_size
+from .options import expand_path, format_size
 from .report import REPORT_NAME
 from .state import POINTER_NAME, STATE_NAME, RunLock, RunState
 
 
 def run_status(out: str | Path) -> dict[str, Any]:
     """Progress of a finished, running or interrupted merge, as plain data."""
-    out = Path(out).absolute()
+    out = expand_path(out).absolute()
     partial = writer.partial_dir(out)
     if (out / REPORT_NAME).exists():
         summary = json.loads((out / REPORT_NAME).read_text())["summary"]
         return {"state": "complete", "out": str(out), **summary}
     if not partial.exists():
+        if out.exists():
+            raise UsageError(f"{out} is not a streamsoup output (it has no {REPORT_NAME}, and there is no "
+                             f"{partial.name} of an interrupted run beside it)")  # fmt: skip
         raise UsageError(f"no merge at {out}: neither {out.name} nor {partial.name} exists")
     pointer = partial / POINTER_NAME
     state_path = Path(pointer.read_text().strip()) if pointer.exists() else partial / STATE_NAME
@@ -93,7 +96,7 @@ class VerifyResult:
 
 def verify_output(out: str | Path, progress: bool = False) -> VerifyResult:
     """Re-read every tensor of a published OUT and compare with the crc32c recorded in its report."""
-    out = Path(out).absolute()
+    out = expand_path(out).absolute()
     report_path = out / REPORT_NAME
     if not report_path.exists():
         raise UsageError(f"{out} is not a finished streamsoup output (no {REPORT_NAME})")

@@ -11,13 +11,14 @@ import json
 import logging
 import os
 import sys
-from dataclasses import fields
+import warnings
+from dataclasses import Field, fields
 
 from . import __version__
 from .api import estimate, merge
 from .audit import format_status, run_status, verify_output
-from .errors import Interrupted, StreamsoupError
-from .options import MergeOptions, format_size
+from .errors import Interrupted, OptionError, StreamsoupError
+from .options import MergeOptions, flag_name, format_size
 from .signals import MESSAGE
 
 
@@ -29,18 +30,32 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _add_option_flags(parser: argparse.ArgumentParser) -> None:
+def _default_text(f: Field) -> str:
+    """The default as help shows it: one "(default: ...)", none when there is nothing to show."""
+    shown = f.metadata.get("shown")
+    if shown is None:
+        if isinstance(f.default, bool):
+            return ""
+        shown = f"{f.default / 1e9:g}GB" if f.metadata.get("size") and f.default else f.default
+    return f" (default: {shown})" if shown not in ("", None) else ""
+
+
+def _add_option_flags(parser: argparse.ArgumentParser, options: list[Field]) -> None:
     """One flag per MergeOptions field; defaults stay None so a --config file can supply them."""
-    for f in fields(MergeOptions):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        shown = default if not f.metadata.get("size") else "auto" if default is None else f"{default / 1e9:g}GB"
-        kwargs = dict(dest=f.name, default=None, help=f"{f.metadata['help']} (default: {shown})")
-        if f.metadata.get("choices"):
+    for f in options:
+        kwargs: dict = dict(dest=f.name, default=None, help=f"{f.metadata['help']}{_default_text(f)}")
+        if isinstance(f.default, bool):
+            kwargs["action"] = "store_true"
+        elif f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
-        elif not f.metadata.get("size"):
-            kwargs["type"] = type(default)
-        parser.add_argument(flag, **kwargs)
+        elif not (f.metadata.get("size") or f.metadata.get("path")):
+            kwargs["type"] = type(f.default)
+        parser.add_argument(flag_name(f.name), **kwargs)
+
+
+BASE_HELP = "pre-trained checkpoint: a folder of *.safetensors shards (with or without an index) or one file"
+FINETUNED_HELP = "the fine-tune of BASE: a folder of *.safetensors shards or one file"
+OUT_HELP = "the merge's output folder (a finished one, or one whose OUT.partial an interrupted run left)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,32 +65,37 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser(
         "merge",
         help="MonoSoup-edit FINETUNED against BASE into OUT",
-        description="MonoSoup-edit FINETUNED against BASE into the new folder OUT.",
+        description="MonoSoup-edit FINETUNED against BASE into the new folder OUT. Rerun the same command after "
+        "any interruption to resume; once OUT is complete, rerunning it does nothing and exits 0.",
     )
-    m.add_argument("base", metavar="BASE", help="pre-trained checkpoint: a folder of *.safetensors or one file")
-    m.add_argument("finetuned", metavar="FINETUNED", help="fine-tuned checkpoint: a folder or one file")
-    m.add_argument("out", metavar="OUT", help="output folder; appears only when complete")
-    _add_option_flags(m)
+    m.add_argument("base", metavar="BASE", help=BASE_HELP)
+    m.add_argument("finetuned", metavar="FINETUNED", help=FINETUNED_HELP)
+    m.add_argument("out", metavar="OUT", help="output folder (new); appears only when complete")
+    _add_option_flags(m, list(fields(MergeOptions)))
     m.add_argument("--config", help="YAML file with the same keys as the flags (see configs/)")
     m.add_argument("--fresh", action="store_true", help="discard an earlier interrupted run of this OUT")
-    m.add_argument("--work-dir", help="where the Zarr state lives (default: inside OUT.partial)")
-    m.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
-    m.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    m.add_argument("-q", "--quiet", action="store_true", help="no progress or summary (warnings and errors stay)")
+    m.add_argument("-v", "--verbose", action="store_true", help="log what happens, dask's messages included")
     pl = sub.add_parser(
         "plan",
         help="what a merge would do, its memory and an estimated time; reads no tensor data",
         description="Plan a merge from the headers alone, with a short calibration of this machine.",
     )
-    pl.add_argument("base", metavar="BASE")
-    pl.add_argument("finetuned", metavar="FINETUNED")
-    _add_option_flags(pl)
+    pl.add_argument("base", metavar="BASE", help=BASE_HELP)
+    pl.add_argument("finetuned", metavar="FINETUNED", help=FINETUNED_HELP)
+    _add_option_flags(pl, MergeOptions.plan_fields())
+    for f in fields(MergeOptions):  # accepted only to be refused by name (see api.estimate)
+        if not f.metadata["plan"]:
+            bool_flag = isinstance(f.default, bool)
+            pl.add_argument(flag_name(f.name), dest=f.name, default=None, help=argparse.SUPPRESS,
+                            **({"action": "store_true"} if bool_flag else {}))  # fmt: skip
     pl.add_argument("--config", help="YAML file with the same keys as the flags")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     st = sub.add_parser("status", help="progress of a finished, running or interrupted merge")
-    st.add_argument("out", metavar="OUT")
+    st.add_argument("out", metavar="OUT", help=OUT_HELP)
     st.add_argument("--json", action="store_true", help="machine-readable output")
     ve = sub.add_parser("verify", help="re-check OUT's bytes against the checksums in its report")
-    ve.add_argument("out", metavar="OUT")
+    ve.add_argument("out", metavar="OUT", help="a finished merge's output folder")
     ve.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     for p in (pl, st, ve):
         p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
@@ -85,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _merge(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name) for f in fields(MergeOptions)}
     summary = merge(args.base, args.finetuned, args.out, config=args.config, fresh=args.fresh,
-                    work_dir=args.work_dir, progress=not args.quiet, **overrides)  # fmt: skip
+                    progress=not args.quiet, **overrides)  # fmt: skip
     if not args.quiet:
         print(summary.line())
     return 0
@@ -120,17 +140,40 @@ def _verify(args: argparse.Namespace) -> int:
 COMMANDS = {"merge": _merge, "plan": _plan, "status": _status, "verify": _verify}
 
 
+class _LineFormatter(logging.Formatter):
+    """`streamsoup: warning: ...`, like our errors; -v adds the logger's name."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def format(self, record: logging.LogRecord) -> str:
+        where = f" {record.name}" if self.verbose else ""
+        return f"streamsoup: {record.levelname.lower()}{where}: {record.getMessage()}"
+
+
+def setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LineFormatter(verbose))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler], force=True)
+    if not verbose:  # dask/tornado warnings (a busy dashboard port, ...) are noise in a normal run
+        for module in ("distributed", "dask", "tornado", "bokeh"):
+            warnings.filterwarnings("ignore", module=module)
+    logging.captureWarnings(True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(args.verbose)
     try:
         return COMMANDS[args.command](args)
     except Interrupted as exc:
         sys.stderr.write(f"streamsoup: {exc}\n")
         sys.stderr.flush()
         os._exit(exc.exit_code)  # in-flight tasks are abandoned: their tensors were never committed
+    except OptionError as exc:  # named as the flag here; the API names the keyword
+        sys.stderr.write(f"streamsoup: error: {exc.for_cli()}\n")
+        return exc.exit_code
     except StreamsoupError as exc:
         sys.stderr.write(f"streamsoup: error: {exc}\n")
         return exc.exit_code

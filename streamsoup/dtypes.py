@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .errors import InputError
@@ -38,3 +39,24 @@ def torch_dtype(dtype: str) -> torch.dtype:
 
 def is_float(dtype: str) -> bool:
     return dtype in FLOAT_DTYPES
+
+
+#: dtype -> (unsigned view, mask): a value is NaN or Inf when all its exponent bits are set
+#: (F8_E4M3 has no Inf; its NaN is the all-ones pattern below the sign bit).
+NONFINITE_MASK: dict[str, tuple[type, int]] = {
+    "F64": (np.uint64, 0x7FF0000000000000),
+    "F32": (np.uint32, 0x7F800000),
+    "F16": (np.uint16, 0x7C00),
+    "BF16": (np.uint16, 0x7F80),
+    "F8_E5M2": (np.uint8, 0x7C),
+    "F8_E4M3": (np.uint8, 0x7F),
+}
+
+
+def has_nonfinite(data: memoryview | np.ndarray, dtype: str) -> bool:
+    """NaN or Inf among the raw values (whole elements); integer dtypes never hold them."""
+    if dtype not in NONFINITE_MASK:
+        return False
+    view, mask = NONFINITE_MASK[dtype]
+    bits = np.frombuffer(data, dtype=view)
+    return bool(np.any((bits & view(mask)) == view(mask)))

@@ -15,6 +15,17 @@ class UsageError(StreamsoupError):
     exit_code = 2
 
 
+class OptionError(UsageError):
+    """A bad option value: named as the API keyword (`rank_rule`), or as the CLI flag by `for_cli`."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        self.name, self.problem = name, problem
+        super().__init__(f"{name} {problem}")
+
+    def for_cli(self) -> str:
+        return f"--{self.name.replace('_', '-')} {self.problem}"
+
+
 class InputError(StreamsoupError):
     """A checkpoint is missing, malformed or inconsistent: nothing was written."""
 

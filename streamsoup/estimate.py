@@ -125,6 +125,7 @@ class PlanSummary:
     lanes: list[dict]
     estimated_seconds: float
     rates: dict
+    warnings: list[str]
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -164,6 +165,7 @@ def summarize(plan: MergePlan, budget: Budget, runs: dict[str, Execution], rates
         lanes=[{"lane": name, "tensors": n, "seconds": round(t, 1)} for t, n, name in loads.values()],
         estimated_seconds=max((t for t, _, _ in loads.values()), default=0.0),
         rates=asdict(rates),
+        warnings=list(plan.warnings),
     )
 
 
@@ -174,8 +176,8 @@ def format_plan(s: PlanSummary) -> str:
 
     r = s.rates
     lines = [
-        f"tensors      {s.tensors}: {s.edit_candidates} to edit, {s.copies} to copy, "
-        f"{s.dropped} dropped (only in base)",
+        f"tensors      {s.tensors}: up to {s.edit_candidates} to edit (one whose update is below "
+        f"--min-rel-update is copied instead: the data decide), {s.copies} to copy, {s.dropped} dropped (only in base)",
         f"I/O          read {format_size(s.bytes_read)}, write {format_size(s.bytes_written)}",
         f"largest      {s.largest_tensor}: working set {format_size(s.largest_working_set)}",
         f"memory       peak RAM <= {format_size(s.peak_ram)} (--max-ram {format_size(s.max_ram)}, "
@@ -191,4 +193,5 @@ def format_plan(s: PlanSummary) -> str:
     for lane in s.lanes:
         lines.append(f"lane {lane['lane']:<8} {lane['tensors']:>5} tensors  ~{hms(lane['seconds'])}")
     lines.append(f"estimate     ~{hms(s.estimated_seconds)} on this machine")
+    lines += [f"warning      {w}" for w in s.warnings]
     return "\n".join(lines)

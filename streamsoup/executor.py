@@ -1,27 +1,39 @@
-"""Run a merge graph on dask.distributed: the embedded local cluster by default.
+"""Run a merge graph on dask.distributed: the embedded local cluster by default, or the user's.
 
 Tasks are submitted one by one (``client.submit`` keeps per-task priority and
 resources, which graph optimisation can drop from annotations), each asking for
 one "lane": a lane holds one tensor's working set, so lanes bound the memory.
+On a user's cluster the loop also watches for tasks stranded in state no-worker
+(a worker died and came back, its resources restored only after the scheduler's
+rescheduling pass) and resubmits them; if no worker can take them for long, it stops.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
-from distributed import Client, LocalCluster, as_completed
+from distributed import Client, Future, LocalCluster, as_completed
 
-from .errors import RunError, StreamsoupError, UsageError
+from .cluster import fits, no_worker_tasks
+from .errors import RunError, StreamsoupError
 from .graph import RAM, GraphTask
-from .resources import DevicePool, Lanes, to_mib
+from .resources import DevicePool, to_mib
 from .schedule import Budget
 from .tasks import TensorResult
 
 log = logging.getLogger(__name__)
+
+#: seconds between looks at the scheduler for stranded tasks (user clusters only)
+WATCH_SECONDS = 2.0
+#: how long tasks may wait for a worker that can run them before the run stops (state kept)
+STRANDED_LIMIT_S = 600.0
+POLL_SECONDS = 0.05
 
 
 def quiet_dask_logs() -> None:
@@ -34,7 +46,7 @@ def quiet_dask_logs() -> None:
 
 @contextmanager
 def local_client(budget: Budget) -> Iterator[Client]:
-    """An in-process cluster: one worker, a thread per lane, resources for lanes and RAM.
+    """An in-process cluster: one worker, a thread per lane, resources for lanes and RAM; no dashboard.
 
     No dask memory manager: admission by the "ram" resource is our budget, and the
     nanny's RSS-based pausing would misread our deliberate working sets.
@@ -52,99 +64,136 @@ def local_client(budget: Budget) -> Iterator[Client]:
         cluster.close()
 
 
-@contextmanager
-def cluster_client(address: str) -> Iterator[Client]:
-    """A client of an existing dask.distributed cluster; a dead address is a clear error."""
-    quiet_dask_logs()
-    try:
-        client = Client(address, timeout="20s")
-    except (OSError, TimeoutError) as exc:
-        raise UsageError(f"--scheduler {address}: cannot reach a dask scheduler there ({exc})") from None
-    try:
-        quiet_dask_logs()  # again: connecting created more loggers
-        yield client
-    finally:
-        client.close()
-
-
-def dashboard(client: Client) -> str | None:
-    """The scheduler's dashboard address, when it serves one."""
-    services = client.scheduler_info().get("services") or {}
-    return client.dashboard_link if "dashboard" in services else None
-
-
-def cluster_budget(client: Client, opts) -> Budget:
-    """Lanes and memory from what the workers declare: resources cpu=N (CPU lanes), device=N (GPU lanes)
-    and ram=MiB (memory for streamsoup's tasks on that worker)."""
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
-    declared = [w.get("resources") or {} for w in workers]
-    if not declared or not any(r.get(RAM) for r in declared):
-        raise UsageError(
-            f"--scheduler {opts.scheduler}: no worker declares streamsoup's resources; start workers with e.g. "
-            '`dask worker ADDR --nthreads 2 --resources "cpu=2,ram=8192"` (ram in MiB; GPU workers: device=1)'
-        )
-    cpu = int(sum(r.get("cpu", 0) for r in declared))
-    devices = ("cuda",) * int(sum(r.get("device", 0) for r in declared))
-    task_ram = int(min(r[RAM] for r in declared if r.get(RAM))) * 2**20
-    lanes = Lanes(cpu=cpu, devices=devices, threads=opts.threads)
-    return Budget(max_ram=task_ram, task_ram=task_ram, max_vram=opts.max_vram or 16 * 2**30, lanes=lanes)
-
-
-def client_capacity(client: Client) -> dict[str, float]:
-    """The most of each resource that one worker offers (a task must fit on some worker)."""
-    caps: dict[str, float] = {}
-    for w in client.scheduler_info(n_workers=-1)["workers"].values():
-        for name, amount in (w.get("resources") or {}).items():
-            caps[name] = max(caps.get(name, 0), amount)
-    return caps
-
-
-def check_capacity(tasks: list[GraphTask], capacity: dict[str, float]) -> None:
-    """A task asking more than any worker has would wait forever, silently: refuse it now."""
-    for task in tasks:
-        for name, amount in task.resources.items():
-            if amount > capacity.get(name, 0):
-                raise RunError(f"tensor {task.name!r} needs {amount:g} {name} but workers offer "
-                               f"{capacity.get(name, 0):g}; raise the budget")  # fmt: skip
-
-
 def worker_capacity(budget: Budget) -> dict[str, float]:
     """What the embedded worker offers (see local_client)."""
     return {"cpu": budget.lanes.cpu, "device": len(budget.lanes.devices), RAM: to_mib(budget.task_ram)}
+
+
+def check_capacity(tasks: list[GraphTask], offers: dict[str, dict[str, float]]) -> None:
+    """A task no single worker can hold would wait forever, silently: refuse it now."""
+    for task in tasks:
+        if not fits(task.resources, offers):
+            best = max(offers.values(), key=lambda o: o.get(RAM, 0), default={})
+            raise RunError(f"tensor {task.name!r} needs {task.resources} but no worker offers that (the largest "
+                           f"offers {best}); raise the budget")  # fmt: skip
+
+
+@dataclass
+class GraphRun:
+    """The futures of one graph run; a resubmitted task gets a new key, its old future is ignored."""
+
+    client: Client
+    watch: bool
+    tick: Callable[[], None]
+
+    def __post_init__(self) -> None:
+        self.tasks: dict[str, GraphTask] = {}  # live future key -> task
+        self.futures: dict[str, Future] = {}
+        self.resubmits = 0
+        self.stranded_since: float | None = None
+        self.last_watch = time.monotonic()
+
+    def submit(self, task: GraphTask, key: str) -> Future:
+        func, *args = task.call
+        fut = self.client.submit(func, *args, key=key, priority=task.priority, resources=task.resources, pure=False)
+        self.tasks[key], self.futures[key] = task, fut
+        return fut
+
+    def rescue(self, ac: as_completed) -> None:
+        """Resubmit tasks stranded in no-worker that some worker can run now; stop if none can for long."""
+        self.last_watch = time.monotonic()
+        if not self.watch or not self.tasks:
+            return
+        try:
+            seen = self.client.run_on_scheduler(no_worker_tasks, keys=list(self.tasks))
+        except Exception:  # the scheduler is gone: the futures' cancellation says so
+            return
+        stuck = [k for k in seen["stuck"] if k in self.tasks]
+        waiting, moved = [], 0
+        for key in stuck:
+            task = self.tasks[key]
+            if not fits(task.resources, seen["offers"]):
+                waiting.append(task)
+                continue
+            del self.tasks[key]
+            self.client.cancel([self.futures.pop(key)])
+            self.resubmits += 1
+            moved += 1
+            ac.add(self.submit(task, f"{task.key}-r{self.resubmits}"))
+        if moved:
+            log.warning("%d task(s) stranded when their worker left were resubmitted", moved)
+        if not waiting:
+            self.stranded_since = None
+            return
+        now = time.monotonic()
+        if self.stranded_since is None:
+            self.stranded_since = now
+            log.warning("%d task(s) wait for a worker that can run them (e.g. %s needs %s)",
+                        len(waiting), waiting[0].name, waiting[0].resources)  # fmt: skip
+        elif now - self.stranded_since > STRANDED_LIMIT_S:
+            raise RunError(
+                f"no worker of the cluster can run {len(waiting)} remaining tensor(s) (e.g. {waiting[0].name!r} "
+                f"needs {waiting[0].resources}) after {STRANDED_LIMIT_S:.0f} s; the work done so far is kept: "
+                "add workers, or rerun the same command to resume"
+            )
 
 
 def run_graph(
     client: Client,
     tasks: list[GraphTask],
     on_done: Callable[[GraphTask, TensorResult], None],
-    capacity: dict[str, float],
+    offers: dict[str, dict[str, float]],
+    *,
+    watch: bool = False,
+    tick: Callable[[], None] = lambda: None,
 ) -> None:
-    """Submit every task and call `on_done` as each finishes; the first failure cancels the rest."""
-    check_capacity(tasks, capacity)
-    by_key = {}
-    futures = []
-    for task in tasks:
-        func, *args = task.call
-        fut = client.submit(func, *args, key=task.key, priority=task.priority, resources=task.resources, pure=False)
-        by_key[fut.key] = task
-        futures.append(fut)
+    """Submit every task and call `on_done` as each finishes; the first failure cancels the rest.
+
+    `tick` runs a few times a second while nothing finishes (progress lines in batch logs);
+    `watch` looks after tasks stranded on a user's cluster.
+    """
+    check_capacity(tasks, offers)
+    graph = GraphRun(client, watch, tick)
+    ac = as_completed([graph.submit(task, task.key) for task in tasks])
     try:
-        for fut in as_completed(futures):
-            task = by_key[fut.key]
-            try:
-                result = fut.result()
-            except StreamsoupError:
-                raise
-            except CancelledError as exc:
-                raise RunError(
-                    "lost the dask cluster (scheduler or workers gone); the work done so far is kept: "
-                    "rerun the same command, on this or another cluster or locally, to resume"
-                ) from exc
-            except OSError as exc:
-                raise RunError(f"tensor {task.name!r}: I/O error: {exc}") from exc
-            except Exception as exc:
-                raise RunError(f"tensor {task.name!r} failed: {type(exc).__name__}: {exc}") from exc
-            on_done(task, result)
+        while not ac.is_empty():
+            batch = ac.next_batch(block=False) if ac.has_ready() else []
+            if not batch:
+                tick()
+                if time.monotonic() - graph.last_watch >= WATCH_SECONDS:
+                    graph.rescue(ac)
+                time.sleep(POLL_SECONDS)
+                continue
+            for fut in batch:
+                task = graph.tasks.get(fut.key)
+                if task is None:  # a future we replaced by a resubmission
+                    continue
+                try:
+                    result = _result(fut, task)
+                except TimeoutError:  # its result was on a worker that died: dask recomputes it, we keep watching
+                    ac.add(fut)
+                    continue
+                del graph.tasks[fut.key], graph.futures[fut.key]
+                on_done(task, result)
     except BaseException:
-        client.cancel(futures)
+        client.cancel(list(graph.futures.values()))
         raise
+
+
+def _result(fut: Future, task: GraphTask) -> TensorResult:
+    """The task's result; TimeoutError when it is not there after all (never blocks the watch for long)."""
+    try:
+        return fut.result(timeout=WATCH_SECONDS)
+    except TimeoutError:
+        raise
+    except StreamsoupError:
+        raise
+    except CancelledError as exc:
+        raise RunError(
+            "lost the dask cluster (scheduler or workers gone); the work done so far is kept: "
+            "rerun the same command, on this or another cluster or locally, to resume"
+        ) from exc
+    except OSError as exc:
+        raise RunError(f"tensor {task.name!r}: I/O error: {exc}") from exc
+    except Exception as exc:
+        raise RunError(f"tensor {task.name!r} failed: {type(exc).__name__}: {exc}") from exc

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UsageError
+from .errors import OptionError, UsageError
 
 _UNITS = {
     "": 1, "b": 1,
@@ -20,18 +22,26 @@ _UNITS = {
 }  # fmt: skip
 
 
-def parse_size(value: str | int, flag: str = "size") -> int:
+def parse_size(value: str | int, name: str = "size") -> int:
     """'5GB' -> 5e9 (decimal, as Hugging Face counts shards), '8GiB' -> 8*2**30, 123 -> 123."""
     if isinstance(value, int) and not isinstance(value, bool):
         size = value
     else:
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
         if not match or match.group(2).lower() not in _UNITS:
-            raise UsageError(f"{flag} must be a size like 500MB, 5GB or 8GiB, got {value!r}")
-        size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+            raise OptionError(name, f"must be a size like 500MB, 5GB or 8GiB, got {value!r}")
+        number = float(match.group(1)) * _UNITS[match.group(2).lower()]
+        if not math.isfinite(number):
+            raise OptionError(name, f"is not a usable size: {value!r}")
+        size = int(number)
     if size <= 0:
-        raise UsageError(f"{flag} must be positive, got {value!r}")
+        raise OptionError(name, f"must be positive, got {value!r}")
     return size
+
+
+def expand_path(path: str | os.PathLike) -> Path:
+    """`~` and $VARIABLES expanded, as a shell would (paths also come from YAML and the API)."""
+    return Path(os.path.expandvars(os.path.expanduser(os.fspath(path))))
 
 
 def format_size(n: float) -> str:
@@ -43,10 +53,24 @@ def format_size(n: float) -> str:
 
 
 def _opt(
-    default: Any, help: str, *, choices: tuple[str, ...] | None = None, size: bool = False, output: bool = True
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    size: bool = False,
+    path: bool = False,
+    output: bool = True,
+    plan: bool = True,
+    shown: str | None = None,
 ) -> Any:
-    """A field with the metadata the CLI builds its flags from; `output`: changes the result bytes."""
-    return field(default=default, metadata={"help": help, "choices": choices, "size": size, "output": output})
+    """A field with the metadata the CLI builds its flags from.
+
+    `output`: changes the result bytes (part of the resume fingerprint); `plan`: `streamsoup plan`
+    uses it too; `shown`: the default as the help text shows it ("" for none).
+    """
+    meta = {"help": help, "choices": choices, "size": size, "path": path, "output": output, "plan": plan,
+            "shown": shown}  # fmt: skip
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -66,41 +90,69 @@ class MergeOptions:
     )
     max_ram: int | None = _opt(
         None,
-        "peak resident memory of the whole run, e.g. 8GiB (default: 70%% of the memory available at start)",
+        "peak resident memory of the whole run, e.g. 8GiB; at most the machine's memory",
         size=True,
         output=False,
+        shown="70%% of the memory available at start",
     )
     max_vram: int | None = _opt(
-        None, "GPU memory per device, e.g. 40GiB (default: 90%% of what is free)", size=True, output=False
-    )
-    devices: str = _opt("auto", "auto | cpu | cuda | cuda:0,cuda:1 (one lane per listed device)", output=False)
-    lanes: int = _opt(1, "CPU lanes: tensors processed at once on the host", output=False)
-    threads: int = _opt(0, "torch threads; 0 = cores / lanes", output=False)
-    scheduler: str = _opt(
-        "",
-        "a dask.distributed scheduler (tcp://host:port); default: an embedded local "
-        "cluster. Workers need a shared filesystem and resources, see README",
+        None, "GPU memory per GPU, shared by its two lanes, e.g. 40GiB", size=True, output=False,
+        shown="90%% of what is free",
+    )  # fmt: skip
+    devices: str = _opt(
+        "auto",
+        "auto | cpu | cuda | cuda:0,cuda:1: GPUs get two lanes each (one computes while the other reads or "
+        "writes); auto = every GPU torch sees, plus CPU lanes",
         output=False,
     )
+    lanes: int = _opt(1, "CPU lanes: tensors processed at once on the host", output=False)
+    threads: int = _opt(0, "torch threads", output=False, shown="cores / lanes")
+    scheduler: str = _opt(
+        "",
+        "address of a running dask.distributed scheduler (tcp://host:port); workers need nothing declared, "
+        "only a filesystem shared with this machine (see README)",
+        output=False,
+        plan=False,
+        shown="an embedded local cluster",
+    )
+    scheduler_file: str = _opt(
+        "",
+        "a scheduler file written by `dask scheduler --scheduler-file` or dask-mpi (instead of --scheduler)",
+        path=True,
+        output=False,
+        plan=False,
+        shown="",
+    )
     checkpoint_seconds: float = _opt(
-        60.0, "how often a streamed tensor's partial Gram is saved for resume", output=False
+        60.0, "how often a streamed tensor's partial Gram is saved for resume", output=False, plan=False
+    )
+    work_dir: str = _opt(
+        "", "where the Zarr resume state lives", path=True, output=False, plan=False, shown="inside OUT.partial"
+    )
+    allow_nonfinite: bool = _opt(
+        False,
+        "copy tensors that hold NaN/Inf unchanged instead of stopping (an edited tensor never holds them)",
+        output=False,
+        plan=False,
     )
 
     def __post_init__(self) -> None:
         if self.rank_rule not in ("entropy", "energy"):
-            raise UsageError(f"--rank-rule must be entropy or energy, got {self.rank_rule!r}")
+            raise OptionError("rank_rule", f"must be entropy or energy, got {self.rank_rule!r}")
         if not 0.0 < float(self.energy) <= 1.0:
-            raise UsageError(f"--energy must be in (0, 1], got {self.energy!r}")
-        if float(self.min_rel_update) < 0:
-            raise UsageError(f"--min-rel-update must be >= 0, got {self.min_rel_update!r}")
+            raise OptionError("energy", f"must be in (0, 1], got {self.energy!r}")
+        if not float(self.min_rel_update) >= 0:
+            raise OptionError("min_rel_update", f"must be >= 0, got {self.min_rel_update!r}")
         if self.spectral not in ("auto", "gram", "svd"):
-            raise UsageError(f"--spectral must be auto, gram or svd, got {self.spectral!r}")
+            raise OptionError("spectral", f"must be auto, gram or svd, got {self.spectral!r}")
         if int(self.lanes) < 1:
-            raise UsageError(f"--lanes must be >= 1, got {self.lanes!r}")
-        if float(self.checkpoint_seconds) < 0:
-            raise UsageError(f"--checkpoint-seconds must be >= 0, got {self.checkpoint_seconds!r}")
+            raise OptionError("lanes", f"must be >= 1, got {self.lanes!r}")
+        if not float(self.checkpoint_seconds) >= 0:
+            raise OptionError("checkpoint_seconds", f"must be >= 0, got {self.checkpoint_seconds!r}")
         if int(self.threads) < 0:
-            raise UsageError(f"--threads must be >= 0, got {self.threads!r}")
+            raise OptionError("threads", f"must be >= 0, got {self.threads!r}")
+        if self.scheduler and self.scheduler_file:
+            raise OptionError("scheduler_file", "and scheduler name two clusters; give one of them")
 
     @classmethod
     def create(cls, config: str | Path | None = None, **overrides: Any) -> MergeOptions:
@@ -123,22 +175,36 @@ class MergeOptions:
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def plan_fields(cls) -> list[dataclasses.Field]:
+        """The options `streamsoup plan` uses; the others it rejects rather than ignores."""
+        return [f for f in fields(cls) if f.metadata["plan"]]
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
-    flag = "--" + f.name.replace("_", "-")
     if f.metadata.get("size"):
-        return None if value in (None, "auto") else parse_size(value, flag)
+        return None if value in (None, "auto") else parse_size(value, f.name)
+    if f.metadata.get("path"):
+        return str(expand_path(value)) if value else ""
     kind = type(f.default)
     if kind is str:
         return str(value)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise OptionError(f.name, f"must be true or false, got {value!r}")
     try:
         return kind(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{flag} must be a {kind.__name__}, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise OptionError(f.name, f"must be a {kind.__name__}, got {value!r}") from None
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    path = expand_path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:

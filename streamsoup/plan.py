@@ -9,6 +9,7 @@ from .checkpoint import Checkpoint, TensorRef
 from .dtypes import is_float
 from .layout import Placement, ShardLayout, TensorSpec
 from .options import MergeOptions
+from .preflight import check_not_adapter, check_pairing
 
 EDIT, COPY, DROP = "edit", "copy", "drop"
 
@@ -38,6 +39,7 @@ class MergePlan:
     jobs: tuple[TensorJob, ...]
     dropped: tuple[str, ...]  # tensors only in the base
     layout: ShardLayout
+    warnings: tuple[str, ...] = ()  # said once, before the run (plan and merge alike)
 
     @property
     def edits(self) -> list[TensorJob]:
@@ -64,12 +66,16 @@ def pair_action(ft: TensorRef, base: TensorRef | None) -> tuple[str, str]:
 
 
 def plan_merge(base: str | Path | Checkpoint, finetuned: str | Path | Checkpoint, options: MergeOptions) -> MergePlan:
+    """Pair, decide and lay out from headers; refuse inputs that cannot make a right model (preflight.py)."""
     base_ckpt = base if isinstance(base, Checkpoint) else Checkpoint.from_path(base, "BASE")
     ft_ckpt = finetuned if isinstance(finetuned, Checkpoint) else Checkpoint.from_path(finetuned, "FINETUNED")
+    for ckpt, role in ((base_ckpt, "BASE"), (ft_ckpt, "FINETUNED")):
+        check_not_adapter(ckpt, role)
     layout = ShardLayout.plan((TensorSpec(r.name, r.dtype, r.shape) for r in ft_ckpt.values()), options.shard_size)
     jobs = []
     for i, ref in enumerate(ft_ckpt.values()):
         action, reason = pair_action(ref, base_ckpt.get(ref.name))
         jobs.append(TensorJob(i, ref.name, ref, base_ckpt.get(ref.name), action, reason, layout.placements[ref.name]))
     dropped = tuple(name for name in base_ckpt if name not in ft_ckpt)
-    return MergePlan(base_ckpt, ft_ckpt, options, tuple(jobs), dropped, layout)
+    warning = check_pairing(base_ckpt, ft_ckpt, sum(j.action == EDIT for j in jobs))
+    return MergePlan(base_ckpt, ft_ckpt, options, tuple(jobs), dropped, layout, (warning,) if warning else ())

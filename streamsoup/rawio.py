@@ -6,7 +6,10 @@ tensor into a fresh allocation; we pread into our own buffers and drop the cache
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+from collections.abc import Callable
 
 import crc32c
 import numpy as np
@@ -52,13 +55,19 @@ def _chunks(length: int) -> tuple[memoryview, range]:
     return memoryview(buf), range(0, length, len(buf))
 
 
-def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, length: int) -> int:
-    """Byte-exact copy of a range between files through one bounded buffer; returns its crc32c."""
+def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, length: int,
+               inspect: Callable[[memoryview], None] | None = None) -> int:  # fmt: skip
+    """Byte-exact copy of a range between files through one bounded buffer; returns its crc32c.
+
+    `inspect` sees each chunk before it is written (and may raise): checks ride on the one read.
+    """
     view, starts = _chunks(length)
     crc = 0
     for done in starts:
         part = view[: min(len(view), length - done)]
         pread_into(src_fd, part, src_off + done)
+        if inspect is not None:
+            inspect(part)
         pwrite_all(dst_fd, part, dst_off + done)
         crc = crc32c.crc32c(part, crc)
     return crc
@@ -75,8 +84,25 @@ def crc_range(fd: int, offset: int, length: int) -> int:
     return crc
 
 
-def crc_of(data: memoryview) -> int:
-    return crc32c.crc32c(data)
+def crc_of(data: memoryview, crc: int = 0) -> int:
+    return crc32c.crc32c(data, crc)
+
+
+def reserve(fd: int, length: int) -> bool:
+    """Allocate `length` bytes of disk to the file now (Linux fallocate), so no other process can take the
+    space mid-run; False where the filesystem cannot (the file is then only extended, sparse)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fallocate = libc.fallocate
+    except (OSError, AttributeError):
+        return False
+    fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    if fallocate(fd, 0, 0, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err))
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -27,9 +27,11 @@ class MergeSummary:
     seconds: float
     report: Path
     resumed: int = 0  # tensors an earlier attempt had already committed
+    already_complete: bool = False  # OUT held this very merge already: nothing was done
+    warnings: tuple[str, ...] = ()
 
     @classmethod
-    def from_report(cls, out: Path) -> MergeSummary:
+    def from_report(cls, out: Path, already_complete: bool = False) -> MergeSummary:
         """The summary of a finished merge, read back from its report."""
         s = json.loads((out / REPORT_NAME).read_text())["summary"]
         return cls(
@@ -42,9 +44,13 @@ class MergeSummary:
             s["seconds"],
             out / REPORT_NAME,
             resumed=s["tensors"],
+            already_complete=already_complete,
         )
 
     def line(self) -> str:
+        if self.already_complete:
+            return (f"{self.out} is already complete (the same merge: same inputs and options): nothing to do; "
+                    f"{self.tensors} tensors, {self.edited} edited")  # fmt: skip
         resumed = f", {self.resumed} resumed from an earlier run" if self.resumed else ""
         return (
             f"merged {self.tensors} tensors ({self.edited} edited, {self.copied} copied, "
@@ -52,7 +58,8 @@ class MergeSummary:
         )
 
 
-def build_report(plan: MergePlan, results: list[TensorResult], seconds: float) -> dict:
+def build_report(plan: MergePlan, results: list[TensorResult], seconds: float, fingerprint: dict) -> dict:
+    """The report; its `fingerprint` lets a rerun of the same command tell that OUT is already this merge."""
     edited = sum(r.action == EDIT for r in results)
     return {
         "streamsoup": __version__,
@@ -60,6 +67,7 @@ def build_report(plan: MergePlan, results: list[TensorResult], seconds: float) -
         "base": str(plan.base.root),
         "finetuned": str(plan.finetuned.root),
         "options": plan.options.output_fingerprint(),
+        "fingerprint": fingerprint,
         "summary": {
             "tensors": len(results),
             "edited": edited,

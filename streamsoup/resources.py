@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from .errors import UsageError
+from .errors import OptionError
 from .options import format_size
 
 MiB = 2**20
@@ -72,7 +72,7 @@ def resolve_lanes(devices: str, lanes: int, threads: int) -> Lanes:
         found, cpu = (), lanes
     elif spec == "cuda":
         if not gpus:
-            raise UsageError("--devices cuda: no CUDA device is visible (use --devices cpu or auto)")
+            raise OptionError("devices", "cuda: no CUDA device is visible (use cpu or auto)")
         found, cpu = tuple(f"cuda:{i}" for i in range(gpus)), 0
     else:
         items = [d.strip() for d in spec.split(",") if d.strip()]
@@ -80,9 +80,9 @@ def resolve_lanes(devices: str, lanes: int, threads: int) -> Lanes:
             if item == "cpu":
                 continue
             if not item.startswith("cuda:") or not item[5:].isdigit():
-                raise UsageError(f"--devices: {item!r} is not auto, cpu, cuda or cuda:N")
+                raise OptionError("devices", f"{item!r} is not auto, cpu, cuda or cuda:N")
             if int(item[5:]) >= gpus:
-                raise UsageError(f"--devices {item}: no such GPU (this machine has {gpus})")
+                raise OptionError("devices", f"{item}: no such GPU (this machine has {gpus})")
         found, cpu = tuple(items), 0
     found = tuple(d for d in found for _ in range(GPU_SLOTS if d.startswith("cuda") else 1))
     cores = os.cpu_count() or 1
@@ -92,6 +92,28 @@ def resolve_lanes(devices: str, lanes: int, threads: int) -> Lanes:
 
 def available_ram() -> int:
     return psutil.virtual_memory().available
+
+
+def physical_ram() -> int:
+    return psutil.virtual_memory().total
+
+
+def check_max_ram(max_ram: int, machine: int, where: str = "this machine") -> None:
+    """A budget above the memory that exists is a typo, not a plan: refuse it with the machine's figure."""
+    if max_ram > machine:
+        raise OptionError("max_ram", f"{format_size(max_ram)} is more than the {format_size(machine)} of memory "
+                                     f"{where} has; give at most {format_size(machine)}")  # fmt: skip
+
+
+def check_max_vram(max_vram: int, devices: tuple[str, ...]) -> None:
+    """Likewise for --max-vram against the smallest GPU of the run."""
+    gpus = [d for d in dict.fromkeys(devices) if d.startswith("cuda")]
+    if not gpus:
+        return
+    total = min(torch.cuda.get_device_properties(torch.device(d)).total_memory for d in gpus)
+    if max_vram > total:
+        raise OptionError("max_vram", f"{format_size(max_vram)} is more than the {format_size(total)} of memory "
+                                      f"of the GPU; give at most {format_size(total)}")  # fmt: skip
 
 
 def default_max_ram() -> int:
@@ -178,17 +200,15 @@ class DevicePool:
         warm_up(devices)
 
     _warm_lock = threading.Lock()
-    _warmed: bool = False
 
     @classmethod
     def acquire(cls) -> str:
-        if cls._queue is None:  # a cluster worker: its own visible GPU (dask-cuda sets CUDA_VISIBLE_DEVICES)
-            device = "cuda:0" if torch.cuda.is_available() else "cpu"
+        if cls._queue is None:  # a cluster worker: the GPUs visible to it, two lanes each (see cluster.py)
             with cls._warm_lock:
-                if not cls._warmed:
-                    warm_up((device,))
-                    cls._warmed = True
-            return device
+                if cls._queue is None:
+                    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+                    visible = tuple(f"cuda:{i}" for i in range(gpus)) or ("cpu",)
+                    cls.configure(tuple(d for d in visible for _ in range(GPU_SLOTS)))
         return cls._queue.get(timeout=600)
 
     @classmethod
@@ -245,8 +265,9 @@ def check_budget(max_ram: int, baseline: int) -> int:
     """The RAM left for tasks; refuse a budget below what the process itself needs."""
     left = max_ram - baseline - DRIVER_RESERVE
     if left < 32 * MiB:
-        raise UsageError(
-            f"--max-ram {format_size(max_ram)} is too small: streamsoup itself uses {format_size(baseline)}; "
-            f"give at least {format_size(baseline + DRIVER_RESERVE + 32 * MiB)}"
+        raise OptionError(
+            "max_ram",
+            f"{format_size(max_ram)} is too small: streamsoup itself uses {format_size(baseline)}; "
+            f"give at least {format_size(baseline + DRIVER_RESERVE + 32 * MiB)}",
         )
     return left

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .checkpoint import matrix_shape
-from .errors import UsageError
+from .errors import OptionError, UsageError
 from .options import format_size
 from .plan import COPY, MergePlan, TensorJob
 from .rawio import IO_CHUNK
@@ -18,6 +18,7 @@ from .resources import (
     eigh_bytes,
     fit_block_rows,
     in_memory_bytes,
+    micro_rows,
     streamed_bytes,
 )
 from .tasks import Execution
@@ -34,6 +35,7 @@ class Budget:
     task_ram: int
     max_vram: int
     lanes: Lanes
+    cluster: bool = False  # task_ram is the largest worker's, not a share of --max-ram on this machine
 
 
 def _elem_bytes(job: TensorJob) -> int:
@@ -53,10 +55,12 @@ def execution_for(job: TensorJob, budget: Budget) -> Execution:
     vram_budget = lanes.vram_share(budget.max_vram)
     if gpu and in_memory_bytes(rows, cols, 0, 0) > vram_budget:  # eigensolve + one micro block on the GPU
         if not lanes.cpu:
-            raise UsageError(
-                f"tensor {job.name!r} needs {format_size(in_memory_bytes(rows, cols, 0, 0))} of GPU memory; "
-                f"raise --max-vram (now {format_size(budget.max_vram)}, shared by {len(lanes.devices)} lanes) "
-                "or add CPU lanes (--devices auto)"
+            share = max_vram_for(in_memory_bytes(rows, cols, 0, 0), budget)
+            raise OptionError(
+                "max_vram",
+                f"{format_size(budget.max_vram)} is too small for tensor {job.name!r}, which needs "
+                f"{format_size(in_memory_bytes(rows, cols, 0, 0))} of GPU memory per lane; give at least "
+                f"{format_size(share)} (two lanes share a GPU), or add CPU lanes (--devices auto)",
             )
         on_device = gpu = False
     lane = "device" if on_device else "cpu"
@@ -72,12 +76,25 @@ def execution_for(job: TensorJob, budget: Budget) -> Execution:
         return Execution(lane, 0, need)
     br = fit_block_rows(budget.task_ram, rows, cols, _elem_bytes(job))
     if br == 0:
-        raise UsageError(
-            f"tensor {job.name!r} ({'x'.join(map(str, job.finetuned.shape))}) needs at least "
-            f"{format_size(streamed_bytes(1, cols, _elem_bytes(job)))} even streamed row by row, more than the "
-            f"{format_size(budget.task_ram)} --max-ram leaves for tasks; raise --max-ram"
+        need = streamed_bytes(micro_rows(cols), cols, _elem_bytes(job))
+        if budget.cluster:
+            raise UsageError(
+                f"tensor {job.name!r} needs {format_size(need)} even streamed in row blocks, more than any "
+                f"worker offers ({format_size(budget.task_ram)}); give a worker at least {format_size(need)} "
+                '(its --memory-limit, or declare --resources "ram=MiB")'
+            )
+        raise OptionError(
+            "max_ram",
+            f"{format_size(budget.max_ram)} is too small for tensor {job.name!r} "
+            f"({'x'.join(map(str, job.finetuned.shape))}), which needs {format_size(need)} even streamed in "
+            f"row blocks; give at least {format_size(budget.max_ram - budget.task_ram + need)}",
         )
     return Execution(lane, br, streamed_bytes(br, cols, _elem_bytes(job)))
+
+
+def max_vram_for(per_lane: int, budget: Budget) -> int:
+    """The --max-vram that gives every lane of a GPU `per_lane` bytes."""
+    return per_lane * max(1, budget.max_vram // max(budget.lanes.vram_share(budget.max_vram), 1))
 
 
 def schedule(plan: MergePlan, budget: Budget) -> dict[str, Execution]:

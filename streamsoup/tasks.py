@@ -110,7 +110,7 @@ def merge_tensor(
     if options.threads:
         torch.set_num_threads(options.threads)
     if job.action == COPY:
-        crc = writer.copy_tensor(job.finetuned, folder, job.placement)
+        crc = writer.copy_tensor(job.finetuned, folder, job.placement, not options.allow_nonfinite)
         return _result(job, COPY, job.reason, start, crc32c=crc)
     assert job.action == EDIT and job.base is not None
     device = DevicePool.acquire() if run.lane == "device" else "cpu"
@@ -133,15 +133,20 @@ def _result(job: TensorJob, action: str, reason: str, start: float, **fields) ->
 def _nonfinite(job: TensorJob, sums: GramSums) -> InputError:
     """Name the checkpoint at fault from the sums already taken: no second read of the tensor."""
     culprit = job.base if not math.isfinite(sums.w0_sq) else job.finetuned  # dW = W1 - W0 with W0 finite
-    return InputError(f"{culprit.path}: tensor {job.name!r} contains NaN or Inf; MonoSoup cannot edit it "
-                      "(fix or drop the tensor, then rerun with --fresh)")  # fmt: skip
+    return InputError(f"{culprit.path}: tensor {job.name!r} contains NaN or Inf; MonoSoup cannot edit it: fix "
+                      "the checkpoint, or rerun with --allow-nonfinite to copy the fine-tune's tensor unchanged")
 
 
-def _skip_reason(sums: GramSums, options: MergeOptions, job: TensorJob) -> tuple[str, float]:
+NONFINITE_COPIED = "NaN or Inf in BASE or FINETUNED: the fine-tune's tensor copied unchanged (--allow-nonfinite)"
+
+
+def _skip_reason(sums: GramSums, options: MergeOptions, job: TensorJob) -> tuple[str, float | None]:
     """Why an edit candidate is copied after all ("" when it is edited), and its relative update."""
     try:
         dw_norm, w0_norm = sums.norms
     except FloatingPointError:
+        if options.allow_nonfinite:
+            return NONFINITE_COPIED, None
         raise _nonfinite(job, sums) from None
     rel = relative_update(dw_norm, w0_norm)
     if not update_is_significant(dw_norm, w0_norm, options.min_rel_update):
@@ -152,7 +157,7 @@ def _skip_reason(sums: GramSums, options: MergeOptions, job: TensorJob) -> tuple
 
 
 def _edited(job, options, start, coef, spectrum_s, path, rel, crc, device, blocks=0) -> TensorResult:
-    return _result(job, EDIT, f"rank {coef.k} of {coef.rank} ({options.rank_rule})", start, rel_update=rel,
+    return _result(job, EDIT, f"k={coef.k} of rank {coef.rank} ({options.rank_rule} rule)", start, rel_update=rel,
                    spectral=path, crc32c=crc, singular_values=np.asarray(spectrum_s), device=str(device),
                    blocks=blocks, **_coef_fields(coef))  # fmt: skip
 
@@ -163,7 +168,7 @@ def _merge_in_memory(job: TensorJob, options: MergeOptions, folder: Path, device
     reason, rel = _skip_reason(accumulate(src, with_gram=False), options, job)
     if reason:
         del w0, w1, src
-        crc = writer.copy_tensor(job.finetuned, folder, job.placement)
+        crc = writer.copy_tensor(job.finetuned, folder, job.placement, not options.allow_nonfinite)
         return _result(job, COPY, reason, start, rel_update=rel, crc32c=crc)
     spectrum = compute_spectrum(src, options.spectral)
     coef = coefficients(spectrum.s, options.rank_rule, options.energy)
@@ -195,7 +200,7 @@ def _merge_streamed(
         src.release()
         reason, rel = _skip_reason(sums, options, job)
         if reason:
-            crc = writer.copy_tensor(ref, folder, job.placement)
+            crc = writer.copy_tensor(ref, folder, job.placement, not options.allow_nonfinite)
             return _result(job, COPY, reason, start, rel_update=rel, crc32c=crc, blocks=src.n_blocks)
         spectrum = eigh_spectrum(sums.gram)
         del sums

@@ -16,6 +16,8 @@ import torch
 
 from . import rawio
 from .checkpoint import TensorRef
+from .dtypes import has_nonfinite
+from .errors import InputError
 from .layout import Placement, ShardLayout
 
 #: files of a model folder that are weights (never copied from the fine-tune: we write our own)
@@ -39,6 +41,7 @@ def preallocate(layout: ShardLayout, folder: Path) -> None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             rawio.pwrite_all(fd, memoryview(shard.header), 0)
+            rawio.reserve(fd, shard.size)
             os.ftruncate(fd, shard.size)
             os.fsync(fd)
         finally:
@@ -64,13 +67,24 @@ def write_tensor(folder: Path, placement: Placement, tensor: torch.Tensor) -> in
     return rawio.crc_of(memoryview(data))
 
 
-def copy_tensor(source: TensorRef, folder: Path, placement: Placement) -> int:
-    """Byte-for-byte copy of a tensor of the fine-tune into its output slot; returns its crc32c."""
+def copy_tensor(source: TensorRef, folder: Path, placement: Placement, check_finite: bool = True) -> int:
+    """Byte-for-byte copy of a tensor of the fine-tune into its output slot; returns its crc32c.
+
+    NaN/Inf are looked for in each chunk on its way through (no second read of the tensor).
+    """
+
+    def finite(chunk: memoryview) -> None:
+        if has_nonfinite(chunk, source.dtype):
+            raise InputError(f"{source.path}: tensor {source.name!r} contains NaN or Inf and would be copied into "
+                             "the output as is; fix the checkpoint, or rerun with --allow-nonfinite to copy it "
+                             "unchanged")  # fmt: skip
+
     src = os.open(source.path, os.O_RDONLY)
     try:
         dst = _open_for_write(folder, placement)
         try:
-            crc = rawio.copy_range(src, source.offset, dst, placement.offset, source.nbytes)
+            crc = rawio.copy_range(src, source.offset, dst, placement.offset, source.nbytes,
+                                   finite if check_finite else None)  # fmt: skip
             os.fdatasync(dst)
         finally:
             os.close(dst)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +14,10 @@ CLI = [sys.executable, "-m", "streamsoup.cli"]
 REPORT = "streamsoup_report.json"
 
 
-def run(*args: str | Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-    )
+def run(*args: str | Path, env: dict | None = None, timeout: int = 300, cwd: Path | None = None
+        ) -> subprocess.CompletedProcess:  # fmt: skip
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, cwd=cwd)  # fmt: skip
 
 
 def start(*args: str | Path, env: dict | None = None) -> subprocess.Popen:
@@ -25,9 +26,18 @@ def start(*args: str | Path, env: dict | None = None) -> subprocess.Popen:
                             start_new_session=True, env={**os.environ, **(env or {})})  # fmt: skip
 
 
+#: what a run prints to a non-terminal stderr before it fails mid-run: the budget line and the progress trail
+PROGRESS = re.compile(r"^(merging|resuming): |^streamsoup: (max-ram|cluster) ")
+
+
+def progress_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if PROGRESS.match(line)]
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, *needles: str) -> None:
+    """Exit `code`, no traceback, and one line besides the progress trail, naming every needle."""
     assert proc.returncode == code, (proc.returncode, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
+    lines = [line for line in proc.stderr.strip().splitlines() if not PROGRESS.match(line)]
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     for needle in needles:

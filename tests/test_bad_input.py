@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -135,21 +136,52 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
     return done.returncode == 0
 
 
-def test_disk_full_then_resume(awkward_pair, tmp_path):
-    """OUT on a tmpfs too small for it: clear error, state kept; grow the disk and rerun."""
+def test_disk_too_small_is_refused_up_front(awkward_pair, tmp_path):
+    """OUT on a tmpfs too small for it: refused in seconds, before anything is written; a roomier disk works."""
     base, ft = awkward_pair
     disk = tmp_path / "disk"
     if not _mount_tmpfs(disk, "120k"):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         out = disk / "out"
+        t0 = time.time()
         proc = run("merge", base, ft, out, "--shard-size", "100KB")
-        assert_one_line_error(proc, 1, "No space left on device", "rerun the same command")
-        assert not out.exists() and (disk / "out.partial").exists()
+        assert time.time() - t0 < 10
+        assert_one_line_error(proc, 2, "not enough disk space", "KiB free", str(disk))
+        assert list(disk.iterdir()) == [], "nothing may be left behind"
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
         proc = run("merge", base, ft, out, "--shard-size", "100KB", "-q")
         assert proc.returncode == 0, proc.stderr
         assert run("verify", out, "-q").returncode == 0
+        ref = tmp_path / "ref"
+        assert run("merge", base, ft, ref, "--shard-size", "100KB", "-q").returncode == 0
+        assert tree_digest(out) == tree_digest(ref)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_disk_filled_after_a_kill_keeps_state_then_resumes(awkward_pair, tmp_path):
+    """A run is killed, another process then takes the whole disk: the rerun is refused up front (the shards'
+    space is already reserved, the state and report still need room), the state is kept; free the space and
+    rerun: it resumes, identical output."""
+    base, ft = awkward_pair
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "24m"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        out = disk / "out"
+        killed = run("merge", base, ft, out, "--shard-size", "100KB", "-q", env={"STREAMSOUP_FAULT": "commit:6"})
+        assert killed.returncode == -9
+        filler = disk / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=4k"], capture_output=True)  # until ENOSPC
+        before = tree_digest(disk / "out.partial")
+        proc = run("merge", base, ft, out, "--shard-size", "100KB")
+        assert_one_line_error(proc, 2, "not enough disk space")
+        assert not out.exists() and tree_digest(disk / "out.partial") == before
+        filler.unlink()
+        proc = run("merge", base, ft, out, "--shard-size", "100KB")
+        assert proc.returncode == 0, proc.stderr
+        assert "resuming: 5/28 tensors already done" in proc.stderr
         ref = tmp_path / "ref"
         assert run("merge", base, ft, ref, "--shard-size", "100KB", "-q").returncode == 0
         assert tree_digest(out) == tree_digest(ref)

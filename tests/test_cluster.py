@@ -11,47 +11,72 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import assert_merged_exactly, run, start, tree_digest
+from helpers import assert_merged_exactly, assert_one_line_error, run, start, tree_digest
 
 from streamsoup.state import STATE_NAME, RunState
 
 DASK = str(Path(sys.executable).parent / "dask")
-WORKER_RAM_MIB = 1024
+#: a memory limit small enough that streamsoup's share on that worker (70% of it, less the worker's own
+#: RSS with torch loaded) holds only the smaller tensors: the big ones must go to the other worker
+SMALL_LIMIT = "700MB"
 
 
 class LoopbackCluster:
-    """`dask scheduler` + `dask worker` processes, each in its own process group."""
+    """`dask scheduler` + plain `dask worker` processes, started as a user would: no resources declared.
 
-    def __init__(self, root: Path, n_workers: int = 2) -> None:
+    Worker 0 has no memory limit, worker 1 a small one; each runs under its nanny, in its own process group.
+    """
+
+    def __init__(self, root: Path, limits: tuple[str, ...] = ("0", SMALL_LIMIT)) -> None:
         self.root = root
-        sched_file = root / "scheduler.json"
+        self.scheduler_file = root / "scheduler.json"
         self.scheduler = self._spawn([DASK, "scheduler", "--host", "127.0.0.1", "--port", "0",
-                                      "--scheduler-file", str(sched_file), "--no-dashboard"])  # fmt: skip
+                                      "--scheduler-file", str(self.scheduler_file), "--no-dashboard"])  # fmt: skip
         deadline = time.time() + 60
-        while not sched_file.exists() and time.time() < deadline:
+        while not self.scheduler_file.exists() and time.time() < deadline:
             time.sleep(0.1)
-        self.address = json.loads(sched_file.read_text())["address"]
-        self.workers = [self._spawn([DASK, "worker", self.address, "--nthreads", "1", "--memory-limit", "0",
-                                     "--resources", f"cpu=1,ram={WORKER_RAM_MIB}", "--name", f"w{i}",
-                                     "--no-dashboard"]) for i in range(n_workers)]  # fmt: skip
-        self._wait_for_workers(n_workers)
+        self.address = json.loads(self.scheduler_file.read_text())["address"]
+        self.workers = [
+            self._spawn([DASK, "worker", self.address, "--nthreads", "1", "--memory-limit", limit, "--name", f"w{i}",
+                         "--no-dashboard"])  # fmt: skip
+            for i, limit in enumerate(limits)
+        ]
+        self._wait_for_workers(len(limits))
 
     def _spawn(self, cmd: list[str]) -> subprocess.Popen:
         log = open(self.root / f"{len(list(self.root.glob('*.log')))}.log", "w")
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def _wait_for_workers(self, n: int) -> None:
+    def client(self):
         from distributed import Client
 
-        with Client(self.address, timeout="30s") as client:
+        return Client(self.address, timeout="30s")
+
+    def _wait_for_workers(self, n: int) -> None:
+        with self.client() as client:
             client.wait_for_workers(n, timeout=60)
 
+    def resources(self) -> dict[str, dict]:
+        """Worker name -> its resources, as the scheduler sees them."""
+        with self.client() as client:
+            return {w["name"]: w["resources"] for w in client.scheduler_info(n_workers=-1)["workers"].values()}
+
     def kill(self, proc: subprocess.Popen) -> None:
+        """The worker and its nanny (its whole process group): gone for good."""
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         proc.wait()
+
+    def crash_worker_process(self, proc: subprocess.Popen) -> None:
+        """SIGKILL the worker process under its nanny: the nanny restarts it (runtime resources are lost)."""
+        import psutil
+
+        children = [c for c in psutil.Process(proc.pid).children() if "resource_tracker" not in " ".join(c.cmdline())]
+        assert children, "the nanny has no worker process"
+        for child in children:
+            child.kill()
 
     def shutdown(self) -> None:
         for proc in [*self.workers, self.scheduler]:
@@ -81,13 +106,18 @@ def medium_local(medium_pair, tmp_path_factory):
     return tree_digest(out)
 
 
-def test_cluster_merge_matches_local(awkward_pair, cluster, tmp_path):
+def test_plain_cluster_merge_matches_local(awkward_pair, cluster, tmp_path):
+    """Workers that declare nothing get streamsoup's resources from what they are; same bytes as a local run."""
     local, remote = tmp_path / "local", tmp_path / "remote"
     assert run("merge", *awkward_pair, local, "--devices", "cpu", "--threads", "1", "-q").returncode == 0
-    proc = run("merge", *awkward_pair, remote, "--scheduler", cluster.address, "-q")
+    proc = run("merge", *awkward_pair, remote, "--scheduler", cluster.address)
     assert proc.returncode == 0, proc.stderr
+    assert f"cluster {cluster.address}: 2 worker(s), 2 CPU lane(s)" in proc.stderr
     assert tree_digest(remote) == tree_digest(local)
     assert_merged_exactly(*awkward_pair, remote)
+    res = cluster.resources()
+    assert res["w0"]["cpu"] == res["w1"]["cpu"] == 1 and res["w0"]["device"] == res["w1"]["device"] == 0
+    assert 0 < res["w1"]["ram"] < 700 * 10**6 / 2**20 * 0.7 < res["w0"]["ram"]  # the limit, less the worker's RSS
 
 
 def _wait_commits(partial: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -103,13 +133,28 @@ def _wait_commits(partial: Path, n: int, proc: subprocess.Popen, timeout: float 
 
 
 def test_worker_killed_mid_merge(medium_pair, medium_local, cluster, tmp_path):
+    """One worker (and its nanny) killed for good mid-run, the cluster named by its scheduler file."""
     out = tmp_path / "out"
-    proc = start("merge", *medium_pair, out, "--scheduler", cluster.address, "-q")
+    proc = start("merge", *medium_pair, out, "--scheduler-file", cluster.scheduler_file, "-q")
     _wait_commits(tmp_path / "out.partial", 4, proc)
-    cluster.kill(cluster.workers[0])  # the worker and its nanny: gone for good
+    cluster.kill(cluster.workers[1])
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert tree_digest(out) == medium_local
+
+
+def test_restarted_worker_rejoins_and_finishes(medium_pair, medium_local, cluster, tmp_path):
+    """w1 is killed for good and w0's worker process crashes: its nanny restarts it without resources, the
+    plugin restores them, and the tasks stranded in no-worker meanwhile are resubmitted: w0 alone finishes."""
+    out = tmp_path / "out"
+    proc = start("merge", *medium_pair, out, "--scheduler", cluster.address, "-q")
+    _wait_commits(tmp_path / "out.partial", 4, proc)
+    cluster.kill(cluster.workers[1])
+    cluster.crash_worker_process(cluster.workers[0])
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert tree_digest(out) == medium_local
+    assert cluster.resources()["w0"]["ram"] > 0
 
 
 def test_cluster_gone_then_resume_locally(medium_pair, medium_local, cluster, tmp_path):
@@ -126,33 +171,21 @@ def test_cluster_gone_then_resume_locally(medium_pair, medium_local, cluster, tm
     assert tree_digest(out) == medium_local
 
 
-def test_workers_without_resources_are_refused(awkward_pair, tmp_path):
-    root = tmp_path / "c"
-    root.mkdir()
-    sched_file = root / "s.json"
-    procs = [subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", "0", "--scheduler-file",
-                               str(sched_file), "--no-dashboard"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)]  # fmt: skip
-    try:
-        while not sched_file.exists():
-            time.sleep(0.1)
-        address = json.loads(sched_file.read_text())["address"]
-        procs.append(
-            subprocess.Popen(
-                [DASK, "worker", address, "--nthreads", "1", "--no-dashboard"],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        )
-        from distributed import Client
+def test_declared_resources_win_and_a_dead_address_is_refused(awkward_pair, tmp_path):
+    """A worker that declares ram= keeps it (only the missing lanes are derived); an unreachable scheduler
+    and a missing scheduler file are one-line errors."""
+    from streamsoup.cluster import WorkerFacts, derive_resources
 
-        with Client(address, timeout="30s") as c:
-            c.wait_for_workers(1, timeout=60)
-        proc = run("merge", *awkward_pair, tmp_path / "o", "--scheduler", address)
-        assert proc.returncode == 2 and "--resources" in proc.stderr and "Traceback" not in proc.stderr
-        bad = run("merge", *awkward_pair, tmp_path / "o", "--scheduler", "tcp://127.0.0.1:1")
-        assert bad.returncode == 2 and "cannot reach a dask scheduler" in bad.stderr
-    finally:
-        for p in procs:
-            os.killpg(p.pid, signal.SIGKILL)
+    facts = WorkerFacts(nthreads=4, memory_limit=0, rss=0, available=64 * 2**30, total_memory=64 * 2**30, gpus=1,
+                        gpu_memory=80 * 2**30, declared={"ram": 1000})  # fmt: skip
+    assert derive_resources(facts) == {"cpu": 2, "device": 2, "ram": 1000}
+    assert derive_resources(facts, limitless_on_host=2)["ram"] == 1000
+    plain = WorkerFacts(4, 0, 0, 64 * 2**30, 64 * 2**30, 0, 0)
+    assert derive_resources(plain, limitless_on_host=2) == {"cpu": 4, "device": 0, "ram": int(0.7 * 32 * 1024)}
+    limited = WorkerFacts(1, 2**30, 300 * 2**20, 64 * 2**30, 64 * 2**30, 0, 0)
+    assert derive_resources(limited)["ram"] == (int(0.7 * 2**30) - 300 * 2**20) // 2**20
+    bad = run("merge", *awkward_pair, tmp_path / "o", "--scheduler", "tcp://127.0.0.1:1")
+    assert_one_line_error(bad, 2, "--scheduler", "cannot reach a dask scheduler")
+    missing = run("merge", *awkward_pair, tmp_path / "o", "--scheduler-file", tmp_path / "nope.json")
+    assert_one_line_error(missing, 2, "--scheduler-file", "nope.json")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()

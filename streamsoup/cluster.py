@@ -1,0 +1,223 @@
+"""A dask.distributed cluster as users already run it: plain `dask worker`, dask-jobqueue, dask-cuda.
+
+Such workers declare no resources. A WorkerPlugin derives streamsoup's resources on each
+worker from what it knows of itself (threads, memory limit, or the machine's available memory
+when it has none, the GPUs visible to it) and sets them with `Worker.set_resources`, so dask
+admits tasks by our RAM and lane budgets. The plugin's `setup` runs again on workers that join
+or restart mid-run (runtime resources are lost on restart). Resources a worker declared on its
+command line take precedence over derived ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+from distributed import Client
+from distributed.comm.addressing import get_address_host
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from .errors import OptionError, UsageError
+from .options import MergeOptions, expand_path, format_size
+from .resources import GPU_SLOTS, Lanes, MiB, check_max_ram
+from .schedule import Budget
+
+log = logging.getLogger(__name__)
+
+PLUGIN_NAME = "streamsoup-lanes"
+RAM, CPU, DEVICE = "ram", "cpu", "device"
+OURS = (CPU, DEVICE, RAM)
+#: share of a worker's memory limit our tasks may take (dask's nanny pauses a worker at 80% of it)
+LIMIT_SHARE = 0.7
+#: share of the available memory of a worker machine without limits, split between its limitless workers
+AVAILABLE_SHARE = 0.7
+#: how long to wait for the first worker, and for every worker to take the plugin
+WORKER_WAIT_S = 120
+
+
+@dataclass(frozen=True)
+class WorkerFacts:
+    """What a worker knows of itself, measured on the worker."""
+
+    nthreads: int
+    memory_limit: int  # 0: none
+    rss: int  # the worker process now (torch imported)
+    available: int  # the machine's available memory
+    total_memory: int  # the machine's physical memory
+    gpus: int
+    gpu_memory: int  # the smallest visible GPU's total memory; 0 without GPUs
+    declared: dict[str, float] = field(default_factory=dict)  # streamsoup's resources given on its command line
+
+
+def derive_resources(facts: WorkerFacts, limitless_on_host: int = 1) -> dict[str, float]:
+    """cpu/device lanes and ram (MiB) for one worker; what it declared wins.
+
+    Each thread is a lane (a task holds one working set); a GPU gets up to two lanes, taken from
+    the threads. RAM: a share of the memory limit less what the worker already uses, or, with no
+    limit, a share of the machine's available memory split between the limitless workers on it.
+    """
+    declared = {k: v for k, v in facts.declared.items() if k in OURS}
+    if CPU in declared or DEVICE in declared:
+        cpu, device = declared.get(CPU, 0), declared.get(DEVICE, 0)
+    else:
+        device = min(facts.nthreads, GPU_SLOTS * facts.gpus)
+        cpu = facts.nthreads - device
+    if RAM in declared:
+        ram = declared[RAM]
+    elif facts.memory_limit:
+        ram = max(0, int(LIMIT_SHARE * facts.memory_limit) - facts.rss) // MiB
+    else:
+        ram = int(AVAILABLE_SHARE * facts.available / max(1, limitless_on_host)) // MiB
+    return {CPU: cpu, DEVICE: device, RAM: ram}
+
+
+def measure_worker(nthreads: int, memory_limit: int | None, declared: dict[str, float]) -> WorkerFacts:
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpu_memory = min((torch.cuda.get_device_properties(i).total_memory for i in range(gpus)), default=0)
+    vm = psutil.virtual_memory()
+    return WorkerFacts(nthreads, int(memory_limit or 0), psutil.Process().memory_info().rss, vm.available,
+                       vm.total, gpus, gpu_memory, declared)  # fmt: skip
+
+
+class LaneResources(WorkerPlugin):
+    """Sets streamsoup's resources on every worker, now and whenever one joins or restarts."""
+
+    name = PLUGIN_NAME
+    idempotent = False
+
+    async def setup(self, worker) -> None:
+        if not hasattr(worker, "_streamsoup_declared"):  # what the command line gave, before we set anything
+            worker._streamsoup_declared = {k: v for k, v in worker.state.total_resources.items() if k in OURS}
+        facts = measure_worker(worker.state.nthreads, worker.memory_manager.memory_limit, worker._streamsoup_declared)
+        worker._streamsoup_facts = facts
+        host = get_address_host(worker.address)
+        identity = await worker.scheduler.identity()
+        limitless = sum(
+            1 for w in identity.get("workers", {}).values() if w.get("host") == host and not w.get("memory_limit")
+        )
+        resources = derive_resources(facts, limitless if not facts.memory_limit else 1)
+        await worker.set_resources(**resources)
+        log.info("streamsoup resources on %s: %s", worker.address, resources)
+
+
+def _facts_of(dask_worker) -> dict[str, Any]:
+    facts = getattr(dask_worker, "_streamsoup_facts", None)
+    return facts.__dict__ if facts is not None else {}
+
+
+def scheduler_address(opts: MergeOptions) -> str:
+    """--scheduler, or the address in --scheduler-file (as `dask scheduler --scheduler-file` and dask-mpi write it)."""
+    if not opts.scheduler_file:
+        return opts.scheduler
+    path = expand_path(opts.scheduler_file)
+    try:
+        address = json.loads(Path(path).read_text())["address"]
+    except OSError as exc:
+        raise OptionError("scheduler_file", f"{path}: cannot read it ({exc.strerror})") from None
+    except (ValueError, KeyError, TypeError):
+        raise OptionError("scheduler_file", f"{path}: not a dask scheduler file (no 'address')") from None
+    return str(address)
+
+
+@contextmanager
+def cluster_client(opts: MergeOptions) -> Iterator[Client]:
+    """A client of the user's cluster, every worker given streamsoup's resources; unregistered at the end."""
+    from .executor import quiet_dask_logs
+
+    address = scheduler_address(opts)
+    name = "scheduler_file" if opts.scheduler_file else "scheduler"
+    quiet_dask_logs()
+    try:
+        client = Client(address, timeout="20s")
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise OptionError(name, f"{address}: cannot reach a dask scheduler there ({exc})") from None
+    try:
+        quiet_dask_logs()  # again: connecting created more loggers
+        try:
+            client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+        except TimeoutError:
+            raise UsageError(f"the dask cluster at {address} has no workers (waited {WORKER_WAIT_S} s); "
+                             "start some with `dask worker " + address + "`") from None  # fmt: skip
+        client.register_plugin(LaneResources(), name=PLUGIN_NAME)
+        yield client
+    finally:
+        try:
+            client.unregister_worker_plugin(PLUGIN_NAME)
+        except Exception:  # the cluster may be gone: nothing to clean
+            pass
+        client.close()
+
+
+def worker_resources(client: Client) -> dict[str, dict[str, float]]:
+    """Each worker's resources, as the scheduler sees them now."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    return {addr: dict(w.get("resources") or {}) for addr, w in workers.items()}
+
+
+def dashboard(client: Client) -> str | None:
+    """The scheduler's dashboard address, when it serves one."""
+    services = client.scheduler_info().get("services") or {}
+    return client.dashboard_link if "dashboard" in services else None
+
+
+def cluster_budget(client: Client, opts: MergeOptions) -> Budget:
+    """Lanes and memory from the resources every worker now has (declared or derived).
+
+    The per-task RAM is the largest worker's: dask places each task on a worker whose `ram`
+    holds it, and a tensor bigger than every worker is streamed in row blocks that fit.
+    """
+    resources = worker_resources(client)
+    facts = {a: f for a, f in client.run(_facts_of).items() if f}
+    usable = {a: r for a, r in resources.items() if r.get(RAM) and (r.get(CPU) or r.get(DEVICE))}
+    if not usable:
+        raise UsageError(
+            f"the dask cluster at {scheduler_address(opts)} offers streamsoup no memory or lanes "
+            f"({len(resources)} worker(s)); give workers threads and memory, or declare resources "
+            '(e.g. `--resources "cpu=2,ram=8192"`, ram in MiB)'
+        )
+    task_ram = int(max(r[RAM] for r in usable.values())) * MiB
+    if opts.max_ram:
+        machine = max((f["total_memory"] for f in facts.values()), default=opts.max_ram)
+        check_max_ram(opts.max_ram, machine, "the largest worker machine")
+        task_ram = min(task_ram, opts.max_ram)
+    gpu_memory = [f["gpu_memory"] for f in facts.values() if f.get("gpus")]
+    if opts.max_vram and gpu_memory and opts.max_vram > min(gpu_memory):
+        raise OptionError("max_vram", f"{format_size(opts.max_vram)} is more than the {format_size(min(gpu_memory))} "
+                                      "of memory of the workers' GPUs")  # fmt: skip
+    max_vram = opts.max_vram or int(0.9 * min(gpu_memory, default=16 * 2**30))
+    cpu = int(sum(r.get(CPU, 0) for r in usable.values()))
+    devices = ("cuda",) * int(sum(r.get(DEVICE, 0) for r in usable.values()))
+    lanes = Lanes(cpu=cpu, devices=devices, threads=opts.threads)
+    return Budget(max_ram=task_ram, task_ram=task_ram, max_vram=max_vram, lanes=lanes, cluster=True)
+
+
+def describe(client: Client, budget: Budget, address: str) -> str:
+    """One line: where we run and what the workers give us."""
+    resources = worker_resources(client)
+    rams = sorted(r.get(RAM, 0) for r in resources.values())
+    span = format_size(rams[0] * MiB) if rams[0] == rams[-1] else f"{format_size(rams[0] * MiB)} to " \
+        f"{format_size(rams[-1] * MiB)}"  # fmt: skip
+    line = (f"cluster {address}: {len(resources)} worker(s), {budget.lanes.cpu} CPU lane(s), "
+            f"{len(budget.lanes.devices)} GPU lane(s), {span} per worker for tensors")  # fmt: skip
+    link = dashboard(client)
+    return line + (f"; dashboard {link}" if link else "")
+
+
+def no_worker_tasks(dask_scheduler, keys: list[str]) -> dict[str, Any]:
+    """On the scheduler: which of `keys` wait in state no-worker, and what each worker offers now."""
+    stuck = [k for k in keys if (ts := dask_scheduler.tasks.get(k)) is not None and ts.state == "no-worker"]
+    offers = {addr: dict(ws.resources) for addr, ws in dask_scheduler.workers.items()}
+    return {"stuck": stuck, "offers": offers}
+
+
+def fits(request: dict[str, float], offers: dict[str, dict[str, float]]) -> bool:
+    """Some single worker has every resource the task asks for (not one worker the RAM and another the lane)."""
+    return any(all(offer.get(k, 0) >= v for k, v in request.items()) for offer in offers.values())

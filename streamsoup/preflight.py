@@ -1,0 +1,184 @@
+"""Refusals that must come before any tensor is computed: a merge tool's worst failure is a silent one.
+
+From headers alone (so `plan` and `merge` say the same): an adapter folder given where a full
+checkpoint is expected, BASE and FINETUNED being the same files, a BASE that pairs with no
+tensor of the fine-tune (the wrong model), and a warning when fewer than half pair. Before a
+merge writes anything: BASE and FINETUNED holding the same values (a few sampled spans per
+matrix, stopping at the first difference), and room on OUT's and the state's filesystems.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+from .checkpoint import Checkpoint, TensorRef, matrix_shape
+from .dtypes import is_float
+from .errors import InputError, UsageError
+from .layout import ShardLayout
+from .options import format_size
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_KEYS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+#: bytes compared per sampled span, and spans per matrix (start, middle, end)
+SAMPLE_BYTES = 4096
+SAMPLES = 3
+#: report and state bookkeeping per tensor, for the disk check (generous)
+BOOKKEEPING_PER_TENSOR = 4096
+#: what a filesystem must keep free beyond our estimate
+DISK_MARGIN = 16 * 2**20
+
+
+def check_not_adapter(ckpt: Checkpoint, role: str) -> None:
+    """A PEFT LoRA adapter is not a model: merging it as one would write the adapter as 'the model'."""
+    folder = ckpt.root if ckpt.root.is_dir() else ckpt.root.parent
+    lora = next((n for n in ckpt if any(f".{key}." in n or n.endswith(f".{key}") for key in ADAPTER_KEYS)), None)
+    if (folder / ADAPTER_CONFIG).exists() or lora is not None:
+        found = ADAPTER_CONFIG if (folder / ADAPTER_CONFIG).exists() else f"tensor {lora!r}"
+        raise InputError(
+            f"{role} {ckpt.root} is a PEFT LoRA adapter ({found}), not a full checkpoint; streamsoup does not "
+            "take adapters yet: merge it into its base with peft (merge_and_unload, then save_pretrained) "
+            f"and pass that folder as {role}"
+        )
+
+
+def _file_ids(ckpt: Checkpoint) -> set[tuple[int, int]]:
+    ids = set()
+    for path in ckpt.files:
+        st = os.stat(path)
+        ids.add((st.st_dev, st.st_ino))
+    return ids
+
+
+def model_shape_words(ckpt: Checkpoint) -> str:
+    """'hidden size 2048, 4 layers' from config.json, else the commonest input width of its matrices."""
+    folder = ckpt.root if ckpt.root.is_dir() else ckpt.root.parent
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    if isinstance(config, dict):
+        hidden = next((config[k] for k in ("hidden_size", "n_embd", "d_model") if k in config), None)
+        layers = next((config[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in config), None)
+        if hidden:
+            return f"hidden size {hidden}" + (f", {layers} layers" if layers else "") + " (config.json)"
+    widths = Counter(r.shape[-1] for r in ckpt.values() if len(r.shape) == 2)
+    if not widths:
+        return "no matrices"
+    return f"hidden size ~{widths.most_common(1)[0][0]} (commonest matrix width)"
+
+
+def check_pairing(base: Checkpoint, finetuned: Checkpoint, edits: int) -> str | None:
+    """Refuse a BASE that pairs with nothing; a warning (returned) when fewer than half the matrices pair."""
+    if _file_ids(base) == _file_ids(finetuned):
+        raise InputError(f"BASE {base.root} and FINETUNED {finetuned.root} are the same files: nothing to merge; "
+                         "pass the pre-trained model as BASE and the fine-tune as FINETUNED")  # fmt: skip
+    matrices = [r for r in finetuned.values() if len(r.shape) >= 2 and r.numel and is_float(r.dtype)]
+    if edits == 0:
+        shared = [n for n in finetuned if n in base]
+        differ = [n for n in shared if base[n].shape != finetuned[n].shape]
+        if differ:
+            shown = "; ".join(f"{n} {list(finetuned[n].shape)} vs {list(base[n].shape)}" for n in differ[:3])
+            detail = f"{len(differ)} shared tensors differ in shape ({shown})"
+        elif not shared:
+            detail = (f"no tensor name in common (FINETUNED has {next(iter(finetuned), 'none')!r}, BASE "
+                      f"{next(iter(base), 'none')!r})")  # fmt: skip
+        else:
+            detail = "no shared tensor is a float matrix"
+        raise InputError(
+            f"BASE {base.root} does not fit FINETUNED {finetuned.root}: no tensor can be edited, {detail}; "
+            f"BASE looks like {model_shape_words(base)}, FINETUNED like {model_shape_words(finetuned)}: "
+            "pass the model this fine-tune started from as BASE"
+        )
+    if edits < len(matrices) / 2:
+        return (f"only {edits} of the {len(matrices)} float matrices of FINETUNED pair with BASE (same name and "
+                "shape); the rest are copied unchanged: check that BASE is the model this fine-tune started from")
+    return None
+
+
+def _span(ref: TensorRef, start: int) -> bytes:
+    with open(ref.path, "rb") as f:
+        f.seek(ref.offset + start)
+        return f.read(min(SAMPLE_BYTES, ref.nbytes - start))
+
+
+def check_values_differ(base: Checkpoint, finetuned: Checkpoint, names: list[str]) -> None:
+    """Refuse BASE == FINETUNED in value (a copy of the base passed twice): sampled spans of every matrix.
+
+    Stops at the first difference, so a real pair costs two small reads.
+    """
+    for name in names:
+        b, f = base[name], finetuned[name]
+        if b.dtype != f.dtype:
+            return
+        last = max(f.nbytes - SAMPLE_BYTES, 0)
+        for start in sorted({0, last // 2 // 8 * 8, last // 8 * 8}):
+            if _span(b, start) != _span(f, start):
+                return
+    if names:
+        raise InputError(
+            f"BASE {base.root} and FINETUNED {finetuned.root} hold the same values (every one of their "
+            f"{len(names)} shared matrices is equal where sampled): nothing to merge; pass the fine-tune as FINETUNED"
+        )
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _allocated(folder: Path, layout: ShardLayout) -> int:
+    """Bytes already allocated to output shards of an earlier attempt (preallocation reserves them)."""
+    total = 0
+    for shard in layout.shards:
+        path = folder / shard.file
+        if path.exists():
+            total += min(path.stat().st_blocks * 512, shard.size)
+    return total
+
+
+def side_file_bytes(finetuned: Checkpoint) -> int:
+    from .writer import is_weight_file
+
+    root = finetuned.root
+    if not root.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not is_weight_file(p.name))
+
+
+def state_bytes(widths: list[int], streamed_widths: list[int], lanes: int, tensors: int) -> int:
+    """Singular values per edit, markers per tensor, and the partial Grams and basis of streamed tensors in flight."""
+    grams = sorted((3 * 8 * c * c for c in streamed_widths), reverse=True)[:lanes]
+    return sum(8 * c for c in widths) + BOOKKEEPING_PER_TENSOR * tensors + sum(grams)
+
+
+def check_disk_space(needs: dict[Path, int]) -> None:
+    """Each filesystem must hold what is still to be written there; refuse naming both numbers."""
+    by_fs: dict[int, tuple[Path, int]] = {}
+    for path, need in needs.items():
+        anchor = _existing(path)
+        dev = anchor.stat().st_dev
+        first, total = by_fs.get(dev, (path, 0))
+        by_fs[dev] = (first, total + need)
+    for first, need in by_fs.values():
+        free = shutil.disk_usage(_existing(first)).free
+        if need + DISK_MARGIN > free:
+            raise UsageError(
+                f"not enough disk space for {first}: the merge still needs {format_size(need)} there, its "
+                f"filesystem has {format_size(free)} free; free space or choose another place "
+                "(OUT, or --work-dir for the resume state)"
+            )
+
+
+def output_needs(layout: ShardLayout, partial: Path, finetuned: Checkpoint) -> int:
+    """Bytes the output still needs on disk: shards not yet allocated, side files, index and report."""
+    shards = sum(s.size for s in layout.shards) - _allocated(partial, layout)
+    return shards + side_file_bytes(finetuned) + BOOKKEEPING_PER_TENSOR * len(layout.placements)
+
+
+def small_side(ref: TensorRef) -> int:
+    return min(matrix_shape(ref.shape)) if ref.shape else 1
