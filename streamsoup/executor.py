@@ -188,12 +188,12 @@ def _result(fut: Future, task: GraphTask) -> TensorResult:
         raise
     except StreamsoupError:
         raise
-    except CancelledError as exc:
-        raise RunError(
+    except (CancelledError, OSError) as exc:
+        if isinstance(exc, OSError) and fut.status == "error":  # the task itself failed on a file
+            raise RunError(f"tensor {task.name!r}: I/O error: {exc}") from exc
+        raise RunError(  # the connection to the cluster, not the task
             "lost the dask cluster (scheduler or workers gone); the work done so far is kept: "
             "rerun the same command, on this or another cluster or locally, to resume"
         ) from exc
-    except OSError as exc:
-        raise RunError(f"tensor {task.name!r}: I/O error: {exc}") from exc
     except Exception as exc:
         raise RunError(f"tensor {task.name!r} failed: {type(exc).__name__}: {exc}") from exc

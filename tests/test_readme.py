@@ -1,0 +1,80 @@
+"""The README's commands work as written: the CPU ones run, the others (clusters, GPUs) parse.
+
+Commands are taken from the README's code blocks: every line (or `&&` part) that starts with
+`.venv/bin/` or `streamsoup `. Those that need only what the README's own commands create
+(demo/, l70/) are run in order in a scratch folder beside a copy of tools/; the rest must
+be accepted by the command-line parser.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from streamsoup.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNNABLE = ("demo/", "l70/")
+
+
+def code_lines() -> list[str]:
+    """Lines inside the README's fenced code blocks (python blocks excepted)."""
+    lines, fence = [], None
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            fence = None if fence is not None else line[3:].strip()
+        elif fence is not None and fence != "python":
+            lines.append(line)
+    return lines
+
+
+def readme_commands() -> list[str]:
+    commands = []
+    for line in code_lines():
+        for part in line.split("&&"):
+            part = part.split("  #")[0].strip()
+            if part.startswith((".venv/bin/", "streamsoup ")) and "pip install" not in part:
+                commands.append(part)
+    return commands
+
+
+def test_readme_has_commands():
+    commands = readme_commands()
+    assert any("streamsoup merge demo/base" in c for c in commands)
+    assert not [c for c in commands if c.startswith("python ")], "bare python: use .venv/bin/python"
+
+
+def _argv(command: str) -> list[str]:
+    words = shlex.split(command)
+    if words[0].endswith("streamsoup"):
+        return words[1:]
+    return []
+
+
+@pytest.mark.parametrize("command", [c for c in readme_commands() if c.split()[0].endswith("streamsoup")])
+def test_every_streamsoup_command_parses(command):
+    argv = _argv(command)
+    if "..." in argv or "[" in command:  # a synopsis line, not a command
+        argv = [w for w in argv if not w.startswith("[") and w != "..." and not w.endswith("]")]
+    build_parser().parse_args(argv)
+
+
+def test_cpu_commands_run_as_written(tmp_path):
+    (tmp_path / "tools").symlink_to(ROOT / "tools")
+    bindir = Path(sys.executable).parent
+    ran = []
+    for command in readme_commands():
+        words = shlex.split(command)
+        if not any(w.startswith(RUNNABLE) or w in ("demo", "l70") for w in words[1:]):
+            continue
+        if words[0].startswith(".venv/bin/"):
+            words[0] = str(bindir / words[0].removeprefix(".venv/bin/"))
+        proc = subprocess.run(words, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (command, proc.stderr[-2000:])
+        ran.append(command)
+    assert any("merge demo/base demo/finetuned demo/merged" in c for c in ran)
+    assert any(" plan l70/base" in c for c in ran) and any(" verify demo/merged" in c for c in ran)
