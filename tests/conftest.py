@@ -80,3 +80,20 @@ def big_pair(tmp_path_factory) -> tuple[Path, Path]:
         (root / side).mkdir()
         save_file(tensors, root / side / "model.safetensors", metadata={"format": "pt"})
     return root / "base", root / "ft"
+
+
+#: after a failed run pytest keeps its temp folders for debugging: keep logs and reports, not weights
+LARGE = 4 * 2**20
+
+
+def pytest_sessionfinish(session, exitstatus):
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None or exitstatus == 0:
+        return
+    base = factory.getbasetemp()
+    for path in base.rglob("*.safetensors"):
+        try:
+            if path.is_file() and not path.is_symlink() and path.stat().st_size > LARGE:
+                path.unlink()
+        except OSError:
+            pass
