@@ -75,10 +75,20 @@ def build_report(plan: MergePlan, results: list[TensorResult], seconds: float, f
             "dropped": len(plan.dropped),
             "output_bytes": plan.bytes_to_write,
             "seconds": round(seconds, 3),
+            "phase_seconds": phase_totals(results),
         },
         "tensors": [r.as_dict() for r in results],
         "dropped": [{"name": n, "action": "drop", "reason": "only in base"} for n in plan.dropped],
     }
+
+
+def phase_totals(results: list[TensorResult]) -> dict[str, float]:
+    """Seconds per phase (read, gram, eigh, project, write) summed over the tensors computed by this run."""
+    total: dict[str, float] = {}
+    for r in results:
+        for phase, sec in (r.phases or {}).items():
+            total[phase] = total.get(phase, 0.0) + sec
+    return {k: round(v, 3) for k, v in total.items()}
 
 
 def write_report(folder: Path, report: dict) -> Path:

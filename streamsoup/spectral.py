@@ -15,6 +15,7 @@ Paths:  gram  float64 Gram + eigh (exact, the default)
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -75,7 +76,8 @@ class MemoryRows(RowSource):
     """W0 and W1 held whole in host memory, seen as tall matrices."""
 
     def __init__(self, w0: torch.Tensor, w1: torch.Tensor, device: str | torch.device = "cpu") -> None:
-        m, n = matrix_shape(tuple(w1.shape))
+        self.shape = tuple(w1.shape)  # the tensor's own shape (a conv kernel stays 4-D)
+        m, n = matrix_shape(self.shape)
         w0, w1 = w0.reshape(m, n), w1.reshape(m, n)
         self.transposed = n > m
         self.w0 = w0.T if self.transposed else w0
@@ -97,7 +99,9 @@ class MemoryRows(RowSource):
 class DiskRows(RowSource):
     """W0 and W1 streamed from their files one read block at a time (tensors bigger than the budget)."""
 
-    def __init__(self, base: TensorRef, finetuned: TensorRef, block_rows: int, device: str | torch.device = "cpu"):
+    def __init__(self, base: TensorRef, finetuned: TensorRef, block_rows: int, device: str | torch.device = "cpu",
+                 watch=None):  # fmt: skip
+        self.watch = watch  # a tasks.Stopwatch: reads are timed as their own phase
         m, n = matrix_shape(finetuned.shape)
         self.base, self.finetuned = base, finetuned
         self.transposed = n > m
@@ -108,11 +112,12 @@ class DiskRows(RowSource):
 
     def load(self, rows: slice) -> None:
         self._loaded = None  # drop the previous block before reading the next: one block in memory, not two
-        self._loaded = (
-            rows,
-            read_block(self.base, rows.start, rows.stop, self.transposed),
-            read_block(self.finetuned, rows.start, rows.stop, self.transposed),
-        )
+        with self.watch("read") if self.watch is not None else contextlib.nullcontext():
+            self._loaded = (
+                rows,
+                read_block(self.base, rows.start, rows.stop, self.transposed),
+                read_block(self.finetuned, rows.start, rows.stop, self.transposed),
+            )
 
     def release(self) -> None:
         self._loaded = None
@@ -154,9 +159,10 @@ def accumulate(
         src.load(block)
         for rows in src.micro_blocks(block):
             w0, x = src.read(rows)
-            sums.dw_sq += float(x.square().sum())
+            dw_sq = float(x.square().sum())
+            sums.dw_sq += dw_sq
             sums.w0_sq += float(w0.square().sum())
-            if sums.gram is not None:
+            if sums.gram is not None and dw_sq != 0.0:  # an unchanged block (a frozen part) adds nothing
                 sums.gram.addmm_(x.T, x)
         sums.next_row = block.stop
         if on_block is not None:
@@ -201,24 +207,9 @@ def eigh_spectrum(gram: torch.Tensor) -> Spectrum:
     return Spectrum(s, evecs.flip(1), "gram")
 
 
-def gram_spectrum(src: RowSource) -> Spectrum:
-    sums = accumulate(src, with_gram=True)
-    return eigh_spectrum(sums.gram)
-
-
 def svd_spectrum(src: MemoryRows) -> Spectrum:
     """Reference path: one float64 SVD of the whole update (gesvd on CUDA: gesvdj fails on big inputs)."""
     x = torch.cat([src.read(rows)[1] for block in src.read_blocks() for rows in src.micro_blocks(block)])
     driver = "gesvd" if x.is_cuda else None
     _, s, vh = torch.linalg.svd(x, full_matrices=False, driver=driver)
     return Spectrum(s.cpu(), vh.T.contiguous(), "svd")
-
-
-def compute_spectrum(src: RowSource, path: str) -> Spectrum:
-    if path in ("gram", "auto"):
-        return gram_spectrum(src)
-    if path == "svd":
-        if not isinstance(src, MemoryRows):
-            raise ValueError("the svd path needs the whole update in memory")
-        return svd_spectrum(src)
-    raise ValueError(f"unknown spectral path {path!r}")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from .monosoup import EPS, Coefficients, coefficients, relative_update, reweigh,
 from .options import MergeOptions
 from .plan import COPY, EDIT, TensorJob
 from .resources import DevicePool, device_stream, release_memory
-from .spectral import DiskRows, GramSums, MemoryRows, RowSource, Spectrum, accumulate, compute_spectrum, eigh_spectrum
+from .spectral import DiskRows, GramSums, MemoryRows, RowSource, Spectrum, accumulate, eigh_spectrum, svd_spectrum
 from .state import PartialTensor
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,39 @@ class Execution:
     @property
     def streamed(self) -> bool:
         return self.block_rows > 0
+
+
+PHASES = ("read", "gram", "eigh", "project", "write")
+
+
+class Stopwatch:
+    """Seconds per phase of one tensor (read, gram, eigh, project, write): where a merge's time goes.
+
+    Phases nest (a streamed tensor reads inside its Gram pass): a phase's time excludes the
+    phases timed inside it. On a GPU each phase ends with a synchronize, so its time is its own.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.cuda = str(device).startswith("cuda")
+        self._inner: list[float] = []
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        self._inner.append(0.0)
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            elapsed, inner = time.perf_counter() - t0, self._inner.pop()
+            self.seconds[phase] += elapsed - inner
+            if self._inner:
+                self._inner[-1] += elapsed
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in self.seconds.items()}
 
 
 @dataclass(frozen=True)
@@ -76,6 +111,7 @@ class TensorResult:
     device: str = "cpu"
     blocks: int = 0  # > 0: streamed from disk in this many row blocks
     seconds: float = 0.0
+    phases: dict[str, float] | None = None  # seconds per phase (see Stopwatch)
     nbytes: int = 0
     crc32c: int = 0
     attempt: int = 0  # which run of the merge computed it (1 = the first)
@@ -110,8 +146,10 @@ def merge_tensor(
     if options.threads:
         torch.set_num_threads(options.threads)
     if job.action == COPY:
-        crc = writer.copy_tensor(job.finetuned, folder, job.placement, not options.allow_nonfinite)
-        return _result(job, COPY, job.reason, start, crc32c=crc)
+        watch = Stopwatch()
+        with watch("write"):
+            crc = writer.copy_tensor(job.finetuned, folder, job.placement, not options.allow_nonfinite)
+        return _result(job, COPY, job.reason, start, watch, crc32c=crc)
     assert job.action == EDIT and job.base is not None
     device = DevicePool.acquire() if run.lane == "device" else "cpu"
     try:
@@ -124,10 +162,12 @@ def merge_tensor(
         release_memory()
 
 
-def _result(job: TensorJob, action: str, reason: str, start: float, **fields) -> TensorResult:
+def _result(job: TensorJob, action: str, reason: str, start: float, watch: Stopwatch | None = None,
+            **fields) -> TensorResult:  # fmt: skip
     ref = job.finetuned
+    phases = watch.as_dict() if watch is not None else None
     return TensorResult(name=job.name, shape=ref.shape, dtype=ref.dtype, nbytes=ref.nbytes, action=action,
-                        reason=reason, seconds=time.perf_counter() - start, **fields)  # fmt: skip
+                        reason=reason, seconds=time.perf_counter() - start, phases=phases, **fields)  # fmt: skip
 
 
 def _nonfinite(job: TensorJob, sums: GramSums) -> InputError:
@@ -156,29 +196,54 @@ def _skip_reason(sums: GramSums, options: MergeOptions, job: TensorJob) -> tuple
     return "", rel
 
 
-def _edited(job, options, start, coef, spectrum_s, path, rel, crc, device, blocks=0) -> TensorResult:
-    return _result(job, EDIT, f"k={coef.k} of rank {coef.rank} ({options.rank_rule} rule)", start, rel_update=rel,
-                   spectral=path, crc32c=crc, singular_values=np.asarray(spectrum_s), device=str(device),
-                   blocks=blocks, **_coef_fields(coef))  # fmt: skip
+def _edited(job, options, start, watch, coef, spectrum_s, path, rel, crc, device, blocks=0) -> TensorResult:
+    return _result(job, EDIT, f"k={coef.k} of rank {coef.rank} ({options.rank_rule} rule)", start, watch,
+                   rel_update=rel, spectral=path, crc32c=crc, singular_values=np.asarray(spectrum_s),
+                   device=str(device), blocks=blocks, **_coef_fields(coef))  # fmt: skip
 
 
 def _merge_in_memory(job: TensorJob, options: MergeOptions, folder: Path, device: str, start: float) -> TensorResult:
-    w1, w0 = read_tensor(job.finetuned), read_tensor(job.base)
+    watch = Stopwatch(device)
+    with watch("read"):
+        w1, w0 = read_tensor(job.finetuned), read_tensor(job.base)
     src = MemoryRows(w0, w1, device)
-    reason, rel = _skip_reason(accumulate(src, with_gram=False), options, job)
+    sums = gram_pass(src, options.spectral, watch)
+    reason, rel = _skip_reason(sums, options, job)
     if reason:
-        del w0, w1, src
-        crc = writer.copy_tensor(job.finetuned, folder, job.placement, not options.allow_nonfinite)
-        return _result(job, COPY, reason, start, rel_update=rel, crc32c=crc)
-    spectrum = compute_spectrum(src, options.spectral)
+        del w0, w1, src, sums
+        with watch("write"):
+            crc = writer.copy_tensor(job.finetuned, folder, job.placement, not options.allow_nonfinite)
+        return _result(job, COPY, reason, start, watch, rel_update=rel, crc32c=crc)
+    spectrum = spectrum_of(src, sums, options.spectral, watch)
+    del sums
     coef = coefficients(spectrum.s, options.rank_rule, options.energy)
-    out = torch.empty(job.finetuned.shape, dtype=w1.dtype)
-    tall = src.tall_view(out)
-    for block in src.read_blocks():
-        for rows in src.micro_blocks(block):
-            tall[rows] = _reweighed(src, rows, spectrum, coef).to(out.dtype).cpu()
-    crc = writer.write_tensor(folder, job.placement, out)
-    return _edited(job, options, start, coef, spectrum.s, spectrum.path, rel, crc, device)
+    out = reweighed(src, spectrum, coef, w1.dtype, watch)
+    with watch("write"):
+        crc = writer.write_tensor(folder, job.placement, out)
+    return _edited(job, options, start, watch, coef, spectrum.s, spectrum.path, rel, crc, device)
+
+
+def gram_pass(src: RowSource, spectral: str, watch: Stopwatch) -> GramSums:
+    """One pass over the update: its norms, and its Gram matrix unless the full-SVD path is asked for."""
+    with watch("gram"):
+        return accumulate(src, with_gram=spectral != "svd")
+
+
+def spectrum_of(src: MemoryRows, sums: GramSums, spectral: str, watch: Stopwatch) -> Spectrum:
+    with watch("eigh"):
+        return svd_spectrum(src) if spectral == "svd" else eigh_spectrum(sums.gram)
+
+
+def reweighed(src: MemoryRows, spectrum: Spectrum, coef: Coefficients, dtype: torch.dtype,
+              watch: Stopwatch) -> torch.Tensor:  # fmt: skip
+    """The MonoSoup tensor, micro block by micro block, in the original shape and the output dtype."""
+    with watch("project"):
+        out = torch.empty(src.shape, dtype=dtype)
+        tall = src.tall_view(out)
+        for block in src.read_blocks():
+            for rows in src.micro_blocks(block):
+                tall[rows] = _reweighed(src, rows, spectrum, coef).to(out.dtype).cpu()
+    return out
 
 
 def _reweighed(src: RowSource, rows: slice, spectrum: Spectrum, coef: Coefficients) -> torch.Tensor:
@@ -192,17 +257,21 @@ def _merge_streamed(
 ) -> TensorResult:
     """Row blocks from disk: Gram pass (saved now and then), eigh once, then project and write block by block."""
     folder, ref = Path(ctx.folder), job.finetuned
-    src = DiskRows(job.base, ref, run.block_rows, device)
+    watch = Stopwatch(device)
+    src = DiskRows(job.base, ref, run.block_rows, device, watch)
     partial = PartialTensor(ctx.state_path, job.key)
     saved = partial.attrs
     if saved.get("phase") != "project":
-        sums = _gram_pass(src, partial, saved, ctx.checkpoint_seconds)
+        with watch("gram"):
+            sums = _gram_pass(src, partial, saved, ctx.checkpoint_seconds)
         src.release()
         reason, rel = _skip_reason(sums, options, job)
         if reason:
-            crc = writer.copy_tensor(ref, folder, job.placement, not options.allow_nonfinite)
-            return _result(job, COPY, reason, start, rel_update=rel, crc32c=crc, blocks=src.n_blocks)
-        spectrum = eigh_spectrum(sums.gram)
+            with watch("write"):
+                crc = writer.copy_tensor(ref, folder, job.placement, not options.allow_nonfinite)
+            return _result(job, COPY, reason, start, watch, rel_update=rel, crc32c=crc, blocks=src.n_blocks)
+        with watch("eigh"):
+            spectrum = eigh_spectrum(sums.gram)
         del sums
         coef = coefficients(spectrum.s, options.rank_rule, options.energy)
         spectrum = spectrum.keep_needed(coef.k)
@@ -215,18 +284,21 @@ def _merge_streamed(
     shape, dtype = matrix_shape(ref.shape), torch_dtype(ref.dtype)
     for block in src.read_blocks(saved["next_row"]):
         src.load(block)
-        out = torch.empty(block.stop - block.start, src.cols, dtype=dtype)
-        for rows in src.micro_blocks(block):
-            out[rows.start - block.start : rows.stop - block.start] = (
-                _reweighed(src, rows, spectrum, coef).to(dtype).cpu()
-            )
-        writer.write_block(folder, job.placement, shape, block.start, out, src.transposed)
+        with watch("project"):
+            out = torch.empty(block.stop - block.start, src.cols, dtype=dtype)
+            for rows in src.micro_blocks(block):
+                out[rows.start - block.start : rows.stop - block.start] = (
+                    _reweighed(src, rows, spectrum, coef).to(dtype).cpu()
+                )
+        with watch("write"):
+            writer.write_block(folder, job.placement, shape, block.start, out, src.transposed)
         del out  # before the next block's buffer exists
         partial.save_progress(block.stop)
         fault_point("block")
     src.release()
-    crc = writer.slot_crc(folder, job.placement)
-    return _edited(job, options, start, coef, s, "gram", saved["rel"], crc, device, blocks=src.n_blocks)
+    with watch("write"):
+        crc = writer.slot_crc(folder, job.placement)
+    return _edited(job, options, start, watch, coef, s, "gram", saved["rel"], crc, device, blocks=src.n_blocks)
 
 
 def _gram_pass(src: DiskRows, partial: PartialTensor, saved: dict, every: float) -> GramSums:

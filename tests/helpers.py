@@ -52,7 +52,7 @@ def tree_digest(folder: Path) -> dict[str, str]:
             rel = str(path.relative_to(folder))
             if rel == REPORT:
                 rows = json.loads(path.read_text())["tensors"]
-                run_dependent = ("seconds", "attempt", "blocks")  # how it ran, not what it computed
+                run_dependent = ("seconds", "attempt", "blocks", "phases")  # how it ran, not what it computed
                 stable = [{k: v for k, v in r.items() if k not in run_dependent} for r in rows]
                 out[rel] = hashlib.sha256(json.dumps(stable).encode()).hexdigest()
             else:

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Benchmark streamsoup against the naive approach, the I/O floor and (when installed) mergekit.
 
-    python tools/bench.py                          # the ~1.7 GB pair of docs/benchmarks.md
-    python tools/bench.py --preset medium --skip-naive
-    python tools/bench.py --kernels --devices cuda # per-tensor rates of each spectral path
+    .venv/bin/python tools/bench.py                     # the ~1.7 GB pair of docs/benchmarks.md
+    .venv/bin/python tools/bench.py --preset medium --skip-naive
+    .venv/bin/python tools/bench.py --kernels           # each matrix shape of the pair against its kernel floor
 
 For each approach: wall time, parameters per second and the peak RSS of its whole process
 tree (tools/peak_rss.py), then the ratios; streamsoup's output is compared with the naive
@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
+import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -94,44 +97,100 @@ def mergekit_cmd(base: Path, ft: Path, out: Path, cfg: Path) -> list[str] | None
     return [exe, str(cfg), str(out), "--lazy-unpickle"]
 
 
-def kernels(devices: list[str], shapes: list[tuple[int, int]], paths: list[str]) -> list[dict]:
-    """Compute-only rate of one tensor through the exact code path a merge uses (no I/O)."""
-    from streamsoup.monosoup import coefficients, reweigh
-    from streamsoup.spectral import MemoryRows, compute_spectrum
+def pair_shapes(preset: str) -> Counter:
+    """(rows, cols) of every matrix MonoSoup edits in a preset's pair, with how often each occurs."""
+    shape = make_checkpoints.PRESETS[preset]
+    return Counter(tuple(t.ft_shape) for t in make_checkpoints.llama_tensors(shape) if len(t.ft_shape) == 2)
+
+
+def _timed(fn, sync) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def floor_seconds(m: int, n: int, side: int, device: str) -> dict:
+    """The exact path's arithmetic at full BLAS rate: one float64 Gram GEMM of the tall view, one eigh of it,
+    one projection through `side` eigenvectors (X V, then (X V) V^T): no blocking, no conversions, no I/O."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    rows, c = max(m, n), min(m, n)
+    x = torch.randn(rows, c, dtype=torch.float64, device=device)
+    out: dict = {}
+    g = None
+
+    def gram():
+        nonlocal g
+        g = x.T @ x
+
+    out["gram"] = _timed(gram, sync)
+    v = None
+
+    def eigh():
+        nonlocal v
+        v = torch.linalg.eigh(g)[1][:, : max(side, 1)].contiguous()
+
+    out["eigh"] = _timed(eigh, sync)
+    out["project"] = _timed(lambda: (x @ v) @ v.T, sync)
+    return out
+
+
+def kernels(devices: list[str], shapes: Counter, paths: list[str]) -> list[dict]:
+    """Per matrix shape: the merge's own compute path (the functions a task calls; no I/O), phase by phase,
+    and the kernel floor for the same k."""
+    from streamsoup.monosoup import coefficients
+    from streamsoup.spectral import MemoryRows
+    from streamsoup.tasks import Stopwatch, gram_pass, reweighed, spectrum_of
 
     rows = []
     for device in devices:
-        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-        for m, n in shapes:
+        for (m, n), count in shapes.items():
             g = torch.Generator().manual_seed(0)
             w0 = (0.02 * torch.randn(m, n, generator=g)).to(torch.bfloat16)
             low = torch.randn(m, 32, generator=g) @ torch.randn(32, n, generator=g)
             w1 = (w0.float() + 2e-4 * low + 5e-4 * torch.randn(m, n, generator=g)).to(torch.bfloat16)
             for path in paths:
-                src = MemoryRows(w0, w1, device)
-                sync()
+                src, watch = MemoryRows(w0, w1, device), Stopwatch(device)
                 t0 = time.perf_counter()
-                spectrum = compute_spectrum(src, path)
+                sums = gram_pass(src, path, watch)
+                spectrum = spectrum_of(src, sums, path, watch)
                 coef = coefficients(spectrum.s)
-                out = torch.empty(m, n, dtype=torch.bfloat16)
-                tall = src.tall_view(out)
-                for _, block in src.read_blocks():
-                    for r in src.micro_blocks(block):
-                        w0b, x = src.read(r)
-                        tall[r] = reweigh(w0b, x, spectrum.high_part(x, coef.k), coef).to(out.dtype).cpu()
-                sync()
+                reweighed(src, spectrum, coef, torch.bfloat16, watch)
                 dt = time.perf_counter() - t0
-                rows.append({"device": device, "shape": f"{m}x{n}", "path": path, "seconds": dt,
-                             "params_per_s": m * n / dt, "k": coef.k})  # fmt: skip
-                print(f"[bench] {device} {m}x{n} {path}: {dt:.2f} s (k={coef.k})", file=sys.stderr, flush=True)
+                floor = floor_seconds(m, n, min(coef.k, coef.rank - coef.k), device)
+                rows.append({"device": device, "shape": f"{m}x{n}", "count": count, "path": path, "seconds": dt,
+                             "phases": watch.as_dict(), "floor": floor, "k": coef.k,
+                             "params_per_s": m * n / dt})  # fmt: skip
+                print(f"[bench] {device} {m}x{n} x{count} {path}: {dt:.2f} s, floor {sum(floor.values()):.2f} s "
+                      f"(k={coef.k})", file=sys.stderr, flush=True)  # fmt: skip
     return rows
+
+
+def merge_floor(out: Path, device: str) -> dict:
+    """The kernel floor of a finished merge: per distinct shape of its edited tensors, measured once at the
+    median min(k, rank - k) of that shape, times how often the shape occurs; and the merge's phase split."""
+    report = json.loads((out / "streamsoup_report.json").read_text())["tensors"]
+    by_shape: dict[tuple, list[int]] = {}
+    phases = Counter()
+    for r in report:
+        phases.update(r.get("phases") or {})
+        if r["action"] == "edit":
+            m, n = r["shape"][0], math.prod(r["shape"][1:])
+            by_shape.setdefault((m, n), []).append(min(r["k"], r["rank"] - r["k"]))
+    total = Counter()
+    for (m, n), sides in by_shape.items():
+        f = floor_seconds(m, n, int(statistics.median(sides)), device)
+        total.update({k: v * len(sides) for k, v in f.items()})
+    return {"floor": dict(total), "floor_seconds": sum(total.values()), "phases": dict(phases)}
 
 
 def fmt_bytes(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def write_doc(path: Path, meta: dict, rows: list[dict], agree: dict | None, kern: list[dict], cmd: str) -> str:
+def write_doc(path: Path, meta: dict, rows: list[dict], agree: dict | None, kern: list[dict], cmd: str,
+              floor: dict | None = None) -> str:  # fmt: skip
     lines = [f"# Benchmarks\n\nReproduce with:\n\n```\n{cmd}\n```\n",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in meta.items()) + "\n"]  # fmt: skip
     if rows:
@@ -143,22 +202,39 @@ def write_doc(path: Path, meta: dict, rows: list[dict], agree: dict | None, kern
             rv = f"{r['peak_rss'] / naive['peak_rss']:.3f}x" if naive else "-"
             lines.append(f"| {r['approach']} | {r['seconds']:.1f} s | {r['params_per_s'] / 1e6:.1f} M | "
                          f"{fmt_bytes(r['peak_rss'])} | {tv} | {rv} |")  # fmt: skip
-        floor = next((r for r in rows if r["approach"] == "I/O floor"), None)
+        io = next((r for r in rows if r["approach"] == "I/O floor"), None)
         ours = next((r for r in rows if r["approach"] == "streamsoup"), None)
-        if floor and ours:
-            lines.append(f"\nstreamsoup / I/O floor: {ours['seconds'] / floor['seconds']:.2f}x")
+        if io and ours:
+            lines.append(f"\nstreamsoup / I/O floor: {ours['seconds'] / io['seconds']:.2f}x")
     if agree:
         lines.append(
             f"\nAgreement with the naive float32 SVD: max {agree['max_ulps']} ulp over {agree['elements']:,} "
             f"16-bit elements, {agree['elements_over_1_ulp']:,} over 1 ulp; k differs on "
             f"{len(agree['k_mismatches'])} tensor(s) {agree['k_mismatches'][:5]}"
         )
+    if floor:
+        lines += [f"\nstreamsoup / its kernel floor (one float64 Gram GEMM + one eigh + one projection per edited "
+                  f"matrix at full BLAS rate, {floor['floor_seconds']:.1f} s): "
+                  f"{ours['seconds'] / floor['floor_seconds']:.2f}x",
+                  "\n| phase | streamsoup (sum over tensors) | floor |", "|---|---|---|"]  # fmt: skip
+        for phase in ("read", "gram", "eigh", "project", "write"):
+            lines.append(f"| {phase} | {floor['phases'].get(phase, 0):.1f} s | "
+                         f"{floor['floor'].get(phase, 0):.1f} s |" if phase in floor["floor"] else
+                         f"| {phase} | {floor['phases'].get(phase, 0):.1f} s | - |")  # fmt: skip
     if kern:
-        lines += ["\n## Per-tensor compute (no I/O)\n", "| device | shape | path | seconds | params/s | k |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += ["\n## Per-matrix compute (no I/O): the merge's own path against its kernel floor\n",
+                  "| device | shape | count | path | k | gram | eigh | project | total | floor | ratio |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in kern:
-            lines.append(f"| {r['device']} | {r['shape']} | {r['path']} | {r['seconds']:.2f} | "
-                         f"{r['params_per_s'] / 1e6:.1f} M | {r['k']} |")  # fmt: skip
+            ph, fl = r["phases"], sum(r["floor"].values())
+            lines.append(f"| {r['device']} | {r['shape']} | {r['count']} | {r['path']} | {r['k']} | {ph['gram']:.2f} | "
+                         f"{ph['eigh']:.2f} | {ph['project']:.2f} | {r['seconds']:.2f} | {fl:.2f} | "
+                         f"{r['seconds'] / fl:.2f}x |")  # fmt: skip
+        for path in sorted({r["path"] for r in kern}):
+            tot = sum(r["seconds"] * r["count"] for r in kern if r["path"] == path)
+            fl = sum(sum(r["floor"].values()) * r["count"] for r in kern if r["path"] == path)
+            lines.append(f"\nWhole pair, {path} path: {tot:.1f} s of compute against a kernel floor of {fl:.1f} s "
+                         f"({tot / fl:.2f}x)")  # fmt: skip
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -192,19 +268,20 @@ def main() -> None:
     p.add_argument("--lanes", default="1")
     p.add_argument("--max-ram", default=None)
     p.add_argument("--skip-naive", action="store_true")
-    p.add_argument("--kernels", action="store_true", help="only per-tensor compute rates of each spectral path")
-    p.add_argument("--kernel-shapes", default="4096x4096,4096x11008,8192x28672")
+    p.add_argument("--kernels", action="store_true",
+                   help="only the compute of each matrix shape of the preset's pair against its kernel floor")
+    p.add_argument("--paths", default="gram", help="spectral paths for --kernels (gram,svd)")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = p.parse_args()
     meta = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
             "date": time.strftime("%Y-%m-%d")}  # fmt: skip
-    cmd = "python tools/bench.py " + " ".join(sys.argv[1:])
+    cmd = ".venv/bin/python tools/bench.py " + " ".join(sys.argv[1:])
+    devs = ["cuda:0"] if args.devices.startswith("cuda") else ["cpu"]
     if args.kernels:
-        devs = ["cuda:0"] if args.devices.startswith("cuda") else ["cpu"]
-        shapes = [tuple(int(x) for x in s.split("x")) for s in args.kernel_shapes.split(",")]
-        kern = kernels(devs, shapes, ["gram", "svd"])
-        print(write_doc(args.doc, meta, [], None, kern, cmd))
+        torch.set_num_threads(os.cpu_count() or 1)
+        kern = kernels(devs, pair_shapes(args.preset), args.paths.split(","))
+        print(write_doc(args.doc.with_name(args.doc.stem + "-kernels.md"), meta, [], None, kern, cmd))
         return
     pair = args.data / args.preset
     if not (pair / "finetuned").exists():
@@ -230,9 +307,12 @@ def main() -> None:
     mk = mergekit_cmd(base, ft, runs / "mergekit", runs / "mergekit.yaml")
     if mk is not None:
         rows.append(run_one("mergekit task_arithmetic", mk, params))
-    print(write_doc(args.doc, meta, rows, agree, [], cmd))
+    torch.set_num_threads(os.cpu_count() or 1)
+    floor = merge_floor(runs / "streamsoup", devs[0])
+    print(write_doc(args.doc, meta, rows, agree, [], cmd, floor))
     plot(args.doc.with_suffix(".png"), rows)
-    (args.doc.with_suffix(".json")).write_text(json.dumps({"meta": meta, "runs": rows, "agreement": agree}, indent=2))
+    (args.doc.with_suffix(".json")).write_text(json.dumps({"meta": meta, "runs": rows, "agreement": agree,
+                                                           "kernel_floor": floor}, indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":
