@@ -83,8 +83,11 @@ def coefficients(s: torch.Tensor, rule: str = "entropy", energy: float = 0.8) ->
     return Coefficients(k=k, rank=r, p_k=p_k, rho=rho, lambda_high=clamp(lam_high), lambda_low=clamp(lam_low))
 
 
-def reweigh(w0: torch.Tensor, dw: torch.Tensor, dw_high: torch.Tensor, c: Coefficients) -> torch.Tensor:
-    """W = W0 + lam_low * dW + (lam_high - lam_low) * dW_high, in the dtype of the inputs."""
-    out = w0 + c.lambda_low * dw
+def reweigh(
+    w0: torch.Tensor, dw: torch.Tensor, dw_high: torch.Tensor, c: Coefficients, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """W = W0 + lam_low * dW + (lam_high - lam_low) * dW_high, in the dtype of the inputs (into `out` if given)."""
+    out = torch.mul(dw, c.lambda_low, out=out)
+    out.add_(w0)  # = W0 + lam_low * dW, rounded the same way
     out.add_(dw_high, alpha=c.lambda_high - c.lambda_low)
     return out

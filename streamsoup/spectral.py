@@ -63,11 +63,33 @@ class RowSource:
     def native(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    _workspace: dict[str, torch.Tensor] | None = None
+
+    def buffer(self, name: str, rows: int, cols: int | None = None) -> torch.Tensor:
+        """A float64 [rows, cols] view of one micro block's scratch buffer `name`, reused by every micro block.
+
+        Allocating the float64 temporaries of each micro block afresh costs a page-faulted mmap each
+        (big buffers are kept out of glibc's arenas so RSS follows the working set: resources.py);
+        at full GEMM rate that was ~15% of a merge's compute. A buffer is valid until the next call
+        that asks for the same name.
+        """
+        if self._workspace is None:
+            self._workspace = {}
+        flat = self._workspace.get(name)
+        if flat is None:
+            flat = self._workspace[name] = torch.empty(self.micro * self.cols, dtype=torch.float64, device=self.device)
+        return flat[: rows * (cols or self.cols)].view(rows, cols or self.cols)
+
     def read(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact float64 W0 and W1 - W0 of rows inside the loaded block (never subtracted in bf16)."""
-        w0, w1 = self.native(rows)
-        w0 = w0.to(self.device, non_blocking=True).to(torch.float64)
-        dw = w1.to(self.device, non_blocking=True).to(torch.float64)
+        """Exact float64 W0 and W1 - W0 of rows inside the loaded block (never subtracted in bf16).
+
+        Both live in this source's workspace: use them before the next `read`.
+        """
+        w0n, w1n = self.native(rows)
+        n = rows.stop - rows.start
+        w0, dw = self.buffer("w0", n), self.buffer("dw", n)
+        w0.copy_(w0n, non_blocking=True)  # widening to float64 is exact, like .to(float64)
+        dw.copy_(w1n, non_blocking=True)
         dw.sub_(w0)
         return w0, dw
 
@@ -159,9 +181,9 @@ def accumulate(
         src.load(block)
         for rows in src.micro_blocks(block):
             w0, x = src.read(rows)
-            dw_sq = float(x.square().sum())
+            dw_sq = float(torch.dot(x.view(-1), x.view(-1)))  # sums of squares without a temporary
             sums.dw_sq += dw_sq
-            sums.w0_sq += float(w0.square().sum())
+            sums.w0_sq += float(torch.dot(w0.view(-1), w0.view(-1)))
             if sums.gram is not None and dw_sq != 0.0:  # an unchanged block (a frozen part) adds nothing
                 sums.gram.addmm_(x.T, x)
         sums.next_row = block.stop
@@ -184,14 +206,22 @@ class Spectrum:
         """Which side of the split needs vectors: the top-k, or its complement when that is smaller."""
         return "top" if k <= r - k else "complement"
 
-    def high_part(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        """X_block V_k V_k^T, through whichever of the top-k or its complement is smaller."""
+    def high_part(self, x: torch.Tensor, k: int, src: RowSource | None = None) -> torch.Tensor:
+        """X_block V_k V_k^T, through whichever of the top-k or its complement is smaller.
+
+        With `src`, the result and the intermediate X V live in its workspace (no allocation).
+        """
         r = self.s.numel()
+        n = x.shape[0]
+        out = src.buffer("high", n) if src is not None else torch.empty_like(x)
         if k >= r:
-            return x.clone()
+            return out.copy_(x)
         side = self.side(k, r)
         v = self.basis if self.kept != "all" else self.basis[:, :k] if side == "top" else self.basis[:, k:]
-        return (x @ v) @ v.T if side == "top" else x - (x @ v) @ v.T
+        xv = src.buffer("xv", n, v.shape[1]) if src is not None else None
+        xv = torch.matmul(x, v, out=xv)
+        torch.matmul(xv, v.T, out=out)
+        return out if side == "top" else out.neg_().add_(x)  # x - X V V^T, the same rounding
 
     def keep_needed(self, k: int) -> Spectrum:
         """Only the columns the split needs (what a streamed tensor saves for its resume)."""
@@ -209,7 +239,7 @@ def eigh_spectrum(gram: torch.Tensor) -> Spectrum:
 
 def svd_spectrum(src: MemoryRows) -> Spectrum:
     """Reference path: one float64 SVD of the whole update (gesvd on CUDA: gesvdj fails on big inputs)."""
-    x = torch.cat([src.read(rows)[1] for block in src.read_blocks() for rows in src.micro_blocks(block)])
+    x = torch.cat([src.read(rows)[1].clone() for block in src.read_blocks() for rows in src.micro_blocks(block)])
     driver = "gesvd" if x.is_cuda else None
     _, s, vh = torch.linalg.svd(x, full_matrices=False, driver=driver)
     return Spectrum(s.cpu(), vh.T.contiguous(), "svd")

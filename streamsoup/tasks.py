@@ -242,14 +242,14 @@ def reweighed(src: MemoryRows, spectrum: Spectrum, coef: Coefficients, dtype: to
         tall = src.tall_view(out)
         for block in src.read_blocks():
             for rows in src.micro_blocks(block):
-                tall[rows] = _reweighed(src, rows, spectrum, coef).to(out.dtype).cpu()
+                tall[rows].copy_(_reweighed(src, rows, spectrum, coef))  # rounds to the output dtype once
     return out
 
 
 def _reweighed(src: RowSource, rows: slice, spectrum: Spectrum, coef: Coefficients) -> torch.Tensor:
-    """W = W0 + lam_low dW + (lam_high - lam_low) dW_high for one row block, in float64."""
+    """W = W0 + lam_low dW + (lam_high - lam_low) dW_high for one micro block, in float64 (src's workspace)."""
     w0, x = src.read(rows)
-    return reweigh(w0, x, spectrum.high_part(x, coef.k), coef)
+    return reweigh(w0, x, spectrum.high_part(x, coef.k, src), coef, out=src.buffer("out", x.shape[0]))
 
 
 def _merge_streamed(
@@ -287,9 +287,7 @@ def _merge_streamed(
         with watch("project"):
             out = torch.empty(block.stop - block.start, src.cols, dtype=dtype)
             for rows in src.micro_blocks(block):
-                out[rows.start - block.start : rows.stop - block.start] = (
-                    _reweighed(src, rows, spectrum, coef).to(dtype).cpu()
-                )
+                out[rows.start - block.start : rows.stop - block.start].copy_(_reweighed(src, rows, spectrum, coef))
         with watch("write"):
             writer.write_block(folder, job.placement, shape, block.start, out, src.transposed)
         del out  # before the next block's buffer exists
