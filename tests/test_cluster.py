@@ -189,3 +189,18 @@ def test_declared_resources_win_and_a_dead_address_is_refused(awkward_pair, tmp_
     missing = run("merge", *awkward_pair, tmp_path / "o", "--scheduler-file", tmp_path / "nope.json")
     assert_one_line_error(missing, 2, "--scheduler-file", "nope.json")
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_a_task_must_fit_one_worker_not_the_sum_of_two():
+    """Workers of different sizes: a task goes where one worker holds all it asks; none such: refused up front."""
+    from streamsoup.cluster import fits
+    from streamsoup.errors import RunError
+    from streamsoup.executor import check_capacity
+    from streamsoup.graph import GraphTask
+
+    offers = {"small": {"cpu": 1, "device": 0, "ram": 100}, "gpu": {"cpu": 0, "device": 2, "ram": 4000}}
+    assert fits({"cpu": 1, "ram": 90}, offers) and fits({"device": 1, "ram": 3000}, offers)
+    assert not fits({"cpu": 1, "ram": 3000}, offers), "the RAM of one worker and the lane of another"
+    big = GraphTask("k", "lm_head.weight", (print,), 0, 1, {"cpu": 1, "ram": 3000})
+    with pytest.raises(RunError, match="lm_head.weight"):
+        check_capacity([big], offers)
