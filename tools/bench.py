@@ -230,11 +230,11 @@ def write_doc(path: Path, meta: dict, rows: list[dict], agree: dict | None, kern
             lines.append(f"| {r['device']} | {r['shape']} | {r['count']} | {r['path']} | {r['k']} | {ph['gram']:.2f} | "
                          f"{ph['eigh']:.2f} | {ph['project']:.2f} | {r['seconds']:.2f} | {fl:.2f} | "
                          f"{r['seconds'] / fl:.2f}x |")  # fmt: skip
-        for path in sorted({r["path"] for r in kern}):
-            tot = sum(r["seconds"] * r["count"] for r in kern if r["path"] == path)
-            fl = sum(sum(r["floor"].values()) * r["count"] for r in kern if r["path"] == path)
-            lines.append(f"\nWhole pair, {path} path: {tot:.1f} s of compute against a kernel floor of {fl:.1f} s "
-                         f"({tot / fl:.2f}x)")  # fmt: skip
+        for spectral in sorted({r["path"] for r in kern}):
+            tot = sum(r["seconds"] * r["count"] for r in kern if r["path"] == spectral)
+            fl = sum(sum(r["floor"].values()) * r["count"] for r in kern if r["path"] == spectral)
+            lines.append(f"\nWhole pair, {spectral} path: {tot:.1f} s of compute against a kernel floor of "
+                         f"{fl:.1f} s ({tot / fl:.2f}x)")  # fmt: skip
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
