@@ -24,6 +24,7 @@ from distributed.comm.addressing import get_address_host
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .errors import OptionError, UsageError
+from .graph import RAM
 from .options import MergeOptions, expand_path, format_size
 from .resources import GPU_SLOTS, Lanes, MiB, check_max_ram
 from .schedule import Budget
@@ -31,7 +32,7 @@ from .schedule import Budget
 log = logging.getLogger(__name__)
 
 PLUGIN_NAME = "streamsoup-lanes"
-RAM, CPU, DEVICE = "ram", "cpu", "device"
+CPU, DEVICE = "cpu", "device"  # lane resources; RAM is graph.RAM
 OURS = (CPU, DEVICE, RAM)
 #: share of a worker's memory limit our tasks may take (dask's nanny pauses a worker at 80% of it)
 LIMIT_SHARE = 0.7

@@ -23,9 +23,8 @@ from .options import format_size
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_KEYS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-#: bytes compared per sampled span, and spans per matrix (start, middle, end)
+#: bytes compared per sampled span (three spans per matrix: start, middle, end)
 SAMPLE_BYTES = 4096
-SAMPLES = 3
 #: report and state bookkeeping per tensor, for the disk check (generous)
 BOOKKEEPING_PER_TENSOR = 4096
 #: what a filesystem must keep free beyond our estimate

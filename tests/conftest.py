@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,6 +22,15 @@ import make_checkpoints  # noqa: E402
 def awkward_pair(tmp_path_factory) -> tuple[Path, Path]:
     """Differently sharded, mixed dtypes, conv, frozen, resized, extra, int, 1-D and empty tensors."""
     return make_checkpoints.make_pair(tmp_path_factory.mktemp("awkward"), "tiny", awkward=True, seed=1)
+
+
+@pytest.fixture
+def pair(awkward_pair, tmp_path) -> tuple[Path, Path]:
+    """A private copy of the awkward pair, free to damage."""
+    base, ft = tmp_path / "base", tmp_path / "ft"
+    shutil.copytree(awkward_pair[0], base)
+    shutil.copytree(awkward_pair[1], ft)
+    return base, ft
 
 
 @pytest.fixture(scope="session")

@@ -44,6 +44,19 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, *needles
         assert needle in lines[0], lines[0]
 
 
+def poison(folder: Path, name: str, value: float, at: int = 17) -> None:
+    """Overwrite element `at` of a bf16 tensor of a checkpoint folder with `value` (NaN, Inf)."""
+    import torch
+
+    from streamsoup.checkpoint import Checkpoint
+
+    ref = Checkpoint.from_path(folder)[name]
+    raw = torch.tensor([value], dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes()
+    with open(ref.path, "r+b") as f:
+        f.seek(ref.offset + 2 * at)
+        f.write(raw)
+
+
 def tree_digest(folder: Path) -> dict[str, str]:
     """sha256 of every file under `folder` (the report's run-dependent fields left out)."""
     out = {}

@@ -4,28 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from helpers import assert_one_line_error, run, tree_digest
-
-from streamsoup.checkpoint import Checkpoint
-
-
-@pytest.fixture
-def pair(awkward_pair, tmp_path) -> tuple[Path, Path]:
-    """A private copy of the awkward pair, free to damage."""
-    base, ft = tmp_path / "base", tmp_path / "ft"
-    shutil.copytree(awkward_pair[0], base)
-    shutil.copytree(awkward_pair[1], ft)
-    return base, ft
-
-
-def _shard_of(folder: Path, name: str):
-    return Checkpoint.from_path(folder)[name]
+from helpers import assert_one_line_error, poison, run, tree_digest
 
 
 def corrupt_header(base: Path, ft: Path) -> str:
@@ -72,23 +58,13 @@ def unreadable_file(base: Path, ft: Path) -> str:
     return "model-00002-of-00004.safetensors"
 
 
-def _poison(folder: Path, name: str, value: float) -> None:
-    ref = _shard_of(folder, name)
-    import torch
-
-    raw = torch.tensor([value], dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes()
-    with open(ref.path, "r+b") as f:
-        f.seek(ref.offset + 2 * 17)
-        f.write(raw)
-
-
 def nan_in_edited(base: Path, ft: Path) -> str:
-    _poison(ft, "model.layers.1.mlp.gate_proj.weight", math.nan)
+    poison(ft, "model.layers.1.mlp.gate_proj.weight", math.nan)
     return "model.layers.1.mlp.gate_proj.weight"
 
 
 def inf_in_base(base: Path, ft: Path) -> str:
-    _poison(base, "model.layers.1.self_attn.o_proj.weight", math.inf)
+    poison(base, "model.layers.1.self_attn.o_proj.weight", math.inf)
     return "model.layers.1.self_attn.o_proj.weight"
 
 
@@ -130,19 +106,23 @@ def test_missing_empty_existing_and_nested_out(pair, tmp_path):
     assert (tree_digest(base), tree_digest(ft)) == before
 
 
-def _mount_tmpfs(path: Path, size: str) -> bool:
+@contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of `size` at `path` for the test's duration (skips where mounting needs root)."""
     path.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    return done.returncode == 0
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def test_disk_too_small_is_refused_up_front(awkward_pair, tmp_path):
     """OUT on a tmpfs too small for it: refused in seconds, before anything is written; a roomier disk works."""
     base, ft = awkward_pair
-    disk = tmp_path / "disk"
-    if not _mount_tmpfs(disk, "120k"):
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with small_disk(tmp_path / "disk", "120k") as disk:
         out = disk / "out"
         t0 = time.time()
         proc = run("merge", base, ft, out, "--shard-size", "100KB")
@@ -156,8 +136,6 @@ def test_disk_too_small_is_refused_up_front(awkward_pair, tmp_path):
         ref = tmp_path / "ref"
         assert run("merge", base, ft, ref, "--shard-size", "100KB", "-q").returncode == 0
         assert tree_digest(out) == tree_digest(ref)
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 def test_disk_filled_after_a_kill_keeps_state_then_resumes(awkward_pair, tmp_path):
@@ -165,10 +143,7 @@ def test_disk_filled_after_a_kill_keeps_state_then_resumes(awkward_pair, tmp_pat
     space is already reserved, the state and report still need room), the state is kept; free the space and
     rerun: it resumes, identical output."""
     base, ft = awkward_pair
-    disk = tmp_path / "disk"
-    if not _mount_tmpfs(disk, "24m"):
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with small_disk(tmp_path / "disk", "24m") as disk:
         out = disk / "out"
         killed = run("merge", base, ft, out, "--shard-size", "100KB", "-q", env={"STREAMSOUP_FAULT": "commit:6"})
         assert killed.returncode == -9
@@ -185,5 +160,3 @@ def test_disk_filled_after_a_kill_keeps_state_then_resumes(awkward_pair, tmp_pat
         ref = tmp_path / "ref"
         assert run("merge", base, ft, ref, "--shard-size", "100KB", "-q").returncode == 0
         assert tree_digest(out) == tree_digest(ref)
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

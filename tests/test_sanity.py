@@ -14,28 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import raw_bytes
-from helpers import assert_one_line_error, report_rows, run, tree_digest
+from helpers import assert_one_line_error, poison, report_rows, run, tree_digest
 from safetensors.torch import save_file
 
 import streamsoup
 from streamsoup.checkpoint import Checkpoint
 from streamsoup.errors import OptionError
-
-
-@pytest.fixture
-def pair(awkward_pair, tmp_path) -> tuple[Path, Path]:
-    base, ft = tmp_path / "base", tmp_path / "ft"
-    shutil.copytree(awkward_pair[0], base)
-    shutil.copytree(awkward_pair[1], ft)
-    return base, ft
-
-
-def _poison(folder: Path, name: str, value: float, at: int = 17) -> None:
-    ref = Checkpoint.from_path(folder)[name]
-    raw = torch.tensor([value], dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes()
-    with open(ref.path, "r+b") as f:
-        f.seek(ref.offset + 2 * at)
-        f.write(raw)
 
 
 def wrong_base(tmp: Path, base: Path, ft: Path) -> tuple[list, list[str]]:
@@ -65,12 +49,12 @@ def adapter_folder(tmp: Path, base: Path, ft: Path) -> tuple[list, list[str]]:
 
 
 def nan_in_copied(tmp: Path, base: Path, ft: Path) -> tuple[list, list[str]]:
-    _poison(ft, "score.weight", math.nan)  # only in the fine-tune: copied
+    poison(ft, "score.weight", math.nan)  # only in the fine-tune: copied
     return [base, ft], ["score.weight", "NaN or Inf", "--allow-nonfinite"]
 
 
 def inf_in_resized(tmp: Path, base: Path, ft: Path) -> tuple[list, list[str]]:
-    _poison(ft, "model.embed_tokens.weight", math.inf, at=3000)  # resized vocabulary: copied
+    poison(ft, "model.embed_tokens.weight", math.inf, at=3000)  # resized vocabulary: copied
     return [base, ft], ["model.embed_tokens.weight", "NaN or Inf", "--allow-nonfinite"]
 
 
@@ -115,8 +99,8 @@ def test_bad_input_is_refused(pair, tmp_path, case):
 
 def test_allow_nonfinite_copies_byte_for_byte(pair, tmp_path):
     base, ft = pair
-    _poison(ft, "score.weight", math.nan)
-    _poison(ft, "model.layers.1.mlp.gate_proj.weight", math.inf)  # an edit candidate: copied unchanged instead
+    poison(ft, "score.weight", math.nan)
+    poison(ft, "model.layers.1.mlp.gate_proj.weight", math.inf)  # an edit candidate: copied unchanged instead
     out = tmp_path / "out"
     proc = run("merge", base, ft, out, "--allow-nonfinite", "-q")
     assert proc.returncode == 0, proc.stderr
