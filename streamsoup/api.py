@@ -27,7 +27,14 @@ from .graph import GraphTask, build_graph
 from .layout import INDEX_NAME
 from .options import MergeOptions, expand_path, format_size
 from .plan import MergePlan, plan_merge
-from .preflight import check_disk_space, check_values_differ, output_needs, small_side, state_bytes
+from .preflight import (
+    check_adapter_trained,
+    check_disk_space,
+    check_values_differ,
+    output_needs,
+    small_side,
+    state_bytes,
+)
 from .progress import Progress
 from .report import REPORT_NAME, MergeSummary, build_report, write_report
 from .resources import (
@@ -43,6 +50,7 @@ from .resources import (
 )
 from .schedule import Budget, schedule
 from .signals import MESSAGE, InterruptGuard
+from .sources import ADAPTER_CONFIG
 from .state import LOCK_NAME, POINTER_NAME, STATE_NAME, RunLock, RunState, describe_changes
 from .tasks import Execution, TaskContext, TensorResult
 
@@ -69,14 +77,17 @@ def merge(
     start = time.perf_counter()
     opts = MergeOptions.create(config, **options)
     out = expand_path(out).absolute()
-    plan = plan_merge(expand_path(base), expand_path(finetuned), opts)
+    plan = plan_merge(base, finetuned, opts)
     fingerprint = run_fingerprint(plan)
     if out.exists():
         return existing_output(out, fingerprint)
     check_output(out, plan)
     for warning in plan.warnings:
         log.warning(warning)
-    check_values_differ(plan.base, plan.finetuned, [j.name for j in plan.edits])
+    if plan.adapter is not None:
+        check_adapter_trained(plan.adapter.root, [j.lora for j in plan.jobs if j.lora is not None])
+    else:
+        check_values_differ(plan.base, plan.finetuned, [j.name for j in plan.edits])
     try:
         return _run(plan, out, opts, fingerprint, fresh, progress, start)
     except OSError as exc:
@@ -150,14 +161,14 @@ def run_fingerprint(plan: MergePlan) -> dict[str, Any]:
         "streamsoup": __version__,
         "options": plan.options.output_fingerprint(),
         "base": plan.base.fingerprint(),
-        "finetuned": plan.finetuned.fingerprint(),
+        "finetuned": (plan.adapter or plan.finetuned).fingerprint(),
     }
 
 
 def check_output(out: Path, plan: MergePlan) -> None:
     """OUT must not sit inside either input (we never write into an input)."""
     target = out.resolve()
-    for role, ckpt in (("BASE", plan.base), ("FINETUNED", plan.finetuned)):
+    for role, ckpt in (("BASE", plan.base), ("FINETUNED", plan.adapter or plan.finetuned)):
         root = ckpt.root.resolve()
         if target == root or (root.is_dir() and root in target.parents):
             raise UsageError(f"OUT {out} is inside {role} {ckpt.root}; write the merged model elsewhere")
@@ -193,7 +204,7 @@ def check_space(plan: MergePlan, runs: dict[str, Execution], budget: Budget, par
     streamed = [small_side(j.finetuned) for j in plan.edits if runs[j.key].streamed]
     widths = [small_side(j.finetuned) for j in plan.edits]
     existing = partial if partial.exists() and not fresh else partial / ".none"
-    needs = {partial: output_needs(plan.layout, existing, plan.finetuned)}
+    needs = {partial: output_needs(plan.layout, existing, plan.side_roots)}
     state = state_bytes(widths, streamed, budget.lanes.total, len(plan.jobs))
     needs[state_path] = needs.get(state_path, 0) + state
     check_disk_space(needs)
@@ -248,8 +259,11 @@ def execute(
 def finish(plan: MergePlan, partial: Path, out: Path, results: list[TensorResult], seconds: float,
            fingerprint: dict[str, Any]) -> None:  # fmt: skip
     """Side files, index, report; then the atomic rename that makes OUT appear."""
-    if plan.finetuned.root.is_dir():
-        writer.copy_side_files(plan.finetuned.root, partial)
+    adapter_root = plan.adapter.root if plan.adapter is not None and plan.save == "model" else None
+    for root in plan.side_roots:  # config and tokenizer files (not an adapter's own config in a merged model)
+        writer.copy_side_files(root, partial, skip=(ADAPTER_CONFIG, "README.md") if root == adapter_root else ())
+    if plan.save == "adapter":
+        writer.write_json(partial / ADAPTER_CONFIG, plan.adapter.reweighed_config())
     index = plan.layout.index_json()
     if index is not None:
         writer.write_json(partial / INDEX_NAME, index)
@@ -302,7 +316,7 @@ def estimate(base: str | Path, finetuned: str | Path, *, config: str | Path | No
     if unused:
         raise OptionError(unused[0], "is not used by plan, which plans a merge on this machine from the headers "
                                      "alone; leave it out")  # fmt: skip
-    plan = plan_merge(expand_path(base), expand_path(finetuned), opts)
+    plan = plan_merge(base, finetuned, opts)
     budget = make_budget(opts)
     runs = schedule(plan, budget)
     return summarize(plan, budget, runs, calibrate(budget, Path.cwd()))

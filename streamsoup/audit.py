@@ -100,26 +100,30 @@ def verify_output(out: str | Path, progress: bool = False) -> VerifyResult:
     report_path = out / REPORT_NAME
     if not report_path.exists():
         raise UsageError(f"{out} is not a finished streamsoup output (no {REPORT_NAME})")
-    rows = {r["name"]: r for r in json.loads(report_path.read_text())["tensors"]}
+    rows = json.loads(report_path.read_text())["tensors"]
     ckpt = Checkpoint.from_path(out, "OUT")
+    slots = {tuple(r.get("outputs") or [r["name"]]): r for r in rows}  # an adapter's module: [A', B'(, bias')]
+    listed = {name for names in slots for name in names}
     result = VerifyResult()
-    for name in sorted(set(rows) - set(ckpt)):
+    for name in sorted(listed - set(ckpt)):
         result.problems.append(f"{name}: in the report but missing from the shards")
-    for name in sorted(set(ckpt) - set(rows)):
+    for name in sorted(set(ckpt) - listed):
         result.problems.append(f"{name}: in the shards but not in the report")
     with tqdm(total=ckpt.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="verifying",
               disable=None if progress else True) as bar:  # fmt: skip
-        for name, ref in ckpt.items():
-            if name not in rows:
+        for names, row in slots.items():
+            if any(n not in ckpt for n in names):
                 continue
-            fd = os.open(ref.path, os.O_RDONLY)
+            first, last = ckpt[names[0]], ckpt[names[-1]]
+            nbytes = last.offset + last.nbytes - first.offset
+            fd = os.open(first.path, os.O_RDONLY)
             try:
-                crc = rawio.crc_range(fd, ref.offset, ref.nbytes)
+                crc = rawio.crc_range(fd, first.offset, nbytes)
             finally:
                 os.close(fd)
-            if crc != rows[name]["crc32c"]:
-                result.problems.append(f"{name} in {Path(ref.path).name}: checksum mismatch (bytes changed)")
-            result.tensors += 1
-            result.bytes += ref.nbytes
-            bar.update(ref.nbytes)
+            if crc != row["crc32c"]:
+                result.problems.append(f"{row['name']} in {Path(first.path).name}: checksum mismatch (bytes changed)")
+            result.tensors += len(names)
+            result.bytes += nbytes
+            bar.update(nbytes)
     return result

@@ -90,6 +90,9 @@ def calibrate(budget: Budget, scratch_dir: Path) -> Rates:
 def tensor_seconds(job, run: Execution, rates: Rates, lane_is_gpu: bool) -> float:
     io = run_io_bytes(job, run)
     seconds = io[0] / rates.read_bps + io[1] / rates.write_bps
+    if job.lora is not None and not job.dense_w1:  # an adapter's update: W0 + (U lam S) V^T, no eigensolve
+        m, n = matrix_shape(job.base.shape)
+        return seconds + (0 if job.factors_out else 2 * m * n * job.lora.rank / (rates.cpu_gflops * 1e9))
     if job.action == COPY:
         return seconds
     m, n = matrix_shape(job.finetuned.shape)
@@ -101,6 +104,9 @@ def tensor_seconds(job, run: Execution, rates: Rates, lane_is_gpu: bool) -> floa
 
 def run_io_bytes(job, run: Execution) -> tuple[int, int]:
     """(bytes read, bytes written); a streamed tensor reads its inputs twice."""
+    if job.lora is not None and not job.dense_w1:
+        factors = sum(r.nbytes for r in job.lora.refs)
+        return factors + (0 if job.factors_out else job.base.nbytes), job.placement.nbytes
     if job.action == COPY:
         return job.finetuned.nbytes, job.finetuned.nbytes
     reads = job.base.nbytes + job.finetuned.nbytes
@@ -126,6 +132,8 @@ class PlanSummary:
     estimated_seconds: float
     rates: dict
     warnings: list[str]
+    lowrank: int = 0  # adapter updates computed from their factors (no eigensolve)
+    save: str = "model"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -166,6 +174,8 @@ def summarize(plan: MergePlan, budget: Budget, runs: dict[str, Execution], rates
         estimated_seconds=max((t for t, _, _ in loads.values()), default=0.0),
         rates=asdict(rates),
         warnings=list(plan.warnings),
+        lowrank=sum(j.lora is not None and not j.dense_w1 for j in plan.jobs),
+        save=plan.save,
     )
 
 
@@ -179,6 +189,12 @@ def format_plan(s: PlanSummary) -> str:
         f"tensors      {s.tensors}: up to {s.edit_candidates} to edit (one whose update is below "
         f"--min-rel-update is copied instead: the data decide), {s.copies} to copy, {s.dropped} dropped (only in base)",
         f"I/O          read {format_size(s.bytes_read)}, write {format_size(s.bytes_written)}",
+    ]
+    if s.lowrank:
+        what = "the reweighed factors are written (BASE is not read)" if s.save == "adapter" else \
+            "W0 + U diag(lam s) V^T is written as W0 streams through"
+        lines.append(f"adapter      {s.lowrank} low-rank updates from LoRA factors: no eigensolve; {what}")
+    lines += [
         f"largest      {s.largest_tensor}: working set {format_size(s.largest_working_set)}",
         f"memory       peak RAM <= {format_size(s.peak_ram)} (--max-ram {format_size(s.max_ram)}, "
         f"{format_size(s.task_ram)} for tensors); {s.streamed} tensor(s) streamed in row blocks",

@@ -51,8 +51,11 @@ class ShardLayout:
     placements: dict[str, Placement]
 
     @classmethod
-    def plan(cls, tensors: Iterable[TensorSpec], shard_size: int) -> ShardLayout:
-        """Fill shards in tensor order, starting a new one when the next tensor would overflow."""
+    def plan(cls, tensors: Iterable[TensorSpec], shard_size: int, single: str | None = None) -> ShardLayout:
+        """Fill shards in tensor order, starting a new one when the next tensor would overflow.
+
+        `single`: the file name when everything fits one shard (default model.safetensors).
+        """
         groups: list[list[TensorSpec]] = [[]]
         filled = 0
         for spec in tensors:
@@ -64,7 +67,7 @@ class ShardLayout:
         count = len(groups)
         shards, placements = [], {}
         for i, group in enumerate(groups, 1):
-            file = SINGLE_NAME if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
+            file = (single or SINGLE_NAME) if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
             header, offsets = encode_header(group)
             for spec, begin in zip(group, offsets, strict=True):
                 placements[spec.name] = Placement(file, len(header) + begin, spec.nbytes)

@@ -83,6 +83,11 @@ class MergeOptions:
     energy: float = _opt(0.8, "energy share R kept in the top-k directions under --rank-rule energy")
     min_rel_update: float = _opt(1e-6, "tensors whose ||dW||/||W0|| is below this are copied from the fine-tune")
     shard_size: int = _opt(5 * 10**9, "largest output shard, e.g. 5GB or 2GiB", size=True)
+    save: str = _opt(
+        "model",
+        "what OUT holds: the merged model, or (FINETUNED a LoRA adapter) a PEFT adapter of the same ranks",
+        choices=("model", "adapter"),
+    )
     spectral: str = _opt(
         "auto",
         "how the spectrum is computed: exact Gram eigendecomposition, full SVD, or auto (fastest exact path)",
@@ -143,6 +148,8 @@ class MergeOptions:
             raise OptionError("energy", f"must be in (0, 1], got {self.energy!r}")
         if not float(self.min_rel_update) >= 0:
             raise OptionError("min_rel_update", f"must be >= 0, got {self.min_rel_update!r}")
+        if self.save not in ("model", "adapter"):
+            raise OptionError("save", f"must be model or adapter, got {self.save!r}")
         if self.spectral not in ("auto", "gram", "svd"):
             raise OptionError("spectral", f"must be auto, gram or svd, got {self.spectral!r}")
         if int(self.lanes) < 1:

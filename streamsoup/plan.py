@@ -7,9 +7,13 @@ from pathlib import Path
 
 from .checkpoint import Checkpoint, TensorRef
 from .dtypes import is_float
+from .errors import InputError, UsageError
 from .layout import Placement, ShardLayout, TensorSpec
+from .lowrank import BiasUpdate, LoraUpdate
 from .options import MergeOptions
 from .preflight import check_not_adapter, check_pairing
+from .sources import Adapter, open_base, open_finetuned
+from .sources.adapter import ADAPTER_WEIGHTS, AdapterTensors, resolve
 
 EDIT, COPY, DROP = "edit", "copy", "drop"
 
@@ -25,10 +29,24 @@ class TensorJob:
     action: str  # EDIT candidates may still turn into COPY once the update's norm is known
     reason: str
     placement: Placement
+    lora: LoraUpdate | None = None  # dW comes from low-rank factors (an adapter), not from W1 - W0
+    bias: BiasUpdate | None = None  # the fine-tune's bias is base bias + lora_B.bias * scaling
+    dtype: str = ""  # output dtype when not the fine-tune tensor's (an adapter merge writes the base's)
+    factors_out: bool = False  # --save adapter: write the reweighed factors [A', B'(, bias')] at `placement`
+    outputs: tuple[str, ...] = ()  # the output tensors the slot holds, when not just `name`
 
     @property
     def key(self) -> str:
         return f"tensor-{self.index:06d}"
+
+    @property
+    def out_dtype(self) -> str:
+        return self.dtype or self.finetuned.dtype
+
+    @property
+    def dense_w1(self) -> bool:
+        """W1 is computed from the adapter (DoRA) rather than read: the dense path on a materialized W1."""
+        return self.lora is not None and self.lora.magnitude is not None
 
 
 @dataclass(frozen=True)
@@ -40,6 +58,12 @@ class MergePlan:
     dropped: tuple[str, ...]  # tensors only in the base
     layout: ShardLayout
     warnings: tuple[str, ...] = ()  # said once, before the run (plan and merge alike)
+    adapter: Adapter | None = None  # FINETUNED is a PEFT LoRA adapter (`finetuned` is then its weights file)
+    side_roots: tuple[Path, ...] = ()  # folders whose non-weight files go into OUT (config, tokenizer, ...)
+
+    @property
+    def save(self) -> str:
+        return self.options.save
 
     @property
     def edits(self) -> list[TensorJob]:
@@ -65,17 +89,114 @@ def pair_action(ft: TensorRef, base: TensorRef | None) -> tuple[str, str]:
     return EDIT, ""
 
 
-def plan_merge(base: str | Path | Checkpoint, finetuned: str | Path | Checkpoint, options: MergeOptions) -> MergePlan:
+def plan_merge(base: str | Path | Checkpoint, finetuned: str | Path | Checkpoint | Adapter,
+               options: MergeOptions) -> MergePlan:  # fmt: skip
     """Pair, decide and lay out from headers; refuse inputs that cannot make a right model (preflight.py)."""
-    base_ckpt = base if isinstance(base, Checkpoint) else Checkpoint.from_path(base, "BASE")
-    ft_ckpt = finetuned if isinstance(finetuned, Checkpoint) else Checkpoint.from_path(finetuned, "FINETUNED")
-    for ckpt, role in ((base_ckpt, "BASE"), (ft_ckpt, "FINETUNED")):
-        check_not_adapter(ckpt, role)
-    layout = ShardLayout.plan((TensorSpec(r.name, r.dtype, r.shape) for r in ft_ckpt.values()), options.shard_size)
+    base_ckpt = open_base(base)
+    ft = open_finetuned(finetuned)
+    check_not_adapter(base_ckpt, "BASE")
+    if isinstance(ft, Adapter):
+        return plan_adapter(base_ckpt, ft, options)
+    if options.save == "adapter":
+        raise UsageError(f"--save adapter needs a LoRA adapter as FINETUNED; {ft.root} is a full checkpoint: "
+                         "use --save model")  # fmt: skip
+    check_not_adapter(ft, "FINETUNED")
+    layout = ShardLayout.plan((TensorSpec(r.name, r.dtype, r.shape) for r in ft.values()), options.shard_size)
     jobs = []
-    for i, ref in enumerate(ft_ckpt.values()):
+    for i, ref in enumerate(ft.values()):
         action, reason = pair_action(ref, base_ckpt.get(ref.name))
         jobs.append(TensorJob(i, ref.name, ref, base_ckpt.get(ref.name), action, reason, layout.placements[ref.name]))
-    dropped = tuple(name for name in base_ckpt if name not in ft_ckpt)
-    warning = check_pairing(base_ckpt, ft_ckpt, sum(j.action == EDIT for j in jobs))
-    return MergePlan(base_ckpt, ft_ckpt, options, tuple(jobs), dropped, layout, (warning,) if warning else ())
+    dropped = tuple(name for name in base_ckpt if name not in ft)
+    warning = check_pairing(base_ckpt, ft, sum(j.action == EDIT for j in jobs))
+    side = (ft.root,) if ft.root.is_dir() else ()
+    return MergePlan(base_ckpt, ft, options, tuple(jobs), dropped, layout, (warning,) if warning else (),
+                     side_roots=side)  # fmt: skip
+
+
+@dataclass
+class _Draft:
+    """A job before its placement is known."""
+
+    name: str
+    source: TensorRef
+    base: TensorRef | None
+    action: str
+    reason: str
+    specs: list[TensorSpec]
+    lora: LoraUpdate | None = None
+    bias: BiasUpdate | None = None
+    dtype: str = ""
+
+
+LORA_REASON = "low-rank update from the adapter"
+
+
+def plan_adapter(base: Checkpoint, adapter: Adapter, options: MergeOptions) -> MergePlan:
+    """BASE + a LoRA adapter: the merged model (base's tensors and dtypes), or a reweighed adapter."""
+    found = resolve(adapter, base)
+    if not found.updates and not found.full:
+        raise InputError(f"FINETUNED {adapter.root} holds no LoRA factors and no full tensors: nothing to merge")
+    if options.save == "adapter":
+        drafts, side = _adapter_output(base, adapter, found), (adapter.root,)
+        layout_size, single = 2**62, ADAPTER_WEIGHTS  # peft reads one adapter_model.safetensors
+    else:
+        drafts, side = _model_output(base, found), (base.root, adapter.root)
+        layout_size, single = options.shard_size, None
+        side = tuple(p for p in side if p.is_dir())
+    layout = ShardLayout.plan((s for d in drafts for s in d.specs), layout_size, single)
+    jobs = []
+    for i, d in enumerate(drafts):
+        first = layout.placements[d.specs[0].name]
+        placement = Placement(first.file, first.offset, sum(layout.placements[s.name].nbytes for s in d.specs))
+        names = tuple(spec.name for spec in d.specs)
+        jobs.append(TensorJob(i, d.name, d.source, d.base, d.action, d.reason, placement, d.lora, d.bias, d.dtype,
+                              factors_out=options.save == "adapter" and d.lora is not None,
+                              outputs=names if names != (d.name,) else ()))  # fmt: skip
+    return MergePlan(base, adapter.weights, options, tuple(jobs), (), layout, adapter=adapter, side_roots=side)
+
+
+def _model_output(base: Checkpoint, found: AdapterTensors) -> list[_Draft]:
+    drafts = []
+    for name, ref in base.items():
+        spec = [TensorSpec(name, ref.dtype, ref.shape)]
+        if name in found.updates:
+            drafts.append(_Draft(name, ref, ref, EDIT, LORA_REASON, spec, lora=found.updates[name], dtype=ref.dtype))
+        elif name in found.full:
+            full = found.full[name]
+            action, reason = pair_action(full, ref)
+            if action == EDIT:
+                drafts.append(_Draft(name, full, ref, EDIT, "", spec, dtype=ref.dtype))
+            else:
+                drafts.append(_Draft(name, full, ref, COPY, reason, [TensorSpec(name, full.dtype, full.shape)]))
+        elif name in found.biases:
+            reason = "1-D tensor: the fine-tune's bias (base bias + lora_B.bias * scaling) is written"
+            drafts.append(_Draft(name, ref, ref, COPY, reason, spec, bias=found.biases[name], dtype=ref.dtype))
+        else:
+            drafts.append(_Draft(name, ref, ref, COPY, "not changed by the adapter: the base's tensor", spec))
+    for name, full in found.full.items():
+        if name not in base:
+            drafts.append(_Draft(name, full, None, COPY, "not in base", [TensorSpec(name, full.dtype, full.shape)]))
+    return drafts
+
+
+def _adapter_output(base: Checkpoint, adapter: Adapter, found: AdapterTensors) -> list[_Draft]:
+    """One job per LoRA module writing [A', B'(, bias')] side by side, then the adapter's full tensors."""
+    drafts = []
+    dora = [u.module for u in found.updates.values() if u.magnitude is not None]
+    if dora:
+        raise UsageError(f"--save adapter: DoRA's result is not low rank (module {dora[0]!r} has a magnitude "
+                         "vector), so it cannot be written as a LoRA adapter; use --save model")  # fmt: skip
+    for name, update in found.updates.items():
+        refs = [adapter.weights[k] for k in found.keys[name]]
+        specs = [TensorSpec(r.name, r.dtype, r.shape) for r in refs]
+        bias = next((b for b in found.biases.values() if b.bias.name in found.keys[name]), None)
+        drafts.append(_Draft(name, update.a, base[name], EDIT, LORA_REASON, specs, lora=update, bias=bias))
+        if update.base_copy is not None:
+            ref = update.base_copy
+            drafts.append(_Draft(ref.name, ref, None, COPY, "the base weights peft saves beside an embedding LoRA",
+                                 [TensorSpec(ref.name, ref.dtype, ref.shape)]))  # fmt: skip
+    for name, full in found.full.items():
+        action, reason = pair_action(full, base.get(name))
+        drafts.append(_Draft(full.name, full, base.get(name), action, reason,
+                             [TensorSpec(full.name, full.dtype, full.shape)]))  # fmt: skip
+    return drafts

@@ -32,16 +32,18 @@ DISK_MARGIN = 16 * 2**20
 
 
 def check_not_adapter(ckpt: Checkpoint, role: str) -> None:
-    """A PEFT LoRA adapter is not a model: merging it as one would write the adapter as 'the model'."""
+    """LoRA tensors where a full model is expected: an adapter as BASE, or adapter weights without their config."""
     folder = ckpt.root if ckpt.root.is_dir() else ckpt.root.parent
     lora = next((n for n in ckpt if any(f".{key}." in n or n.endswith(f".{key}") for key in ADAPTER_KEYS)), None)
-    if (folder / ADAPTER_CONFIG).exists() or lora is not None:
-        found = ADAPTER_CONFIG if (folder / ADAPTER_CONFIG).exists() else f"tensor {lora!r}"
-        raise InputError(
-            f"{role} {ckpt.root} is a PEFT LoRA adapter ({found}), not a full checkpoint; streamsoup does not "
-            "take adapters yet: merge it into its base with peft (merge_and_unload, then save_pretrained) "
-            f"and pass that folder as {role}"
-        )
+    has_config = (folder / ADAPTER_CONFIG).exists()
+    if not has_config and lora is None:
+        return
+    found = ADAPTER_CONFIG if has_config else f"tensor {lora!r}"
+    if role == "BASE":
+        raise InputError(f"BASE {ckpt.root} is a PEFT LoRA adapter ({found}), not a full model: pass the model the "
+                         "adapter was trained on as BASE and the adapter folder as FINETUNED")  # fmt: skip
+    raise InputError(f"{role} {ckpt.root} holds LoRA tensors ({found}) but is not an adapter folder with "
+                     f"{ADAPTER_CONFIG}: pass the PEFT adapter folder itself as {role}")  # fmt: skip
 
 
 def _file_ids(ckpt: Checkpoint) -> set[tuple[int, int]]:
@@ -124,6 +126,20 @@ def check_values_differ(base: Checkpoint, finetuned: Checkpoint, names: list[str
         )
 
 
+def check_adapter_trained(root: Path, updates: list) -> None:
+    """Refuse an adapter whose every lora_B is zero where sampled (peft starts B at 0): it changes nothing."""
+    for update in updates:
+        b = update.b
+        last = max(b.nbytes - SAMPLE_BYTES, 0)
+        for start in sorted({0, last // 2 // 8 * 8, last // 8 * 8}):
+            if any(_span(b, start)):
+                return
+    if updates:
+        raise InputError(f"FINETUNED {root}: every lora_B of the adapter is zero where sampled ({len(updates)} "
+                         "modules): an untrained adapter (peft initialises B to 0) changes nothing; pass the "
+                         "trained adapter")  # fmt: skip
+
+
 def _existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -140,13 +156,11 @@ def _allocated(folder: Path, layout: ShardLayout) -> int:
     return total
 
 
-def side_file_bytes(finetuned: Checkpoint) -> int:
+def side_file_bytes(roots: tuple[Path, ...]) -> int:
     from .writer import is_weight_file
 
-    root = finetuned.root
-    if not root.is_dir():
-        return 0
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not is_weight_file(p.name))
+    return sum(p.stat().st_size for root in roots if root.is_dir() for p in root.rglob("*")
+               if p.is_file() and not is_weight_file(p.name))  # fmt: skip
 
 
 def state_bytes(widths: list[int], streamed_widths: list[int], lanes: int, tensors: int) -> int:
@@ -173,10 +187,10 @@ def check_disk_space(needs: dict[Path, int]) -> None:
             )
 
 
-def output_needs(layout: ShardLayout, partial: Path, finetuned: Checkpoint) -> int:
+def output_needs(layout: ShardLayout, partial: Path, side_roots: tuple[Path, ...]) -> int:
     """Bytes the output still needs on disk: shards not yet allocated, side files, index and report."""
     shards = sum(s.size for s in layout.shards) - _allocated(partial, layout)
-    return shards + side_file_bytes(finetuned) + BOOKKEEPING_PER_TENSOR * len(layout.placements)
+    return shards + side_file_bytes(side_roots) + BOOKKEEPING_PER_TENSOR * len(layout.placements)
 
 
 def small_side(ref: TensorRef) -> int:

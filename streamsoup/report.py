@@ -65,7 +65,7 @@ def build_report(plan: MergePlan, results: list[TensorResult], seconds: float, f
         "streamsoup": __version__,
         "method": "MonoSoup (arXiv 2602.09689)",
         "base": str(plan.base.root),
-        "finetuned": str(plan.finetuned.root),
+        "finetuned": str((plan.adapter or plan.finetuned).root),
         "options": plan.options.output_fingerprint(),
         "fingerprint": fingerprint,
         "summary": {

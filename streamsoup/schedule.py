@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .checkpoint import matrix_shape
+from .dtypes import item_size
 from .errors import OptionError, UsageError
+from .lowrank import factor_bytes, rows_per_block
 from .options import format_size
 from .plan import COPY, MergePlan, TensorJob
 from .rawio import IO_CHUNK
@@ -44,8 +46,31 @@ def _elem_bytes(job: TensorJob) -> int:
     return job.base.nbytes // n + 2 * (job.finetuned.nbytes // n)
 
 
+def lowrank_execution(job: TensorJob, budget: Budget) -> Execution:
+    """An adapter's update: factors and their SVD, plus (a merged model) one block of W0 in float64 and its output.
+
+    I/O-bound and on the host whatever the lane; DoRA's W1 is materialized whole (the dense path).
+    """
+    lane = "cpu" if budget.lanes.cpu else "device"
+    m, n = matrix_shape(job.base.shape)
+    ram = factor_bytes(job.lora, job.base.shape)
+    if job.dense_w1:
+        need = in_memory_bytes(max(m, n), min(m, n), job.base.nbytes + 8 * m * n, job.placement.nbytes)
+        if need > budget.task_ram:
+            raise OptionError("max_ram", f"{format_size(budget.max_ram)} is too small for DoRA tensor {job.name!r}, "
+                                         f"which is merged whole in memory ({format_size(need)}); give at least "
+                                         f"{format_size(budget.max_ram - budget.task_ram + need)}")  # fmt: skip
+        return Execution(lane, 0, need)
+    if not job.factors_out:
+        block = rows_per_block(n) * n
+        ram += block * (job.base.nbytes // max(m * n, 1) + 8 + 8 + item_size(job.out_dtype, job.name))
+    return Execution(lane, 0, ram)
+
+
 def execution_for(job: TensorJob, budget: Budget) -> Execution:
     lanes = budget.lanes
+    if job.lora is not None:
+        return lowrank_execution(job, budget)
     if job.action == COPY:
         return Execution(lane="cpu" if lanes.cpu else "device", ram=min(IO_CHUNK, max(job.finetuned.nbytes, 1)))
     m, n = matrix_shape(job.finetuned.shape)

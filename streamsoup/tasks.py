@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from . import writer
-from .checkpoint import matrix_shape, read_tensor
+from .checkpoint import matrix_shape, read_block, read_tensor
 from .dtypes import torch_dtype
 from .errors import InputError
 from .faults import fault_point
+from .lowrank import materialize
 from .monosoup import EPS, Coefficients, coefficients, relative_update, reweigh, update_is_significant
 from .options import MergeOptions
 from .plan import COPY, EDIT, TensorJob
@@ -115,6 +116,7 @@ class TensorResult:
     nbytes: int = 0
     crc32c: int = 0
     attempt: int = 0  # which run of the merge computed it (1 = the first)
+    outputs: list[str] | None = None  # the output tensors covered by crc32c, when not just `name` (adapter output)
     singular_values: np.ndarray | None = field(default=None, repr=False, compare=False)
     resumed: bool = False  # committed by an earlier attempt and verified on disk
 
@@ -145,18 +147,26 @@ def merge_tensor(
     start = time.perf_counter()
     if options.threads:
         torch.set_num_threads(options.threads)
+    if job.bias is not None and not job.factors_out:
+        from .lowrank_tasks import write_bias
+
+        return write_bias(job, folder, start)
     if job.action == COPY:
         watch = Stopwatch()
         with watch("write"):
             crc = writer.copy_tensor(job.finetuned, folder, job.placement, not options.allow_nonfinite)
         return _result(job, COPY, job.reason, start, watch, crc32c=crc)
     assert job.action == EDIT and job.base is not None
+    if job.lora is not None and not job.dense_w1:
+        from .lowrank_tasks import merge_lowrank  # I/O-bound: on the host, whatever the lane
+
+        return merge_lowrank(job, options, ctx, start)
     device = DevicePool.acquire() if run.lane == "device" else "cpu"
     try:
         with device_stream(device):
             if run.streamed:
                 return _merge_streamed(job, options, ctx, run, device, start)
-            return _merge_in_memory(job, options, folder, device, start)
+            return merge_dense(job, options, folder, device, start)
     finally:
         DevicePool.release(device) if run.lane == "device" else None
         release_memory()
@@ -164,10 +174,11 @@ def merge_tensor(
 
 def _result(job: TensorJob, action: str, reason: str, start: float, watch: Stopwatch | None = None,
             **fields) -> TensorResult:  # fmt: skip
-    ref = job.finetuned
+    shape = job.base.shape if job.lora is not None else job.finetuned.shape  # the matrix MonoSoup saw
     phases = watch.as_dict() if watch is not None else None
-    return TensorResult(name=job.name, shape=ref.shape, dtype=ref.dtype, nbytes=ref.nbytes, action=action,
-                        reason=reason, seconds=time.perf_counter() - start, phases=phases, **fields)  # fmt: skip
+    return TensorResult(name=job.name, shape=shape, dtype=job.out_dtype, nbytes=job.placement.nbytes,
+                        action=action, reason=reason, seconds=time.perf_counter() - start, phases=phases,
+                        outputs=list(job.outputs) or None, **fields)  # fmt: skip
 
 
 def _nonfinite(job: TensorJob, sums: GramSums) -> InputError:
@@ -202,25 +213,59 @@ def _edited(job, options, start, watch, coef, spectrum_s, path, rel, crc, device
                    device=str(device), blocks=blocks, **_coef_fields(coef))  # fmt: skip
 
 
-def _merge_in_memory(job: TensorJob, options: MergeOptions, folder: Path, device: str, start: float) -> TensorResult:
+def merge_dense(job: TensorJob, options: MergeOptions, folder: Path, device: str, start: float) -> TensorResult:
+    """The whole tensor in memory: W1 read from the fine-tune, or computed from an adapter (DoRA) in float64."""
     watch = Stopwatch(device)
     with watch("read"):
-        w1, w0 = read_tensor(job.finetuned), read_tensor(job.base)
+        w0 = read_tensor(job.base)
+        w1 = materialize(job.lora, w0) if job.lora is not None else read_tensor(job.finetuned)
     src = MemoryRows(w0, w1, device)
     sums = gram_pass(src, options.spectral, watch)
     reason, rel = _skip_reason(sums, options, job)
     if reason:
-        del w0, w1, src, sums
+        del w0, src, sums
         with watch("write"):
-            crc = writer.copy_tensor(job.finetuned, folder, job.placement, not options.allow_nonfinite)
+            crc = _write_fine_tune(job, folder, w1, not options.allow_nonfinite)
         return _result(job, COPY, reason, start, watch, rel_update=rel, crc32c=crc)
     spectrum = spectrum_of(src, sums, options.spectral, watch)
     del sums
     coef = coefficients(spectrum.s, options.rank_rule, options.energy)
-    out = reweighed(src, spectrum, coef, w1.dtype, watch)
+    out = reweighed(src, spectrum, coef, torch_dtype(job.out_dtype), watch)
     with watch("write"):
         crc = writer.write_tensor(folder, job.placement, out)
     return _edited(job, options, start, watch, coef, spectrum.s, spectrum.path, rel, crc, device)
+
+
+def _write_fine_tune(job: TensorJob, folder: Path, w1: torch.Tensor, check_finite: bool) -> int:
+    """The fine-tune's tensor unchanged: its bytes, or (an adapter's W1 in another dtype) rounded once."""
+    if job.lora is None and job.out_dtype == job.finetuned.dtype:
+        return writer.copy_tensor(job.finetuned, folder, job.placement, check_finite)
+    out = w1.to(torch_dtype(job.out_dtype))
+    if check_finite and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        raise InputError(f"{job.finetuned.path}: tensor {job.name!r} contains NaN or Inf and would be written into "
+                         "the output as is; fix the input, or rerun with --allow-nonfinite")  # fmt: skip
+    return writer.write_tensor(folder, job.placement, out)
+
+
+def _stream_fine_tune(job: TensorJob, folder: Path, check_finite: bool) -> int:
+    """The fine-tune's tensor unchanged, too big for memory: its bytes, or converted row block by row block."""
+    ref = job.finetuned
+    if job.out_dtype == ref.dtype:
+        return writer.copy_tensor(ref, folder, job.placement, check_finite)
+    m, n = matrix_shape(ref.shape)
+    step = max(1, 2**22 // max(n, 1))
+    slot = writer.SlotWriter(folder, job.placement)
+    try:
+        for row in range(0, m, step):
+            block = read_block(ref, row, min(row + step, m), False)
+            if check_finite and not bool(torch.isfinite(block).all()):
+                raise InputError(f"{ref.path}: tensor {job.name!r} contains NaN or Inf and would be written into "
+                                 "the output as is; fix the input, or rerun with --allow-nonfinite")  # fmt: skip
+            slot.write(block.to(torch_dtype(job.out_dtype)))
+        return slot.close()
+    except BaseException:
+        slot.abort()
+        raise
 
 
 def gram_pass(src: RowSource, spectral: str, watch: Stopwatch) -> GramSums:
@@ -268,7 +313,7 @@ def _merge_streamed(
         reason, rel = _skip_reason(sums, options, job)
         if reason:
             with watch("write"):
-                crc = writer.copy_tensor(ref, folder, job.placement, not options.allow_nonfinite)
+                crc = _stream_fine_tune(job, folder, not options.allow_nonfinite)
             return _result(job, COPY, reason, start, watch, rel_update=rel, crc32c=crc, blocks=src.n_blocks)
         with watch("eigh"):
             spectrum = eigh_spectrum(sums.gram)
@@ -281,7 +326,7 @@ def _merge_streamed(
     s, basis = partial.load_basis()
     coef = Coefficients(**saved["coef"])
     spectrum = Spectrum(torch.from_numpy(s), torch.from_numpy(basis).to(device), "gram", saved["kept"])
-    shape, dtype = matrix_shape(ref.shape), torch_dtype(ref.dtype)
+    shape, dtype = matrix_shape(ref.shape), torch_dtype(job.out_dtype)
     for block in src.read_blocks(saved["next_row"]):
         src.load(block)
         with watch("project"):

@@ -117,14 +117,16 @@ def is_weight_file(name: str) -> bool:
     return name.endswith(WEIGHT_SUFFIXES) or name in WEIGHT_INDEXES
 
 
-def copy_side_files(source: Path, folder: Path) -> list[str]:
-    """Copy config, tokenizer and other non-weight files of the fine-tune (dotfiles skipped)."""
+def copy_side_files(source: Path, folder: Path, skip: tuple[str, ...] = ()) -> list[str]:
+    """Copy config, tokenizer and other non-weight files of the fine-tune (dotfiles and `skip` names left out)."""
     copied = []
     if not source.is_dir():
         return copied
     for path in sorted(source.rglob("*")):
         rel = path.relative_to(source)
         if any(part.startswith(".") for part in rel.parts) or not path.is_file() or is_weight_file(path.name):
+            continue
+        if path.name in skip:
             continue
         dst = folder / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -162,3 +164,37 @@ def write_block(folder: Path, placement: Placement, shape: tuple[int, int], star
         os.fdatasync(fd)
     finally:
         os.close(fd)
+
+
+class SlotWriter:
+    """Consecutive row blocks of one tensor written into its slot, made durable once at the end.
+
+    Blocks must come in order: the crc32c of the whole slot is chained on the way (no re-read).
+    """
+
+    def __init__(self, folder: Path, placement: Placement) -> None:
+        self.placement = placement
+        self.written = 0
+        self.crc = 0
+        self.fd = _open_for_write(folder, placement)
+
+    def write(self, block: torch.Tensor) -> None:
+        data = memoryview(block.contiguous().view(-1).view(torch.uint8).numpy())
+        if self.written + len(data) > self.placement.nbytes:
+            raise AssertionError("block overflows its tensor's slot")
+        rawio.pwrite_all(self.fd, data, self.placement.offset + self.written)
+        self.crc = rawio.crc_of(data, self.crc)
+        self.written += len(data)
+
+    def close(self) -> int:
+        """fdatasync and close; returns the slot's crc32c (every byte must have been written)."""
+        try:
+            if self.written != self.placement.nbytes:
+                raise AssertionError(f"wrote {self.written} of the slot's {self.placement.nbytes} bytes")
+            os.fdatasync(self.fd)
+        finally:
+            os.close(self.fd)
+        return self.crc
+
+    def abort(self) -> None:
+        os.close(self.fd)

@@ -45,7 +45,7 @@ def adapter_folder(tmp: Path, base: Path, ft: Path) -> tuple[list, list[str]]:
     save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 64),
                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(64, 4)},
               adapter / "adapter_model.safetensors", metadata={"format": "pt"})  # fmt: skip
-    return [base, adapter], ["FINETUNED", "adapter", "PEFT LoRA", "merge_and_unload"]
+    return [adapter, ft], ["BASE", "is a PEFT LoRA adapter", "the adapter folder as FINETUNED"]
 
 
 def nan_in_copied(tmp: Path, base: Path, ft: Path) -> tuple[list, list[str]]:
@@ -74,7 +74,7 @@ UP_FRONT = {
     "wrong BASE": wrong_base,
     "BASE and FINETUNED the same folder": same_folder,
     "BASE and FINETUNED byte-identical copies": identical_copy,
-    "an adapter folder as FINETUNED": adapter_folder,
+    "an adapter folder as BASE": adapter_folder,
     "--max-ram beyond the machine": max_ram_beyond_machine,
     "an absurd --max-ram": absurd_max_ram,
     "an unusable --shard-size": unusable_size,

@@ -1,0 +1,168 @@
+"""The per-tensor task when dW comes from LoRA factors: spectrum from the factors, then one pass over W0.
+
+No eigensolve of a big matrix anywhere: the factors give the exact SVD (lowrank.py), and the
+merged tensor W0 + U diag(lam s) V^T is written row block by row block while W0 streams
+through once, so a merged model costs what reading the base and writing the output cost.
+With --save adapter the base is not read at all: the task writes the reweighed factors.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from . import writer
+from .checkpoint import matrix_shape, read_block, read_tensor
+from .dtypes import torch_dtype
+from .errors import InputError
+from .faults import fault_point
+from .lowrank import LowRankSVD, factors, finite, lowrank_svd, reweighed_factors, rows_per_block, weights
+from .monosoup import EPS, Coefficients, coefficients, relative_update, update_is_significant
+from .options import MergeOptions
+from .plan import COPY, EDIT, TensorJob
+from .tasks import NONFINITE_COPIED, Stopwatch, TaskContext, TensorResult, _coef_fields, _result, merge_dense
+
+
+def merge_lowrank(job: TensorJob, options: MergeOptions, ctx: TaskContext, start: float) -> TensorResult:
+    folder, update = Path(ctx.folder), job.lora
+    assert update is not None and job.base is not None
+    watch = Stopwatch()
+    with watch("read"):
+        left, right = factors(update, job.base.shape)
+    if not finite(left, right):
+        if not options.allow_nonfinite:
+            raise InputError(f"{update.a.path}: the LoRA factors of {update.module!r} contain NaN or Inf; fix the "
+                             "adapter, or rerun with --allow-nonfinite to write the fine-tune's values "
+                             "unchanged")  # fmt: skip
+        return _fine_tune_copy(job, folder, start, watch, NONFINITE_COPIED, poisoned=True)
+    with watch("eigh"):
+        svd = lowrank_svd(left, right)
+    del left, right
+    m, n = matrix_shape(job.base.shape)
+    spectrum = svd.padded(min(m, n))
+    dw_sq = float(spectrum.square().sum())
+    coef = coefficients(spectrum, options.rank_rule, options.energy) if dw_sq >= EPS else None
+    if job.factors_out:
+        return _write_factors(job, options, folder, svd, coef, (start, watch), spectrum)
+    if update.base_copy is not None and not _same_values(job):
+        return merge_dense(job, options, folder, "cpu", start)  # W0 of the fine-tune is not BASE: dense path
+    w0_sq, crc = _write_merged(job, folder, svd, coef, watch)
+    if not math.isfinite(w0_sq):
+        if not options.allow_nonfinite:
+            raise InputError(f"{job.base.path}: tensor {job.name!r} contains NaN or Inf; MonoSoup cannot edit it: "
+                             "fix the checkpoint, or rerun with --allow-nonfinite to write the fine-tune's values "
+                             "unchanged")  # fmt: skip
+        return _fine_tune_copy(job, folder, start, watch, NONFINITE_COPIED, svd=svd)
+    dw_norm, w0_norm = math.sqrt(dw_sq), math.sqrt(w0_sq)
+    rel = relative_update(dw_norm, w0_norm)
+    if coef is None:
+        return _fine_tune_copy(job, folder, start, watch, "update energy below eps: the fine-tune's values are "
+                               "kept", svd=svd, rel=rel)  # fmt: skip
+    if not update_is_significant(dw_norm, w0_norm, options.min_rel_update):
+        reason = f"relative update {rel:.3g} below --min-rel-update {options.min_rel_update:g}"
+        return _fine_tune_copy(job, folder, start, watch, reason, svd=svd, rel=rel)
+    return _edited(job, options, coef, spectrum, rel, crc, start, watch)
+
+
+def _edited(job, options, coef, spectrum, rel, crc, start, watch) -> TensorResult:
+    reason = f"k={coef.k} of rank {coef.rank} ({options.rank_rule} rule), LoRA rank {job.lora.rank}"
+    return _result(job, EDIT, reason, start, watch, rel_update=rel, spectral="lowrank", crc32c=crc,
+                   singular_values=spectrum.numpy(), **_coef_fields(coef))  # fmt: skip
+
+
+def _write_merged(job: TensorJob, folder: Path, svd: LowRankSVD | None, coef: Coefficients | None,
+                  watch: Stopwatch, poisoned: bool = False) -> tuple[float, int]:  # fmt: skip
+    """W0 + U diag(lam s) V^T (lam = 1 without `coef`: the fine-tune's W1) row block by row block.
+
+    Returns ||W0||^2, taken on the way (the edit threshold needs it), and the slot's crc32c.
+    `poisoned`: the factors are not finite; W1 = W0 + c B A is written as peft would compute it.
+    """
+    ref, update = job.base, job.lora
+    m, n = matrix_shape(ref.shape)
+    dtype = torch_dtype(job.out_dtype)
+    if poisoned:
+        left, right = factors(update, ref.shape)
+    else:
+        left = svd.u * weights(svd, coef)
+        right = svd.v.T.contiguous()
+    step = rows_per_block(n)
+    slot = writer.SlotWriter(folder, job.placement)
+    w0_sq = 0.0
+    try:
+        for row in range(0, m, step):
+            stop = min(row + step, m)
+            with watch("read"):
+                w0 = read_block(ref, row, stop, False).to(torch.float64)
+            with watch("project"):
+                w0_sq += float(torch.dot(w0.view(-1), w0.view(-1)))
+                out = w0.addmm_(left[row:stop], right).to(dtype)  # one rounding to the output dtype
+            with watch("write"):
+                slot.write(out)
+            fault_point("block")
+        with watch("write"):
+            return w0_sq, slot.close()
+    except BaseException:
+        slot.abort()
+        raise
+
+
+def _fine_tune_copy(job: TensorJob, folder: Path, start: float, watch: Stopwatch, reason: str, *,
+                    svd: LowRankSVD | None = None, rel: float | None = None,
+                    poisoned: bool = False) -> TensorResult:  # fmt: skip
+    """The fine-tune's own values W0 + c B A, written instead of the MonoSoup tensor."""
+    _, crc = _write_merged(job, folder, svd, None, watch, poisoned=poisoned)
+    return _result(job, COPY, reason, start, watch, rel_update=rel, crc32c=crc)
+
+
+def _same_values(job: TensorJob) -> bool:
+    """Is the base copy peft saved beside an embedding LoRA the same as BASE's tensor (in value)?"""
+    copy, base = job.lora.base_copy, job.base
+    if copy.shape != base.shape:
+        return False
+    m, n = matrix_shape(base.shape)
+    step = rows_per_block(n)
+    for row in range(0, m, step):
+        stop = min(row + step, m)
+        a = read_block(copy, row, stop, False).to(torch.float64)
+        b = read_block(base, row, stop, False).to(torch.float64)
+        if not torch.equal(a, b):
+            return False
+    return True
+
+
+def _write_factors(job: TensorJob, options: MergeOptions, folder: Path, svd: LowRankSVD, coef: Coefficients | None,
+                   timing: tuple[float, Stopwatch], spectrum: torch.Tensor) -> TensorResult:  # fmt: skip
+    """--save adapter: B' = U diag(sqrt(lam s)), A' = diag(sqrt(lam s)) V^T in peft's layout, scaling 1."""
+    update, (start, watch) = job.lora, timing
+    with watch("project"):
+        left, right = reweighed_factors(svd, coef, update.rank)
+        b_new, a_new = (right.T, left.T) if update.transposed else (left, right)
+        parts = [a_new.reshape(update.a.shape).to(torch_dtype(update.a.dtype)),
+                 b_new.reshape(update.b.shape).to(torch_dtype(update.b.dtype))]  # fmt: skip
+        if job.bias is not None:  # lora_B.bias, rescaled to the new scaling of 1
+            bias = job.bias.bias
+            parts.append((read_tensor(bias).to(torch.float64) * job.bias.scale).to(torch_dtype(bias.dtype)))
+        data = torch.cat([p.contiguous().view(-1).view(torch.uint8) for p in parts])
+    with watch("write"):
+        crc = writer.write_tensor(folder, job.placement, data)
+    if coef is None:
+        return _result(job, COPY, "update energy below eps: the factors are kept (scaled)", start, watch, crc32c=crc)
+    return _edited(job, options, coef, spectrum, None, crc, start, watch)
+
+
+def write_bias(job: TensorJob, folder: Path, start: float) -> TensorResult:
+    """lora_bias: the fine-tune's bias = base bias + scale * lora_B.bias, rounded once to the base's dtype."""
+    watch = Stopwatch()
+    with watch("read"):
+        b0 = read_tensor(job.base).to(torch.float64)
+        lb = read_tensor(job.bias.bias).to(torch.float64)
+    out = (b0 + job.bias.scale * lb).to(torch_dtype(job.out_dtype))
+    if not bool(torch.isfinite(out).all()):
+        raise InputError(f"{job.bias.bias.path}: bias {job.name!r} (base + lora_B.bias) contains NaN or Inf; fix "
+                         "the adapter or the base")  # fmt: skip
+    with watch("write"):
+        crc = writer.write_tensor(folder, job.placement, out)
+    return _result(job, COPY, job.reason, start, watch, crc32c=crc)
+

@@ -1,0 +1,35 @@
+"""Where the inputs come from: a local folder or file, a Hugging Face repo id, a PEFT LoRA adapter.
+
+Everything downstream sees a `Checkpoint` for BASE and a `Checkpoint` or an `Adapter` for FINETUNED.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..checkpoint import Checkpoint
+from ..options import expand_path
+from .adapter import ADAPTER_CONFIG, Adapter, is_adapter
+from .hub import parse_repo_id, resolve_repo
+
+__all__ = ["Adapter", "ADAPTER_CONFIG", "local_path", "open_base", "open_finetuned"]
+
+
+def local_path(spec: str | os.PathLike, role: str) -> Path:
+    """A path as given (with ~ and $VARS), or the cached snapshot of a repo id when no such path exists."""
+    path = expand_path(spec)
+    if isinstance(spec, str) and not path.exists() and parse_repo_id(spec) is not None:
+        return resolve_repo(spec, role)
+    return path
+
+
+def open_base(spec: str | os.PathLike | Checkpoint) -> Checkpoint:
+    return spec if isinstance(spec, Checkpoint) else Checkpoint.from_path(local_path(spec, "BASE"), "BASE")
+
+
+def open_finetuned(spec: str | os.PathLike | Checkpoint | Adapter) -> Checkpoint | Adapter:
+    if isinstance(spec, (Checkpoint, Adapter)):
+        return spec
+    path = local_path(spec, "FINETUNED")
+    return Adapter.open(path) if is_adapter(path) else Checkpoint.from_path(path, "FINETUNED")

@@ -1,0 +1,254 @@
+"""A PEFT LoRA adapter folder as a fine-tune: its config's semantics and its tensors, by base tensor name.
+
+peft's own rules, read from its sources (NOTES.md): keys ``base_model.model.<module>.lora_A.weight``
+[r, in] and ``.lora_B.weight`` [out, r] (embeddings ``lora_embedding_A`` [r, vocab] and
+``lora_embedding_B`` [dim, r], delta transposed); scaling alpha / r, or alpha / sqrt(r) with rslora;
+per-module r and alpha from ``rank_pattern`` / ``alpha_pattern`` (first key matching
+``(.*\\.)?(key)$``); ``lora_B.bias`` with lora_bias; ``lora_magnitude_vector`` with DoRA; full
+tensors (modules_to_save, trained biases, the base embedding saved beside an embedding LoRA).
+Whatever else in the config would change the weights is refused by name, never ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..checkpoint import Checkpoint, TensorRef, matrix_shape
+from ..errors import InputError
+from ..lowrank import BiasUpdate, LoraUpdate
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+#: key suffix -> role of the tensor in its module
+PARTS = {
+    ".lora_A.weight": "a",
+    ".lora_B.weight": "b",
+    ".lora_B.bias": "bias",
+    ".lora_embedding_A": "a_emb",
+    ".lora_embedding_B": "b_emb",
+    ".lora_magnitude_vector": "magnitude",
+    ".lora_magnitude_vector.weight": "magnitude",
+    ".base_layer.weight": "base_copy",
+}
+#: config keys that change the weights in ways streamsoup does not model: refused when set
+UNSUPPORTED = {
+    "target_parameters": "LoRA on bare parameters (e.g. MoE experts)",
+    "layer_replication": "layer replication (the adapted model has more layers than BASE)",
+    "trainable_token_indices": "trainable tokens",
+    "alora_invocation_tokens": "activated LoRA (applies only after an invocation sequence, not mergeable)",
+    "use_qalora": "QA-LoRA",
+    "use_bdlora": "block-diagonal LoRA",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA",
+    "velora_config": "VeLoRA",
+    "lora_ga_config": "LoRA-GA",
+}
+#: initialisations that rewrite the base weights: the adapter then only fits that rewritten base
+BASE_CHANGING_INIT = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _fail(root: Path, what: str) -> InputError:
+    return InputError(f"FINETUNED {root} is a PEFT adapter with {what}, which streamsoup does not support; "
+                      "merge it into its base with peft (merge_and_unload, then save_pretrained) and pass that "
+                      "folder as FINETUNED")  # fmt: skip
+
+
+def pattern_key(patterns: dict, module: str) -> str | None:
+    """peft's get_pattern_key: the first pattern whose regex matches the end of the module name."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+@dataclass
+class Module:
+    """The adapter's tensors of one targeted module."""
+
+    name: str
+    parts: dict[str, TensorRef] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    root: Path
+    config: dict
+    weights: Checkpoint
+
+    @classmethod
+    def open(cls, folder: Path, role: str = "FINETUNED") -> Adapter:
+        try:
+            config = json.loads((folder / ADAPTER_CONFIG).read_text())
+            if not isinstance(config, dict):
+                raise ValueError
+        except (OSError, ValueError):
+            raise InputError(f"{role} {folder}: {ADAPTER_CONFIG} is not a readable JSON object") from None
+        if not (folder / ADAPTER_WEIGHTS).is_file():
+            found = ", ".join(sorted(p.name for p in folder.iterdir() if p.name.startswith("adapter_model")))
+            hint = f" (found {found}: convert it with peft to safetensors)" if found else ""
+            raise InputError(f"{role} {folder} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}{hint}")
+        adapter = cls(folder, config, Checkpoint.from_path(folder / ADAPTER_WEIGHTS, role))
+        adapter.check_config()
+        return adapter
+
+    @property
+    def base_name(self) -> str:
+        return str(self.config.get("base_model_name_or_path") or "")
+
+    def check_config(self) -> None:
+        c = self.config
+        if str(c.get("peft_type", "LORA")).upper() != "LORA":
+            raise _fail(self.root, f"peft_type {c.get('peft_type')!r} (only LoRA adapters are supported)")
+        for key, what in UNSUPPORTED.items():
+            if c.get(key) not in (None, False, {}, [], ""):
+                raise _fail(self.root, f"{key} set ({what})")
+        init = c.get("init_lora_weights", True)
+        if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INIT):
+            raise InputError(
+                f"FINETUNED {self.root} was initialised with init_lora_weights={init!r}, which rewrites the base "
+                "weights: the adapter only fits that rewritten base; convert it to a plain LoRA first (peft's "
+                "path_initial_model_for_weight_conversion on save_pretrained) and pass the converted folder"
+            )
+        if c.get("loftq_config"):
+            raise _fail(self.root, "loftq_config set (LoftQ quantizes the base)")
+        if c.get("use_rslora") and not isinstance(c.get("lora_alpha", 8), (int, float)):
+            raise _fail(self.root, "a non-numeric lora_alpha")
+
+    def reweighed_config(self) -> dict:
+        """The config of the reweighed adapter: same modules and ranks, scaling 1 everywhere (alpha = r)."""
+        config = dict(self.config)
+        ranks = dict(config.get("rank_pattern") or {})
+        config.update(lora_alpha=config.get("r", 8), alpha_pattern=ranks, use_rslora=False, use_dora=False)
+        return config
+
+    def fingerprint(self) -> dict[str, object]:
+        digest = hashlib.sha256((self.root / ADAPTER_CONFIG).read_bytes()).hexdigest()
+        return {**self.weights.fingerprint(), ADAPTER_CONFIG: {"sha256": digest}}
+
+    def modules(self) -> tuple[dict[str, Module], dict[str, TensorRef]]:
+        """(module name -> its LoRA tensors, model tensor name -> full tensor saved in the adapter)."""
+        modules: dict[str, Module] = {}
+        full: dict[str, TensorRef] = {}
+        for key, ref in self.weights.items():
+            name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+            for suffix, part in PARTS.items():
+                if name.endswith(suffix):
+                    module = name[: -len(suffix)]
+                    modules.setdefault(module, Module(module)).parts[part] = ref
+                    break
+            else:
+                name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
+                full[name] = ref
+        return modules, full
+
+    def scaling(self, module: str, rank: int) -> float:
+        """alpha / r (alpha / sqrt(r) with rslora), per module through rank_pattern / alpha_pattern."""
+        c = self.config
+        ranks, alphas = c.get("rank_pattern") or {}, c.get("alpha_pattern") or {}
+        r_key, a_key = pattern_key(ranks, module), pattern_key(alphas, module)
+        r = ranks[r_key] if r_key is not None else c.get("r", 8)
+        alpha = alphas[a_key] if a_key is not None else c.get("lora_alpha", 8)
+        if r != rank:
+            raise InputError(f"FINETUNED {self.root}: {ADAPTER_CONFIG} gives module {module!r} rank {r} but its "
+                             f"lora_A has {rank} rows; the adapter folder is inconsistent")  # fmt: skip
+        return alpha / math.sqrt(r) if c.get("use_rslora") else alpha / r
+
+
+@dataclass(frozen=True)
+class AdapterTensors:
+    """What an adapter does to BASE, by base tensor name."""
+
+    updates: dict[str, LoraUpdate]  # base weight -> its low-rank update
+    biases: dict[str, BiasUpdate]  # base bias -> lora_B.bias
+    full: dict[str, TensorRef]  # base (or new) tensor -> a full tensor of the fine-tune
+    keys: dict[str, tuple[str, ...]]  # base weight -> the adapter keys of its module (a, b[, bias])
+
+
+def base_name(base: Checkpoint, name: str) -> str | None:
+    """`name` in BASE, or without its first component (GPT-2 checkpoints exist with and without 'transformer.')."""
+    if name in base:
+        return name
+    head, _, rest = name.partition(".")
+    return rest if rest and rest in base else None
+
+
+def resolve(adapter: Adapter, base: Checkpoint) -> AdapterTensors:
+    """Pair every adapter module with its BASE tensor; anything that does not fit is refused by name."""
+    modules, full = adapter.modules()
+    updates, biases, keys = {}, {}, {}
+    out_full: dict[str, TensorRef] = {}
+    for name, ref in full.items():
+        out_full[base_name(base, name) or name] = ref
+    for module in modules.values():
+        parts = module.parts
+        if "base_copy" in parts and not ({"a", "a_emb"} & parts.keys()):
+            out_full[base_name(base, module.name + ".weight") or module.name + ".weight"] = parts.pop("base_copy")
+        if not parts:
+            continue
+        embedding = "a_emb" in parts
+        a, b = parts.get("a_emb" if embedding else "a"), parts.get("b_emb" if embedding else "b")
+        if a is None or b is None:
+            raise InputError(f"FINETUNED {adapter.root}: module {module.name!r} has {sorted(parts)} but not both "
+                             "LoRA factors; the adapter file is incomplete")  # fmt: skip
+        weight = base_name(base, module.name + ".weight")
+        if weight is None:
+            raise _wrong_base(adapter, base, f"the adapter targets {module.name!r} but BASE has no tensor "
+                                             f"{module.name + '.weight'!r}")  # fmt: skip
+        w0 = base[weight]
+        transposed = embedding or _transposed(adapter, module.name, w0, a, b)
+        if "magnitude" in parts and (embedding or len(w0.shape) != 2):
+            raise _fail(adapter.root, f"DoRA on {'an embedding' if embedding else 'a convolution'} ({module.name})")
+        update = LoraUpdate(module.name, a, b, adapter.scaling(module.name, a.shape[0]), transposed,
+                            parts.get("magnitude"), parts.get("base_copy"))  # fmt: skip
+        _check_shapes(adapter, base, update, w0)
+        updates[weight] = update
+        keys[weight] = tuple(r.name for r in (a, b, parts.get("bias")) if r is not None)
+        if "bias" in parts:
+            bias = base_name(base, module.name + ".bias")
+            if bias is None:
+                raise _wrong_base(adapter, base, f"lora_bias of {module.name!r} needs a base bias "
+                                                 f"{module.name + '.bias'!r}, which BASE lacks")  # fmt: skip
+            biases[bias] = BiasUpdate(parts["bias"], update.scale)
+    return AdapterTensors(updates, biases, out_full, keys)
+
+
+def _transposed(adapter: Adapter, module: str, w0: TensorRef, a: TensorRef, b: TensorRef) -> bool:
+    """Linear stores [out, in], GPT-2's Conv1D [in, out]: the shapes decide; a square one follows the config
+    (peft itself forces fan_in_fan_out to the layer type, and saves the corrected config)."""
+    if len(w0.shape) != 2:
+        return False
+    plain, flipped = (b.shape[0], a.shape[1]), (a.shape[1], b.shape[0])
+    if w0.shape == plain and w0.shape != flipped:
+        return False
+    if w0.shape == flipped and w0.shape != plain:
+        return True
+    return bool(adapter.config.get("fan_in_fan_out", False))
+
+
+def _check_shapes(adapter: Adapter, base: Checkpoint, update: LoraUpdate, w0: TensorRef) -> None:
+    m, n = matrix_shape(w0.shape)
+    r = update.rank
+    a_cols = math.prod(update.a.shape[1:])
+    b_rows = update.b.shape[0]
+    b_kernel = math.prod(update.b.shape[1:]) // max(r, 1)
+    left, right = (a_cols, b_rows) if update.transposed else (b_rows, a_cols)
+    if update.b.shape[1:2] != (r,) or b_kernel != 1 or (left, right) != (m, n):
+        raise _wrong_base(adapter, base, f"module {update.module!r}: lora_A {list(update.a.shape)} and lora_B "
+                                         f"{list(update.b.shape)} do not fit BASE's {list(w0.shape)}")  # fmt: skip
+
+
+def _wrong_base(adapter: Adapter, base: Checkpoint, detail: str) -> InputError:
+    named = f" (the adapter names its base {adapter.base_name!r})" if adapter.base_name else ""
+    return InputError(f"BASE {base.root} does not fit the adapter FINETUNED {adapter.root}: {detail}; pass the "
+                      f"model the adapter was trained on as BASE{named}")  # fmt: skip
+
+
+def is_adapter(path: Path) -> bool:
+    return path.is_dir() and (path / ADAPTER_CONFIG).is_file()

@@ -1,0 +1,62 @@
+"""Hugging Face repo ids (``org/name``, ``org/name@revision``) as inputs, resolved with huggingface_hub.
+
+The local cache is tried first (no network); ``HF_HUB_OFFLINE=1`` is honoured by huggingface_hub
+itself. Online, only the files a merge needs are fetched: weights in safetensors, JSON configs and
+indexes, tokenizer files.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..errors import InputError
+
+#: what a merge reads from a repo (never *.bin, *.gguf or other weight formats)
+NEEDED = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
+
+
+def parse_repo_id(spec: str) -> tuple[str, str | None] | None:
+    """('org/name', 'revision' or None) when `spec` reads as a repo id, else None."""
+    match = REPO_ID.match(spec)
+    if match is None or spec.startswith((".", "/", "~")):
+        return None
+    return match.group("repo"), match.group("revision")
+
+
+def resolve_repo(spec: str, role: str) -> Path:
+    """The local snapshot folder of a repo id: from the cache, else (when online) downloaded."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo, revision = parse_repo_id(spec)  # type: ignore[misc]
+    shown = f"{repo}@{revision}" if revision else repo
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=NEEDED, local_files_only=True))
+    except LocalEntryNotFoundError:
+        if constants.HF_HUB_OFFLINE:
+            raise InputError(f"{role} {shown} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                             "HF_HUB_OFFLINE=1 forbids downloading it; download it first or unset "
+                             "HF_HUB_OFFLINE") from None  # fmt: skip
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=NEEDED))
+    except RevisionNotFoundError:
+        raise InputError(f"{role} {shown}: the repo has no revision {revision!r}; check the branch, tag or "
+                         "commit after '@'") from None  # fmt: skip
+    except GatedRepoError:
+        raise InputError(f"{role} {shown} is gated: accept its terms on huggingface.co and log in "
+                         "(hf auth login or HF_TOKEN)") from None  # fmt: skip
+    except RepositoryNotFoundError:
+        raise InputError(f"{role} {shown}: no such repo on the Hugging Face Hub (or it is private: log in with "
+                         "hf auth login or set HF_TOKEN)") from None  # fmt: skip
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{role} {shown} could not be fetched from the Hugging Face Hub ({first}); check the "
+                         "network, or set HF_HUB_OFFLINE=1 to use the cache only") from None  # fmt: skip

@@ -1,0 +1,254 @@
+"""PEFT LoRA adapters as the fine-tune: real tiny transformers models, adapters trained with peft.
+
+The reference never goes through streamsoup's adapter code: peft itself merges the adapter into a
+float64 copy of BASE (merge_and_unload: W1 with peft's own scaling, rslora, patterns, fan_in_fan_out,
+embeddings, lora_bias, DoRA, modules_to_save), then tests/reference.py's float64 SVD MonoSoup.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import make_adapters
+import pytest
+import torch
+from conftest import load_folder, raw_bytes
+from helpers import assert_one_line_error, report_rows, run
+from reference import assert_within_rounding, monosoup_reference
+
+pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+MODEL_CASES = [
+    ("llama", "plain"), ("llama", "rslora"), ("llama", "patterns"), ("llama", "embedding"),
+    ("llama", "modules_to_save"), ("llama", "dora"), ("qwen2", "plain"), ("qwen2", "lora_bias"),
+    ("gpt2", "plain"), ("gpt2", "patterns"),
+]  # fmt: skip
+ADAPTER_CASES = [c for c in MODEL_CASES if c[1] != "dora"]
+
+
+@pytest.fixture(scope="session")
+def adapters(tmp_path_factory):
+    """(arch, variant) -> (base folder, adapter folder), made on first use."""
+    made: dict[tuple[str, str], tuple[Path, Path]] = {}
+
+    def get(arch: str, variant: str) -> tuple[Path, Path]:
+        if (arch, variant) not in made:
+            made[arch, variant] = make_adapters.make(tmp_path_factory.mktemp(f"{arch}-{variant}"), arch, variant)
+        return made[arch, variant]
+
+    return get
+
+
+def peft_merged(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    """W1 as peft defines it: the adapter merged into a float64 BASE by peft's merge_and_unload."""
+    from peft import PeftModel
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+def check_against_reference(base: Path, w1: dict[str, torch.Tensor], out: Path) -> dict[str, dict]:
+    """Every output tensor within one rounding of the float64 MonoSoup of (BASE, peft's W1)."""
+    got, w0s, rows = load_folder(out), load_folder(base), report_rows(out)
+    assert set(got) == set(w0s), "a merged model has exactly the base's tensors"
+    for name, out_t in got.items():
+        assert out_t.dtype == w0s[name].dtype, f"{name}: output dtype is the base's"
+        expected = monosoup_reference(w0s[name].to(torch.float64), w1[name])
+        if expected.edited:
+            assert rows[name]["action"] == "edit", name
+            assert_within_rounding(out_t, expected, name)
+            assert rows[name]["k"] == expected.k and rows[name]["rank"] == expected.rank, name
+        else:
+            assert rows[name]["action"] == "copy", name
+            want = w1[name].to(out_t.dtype)
+            assert torch.equal(out_t, want) or (out_t.float() - want.float()).abs().max() <= _ulp(want), name
+    return rows
+
+
+def _ulp(t: torch.Tensor) -> float:
+    return float(t.float().abs().max()) * 2.0**-7
+
+
+def load_logits(folder: Path, dtype=torch.bfloat16) -> torch.Tensor:
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return model(input_ids=torch.arange(10)[None]).logits
+
+
+@pytest.mark.parametrize("arch,variant", MODEL_CASES, ids=[f"{a}-{v}" for a, v in MODEL_CASES])
+def test_merged_model_is_exact_and_loads(adapters, tmp_path, arch, variant):
+    base, adapter = adapters(arch, variant)
+    out = tmp_path / "out"
+    proc = run("merge", base, adapter, out, "-q")
+    assert proc.returncode == 0, proc.stderr
+    rows = check_against_reference(base, peft_merged(base, adapter), out)
+    assert any(r["action"] == "edit" for r in rows.values())
+    if variant == "dora":
+        assert all(r.get("spectral") != "lowrank" for r in rows.values()), "DoRA takes the dense path"
+    else:
+        lowrank = [r for r in rows.values() if r.get("spectral") == "lowrank"]
+        assert lowrank and all("LoRA rank" in r["reason"] for r in lowrank)
+    assert torch.isfinite(load_logits(out)).all()
+    assert not (out / "adapter_config.json").exists(), "a merged model is not an adapter"
+
+
+@pytest.mark.parametrize("arch,variant", ADAPTER_CASES, ids=[f"{a}-{v}" for a, v in ADAPTER_CASES])
+def test_adapter_output_loads_in_peft_and_merges_the_same(adapters, tmp_path, arch, variant):
+    from peft import PeftModel
+
+    base, adapter = adapters(arch, variant)
+    out = tmp_path / "adapter-out"
+    proc = run("merge", base, adapter, out, "--save", "adapter", "-q")
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["lora_alpha"] == config["r"] and not config["use_rslora"]
+    assert config["alpha_pattern"] == config["rank_pattern"]
+    original = load_folder(adapter)
+    written = load_folder(out)
+    assert {k: v.shape for k, v in written.items()} == {k: v.shape for k, v in original.items()}, "same ranks"
+    w1 = peft_merged(base, adapter)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)
+    merged = PeftModel.from_pretrained(model, out).merge_and_unload().state_dict()
+    w0s = load_folder(base)
+    for name, w0 in w0s.items():
+        expected = monosoup_reference(w0.to(torch.float64), w1[name])
+        if expected.edited:
+            assert_within_rounding(merged[name].to(w0.dtype), expected, name)
+        else:
+            assert (merged[name] - w1[name]).abs().max() <= _ulp(w1[name]), name
+    assert run("verify", out).returncode == 0
+
+
+def test_lowrank_spectrum_equals_dense():
+    """Two QRs and an r x r SVD give the dense float64 spectrum; k, P_k, rho and lambdas agree."""
+    import numpy as np
+
+    from streamsoup.lowrank import lowrank_svd
+    from streamsoup.monosoup import coefficients
+
+    g = torch.Generator().manual_seed(3)
+    for m, n, r in [(96, 48, 8), (48, 200, 16), (64, 64, 64), (300, 20, 4)]:
+        left = torch.randn(m, r, generator=g, dtype=torch.float64) * 0.5 ** torch.arange(r, dtype=torch.float64)
+        right = torch.randn(r, n, generator=g, dtype=torch.float64)
+        svd = lowrank_svd(left, right)
+        dense = np.linalg.svd((left @ right).numpy(), compute_uv=False)
+        padded = svd.padded(min(m, n))
+        assert np.allclose(padded.numpy(), dense, rtol=0, atol=1e-12 * dense[0])
+        assert torch.allclose((svd.u * svd.s) @ svd.v.T, left @ right, atol=1e-12 * float(dense[0]))
+        for rule in ("entropy", "energy"):
+            a, b = coefficients(padded, rule), coefficients(torch.from_numpy(dense), rule)
+            assert (a.k, a.rank) == (b.k, b.rank)
+            for x, y in ((a.p_k, b.p_k), (a.rho, b.rho), (a.lambda_high, b.lambda_high)):
+                assert abs(x - y) < 1e-10
+
+
+def test_kill_mid_adapter_merge_resumes_byte_identical(adapters, tmp_path):
+    base, adapter = adapters("llama", "plain")
+    clean = tmp_path / "clean"
+    assert run("merge", base, adapter, clean, "-q", "--shard-size", "30KB").returncode == 0
+    out = tmp_path / "out"
+    for point in ("commit:5", "block:9", "commit:13"):
+        killed = run("merge", base, adapter, out, "-q", "--shard-size", "30KB", env={"STREAMSOUP_FAULT": point})
+        assert killed.returncode == -9, killed.stderr
+    assert run("status", out).returncode == 0
+    done = run("merge", base, adapter, out, "-q", "--shard-size", "30KB")
+    assert done.returncode == 0, done.stderr
+    assert raw_bytes(out) == raw_bytes(clean)
+    assert run("verify", out).returncode == 0
+
+
+def _edit_config(adapter: Path, tmp_path: Path, **changes) -> Path:
+    copy = tmp_path / "edited-adapter"
+    shutil.copytree(adapter, copy)
+    config = json.loads((copy / "adapter_config.json").read_text())
+    config.update(changes)
+    (copy / "adapter_config.json").write_text(json.dumps(config))
+    return copy
+
+
+@pytest.mark.parametrize("change,needles", [
+    ({"trainable_token_indices": [1, 2]}, ["trainable_token_indices", "not support"]),
+    ({"init_lora_weights": "pissa"}, ["pissa", "rewrites the base"]),
+    ({"peft_type": "IA3"}, ["IA3", "only LoRA"]),
+])  # fmt: skip
+def test_unsupported_adapter_settings_are_refused_by_name(adapters, tmp_path, change, needles):
+    base, adapter = adapters("llama", "plain")
+    proc = run("merge", base, _edit_config(adapter, tmp_path, **change), tmp_path / "out")
+    assert_one_line_error(proc, 2, *needles)
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_adapter_on_the_wrong_base_names_its_base(adapters, tmp_path):
+    llama_base, _ = adapters("llama", "plain")
+    _, gpt2_adapter = adapters("gpt2", "plain")
+    proc = run("merge", llama_base, gpt2_adapter, tmp_path / "out")
+    assert_one_line_error(proc, 2, "does not fit the adapter", "c_attn", "the adapter names its base")
+
+
+def test_untrained_adapter_and_misuse_are_refused(adapters, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base, adapter = adapters("llama", "plain")
+    zero = tmp_path / "zero"
+    shutil.copytree(adapter, zero)
+    tensors = load_file(zero / "adapter_model.safetensors")
+    save_file({k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in tensors.items()},
+              zero / "adapter_model.safetensors", metadata={"format": "pt"})  # fmt: skip
+    assert_one_line_error(run("merge", base, zero, tmp_path / "o1"), 2, "every lora_B", "untrained")
+    assert_one_line_error(run("merge", adapter, base, tmp_path / "o2"), 2, "BASE", "is a PEFT LoRA adapter")
+    assert_one_line_error(run("merge", base, base, tmp_path / "o3", "--save", "adapter"), 2,
+                          "--save adapter", "LoRA adapter as FINETUNED")  # fmt: skip
+    _, dora = adapters("llama", "dora")
+    assert_one_line_error(run("merge", base, dora, tmp_path / "o4", "--save", "adapter"), 2, "DoRA", "--save model")
+    assert not any(p.name.startswith("o") for p in tmp_path.iterdir())
+
+
+def test_plan_shows_an_adapter_merge(adapters):
+    base, adapter = adapters("llama", "plain")
+    proc = run("plan", base, adapter)
+    assert proc.returncode == 0, proc.stderr
+    assert "low-rank" in proc.stdout
+
+
+def hub_cache(cache: Path, repo: str, folder: Path, ref: str = "main") -> str:
+    """huggingface_hub's cache layout, built by hand: blobs by sha256, refs/<ref>, snapshots/<commit>/ links."""
+    import hashlib
+    import os
+
+    repo_dir = cache / f"models--{repo.replace('/', '--')}"
+    commit = hashlib.sha1(f"{repo}@{ref}".encode()).hexdigest()
+    snapshot = repo_dir / "snapshots" / commit
+    (repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True)
+    for f in sorted(folder.iterdir()):
+        data = f.read_bytes()
+        blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / ref).write_text(commit)
+    return commit
+
+
+def test_hub_repo_ids_from_the_cache_offline(adapters, tmp_path):
+    base, adapter = adapters("llama", "plain")
+    cache = tmp_path / "hub"
+    hub_cache(cache, "tiny-org/llama-base", base)
+    commit = hub_cache(cache, "tiny-org/llama-lora", adapter, ref="v1")
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    by_path = tmp_path / "by-path"
+    assert run("merge", base, adapter, by_path, "-q").returncode == 0
+    for spec in ("tiny-org/llama-lora@v1", f"tiny-org/llama-lora@{commit}"):
+        out = tmp_path / spec.replace("/", "_")
+        proc = run("merge", "tiny-org/llama-base", spec, out, "-q", env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert raw_bytes(out) == raw_bytes(by_path)
+    missing = run("merge", "tiny-org/nope", "tiny-org/llama-lora@v1", tmp_path / "o", env=env)
+    assert_one_line_error(missing, 2, "BASE tiny-org/nope", "not in the Hugging Face cache", "HF_HUB_OFFLINE")
+    bad_rev = run("merge", "tiny-org/llama-base", "tiny-org/llama-lora@v9", tmp_path / "o", env=env)
+    assert_one_line_error(bad_rev, 2, "FINETUNED tiny-org/llama-lora@v9", "not in the Hugging Face cache")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
