@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -110,7 +111,7 @@ def _run(
     with ExitStack() as stack:
         on_cluster = bool(opts.scheduler or opts.scheduler_file)
         client = stack.enter_context(cluster_client(opts)) if on_cluster else None
-        budget = cluster_budget(client, opts) if client else make_budget(opts)
+        budget = cluster_budget(client, opts) if client else make_budget(opts, plan.adapter is not None)
         runs = schedule(plan, budget)
         partial = writer.partial_dir(out)
         state_path = Path(opts.work_dir).absolute() if opts.work_dir else partial / STATE_NAME
@@ -185,10 +186,14 @@ def discard(partial: Path, state_path: Path) -> None:
         shutil.rmtree(state_path)
 
 
-def make_budget(opts: MergeOptions) -> Budget:
-    """Lanes and memory budgets of this run; the RAM left for tasks is what the process does not use already."""
+def make_budget(opts: MergeOptions, io_bound: bool = False) -> Budget:
+    """Lanes and memory budgets of this run; the RAM left for tasks is what the process does not use already.
+
+    `io_bound` (an adapter merge: each task streams W0 through a thin GEMM): by default one lane per
+    core with one thread each, so one tensor's reads, writes and fdatasync overlap another's compute.
+    """
     configure_process()
-    lanes = resolve_lanes(opts.devices, opts.lanes, opts.threads)
+    lanes = resolve_lanes(opts.devices, opts.lanes or ((os.cpu_count() or 1) if io_bound else 1), opts.threads)
     if opts.max_ram:
         check_max_ram(opts.max_ram, physical_ram())
     if opts.max_vram:
@@ -317,6 +322,6 @@ def estimate(base: str | Path, finetuned: str | Path, *, config: str | Path | No
         raise OptionError(unused[0], "is not used by plan, which plans a merge on this machine from the headers "
                                      "alone; leave it out")  # fmt: skip
     plan = plan_merge(base, finetuned, opts)
-    budget = make_budget(opts)
+    budget = make_budget(opts, plan.adapter is not None)
     runs = schedule(plan, budget)
     return summarize(plan, budget, runs, calibrate(budget, Path.cwd()))

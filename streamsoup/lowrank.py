@@ -9,7 +9,6 @@ adapter"). The MonoSoup update is then dW' = U diag(lam_i s_i) V^T, again of ran
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -143,7 +142,3 @@ def factor_bytes(update: LoraUpdate, shape: tuple[int, ...]) -> int:
     """float64 bytes of the factors and their SVD (what a low-rank task holds besides its block)."""
     m, n = matrix_shape(shape)
     return 8 * update.rank * (m + n) * 4 + 8 * update.rank**2 * 4
-
-
-def block_count(rows: int, n: int) -> int:
-    return math.ceil(rows / rows_per_block(n))

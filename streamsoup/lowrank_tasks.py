@@ -9,6 +9,7 @@ With --save adapter the base is not read at all: the task writes the reweighed f
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -76,7 +77,9 @@ def _write_merged(job: TensorJob, folder: Path, svd: LowRankSVD | None, coef: Co
                   watch: Stopwatch, poisoned: bool = False) -> tuple[float, int]:  # fmt: skip
     """W0 + U diag(lam s) V^T (lam = 1 without `coef`: the fine-tune's W1) row block by row block.
 
-    Returns ||W0||^2, taken on the way (the edit threshold needs it), and the slot's crc32c.
+    Reads run one block ahead and writes one block behind on two I/O threads, so the disk keeps
+    busy while the GEMM runs: the tensor costs about its I/O. Returns ||W0||^2, taken on the
+    way (the edit threshold needs it), and the slot's crc32c.
     `poisoned`: the factors are not finite; W1 = W0 + c B A is written as peft would compute it.
     """
     ref, update = job.base, job.lora
@@ -87,20 +90,35 @@ def _write_merged(job: TensorJob, folder: Path, svd: LowRankSVD | None, coef: Co
     else:
         left = svd.u * weights(svd, coef)
         right = svd.v.T.contiguous()
+    # A 16-bit output takes the product in float32: its error (~2^-24 relative, r terms) is ~2^-15 of the
+    # output's rounding step, so every value stays within one rounding of the float64 result, at 2.4x less CPU.
+    wide = torch.float32 if dtype.itemsize <= 2 else torch.float64
+    left, right = left.to(wide), right.to(wide)
     step = rows_per_block(n)
+    blocks = [(row, min(row + step, m)) for row in range(0, m, step)]
+    work = torch.empty(min(step, m), n, dtype=wide)  # reused: no page faults per block
     slot = writer.SlotWriter(folder, job.placement)
     w0_sq = 0.0
     try:
-        for row in range(0, m, step):
-            stop = min(row + step, m)
-            with watch("read"):
-                w0 = read_block(ref, row, stop, False).to(torch.float64)
-            with watch("project"):
-                w0_sq += float(torch.dot(w0.view(-1), w0.view(-1)))
-                out = w0.addmm_(left[row:stop], right).to(dtype)  # one rounding to the output dtype
+        with ThreadPoolExecutor(2, thread_name_prefix="streamsoup-io") as io:
+            reading, writing = io.submit(read_block, ref, *blocks[0], False), None
+            for i, (row, stop) in enumerate(blocks):
+                with watch("read"):  # only the time the GEMM waited for the disk
+                    native = reading.result()
+                if i + 1 < len(blocks):
+                    reading = io.submit(read_block, ref, *blocks[i + 1], False)
+                with watch("project"):
+                    x = work[: stop - row]
+                    x.copy_(native)  # exact widening
+                    w0_sq += float(torch.dot(x.view(-1), x.view(-1)))  # for the edit threshold only
+                    out = x.addmm_(left[row:stop], right).to(dtype)  # one rounding to the output dtype
+                with watch("write"):
+                    if writing is not None:
+                        writing.result()
+                writing = io.submit(slot.write, out)
+                fault_point("block")
             with watch("write"):
-                slot.write(out)
-            fault_point("block")
+                writing.result()
         with watch("write"):
             return w0_sq, slot.close()
     except BaseException:

@@ -110,7 +110,12 @@ class MergeOptions:
         "writes); auto = every GPU torch sees, plus CPU lanes",
         output=False,
     )
-    lanes: int = _opt(1, "CPU lanes: tensors processed at once on the host", output=False)
+    lanes: int = _opt(
+        0,
+        "CPU lanes: tensors processed at once on the host",
+        output=False,
+        shown="1; one per core for a LoRA adapter (I/O-bound)",
+    )
     threads: int = _opt(0, "torch threads", output=False, shown="cores / lanes")
     scheduler: str = _opt(
         "",
@@ -152,7 +157,7 @@ class MergeOptions:
             raise OptionError("save", f"must be model or adapter, got {self.save!r}")
         if self.spectral not in ("auto", "gram", "svd"):
             raise OptionError("spectral", f"must be auto, gram or svd, got {self.spectral!r}")
-        if int(self.lanes) < 1:
+        if int(self.lanes) < 0:
             raise OptionError("lanes", f"must be >= 1, got {self.lanes!r}")
         if not float(self.checkpoint_seconds) >= 0:
             raise OptionError("checkpoint_seconds", f"must be >= 0, got {self.checkpoint_seconds!r}")

@@ -63,7 +63,8 @@ def lowrank_execution(job: TensorJob, budget: Budget) -> Execution:
         return Execution(lane, 0, need)
     if not job.factors_out:
         block = rows_per_block(n) * n
-        ram += block * (job.base.nbytes // max(m * n, 1) + 8 + 8 + item_size(job.out_dtype, job.name))
+        # a float64 (or float32) work block, two native blocks (read ahead) and two output blocks (written behind)
+        ram += block * (8 + 2 * (job.base.nbytes // max(m * n, 1) + item_size(job.out_dtype, job.name)))
     return Execution(lane, 0, ram)
 
 

@@ -242,9 +242,13 @@ def _write_fine_tune(job: TensorJob, folder: Path, w1: torch.Tensor, check_finit
         return writer.copy_tensor(job.finetuned, folder, job.placement, check_finite)
     out = w1.to(torch_dtype(job.out_dtype))
     if check_finite and out.is_floating_point() and not bool(torch.isfinite(out).all()):
-        raise InputError(f"{job.finetuned.path}: tensor {job.name!r} contains NaN or Inf and would be written into "
-                         "the output as is; fix the input, or rerun with --allow-nonfinite")  # fmt: skip
+        raise _nonfinite_output(job)
     return writer.write_tensor(folder, job.placement, out)
+
+
+def _nonfinite_output(job: TensorJob) -> InputError:
+    return InputError(f"{job.finetuned.path}: tensor {job.name!r} contains NaN or Inf and would be written into "
+                      "the output as is; fix the input, or rerun with --allow-nonfinite")  # fmt: skip
 
 
 def _stream_fine_tune(job: TensorJob, folder: Path, check_finite: bool) -> int:
@@ -259,8 +263,7 @@ def _stream_fine_tune(job: TensorJob, folder: Path, check_finite: bool) -> int:
         for row in range(0, m, step):
             block = read_block(ref, row, min(row + step, m), False)
             if check_finite and not bool(torch.isfinite(block).all()):
-                raise InputError(f"{ref.path}: tensor {job.name!r} contains NaN or Inf and would be written into "
-                                 "the output as is; fix the input, or rerun with --allow-nonfinite")  # fmt: skip
+                raise _nonfinite_output(job)
             slot.write(block.to(torch_dtype(job.out_dtype)))
         return slot.close()
     except BaseException:

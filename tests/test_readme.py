@@ -2,7 +2,7 @@
 
 Commands are taken from the README's code blocks: every line (or `&&` part) that starts with
 `.venv/bin/` or `streamsoup `. Those that need only what the README's own commands create
-(demo/, l70/) are run in order in a scratch folder beside a copy of tools/; the rest must
+(demo/, l70/, lora-demo/) are run in order in a scratch folder beside a copy of tools/; the rest must
 be accepted by the command-line parser.
 """
 
@@ -18,7 +18,7 @@ import pytest
 from streamsoup.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNNABLE = ("demo/", "l70/")
+RUNNABLE = ("demo/", "l70/", "lora-demo/", "lora-demo")
 
 
 def code_lines() -> list[str]:
