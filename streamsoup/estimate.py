@@ -90,7 +90,7 @@ def calibrate(budget: Budget, scratch_dir: Path) -> Rates:
 def tensor_seconds(job, run: Execution, rates: Rates, lane_is_gpu: bool) -> float:
     io = run_io_bytes(job, run)
     seconds = io[0] / rates.read_bps + io[1] / rates.write_bps
-    if job.lora is not None and not job.dense_w1:  # an adapter's update: W0 + (U lam S) V^T, no eigensolve
+    if job.lowrank:  # an adapter's update: W0 + (U lam S) V^T, no eigensolve
         m, n = matrix_shape(job.base.shape)
         return seconds + (0 if job.factors_out else 2 * m * n * job.lora.rank / (rates.cpu_gflops * 1e9))
     if job.action == COPY:
@@ -104,7 +104,7 @@ def tensor_seconds(job, run: Execution, rates: Rates, lane_is_gpu: bool) -> floa
 
 def run_io_bytes(job, run: Execution) -> tuple[int, int]:
     """(bytes read, bytes written); a streamed tensor reads its inputs twice."""
-    if job.lora is not None and not job.dense_w1:
+    if job.lowrank:
         factors = sum(r.nbytes for r in job.lora.refs)
         return factors + (0 if job.factors_out else job.base.nbytes), job.placement.nbytes
     if job.action == COPY:
@@ -174,7 +174,7 @@ def summarize(plan: MergePlan, budget: Budget, runs: dict[str, Execution], rates
         estimated_seconds=max((t for t, _, _ in loads.values()), default=0.0),
         rates=asdict(rates),
         warnings=list(plan.warnings),
-        lowrank=sum(j.lora is not None and not j.dense_w1 for j in plan.jobs),
+        lowrank=sum(j.lowrank for j in plan.jobs),
         save=plan.save,
     )
 

@@ -138,6 +138,12 @@ def rows_per_block(n: int, budget_elements: int = 4 * 2**20) -> int:
     return max(1, budget_elements // max(n, 1))
 
 
+def row_blocks(m: int, n: int) -> list[tuple[int, int]]:
+    """(start, stop) row ranges of an m x n stored view, rows_per_block(n) rows each."""
+    step = rows_per_block(n)
+    return [(row, min(row + step, m)) for row in range(0, m, step)]
+
+
 def factor_bytes(update: LoraUpdate, shape: tuple[int, ...]) -> int:
     """float64 bytes of the factors and their SVD (what a low-rank task holds besides its block)."""
     m, n = matrix_shape(shape)

@@ -19,7 +19,7 @@ from .checkpoint import matrix_shape, read_block, read_tensor
 from .dtypes import torch_dtype
 from .errors import InputError
 from .faults import fault_point
-from .lowrank import LowRankSVD, factors, finite, lowrank_svd, reweighed_factors, rows_per_block, weights
+from .lowrank import LowRankSVD, factors, finite, lowrank_svd, reweighed_factors, row_blocks, weights
 from .monosoup import EPS, Coefficients, coefficients, relative_update, update_is_significant
 from .options import MergeOptions
 from .plan import COPY, EDIT, TensorJob
@@ -37,7 +37,8 @@ def merge_lowrank(job: TensorJob, options: MergeOptions, ctx: TaskContext, start
             raise InputError(f"{update.a.path}: the LoRA factors of {update.module!r} contain NaN or Inf; fix the "
                              "adapter, or rerun with --allow-nonfinite to write the fine-tune's values "
                              "unchanged")  # fmt: skip
-        return _fine_tune_copy(job, folder, start, watch, NONFINITE_COPIED, poisoned=True)
+        _, crc = _write_merged(job, folder, (left, right), watch)  # W1 = W0 + c B A as peft computes it
+        return _result(job, COPY, NONFINITE_COPIED, start, watch, crc32c=crc)
     with watch("eigh"):
         svd = lowrank_svd(left, right)
     del left, right
@@ -49,22 +50,26 @@ def merge_lowrank(job: TensorJob, options: MergeOptions, ctx: TaskContext, start
         return _write_factors(job, options, folder, svd, coef, (start, watch), spectrum)
     if update.base_copy is not None and not _same_values(job):
         return merge_dense(job, options, folder, "cpu", start)  # W0 of the fine-tune is not BASE: dense path
-    w0_sq, crc = _write_merged(job, folder, svd, coef, watch)
+    w0_sq, crc = _write_merged(job, folder, _product(svd, coef), watch)
+    rel = None
     if not math.isfinite(w0_sq):
         if not options.allow_nonfinite:
             raise InputError(f"{job.base.path}: tensor {job.name!r} contains NaN or Inf; MonoSoup cannot edit it: "
                              "fix the checkpoint, or rerun with --allow-nonfinite to write the fine-tune's values "
                              "unchanged")  # fmt: skip
-        return _fine_tune_copy(job, folder, start, watch, NONFINITE_COPIED, svd=svd)
-    dw_norm, w0_norm = math.sqrt(dw_sq), math.sqrt(w0_sq)
-    rel = relative_update(dw_norm, w0_norm)
-    if coef is None:
-        return _fine_tune_copy(job, folder, start, watch, "update energy below eps: the fine-tune's values are "
-                               "kept", svd=svd, rel=rel)  # fmt: skip
-    if not update_is_significant(dw_norm, w0_norm, options.min_rel_update):
-        reason = f"relative update {rel:.3g} below --min-rel-update {options.min_rel_update:g}"
-        return _fine_tune_copy(job, folder, start, watch, reason, svd=svd, rel=rel)
-    return _edited(job, options, coef, spectrum, rel, crc, start, watch)
+        reason = NONFINITE_COPIED
+    else:
+        dw_norm, w0_norm = math.sqrt(dw_sq), math.sqrt(w0_sq)
+        rel = relative_update(dw_norm, w0_norm)
+        if coef is None:
+            reason = "update energy below eps: the fine-tune's values are kept"
+        elif not update_is_significant(dw_norm, w0_norm, options.min_rel_update):
+            reason = f"relative update {rel:.3g} below --min-rel-update {options.min_rel_update:g}"
+        else:
+            return _edited(job, options, coef, spectrum, rel, crc, start, watch)
+    if coef is not None:  # the MonoSoup tensor was written: the fine-tune's own values W0 + c B A instead
+        _, crc = _write_merged(job, folder, _product(svd, None), watch)
+    return _result(job, COPY, reason, start, watch, rel_update=rel, crc32c=crc)
 
 
 def _edited(job, options, coef, spectrum, rel, crc, start, watch) -> TensorResult:
@@ -73,30 +78,28 @@ def _edited(job, options, coef, spectrum, rel, crc, start, watch) -> TensorResul
                    singular_values=spectrum.numpy(), **_coef_fields(coef))  # fmt: skip
 
 
-def _write_merged(job: TensorJob, folder: Path, svd: LowRankSVD | None, coef: Coefficients | None,
-                  watch: Stopwatch, poisoned: bool = False) -> tuple[float, int]:  # fmt: skip
-    """W0 + U diag(lam s) V^T (lam = 1 without `coef`: the fine-tune's W1) row block by row block.
+def _product(svd: LowRankSVD, coef: Coefficients | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, R) with L @ R = U diag(lam s) V^T (lam = 1 without `coef`: dW itself)."""
+    return svd.u * weights(svd, coef), svd.v.T.contiguous()
+
+
+def _write_merged(job: TensorJob, folder: Path, product: tuple[torch.Tensor, torch.Tensor],
+                  watch: Stopwatch) -> tuple[float, int]:  # fmt: skip
+    """W0 + L @ R row block by row block, into the tensor's slot.
 
     Reads run one block ahead and writes one block behind on two I/O threads, so the disk keeps
     busy while the GEMM runs: the tensor costs about its I/O. Returns ||W0||^2, taken on the
     way (the edit threshold needs it), and the slot's crc32c.
-    `poisoned`: the factors are not finite; W1 = W0 + c B A is written as peft would compute it.
     """
-    ref, update = job.base, job.lora
+    ref = job.base
     m, n = matrix_shape(ref.shape)
     dtype = torch_dtype(job.out_dtype)
-    if poisoned:
-        left, right = factors(update, ref.shape)
-    else:
-        left = svd.u * weights(svd, coef)
-        right = svd.v.T.contiguous()
     # A 16-bit output takes the product in float32: its error (~2^-24 relative, r terms) is ~2^-15 of the
     # output's rounding step, so every value stays within one rounding of the float64 result, at 2.4x less CPU.
     wide = torch.float32 if dtype.itemsize <= 2 else torch.float64
-    left, right = left.to(wide), right.to(wide)
-    step = rows_per_block(n)
-    blocks = [(row, min(row + step, m)) for row in range(0, m, step)]
-    work = torch.empty(min(step, m), n, dtype=wide)  # reused: no page faults per block
+    left, right = (t.to(wide) for t in product)
+    blocks = row_blocks(m, n)
+    work = torch.empty(blocks[0][1], n, dtype=wide)  # reused: no page faults per block
     slot = writer.SlotWriter(folder, job.placement)
     w0_sq = 0.0
     try:
@@ -126,23 +129,12 @@ def _write_merged(job: TensorJob, folder: Path, svd: LowRankSVD | None, coef: Co
         raise
 
 
-def _fine_tune_copy(job: TensorJob, folder: Path, start: float, watch: Stopwatch, reason: str, *,
-                    svd: LowRankSVD | None = None, rel: float | None = None,
-                    poisoned: bool = False) -> TensorResult:  # fmt: skip
-    """The fine-tune's own values W0 + c B A, written instead of the MonoSoup tensor."""
-    _, crc = _write_merged(job, folder, svd, None, watch, poisoned=poisoned)
-    return _result(job, COPY, reason, start, watch, rel_update=rel, crc32c=crc)
-
-
 def _same_values(job: TensorJob) -> bool:
     """Is the base copy peft saved beside an embedding LoRA the same as BASE's tensor (in value)?"""
     copy, base = job.lora.base_copy, job.base
     if copy.shape != base.shape:
         return False
-    m, n = matrix_shape(base.shape)
-    step = rows_per_block(n)
-    for row in range(0, m, step):
-        stop = min(row + step, m)
+    for row, stop in row_blocks(*matrix_shape(base.shape)):
         a = read_block(copy, row, stop, False).to(torch.float64)
         b = read_block(base, row, stop, False).to(torch.float64)
         if not torch.equal(a, b):

@@ -48,6 +48,11 @@ class TensorJob:
         """W1 is computed from the adapter (DoRA) rather than read: the dense path on a materialized W1."""
         return self.lora is not None and self.lora.magnitude is not None
 
+    @property
+    def lowrank(self) -> bool:
+        """dW is taken from the adapter's factors (lowrank_tasks.py): no eigensolve, W0 streamed once."""
+        return self.lora is not None and self.lora.magnitude is None
+
 
 @dataclass(frozen=True)
 class MergePlan:

@@ -100,6 +100,12 @@ def check_pairing(base: Checkpoint, finetuned: Checkpoint, edits: int) -> str | 
     return None
 
 
+def _sample_starts(ref: TensorRef) -> list[int]:
+    """Offsets of the sampled spans of a tensor: its start, middle and end (8-byte aligned)."""
+    last = max(ref.nbytes - SAMPLE_BYTES, 0)
+    return sorted({0, last // 2 // 8 * 8, last // 8 * 8})
+
+
 def _span(ref: TensorRef, start: int) -> bytes:
     with open(ref.path, "rb") as f:
         f.seek(ref.offset + start)
@@ -115,8 +121,7 @@ def check_values_differ(base: Checkpoint, finetuned: Checkpoint, names: list[str
         b, f = base[name], finetuned[name]
         if b.dtype != f.dtype:
             return
-        last = max(f.nbytes - SAMPLE_BYTES, 0)
-        for start in sorted({0, last // 2 // 8 * 8, last // 8 * 8}):
+        for start in _sample_starts(f):
             if _span(b, start) != _span(f, start):
                 return
     if names:
@@ -129,10 +134,8 @@ def check_values_differ(base: Checkpoint, finetuned: Checkpoint, names: list[str
 def check_adapter_trained(root: Path, updates: list) -> None:
     """Refuse an adapter whose every lora_B is zero where sampled (peft starts B at 0): it changes nothing."""
     for update in updates:
-        b = update.b
-        last = max(b.nbytes - SAMPLE_BYTES, 0)
-        for start in sorted({0, last // 2 // 8 * 8, last // 8 * 8}):
-            if any(_span(b, start)):
+        for start in _sample_starts(update.b):
+            if any(_span(update.b, start)):
                 return
     if updates:
         raise InputError(f"FINETUNED {root}: every lora_B of the adapter is zero where sampled ({len(updates)} "

@@ -25,7 +25,7 @@ from .checkpoint import matrix_shape, read_block, read_tensor
 from .dtypes import torch_dtype
 from .errors import InputError
 from .faults import fault_point
-from .lowrank import materialize
+from .lowrank import materialize, row_blocks
 from .monosoup import EPS, Coefficients, coefficients, relative_update, reweigh, update_is_significant
 from .options import MergeOptions
 from .plan import COPY, EDIT, TensorJob
@@ -157,7 +157,7 @@ def merge_tensor(
             crc = writer.copy_tensor(job.finetuned, folder, job.placement, not options.allow_nonfinite)
         return _result(job, COPY, job.reason, start, watch, crc32c=crc)
     assert job.action == EDIT and job.base is not None
-    if job.lora is not None and not job.dense_w1:
+    if job.lowrank:
         from .lowrank_tasks import merge_lowrank  # I/O-bound: on the host, whatever the lane
 
         return merge_lowrank(job, options, ctx, start)
@@ -256,12 +256,10 @@ def _stream_fine_tune(job: TensorJob, folder: Path, check_finite: bool) -> int:
     ref = job.finetuned
     if job.out_dtype == ref.dtype:
         return writer.copy_tensor(ref, folder, job.placement, check_finite)
-    m, n = matrix_shape(ref.shape)
-    step = max(1, 2**22 // max(n, 1))
     slot = writer.SlotWriter(folder, job.placement)
     try:
-        for row in range(0, m, step):
-            block = read_block(ref, row, min(row + step, m), False)
+        for row, stop in row_blocks(*matrix_shape(ref.shape)):
+            block = read_block(ref, row, stop, False)
             if check_finite and not bool(torch.isfinite(block).all()):
                 raise _nonfinite_output(job)
             slot.write(block.to(torch_dtype(job.out_dtype)))

@@ -55,16 +55,13 @@ def _open_for_write(folder: Path, placement: Placement) -> int:
 
 def write_tensor(folder: Path, placement: Placement, tensor: torch.Tensor) -> int:
     """Write a tensor's bytes at its placement and make them durable; returns their crc32c."""
-    data = tensor.contiguous().view(-1).view(torch.uint8).numpy()
-    if data.nbytes != placement.nbytes:
-        raise AssertionError(f"tensor has {data.nbytes} bytes, its slot {placement.nbytes}")
-    fd = _open_for_write(folder, placement)
+    slot = SlotWriter(folder, placement)
     try:
-        rawio.pwrite_all(fd, memoryview(data), placement.offset)
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-    return rawio.crc_of(memoryview(data))
+        slot.write(tensor)
+    except BaseException:
+        slot.abort()
+        raise
+    return slot.close()
 
 
 def copy_tensor(source: TensorRef, folder: Path, placement: Placement, check_finite: bool = True) -> int:
