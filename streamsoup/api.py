@@ -13,21 +13,23 @@ import shutil
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from distributed import Client
 
 from . import __version__, writer
+from .audit import RunStatus, VerifyResult, run_status, verify_output
 from .cluster import cluster_budget, cluster_client, describe, scheduler_address, worker_resources
 from .errors import Interrupted, OptionError, RunError, UsageError
+from .estimate import PlanSummary
 from .executor import local_client, run_graph, worker_capacity
 from .faults import fault_point
 from .graph import GraphTask, build_graph
 from .layout import INDEX_NAME
 from .options import MergeOptions, expand_path, format_size
-from .plan import MergePlan, plan_merge
+from .planner import MergePlan, plan_merge
 from .preflight import (
     check_adapter_trained,
     check_disk_space,
@@ -37,7 +39,8 @@ from .preflight import (
     state_bytes,
 )
 from .progress import Progress
-from .report import REPORT_NAME, MergeSummary, build_report, write_report
+from .reporting import REPORT_NAME, MergeSummary, RunReport, read_run, run_head, write_report, write_spectra
+from .reporting.record import assemble
 from .resources import (
     check_budget,
     check_max_ram,
@@ -45,6 +48,7 @@ from .resources import (
     configure_process,
     default_max_ram,
     default_max_vram,
+    machine_info,
     physical_ram,
     process_rss,
     resolve_lanes,
@@ -99,6 +103,24 @@ def merge(
         ) from exc
 
 
+@dataclass(frozen=True)
+class RunSetup:
+    """One attempt of a merge, decided before its lock is taken."""
+
+    plan: MergePlan
+    out: Path
+    opts: MergeOptions
+    fingerprint: dict[str, Any]
+    fresh: bool
+    progress: bool
+    start: float
+    state_path: Path
+    budget: Budget
+    runs: dict[str, Execution]
+    client: Client | None
+    machine: dict[str, Any]
+
+
 def _run(
     plan: MergePlan,
     out: Path,
@@ -121,36 +143,40 @@ def _run(
         if progress:
             sys.stderr.write(f"streamsoup: {line}\n")
         opts = replace(opts, threads=budget.lanes.threads)
-        return _locked_run(plan, out, opts, fingerprint, fresh, state_path, progress, start, budget, runs, client)
+        machine = machine_info(budget.lanes, budget.max_ram, budget.max_vram, line)
+        setup = RunSetup(plan, out, opts, fingerprint, fresh, progress, start, state_path, budget, runs, client,
+                         machine)  # fmt: skip
+        return _locked_run(setup)
 
 
-def _locked_run(plan, out, opts, fingerprint, fresh, state_path, progress, start, budget, runs, client) -> MergeSummary:
-    partial = writer.partial_dir(out)
+def _locked_run(run: RunSetup) -> MergeSummary:
+    plan, opts, state_path = run.plan, run.opts, run.state_path
+    partial = writer.partial_dir(run.out)
     with RunLock(partial) as lock, InterruptGuard() as guard:
-        if fresh or not state_path.exists():
+        if run.fresh or not state_path.exists():
             discard(partial, state_path)  # bytes without a state are not trusted
-        state = RunState.open(state_path, fingerprint)
+        state = RunState.open(state_path, run.fingerprint, run_head(plan, run.fingerprint, run.out), run.machine)
         if opts.work_dir:
             (partial / POINTER_NAME).write_text(str(state_path) + "\n")
         resumed = len(state.committed())
         log.info("planned %d tensors (%d to edit), %d already done", len(plan.jobs), len(plan.edits), resumed)
         writer.preallocate(plan.layout, partial)
         ctx = TaskContext(str(partial), str(state_path), opts.checkpoint_seconds)
-        results = execute(plan, ctx, opts, runs, budget, state, guard, progress, client)
+        results = execute(plan, ctx, opts, run.runs, run.budget, state, guard, run.progress, run.client)
         with guard.critical():
-            finish(plan, partial, out, results, state.elapsed(), fingerprint)
-            cleanup(out, state_path if opts.work_dir else None)
+            finish(plan, partial, run.out, results, state)
+            cleanup(run.out, state_path if opts.work_dir else None)
             lock.release()
     edited = sum(r.action == "edit" for r in results)
     return MergeSummary(
-        out,
+        run.out,
         len(results),
         edited,
         len(results) - edited,
         len(plan.dropped),
         plan.bytes_to_write,
-        time.perf_counter() - start,
-        out / REPORT_NAME,
+        time.perf_counter() - run.start,
+        run.out / REPORT_NAME,
         resumed=resumed,
         warnings=plan.warnings,
     )
@@ -261,9 +287,8 @@ def execute(
     return [results[job.key] for job in plan.jobs]
 
 
-def finish(plan: MergePlan, partial: Path, out: Path, results: list[TensorResult], seconds: float,
-           fingerprint: dict[str, Any]) -> None:  # fmt: skip
-    """Side files, index, report; then the atomic rename that makes OUT appear."""
+def finish(plan: MergePlan, partial: Path, out: Path, results: list[TensorResult], state: RunState) -> None:
+    """Side files, index, spectra, report; then the atomic rename that makes OUT appear."""
     adapter_root = plan.adapter.root if plan.adapter is not None and plan.save == "model" else None
     for root in plan.side_roots:  # config and tokenizer files (not an adapter's own config in a merged model)
         writer.copy_side_files(root, partial, skip=(ADAPTER_CONFIG, "README.md") if root == adapter_root else ())
@@ -272,7 +297,12 @@ def finish(plan: MergePlan, partial: Path, out: Path, results: list[TensorResult
     index = plan.layout.index_json()
     if index is not None:
         writer.write_json(partial / INDEX_NAME, index)
-    write_report(partial, build_report(plan, results, seconds, fingerprint))
+    committed = sorted(state.committed().items())  # in plan order: the same merge writes the same bytes
+    write_spectra(partial, {m.row["name"]: s for key, m in committed if (s := state.spectrum(key)) is not None})
+    report = assemble(state.head or run_head(plan, state.fingerprint, out), state.runs,
+                      [r.as_dict() for r in results], "complete", out, state.elapsed(), time.time(),
+                      state.fingerprint)  # fmt: skip
+    write_report(partial, report)
     fault_point("publish.before-rename")
     writer.publish(partial, out)
     fault_point("publish.after-rename")
@@ -311,8 +341,12 @@ def existing_output(out: Path, fingerprint: dict[str, Any]) -> MergeSummary:
     return MergeSummary.from_report(out, already_complete=not leftovers)
 
 
-def estimate(base: str | Path, finetuned: str | Path, *, config: str | Path | None = None, **options: Any):
-    """What `merge` would do with these options: counts, bytes, memory and a time estimate; no tensor data read."""
+def plan(base: str | Path, finetuned: str | Path, *, config: str | Path | None = None,
+         **options: Any) -> PlanSummary:  # fmt: skip
+    """What `merge` would do with these options: counts, bytes, memory and a time estimate; no tensor data read.
+
+    ``str()`` of the result is what `streamsoup plan` prints, ``.as_dict()`` what `plan --json` prints.
+    """
     from .estimate import calibrate, summarize
 
     opts = MergeOptions.create(config, **options)
@@ -321,7 +355,33 @@ def estimate(base: str | Path, finetuned: str | Path, *, config: str | Path | No
     if unused:
         raise OptionError(unused[0], "is not used by plan, which plans a merge on this machine from the headers "
                                      "alone; leave it out")  # fmt: skip
-    plan = plan_merge(base, finetuned, opts)
-    budget = make_budget(opts, plan.adapter is not None)
-    runs = schedule(plan, budget)
-    return summarize(plan, budget, runs, calibrate(budget, Path.cwd()))
+    merge_plan = plan_merge(base, finetuned, opts)
+    budget = make_budget(opts, merge_plan.adapter is not None)
+    runs = schedule(merge_plan, budget)
+    return summarize(merge_plan, budget, runs, calibrate(budget, Path.cwd()))
+
+
+def status(out: str | Path) -> RunStatus:
+    """Progress of a finished, running or interrupted merge (``str()``: what `streamsoup status` prints)."""
+    return run_status(out)
+
+
+def verify(out: str | Path, *, progress: bool = False) -> VerifyResult:
+    """Re-read a finished OUT against the checksums of its report; ``.ok`` is False on any mismatch."""
+    return verify_output(out, progress=progress)
+
+
+def report(out: str | Path, *, png: str | Path | None = None) -> RunReport:
+    """What MonoSoup did to OUT (finished, or the OUT.partial / --work-dir of an unfinished run).
+
+    ``str()`` is the terminal summary of `streamsoup report`, ``.as_dict()`` its ``--json``;
+    `png` (or ``.save_png(path)``) draws the figure (needs matplotlib: ``streamsoup[report]``).
+    """
+    if png is not None:
+        from .reporting.figure import require_matplotlib
+
+        require_matplotlib()
+    result = read_run(out)
+    if png is not None:
+        result.save_png(png)
+    return result

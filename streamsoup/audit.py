@@ -15,24 +15,40 @@ from . import rawio, writer
 from .checkpoint import Checkpoint
 from .errors import InputError, UsageError
 from .options import expand_path, format_size
-from .report import REPORT_NAME
-from .state import POINTER_NAME, STATE_NAME, RunLock, RunState
+from .reporting import REPORT_NAME
+from .state import RunLock, RunState, find_state
 
 
-def run_status(out: str | Path) -> dict[str, Any]:
-    """Progress of a finished, running or interrupted merge, as plain data."""
+@dataclass(frozen=True)
+class RunStatus:
+    """What `streamsoup.status` returns: the progress as plain data (``--json``); ``str()`` is the CLI's text."""
+
+    data: dict[str, Any]
+
+    @property
+    def state(self) -> str:
+        return self.data["state"]
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.data
+
+    def __str__(self) -> str:
+        return format_status(self.data)
+
+
+def run_status(out: str | Path) -> RunStatus:
+    """Progress of a finished, running or interrupted merge."""
     out = expand_path(out).absolute()
     partial = writer.partial_dir(out)
     if (out / REPORT_NAME).exists():
         summary = json.loads((out / REPORT_NAME).read_text())["summary"]
-        return {"state": "complete", "out": str(out), **summary}
+        return RunStatus({"state": "complete", "out": str(out), **summary})
     if not partial.exists():
         if out.exists():
             raise UsageError(f"{out} is not a streamsoup output (it has no {REPORT_NAME}, and there is no "
                              f"{partial.name} of an interrupted run beside it)")  # fmt: skip
         raise UsageError(f"no merge at {out}: neither {out.name} nor {partial.name} exists")
-    pointer = partial / POINTER_NAME
-    state_path = Path(pointer.read_text().strip()) if pointer.exists() else partial / STATE_NAME
+    state_path = find_state(partial)
     if not state_path.exists():
         raise UsageError(f"{partial} has no progress recorded yet (the run stopped before its first tensor)")
     state = RunState.read(state_path)
@@ -42,7 +58,7 @@ def run_status(out: str | Path) -> dict[str, Any]:
     total = len(ckpt) if ckpt is not None else None
     remaining = [n for n in (ckpt or {}) if n not in {m.row["name"] for m in markers.values()}]
     holder = RunLock.holder(partial)
-    return {
+    return RunStatus({
         "state": "running" if holder else "interrupted",
         "holder": holder,
         "out": str(out),
@@ -54,7 +70,7 @@ def run_status(out: str | Path) -> dict[str, Any]:
         "attempts": state.attempt,
         "seconds": state.elapsed(),
         "last_commit_age_s": time.time() - max((m.committed_at for m in markers.values()), default=time.time()),
-    }
+    })
 
 
 def _output_shards(partial: Path) -> Checkpoint | None:
@@ -89,9 +105,21 @@ def format_status(s: dict[str, Any]) -> str:
 
 @dataclass
 class VerifyResult:
+    """What `streamsoup.verify` returns; ``str()`` is what the CLI prints on stdout."""
+
+    out: Path
     tensors: int = 0
     bytes: int = 0
     problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __str__(self) -> str:
+        if self.problems:
+            return "\n".join(f"MISMATCH {p}" for p in self.problems)
+        return f"verified {self.tensors} tensors ({format_size(self.bytes)}): all checksums match"
 
 
 def verify_output(out: str | Path, progress: bool = False) -> VerifyResult:
@@ -104,7 +132,7 @@ def verify_output(out: str | Path, progress: bool = False) -> VerifyResult:
     ckpt = Checkpoint.from_path(out, "OUT")
     slots = {tuple(r.get("outputs") or [r["name"]]): r for r in rows}  # an adapter's module: [A', B'(, bias')]
     listed = {name for names in slots for name in names}
-    result = VerifyResult()
+    result = VerifyResult(out)
     for name in sorted(listed - set(ckpt)):
         result.problems.append(f"{name}: in the report but missing from the shards")
     for name in sorted(set(ckpt) - listed):

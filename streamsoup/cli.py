@@ -15,10 +15,9 @@ import warnings
 from dataclasses import Field, fields
 
 from . import __version__
-from .api import estimate, merge
-from .audit import format_status, run_status, verify_output
+from .api import merge, plan, report, status, verify
 from .errors import Interrupted, OptionError, StreamsoupError
-from .options import MergeOptions, flag_name, format_size
+from .options import MergeOptions, flag_name
 from .signals import MESSAGE
 
 
@@ -97,7 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     ve = sub.add_parser("verify", help="re-check OUT's bytes against the checksums in its report")
     ve.add_argument("out", metavar="OUT", help="a finished merge's output folder")
     ve.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    for p in (pl, st, ve):
+    re_ = sub.add_parser(
+        "report",
+        help="what MonoSoup did, per module kind and layer; --png draws it",
+        description="Summarise a merge: per module kind the median and range of k/rank, P_k and the lambdas, "
+        "the tensors that stand out, totals. Works on a finished OUT and on an unfinished run (OUT, OUT.partial "
+        "or its --work-dir).",
+    )
+    re_.add_argument("out", metavar="OUT", help=OUT_HELP + ", or the --work-dir of that run")
+    re_.add_argument("--json", action="store_true", help="machine-readable output (the report's structure)")
+    re_.add_argument("--png", metavar="FILE", help="also draw one figure into FILE (needs matplotlib: "
+                     "pip install 'streamsoup[report]')")  # fmt: skip
+    for p in (pl, st, ve, re_):
         p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     return parser
 
@@ -111,33 +121,46 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan(args: argparse.Namespace) -> int:
-    from .estimate import format_plan
+def _show(result, as_json: bool) -> None:
+    """A result as the CLI prints it: its text, or with --json its dict."""
+    print(json.dumps(result.as_dict(), indent=2) if as_json else str(result))
 
+
+def _plan(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name) for f in fields(MergeOptions)}
-    summary = estimate(args.base, args.finetuned, config=args.config, **overrides)
-    print(json.dumps(summary.as_dict(), indent=2) if args.json else format_plan(summary))
+    _show(plan(args.base, args.finetuned, config=args.config, **overrides), args.json)
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    status = run_status(args.out)
-    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    _show(status(args.out), args.json)
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    result = verify_output(args.out, progress=not args.quiet)
-    for problem in result.problems:
-        print(f"MISMATCH {problem}")
-    if result.problems:
+    result = verify(args.out, progress=not args.quiet)
+    print(result)
+    if not result.ok:
         sys.stderr.write(f"streamsoup: error: {len(result.problems)} problem(s) in {args.out}; rerun the merge\n")
         return 1
-    print(f"verified {result.tensors} tensors ({format_size(result.bytes)}): all checksums match")
     return 0
 
 
-COMMANDS = {"merge": _merge, "plan": _plan, "status": _status, "verify": _verify}
+def _report(args: argparse.Namespace) -> int:
+    if args.png:
+        from .reporting.figure import require_matplotlib
+
+        require_matplotlib()
+    result = report(args.out)
+    _show(result, args.json)
+    if args.png:
+        sys.stdout.flush()
+        path = result.save_png(args.png)
+        sys.stderr.write(f"streamsoup: figure written to {path}\n")
+    return 0
+
+
+COMMANDS = {"merge": _merge, "plan": _plan, "status": _status, "verify": _verify, "report": _report}
 
 
 class _LineFormatter(logging.Formatter):
@@ -180,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"streamsoup: {MESSAGE}\n")
         return 130
+    except BrokenPipeError:  # `streamsoup report OUT | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except MemoryError:
         sys.stderr.write("streamsoup: error: out of memory; lower --lanes or free memory, then rerun to resume\n")
         return 1

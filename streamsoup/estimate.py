@@ -13,20 +13,23 @@ import heapq
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import rawio
+from . import __version__, rawio
 from .checkpoint import matrix_shape
 from .options import format_size
-from .plan import COPY, MergePlan
+from .planner import COPY, MergePlan, TensorJob
+from .reporting import describe_input
+from .reporting.summary import annotate, module_stats
 from .schedule import Budget
 from .tasks import Execution
 
 CALIBRATION_BYTES = 64 * 2**20
+SPECTRAL_FIELDS = ("k", "rank", "P_k", "rho", "lambda_high", "lambda_low", "rel_update")
 
 
 @dataclass(frozen=True)
@@ -134,9 +137,55 @@ class PlanSummary:
     warnings: list[str]
     lowrank: int = 0  # adapter updates computed from their factors (no eigensolve)
     save: str = "model"
+    inputs: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+    rows: list[dict] = field(default_factory=list, repr=False)  # per tensor, as the report's rows (no spectra yet)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """`plan --json`: the report's structure (summary, modules, tensors), plus the estimate."""
+        rows = [annotate(r) for r in self.rows]
+        return {
+            "streamsoup": __version__,
+            "document": "plan",
+            "inputs": self.inputs,
+            "options": self.options,
+            "summary": {
+                "tensors": self.tensors,
+                "edit_candidates": self.edit_candidates,
+                "edited": None,
+                "copied": self.copies,
+                "dropped": self.dropped,
+                "output_bytes": self.bytes_written,
+                "bytes_read": self.bytes_read,
+                "streamed": self.streamed,
+                "lowrank": self.lowrank,
+                "save": self.save,
+            },
+            "modules": module_stats(rows, planned=True),
+            "tensors": rows,
+            "estimate": {
+                "seconds": self.estimated_seconds,
+                "lanes": self.lanes,
+                "rates": self.rates,
+                "peak_ram": self.peak_ram,
+                "max_ram": self.max_ram,
+                "task_ram": self.task_ram,
+                "max_vram": self.max_vram,
+                "largest_tensor": self.largest_tensor,
+                "largest_working_set": self.largest_working_set,
+            },
+            "warnings": self.warnings,
+        }
+
+    def __str__(self) -> str:
+        return format_plan(self)
+
+
+def plan_row(job: TensorJob) -> dict:
+    """A tensor as the report will list it, with what only the run can tell left empty."""
+    shape = job.base.shape if job.lora is not None else job.finetuned.shape
+    return {"name": job.name, "shape": list(shape), "dtype": job.out_dtype, "action": job.action,
+            "reason": job.reason or "edit candidate", **dict.fromkeys(SPECTRAL_FIELDS)}  # fmt: skip
 
 
 def summarize(plan: MergePlan, budget: Budget, runs: dict[str, Execution], rates: Rates) -> PlanSummary:
@@ -176,6 +225,11 @@ def summarize(plan: MergePlan, budget: Budget, runs: dict[str, Execution], rates
         warnings=list(plan.warnings),
         lowrank=sum(j.lowrank for j in plan.jobs),
         save=plan.save,
+        inputs={"base": describe_input(plan.base.root, None, "checkpoint"),
+                "finetuned": describe_input((plan.adapter or plan.finetuned).root, None,
+                                            "LoRA adapter" if plan.adapter is not None else "checkpoint")},
+        options=plan.options.as_dict(),
+        rows=[plan_row(j) for j in plan.jobs],
     )
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .options import MergeOptions
-from .plan import MergePlan
+from .planner import MergePlan
 from .resources import to_mib
 from .tasks import Execution, TaskContext, merge_tensor
 

@@ -22,7 +22,7 @@ from .faults import fault_point
 from .lowrank import LowRankSVD, factors, finite, lowrank_svd, reweighed_factors, row_blocks, weights
 from .monosoup import EPS, Coefficients, coefficients, relative_update, update_is_significant
 from .options import MergeOptions
-from .plan import COPY, EDIT, TensorJob
+from .planner import COPY, EDIT, TensorJob
 from .tasks import NONFINITE_COPIED, Stopwatch, TaskContext, TensorResult, _coef_fields, _result, merge_dense
 
 

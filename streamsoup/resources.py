@@ -14,6 +14,7 @@ import ctypes
 import math
 import os
 import queue
+import socket
 import threading
 from dataclasses import dataclass
 
@@ -114,6 +115,24 @@ def check_max_vram(max_vram: int, devices: tuple[str, ...]) -> None:
     if max_vram > total:
         raise OptionError("max_vram", f"{format_size(max_vram)} is more than the {format_size(total)} of memory "
                                       f"of the GPU; give at most {format_size(total)}")  # fmt: skip
+
+
+def machine_info(lanes: Lanes, max_ram: int, max_vram: int, where: str) -> dict:
+    """The device configuration of an attempt, for the report: what the numbers in it were computed on."""
+    gpus = [f"{d}: {torch.cuda.get_device_name(torch.device(d))}" for d in dict.fromkeys(lanes.devices)
+            if d.startswith("cuda")]  # fmt: skip
+    return {
+        "host": socket.gethostname(),
+        "cpus": os.cpu_count(),
+        "ram_bytes": physical_ram(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if gpus else None,
+        "gpus": gpus,
+        "lanes": lanes.describe(),
+        "max_ram": max_ram,
+        "max_vram": max_vram,
+        "where": where,
+    }
 
 
 def default_max_ram() -> int:

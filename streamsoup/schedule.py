@@ -13,7 +13,7 @@ from .dtypes import item_size
 from .errors import OptionError, UsageError
 from .lowrank import factor_bytes, rows_per_block
 from .options import format_size
-from .plan import COPY, MergePlan, TensorJob
+from .planner import COPY, MergePlan, TensorJob
 from .rawio import IO_CHUNK
 from .resources import (
     Lanes,

@@ -75,8 +75,13 @@ class RunState:
         self.attempt = attempt
 
     @classmethod
-    def open(cls, path: Path, fingerprint: dict[str, Any]) -> RunState:
-        """Open the state of an interrupted run, or start a new one; refuse a different run's state."""
+    def open(cls, path: Path, fingerprint: dict[str, Any], head: dict[str, Any] | None = None,
+             machine: dict[str, Any] | None = None) -> RunState:  # fmt: skip
+        """Open the state of an interrupted run, or start a new one; refuse a different run's state.
+
+        `head` (inputs, options, planned tensors) and each attempt's `machine` let `streamsoup report`
+        describe an interrupted run.
+        """
         if path.exists():
             try:
                 group = zarr.open_group(str(path), mode="a")
@@ -96,8 +101,11 @@ class RunState:
             group.create_group("tensors")
             group.attrs.put({"fingerprint": fingerprint, "runs": []})
         runs = list(group.attrs.get("runs", []))
-        runs.append({"started_at": time.time(), "host": socket.gethostname(), "pid": os.getpid()})
+        runs.append({"started_at": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
+                     "machine": machine or {}})  # fmt: skip
         group.attrs["runs"] = runs
+        if head is not None:
+            group.attrs["head"] = head
         return cls(path, group, len(runs))
 
     @classmethod
@@ -108,6 +116,15 @@ class RunState:
     @property
     def runs(self) -> list[dict[str, Any]]:
         return list(self.group.attrs.get("runs", []))
+
+    @property
+    def head(self) -> dict[str, Any] | None:
+        head = self.group.attrs.get("head")
+        return dict(head) if isinstance(head, dict) else None
+
+    def spectrum(self, key: str) -> np.ndarray | None:
+        group = self.group["tensors"][key]
+        return group["s"][...] if "s" in group else None
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -156,6 +173,12 @@ class RunState:
         for marker in self.committed().values():
             last[marker.attempt] = max(last.get(marker.attempt, 0.0), marker.committed_at)
         return sum(max(0.0, last.get(i + 1, r["started_at"]) - r["started_at"]) for i, r in enumerate(runs))
+
+
+def find_state(partial: Path) -> Path:
+    """The state of the run writing `partial` (OUT.partial): inside it, or where its --work-dir pointer says."""
+    pointer = partial / POINTER_NAME
+    return Path(pointer.read_text().strip()) if pointer.exists() else partial / STATE_NAME
 
 
 class RunLock:

@@ -28,7 +28,7 @@ from .faults import fault_point
 from .lowrank import materialize, row_blocks
 from .monosoup import EPS, Coefficients, coefficients, relative_update, reweigh, update_is_significant
 from .options import MergeOptions
-from .plan import COPY, EDIT, TensorJob
+from .planner import COPY, EDIT, TensorJob
 from .resources import DevicePool, device_stream, release_memory
 from .spectral import DiskRows, GramSums, MemoryRows, RowSource, Spectrum, accumulate, eigh_spectrum, svd_spectrum
 from .state import PartialTensor

@@ -39,7 +39,7 @@ def test_planning_reads_headers_only(awkward_pair, monkeypatch):
     import os
 
     from streamsoup.options import MergeOptions
-    from streamsoup.plan import plan_merge
+    from streamsoup.planner import plan_merge
 
     def no_pread(*a, **k):
         raise AssertionError("tensor data read while planning")

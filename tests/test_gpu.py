@@ -26,7 +26,8 @@ def test_gpu_streamed_is_exact(big_pair, tmp_path):
     import json
 
     probe = json.loads(run("plan", *big_pair, "--devices", "cuda:0", "--max-ram", "64GiB", "--json").stdout)
-    own = probe["max_ram"] - probe["task_ram"]  # a CUDA process's own baseline plus the driver reserve
+    est = probe["estimate"]
+    own = est["max_ram"] - est["task_ram"]  # a CUDA process's own baseline plus the driver reserve
     out = tmp_path / "out"
     proc = run("merge", *big_pair, out, "--devices", "cuda:0", "--max-ram", str(own + 80 * 2**20), "-q")
     assert proc.returncode == 0, proc.stderr

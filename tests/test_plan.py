@@ -25,13 +25,16 @@ def test_plan_70b_in_seconds_within_budget(sparse_70b, max_ram, lanes):
     proc = run("plan", *sparse_70b, "--max-ram", max_ram, "--lanes", str(lanes), "--json", "--devices", "cpu")
     elapsed = time.time() - t0
     assert proc.returncode == 0, proc.stderr
-    plan = json.loads(proc.stdout)
+    doc = json.loads(proc.stdout)
+    plan, est = doc["summary"], doc["estimate"]
     assert elapsed < 60
     assert plan["tensors"] == 80 * 9 + 3 and plan["edit_candidates"] == 80 * 7 + 2
-    assert plan["peak_ram"] <= plan["max_ram"]
-    assert plan["largest_working_set"] <= plan["task_ram"]
-    assert len(plan["lanes"]) == lanes and plan["estimated_seconds"] > 0
-    assert plan["bytes_written"] == sum(
+    assert est["peak_ram"] <= est["max_ram"]
+    assert est["largest_working_set"] <= est["task_ram"]
+    assert len(est["lanes"]) == lanes and est["seconds"] > 0
+    assert {kind: m["tensors"] for kind, m in doc["modules"].items()} == {
+        "q": 80, "k": 80, "v": 80, "o": 80, "gate": 80, "up": 80, "down": 80, "embed": 1, "lm_head": 1}
+    assert plan["output_bytes"] == sum(
         f.stat().st_size - 8 - int.from_bytes(open(f, "rb").read(8), "little")
         for f in sparse_70b[1].glob("*.safetensors")
     )

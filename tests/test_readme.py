@@ -78,3 +78,24 @@ def test_cpu_commands_run_as_written(tmp_path):
         ran.append(command)
     assert any("merge demo/base demo/finetuned demo/merged" in c for c in ran)
     assert any(" plan l70/base" in c for c in ran) and any(" verify demo/merged" in c for c in ran)
+    assert any(" report demo/merged --png" in c for c in ran) and (tmp_path / "demo/report.png").exists()
+    examples = [block for block in python_blocks() if "demo/" in block]  # the Python API section, on the demo
+    assert examples
+    for block in examples:
+        proc = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        assert proc.returncode == 0, (block, proc.stderr[-2000:])
+
+
+def python_blocks() -> list[str]:
+    blocks, current = [], None
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            if current is not None:
+                blocks.append("\n".join(current))
+                current = None
+            elif line[3:].strip() == "python":
+                current = []
+        elif current is not None:
+            current.append(line)
+    return blocks

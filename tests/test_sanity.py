@@ -144,7 +144,7 @@ def test_few_pairs_warn_once_and_go_on(pair, tmp_path):
 
 def test_plan_never_contradicts_merge(pair, tmp_path):
     base, ft = pair
-    plan = json.loads(run("plan", base, ft, "--json", "--devices", "cpu").stdout)
+    plan = json.loads(run("plan", base, ft, "--json", "--devices", "cpu").stdout)["summary"]
     text = run("plan", base, ft, "--devices", "cpu").stdout
     assert f"up to {plan['edit_candidates']} to edit" in text
     out = tmp_path / "out"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Real tiny transformers models and PEFT LoRA adapters trained a few steps: the adapter fixtures.
+"""Real tiny transformers models, fine-tuned a few steps in full or with a PEFT LoRA adapter: test fixtures.
 
 Nothing is downloaded: each model is built from a config (Llama, Qwen2, GPT-2), saved sharded in
 bf16 as a base, and a LoRA adapter of the chosen variant is trained a few AdamW steps on random
@@ -7,6 +7,8 @@ tokens so that every B != 0, then saved with peft's own ``save_pretrained``.
 
     python tools/make_adapters.py OUT_DIR --arch llama --variant plain
     -> OUT_DIR/base (the model), OUT_DIR/adapter (the PEFT folder)
+    python tools/make_adapters.py OUT_DIR --arch llama --variant full
+    -> OUT_DIR/base, OUT_DIR/finetuned (every weight trained)
 
 Variants: plain, rslora, patterns (rank_pattern/alpha_pattern), embedding (embedding LoRA, peft
 then also stores the base embedding), modules_to_save, lora_bias, dora. GPT-2 (Conv1D) always
@@ -95,13 +97,35 @@ def make(out: Path, arch: str = "llama", variant: str = "plain", steps: int = 4,
     return base_dir, adapter_dir
 
 
+def make_finetune(out: Path, arch: str = "llama", steps: int = 4, seed: int = 0) -> tuple[Path, Path]:
+    """A full fine-tune (every weight trained a few AdamW steps): bf16 sharded base and fine-tune under `out`."""
+    out = Path(out)
+    base_dir, ft_dir = out / "base", out / "finetuned"
+    model = tiny_model(arch, seed)
+    model.to(torch.bfloat16).save_pretrained(base_dir, max_shard_size="40KB")
+    model.to(torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    g = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
+        ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=g)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.to(torch.bfloat16).save_pretrained(ft_dir, max_shard_size="40KB")
+    return base_dir, ft_dir
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
     p.add_argument("--arch", choices=ARCHS, default="llama")
-    p.add_argument("--variant", choices=VARIANTS, default="plain")
+    p.add_argument("--variant", choices=(*VARIANTS, "full"), default="plain")
     p.add_argument("--steps", type=int, default=4)
     a = p.parse_args()
+    if a.variant == "full":
+        base, ft = make_finetune(a.out, a.arch, a.steps)
+        print(f"base {base}\nfinetuned {ft}")
+        return
     base, adapter = make(a.out, a.arch, a.variant, a.steps)
     print(f"base {base}\nadapter {adapter}")
 

@@ -1,0 +1,129 @@
+"""`streamsoup report`: read a finished output, or the state of a run still going or interrupted."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import writer
+from ..errors import UsageError
+from ..options import expand_path
+from ..state import RunLock, RunState, find_state
+from .record import REPORT_NAME, SPECTRA_NAME, assemble, read_spectra, short_digest
+from .summary import format_report
+
+
+@dataclass
+class RunReport:
+    """What `streamsoup.report` returns: the report document and the spectra; ``str()`` is the CLI's summary."""
+
+    document: dict[str, Any]
+    spectra: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @property
+    def state(self) -> str:
+        return self.document["state"]
+
+    @property
+    def modules(self) -> dict[str, dict[str, Any]]:
+        return self.document["modules"]
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.document["summary"]
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.document
+
+    @classmethod
+    def from_dict(cls, document: dict[str, Any]) -> RunReport:
+        return cls(document)
+
+    def save_png(self, path: str | Path) -> Path:
+        """One figure: k/rank and lambdas per layer and module kind, and a few spectra (needs matplotlib)."""
+        from .figure import save_figure
+
+        return save_figure(self.document, self.spectra, expand_path(path))
+
+    def __str__(self) -> str:
+        return format_report(self.document)
+
+
+def read_run(path: str | Path) -> RunReport:
+    """OUT (finished), OUT.partial or OUT itself of a run not finished, or the --work-dir state folder."""
+    path = expand_path(path).absolute()
+    if (path / REPORT_NAME).exists():
+        return _finished(path)
+    if path.name.endswith(".partial") and path.is_dir():
+        return _from_state(find_state(path), path, path.with_name(path.name[: -len(".partial")]))
+    if (path / "zarr.json").exists():  # a --work-dir state folder
+        return _from_state(path, None, None)
+    partial = writer.partial_dir(path)
+    if partial.exists():
+        return _from_state(find_state(partial), partial, path)
+    if path.exists():
+        raise UsageError(f"{path} is not a streamsoup output (no {REPORT_NAME}, and no {partial.name} of an "
+                         "interrupted run beside it)")  # fmt: skip
+    raise UsageError(f"no merge at {path}: neither {path.name} nor {partial.name} exists")
+
+
+def _finished(out: Path) -> RunReport:
+    try:
+        doc = json.loads((out / REPORT_NAME).read_text())
+    except ValueError as exc:
+        raise UsageError(f"{out / REPORT_NAME} is not valid JSON ({exc}); rerun the merge into a new folder") from None
+    head = {
+        "inputs": doc.get("inputs") or _inputs_of_old_report(doc),
+        "options": doc["options"],
+        "jobs": [r["name"] for r in doc["tensors"]],
+        "dropped": [d["name"] for d in doc.get("dropped", [])],
+        "output_bytes": doc["summary"]["output_bytes"],
+    }
+    runs = [{**a, "started_at": _epoch(a["started_at"])} for a in (doc.get("run") or {}).get("attempts", [])]
+    finished = (doc.get("run") or {}).get("finished_at")
+    document = assemble(head, runs, doc["tensors"], "complete", out, doc["summary"]["seconds"],
+                        _epoch(finished) if finished else None, doc.get("fingerprint"))  # fmt: skip
+    document["streamsoup"] = doc["streamsoup"]  # the version that made OUT, not the one reading it
+    return RunReport(document, read_spectra(out / SPECTRA_NAME))
+
+
+def _from_state(state_path: Path, partial: Path | None, out: Path | None) -> RunReport:
+    if not state_path.exists():
+        where = partial or state_path
+        raise UsageError(f"{where} has no progress recorded yet (the run stopped before its first tensor)")
+    try:
+        state = RunState.read(state_path)
+        head = state.head
+    except Exception as exc:  # not a zarr group of ours
+        raise UsageError(f"{state_path} is not a streamsoup run state ({type(exc).__name__}); pass OUT, "
+                         "OUT.partial or the --work-dir folder") from None  # fmt: skip
+    if head is None:
+        raise UsageError(f"{state_path} was written by a streamsoup older than this one and does not record its "
+                         "inputs; `streamsoup status` still shows its progress")  # fmt: skip
+    out = out or Path(head.get("out", state_path))
+    partial = partial or writer.partial_dir(out)
+    markers = sorted(state.committed().items())
+    rows = [{**m.row, "committed_at": m.committed_at} for _, m in markers]
+    spectra = {m.row["name"]: s for key, m in markers if (s := state.spectrum(key)) is not None}
+    running = partial.exists() and RunLock.holder(partial) is not None
+    document = assemble(head, state.runs, rows, "running" if running else "interrupted", out, state.elapsed(),
+                        None, state.fingerprint)  # fmt: skip
+    return RunReport(document, spectra)
+
+
+def _epoch(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso).timestamp()
+
+
+def _inputs_of_old_report(doc: dict[str, Any]) -> dict[str, Any]:
+    """Reports of streamsoup < 0.3 name the inputs only by path."""
+    fp = doc.get("fingerprint") or {}
+    return {role: {"path": doc[role], "kind": "checkpoint", "fingerprint": short_digest(fp.get(role))}
+            for role in ("base", "finetuned")}  # fmt: skip
+

@@ -1,0 +1,174 @@
+"""What a merge writes about itself: streamsoup_report.json (every tensor, and why) and the spectra beside it.
+
+The report records what a later reader needs to trust it: version, inputs (absolute paths or
+Hugging Face repo ids, with fingerprints), all options, the machine and device configuration
+of every attempt, start and end times. The singular values the state holds go into
+streamsoup_spectra.npz, so `streamsoup report` can draw them once the state is gone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__, writer
+from ..options import format_size
+from ..planner import MergePlan
+from .summary import build_document
+
+REPORT_NAME = "streamsoup_report.json"
+SPECTRA_NAME = "streamsoup_spectra.npz"
+METHOD = "MonoSoup (arXiv 2602.09689)"
+
+
+@dataclass(frozen=True)
+class MergeSummary:
+    """What `merge` returns: where the model is and what happened."""
+
+    out: Path
+    tensors: int
+    edited: int
+    copied: int
+    dropped: int
+    output_bytes: int
+    seconds: float
+    report: Path
+    resumed: int = 0  # tensors an earlier attempt had already committed
+    already_complete: bool = False  # OUT held this very merge already: nothing was done
+    warnings: tuple[str, ...] = ()
+
+    @classmethod
+    def from_report(cls, out: Path, already_complete: bool = False) -> MergeSummary:
+        """The summary of a finished merge, read back from its report."""
+        s = json.loads((out / REPORT_NAME).read_text())["summary"]
+        return cls(
+            out,
+            s["tensors"],
+            s["edited"],
+            s["copied"],
+            s["dropped"],
+            s["output_bytes"],
+            s["seconds"],
+            out / REPORT_NAME,
+            resumed=s["tensors"],
+            already_complete=already_complete,
+        )
+
+    def line(self) -> str:
+        if self.already_complete:
+            return (f"{self.out} is already complete (the same merge: same inputs and options): nothing to do; "
+                    f"{self.tensors} tensors, {self.edited} edited")  # fmt: skip
+        resumed = f", {self.resumed} resumed from an earlier run" if self.resumed else ""
+        return (
+            f"merged {self.tensors} tensors ({self.edited} edited, {self.copied} copied, "
+            f"{self.dropped} dropped{resumed}) in {self.seconds:.1f} s -> {self.out} ({format_size(self.output_bytes)})"
+        )
+
+    __str__ = line
+
+
+def iso_time(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+
+def short_digest(fingerprint: Any) -> str:
+    """A 12-hex digest of an input's fingerprint: two reports of one input show the same one."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def describe_input(root: Path, fingerprint: dict | None, kind: str) -> dict[str, Any]:
+    """An input as a later reader can find it again: its absolute path, or the repo id and commit of a
+    Hugging Face cache snapshot (``.../models--org--name/snapshots/<commit>``)."""
+    root = root.absolute()
+    info: dict[str, Any] = {"path": str(root), "kind": kind}
+    if fingerprint is not None:  # `plan` reads no tensor data, so it has none
+        info["fingerprint"] = short_digest(fingerprint)
+    folder = root if root.is_dir() else root.parent
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        info["repo"] = folder.parent.parent.name[len("models--"):].replace("--", "/")
+        info["commit"] = folder.name
+    return info
+
+
+def run_head(plan: MergePlan, fingerprint: dict, out: Path) -> dict[str, Any]:
+    """What is known before the first tensor: stored in the state, so an interrupted run can be reported."""
+    ft = plan.adapter or plan.finetuned
+    return {
+        "out": str(out),
+        "inputs": {
+            "base": describe_input(plan.base.root, fingerprint["base"], "checkpoint"),
+            "finetuned": describe_input(ft.root, fingerprint["finetuned"],
+                                        "LoRA adapter" if plan.adapter is not None else "checkpoint"),  # fmt: skip
+        },
+        "options": plan.options.as_dict(),
+        "jobs": [j.name for j in plan.jobs],
+        "dropped": list(plan.dropped),
+        "output_bytes": plan.bytes_to_write,
+    }
+
+
+def assemble(head: dict, runs: list[dict], rows: list[dict], state: str, out: Path, seconds: float,
+             finished_at: float | None, fingerprint: dict | None) -> dict[str, Any]:  # fmt: skip
+    """The report document of a finished or interrupted run (the same structure for both)."""
+    attempts = [{**r, "started_at": iso_time(r["started_at"])} for r in runs]
+    last_commit = max((r.get("committed_at", 0.0) for r in rows), default=0.0)
+    doc: dict[str, Any] = {
+        "streamsoup": __version__,
+        "document": "report",
+        "method": METHOD,
+        "state": state,
+        "out": str(out),
+        "base": head["inputs"]["base"]["path"],
+        "finetuned": head["inputs"]["finetuned"]["path"],
+        "inputs": head["inputs"],
+        "options": head["options"],
+        "machine": (runs[-1].get("machine") if runs else None) or {},
+        "run": {
+            "started_at": attempts[0]["started_at"] if attempts else None,
+            "finished_at": iso_time(finished_at) if finished_at else None,
+            "last_commit_at": iso_time(last_commit) if last_commit else None,
+            "attempts": attempts,
+        },
+    }
+    if fingerprint is not None:
+        doc["fingerprint"] = fingerprint
+    rows = [{k: v for k, v in r.items() if k != "committed_at"} for r in rows]
+    return build_document(doc, rows, head["jobs"], head["dropped"], head["output_bytes"], seconds)
+
+
+def write_report(folder: Path, report: dict) -> Path:
+    path = folder / REPORT_NAME
+    writer.write_json(path, report)
+    return path
+
+
+def write_spectra(folder: Path, spectra: dict[str, np.ndarray]) -> Path:
+    """The singular values of every edited tensor (float64, by tensor name), durable before the publish.
+
+    An .npz (np.load reads it) written with fixed member timestamps: the same merge gives the same bytes.
+    """
+    path = folder / SPECTRA_NAME
+    with open(path, "wb") as f:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as archive:
+            for name, s in spectra.items():
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                with archive.open(info, "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asarray(s, dtype=np.float64), allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+def read_spectra(path: Path) -> dict[str, np.ndarray]:
+    if not path.exists():
+        return {}
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
