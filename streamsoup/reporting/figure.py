@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import UsageError
+from ..planner import EDIT
 from .kinds import KINDS
-from .summary import EDIT
 
 #: spectra drawn: one per module kind (its middle layer), plus this many tensors that stand out
 SPECTRA_OUTLIERS = 2

@@ -13,9 +13,10 @@ from collections import Counter
 from typing import Any
 
 from ..options import format_size
+from ..planner import EDIT
+from ..tasks import PHASES
 from .kinds import KINDS, locate
 
-EDIT = "edit"
 STATS = ("k_rank", "P_k", "lambda_high", "lambda_low")
 #: lambda_low at or beyond these is shown as a tensor that stands out
 LAMBDA_EDGE = 0.01
@@ -25,7 +26,6 @@ ROBUST_Z = 5.0
 SHOWN_OUTLIERS = 10
 #: P_k this close to 1: the top-k directions hold the whole update
 EXACT_LOW_RANK = 1e-9
-PHASES = ("read", "gram", "eigh", "project", "write")
 
 
 def annotate(row: dict[str, Any]) -> dict[str, Any]:
