@@ -23,7 +23,7 @@ from . import __version__, writer
 from .audit import RunStatus, VerifyResult, run_status, verify_output
 from .cluster import cluster_budget, cluster_client, describe, scheduler_address, worker_resources
 from .errors import Interrupted, OptionError, RunError, UsageError
-from .estimate import PlanSummary
+from .estimate import PlanSummary, calibrate, summarize
 from .executor import local_client, run_graph, worker_capacity
 from .faults import fault_point
 from .graph import GraphTask, build_graph
@@ -347,8 +347,6 @@ def plan(base: str | Path, finetuned: str | Path, *, config: str | Path | None =
 
     ``str()`` of the result is what `streamsoup plan` prints, ``.as_dict()`` what `plan --json` prints.
     """
-    from .estimate import calibrate, summarize
-
     opts = MergeOptions.create(config, **options)
     plan_names = {f.name for f in MergeOptions.plan_fields()}
     unused = [name for name, value in options.items() if value not in (None, "", False) and name not in plan_names]

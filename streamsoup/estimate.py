@@ -23,7 +23,7 @@ from . import __version__, rawio
 from .checkpoint import matrix_shape
 from .options import format_size
 from .planner import COPY, MergePlan, TensorJob
-from .reporting import describe_input
+from .reporting import describe_inputs
 from .reporting.summary import annotate, module_stats
 from .schedule import Budget
 from .tasks import Execution
@@ -183,8 +183,7 @@ class PlanSummary:
 
 def plan_row(job: TensorJob) -> dict:
     """A tensor as the report will list it, with what only the run can tell left empty."""
-    shape = job.base.shape if job.lora is not None else job.finetuned.shape
-    return {"name": job.name, "shape": list(shape), "dtype": job.out_dtype, "action": job.action,
+    return {"name": job.name, "shape": list(job.shape), "dtype": job.out_dtype, "action": job.action,
             "reason": job.reason or "edit candidate", **dict.fromkeys(SPECTRAL_FIELDS)}  # fmt: skip
 
 
@@ -225,9 +224,7 @@ def summarize(plan: MergePlan, budget: Budget, runs: dict[str, Execution], rates
         warnings=list(plan.warnings),
         lowrank=sum(j.lowrank for j in plan.jobs),
         save=plan.save,
-        inputs={"base": describe_input(plan.base.root, None, "checkpoint"),
-                "finetuned": describe_input((plan.adapter or plan.finetuned).root, None,
-                                            "LoRA adapter" if plan.adapter is not None else "checkpoint")},
+        inputs=describe_inputs(plan),
         options=plan.options.as_dict(),
         rows=[plan_row(j) for j in plan.jobs],
     )

@@ -40,6 +40,11 @@ class TensorJob:
         return f"tensor-{self.index:06d}"
 
     @property
+    def shape(self) -> tuple[int, ...]:
+        """The matrix MonoSoup sees: the base's for an adapter's update, else the fine-tune tensor's."""
+        return self.base.shape if self.lora is not None else self.finetuned.shape
+
+    @property
     def out_dtype(self) -> str:
         return self.dtype or self.finetuned.dtype
 

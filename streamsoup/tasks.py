@@ -174,9 +174,8 @@ def merge_tensor(
 
 def _result(job: TensorJob, action: str, reason: str, start: float, watch: Stopwatch | None = None,
             **fields) -> TensorResult:  # fmt: skip
-    shape = job.base.shape if job.lora is not None else job.finetuned.shape  # the matrix MonoSoup saw
     phases = watch.as_dict() if watch is not None else None
-    return TensorResult(name=job.name, shape=shape, dtype=job.out_dtype, nbytes=job.placement.nbytes,
+    return TensorResult(name=job.name, shape=job.shape, dtype=job.out_dtype, nbytes=job.placement.nbytes,
                         action=action, reason=reason, seconds=time.perf_counter() - start, phases=phases,
                         outputs=list(job.outputs) or None, **fields)  # fmt: skip
 

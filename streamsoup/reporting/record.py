@@ -98,16 +98,19 @@ def describe_input(root: Path, fingerprint: dict | None, kind: str) -> dict[str,
     return info
 
 
+def describe_inputs(plan: MergePlan, fingerprint: dict | None = None) -> dict[str, Any]:
+    """Both inputs of a plan; with the run's fingerprint, each with its digest."""
+    fp = fingerprint or {}
+    ft_kind = "LoRA adapter" if plan.adapter is not None else "checkpoint"
+    return {"base": describe_input(plan.base.root, fp.get("base"), "checkpoint"),
+            "finetuned": describe_input((plan.adapter or plan.finetuned).root, fp.get("finetuned"), ft_kind)}
+
+
 def run_head(plan: MergePlan, fingerprint: dict, out: Path) -> dict[str, Any]:
     """What is known before the first tensor: stored in the state, so an interrupted run can be reported."""
-    ft = plan.adapter or plan.finetuned
     return {
         "out": str(out),
-        "inputs": {
-            "base": describe_input(plan.base.root, fingerprint["base"], "checkpoint"),
-            "finetuned": describe_input(ft.root, fingerprint["finetuned"],
-                                        "LoRA adapter" if plan.adapter is not None else "checkpoint"),  # fmt: skip
-        },
+        "inputs": describe_inputs(plan, fingerprint),
         "options": plan.options.as_dict(),
         "jobs": [j.name for j in plan.jobs],
         "dropped": list(plan.dropped),
