@@ -299,7 +299,7 @@ def finish(plan: MergePlan, partial: Path, out: Path, results: list[TensorResult
         writer.write_json(partial / INDEX_NAME, index)
     committed = sorted(state.committed().items())  # in plan order: the same merge writes the same bytes
     write_spectra(partial, {m.row["name"]: s for key, m in committed if (s := state.spectrum(key)) is not None})
-    report = assemble(state.head or run_head(plan, state.fingerprint, out), state.runs,
+    report = assemble(state.head, state.runs,  # the head this attempt stored when it opened the state
                       [r.as_dict() for r in results], "complete", out, state.elapsed(), time.time(),
                       state.fingerprint)  # fmt: skip
     write_report(partial, report)

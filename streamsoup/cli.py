@@ -147,16 +147,10 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    if args.png:
-        from .reporting.figure import require_matplotlib
-
-        require_matplotlib()
-    result = report(args.out)
-    _show(result, args.json)
+    _show(report(args.out, png=args.png), args.json)  # report() checks for matplotlib before reading anything
     if args.png:
         sys.stdout.flush()
-        path = result.save_png(args.png)
-        sys.stderr.write(f"streamsoup: figure written to {path}\n")
+        sys.stderr.write(f"streamsoup: figure written to {args.png}\n")
     return 0
 
 

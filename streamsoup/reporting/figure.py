@@ -52,12 +52,9 @@ def chosen_spectra(rows: list[dict[str, Any]], outliers: list[dict[str, Any]],
             chosen.append((f"{kind}" + (f" (layer {row['layer']})" if row["layer"] is not None else ""), row))
     names = {r["name"] for _, r in chosen}
     by_name = {r["name"]: r for r in edited}
-    for o in outliers:
-        if len([c for c in chosen if c[0].startswith("stands out")]) >= SPECTRA_OUTLIERS:
-            break
-        if o["name"] in by_name and o["name"] not in names:
-            chosen.append((f"stands out: {o['name']}", by_name[o["name"]]))
-            names.add(o["name"])
+    extra = [o["name"] for o in outliers if o["name"] in by_name and o["name"] not in names]
+    for name in list(dict.fromkeys(extra))[:SPECTRA_OUTLIERS]:
+        chosen.append((f"stands out: {name}", by_name[name]))
     return chosen
 
 
