@@ -1,10 +1,10 @@
 """`streamsoup plan`: what a merge will do, how much memory it will take, and how long, from headers only.
 
-Time comes from a short calibration of this machine (a float64 matmul, an eigensolve,
-reading an input shard, writing a scratch file) and a cost model per tensor:
-Gram 2*rows*c^2, eigh alpha*c^3, projection <= 2*rows*c^2 flops, plus its bytes read and
-written (streamed tensors read their inputs twice). Tensors are then packed onto the
-lanes longest first.
+Time comes from a short calibration of this machine (a float64 matmul, the merge's own
+eigensolve, reading an input shard, writing a scratch file) and a cost model per tensor:
+Gram `gram_flops` (its upper block triangle on the host), eigh alpha*c^3, projection
+<= 2*rows*c^2 flops, plus its bytes read and written (streamed tensors read their inputs
+twice). Tensors are then packed onto the lanes longest first.
 """
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ import torch
 
 from . import __version__, rawio
 from .checkpoint import matrix_shape
+from .hostlinalg import set_threads
 from .options import format_size
 from .planner import COPY, MergePlan, TensorJob
 from .reporting import describe_inputs
 from .reporting.summary import annotate, module_stats
 from .schedule import Budget
+from .spectral import eigh_spectrum, gram_flops
 from .tasks import Execution
 
 CALIBRATION_BYTES = 64 * 2**20
@@ -57,11 +59,11 @@ def _time(fn, repeat: int = 2) -> float:
 def _compute_rates(device: str) -> tuple[float, float]:
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    n = 2048 if dev.type == "cuda" else 768
+    n = 2048 if dev.type == "cuda" else 1536  # smaller eigensolves are not yet cubic: 768 predicted 2x too slow
     a = torch.randn(n, n, dtype=torch.float64, device=dev)
     gflops = 2 * n**3 / _time(lambda: (a @ a, sync())) / 1e9
     g = a.T @ a
-    alpha = _time(lambda: (torch.linalg.eigh(g), sync()), repeat=1) / n**3
+    alpha = _time(lambda: (eigh_spectrum(g.clone()).keep_needed(n // 2), sync()), repeat=1) / n**3  # a merge's
     return gflops, alpha
 
 
@@ -83,7 +85,7 @@ def _io_rates(scratch_dir: Path) -> tuple[float, float]:
 
 def calibrate(budget: Budget, scratch_dir: Path) -> Rates:
     """Rates of one lane: torch runs with the thread count each lane will have."""
-    torch.set_num_threads(budget.lanes.threads)
+    set_threads(budget.lanes.threads)
     cpu = _compute_rates("cpu")
     gpus = [d for d in budget.lanes.devices if d.startswith("cuda")]
     dev = _compute_rates(gpus[0]) if gpus else cpu
@@ -102,7 +104,8 @@ def tensor_seconds(job, run: Execution, rates: Rates, lane_is_gpu: bool) -> floa
     rows, c = max(m, n), min(m, n)
     gflops = rates.device_gflops if lane_is_gpu else rates.cpu_gflops
     alpha = rates.device_eigh_alpha if lane_is_gpu else rates.cpu_eigh_alpha
-    return seconds + 4 * rows * c * c / (gflops * 1e9) + alpha * c**3
+    flops = gram_flops(rows, c, "cuda" if lane_is_gpu else "cpu") + 2 * rows * c * c
+    return seconds + flops / (gflops * 1e9) + alpha * c**3
 
 
 def run_io_bytes(job, run: Execution) -> tuple[int, int]:

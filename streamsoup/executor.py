@@ -17,12 +17,12 @@ from concurrent.futures import CancelledError
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import torch
 from distributed import Client, Future, LocalCluster, as_completed
 
 from .cluster import fits, no_worker_tasks
 from .errors import RunError, StreamsoupError
 from .graph import RAM, GraphTask
+from .hostlinalg import set_threads
 from .resources import DevicePool, to_mib
 from .schedule import Budget
 from .tasks import TensorResult
@@ -52,7 +52,7 @@ def local_client(budget: Budget) -> Iterator[Client]:
     nanny's RSS-based pausing would misread our deliberate working sets.
     """
     quiet_dask_logs()
-    torch.set_num_threads(budget.lanes.threads)
+    set_threads(budget.lanes.threads)
     DevicePool.configure(budget.lanes.devices)
     cluster = LocalCluster(processes=False, n_workers=1, threads_per_worker=budget.lanes.total, memory_limit=0,
                            dashboard_address=None, resources=worker_capacity(budget))  # fmt: skip

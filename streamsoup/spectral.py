@@ -7,7 +7,8 @@ dW is wide), so the small side has c = X.shape[1] columns and
 
 (V_c: the trailing directions, used when that is the cheaper side). The Gram matrix
 is a sum over row blocks (DESIGN.md section 1), so X never exists whole in float64:
-its blocks come from tensors in memory or straight from disk.
+its blocks come from tensors in memory or straight from disk. Only its upper triangle
+is the matrix (on the host, ~half the flops of a full GEMM: `gram_update`).
 
 Paths:  gram  float64 Gram + eigh (exact, the default)
         svd   float64 full SVD of X (the reference; needs the whole update in memory)
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import TensorRef, matrix_shape, read_block
+from .hostlinalg import HostEigen
 from .resources import micro_rows
 
 
@@ -150,6 +152,33 @@ class DiskRows(RowSource):
         return w0[part], w1[part]
 
 
+#: columns per panel of a host Gram update: narrower panels skip more of the lower triangle, in more GEMMs
+GRAM_PANEL = 256
+
+
+def gram_update(gram: torch.Tensor, x: torch.Tensor) -> None:
+    """gram += X^T X on its upper triangle (what is below the diagonal is not kept).
+
+    There is no syrk in torch: on the host, panel i of the upper block triangle is one GEMM,
+    gram[i, i:] += X_i^T X[:, i:], so 2048 columns in 8 panels take 56% of the full GEMM's flops
+    (measured 0.31 s against 0.50 s for a 5632 x 2048 update on 2 cores). On a GPU the full GEMM
+    stays (unmeasured there: issue 13 part 2).
+    """
+    c = gram.shape[0]
+    if gram.device.type != "cpu" or c <= GRAM_PANEL:
+        gram.addmm_(x.T, x)
+        return
+    for i in range(0, c, GRAM_PANEL):
+        gram[i : i + GRAM_PANEL, i:].addmm_(x[:, i : i + GRAM_PANEL].T, x[:, i:])
+
+
+def gram_flops(rows: int, c: int, device: str) -> int:
+    """Flops of a Gram of `rows` x `c` as `gram_update` computes it."""
+    if str(device).startswith("cuda") or c <= GRAM_PANEL:
+        return 2 * rows * c * c
+    return rows * c * (c + GRAM_PANEL)  # sum over panels i of 2 * rows * PANEL * (c - i * PANEL)
+
+
 @dataclass
 class GramSums:
     """What one pass over the row blocks accumulates; resumable from `next_row` (a micro-block boundary)."""
@@ -173,7 +202,7 @@ def accumulate(
     sums: GramSums | None = None,
     on_block: Callable[[GramSums], None] | None = None,
 ) -> GramSums:
-    """One pass: squared norms, and the Gram X^T X if asked; continues `sums` where it stopped."""
+    """One pass: squared norms, and the Gram X^T X (its upper triangle) if asked; continues `sums` where it stopped."""
     if sums is None:
         gram = torch.zeros(src.cols, src.cols, dtype=torch.float64, device=src.device) if with_gram else None
         sums = GramSums(gram)
@@ -185,7 +214,7 @@ def accumulate(
             sums.dw_sq += dw_sq
             sums.w0_sq += float(torch.dot(w0.view(-1), w0.view(-1)))
             if sums.gram is not None and dw_sq != 0.0:  # an unchanged block (a frozen part) adds nothing
-                sums.gram.addmm_(x.T, x)
+                gram_update(sums.gram, x)
         sums.next_row = block.stop
         if on_block is not None:
             on_block(sums)
@@ -230,11 +259,38 @@ class Spectrum:
         return Spectrum(self.s, cols.contiguous(), self.path, side)
 
 
-def eigh_spectrum(gram: torch.Tensor) -> Spectrum:
-    """s^2 = eig(X^T X) in float64; eigenvalues ascending -> flipped to descending."""
-    evals, evecs = torch.linalg.eigh(gram)
-    s = evals.flip(0).clamp_min(0.0).sqrt().cpu()
-    return Spectrum(s, evecs.flip(1), "gram")
+class GramEigen:
+    """The Gram's eigenvalues as descending singular values `s`; eigenvectors only once k is known.
+
+    On the host the back-transformation of the eigenvectors is most of an eigensolve's cost past the
+    tridiagonal reduction, so it is done for the side of the split that needs it (`keep_needed`).
+    On a GPU, cuSOLVER's eigh gives all of them at once.
+    """
+
+    def __init__(self, gram: torch.Tensor) -> None:
+        if gram.device.type == "cpu":
+            self._host = HostEigen(gram)
+            evals = self._host.evals
+        else:
+            self._host = None
+            evals, self._evecs = torch.linalg.eigh(gram, UPLO="U")  # the Gram's convention: upper triangle
+        self.r = evals.numel()
+        self.s = evals.flip(0).clamp_min(0.0).sqrt().cpu()
+
+    def keep_needed(self, k: int) -> Spectrum:
+        """The Spectrum with only the eigenvectors the split at k needs, in descending order of s."""
+        side, r = Spectrum.side(k, self.r), self.r
+        lo, hi = (r - k, r) if side == "top" else (0, r - min(k, r))  # ascending indices of that side
+        if self._host is not None:
+            cols = self._host.vectors(lo, hi)
+        else:
+            cols = self._evecs[:, lo:hi]
+        return Spectrum(self.s, cols.flip(1).contiguous(), "gram", side)
+
+
+def eigh_spectrum(gram: torch.Tensor) -> GramEigen:
+    """s^2 = eig(X^T X) in float64, from the Gram's upper triangle; on the host the Gram is consumed."""
+    return GramEigen(gram)
 
 
 def svd_spectrum(src: MemoryRows) -> Spectrum:

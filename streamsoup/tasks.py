@@ -25,12 +25,23 @@ from .checkpoint import matrix_shape, read_block, read_tensor
 from .dtypes import torch_dtype
 from .errors import InputError
 from .faults import fault_point
+from .hostlinalg import set_threads
 from .lowrank import materialize, row_blocks
 from .monosoup import EPS, Coefficients, coefficients, relative_update, reweigh, update_is_significant
 from .options import MergeOptions
 from .planner import COPY, EDIT, TensorJob
 from .resources import DevicePool, device_stream, release_memory
-from .spectral import DiskRows, GramSums, MemoryRows, RowSource, Spectrum, accumulate, eigh_spectrum, svd_spectrum
+from .spectral import (
+    DiskRows,
+    GramEigen,
+    GramSums,
+    MemoryRows,
+    RowSource,
+    Spectrum,
+    accumulate,
+    eigh_spectrum,
+    svd_spectrum,
+)
 from .state import PartialTensor
 
 log = logging.getLogger(__name__)
@@ -146,7 +157,7 @@ def merge_tensor(
         log.warning("%s: stored bytes do not match the recorded checksum; recomputing", job.name)
     start = time.perf_counter()
     if options.threads:
-        torch.set_num_threads(options.threads)
+        set_threads(options.threads)
     if job.bias is not None and not job.factors_out:
         from .lowrank_tasks import write_bias
 
@@ -226,9 +237,8 @@ def merge_dense(job: TensorJob, options: MergeOptions, folder: Path, device: str
         with watch("write"):
             crc = _write_fine_tune(job, folder, w1, not options.allow_nonfinite)
         return _result(job, COPY, reason, start, watch, rel_update=rel, crc32c=crc)
-    spectrum = spectrum_of(src, sums, options.spectral, watch)
+    spectrum, coef = spectrum_of(src, sums, options, watch)
     del sums
-    coef = coefficients(spectrum.s, options.rank_rule, options.energy)
     out = reweighed(src, spectrum, coef, torch_dtype(job.out_dtype), watch)
     with watch("write"):
         crc = writer.write_tensor(folder, job.placement, out)
@@ -274,9 +284,17 @@ def gram_pass(src: RowSource, spectral: str, watch: Stopwatch) -> GramSums:
         return accumulate(src, with_gram=spectral != "svd")
 
 
-def spectrum_of(src: MemoryRows, sums: GramSums, spectral: str, watch: Stopwatch) -> Spectrum:
+def spectrum_of(src: MemoryRows, sums: GramSums, options: MergeOptions,
+                watch: Stopwatch) -> tuple[Spectrum, Coefficients]:  # fmt: skip
+    """The singular values, k, and the eigenvectors of the side of the split that the projection uses."""
     with watch("eigh"):
-        return svd_spectrum(src) if spectral == "svd" else eigh_spectrum(sums.gram)
+        full = svd_spectrum(src) if options.spectral == "svd" else eigh_spectrum(sums.gram)
+        return split(full, options)
+
+
+def split(full: GramEigen | Spectrum, options: MergeOptions) -> tuple[Spectrum, Coefficients]:
+    coef = coefficients(full.s, options.rank_rule, options.energy)
+    return full.keep_needed(coef.k), coef
 
 
 def reweighed(src: MemoryRows, spectrum: Spectrum, coef: Coefficients, dtype: torch.dtype,
@@ -316,10 +334,8 @@ def _merge_streamed(
                 crc = _stream_fine_tune(job, folder, not options.allow_nonfinite)
             return _result(job, COPY, reason, start, watch, rel_update=rel, crc32c=crc, blocks=src.n_blocks)
         with watch("eigh"):
-            spectrum = eigh_spectrum(sums.gram)
+            spectrum, coef = split(eigh_spectrum(sums.gram), options)
         del sums
-        coef = coefficients(spectrum.s, options.rank_rule, options.energy)
-        spectrum = spectrum.keep_needed(coef.k)
         info = {"k": coef.k, "rel": rel, "coef": coef.as_dict(), "kept": spectrum.kept}
         partial.save_basis(spectrum.s.numpy(), spectrum.basis.cpu().numpy(), info)
         saved = partial.attrs
