@@ -6,10 +6,15 @@ needs min(k, c - k) of them, and k is known only once the eigenvalues are. So th
 the tridiagonal solve run first (LAPACK through scipy: torch does not expose them), and the
 back-transformation (``ormqr``, a BLAS-3 kernel in torch) is applied to the chosen columns only.
 The vectors are the ones eigh would compute, at ~2/3 of its time for a 2048 x 2048 Gram.
+
+The two routines are called through scipy's Cython LAPACK (`scipy.linalg.cython_lapack`, its
+public C entry points) by ctypes, which lets go of the GIL for the call: scipy's Python wrappers
+hold it, and a lane in `sytrd` would stall every other lane (a GPU's included) for ~0.3 s.
 """
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import numpy as np
@@ -30,18 +35,70 @@ def set_threads(threads: int) -> None:
             _loaded["blas"].limit(limits=threads, user_api="blas")
 
 
-def _lapack():
-    """scipy's LAPACK, imported at the first eigensolve (0.2 s of every command's start-up otherwise)."""
+def _lapack() -> dict:
+    """LAPACK's routines, loaded at the first eigensolve (scipy adds 0.2 s to every command's start-up)."""
     with _load_lock:
         if "lapack" not in _loaded:
-            from scipy.linalg import lapack
+            from scipy.linalg import cython_lapack
             from threadpoolctl import ThreadpoolController
 
             _loaded["blas"] = ThreadpoolController()  # finds the OpenBLAS that scipy just loaded
             if _threads:
                 _loaded["blas"].limit(limits=_threads, user_api="blas")
-            _loaded["lapack"] = lapack
+            _loaded["lapack"] = {name: _c_function(cython_lapack.__pyx_capi__[name], args)
+                                 for name, args in (("dsytrd", 10), ("dstevd", 11))}  # fmt: skip
         return _loaded["lapack"]
+
+
+def _c_function(capsule, nargs: int):
+    """A ctypes function (Fortran convention: every argument a pointer) from a Cython C-API capsule."""
+    api = ctypes.pythonapi
+    api.PyCapsule_GetName.restype, api.PyCapsule_GetName.argtypes = ctypes.c_char_p, [ctypes.py_object]
+    api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+    api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    address = api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule))
+    return ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * nargs)(address)  # CFUNCTYPE: the GIL is released
+
+
+def _ptr(a: np.ndarray) -> ctypes.c_void_p:
+    return a.ctypes.data_as(ctypes.c_void_p)
+
+
+def _ints(*values: int) -> list[ctypes.c_int]:
+    return [ctypes.c_int(v) for v in values]
+
+
+def _sytrd(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reduce the symmetric `a` (Fortran order, its lower triangle read) to tridiagonal (d, e) in place:
+    the reflectors are left below its subdiagonal, their scalars in tau."""
+    n = a.shape[0]
+    d, e, tau = np.empty(n), np.empty(n - 1), np.empty(n - 1)
+    query = np.empty(1)
+    nn, lda, lwork, info = _ints(n, n, -1, 0)
+    args = [ctypes.c_char_p(b"L"), ctypes.byref(nn), _ptr(a), ctypes.byref(lda), _ptr(d), _ptr(e), _ptr(tau)]
+    _lapack()["dsytrd"](*args, _ptr(query), ctypes.byref(lwork), ctypes.byref(info))
+    work = np.empty(max(int(query[0]), 1))
+    lwork.value = work.size
+    _lapack()["dsytrd"](*args, _ptr(work), ctypes.byref(lwork), ctypes.byref(info))
+    _check("sytrd (tridiagonal reduction)", info.value)
+    return d, e, tau
+
+
+def _stevd(d: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All eigenvalues (ascending, in d) and eigenvectors (columns of z, Fortran order) of the tridiagonal."""
+    n = d.size
+    z = np.empty((n, n), order="F")
+    query, iquery = np.empty(1), np.empty(1, dtype=np.intc)
+    nn, ldz, lwork, liwork, info = _ints(n, n, -1, -1, 0)
+    head = [ctypes.c_char_p(b"V"), ctypes.byref(nn), _ptr(d), _ptr(e), _ptr(z), ctypes.byref(ldz)]
+    _lapack()["dstevd"](*head, _ptr(query), ctypes.byref(lwork), _ptr(iquery), ctypes.byref(liwork),
+                        ctypes.byref(info))  # fmt: skip
+    work, iwork = np.empty(max(int(query[0]), 1)), np.empty(max(int(iquery[0]), 1), dtype=np.intc)
+    lwork.value, liwork.value = work.size, iwork.size
+    _lapack()["dstevd"](*head, _ptr(work), ctypes.byref(lwork), _ptr(iwork), ctypes.byref(liwork),
+                        ctypes.byref(info))  # fmt: skip
+    _check("stevd (tridiagonal eigensolve)", info.value)
+    return d, z
 
 
 class HostEigen:
@@ -59,16 +116,14 @@ class HostEigen:
             self.evals = gram.reshape(1).clone()
             self._z = np.ones((1, 1))
             return
-        lapack = _lapack()
-        a = gram.numpy().T  # Fortran order; lower=1 reads gram's upper triangle
-        lwork = int(lapack.dsytrd_lwork(n, lower=1)[0])
-        reflectors, d, e, tau, info = lapack.dsytrd(a, lower=1, lwork=max(lwork, 1), overwrite_a=1)
-        _check("sytrd (tridiagonal reduction)", info)
-        w, z, info = lapack.dstevd(d, e, compute_v=1)
-        _check("stevd (tridiagonal eigensolve)", info)
+        if gram.dtype != torch.float64 or not gram.is_contiguous():  # LAPACK gets raw pointers: no other layout
+            gram = gram.to(torch.float64).contiguous()
+        a = gram.numpy().T  # the same memory in Fortran order: its lower triangle is gram's upper one
+        d, e, tau = _sytrd(a)
+        w, z = _stevd(d, e)
         self.evals = torch.from_numpy(w)
         self._z: np.ndarray | None = z
-        self._reflectors = torch.from_numpy(reflectors)  # Fortran order: reflector j below the subdiagonal
+        self._reflectors = torch.from_numpy(a)  # Fortran order: reflector j below the subdiagonal
         self._tau = torch.from_numpy(tau)
 
     def vectors(self, lo: int, hi: int) -> torch.Tensor:

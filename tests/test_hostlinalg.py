@@ -10,11 +10,14 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
+from streamsoup.hostlinalg import _stevd, _sytrd
 from streamsoup.monosoup import entropy_rank
 from streamsoup.spectral import GRAM_PANEL, eigh_spectrum, gram_update
 
@@ -151,3 +154,40 @@ def test_zero_and_single_value_grams():
     one = eigh_spectrum(torch.tensor([[4.0]], dtype=torch.float64))
     assert one.s.tolist() == [2.0] and one.keep_needed(1).basis.shape == (1, 0)
     assert math.isclose(float(eigh_spectrum(torch.tensor([[9.0]], dtype=torch.float64)).s[0]), 3.0)
+
+
+def _gil_released_during(call) -> bool:
+    """Whether the main thread runs while another thread is inside `call`. With a 10 s switch interval
+    the main thread gets the GIL only when the caller lets go of it: a C call that keeps it shuts the
+    main thread out until it returns (no timing is compared)."""
+    state = {"inside": False, "seen": False}
+
+    def work():
+        state["inside"] = True
+        call()
+        state["inside"] = False
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(10.0)
+    try:
+        worker = threading.Thread(target=work)
+        worker.start()
+        while worker.is_alive():
+            time.sleep(0.0005)
+            state["seen"] |= state["inside"]
+        worker.join()
+    finally:
+        sys.setswitchinterval(interval)
+    return state["seen"]
+
+
+def test_lapack_calls_let_the_other_lanes_run():
+    """A lane in the eigensolve must not stall the other lanes (a GPU lane's driving thread included)."""
+    x = np.random.default_rng(0).standard_normal((1200, 1024))
+    gram = np.asfortranarray(x.T @ x)
+    assert _gil_released_during(lambda: _sytrd(gram.copy(order="F")))
+    d, e, _ = _sytrd(gram.copy(order="F"))
+    assert _gil_released_during(lambda: _stevd(d.copy(), e.copy()))
+    from scipy.linalg import lapack  # the check itself can fail: scipy's own wrappers keep the GIL
+
+    assert not _gil_released_during(lambda: lapack.dsytrd(gram, lower=1, overwrite_a=1))  # in place: no copy
