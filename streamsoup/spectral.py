@@ -228,7 +228,7 @@ class Spectrum:
     s: torch.Tensor  # float64 [r], on the host
     basis: torch.Tensor  # float64 [cols, r] on the compute device; or only the columns `kept`
     path: str
-    kept: str = "all"  # "all", or "top" / "complement": only those columns of V are in `basis`
+    kept: str = "all"  # "all" (the SVD's), or "top" / "complement": only those columns of V are in `basis`
 
     @staticmethod
     def side(k: int, r: int) -> str:
@@ -236,7 +236,8 @@ class Spectrum:
         return "top" if k <= r - k else "complement"
 
     def high_part(self, x: torch.Tensor, k: int, src: RowSource | None = None) -> torch.Tensor:
-        """X_block V_k V_k^T, through whichever of the top-k or its complement is smaller.
+        """X_block V_k V_k^T, through whichever of the top-k or its complement is smaller: the basis must
+        hold that side's columns (`keep_needed(k)`).
 
         With `src`, the result and the intermediate X V live in its workspace (no allocation).
         """
@@ -245,8 +246,9 @@ class Spectrum:
         out = src.buffer("high", n) if src is not None else torch.empty_like(x)
         if k >= r:
             return out.copy_(x)
-        side = self.side(k, r)
-        v = self.basis if self.kept != "all" else self.basis[:, :k] if side == "top" else self.basis[:, k:]
+        side, v = self.side(k, r), self.basis
+        if self.kept != side:
+            raise ValueError(f"the basis holds the {self.kept!r} columns, the split at k={k} needs {side!r}")
         xv = src.buffer("xv", n, v.shape[1]) if src is not None else None
         xv = torch.matmul(x, v, out=xv)
         torch.matmul(xv, v.T, out=out)
