@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 _threads = 0  # what set_threads asked for (0: the libraries' defaults)
-_loaded: dict = {}  # "lapack": scipy.linalg.lapack, "blas": a threadpoolctl controller of its BLAS
+_loaded: dict = {}  # "lapack": {routine name: ctypes function}, "blas": a threadpoolctl controller of its BLAS
 _load_lock = threading.Lock()
 
 
@@ -75,11 +75,12 @@ def _sytrd(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     d, e, tau = np.empty(n), np.empty(n - 1), np.empty(n - 1)
     query = np.empty(1)
     nn, lda, lwork, info = _ints(n, n, -1, 0)
+    sytrd = _lapack()["dsytrd"]
     args = [ctypes.c_char_p(b"L"), ctypes.byref(nn), _ptr(a), ctypes.byref(lda), _ptr(d), _ptr(e), _ptr(tau)]
-    _lapack()["dsytrd"](*args, _ptr(query), ctypes.byref(lwork), ctypes.byref(info))
+    sytrd(*args, _ptr(query), ctypes.byref(lwork), ctypes.byref(info))
     work = np.empty(max(int(query[0]), 1))
     lwork.value = work.size
-    _lapack()["dsytrd"](*args, _ptr(work), ctypes.byref(lwork), ctypes.byref(info))
+    sytrd(*args, _ptr(work), ctypes.byref(lwork), ctypes.byref(info))
     _check("sytrd (tridiagonal reduction)", info.value)
     return d, e, tau
 
@@ -90,13 +91,12 @@ def _stevd(d: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     z = np.empty((n, n), order="F")
     query, iquery = np.empty(1), np.empty(1, dtype=np.intc)
     nn, ldz, lwork, liwork, info = _ints(n, n, -1, -1, 0)
+    stevd = _lapack()["dstevd"]
     head = [ctypes.c_char_p(b"V"), ctypes.byref(nn), _ptr(d), _ptr(e), _ptr(z), ctypes.byref(ldz)]
-    _lapack()["dstevd"](*head, _ptr(query), ctypes.byref(lwork), _ptr(iquery), ctypes.byref(liwork),
-                        ctypes.byref(info))  # fmt: skip
+    stevd(*head, _ptr(query), ctypes.byref(lwork), _ptr(iquery), ctypes.byref(liwork), ctypes.byref(info))
     work, iwork = np.empty(max(int(query[0]), 1)), np.empty(max(int(iquery[0]), 1), dtype=np.intc)
     lwork.value, liwork.value = work.size, iwork.size
-    _lapack()["dstevd"](*head, _ptr(work), ctypes.byref(lwork), _ptr(iwork), ctypes.byref(liwork),
-                        ctypes.byref(info))  # fmt: skip
+    stevd(*head, _ptr(work), ctypes.byref(lwork), _ptr(iwork), ctypes.byref(liwork), ctypes.byref(info))
     _check("stevd (tridiagonal eigensolve)", info.value)
     return d, z
 

@@ -156,6 +156,11 @@ class DiskRows(RowSource):
 GRAM_PANEL = 256
 
 
+def _panelled(device: str | torch.device, c: int) -> bool:
+    """Whether `gram_update` works in panels: on the host, past one panel's width."""
+    return torch.device(device).type == "cpu" and c > GRAM_PANEL
+
+
 def gram_update(gram: torch.Tensor, x: torch.Tensor) -> None:
     """gram += X^T X on its upper triangle (what is below the diagonal is not kept).
 
@@ -165,7 +170,7 @@ def gram_update(gram: torch.Tensor, x: torch.Tensor) -> None:
     stays (unmeasured there: issue 13 part 2).
     """
     c = gram.shape[0]
-    if gram.device.type != "cpu" or c <= GRAM_PANEL:
+    if not _panelled(gram.device, c):
         gram.addmm_(x.T, x)
         return
     for i in range(0, c, GRAM_PANEL):
@@ -174,7 +179,7 @@ def gram_update(gram: torch.Tensor, x: torch.Tensor) -> None:
 
 def gram_flops(rows: int, c: int, device: str) -> int:
     """Flops of a Gram of `rows` x `c` as `gram_update` computes it."""
-    if str(device).startswith("cuda") or c <= GRAM_PANEL:
+    if not _panelled(device, c):
         return 2 * rows * c * c
     return rows * c * (c + GRAM_PANEL)  # sum over panels i of 2 * rows * PANEL * (c - i * PANEL)
 
