@@ -9,7 +9,7 @@
 ``str()`` of each result is what the matching command prints.
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 from .api import merge, plan, report, status, verify  # noqa: E402
 from .audit import RunStatus, VerifyResult  # noqa: E402

@@ -6,10 +6,11 @@ preallocate shards -> run the graph, committing each tensor as it lands -> publi
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from contextlib import ExitStack
@@ -19,7 +20,7 @@ from typing import Any
 
 from distributed import Client
 
-from . import __version__, writer
+from . import __version__, owned, writer
 from .audit import RunStatus, VerifyResult, run_status, verify_output
 from .cluster import cluster_budget, cluster_client, describe, scheduler_address, worker_resources
 from .errors import Interrupted, OptionError, RunError, UsageError
@@ -54,9 +55,10 @@ from .resources import (
     resolve_lanes,
 )
 from .schedule import Budget, schedule
+from .sidefiles import SideFile, copy_side_files, side_files
 from .signals import MESSAGE, InterruptGuard
 from .sources import ADAPTER_CONFIG
-from .state import LOCK_NAME, POINTER_NAME, STATE_NAME, RunLock, RunState, describe_changes
+from .state import LOCK_NAME, POINTER_NAME, STATE_ENTRIES, STATE_NAME, RunLock, RunState, describe_changes
 from .tasks import Execution, TaskContext, TensorResult
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,7 @@ def merge(
     if out.exists():
         return existing_output(out, fingerprint)
     check_output(out, plan)
+    plan_side_files(plan)  # an unreadable or outside side file is found now, not after all the compute
     for warning in plan.warnings:
         log.warning(warning)
     if plan.adapter is not None:
@@ -96,11 +99,21 @@ def merge(
     try:
         return _run(plan, out, opts, fingerprint, fresh, progress, start)
     except OSError as exc:
-        where = f" ({exc.filename})" if exc.filename else ""
-        raise RunError(
-            f"I/O error{where}: {exc.strerror or exc}; the work done so far is kept: "
-            "fix the cause (disk space, permissions) and rerun the same command to resume"
-        ) from exc
+        raise io_failure(exc, out) from exc
+
+
+def io_failure(exc: OSError, out: Path) -> RunError:
+    """One line for a failed read or write: which file (the output's folder when the OS names none), and
+    whether anything was kept to resume from."""
+    partial = writer.partial_dir(out)
+    where = exc.filename or (f"the filesystem of {partial}" if exc.errno == errno.ENOSPC else None)
+    what = f"I/O error ({where})" if where else "I/O error"
+    if owned.owned(partial, out, "partial") and len(os.listdir(partial)) > 2:  # more than our marker and lock
+        then = "the work done so far is kept: fix the cause (disk space, permissions) and rerun the same command " \
+               "to resume"
+    else:
+        then = "nothing was written: fix the cause (disk space, permissions, a writable folder for OUT) and rerun"
+    return RunError(f"{what}: {exc.strerror or exc}; {then}")
 
 
 @dataclass(frozen=True)
@@ -136,7 +149,7 @@ def _run(
         budget = cluster_budget(client, opts) if client else make_budget(opts, plan.adapter is not None)
         runs = schedule(plan, budget)
         partial = writer.partial_dir(out)
-        state_path = Path(opts.work_dir).absolute() if opts.work_dir else partial / STATE_NAME
+        state_path = state_location(opts.work_dir, out, partial)
         check_space(plan, runs, budget, partial, state_path, fresh)
         line = describe(client, budget, scheduler_address(opts)) if client else describe_local(budget, opts, runs)
         log.info(line)
@@ -150,36 +163,89 @@ def _run(
 
 
 def _locked_run(run: RunSetup) -> MergeSummary:
-    plan, opts, state_path = run.plan, run.opts, run.state_path
-    partial = writer.partial_dir(run.out)
-    with RunLock(partial) as lock, InterruptGuard() as guard:
-        if run.fresh or not state_path.exists():
-            discard(partial, state_path)  # bytes without a state are not trusted
-        state = RunState.open(state_path, run.fingerprint, run_head(plan, run.fingerprint, run.out), run.machine)
-        if opts.work_dir:
-            (partial / POINTER_NAME).write_text(str(state_path) + "\n")
-        resumed = len(state.committed())
-        log.info("planned %d tensors (%d to edit), %d already done", len(plan.jobs), len(plan.edits), resumed)
-        writer.preallocate(plan.layout, partial)
-        ctx = TaskContext(str(partial), str(state_path), opts.checkpoint_seconds)
-        results = execute(plan, ctx, opts, run.runs, run.budget, state, guard, run.progress, run.client)
-        with guard.critical():
-            finish(plan, partial, run.out, results, state)
-            cleanup(run.out, state_path if opts.work_dir else None)
-            lock.release()
+    plan, opts, state_path, out = run.plan, run.opts, run.state_path, run.out
+    partial = writer.partial_dir(out)
+    claim_partial(partial, out)
+    try:
+        with RunLock(partial) as lock, InterruptGuard() as guard:
+            if out.exists():  # another merge of this OUT published while this one planned
+                return _published_meanwhile(partial, out, run.fingerprint)
+            if run.fresh or not owned.owned(state_path, out, "state"):
+                discard(partial, state_path, out)  # bytes without a state are not trusted
+            state = RunState.open(state_path, out, run.fingerprint, run_head(plan, run.fingerprint, out), run.machine)
+            if opts.work_dir:
+                (partial / POINTER_NAME).write_text(str(state_path) + "\n")
+            resumed = len(state.committed())
+            log.info("planned %d tensors (%d to edit), %d already done", len(plan.jobs), len(plan.edits), resumed)
+            writer.preallocate(plan.layout, partial)
+            ctx = TaskContext(str(partial), str(state_path), opts.checkpoint_seconds)
+            results = execute(plan, ctx, opts, run.runs, run.budget, state, guard, run.progress, run.client)
+            with guard.critical():
+                if not finish(plan, partial, out, results, state):
+                    return _published_meanwhile(partial, out, run.fingerprint)
+                cleanup(out, state_path if opts.work_dir else None)
+                lock.release()
+    except (Interrupted, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # whatever a task or the state saw, the cause is the folder that is gone
+        if not owned.owned(partial, out, "partial") and not out.exists():
+            raise RunError(f"{partial} vanished during the run (removed by another process?); nothing was "
+                           "published: rerun the same command to start over") from exc  # fmt: skip
+        raise
     edited = sum(r.action == "edit" for r in results)
     return MergeSummary(
-        run.out,
+        out,
         len(results),
         edited,
         len(results) - edited,
         len(plan.dropped),
         plan.bytes_to_write,
         time.perf_counter() - run.start,
-        run.out / REPORT_NAME,
+        out / REPORT_NAME,
         resumed=resumed,
         warnings=plan.warnings,
     )
+
+
+def state_location(work_dir: str, out: Path, partial: Path) -> Path:
+    """Where the resume state lives: inside OUT.partial, or under --work-dir.
+
+    --work-dir is the state folder itself when streamsoup makes it (absent) or made it for this OUT
+    (a rerun); an existing folder of the user's gets a subfolder of its own, so nothing of theirs is
+    ever touched, and only that subfolder is removed once OUT is published.
+    """
+    if not work_dir:
+        return partial / STATE_NAME
+    root = Path(work_dir).absolute()
+    if not os.path.lexists(root) or owned.owned(root, out, "state"):
+        return root
+    if not owned.is_dir(root.resolve()):
+        raise OptionError("work_dir", f"{root} exists and is not a folder; give a folder (new or existing)")
+    digest = hashlib.sha256(str(out).encode()).hexdigest()[:8]
+    return root / f"streamsoup-state-{out.name}-{digest}"
+
+
+def claim_partial(partial: Path, out: Path) -> None:
+    """Make OUT.partial, marked as this OUT's; an existing one is used only if streamsoup made it for OUT."""
+    if not os.path.lexists(partial):
+        try:
+            owned.create(partial, out, "partial")
+            return
+        except FileExistsError:  # made by a concurrent merge of this OUT just now: its marker decides
+            time.sleep(0.2)
+    if not owned.owned(partial, out, "partial"):
+        what = "a symlink" if partial.is_symlink() else "not a folder" if not partial.is_dir() else \
+            f"a folder without streamsoup's marker ({owned.MARKER}) for this OUT"
+        raise UsageError(f"{partial} exists and is {what}; streamsoup never writes into or empties what it did "
+                         "not make: move it away or remove it, then rerun")  # fmt: skip
+
+
+def _published_meanwhile(partial: Path, out: Path, fingerprint: dict[str, Any]) -> MergeSummary:
+    """OUT appeared while this run held its own OUT.partial: the same merge finished elsewhere, or refused."""
+    summary = existing_output(out, fingerprint)  # refuses a different merge, naming the difference
+    owned.remove(partial, out, "partial", lambda name: True)  # ours, made by this very run: its work is not needed
+    log.warning("%s was published by another run of the same merge meanwhile; this run's work is discarded", out)
+    return summary
 
 
 def run_fingerprint(plan: MergePlan) -> dict[str, Any]:
@@ -201,15 +267,11 @@ def check_output(out: Path, plan: MergePlan) -> None:
             raise UsageError(f"OUT {out} is inside {role} {ckpt.root}; write the merged model elsewhere")
 
 
-def discard(partial: Path, state_path: Path) -> None:
-    """Empty OUT.partial (keeping our lock) and the state: start over."""
-    if partial.exists():
-        for entry in partial.iterdir():
-            if entry.name == LOCK_NAME:
-                continue
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    if state_path.exists():
-        shutil.rmtree(state_path)
+def discard(partial: Path, state_path: Path, out: Path) -> None:
+    """Empty OUT.partial (keeping our lock) and the state: start over. Only folders streamsoup made are touched."""
+    owned.clear(partial, out, "partial", keep=(LOCK_NAME,))
+    if state_path.parent != partial and owned.owned(state_path, out, "state"):
+        owned.clear(state_path, out, "state")
 
 
 def make_budget(opts: MergeOptions, io_bound: bool = False) -> Budget:
@@ -260,7 +322,14 @@ def execute(
     progress: bool,
     client: Client | None = None,
 ) -> list[TensorResult]:
-    committed = {key: m.row for key, m in state.committed().items()}
+    markers, damaged = state.usable()
+    if damaged:
+        shown = "; ".join(f"{key}: {why}" for key, why in sorted(damaged.items())[:3])
+        more = f" and {len(damaged) - 3} more" if len(damaged) > 3 else ""
+        log.warning("%d record(s) of the resume state did not verify (%s%s); their tensors are recomputed",
+                    len(damaged), shown, more)  # fmt: skip
+        state.forget(list(damaged))
+    committed = {key: m.row for key, m in markers.items()}
     tasks = build_graph(plan, ctx, opts, runs, committed)
     results: dict[str, TensorResult] = {}
     done = [t for t in tasks if t.key in committed]
@@ -287,37 +356,59 @@ def execute(
     return [results[job.key] for job in plan.jobs]
 
 
-def finish(plan: MergePlan, partial: Path, out: Path, results: list[TensorResult], state: RunState) -> None:
-    """Side files, index, spectra, report; then the atomic rename that makes OUT appear."""
-    adapter_root = plan.adapter.root if plan.adapter is not None and plan.save == "model" else None
-    for root in plan.side_roots:  # config and tokenizer files (not an adapter's own config in a merged model)
-        writer.copy_side_files(root, partial, skip=(ADAPTER_CONFIG, "README.md") if root == adapter_root else ())
+def finish(plan: MergePlan, partial: Path, out: Path, results: list[TensorResult], state: RunState) -> bool:
+    """Side files, index, spectra, report; then the atomic rename that makes OUT appear.
+
+    False: OUT appeared meanwhile (a concurrent run published it), and nothing was replaced.
+    """
+    copy_side_files(plan_side_files(plan), partial)
     if plan.save == "adapter":
         writer.write_json(partial / ADAPTER_CONFIG, plan.adapter.reweighed_config())
     index = plan.layout.index_json()
     if index is not None:
         writer.write_json(partial / INDEX_NAME, index)
     committed = sorted(state.committed().items())  # in plan order: the same merge writes the same bytes
-    write_spectra(partial, {m.row["name"]: s for key, m in committed if (s := state.spectrum(key)) is not None})
+    spectra, damaged = state.spectra([m for _, m in committed])
+    if damaged:
+        raise RunError(f"the resume state {state.path} changed during the run (the spectrum of {damaged[0]} does "
+                       "not verify); rerun the same command: what does not verify is recomputed")  # fmt: skip
+    write_spectra(partial, spectra)
     report = assemble(state.head, state.runs,  # the head this attempt stored when it opened the state
                       [r.as_dict() for r in results], "complete", out, state.elapsed(), time.time(),
                       state.fingerprint)  # fmt: skip
+    report["shards"] = plan.layout.records()
     write_report(partial, report)
     fault_point("publish.before-rename")
-    writer.publish(partial, out)
+    if not writer.publish(partial, out):
+        return False
     fault_point("publish.after-rename")
+    return True
+
+
+def plan_side_files(plan: MergePlan) -> list[SideFile]:
+    """The config and tokenizer files OUT gets (not an adapter's own config in a merged model), all checked."""
+    adapter_root = plan.adapter.root if plan.adapter is not None and plan.save == "model" else None
+    return [f for root in plan.side_roots
+            for f in side_files(root, skip=(ADAPTER_CONFIG, "README.md") if root == adapter_root else ())]  # fmt: skip
 
 
 def cleanup(out: Path, external_state: Path | None) -> None:
-    """Remove the run's bookkeeping from a published OUT (a kill here is finished by a rerun)."""
-    if external_state is not None and external_state.exists():
-        shutil.rmtree(external_state)
-    for name in (STATE_NAME, POINTER_NAME, LOCK_NAME):
+    """Remove the run's bookkeeping from a published OUT (a kill here is finished by a rerun).
+
+    A state folder is removed only when streamsoup made it for this OUT and it holds nothing else.
+    """
+    for state in (external_state, out / STATE_NAME):
+        if state is not None and os.path.lexists(state) and not owned.remove(state, out, "state", is_state_entry):
+            log.warning("left %s in place: it is not a resume state streamsoup made for %s (or it holds other "
+                        "files)", state, out)  # fmt: skip
+    for name in (POINTER_NAME, LOCK_NAME, owned.MARKER):
         path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
+        if os.path.lexists(path) and not owned.is_dir(path):
             path.unlink()
+
+
+def is_state_entry(name: str) -> bool:
+    return name in STATE_ENTRIES
 
 
 def existing_output(out: Path, fingerprint: dict[str, Any]) -> MergeSummary:
@@ -335,10 +426,19 @@ def existing_output(out: Path, fingerprint: dict[str, Any]) -> MergeSummary:
         raise UsageError(f"OUT {out} already holds a different merge ({changes}); streamsoup never overwrites: "
                          "choose a new folder or remove it")  # fmt: skip
     pointer = out / POINTER_NAME
-    leftovers = [p for p in (out / STATE_NAME, pointer, out / LOCK_NAME) if p.exists()]
+    leftovers = [p for p in (out / STATE_NAME, pointer, out / LOCK_NAME, out / owned.MARKER) if os.path.lexists(p)]
     if leftovers:
-        cleanup(out, Path(pointer.read_text().strip()) if pointer.exists() else None)
+        cleanup(out, read_pointer(pointer))
     return MergeSummary.from_report(out, already_complete=not leftovers)
+
+
+def read_pointer(pointer: Path) -> Path | None:
+    """The --work-dir an OUT's pointer names (only a hint: `cleanup` deletes nothing it cannot prove is ours)."""
+    try:
+        text = pointer.read_text(errors="replace").strip() if pointer.is_file() else ""
+    except OSError:
+        return None
+    return Path(text) if text.startswith("/") and "\0" not in text else None
 
 
 def plan(base: str | Path, finetuned: str | Path, *, config: str | Path | None = None,
@@ -376,9 +476,10 @@ def report(out: str | Path, *, png: str | Path | None = None) -> RunReport:
     `png` (or ``.save_png(path)``) draws the figure (needs matplotlib: ``streamsoup[report]``).
     """
     if png is not None:
-        from .reporting.figure import require_matplotlib
+        from .reporting.figure import check_png_path, require_matplotlib
 
         require_matplotlib()
+        check_png_path(expand_path(png).absolute())
     result = read_run(out)
     if png is not None:
         result.save_png(png)

@@ -128,11 +128,17 @@ def verify_output(out: str | Path, progress: bool = False) -> VerifyResult:
     report_path = out / REPORT_NAME
     if not report_path.exists():
         raise UsageError(f"{out} is not a finished streamsoup output (no {REPORT_NAME})")
-    rows = json.loads(report_path.read_text())["tensors"]
-    ckpt = Checkpoint.from_path(out, "OUT")
+    document = json.loads(report_path.read_text())
+    rows = document["tensors"]
+    result = VerifyResult(out)
+    try:  # every shard parsed and bounded as a loader would: header, offsets, file size exactly
+        ckpt = Checkpoint.from_path(out, "OUT")
+    except InputError as exc:
+        result.problems.append(str(exc))
+        return result
+    _check_shards(ckpt, document.get("shards"), result)
     slots = {tuple(r.get("outputs") or [r["name"]]): r for r in rows}  # an adapter's module: [A', B'(, bias')]
     listed = {name for names in slots for name in names}
-    result = VerifyResult(out)
     for name in sorted(listed - set(ckpt)):
         result.problems.append(f"{name}: in the report but missing from the shards")
     for name in sorted(set(ckpt) - listed):
@@ -155,3 +161,18 @@ def verify_output(out: str | Path, progress: bool = False) -> VerifyResult:
             result.bytes += nbytes
             bar.update(nbytes)
     return result
+
+
+def _check_shards(ckpt: Checkpoint, recorded: dict[str, Any] | None, result: VerifyResult) -> None:
+    """Each shard's size and header against what the merge wrote (reports before 0.4 do not record them)."""
+    if not isinstance(recorded, dict):
+        return
+    found = {Path(s.path).name: s for s in ckpt.shards}
+    for name in sorted(set(recorded) - set(found)):
+        result.problems.append(f"{name}: in the report but missing from OUT")
+    for name, shard in sorted(found.items()):
+        want = recorded.get(name)
+        if want is None:
+            result.problems.append(f"{name}: a shard the merge did not write")
+        elif shard.size != want.get("size") or shard.header_sha256 != want.get("header_sha256"):
+            result.problems.append(f"{name}: header or size changed (header bytes differ from what was written)")

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ INDEX_NAME = "model.safetensors.index.json"
 FINGERPRINT_SAMPLE = 64
 #: a header larger than this is corrupt, not a model (safetensors itself caps it at 100 MB)
 MAX_HEADER = 100 * 1024 * 1024
+#: the largest dimension or offset a loader (safetensors, torch) can represent
+MAX_DIM = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,10 @@ def read_header(path: str | Path) -> ShardHeader:
     """Parse and validate one safetensors header without touching tensor data."""
     path = str(path)
     try:
-        size = os.path.getsize(path)
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+            raise InputError(f"{path}: not a regular file; a shard must be a plain file (or a symlink to one)")
+        size = info.st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -98,6 +104,8 @@ def read_header(path: str | Path) -> ShardHeader:
         end = ref.offset + ref.nbytes
     if end > size:
         raise InputError(f"{path}: file is truncated ({size} bytes, header needs {end}); re-download this shard")
+    if end < size:  # safetensors refuses such a file too (its data must end where the file does)
+        raise InputError(f"{path}: {size - end} byte(s) after the last tensor's data; the file is corrupt")
     return ShardHeader(path, size, hashlib.sha256(raw).hexdigest(), data_start, dict(metadata), tuple(refs))
 
 
@@ -111,6 +119,8 @@ def _tensor_ref(path: str, name: str, entry: object, data_start: int) -> TensorR
         raise InputError(f"{where}: malformed header entry; the file is corrupt") from None
     if any(d < 0 for d in shape) or begin < 0 or end < begin:
         raise InputError(f"{where}: negative shape or offsets; the file is corrupt")
+    if any(d > MAX_DIM for d in shape) or end > MAX_DIM:  # safetensors reads them as 64-bit unsigned
+        raise InputError(f"{where}: a dimension or offset beyond 2**63; the file is corrupt")
     nbytes = math.prod(shape) * item_size(dtype, where)
     if end - begin != nbytes:
         raise InputError(

@@ -6,6 +6,7 @@ tasks can write straight into preallocated files, in any order, any number of ti
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterable
@@ -74,6 +75,11 @@ class ShardLayout:
             size = len(header) + sum(s.nbytes for s in group)
             shards.append(Shard(file, header, size, tuple(group)))
         return cls(tuple(shards), placements)
+
+    def records(self) -> dict[str, dict[str, object]]:
+        """Shard file -> its size and header hash (as checkpoint.read_header hashes it): what verify checks."""
+        return {s.file: {"size": s.size, "header_sha256": hashlib.sha256(s.header[8:]).hexdigest()}
+                for s in self.shards}  # fmt: skip
 
     @property
     def total_size(self) -> int:

@@ -37,7 +37,7 @@ def merge_lowrank(job: TensorJob, options: MergeOptions, ctx: TaskContext, start
             raise InputError(f"{update.a.path}: the LoRA factors of {update.module!r} contain NaN or Inf; fix the "
                              "adapter, or rerun with --allow-nonfinite to write the fine-tune's values "
                              "unchanged")  # fmt: skip
-        _, crc = _write_merged(job, folder, (left, right), watch)  # W1 = W0 + c B A as peft computes it
+        _, crc = _write_merged(job, folder, (left, right), watch, finite=False)  # W1 = W0 + c B A, as peft has it
         return _result(job, COPY, NONFINITE_COPIED, start, watch, crc32c=crc)
     with watch("eigh"):
         svd = lowrank_svd(left, right)
@@ -84,8 +84,8 @@ def _product(svd: LowRankSVD, coef: Coefficients | None) -> tuple[torch.Tensor, 
 
 
 def _write_merged(job: TensorJob, folder: Path, product: tuple[torch.Tensor, torch.Tensor],
-                  watch: Stopwatch) -> tuple[float, int]:  # fmt: skip
-    """W0 + L @ R row block by row block, into the tensor's slot.
+                  watch: Stopwatch, finite: bool = True) -> tuple[float, int]:  # fmt: skip
+    """W0 + L @ R row block by row block, into the tensor's slot (`finite`: refuse NaN/Inf from finite W0).
 
     Reads run one block ahead and writes one block behind on two I/O threads, so the disk keeps
     busy while the GEMM runs: the tensor costs about its I/O. Returns ||W0||^2, taken on the
@@ -100,7 +100,7 @@ def _write_merged(job: TensorJob, folder: Path, product: tuple[torch.Tensor, tor
     left, right = (t.to(wide) for t in product)
     blocks = row_blocks(m, n)
     work = torch.empty(blocks[0][1], n, dtype=wide)  # reused: no page faults per block
-    slot = writer.SlotWriter(folder, job.placement)
+    slot = writer.SlotWriter(folder, job.placement, finite=False)  # checked below, knowing whether W0 is finite
     w0_sq = 0.0
     try:
         with ThreadPoolExecutor(2, thread_name_prefix="streamsoup-io") as io:
@@ -115,6 +115,8 @@ def _write_merged(job: TensorJob, folder: Path, product: tuple[torch.Tensor, tor
                     x.copy_(native)  # exact widening
                     w0_sq += float(torch.dot(x.view(-1), x.view(-1)))  # for the edit threshold only
                     out = x.addmm_(left[row:stop], right).to(dtype)  # one rounding to the output dtype
+                    if finite and math.isfinite(w0_sq):  # NaN in W0 itself is the caller's to name (or copy)
+                        writer.check_finite(out)
                 with watch("write"):
                     if writing is not None:
                         writing.result()
@@ -154,6 +156,8 @@ def _write_factors(job: TensorJob, options: MergeOptions, folder: Path, svd: Low
         if job.bias is not None:  # lora_B.bias, rescaled to the new scaling of 1
             bias = job.bias.bias
             parts.append((read_tensor(bias).to(torch.float64) * job.bias.scale).to(torch_dtype(bias.dtype)))
+        for part in parts:
+            writer.check_finite(part)
         data = torch.cat([p.contiguous().view(-1).view(torch.uint8) for p in parts])
     with watch("write"):
         crc = writer.write_tensor(folder, job.placement, data)

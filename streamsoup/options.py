@@ -22,6 +22,12 @@ _UNITS = {
 }  # fmt: skip
 
 
+#: the most lanes or threads asked for (more would only exhaust the process's threads)
+MAX_WORKERS = 1024
+#: the largest --config file read
+MAX_CONFIG = 1 << 20
+
+
 def parse_size(value: str | int, name: str = "size") -> int:
     """'5GB' -> 5e9 (decimal, as Hugging Face counts shards), '8GiB' -> 8*2**30, 123 -> 123."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -157,12 +163,12 @@ class MergeOptions:
             raise OptionError("save", f"must be model or adapter, got {self.save!r}")
         if self.spectral not in ("auto", "gram", "svd"):
             raise OptionError("spectral", f"must be auto, gram or svd, got {self.spectral!r}")
-        if int(self.lanes) < 0:
-            raise OptionError("lanes", f"must be >= 1, got {self.lanes!r}")
+        if not 0 <= int(self.lanes) <= MAX_WORKERS:
+            raise OptionError("lanes", f"must be between 1 and {MAX_WORKERS}, got {self.lanes!r}")
         if not float(self.checkpoint_seconds) >= 0:
             raise OptionError("checkpoint_seconds", f"must be >= 0, got {self.checkpoint_seconds!r}")
-        if int(self.threads) < 0:
-            raise OptionError("threads", f"must be >= 0, got {self.threads!r}")
+        if not 0 <= int(self.threads) <= MAX_WORKERS:
+            raise OptionError("threads", f"must be between 1 and {MAX_WORKERS}, got {self.threads!r}")
         if self.scheduler and self.scheduler_file:
             raise OptionError("scheduler_file", "and scheduler name two clusters; give one of them")
 
@@ -212,16 +218,24 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     try:
         return kind(value)
     except (TypeError, ValueError, OverflowError):
-        raise OptionError(f.name, f"must be a {kind.__name__}, got {value!r}") from None
+        noun = {int: "an integer", float: "a number"}.get(kind, f"a {kind.__name__}")
+        raise OptionError(f.name, f"must be {noun}, got {value!r}") from None
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping of options; anchors and aliases are refused (nested aliases expand exponentially)."""
     path = expand_path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        if os.path.getsize(path) > MAX_CONFIG:
+            raise UsageError(f"--config {path} is larger than {MAX_CONFIG // 1024} KiB; an options file is a few "
+                             "lines")  # fmt: skip
+        text = path.read_text()
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+            raise UsageError(f"--config {path} uses a YAML alias (*name); write each value out instead")
+        data = yaml.safe_load(text)
     except OSError as exc:
         raise UsageError(f"cannot read --config {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise UsageError(f"--config {path} is not valid YAML: {exc}".splitlines()[0]) from None
     if data is None:
         return {}

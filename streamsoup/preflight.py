@@ -20,6 +20,7 @@ from .dtypes import is_float
 from .errors import InputError, UsageError
 from .layout import ShardLayout
 from .options import format_size
+from .sidefiles import side_files
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_KEYS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
@@ -160,10 +161,7 @@ def _allocated(folder: Path, layout: ShardLayout) -> int:
 
 
 def side_file_bytes(roots: tuple[Path, ...]) -> int:
-    from .writer import is_weight_file
-
-    return sum(p.stat().st_size for root in roots if root.is_dir() for p in root.rglob("*")
-               if p.is_file() and not is_weight_file(p.name))  # fmt: skip
+    return sum(f.size for root in roots for f in side_files(root))
 
 
 def state_bytes(widths: list[int], streamed_widths: list[int], lanes: int, tensors: int) -> int:

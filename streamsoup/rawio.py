@@ -111,3 +111,29 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def rename_noreplace(src: str | os.PathLike, dst: str | os.PathLike) -> bool:
+    """Rename atomically unless `dst` exists (False then, nothing changed): renameat2(RENAME_NOREPLACE).
+
+    os.replace would silently replace an empty directory that a concurrent process made at `dst`.
+    Where the kernel or filesystem lacks renameat2, a check before os.rename narrows the race.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is not None:
+        if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            return False
+        if err not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err), os.fspath(dst))
+    if os.path.lexists(dst):
+        return False
+    os.rename(src, dst)
+    return True

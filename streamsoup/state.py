@@ -1,24 +1,33 @@
 """The run's durable state: a Zarr group in the work dir, plus the lock on OUT.partial.
 
     attrs.fingerprint        inputs (shard sizes, header hashes), output options, version
+    attrs.run_id             random, made with the state: every record below is sealed with it
     attrs.runs               one entry per attempt: when it started
     tensors/<key>/s          singular values of an edited tensor (float64, crc32c codec)
-    tensors/<key> attrs      {"marker": {crc32c, attempt, committed_at, row}}: the done marker,
-                             written in one atomic attrs.put (attrs.update writes key by key)
+    tensors/<key> attrs      {"marker": {crc32c, s_crc32c, attempt, committed_at, row, digest}}: the
+                             done marker, written in one atomic attrs.put (attrs.update writes key by key)
 
 One writer (the driver) commits a marker only after the task has made the tensor's
 bytes durable, so a marker always describes bytes that are on disk. Markers are
 group attributes, not "chunk exists" tests: zarr skips chunks equal to the fill value.
+Nothing read back is trusted unchecked: a marker's digest covers every field and the
+run's id, the spectrum has its crc32c in the marker, a streamed tensor's saved Gram,
+basis and written row blocks have theirs in its sealed progress record. A record that
+does not verify is reported, dropped and its tensor recomputed.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
+import logging
 import math
 import os
 import shutil
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +36,65 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from . import owned, rawio
 from .errors import RunError, UsageError
+
+log = logging.getLogger(__name__)
 
 STATE_NAME = ".streamsoup-state.zarr"
 POINTER_NAME = ".streamsoup-workdir"  # in OUT.partial when --work-dir is elsewhere
 LOCK_NAME = ".streamsoup.lock"
+#: what a state folder holds (besides its owner marker): anything else means it is not only ours
+STATE_ENTRIES = ("zarr.json", "tensors")
+
+
+class StateDamaged(Exception):
+    """A record of the state did not verify; its work is redone."""
+
+
+def seal(run_id: str, record: dict[str, Any]) -> dict[str, Any]:
+    """`record` plus a digest of it and of the run: an edited, truncated or foreign record no longer verifies."""
+    return {**record, "digest": _digest(run_id, record)}
+
+
+def unseal(run_id: str, record: object) -> dict[str, Any]:
+    """The record without its digest; StateDamaged unless the digest matches."""
+    if not isinstance(record, dict) or "digest" not in record:
+        raise StateDamaged("record without a digest")
+    body = {k: v for k, v in record.items() if k != "digest"}
+    if record["digest"] != _digest(run_id, body):
+        raise StateDamaged("record digest mismatch")
+    return body
+
+
+def _digest(run_id: str, record: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps([run_id, record], sort_keys=True).encode()).hexdigest()
+
+
+def array_crc(value: np.ndarray) -> int:
+    return rawio.crc_of(memoryview(np.ascontiguousarray(value, dtype=np.float64)).cast("B"))
+
+
+def read_array(group: zarr.Group, name: str, crc: int) -> np.ndarray:
+    """A float64 array of the state, checked against the crc32c recorded when it was written."""
+    try:
+        value = group[name][...]
+    except Exception as exc:  # a damaged chunk (crc32c codec), a missing array, a torn zarr.json
+        raise StateDamaged(f"{name} unreadable ({type(exc).__name__})") from None
+    if array_crc(value) != crc:
+        raise StateDamaged(f"{name} checksum mismatch")
+    return value
+
+
+def put_array(group: zarr.Group, name: str, value: np.ndarray) -> int:
+    """Store a float64 array (chunks of <= 64 MiB, crc32c codec); returns the crc32c of its values."""
+    value = np.asarray(value, dtype=np.float64)
+    rows = max(1, min(value.shape[0] if value.ndim else 1, (64 * 2**20) // max(8 * math.prod(value.shape[1:]), 1)))
+    chunks = (rows, *value.shape[1:]) if value.ndim else ()
+    arr = group.create_array(name, shape=value.shape, dtype="float64", chunks=chunks or (1,) * value.ndim,
+                             compressors=[Crc32cCodec()], fill_value=0.0, overwrite=True)  # fmt: skip
+    arr[...] = value
+    return array_crc(value)
 
 
 @dataclass(frozen=True)
@@ -43,6 +106,7 @@ class Marker:
     attempt: int
     committed_at: float
     row: dict[str, Any]  # the report row
+    s_crc32c: int | None = None  # of its singular values, when it has them
 
 
 def describe_changes(old: dict, new: dict) -> list[str]:
@@ -73,19 +137,26 @@ class RunState:
         self.path = path
         self.group = group
         self.attempt = attempt
+        self.run_id = str(group.attrs.get("run_id", ""))
 
     @classmethod
-    def open(cls, path: Path, fingerprint: dict[str, Any], head: dict[str, Any] | None = None,
+    def open(cls, path: Path, out: Path, fingerprint: dict[str, Any], head: dict[str, Any] | None = None,
              machine: dict[str, Any] | None = None) -> RunState:  # fmt: skip
         """Open the state of an interrupted run, or start a new one; refuse a different run's state.
 
         `head` (inputs, options, planned tensors) and each attempt's `machine` let `streamsoup report`
-        describe an interrupted run.
+        describe an interrupted run. The folder is made here and marked as this run's (owned.py).
         """
-        if path.exists():
+        if os.path.lexists(path):
+            if not owned.owned(path, out, "state"):
+                raise UsageError(f"{path} exists but is not a resume state streamsoup made for {out}; streamsoup "
+                                 "never writes into or deletes a folder it did not make: remove it, or choose "
+                                 "another --work-dir")  # fmt: skip
             try:
                 group = zarr.open_group(str(path), mode="a")
                 old = group.attrs.get("fingerprint")
+                if not isinstance(group.attrs.get("run_id"), str):
+                    old = None
             except Exception:  # unreadable: treated like no state (nothing is trusted)
                 old = None
             if old is not None and old != fingerprint:
@@ -95,11 +166,14 @@ class RunState:
                     f"merge ({changes}); rerun it with its original inputs and options, or add --fresh to discard it"
                 )
             if old is None:
-                shutil.rmtree(path)
-        if not path.exists():
-            group = zarr.open_group(str(path), mode="w")
-            group.create_group("tensors")
-            group.attrs.put({"fingerprint": fingerprint, "runs": []})
+                log.warning("the resume state %s is unreadable (damaged); everything is recomputed", path)
+                owned.clear(path, out, "state")
+        else:
+            owned.create(path, out, "state")
+        group = zarr.open_group(str(path), mode="a")
+        if "fingerprint" not in group.attrs:
+            group.create_group("tensors", overwrite=True)
+            group.attrs.put({"fingerprint": fingerprint, "runs": [], "run_id": uuid.uuid4().hex})
         runs = list(group.attrs.get("runs", []))
         runs.append({"started_at": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
                      "machine": machine or {}})  # fmt: skip
@@ -110,33 +184,94 @@ class RunState:
 
     @classmethod
     def read(cls, path: Path) -> RunState:
-        group = zarr.open_group(str(path), mode="r")
-        return cls(path, group, len(group.attrs.get("runs", [])))
+        """The state for looking at (status, report); a damaged root is one clear line, not a traceback."""
+        try:
+            group = zarr.open_group(str(path), mode="r")
+            runs = group.attrs.get("runs", [])
+            return cls(path, group, len(runs) if isinstance(runs, list) else 0)
+        except Exception as exc:
+            raise UsageError(f"the resume state {path} is damaged ({type(exc).__name__}); rerunning the same "
+                             "`streamsoup merge` command recomputes what it covered") from None  # fmt: skip
 
     @property
     def runs(self) -> list[dict[str, Any]]:
-        return list(self.group.attrs.get("runs", []))
+        runs = self.group.attrs.get("runs", [])
+        return [r for r in runs if isinstance(r, dict) and isinstance(r.get("started_at"), (int, float))]
 
     @property
     def head(self) -> dict[str, Any] | None:
         head = self.group.attrs.get("head")
         return dict(head) if isinstance(head, dict) else None
 
-    def spectrum(self, key: str) -> np.ndarray | None:
-        group = self.group["tensors"][key]
-        return group["s"][...] if "s" in group else None
+    def spectrum(self, marker: Marker) -> np.ndarray | None:
+        """The committed singular values of a tensor, checked against its marker (StateDamaged if not)."""
+        if marker.s_crc32c is None:
+            return None
+        try:
+            group = self.group["tensors"][marker.key]
+        except Exception as exc:
+            raise StateDamaged(f"record unreadable ({type(exc).__name__})") from None
+        return read_array(group, "s", marker.s_crc32c)
 
     @property
     def fingerprint(self) -> dict[str, Any]:
         return dict(self.group.attrs["fingerprint"])
 
     def committed(self) -> dict[str, Marker]:
-        out = {}
-        for key, group in self.group["tensors"].groups():
-            m = group.attrs.get("marker")
-            if isinstance(m, dict) and {"crc32c", "attempt", "committed_at", "row"} <= set(m):
-                out[key] = Marker(key, m["crc32c"], m["attempt"], m["committed_at"], m["row"])
-        return out
+        """The markers that verify (digest over every field and this run's id); see `damaged`."""
+        return self.scan()[0]
+
+    def scan(self) -> tuple[dict[str, Marker], dict[str, str]]:
+        """(key -> verified marker, key -> why its record is damaged); tensors in progress have neither."""
+        good: dict[str, Marker] = {}
+        bad: dict[str, str] = {}
+        folder = self.path / "tensors"
+        keys = sorted(e for e in os.listdir(folder) if owned.is_dir(folder / e)) if owned.is_dir(folder) else []
+        for key in keys:
+            try:
+                raw = self.group["tensors"][key].attrs.get("marker")
+            except Exception as exc:  # a truncated or deleted zarr.json
+                bad[key] = f"record unreadable ({type(exc).__name__})"
+                continue
+            if raw is None:
+                continue
+            try:
+                m = unseal(self.run_id, raw)
+                good[key] = Marker(key, int(m["crc32c"]), int(m["attempt"]), float(m["committed_at"]),
+                                   dict(m["row"]), m["s_crc32c"])  # fmt: skip
+            except (StateDamaged, KeyError, TypeError, ValueError) as exc:
+                bad[key] = str(exc) if isinstance(exc, StateDamaged) else "record incomplete"
+        return good, bad
+
+    def spectra(self, markers: list[Marker]) -> tuple[dict[str, np.ndarray], list[str]]:
+        """(tensor name -> its verified singular values, keys whose spectrum does not verify)."""
+        good, bad = {}, []
+        for marker in markers:
+            try:
+                s = self.spectrum(marker)
+            except StateDamaged:
+                bad.append(marker.key)
+                continue
+            if s is not None:
+                good[marker.row["name"]] = s
+        return good, bad
+
+    def usable(self) -> tuple[dict[str, Marker], dict[str, str]]:
+        """Like `scan`, with every committed spectrum re-read and checked too (the driver, on resume)."""
+        good, bad = self.scan()
+        for key in self.spectra(list(good.values()))[1]:
+            bad[key] = "spectrum does not verify"
+            del good[key]
+        return good, bad
+
+    def forget(self, keys: list[str]) -> None:
+        """Drop damaged records (inside our own state folder): their tensors are recomputed."""
+        for key in keys:
+            folder = self.path / "tensors" / key
+            if owned.is_dir(folder):
+                shutil.rmtree(folder)
+            elif os.path.lexists(folder):
+                folder.unlink()
 
     def commit(self, key: str, crc: int, row: dict[str, Any], singular_values: np.ndarray | None) -> None:
         """Record a tensor whose bytes are already durable; the marker (attrs) is written last."""
@@ -144,20 +279,10 @@ class RunState:
             tensors = self.group["tensors"]
             group = tensors.require_group(key)
             group.attrs.put({})  # a recomputed tensor (torn write) loses its old marker first
-            if singular_values is not None:
-                s = np.asarray(singular_values, dtype=np.float64)
-                arr = group.create_array(
-                    "s",
-                    shape=s.shape,
-                    dtype="float64",
-                    chunks=s.shape or (1,),
-                    compressors=[Crc32cCodec()],
-                    fill_value=0.0,
-                    overwrite=True,
-                )
-                arr[:] = s
-            marker = {"crc32c": int(crc), "attempt": self.attempt, "committed_at": time.time(), "row": row}
-            group.attrs.put({"marker": marker})
+            s_crc = put_array(group, "s", singular_values) if singular_values is not None else None
+            record = {"crc32c": int(crc), "s_crc32c": s_crc, "attempt": self.attempt, "committed_at": time.time(),
+                      "row": row}  # fmt: skip
+            group.attrs.put({"marker": seal(self.run_id, record)})
             if "partial" in group:  # mid-tensor progress of a streamed tensor: no longer needed
                 del group["partial"]
         except OSError as exc:
@@ -241,39 +366,56 @@ class PartialTensor:
 
     phase "gram":    the Gram sums of rows [0, next_row), double-buffered (gram_0 / gram_1):
                      a kill while one buffer is written leaves the other, named by the attrs, intact
-    phase "project": the eigenbasis columns in use and the coefficients; rows [0, next_row) written
+    phase "project": the eigenbasis columns in use and the coefficients; rows [0, next_row) written,
+                     with the crc32c of each written block of rows ("written": [[start, stop, crc], ...])
+
+    The attrs are sealed with the run's id and hold the crc32c of every array they name: whatever
+    does not verify reads as no progress (`attrs` is then {}), and the tensor starts over.
     """
 
     def __init__(self, state_path: str | Path, key: str) -> None:
         root = zarr.open_group(str(state_path), mode="a")
+        self.run_id = str(root.attrs.get("run_id", ""))
+        self.key = key
         self.group = root["tensors"].require_group(key).require_group("partial")
 
     @property
     def attrs(self) -> dict[str, Any]:
-        return dict(self.group.attrs)
+        """The saved progress, or {} when there is none or it does not verify."""
+        raw = dict(self.group.attrs)
+        if not raw:
+            return {}
+        try:
+            return unseal(self.run_id, raw)
+        except StateDamaged as exc:
+            self.damaged(str(exc))
+            return {}
 
-    def _put_array(self, name: str, value: np.ndarray) -> None:
-        chunks = (max(1, min(value.shape[0], (64 * 2**20) // max(8 * math.prod(value.shape[1:]), 1))),
-                  *value.shape[1:])  # fmt: skip
-        arr = self.group.create_array(name, shape=value.shape, dtype="float64", chunks=chunks,
-                                      compressors=[Crc32cCodec()], fill_value=0.0, overwrite=True)  # fmt: skip
-        arr[...] = value
+    def damaged(self, why: str) -> None:
+        """Say it once and forget the progress: the tensor starts over."""
+        log.warning("%s: saved mid-tensor progress is damaged (%s); recomputing the tensor", self.key, why)
+        self.group.attrs.put({})
+
+    def _put(self, record: dict[str, Any]) -> None:
+        self.group.attrs.put(seal(self.run_id, record))
 
     def save_gram(self, gram: np.ndarray, next_row: int, dw_sq: float, w0_sq: float) -> None:
         slot = 1 - int(self.attrs.get("slot", 1))
-        self._put_array(f"gram_{slot}", gram)
-        self.group.attrs.put({"phase": "gram", "slot": slot, "next_row": next_row, "dw_sq": dw_sq, "w0_sq": w0_sq})
+        crc = put_array(self.group, f"gram_{slot}", gram)
+        self._put({"phase": "gram", "slot": slot, "next_row": next_row, "dw_sq": dw_sq, "w0_sq": w0_sq, "crc": crc})
 
-    def load_gram(self) -> np.ndarray:
-        return self.group[f"gram_{self.attrs['slot']}"][...]
+    def load_gram(self, saved: dict[str, Any]) -> np.ndarray:
+        return read_array(self.group, f"gram_{saved['slot']}", saved["crc"])
 
     def save_basis(self, s: np.ndarray, basis: np.ndarray, info: dict[str, Any]) -> None:
-        self._put_array("s", s)
-        self._put_array("basis", basis)
-        self.group.attrs.put({"phase": "project", "next_row": 0, **info})
+        crcs = {"s_crc": put_array(self.group, "s", s), "basis_crc": put_array(self.group, "basis", basis)}
+        self._put({"phase": "project", "next_row": 0, "written": [], **info, **crcs})
 
-    def load_basis(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.group["s"][...], self.group["basis"][...]
+    def load_basis(self, saved: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        return read_array(self.group, "s", saved["s_crc"]), read_array(self.group, "basis", saved["basis_crc"])
 
-    def save_progress(self, next_row: int) -> None:
-        self.group.attrs.put({**self.attrs, "next_row": next_row})
+    def save_progress(self, saved: dict[str, Any], start: int, stop: int, crc: int) -> dict[str, Any]:
+        """Rows start:stop are durable in the slot with this crc32c; returns the new record."""
+        record = {**saved, "next_row": stop, "written": [*saved["written"], [start, stop, crc]]}
+        self._put(record)
+        return record

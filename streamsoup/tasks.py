@@ -23,7 +23,7 @@ import torch
 from . import writer
 from .checkpoint import matrix_shape, read_block, read_tensor
 from .dtypes import torch_dtype
-from .errors import InputError
+from .errors import InputError, RunError
 from .faults import fault_point
 from .hostlinalg import set_threads
 from .lowrank import materialize, row_blocks
@@ -31,6 +31,7 @@ from .monosoup import EPS, Coefficients, coefficients, relative_update, reweigh,
 from .options import MergeOptions
 from .planner import COPY, EDIT, TensorJob
 from .resources import DevicePool, device_stream, release_memory
+from .sources import ADAPTER_CONFIG
 from .spectral import (
     DiskRows,
     GramEigen,
@@ -42,7 +43,7 @@ from .spectral import (
     eigh_spectrum,
     svd_spectrum,
 )
-from .state import PartialTensor
+from .state import PartialTensor, StateDamaged
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,25 @@ def merge_tensor(
     `committed` is the report row of an earlier attempt's marker: if the slot still holds
     bytes with its checksum, nothing is recomputed; a torn or lost write is redone.
     """
+    try:
+        return _merge_tensor(job, options, ctx, run, committed)
+    except writer.NonFiniteOutput:
+        raise nonfinite_edit(job) from None
+
+
+def nonfinite_edit(job: TensorJob) -> RunError:
+    """An edit of finite inputs that gives NaN/Inf: name the tensor and what made it overflow."""
+    if job.lora is not None:
+        cause = (f"the adapter scales this module's update by {job.lora.scale:g} (lora_alpha / r in "
+                 f"{ADAPTER_CONFIG}), which overflows {job.out_dtype}: fix lora_alpha")  # fmt: skip
+    else:
+        cause = f"the edited values overflow {job.out_dtype}"
+    return RunError(f"tensor {job.name!r}: the result would contain NaN or Inf ({cause}); nothing of it was "
+                    "written to the output")  # fmt: skip
+
+
+def _merge_tensor(job: TensorJob, options: MergeOptions, ctx: TaskContext, run: Execution,
+                  committed: dict | None) -> TensorResult:  # fmt: skip
     folder = Path(ctx.folder)
     if committed is not None:
         if writer.slot_crc(folder, job.placement) == committed["crc32c"]:
@@ -252,7 +272,7 @@ def _write_fine_tune(job: TensorJob, folder: Path, w1: torch.Tensor, check_finit
     out = w1.to(torch_dtype(job.out_dtype))
     if check_finite and out.is_floating_point() and not bool(torch.isfinite(out).all()):
         raise _nonfinite_output(job)
-    return writer.write_tensor(folder, job.placement, out)
+    return writer.write_tensor(folder, job.placement, out, finite=check_finite)
 
 
 def _nonfinite_output(job: TensorJob) -> InputError:
@@ -265,7 +285,7 @@ def _stream_fine_tune(job: TensorJob, folder: Path, check_finite: bool) -> int:
     ref = job.finetuned
     if job.out_dtype == ref.dtype:
         return writer.copy_tensor(ref, folder, job.placement, check_finite)
-    slot = writer.SlotWriter(folder, job.placement)
+    slot = writer.SlotWriter(folder, job.placement, finite=check_finite)
     try:
         for row, stop in row_blocks(*matrix_shape(ref.shape)):
             block = read_block(ref, row, stop, False)
@@ -318,12 +338,17 @@ def _reweighed(src: RowSource, rows: slice, spectrum: Spectrum, coef: Coefficien
 def _merge_streamed(
     job: TensorJob, options: MergeOptions, ctx: TaskContext, run: Execution, device: str, start: float
 ) -> TensorResult:
-    """Row blocks from disk: Gram pass (saved now and then), eigh once, then project and write block by block."""
+    """Row blocks from disk: Gram pass (saved now and then), eigh once, then project and write block by block.
+
+    Saved progress counts only once it verifies: the Gram and the basis against their crc32c, and
+    every block of rows written before a kill against the crc32c recorded when it was written.
+    """
     folder, ref = Path(ctx.folder), job.finetuned
+    shape, dtype = matrix_shape(ref.shape), torch_dtype(job.out_dtype)
     watch = Stopwatch(device)
     src = DiskRows(job.base, ref, run.block_rows, device, watch)
     partial = PartialTensor(ctx.state_path, job.key)
-    saved = partial.attrs
+    saved = _verified_progress(partial, folder, job, shape, src.transposed)
     if saved.get("phase") != "project":
         with watch("gram"):
             sums = _gram_pass(src, partial, saved, ctx.checkpoint_seconds)
@@ -339,10 +364,9 @@ def _merge_streamed(
         info = {"k": coef.k, "rel": rel, "coef": coef.as_dict(), "kept": spectrum.kept}
         partial.save_basis(spectrum.s.numpy(), spectrum.basis.cpu().numpy(), info)
         saved = partial.attrs
-    s, basis = partial.load_basis()
+    s, basis = partial.load_basis(saved)
     coef = Coefficients(**saved["coef"])
     spectrum = Spectrum(torch.from_numpy(s), torch.from_numpy(basis).to(device), "gram", saved["kept"])
-    shape, dtype = matrix_shape(ref.shape), torch_dtype(job.out_dtype)
     for block in src.read_blocks(saved["next_row"]):
         src.load(block)
         with watch("project"):
@@ -350,9 +374,9 @@ def _merge_streamed(
             for rows in src.micro_blocks(block):
                 out[rows.start - block.start : rows.stop - block.start].copy_(_reweighed(src, rows, spectrum, coef))
         with watch("write"):
-            writer.write_block(folder, job.placement, shape, block.start, out, src.transposed)
+            crc = writer.write_block(folder, job.placement, shape, block.start, out, src.transposed)
         del out  # before the next block's buffer exists
-        partial.save_progress(block.stop)
+        saved = partial.save_progress(saved, block.start, block.stop, crc)
         fault_point("block")
     src.release()
     with watch("write"):
@@ -360,10 +384,34 @@ def _merge_streamed(
     return _edited(job, options, start, watch, coef, s, "gram", saved["rel"], crc, device, blocks=src.n_blocks)
 
 
+def _verified_progress(partial: PartialTensor, folder: Path, job: TensorJob, shape: tuple[int, int],
+                       transposed: bool) -> dict:  # fmt: skip
+    """The saved progress with everything it names checked; a projection resumes after its last good block."""
+    saved = partial.attrs
+    try:
+        if saved.get("phase") == "gram":
+            partial.load_gram(saved)
+        elif saved.get("phase") == "project":
+            partial.load_basis(saved)
+            good = []
+            for begin, stop, crc in saved["written"]:
+                if writer.block_crc(folder, job.placement, shape, begin, stop, transposed) != crc:
+                    log.warning("%s: rows %d:%d written before the interruption changed on disk; rewriting from "
+                                "there", job.name, begin, stop)  # fmt: skip
+                    break
+                good.append([begin, stop, crc])
+            if len(good) < len(saved["written"]):
+                saved = {**saved, "written": good, "next_row": good[-1][1] if good else 0}
+    except StateDamaged as exc:
+        partial.damaged(str(exc))
+        return {}
+    return saved
+
+
 def _gram_pass(src: DiskRows, partial: PartialTensor, saved: dict, every: float) -> GramSums:
     sums = None
     if saved.get("phase") == "gram":
-        gram = torch.from_numpy(partial.load_gram()).to(src.device)
+        gram = torch.from_numpy(partial.load_gram(saved)).to(src.device)
         sums = GramSums(gram, saved["dw_sq"], saved["w0_sq"], saved["next_row"])
     last = time.monotonic()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -17,12 +16,8 @@ import torch
 from . import rawio
 from .checkpoint import TensorRef
 from .dtypes import has_nonfinite
-from .errors import InputError
+from .errors import InputError, RunError
 from .layout import Placement, ShardLayout
-
-#: files of a model folder that are weights (never copied from the fine-tune: we write our own)
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def partial_dir(out: Path) -> Path:
@@ -53,9 +48,12 @@ def _open_for_write(folder: Path, placement: Placement) -> int:
     return os.open(folder / placement.file, os.O_WRONLY)
 
 
-def write_tensor(folder: Path, placement: Placement, tensor: torch.Tensor) -> int:
-    """Write a tensor's bytes at its placement and make them durable; returns their crc32c."""
-    slot = SlotWriter(folder, placement)
+def write_tensor(folder: Path, placement: Placement, tensor: torch.Tensor, finite: bool = True) -> int:
+    """Write a tensor's bytes at its placement and make them durable; returns their crc32c.
+
+    `finite`: refuse NaN/Inf (NonFiniteOutput); False only for a copy --allow-nonfinite lets through.
+    """
+    slot = SlotWriter(folder, placement, finite)
     try:
         slot.write(tensor)
     except BaseException:
@@ -110,57 +108,70 @@ def write_json(path: Path, data: object) -> None:
     os.replace(tmp, path)
 
 
-def is_weight_file(name: str) -> bool:
-    return name.endswith(WEIGHT_SUFFIXES) or name in WEIGHT_INDEXES
-
-
-def copy_side_files(source: Path, folder: Path, skip: tuple[str, ...] = ()) -> list[str]:
-    """Copy config, tokenizer and other non-weight files of the fine-tune (dotfiles and `skip` names left out)."""
-    copied = []
-    if not source.is_dir():
-        return copied
-    for path in sorted(source.rglob("*")):
-        rel = path.relative_to(source)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file() or is_weight_file(path.name):
-            continue
-        if path.name in skip:
-            continue
-        dst = folder / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dst)
-        with open(dst, "rb+") as f:
-            os.fsync(f.fileno())
-        copied.append(str(rel))
-    return copied
-
-
-def publish(partial: Path, out: Path) -> None:
-    """Make OUT appear, complete, in one atomic rename."""
+def publish(partial: Path, out: Path) -> bool:
+    """Make OUT appear, complete, in one atomic rename that never replaces anything (False: OUT exists)."""
     for path in partial.rglob("*"):
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             rawio.fsync_dir(path)
     rawio.fsync_dir(partial)
-    os.replace(partial, out)
+    if not rawio.rename_noreplace(partial, out):
+        return False
     rawio.fsync_dir(out.parent)
+    return True
 
 
 def write_block(folder: Path, placement: Placement, shape: tuple[int, int], start: int, block: torch.Tensor,
-                transposed: bool) -> None:  # fmt: skip
-    """Write rows start:.. of the 2-D output (or, transposed, those columns) into the slot."""
+                transposed: bool) -> int:  # fmt: skip
+    """Write rows start:.. of the 2-D output (or, transposed, those columns) into the slot, durably.
+
+    Returns the crc32c of the bytes written, in file order (what `block_crc` reads back).
+    """
+    check_finite(block)
     m, n = shape
     item = placement.nbytes // max(m * n, 1)
     fd = _open_for_write(folder, placement)
     try:
         if not transposed:
-            data = block.contiguous().view(-1).view(torch.uint8).numpy()
-            rawio.pwrite_all(fd, memoryview(data), placement.offset + start * n * item)
+            data = memoryview(block.contiguous().view(-1).view(torch.uint8).numpy())
+            rawio.pwrite_all(fd, data, placement.offset + start * n * item)
+            crc = rawio.crc_of(data)
         else:
             rows = block.T.contiguous().view(torch.uint8).numpy()  # [m, width * item]
+            crc = 0
             for row in range(m):
                 rawio.pwrite_all(fd, memoryview(rows[row]), placement.offset + (row * n + start) * item)
+                crc = rawio.crc_of(memoryview(rows[row]), crc)
         os.fdatasync(fd)
     finally:
         os.close(fd)
+    return crc
+
+
+def block_crc(folder: Path, placement: Placement, shape: tuple[int, int], start: int, stop: int,
+              transposed: bool) -> int:  # fmt: skip
+    """crc32c of what the slot holds now for rows start:stop (or, transposed, those columns), as `write_block`."""
+    m, n = shape
+    item = placement.nbytes // max(m * n, 1)
+    fd = os.open(folder / placement.file, os.O_RDONLY)
+    try:
+        if not transposed:
+            return rawio.crc_range(fd, placement.offset + start * n * item, (stop - start) * n * item)
+        crc, width = 0, (stop - start) * item
+        for row in range(m):
+            crc = rawio.crc_of(memoryview(os.pread(fd, width, placement.offset + (row * n + start) * item)), crc)
+        return crc
+    finally:
+        os.close(fd)
+
+
+class NonFiniteOutput(RunError):
+    """A tensor about to be written holds NaN or Inf (the task names the tensor and the cause)."""
+
+
+def check_finite(tensor: torch.Tensor) -> None:
+    """No output tensor may hold NaN/Inf, except a copy that --allow-nonfinite lets through unchecked."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteOutput("the values to write contain NaN or Inf")
 
 
 class SlotWriter:
@@ -169,13 +180,16 @@ class SlotWriter:
     Blocks must come in order: the crc32c of the whole slot is chained on the way (no re-read).
     """
 
-    def __init__(self, folder: Path, placement: Placement) -> None:
+    def __init__(self, folder: Path, placement: Placement, finite: bool = True) -> None:
         self.placement = placement
+        self.finite = finite
         self.written = 0
         self.crc = 0
         self.fd = _open_for_write(folder, placement)
 
     def write(self, block: torch.Tensor) -> None:
+        if self.finite:
+            check_finite(block)
         data = memoryview(block.contiguous().view(-1).view(torch.uint8).numpy())
         if self.written + len(data) > self.placement.nbytes:
             raise AssertionError("block overflows its tensor's slot")

@@ -138,8 +138,12 @@ def test_changed_input_is_refused(awkward_pair, tmp_path):
     shutil.copytree(ft, ft2)
     run("merge", base, ft2, tmp_path / "out", "-q", env={"STREAMSOUP_FAULT": "commit:3"})
     shard = sorted(ft2.glob("*.safetensors"))[0]
-    with open(shard, "ab") as f:
-        f.write(b"\0" * 8)  # same header, different size
+    from streamsoup.checkpoint import read_header
+
+    ref = read_header(shard).tensors[0]
+    with open(shard, "r+b") as f:  # same header, same size, other values
+        f.seek(ref.offset + ref.nbytes // 2)
+        f.write(b"\x5a\xa5")
     proc = run("merge", base, ft2, tmp_path / "out")
     assert_one_line_error(proc, 2, f"FINETUNED shard {shard.name} changed")
 

@@ -6,6 +6,7 @@ fails with one line saying so. The figure is drawn on a bare `Figure` (no pyplot
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,16 @@ def require_matplotlib() -> None:
                          "(or pip install matplotlib)") from None  # fmt: skip
 
 
+def check_png_path(path: Path) -> None:
+    """The figure's file must be a new or existing file in an existing folder (no folder is made for it)."""
+    if path.is_dir():
+        raise UsageError(f"--png {path} is a folder; give the figure a file name, e.g. {path / 'report.png'}")
+    if not path.parent.is_dir():
+        raise UsageError(f"--png {path}: the folder {path.parent} does not exist; create it first")
+    if not os.access(path.parent, os.W_OK):
+        raise UsageError(f"--png {path}: cannot write into {path.parent}")
+
+
 def save_figure(doc: dict[str, Any], spectra: dict[str, np.ndarray], path: Path) -> Path:
     require_matplotlib()
     from matplotlib.figure import Figure
@@ -126,10 +137,14 @@ def save_figure(doc: dict[str, Any], spectra: dict[str, np.ndarray], path: Path)
     fig.suptitle(f"MonoSoup on {_name(doc['inputs']['finetuned'])} (base {_name(doc['inputs']['base'])}), "
                  f"{rule} rank rule{state}\n"
                  "lambda_low = rho + (1 - rho) sqrt(1 - P_k), lambda_high = 1 - lambda_low", fontsize=12)  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_png_path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp, format="png")
+        tmp.replace(path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return path
 
 

@@ -109,7 +109,7 @@ def _from_state(state_path: Path, partial: Path | None, out: Path | None) -> Run
     partial = partial or writer.partial_dir(out)
     markers = sorted(state.committed().items())
     rows = [{**m.row, "committed_at": m.committed_at} for _, m in markers]
-    spectra = {m.row["name"]: s for key, m in markers if (s := state.spectrum(key)) is not None}
+    spectra = state.spectra([m for _, m in markers])[0]  # a damaged one is left out: the rerun recomputes it
     running = partial.exists() and RunLock.holder(partial) is not None
     document = assemble(head, state.runs, rows, "running" if running else "interrupted", out, state.elapsed(),
                         None, state.fingerprint)  # fmt: skip

@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import regex
+
 from ..checkpoint import Checkpoint, TensorRef, matrix_shape
 from ..errors import InputError
 from ..lowrank import BiasUpdate, LoraUpdate
@@ -54,17 +56,37 @@ UNSUPPORTED = {
 BASE_CHANGING_INIT = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _fail(root: Path, what: str) -> InputError:
     return InputError(f"FINETUNED {root} is a PEFT adapter with {what}, which streamsoup does not support; "
                       "merge it into its base with peft (merge_and_unload, then save_pretrained) and pass that "
                       "folder as FINETUNED")  # fmt: skip
 
 
+#: seconds one rank_pattern / alpha_pattern key may take to match one module name
+PATTERN_SECONDS = 1.0
+
+
 def pattern_key(patterns: dict, module: str) -> str | None:
-    """peft's get_pattern_key: the first pattern whose regex matches the end of the module name."""
+    """peft's get_pattern_key: the first pattern whose regex matches the end of the module name.
+
+    Matched with `regex` (re's syntax) under a time limit: a key like ``(([a-z]+)+)+Z`` backtracks
+    exponentially and is refused by name instead of hanging the run.
+    """
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
+        try:
+            if regex.match(rf"(.*\.)?({key})$", module, timeout=PATTERN_SECONDS):
+                return key
+        except TimeoutError:
+            raise InputError(f"FINETUNED {ADAPTER_CONFIG}: the pattern {key!r} takes more than {PATTERN_SECONDS:g} "
+                             f"s to match {module!r} (catastrophic backtracking); simplify it") from None
     return None
 
 
@@ -118,8 +140,32 @@ class Adapter:
             )
         if c.get("loftq_config"):
             raise _fail(self.root, "loftq_config set (LoftQ quantizes the base)")
-        if c.get("use_rslora") and not isinstance(c.get("lora_alpha", 8), (int, float)):
-            raise _fail(self.root, "a non-numeric lora_alpha")
+        self.check_numbers()
+
+    def check_numbers(self) -> None:
+        """r, lora_alpha and the patterns are what the scaling is made of: each must be a usable number or regex."""
+        c = self.config
+
+        def bad(key: str, value: object, want: str) -> InputError:
+            return InputError(f"FINETUNED {self.root}: {ADAPTER_CONFIG} has {key} = {value!r}, which is not "
+                              f"{want}; fix the adapter's config")  # fmt: skip
+
+        if not _positive_int(c.get("r", 8)):
+            raise bad("r", c.get("r"), "a positive integer")
+        if not _finite_number(c.get("lora_alpha", 8)):
+            raise bad("lora_alpha", c.get("lora_alpha"), "a finite number")
+        for name, valid, want in (("rank_pattern", _positive_int, "a positive integer"),
+                                  ("alpha_pattern", _finite_number, "a finite number")):  # fmt: skip
+            patterns = c.get(name) or {}
+            if not isinstance(patterns, dict):
+                raise bad(name, patterns, "a mapping of module pattern to value")
+            for key, value in patterns.items():
+                if not valid(value):
+                    raise bad(f"{name}[{key!r}]", value, want)
+                try:
+                    regex.compile(rf"(.*\.)?({key})$")
+                except (regex.error, TypeError) as exc:
+                    raise bad(f"a {name} key", key, f"a valid regular expression ({exc})") from None
 
     def reweighed_config(self) -> dict:
         """The config of the reweighed adapter: same modules and ranks, scaling 1 everywhere (alpha = r)."""

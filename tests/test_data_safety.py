@@ -1,0 +1,429 @@
+"""Never lose a user's data, never publish a wrong model: each case here was seen on an earlier version."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import zarr
+from helpers import assert_one_line_error, report_rows, run, start, tree_digest
+from test_bad_input import small_disk
+
+import streamsoup
+from streamsoup import api
+from streamsoup.state import STATE_NAME, RunState
+
+ARGS = ("--shard-size", "100KB", "-q")
+
+
+@pytest.fixture(scope="session")
+def reference(awkward_pair, tmp_path_factory) -> tuple[Path, Path, Path, dict[str, str]]:
+    base, ft = awkward_pair
+    out = tmp_path_factory.mktemp("safety-ref") / "out"
+    assert run("merge", base, ft, out, *ARGS).returncode == 0
+    return base, ft, out, tree_digest(out)
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# --- 1-3: deleting only what streamsoup made ---------------------------------------------------------------
+
+
+def test_existing_work_dir_is_never_deleted(reference, tmp_path):
+    base, ft, _, digest = reference
+    work = tmp_path / "s"
+    (work / "keep").mkdir(parents=True)
+    (work / "keep" / "f").write_text("x")
+    out = tmp_path / "O"
+    killed = run("merge", base, ft, out, *ARGS, "--work-dir", work, env={"STREAMSOUP_FAULT": "commit:4"})
+    assert killed.returncode == -signal.SIGKILL
+    assert (work / "keep" / "f").read_text() == "x"
+    assert len([p for p in work.iterdir() if p.name.startswith("streamsoup-state-")]) == 1
+    assert run("merge", base, ft, out, *ARGS, "--work-dir", work).returncode == 0
+    assert tree_digest(out) == digest
+    assert sorted(p.name for p in work.iterdir()) == ["keep"] and (work / "keep" / "f").read_text() == "x"
+
+
+def test_work_dir_dot_keeps_the_folder_and_the_inputs(reference, tmp_path):
+    base, ft, _, digest = reference
+    d = tmp_path / "d"
+    shutil.copytree(base, d / "pair" / "base")
+    shutil.copytree(ft, d / "pair" / "finetuned")
+    (d / "notes.txt").write_text("mine")
+    before = tree_digest(d)
+    killed = run("merge", "pair/base", "pair/finetuned", "out", *ARGS, "--work-dir", ".", cwd=d,
+                 env={"STREAMSOUP_FAULT": "commit:3"})  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL
+    assert run("merge", "pair/base", "pair/finetuned", "out", *ARGS, "--work-dir", ".", cwd=d).returncode == 0
+    assert tree_digest(d / "out") == digest
+    after = tree_digest(d)
+    assert {k: v for k, v in after.items() if not k.startswith("out/")} == before
+
+
+def test_foreign_or_symlinked_partial_is_refused(awkward_pair, tmp_path):
+    base, ft = awkward_pair
+    mine = tmp_path / "O.partial"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    proc = run("merge", base, ft, tmp_path / "O")
+    assert_one_line_error(proc, 2, str(mine), "did not make")
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    victim = tmp_path / "F"
+    shutil.copytree(ft, victim)
+    before = tree_digest(victim)
+    (tmp_path / "P.partial").symlink_to(victim)
+    proc = run("merge", base, ft, tmp_path / "P")
+    assert_one_line_error(proc, 2, "P.partial", "a symlink")
+    assert tree_digest(victim) == before and not (tmp_path / "P").exists()
+
+
+def test_work_dir_pointer_in_out_is_not_trusted(reference, tmp_path):
+    base, ft, ref, digest = reference
+    out = tmp_path / "O"
+    shutil.copytree(ref, out)
+    victim = tmp_path / "any" / "dir"
+    victim.mkdir(parents=True)
+    (victim / "data").write_text("precious")
+    (out / ".streamsoup-workdir").write_text(f"{victim}\n")
+    proc = run("merge", base, ft, out, "--shard-size", "100KB")
+    assert proc.returncode == 0, proc.stderr
+    assert (victim / "data").read_text() == "precious"
+    assert "left" in proc.stderr and str(victim) in proc.stderr
+    assert not (out / ".streamsoup-workdir").exists() and tree_digest(out) == digest
+
+
+# --- 4 and 7: state that does not verify is recomputed, never trusted -------------------------------------
+
+
+def killed_partial(base: Path, ft: Path, out: Path, at: int = 12) -> tuple[Path, RunState]:
+    killed = run("merge", base, ft, out, *ARGS, env={"STREAMSOUP_FAULT": f"commit:{at}"})
+    assert killed.returncode == -signal.SIGKILL
+    partial = out.with_name(out.name + ".partial")
+    return partial, RunState.read(partial / STATE_NAME)
+
+
+def edited_marker(state: RunState):
+    return next(m for m in state.committed().values() if m.row["action"] == "edit")
+
+
+def flip(path: Path, at: int = -3) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _spectrum_chunk(state: RunState, key: str) -> Path:
+    return next(p for p in (state.path / "tensors" / key / "s").rglob("*") if p.is_file() and p.name != "zarr.json")
+
+
+def _edit_marker(state: RunState, key: str) -> None:
+    group = zarr.open_group(str(state.path), mode="a")["tensors"][key]
+    marker = dict(group.attrs["marker"])
+    marker["row"] = {**marker["row"], "lambda_low": 0.123, "action": "edit"}
+    group.attrs.put({"marker": marker})
+
+
+def _drop_row_key(state: RunState, key: str) -> None:
+    group = zarr.open_group(str(state.path), mode="a")["tensors"][key]
+    marker = dict(group.attrs["marker"])
+    marker["row"] = {k: v for k, v in marker["row"].items() if k != "crc32c"}
+    group.attrs.put({"marker": marker})
+
+
+DAMAGE = {
+    "deleted spectrum chunk": lambda state, key: _spectrum_chunk(state, key).unlink(),
+    "flipped spectrum byte": lambda state, key: flip(_spectrum_chunk(state, key), 10),
+    "edited marker row": _edit_marker,
+    "marker row missing a key": _drop_row_key,
+    "truncated marker zarr.json": lambda state, key: (state.path / "tensors" / key / "zarr.json").write_text('{"zar'),
+    "deleted marker zarr.json": lambda state, key: (state.path / "tensors" / key / "zarr.json").unlink(),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_damaged_state_is_recomputed(reference, tmp_path, case):
+    base, ft, _, digest = reference
+    out = tmp_path / "out"
+    partial, state = killed_partial(base, ft, out)
+    victim = edited_marker(state)
+    DAMAGE[case](state, victim.key)
+    for command in ("status", "report"):  # looking at a damaged run never crashes
+        looked = run(command, out)
+        assert looked.returncode == 0 and "Traceback" not in looked.stderr, looked.stderr
+    proc = run("merge", base, ft, out, "--shard-size", "100KB")
+    assert proc.returncode == 0, proc.stderr
+    assert "did not verify" in proc.stderr and victim.key in proc.stderr
+    assert tree_digest(out) == digest
+    assert report_rows(out)[victim.row["name"]]["attempt"] == 2
+    assert run("verify", out, "-q").returncode == 0
+
+
+def test_damaged_state_root_is_started_over(reference, tmp_path):
+    base, ft, _, digest = reference
+    out = tmp_path / "out"
+    partial, state = killed_partial(base, ft, out)
+    (state.path / "zarr.json").write_text("{")
+    looked = run("status", out)
+    assert_one_line_error(looked, 2, "damaged", "rerunning")
+    proc = run("merge", base, ft, out, "--shard-size", "100KB")
+    assert proc.returncode == 0 and "unreadable" in proc.stderr, proc.stderr
+    assert tree_digest(out) == digest
+
+
+# --- 5: no NaN/Inf from an adapter's scaling ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plain_adapter(tmp_path_factory) -> tuple[Path, Path]:
+    import make_adapters
+
+    return make_adapters.make(tmp_path_factory.mktemp("safety-adapter"), "llama", "plain")
+
+
+def with_config(adapter: Path, tmp_path: Path, **changes) -> Path:
+    copy = tmp_path / "adapter"
+    shutil.copytree(adapter, copy)
+    config = json.loads((copy / "adapter_config.json").read_text())
+    config.update(changes)
+    (copy / "adapter_config.json").write_text(json.dumps(config))
+    return copy
+
+
+@pytest.mark.parametrize("save", ["model", "adapter"])
+def test_huge_lora_alpha_is_an_error_not_inf(plain_adapter, tmp_path, save):
+    base, adapter = plain_adapter
+    bad = with_config(adapter, tmp_path, lora_alpha=1e200)
+    proc = run("merge", base, bad, tmp_path / "out", "--save", save)
+    assert_one_line_error(proc, 1, "NaN or Inf", "lora_alpha")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"lora_alpha": None}, "lora_alpha"),
+    ({"lora_alpha": "sixteen"}, "lora_alpha"),
+    ({"r": 0}, "r = 0"),
+    ({"rank_pattern": {"q_proj(": 4}}, "regular expression"),
+    ({"alpha_pattern": {"q_proj": "x"}}, "alpha_pattern"),
+])  # fmt: skip
+def test_bad_adapter_numbers_are_refused(plain_adapter, tmp_path, changes, needle):
+    base, adapter = plain_adapter
+    bad = with_config(adapter, tmp_path, **changes)
+    t0 = time.time()
+    proc = run("merge", base, bad, tmp_path / "out")
+    assert time.time() - t0 < 60
+    assert_one_line_error(proc, 2, needle)
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_backtracking_pattern_does_not_hang(plain_adapter, tmp_path):
+    """re takes exponential time on this key; the match is made with `regex`, under a time limit."""
+    base, adapter = plain_adapter
+    bad = with_config(adapter, tmp_path, rank_pattern={"(([a-z_.0-9]+)+)+Z": 4})
+    t0 = time.time()
+    proc = run("merge", base, bad, tmp_path / "out", "-q", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert time.time() - t0 < 60
+
+
+# --- 6: verify reads shards as a loader would; shapes a loader cannot read are refused ---------------------
+
+
+def test_verify_checks_headers_and_sizes(reference, tmp_path):
+    _, _, ref, _ = reference
+    for damage in ("header byte", "appended byte"):
+        out = tmp_path / damage.replace(" ", "-")
+        shutil.copytree(ref, out)
+        shard = sorted(out.glob("model-*.safetensors"))[0]
+        if damage == "header byte":
+            data = bytearray(shard.read_bytes())
+            at = data.index(b'"format":"pt"') + len('"format":"p')
+            data[at] = ord("u")  # still valid JSON, still the same tensors: safetensors' metadata changed
+            shard.write_bytes(bytes(data))
+        else:
+            with open(shard, "ab") as f:
+                f.write(b"\0")
+        bad = run("verify", out, "-q")
+        assert bad.returncode == 1 and "MISMATCH" in bad.stdout and shard.name in bad.stdout, (damage, bad.stdout)
+
+
+def test_shape_beyond_64_bits_is_refused(pair, tmp_path):
+    base, ft = pair
+    for folder in (base, ft):
+        header = json.dumps({"huge.weight": {"dtype": "BF16", "shape": [0, 2**70], "data_offsets": [0, 0]}}).encode()
+        header += b" " * (-len(header) % 8)
+        (folder / "zz-huge.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+        index = folder / "model.safetensors.index.json"
+        if index.exists():
+            doc = json.loads(index.read_text())
+            doc["weight_map"]["huge.weight"] = "zz-huge.safetensors"
+            index.write_text(json.dumps(doc))
+    proc = run("merge", base, ft, tmp_path / "out")
+    assert_one_line_error(proc, 2, "huge.weight", "corrupt")
+
+
+# --- 8: side files: no symlink out of the folder, modes kept -----------------------------------------------
+
+
+def test_side_file_symlink_out_of_the_folder_is_refused(pair, tmp_path):
+    base, ft = pair
+    secret = tmp_path / "secret"
+    secret.write_text("token")
+    secret.chmod(0o600)
+    (ft / "notes.txt").symlink_to(secret)
+    proc = run("merge", base, ft, tmp_path / "out")
+    assert_one_line_error(proc, 2, "notes.txt", "outside")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_side_files_keep_their_mode_and_inner_links(pair, tmp_path):
+    base, ft = pair
+    (ft / "tokenizer.json").chmod(0o600)
+    (ft / "sub").mkdir()
+    (ft / "sub" / "vocab.txt").write_text("a b c")
+    (ft / "vocab-link.txt").symlink_to("sub/vocab.txt")  # inside the folder: allowed, copied as a file
+    out = tmp_path / "out"
+    assert run("merge", base, ft, out, "-q").returncode == 0
+    assert stat.S_IMODE((out / "tokenizer.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE((out / "config.json").stat().st_mode) == stat.S_IMODE((ft / "config.json").stat().st_mode)
+    assert (out / "vocab-link.txt").read_text() == "a b c" and not (out / "vocab-link.txt").is_symlink()
+
+
+# --- 9: concurrent finishers and a vanished OUT.partial ----------------------------------------------------
+
+
+def test_out_published_meanwhile_by_the_same_merge(reference, tmp_path, monkeypatch):
+    """Another run of the same merge publishes OUT after this one planned: this one discards its partial."""
+    base, ft, ref, digest = reference
+    out = tmp_path / "out"
+    claim = api.claim_partial
+
+    def claim_then_other_finishes(partial: Path, target: Path) -> None:
+        claim(partial, target)
+        shutil.copytree(ref, target)  # what a concurrent run of the same merge publishes
+
+    monkeypatch.setattr(api, "claim_partial", claim_then_other_finishes)
+    summary = streamsoup.merge(base, ft, out, shard_size="100KB")
+    assert summary.already_complete and tree_digest(out) == digest
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_publish_never_replaces_an_existing_out(tmp_path):
+    from streamsoup import writer
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x").write_text("new")
+    (tmp_path / "b").mkdir()  # empty: os.replace would silently replace it
+    assert writer.publish(tmp_path / "a", tmp_path / "b") is False
+    assert (tmp_path / "a" / "x").exists() and list((tmp_path / "b").iterdir()) == []
+    assert writer.publish(tmp_path / "a", tmp_path / "c") is True and (tmp_path / "c" / "x").exists()
+
+
+def test_partial_removed_mid_run_is_a_clear_error(tmp_path_factory):
+    import make_checkpoints
+
+    root = tmp_path_factory.mktemp("vanish")
+    base, ft = make_checkpoints.make_pair(root, "medium", seed=5)
+    out, partial = root / "out", root / "out.partial"
+    proc = start("merge", base, ft, out, "-q")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(RunState.read(partial / STATE_NAME).committed()) >= 2:
+                break
+        except Exception:
+            pass
+        time.sleep(0.05)
+    shutil.rmtree(partial, ignore_errors=True)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("streamsoup: error")]
+    assert len(lines) == 1 and "vanished" in lines[0] and "Traceback" not in err, err
+    assert not out.exists()
+
+
+# --- 10: unbounded or hanging inputs -----------------------------------------------------------------------
+
+
+def test_yaml_aliases_are_refused(awkward_pair, tmp_path):
+    base, ft = awkward_pair
+    config = tmp_path / "bomb.yaml"
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    config.write_text("\n".join(lines) + "\nrank_rule: *a8\n")
+    proc = run("merge", base, ft, tmp_path / "out", "--config", config, timeout=60)
+    assert_one_line_error(proc, 2, str(config), "alias")
+
+
+def test_fifo_shard_is_refused_not_waited_for(pair, tmp_path):
+    base, ft = pair
+    os.mkfifo(ft / "zz-fifo.safetensors")
+    (ft / "model.safetensors.index.json").unlink()
+    proc = run("merge", base, ft, tmp_path / "out", timeout=60)
+    assert_one_line_error(proc, 2, "zz-fifo.safetensors", "not a regular file")
+
+
+@pytest.mark.parametrize("flag, value", [("--threads", "100000"), ("--lanes", "100000"), ("--threads", "1e400")])
+def test_thread_counts_are_bounded(awkward_pair, tmp_path, flag, value):
+    base, ft = awkward_pair
+    proc = run("merge", base, ft, tmp_path / "out", flag, value)
+    assert_one_line_error(proc, 2, flag)
+    assert not (tmp_path / "out.partial").exists()
+
+
+# --- 11: found up front, worded right -------------------------------------------------------------------
+
+
+def test_unreadable_side_files_are_found_before_any_work(pair, tmp_path):
+    base, ft = pair
+    (ft / "tokenizer.json").unlink()
+    (ft / "tokenizer.json").symlink_to("missing-blob")  # inside the folder, but nothing to read
+    t0 = time.time()
+    proc = run("merge", base, ft, tmp_path / "out")
+    assert time.time() - t0 < 30
+    assert_one_line_error(proc, 2, "tokenizer.json", "cannot read")
+    assert not (tmp_path / "out.partial").exists()
+    (ft / "tokenizer.json").unlink()
+    os.mkfifo(ft / "tokenizer.json")
+    assert_one_line_error(run("merge", base, ft, tmp_path / "out", timeout=60), 2, "tokenizer.json", "regular")
+
+
+def test_read_only_parent_says_nothing_was_written(awkward_pair, tmp_path):
+    base, ft = awkward_pair
+    with small_disk(tmp_path / "ro", "64m") as disk:
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        proc = run("merge", base, ft, disk / "out")
+        assert_one_line_error(proc, 1, "nothing was written", str(disk / "out.partial"))
+        assert "kept" not in proc.stderr
+
+
+def test_side_file_copy_on_a_full_disk_names_the_output(tmp_path):
+    from streamsoup.sidefiles import copy_side_files, side_files
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tokenizer.json").write_bytes(b"t" * 300_000)
+    with small_disk(tmp_path / "full", "100k") as disk:
+        with pytest.raises(OSError) as info:
+            copy_side_files(side_files(src), disk)
+        assert info.value.filename == str(disk / "tokenizer.json")
+
+
+def test_report_png_paths(reference, tmp_path):
+    pytest.importorskip("matplotlib")
+    _, _, ref, _ = reference
+    folder = tmp_path / "figs"
+    folder.mkdir()
+    assert_one_line_error(run("report", ref, "--png", folder), 2, "is a folder")
+    assert list(folder.iterdir()) == []
+    missing = tmp_path / "nonexistent" / "dir" / "x.png"
+    assert_one_line_error(run("report", ref, "--png", missing), 2, "does not exist")
+    assert not (tmp_path / "nonexistent").exists()
