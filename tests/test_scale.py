@@ -66,7 +66,6 @@ def _partial_group(tmp_path: Path):
     return next((key, g["partial"]) for key, g in tensors.groups() if "partial" in g)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["gram:2", "block:3"])
 def test_damaged_mid_tensor_progress_is_not_trusted(big_pair, streamed_reference, tmp_path, phase):
     """After a kill mid-tensor: a Gram chunk deleted, or a byte flipped in rows already written. The rerun
