@@ -233,6 +233,10 @@ def claim_partial(partial: Path, out: Path) -> None:
             return
         except FileExistsError:  # made by a concurrent merge of this OUT just now: its marker decides
             time.sleep(0.2)
+    holder = RunLock.holder(partial) if owned.is_dir(partial) else None
+    if holder is not None:
+        raise UsageError(f"another streamsoup merge ({holder}) is writing {partial}; wait for it to finish or stop "
+                         "it first")  # fmt: skip
     if not owned.owned(partial, out, "partial"):
         what = "a symlink" if partial.is_symlink() else "not a folder" if not partial.is_dir() else \
             f"a folder without streamsoup's marker ({owned.MARKER}) for this OUT"

@@ -72,7 +72,8 @@ def _digest(run_id: str, record: dict[str, Any]) -> str:
 
 
 def array_crc(value: np.ndarray) -> int:
-    return rawio.crc_of(memoryview(np.ascontiguousarray(value, dtype=np.float64)).cast("B"))
+    raw = np.ascontiguousarray(value, dtype=np.float64).view(np.uint8).reshape(-1)  # no copy; empty arrays too
+    return rawio.crc_of(memoryview(raw))
 
 
 def read_array(group: zarr.Group, name: str, crc: int) -> np.ndarray:

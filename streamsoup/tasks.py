@@ -164,8 +164,8 @@ def nonfinite_edit(job: TensorJob) -> RunError:
                  f"{ADAPTER_CONFIG}), which overflows {job.out_dtype}: fix lora_alpha")  # fmt: skip
     else:
         cause = f"the edited values overflow {job.out_dtype}"
-    return RunError(f"tensor {job.name!r}: the result would contain NaN or Inf ({cause}); nothing of it was "
-                    "written to the output")  # fmt: skip
+    return RunError(f"tensor {job.name!r}: the result would contain NaN or Inf ({cause}); nothing was "
+                    "published")  # fmt: skip
 
 
 def _merge_tensor(job: TensorJob, options: MergeOptions, ctx: TaskContext, run: Execution,

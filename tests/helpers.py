@@ -101,3 +101,26 @@ def assert_merged_exactly(base: Path, ft: Path, out: Path, rule: str = "entropy"
             assert rows[name]["action"] == "copy", name
             assert o_raw[name] == f_raw[name], f"{name}: copied tensor is not byte-identical"
     return report
+
+
+def run_here(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The CLI's own `main` in this process, for refusals that stop before any work: the same code path and
+    output as `run`, without a new interpreter's start-up (seconds, mostly torch's import)."""
+    import contextlib
+    import io
+
+    from streamsoup.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old = Path.cwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exc:  # argparse refuses bad flags by exiting, as the CLI does
+                code = int(exc.code or 0)
+    finally:
+        os.chdir(old)
+    return subprocess.CompletedProcess(["streamsoup", *map(str, args)], code, out.getvalue(), err.getvalue())

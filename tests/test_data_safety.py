@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import zarr
-from helpers import assert_one_line_error, report_rows, run, start, tree_digest
+from helpers import assert_one_line_error, report_rows, run, run_here, start, tree_digest
 from test_bad_input import small_disk
 
 import streamsoup
@@ -74,14 +74,14 @@ def test_foreign_or_symlinked_partial_is_refused(awkward_pair, tmp_path):
     mine = tmp_path / "O.partial"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
-    proc = run("merge", base, ft, tmp_path / "O")
+    proc = run_here("merge", base, ft, tmp_path / "O")
     assert_one_line_error(proc, 2, str(mine), "did not make")
     assert (mine / "thesis.tex").read_text() == "years of work"
     victim = tmp_path / "F"
     shutil.copytree(ft, victim)
     before = tree_digest(victim)
     (tmp_path / "P.partial").symlink_to(victim)
-    proc = run("merge", base, ft, tmp_path / "P")
+    proc = run_here("merge", base, ft, tmp_path / "P")
     assert_one_line_error(proc, 2, "P.partial", "a symlink")
     assert tree_digest(victim) == before and not (tmp_path / "P").exists()
 
@@ -221,9 +221,7 @@ def test_huge_lora_alpha_is_an_error_not_inf(plain_adapter, tmp_path, save):
 def test_bad_adapter_numbers_are_refused(plain_adapter, tmp_path, changes, needle):
     base, adapter = plain_adapter
     bad = with_config(adapter, tmp_path, **changes)
-    t0 = time.time()
-    proc = run("merge", base, bad, tmp_path / "out")
-    assert time.time() - t0 < 60
+    proc = run_here("merge", base, bad, tmp_path / "out")
     assert_one_line_error(proc, 2, needle)
     assert not (tmp_path / "out.partial").exists()
 
@@ -270,7 +268,7 @@ def test_shape_beyond_64_bits_is_refused(pair, tmp_path):
             doc = json.loads(index.read_text())
             doc["weight_map"]["huge.weight"] = "zz-huge.safetensors"
             index.write_text(json.dumps(doc))
-    proc = run("merge", base, ft, tmp_path / "out")
+    proc = run_here("merge", base, ft, tmp_path / "out")
     assert_one_line_error(proc, 2, "huge.weight", "corrupt")
 
 
@@ -283,7 +281,7 @@ def test_side_file_symlink_out_of_the_folder_is_refused(pair, tmp_path):
     secret.write_text("token")
     secret.chmod(0o600)
     (ft / "notes.txt").symlink_to(secret)
-    proc = run("merge", base, ft, tmp_path / "out")
+    proc = run_here("merge", base, ft, tmp_path / "out")
     assert_one_line_error(proc, 2, "notes.txt", "outside")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
@@ -363,7 +361,7 @@ def test_yaml_aliases_are_refused(awkward_pair, tmp_path):
     lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
     lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
     config.write_text("\n".join(lines) + "\nrank_rule: *a8\n")
-    proc = run("merge", base, ft, tmp_path / "out", "--config", config, timeout=60)
+    proc = run_here("merge", base, ft, tmp_path / "out", "--config", config)
     assert_one_line_error(proc, 2, str(config), "alias")
 
 
@@ -371,14 +369,14 @@ def test_fifo_shard_is_refused_not_waited_for(pair, tmp_path):
     base, ft = pair
     os.mkfifo(ft / "zz-fifo.safetensors")
     (ft / "model.safetensors.index.json").unlink()
-    proc = run("merge", base, ft, tmp_path / "out", timeout=60)
+    proc = run_here("merge", base, ft, tmp_path / "out")
     assert_one_line_error(proc, 2, "zz-fifo.safetensors", "not a regular file")
 
 
 @pytest.mark.parametrize("flag, value", [("--threads", "100000"), ("--lanes", "100000"), ("--threads", "1e400")])
 def test_thread_counts_are_bounded(awkward_pair, tmp_path, flag, value):
     base, ft = awkward_pair
-    proc = run("merge", base, ft, tmp_path / "out", flag, value)
+    proc = run_here("merge", base, ft, tmp_path / "out", flag, value)
     assert_one_line_error(proc, 2, flag)
     assert not (tmp_path / "out.partial").exists()
 
@@ -390,14 +388,12 @@ def test_unreadable_side_files_are_found_before_any_work(pair, tmp_path):
     base, ft = pair
     (ft / "tokenizer.json").unlink()
     (ft / "tokenizer.json").symlink_to("missing-blob")  # inside the folder, but nothing to read
-    t0 = time.time()
-    proc = run("merge", base, ft, tmp_path / "out")
-    assert time.time() - t0 < 30
+    proc = run_here("merge", base, ft, tmp_path / "out")
     assert_one_line_error(proc, 2, "tokenizer.json", "cannot read")
     assert not (tmp_path / "out.partial").exists()
     (ft / "tokenizer.json").unlink()
     os.mkfifo(ft / "tokenizer.json")
-    assert_one_line_error(run("merge", base, ft, tmp_path / "out", timeout=60), 2, "tokenizer.json", "regular")
+    assert_one_line_error(run_here("merge", base, ft, tmp_path / "out"), 2, "tokenizer.json", "regular")
 
 
 def test_read_only_parent_says_nothing_was_written(awkward_pair, tmp_path):
@@ -426,8 +422,8 @@ def test_report_png_paths(reference, tmp_path):
     _, _, ref, _ = reference
     folder = tmp_path / "figs"
     folder.mkdir()
-    assert_one_line_error(run("report", ref, "--png", folder), 2, "is a folder")
+    assert_one_line_error(run_here("report", ref, "--png", folder), 2, "is a folder")
     assert list(folder.iterdir()) == []
     missing = tmp_path / "nonexistent" / "dir" / "x.png"
-    assert_one_line_error(run("report", ref, "--png", missing), 2, "does not exist")
+    assert_one_line_error(run_here("report", ref, "--png", missing), 2, "does not exist")
     assert not (tmp_path / "nonexistent").exists()

@@ -129,6 +129,7 @@ def test_report_on_the_awkward_pair(merged, tmp_path):
         for r in edited:
             assert spectra[r["name"]].shape == (r["rank"],) and np.all(np.diff(spectra[r["name"]]) <= 0)
     png = tmp_path / "fig" / "r.png"
+    png.parent.mkdir()  # the figure goes into an existing folder (report makes none)
     proc = run("report", merged, "--png", png)
     assert proc.returncode == 0 and f"figure written to {png}" in proc.stderr
     assert_png(png)

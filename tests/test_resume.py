@@ -27,6 +27,9 @@ def reference(awkward_pair, tmp_path_factory) -> tuple[Path, Path, Path, dict[st
 
 
 def committed_names(partial: Path) -> set[str]:
+    """Tensors committed so far (none when a kill came before the state was made)."""
+    if not (partial / STATE_NAME).exists():
+        return set()
     return {m.row["name"] for m in RunState.read(partial / STATE_NAME).committed().values()}
 
 
