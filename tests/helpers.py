@@ -124,3 +124,15 @@ def run_here(*args: str | Path, cwd: Path | None = None) -> subprocess.Completed
     finally:
         os.chdir(old)
     return subprocess.CompletedProcess(["streamsoup", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+def edited_adapter(adapter: Path, tmp_path: Path, **changes) -> Path:
+    """A copy of an adapter folder with `changes` made to its adapter_config.json."""
+    import shutil
+
+    copy = tmp_path / "edited-adapter"
+    shutil.copytree(adapter, copy)
+    config = json.loads((copy / "adapter_config.json").read_text())
+    config.update(changes)
+    (copy / "adapter_config.json").write_text(json.dumps(config))
+    return copy

@@ -15,7 +15,7 @@ import make_adapters
 import pytest
 import torch
 from conftest import load_folder, raw_bytes
-from helpers import assert_one_line_error, report_rows, run
+from helpers import assert_one_line_error, edited_adapter, report_rows, run
 from reference import assert_within_rounding, monosoup_reference
 
 pytest.importorskip("peft")
@@ -161,15 +161,6 @@ def test_kill_mid_adapter_merge_resumes_byte_identical(adapters, tmp_path):
     assert run("verify", out).returncode == 0
 
 
-def _edit_config(adapter: Path, tmp_path: Path, **changes) -> Path:
-    copy = tmp_path / "edited-adapter"
-    shutil.copytree(adapter, copy)
-    config = json.loads((copy / "adapter_config.json").read_text())
-    config.update(changes)
-    (copy / "adapter_config.json").write_text(json.dumps(config))
-    return copy
-
-
 @pytest.mark.parametrize("change,needles", [
     ({"trainable_token_indices": [1, 2]}, ["trainable_token_indices", "not support"]),
     ({"init_lora_weights": "pissa"}, ["pissa", "rewrites the base"]),
@@ -177,7 +168,7 @@ def _edit_config(adapter: Path, tmp_path: Path, **changes) -> Path:
 ])  # fmt: skip
 def test_unsupported_adapter_settings_are_refused_by_name(adapters, tmp_path, change, needles):
     base, adapter = adapters("llama", "plain")
-    proc = run("merge", base, _edit_config(adapter, tmp_path, **change), tmp_path / "out")
+    proc = run("merge", base, edited_adapter(adapter, tmp_path, **change), tmp_path / "out")
     assert_one_line_error(proc, 2, *needles)
     assert not (tmp_path / "out.partial").exists()
 

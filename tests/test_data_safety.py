@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import zarr
-from helpers import assert_one_line_error, report_rows, run, run_here, start, tree_digest
+from helpers import assert_one_line_error, edited_adapter, report_rows, run, run_here, start, tree_digest
 from test_bad_input import small_disk
 
 import streamsoup
@@ -193,19 +193,10 @@ def plain_adapter(tmp_path_factory) -> tuple[Path, Path]:
     return make_adapters.make(tmp_path_factory.mktemp("safety-adapter"), "llama", "plain")
 
 
-def with_config(adapter: Path, tmp_path: Path, **changes) -> Path:
-    copy = tmp_path / "adapter"
-    shutil.copytree(adapter, copy)
-    config = json.loads((copy / "adapter_config.json").read_text())
-    config.update(changes)
-    (copy / "adapter_config.json").write_text(json.dumps(config))
-    return copy
-
-
 @pytest.mark.parametrize("save", ["model", "adapter"])
 def test_huge_lora_alpha_is_an_error_not_inf(plain_adapter, tmp_path, save):
     base, adapter = plain_adapter
-    bad = with_config(adapter, tmp_path, lora_alpha=1e200)
+    bad = edited_adapter(adapter, tmp_path, lora_alpha=1e200)
     proc = run("merge", base, bad, tmp_path / "out", "--save", save)
     assert_one_line_error(proc, 1, "NaN or Inf", "lora_alpha")
     assert not (tmp_path / "out").exists()
@@ -220,7 +211,7 @@ def test_huge_lora_alpha_is_an_error_not_inf(plain_adapter, tmp_path, save):
 ])  # fmt: skip
 def test_bad_adapter_numbers_are_refused(plain_adapter, tmp_path, changes, needle):
     base, adapter = plain_adapter
-    bad = with_config(adapter, tmp_path, **changes)
+    bad = edited_adapter(adapter, tmp_path, **changes)
     proc = run_here("merge", base, bad, tmp_path / "out")
     assert_one_line_error(proc, 2, needle)
     assert not (tmp_path / "out.partial").exists()
@@ -229,7 +220,7 @@ def test_bad_adapter_numbers_are_refused(plain_adapter, tmp_path, changes, needl
 def test_backtracking_pattern_does_not_hang(plain_adapter, tmp_path):
     """re takes exponential time on this key; the match is made with `regex`, under a time limit."""
     base, adapter = plain_adapter
-    bad = with_config(adapter, tmp_path, rank_pattern={"(([a-z_.0-9]+)+)+Z": 4})
+    bad = edited_adapter(adapter, tmp_path, rank_pattern={"(([a-z_.0-9]+)+)+Z": 4})
     t0 = time.time()
     proc = run("merge", base, bad, tmp_path / "out", "-q", timeout=120)
     assert proc.returncode == 0, proc.stderr
