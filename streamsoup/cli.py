@@ -176,6 +176,9 @@ def setup_logging(verbose: bool) -> None:
     if not verbose:  # dask/tornado warnings (a busy dashboard port, ...) are noise in a normal run
         for module in ("distributed", "dask", "tornado", "bokeh"):
             warnings.filterwarnings("ignore", module=module)
+        # a local cluster torn down after a failure can leave an unretrieved comm timeout behind, which
+        # asyncio logs as an error after ours ("Future exception was never retrieved"): noise, not a second error
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     logging.captureWarnings(True)
 
 
