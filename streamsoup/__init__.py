@@ -9,13 +9,12 @@
 ``str()`` of each result is what the matching command prints.
 """
 
-__version__ = "0.4.0"
-
-from .api import merge, plan, report, status, verify  # noqa: E402
-from .audit import RunStatus, VerifyResult  # noqa: E402
-from .estimate import PlanSummary  # noqa: E402
-from .options import MergeOptions  # noqa: E402
-from .reporting import MergeSummary, RunReport  # noqa: E402
+from ._version import __version__
+from .api import merge, plan, report, status, verify
+from .options import MergeOptions
+from .reporting import MergeSummary, RunReport
+from .reporting.audit import RunStatus, VerifyResult
+from .reporting.estimate import PlanSummary
 
 __all__ = ["merge", "plan", "status", "verify", "report", "MergeOptions", "MergeSummary", "PlanSummary",
            "RunStatus", "VerifyResult", "RunReport", "__version__"]

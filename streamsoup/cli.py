@@ -14,11 +14,11 @@ import sys
 import warnings
 from dataclasses import Field, fields
 
-from . import __version__
+from ._version import __version__
 from .api import merge, plan, report, status, verify
 from .errors import Interrupted, OptionError, StreamsoupError
 from .options import MergeOptions, flag_name
-from .signals import MESSAGE
+from .run.signals import MESSAGE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("base", metavar="BASE", help=BASE_HELP)
     pl.add_argument("finetuned", metavar="FINETUNED", help=FINETUNED_HELP)
     _add_option_flags(pl, MergeOptions.plan_fields())
-    for f in fields(MergeOptions):  # accepted only to be refused by name (see api.estimate)
+    for f in fields(MergeOptions):  # accepted only to be refused by name (see reporting/estimate.py: estimate)
         if not f.metadata["plan"]:
             bool_flag = isinstance(f.default, bool)
             pl.add_argument(flag_name(f.name), dest=f.name, default=None, help=argparse.SUPPRESS,

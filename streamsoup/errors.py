@@ -42,3 +42,12 @@ class Interrupted(StreamsoupError):
     """Ctrl-C or SIGTERM: the partial state is kept for a rerun."""
 
     exit_code = 130
+
+
+def nonfinite(path: object, what: str, then: str) -> InputError:
+    """The one wording for NaN/Inf found in an input: the file, what holds them, what to do."""
+    return InputError(f"{path}: {what} NaN or Inf; {then}")
+
+
+#: what a NaN/Inf in a tensor that would be passed through unchanged asks of the user
+AS_IS = "it would go into the output as is: fix the checkpoint, or rerun with --allow-nonfinite to copy it unchanged"

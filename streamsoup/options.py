@@ -7,6 +7,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field, fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,11 @@ def parse_size(value: str | int, name: str = "size") -> int:
 def expand_path(path: str | os.PathLike) -> Path:
     """`~` and $VARIABLES expanded, as a shell would (paths also come from YAML and the API)."""
     return Path(os.path.expandvars(os.path.expanduser(os.fspath(path))))
+
+
+def format_duration(seconds: float) -> str:
+    """'0:01:10': whole seconds, for progress lines and estimates alike."""
+    return str(timedelta(seconds=int(max(seconds, 0))))
 
 
 def format_size(n: float) -> str:

@@ -48,7 +48,7 @@ def poison(folder: Path, name: str, value: float, at: int = 17) -> None:
     """Overwrite element `at` of a bf16 tensor of a checkpoint folder with `value` (NaN, Inf)."""
     import torch
 
-    from streamsoup.checkpoint import Checkpoint
+    from streamsoup.io.checkpoint import Checkpoint
 
     ref = Checkpoint.from_path(folder)[name]
     raw = torch.tensor([value], dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes()

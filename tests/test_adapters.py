@@ -127,8 +127,8 @@ def test_lowrank_spectrum_equals_dense():
     """Two QRs and an r x r SVD give the dense float64 spectrum; k, P_k, rho and lambdas agree."""
     import numpy as np
 
-    from streamsoup.lowrank import lowrank_svd
-    from streamsoup.monosoup import coefficients
+    from streamsoup.numerics.lowrank import lowrank_svd
+    from streamsoup.numerics.monosoup import coefficients
 
     g = torch.Generator().manual_seed(3)
     for m, n, r in [(96, 48, 8), (48, 200, 16), (64, 64, 64), (300, 20, 4)]:

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from streamsoup.checkpoint import Checkpoint, read_header, read_tensor
 from streamsoup.errors import InputError
-from streamsoup.layout import ShardLayout, TensorSpec, encode_header
+from streamsoup.io.checkpoint import Checkpoint, read_header, read_tensor
+from streamsoup.io.layout import ShardLayout, TensorSpec, encode_header
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int64])
@@ -39,7 +39,7 @@ def test_planning_reads_headers_only(awkward_pair, monkeypatch):
     import os
 
     from streamsoup.options import MergeOptions
-    from streamsoup.planner import plan_merge
+    from streamsoup.planning.planner import plan_merge
 
     def no_pread(*a, **k):
         raise AssertionError("tensor data read while planning")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import assert_merged_exactly, assert_one_line_error, run, start, tree_digest
 
-from streamsoup.state import STATE_NAME, RunState
+from streamsoup.io.state import STATE_NAME, RunState
 
 DASK = str(Path(sys.executable).parent / "dask")
 #: a memory limit small enough that streamsoup's share on that worker (70% of it, less the worker's own
@@ -174,7 +174,7 @@ def test_cluster_gone_then_resume_locally(medium_pair, medium_local, cluster, tm
 def test_declared_resources_win_and_a_dead_address_is_refused(awkward_pair, tmp_path):
     """A worker that declares ram= keeps it (only the missing lanes are derived); an unreachable scheduler
     and a missing scheduler file are one-line errors."""
-    from streamsoup.cluster import WorkerFacts, derive_resources
+    from streamsoup.run.clients import WorkerFacts, derive_resources
 
     facts = WorkerFacts(nthreads=4, memory_limit=0, rss=0, available=64 * 2**30, total_memory=64 * 2**30, gpus=1,
                         gpu_memory=80 * 2**30, declared={"ram": 1000})  # fmt: skip
@@ -193,10 +193,10 @@ def test_declared_resources_win_and_a_dead_address_is_refused(awkward_pair, tmp_
 
 def test_a_task_must_fit_one_worker_not_the_sum_of_two():
     """Workers of different sizes: a task goes where one worker holds all it asks; none such: refused up front."""
-    from streamsoup.cluster import fits
     from streamsoup.errors import RunError
-    from streamsoup.executor import check_capacity
-    from streamsoup.graph import GraphTask
+    from streamsoup.run.clients import fits
+    from streamsoup.run.executor import check_capacity
+    from streamsoup.run.graph import GraphTask
 
     offers = {"small": {"cpu": 1, "device": 0, "ram": 100}, "gpu": {"cpu": 0, "device": 2, "ram": 4000}}
     assert fits({"cpu": 1, "ram": 90}, offers) and fits({"device": 1, "ram": 3000}, offers)

@@ -17,8 +17,8 @@ from helpers import assert_one_line_error, edited_adapter, report_rows, run, run
 from test_bad_input import small_disk
 
 import streamsoup
-from streamsoup import api
-from streamsoup.state import STATE_NAME, RunState
+from streamsoup.io.state import STATE_NAME, RunState
+from streamsoup.run import driver as api
 
 ARGS = ("--shard-size", "100KB", "-q")
 
@@ -310,7 +310,7 @@ def test_out_published_meanwhile_by_the_same_merge(reference, tmp_path, monkeypa
 
 
 def test_publish_never_replaces_an_existing_out(tmp_path):
-    from streamsoup import writer
+    from streamsoup.io import writer
 
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x").write_text("new")
@@ -397,7 +397,7 @@ def test_read_only_parent_says_nothing_was_written(awkward_pair, tmp_path):
 
 
 def test_side_file_copy_on_a_full_disk_names_the_output(tmp_path):
-    from streamsoup.sidefiles import copy_side_files, side_files
+    from streamsoup.io.sidefiles import copy_side_files, side_files
 
     src = tmp_path / "src"
     src.mkdir()

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from streamsoup.hostlinalg import _stevd, _sytrd
-from streamsoup.monosoup import entropy_rank
-from streamsoup.spectral import GRAM_PANEL, eigh_spectrum, gram_update
+from streamsoup.numerics.hostlinalg import _stevd, _sytrd
+from streamsoup.numerics.monosoup import entropy_rank
+from streamsoup.numerics.spectral import GRAM_PANEL, eigh_spectrum, gram_update
 
 EPS = np.finfo(np.float64).eps
 
@@ -128,8 +128,8 @@ def test_set_threads_limits_scipys_blas():
     script = """
 import torch
 from threadpoolctl import threadpool_info
-from streamsoup.hostlinalg import set_threads
-from streamsoup.spectral import eigh_spectrum
+from streamsoup.numerics.hostlinalg import set_threads
+from streamsoup.numerics.spectral import eigh_spectrum
 
 def blas():
     return {lib["filepath"]: lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}

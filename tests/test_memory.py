@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from make_checkpoints import Writer  # noqa: E402
 from peak_rss import measure  # noqa: E402
 
-from streamsoup.layout import TensorSpec  # noqa: E402
+from streamsoup.io.layout import TensorSpec  # noqa: E402
 
 MAX_RAM = 640 * 2**20
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import assert_one_line_error, report_rows, run, start, tree_digest
 
-from streamsoup.state import STATE_NAME, RunLock, RunState
+from streamsoup.io.state import STATE_NAME, RunLock, RunState
 
 
 @pytest.fixture(scope="session")
@@ -111,7 +111,7 @@ def test_torn_write_is_detected_and_recomputed(reference, tmp_path):
     partial = tmp_path / "out.partial"
     state = RunState.read(partial / STATE_NAME)
     victim = next(m for m in state.committed().values() if m.row["action"] == "edit")
-    from streamsoup.checkpoint import Checkpoint
+    from streamsoup.io.checkpoint import Checkpoint
 
     ref = Checkpoint.from_path(partial)[victim.row["name"]]
     with open(ref.path, "r+b") as f:  # marker present, bytes corrupted
@@ -141,7 +141,7 @@ def test_changed_input_is_refused(awkward_pair, tmp_path):
     shutil.copytree(ft, ft2)
     run("merge", base, ft2, tmp_path / "out", "-q", env={"STREAMSOUP_FAULT": "commit:3"})
     shard = sorted(ft2.glob("*.safetensors"))[0]
-    from streamsoup.checkpoint import read_header
+    from streamsoup.io.checkpoint import read_header
 
     ref = read_header(shard).tensors[0]
     with open(shard, "r+b") as f:  # same header, same size, other values

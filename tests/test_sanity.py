@@ -18,8 +18,8 @@ from helpers import assert_one_line_error, poison, report_rows, run, tree_digest
 from safetensors.torch import save_file
 
 import streamsoup
-from streamsoup.checkpoint import Checkpoint
 from streamsoup.errors import OptionError
+from streamsoup.io.checkpoint import Checkpoint
 
 
 def wrong_base(tmp: Path, base: Path, ft: Path) -> tuple[list, list[str]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import assert_merged_exactly, report_rows, run, tree_digest
 
-from streamsoup.state import STATE_NAME
+from streamsoup.io.state import STATE_NAME
 
 BUDGET = "450MB"  # leaves ~100 MiB for tasks after streamsoup's own ~260 MiB and reserve
 
@@ -70,7 +70,7 @@ def _partial_group(tmp_path: Path):
 def test_damaged_mid_tensor_progress_is_not_trusted(big_pair, streamed_reference, tmp_path, phase):
     """After a kill mid-tensor: a Gram chunk deleted, or a byte flipped in rows already written. The rerun
     notices (checksums recorded with the progress), redoes what it covered, and publishes the same bytes."""
-    from streamsoup.checkpoint import Checkpoint
+    from streamsoup.io.checkpoint import Checkpoint
 
     ref, digest = streamed_reference
     out = tmp_path / "out"

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import make_checkpoints  # noqa: E402
 from peak_rss import measure  # noqa: E402
 
-from streamsoup.hostlinalg import set_threads  # noqa: E402
+from streamsoup.numerics.hostlinalg import set_threads  # noqa: E402
 
 PY = sys.executable
 
@@ -48,7 +48,7 @@ def drop_caches() -> bool:
 
 
 def param_count(folder: Path) -> int:
-    from streamsoup.checkpoint import Checkpoint
+    from streamsoup.io.checkpoint import Checkpoint
 
     return sum(r.numel for r in Checkpoint.from_path(folder).values())
 
@@ -121,7 +121,7 @@ def floor_seconds(m: int, n: int, side: int, device: str) -> dict[str, dict[str,
     "path":  the arithmetic the merge does now: the Gram's upper block triangle (`gram_update` on the whole
              matrix at once), the partial eigensolve (`eigh_spectrum(...).keep_needed`), the same projection.
     """
-    from streamsoup.spectral import eigh_spectrum, gram_update
+    from streamsoup.numerics.spectral import eigh_spectrum, gram_update
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     rows, c = max(m, n), min(m, n)
@@ -147,9 +147,10 @@ def floor_seconds(m: int, n: int, side: int, device: str) -> dict[str, dict[str,
 def kernels(devices: list[str], shapes: Counter, paths: list[str]) -> list[dict]:
     """Per matrix shape: the merge's own compute path (the functions a task calls; no I/O), phase by phase,
     and the kernel floor for the same k."""
+    from streamsoup.numerics.spectral import MemoryRows
     from streamsoup.options import MergeOptions
-    from streamsoup.spectral import MemoryRows
-    from streamsoup.tasks import Stopwatch, gram_pass, reweighed, spectrum_of
+    from streamsoup.tasks.dense import gram_pass, reweighed, spectrum_of
+    from streamsoup.tasks.result import Stopwatch
 
     rows = []
     for device in devices:

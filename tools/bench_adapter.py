@@ -51,7 +51,7 @@ def make_base(folder: Path, shape: mc.ModelShape, sparse: bool) -> None:
 
 def make_adapter(folder: Path, base: Path, rank: int, sparse: bool) -> None:
     """A PEFT LoRA folder over every linear layer of the base: A ~ N(0, 1/in), B small and non-zero."""
-    from streamsoup.checkpoint import Checkpoint
+    from streamsoup.io.checkpoint import Checkpoint
 
     ckpt = Checkpoint.from_path(base)
     folder.mkdir(parents=True, exist_ok=True)

@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from streamsoup import rawio  # noqa: E402
-from streamsoup.dtypes import FLOAT_DTYPES  # noqa: E402
-from streamsoup.layout import INDEX_NAME, ShardLayout, TensorSpec  # noqa: E402
+from streamsoup.io import rawio  # noqa: E402
+from streamsoup.io.checkpoint import INDEX_NAME  # noqa: E402
+from streamsoup.io.dtypes import FLOAT_DTYPES  # noqa: E402
+from streamsoup.io.layout import ShardLayout, TensorSpec  # noqa: E402
 
 TORCH_DTYPES = {**FLOAT_DTYPES, "I64": torch.int64, "I32": torch.int32}
 ROW_BLOCK_ELEMENTS = 16 * 1024 * 1024

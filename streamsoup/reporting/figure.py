@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UsageError
-from ..planner import EDIT
+from ..planning.planner import EDIT
 from .kinds import KINDS
 
 #: spectra drawn: one per module kind (its middle layer), plus this many tensors that stand out

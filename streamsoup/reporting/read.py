@@ -10,11 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from .. import writer
 from ..errors import UsageError
+from ..io import writer
+from ..io.state import RunLock, RunState, find_state
 from ..options import expand_path
-from ..state import RunLock, RunState, find_state
-from .record import REPORT_NAME, SPECTRA_NAME, assemble, read_spectra, short_digest
+from .figure import save_figure
+from .record import REPORT_NAME, SPECTRA_NAME, Outcome, assemble, read_spectra, short_digest
 from .summary import format_report
 
 
@@ -46,8 +47,6 @@ class RunReport:
 
     def save_png(self, path: str | Path) -> Path:
         """One figure: k/rank and lambdas per layer and module kind, and a few spectra (needs matplotlib)."""
-        from .figure import save_figure
-
         return save_figure(self.document, self.spectra, expand_path(path))
 
     def __str__(self) -> str:
@@ -86,8 +85,9 @@ def _finished(out: Path) -> RunReport:
     }
     runs = [{**a, "started_at": _epoch(a["started_at"])} for a in (doc.get("run") or {}).get("attempts", [])]
     finished = (doc.get("run") or {}).get("finished_at")
-    document = assemble(head, runs, doc["tensors"], "complete", out, doc["summary"]["seconds"],
-                        _epoch(finished) if finished else None, doc.get("fingerprint"))  # fmt: skip
+    outcome = Outcome("complete", out, doc["summary"]["seconds"], _epoch(finished) if finished else None,
+                      doc.get("fingerprint"))  # fmt: skip
+    document = assemble(head, runs, doc["tensors"], outcome)
     document["streamsoup"] = doc["streamsoup"]  # the version that made OUT, not the one reading it
     return RunReport(document, read_spectra(out / SPECTRA_NAME))
 
@@ -111,8 +111,8 @@ def _from_state(state_path: Path, partial: Path | None, out: Path | None) -> Run
     rows = [{**m.row, "committed_at": m.committed_at} for _, m in markers]
     spectra = state.spectra([m for _, m in markers])[0]  # a damaged one is left out: the rerun recomputes it
     running = partial.exists() and RunLock.holder(partial) is not None
-    document = assemble(head, state.runs, rows, "running" if running else "interrupted", out, state.elapsed(),
-                        None, state.fingerprint)  # fmt: skip
+    outcome = Outcome("running" if running else "interrupted", out, state.elapsed(), None, state.fingerprint)
+    document = assemble(head, state.runs, rows, outcome)
     return RunReport(document, spectra)
 
 

@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__, writer
+from .._version import __version__
+from ..io import writer
 from ..options import format_size
-from ..planner import MergePlan
+from ..planning.planner import MergePlan
 from .summary import build_document
 
 REPORT_NAME = "streamsoup_report.json"
@@ -118,9 +119,21 @@ def run_head(plan: MergePlan, fingerprint: dict, out: Path) -> dict[str, Any]:
     }
 
 
-def assemble(head: dict, runs: list[dict], rows: list[dict], state: str, out: Path, seconds: float,
-             finished_at: float | None, fingerprint: dict | None) -> dict[str, Any]:  # fmt: skip
+@dataclass(frozen=True)
+class Outcome:
+    """Where a run stands, for its report: what the state or a finished OUT says of it."""
+
+    state: str  # "complete", "running" or "interrupted"
+    out: Path
+    seconds: float
+    finished_at: float | None
+    fingerprint: dict | None
+
+
+def assemble(head: dict, runs: list[dict], rows: list[dict], outcome: Outcome) -> dict[str, Any]:
     """The report document of a finished or interrupted run (the same structure for both)."""
+    state, out, seconds, finished_at, fingerprint = (outcome.state, outcome.out, outcome.seconds,
+                                                     outcome.finished_at, outcome.fingerprint)  # fmt: skip
     attempts = [{**r, "started_at": iso_time(r["started_at"])} for r in runs]
     last_commit = max((r.get("committed_at", 0.0) for r in rows), default=0.0)
     doc: dict[str, Any] = {

@@ -13,8 +13,8 @@ from collections import Counter
 from typing import Any
 
 from ..options import format_size
-from ..planner import EDIT
-from ..tasks import PHASES
+from ..planning.planner import EDIT
+from ..tasks.result import PHASES
 from .kinds import KINDS, locate
 
 STATS = ("k_rank", "P_k", "lambda_high", "lambda_low")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint
 from ..options import expand_path
 from .adapter import ADAPTER_CONFIG, Adapter, is_adapter
 from .hub import parse_repo_id, resolve_repo

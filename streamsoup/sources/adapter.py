@@ -1,6 +1,7 @@
 """A PEFT LoRA adapter folder as a fine-tune: its config's semantics and its tensors, by base tensor name.
 
-peft's own rules, read from its sources (NOTES.md): keys ``base_model.model.<module>.lora_A.weight``
+peft's own rules, read from peft's sources (src/peft/tuners/lora/model.py and layer.py): keys
+``base_model.model.<module>.lora_A.weight``
 [r, in] and ``.lora_B.weight`` [out, r] (embeddings ``lora_embedding_A`` [r, vocab] and
 ``lora_embedding_B`` [dim, r], delta transposed); scaling alpha / r, or alpha / sqrt(r) with rslora;
 per-module r and alpha from ``rank_pattern`` / ``alpha_pattern`` (first key matching
@@ -20,9 +21,9 @@ from pathlib import Path
 
 import regex
 
-from ..checkpoint import Checkpoint, TensorRef, matrix_shape
 from ..errors import InputError
-from ..lowrank import BiasUpdate, LoraUpdate
+from ..io.checkpoint import Checkpoint, TensorRef, matrix_shape
+from ..numerics.lowrank import BiasUpdate, LoraUpdate
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

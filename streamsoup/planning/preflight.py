@@ -15,14 +15,14 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from .checkpoint import Checkpoint, TensorRef, matrix_shape
-from .dtypes import is_float
-from .errors import InputError, UsageError
-from .layout import ShardLayout
-from .options import format_size
-from .sidefiles import side_files
+from ..errors import InputError, UsageError
+from ..io.checkpoint import Checkpoint, TensorRef, matrix_shape
+from ..io.dtypes import is_float
+from ..io.layout import ShardLayout
+from ..io.sidefiles import side_files
+from ..options import format_size
+from ..sources.adapter import ADAPTER_CONFIG
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_KEYS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 #: bytes compared per sampled span (three spans per matrix: start, middle, end)
 SAMPLE_BYTES = 4096

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import InputError
 from . import rawio
 from .dtypes import item_size, torch_dtype
-from .errors import InputError
 
 INDEX_NAME = "model.safetensors.index.json"
 #: bytes taken from the middle of every tensor for a checkpoint's content fingerprint

@@ -1,7 +1,7 @@
 """The per-tensor task when dW comes from LoRA factors: spectrum from the factors, then one pass over W0.
 
-No eigensolve of a big matrix anywhere: the factors give the exact SVD (lowrank.py), and the
-merged tensor W0 + U diag(lam s) V^T is written row block by row block while W0 streams
+No eigensolve of a big matrix anywhere: the factors give the exact SVD (numerics/lowrank.py), and
+the merged tensor W0 + U diag(lam s) V^T is written row block by row block while W0 streams
 through once, so a merged model costs what reading the base and writing the output cost.
 With --save adapter the base is not read at all: the task writes the reweighed factors.
 """
@@ -14,31 +14,31 @@ from pathlib import Path
 
 import torch
 
-from . import writer
-from .checkpoint import matrix_shape, read_block, read_tensor
-from .dtypes import torch_dtype
-from .errors import InputError
-from .faults import fault_point
-from .lowrank import LowRankSVD, factors, finite, lowrank_svd, reweighed_factors, row_blocks, weights
-from .monosoup import EPS, Coefficients, coefficients, relative_update, update_is_significant
-from .options import MergeOptions
-from .planner import COPY, EDIT, TensorJob
-from .tasks import NONFINITE_COPIED, Stopwatch, TaskContext, TensorResult, _coef_fields, _result, merge_dense
+from ..errors import nonfinite
+from ..faults import fault_point
+from ..io import writer
+from ..io.checkpoint import matrix_shape, read_block, read_tensor
+from ..io.dtypes import torch_dtype
+from ..numerics.lowrank import LowRankSVD, factors, finite, lowrank_svd, reweighed_factors, row_blocks, weights
+from ..numerics.monosoup import EPS, Coefficients, coefficients
+from ..options import MergeOptions
+from ..planning.planner import TensorJob
+from .dense import merge_dense
+from .result import Edit, Stopwatch, TaskContext, TensorResult, copied, edited
+from .rules import NONFINITE_COPIED, cannot_edit, skip_reason
 
 
-def merge_lowrank(job: TensorJob, options: MergeOptions, ctx: TaskContext, start: float) -> TensorResult:
+def merge_lowrank(job: TensorJob, options: MergeOptions, ctx: TaskContext, watch: Stopwatch) -> TensorResult:
     folder, update = Path(ctx.folder), job.lora
     assert update is not None and job.base is not None
-    watch = Stopwatch()
     with watch("read"):
         left, right = factors(update, job.base.shape)
     if not finite(left, right):
         if not options.allow_nonfinite:
-            raise InputError(f"{update.a.path}: the LoRA factors of {update.module!r} contain NaN or Inf; fix the "
-                             "adapter, or rerun with --allow-nonfinite to write the fine-tune's values "
-                             "unchanged")  # fmt: skip
+            raise nonfinite(update.a.path, f"the LoRA factors of {update.module!r} contain", "fix the adapter, or "
+                            "rerun with --allow-nonfinite to write the fine-tune's values unchanged")  # fmt: skip
         _, crc = _write_merged(job, folder, (left, right), watch, finite=False)  # W1 = W0 + c B A, as peft has it
-        return _result(job, COPY, NONFINITE_COPIED, start, watch, crc32c=crc)
+        return copied(job, watch, NONFINITE_COPIED, crc)
     with watch("eigh"):
         svd = lowrank_svd(left, right)
     del left, right
@@ -47,35 +47,22 @@ def merge_lowrank(job: TensorJob, options: MergeOptions, ctx: TaskContext, start
     dw_sq = float(spectrum.square().sum())
     coef = coefficients(spectrum, options.rank_rule, options.energy) if dw_sq >= EPS else None
     if job.factors_out:
-        return _write_factors(job, options, folder, svd, coef, (start, watch), spectrum)
+        return _write_factors(job, options, folder, svd, coef, watch)
     if update.base_copy is not None and not _same_values(job):
-        return merge_dense(job, options, folder, "cpu", start)  # W0 of the fine-tune is not BASE: dense path
+        return merge_dense(job, options, folder, "cpu", watch)  # W0 of the fine-tune is not BASE: dense path
     w0_sq, crc = _write_merged(job, folder, _product(svd, coef), watch)
     rel = None
     if not math.isfinite(w0_sq):
         if not options.allow_nonfinite:
-            raise InputError(f"{job.base.path}: tensor {job.name!r} contains NaN or Inf; MonoSoup cannot edit it: "
-                             "fix the checkpoint, or rerun with --allow-nonfinite to write the fine-tune's values "
-                             "unchanged")  # fmt: skip
+            raise cannot_edit(job.base, job)
         reason = NONFINITE_COPIED
     else:
-        dw_norm, w0_norm = math.sqrt(dw_sq), math.sqrt(w0_sq)
-        rel = relative_update(dw_norm, w0_norm)
-        if coef is None:
-            reason = "update energy below eps: the fine-tune's values are kept"
-        elif not update_is_significant(dw_norm, w0_norm, options.min_rel_update):
-            reason = f"relative update {rel:.3g} below --min-rel-update {options.min_rel_update:g}"
-        else:
-            return _edited(job, options, coef, spectrum, rel, crc, start, watch)
+        reason, rel = skip_reason(dw_sq, w0_sq, options)
+        if not reason:
+            return edited(job, options, watch, Edit(coef, spectrum, "lowrank", crc, rel))
     if coef is not None:  # the MonoSoup tensor was written: the fine-tune's own values W0 + c B A instead
         _, crc = _write_merged(job, folder, _product(svd, None), watch)
-    return _result(job, COPY, reason, start, watch, rel_update=rel, crc32c=crc)
-
-
-def _edited(job, options, coef, spectrum, rel, crc, start, watch) -> TensorResult:
-    reason = f"k={coef.k} of rank {coef.rank} ({options.rank_rule} rule), LoRA rank {job.lora.rank}"
-    return _result(job, EDIT, reason, start, watch, rel_update=rel, spectral="lowrank", crc32c=crc,
-                   singular_values=spectrum.numpy(), **_coef_fields(coef))  # fmt: skip
+    return copied(job, watch, reason, crc, rel)
 
 
 def _product(svd: LowRankSVD, coef: Coefficients | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,9 +132,9 @@ def _same_values(job: TensorJob) -> bool:
 
 
 def _write_factors(job: TensorJob, options: MergeOptions, folder: Path, svd: LowRankSVD, coef: Coefficients | None,
-                   timing: tuple[float, Stopwatch], spectrum: torch.Tensor) -> TensorResult:  # fmt: skip
+                   watch: Stopwatch) -> TensorResult:  # fmt: skip
     """--save adapter: B' = U diag(sqrt(lam s)), A' = diag(sqrt(lam s)) V^T in peft's layout, scaling 1."""
-    update, (start, watch) = job.lora, timing
+    update = job.lora
     with watch("project"):
         left, right = reweighed_factors(svd, coef, update.rank)
         b_new, a_new = (right.T, left.T) if update.transposed else (left, right)
@@ -162,21 +149,21 @@ def _write_factors(job: TensorJob, options: MergeOptions, folder: Path, svd: Low
     with watch("write"):
         crc = writer.write_tensor(folder, job.placement, data)
     if coef is None:
-        return _result(job, COPY, "update energy below eps: the factors are kept (scaled)", start, watch, crc32c=crc)
-    return _edited(job, options, coef, spectrum, None, crc, start, watch)
+        return copied(job, watch, "update energy below eps: the factors are kept (scaled)", crc)
+    spectrum = svd.padded(min(matrix_shape(job.base.shape)))
+    return edited(job, options, watch, Edit(coef, spectrum, "lowrank", crc, None))
 
 
-def write_bias(job: TensorJob, folder: Path, start: float) -> TensorResult:
+def write_bias(job: TensorJob, folder: Path, watch: Stopwatch) -> TensorResult:
     """lora_bias: the fine-tune's bias = base bias + scale * lora_B.bias, rounded once to the base's dtype."""
-    watch = Stopwatch()
     with watch("read"):
         b0 = read_tensor(job.base).to(torch.float64)
         lb = read_tensor(job.bias.bias).to(torch.float64)
     out = (b0 + job.bias.scale * lb).to(torch_dtype(job.out_dtype))
     if not bool(torch.isfinite(out).all()):
-        raise InputError(f"{job.bias.bias.path}: bias {job.name!r} (base + lora_B.bias) contains NaN or Inf; fix "
-                         "the adapter or the base")  # fmt: skip
+        raise nonfinite(job.bias.bias.path, f"bias {job.name!r} (base + lora_B.bias) contains",
+                        "fix the adapter or the base")  # fmt: skip
     with watch("write"):
         crc = writer.write_tensor(folder, job.placement, out)
-    return _result(job, COPY, job.reason, start, watch, crc32c=crc)
+    return copied(job, watch, job.reason, crc)
 

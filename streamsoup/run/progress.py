@@ -10,19 +10,14 @@ from __future__ import annotations
 
 import sys
 import time
-from datetime import timedelta
 from typing import TextIO
 
 from tqdm import tqdm
 
-from .options import format_size
+from ..options import format_duration, format_size
 
 #: a batch log gets a line at least this often (seconds), whatever happens
 LOG_EVERY_S = 60.0
-
-
-def hms(seconds: float) -> str:
-    return str(timedelta(seconds=int(max(seconds, 0))))
 
 
 def done_of(done: float, total: float) -> str:
@@ -36,12 +31,12 @@ class Progress:
     """Counts tensors and output bytes; shows them as a bar (terminal) or as log lines (anything else)."""
 
     def __init__(self, tensors: int, nbytes: int, done_tensors: int = 0, done_bytes: int = 0, *,
-                 enabled: bool = True, stream: TextIO | None = None, desc: str = "merging") -> None:  # fmt: skip
-        self.stream = stream or sys.stderr
+                 enabled: bool = True) -> None:  # fmt: skip
+        self.stream: TextIO = sys.stderr
         self.total_tensors, self.total_bytes = tensors, nbytes
         self.tensors, self.bytes = done_tensors, done_bytes
         self.start_bytes = done_bytes
-        self.desc = desc
+        self.desc = "merging"
         self.started = self.last_line = time.monotonic()
         self.next_tenth = 1
         self.terminal = enabled and self.stream.isatty()
@@ -54,7 +49,7 @@ class Progress:
             self.stream.flush()
         if self.terminal:
             self.bar = tqdm(total=nbytes, initial=done_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                            desc=desc, dynamic_ncols=True, file=self.stream)  # fmt: skip
+                            desc=self.desc, dynamic_ncols=True, file=self.stream)  # fmt: skip
             self.bar.set_postfix_str(f"{done_tensors}/{tensors} tensors", refresh=False)
         elif self.lines:
             self._line()
@@ -83,10 +78,10 @@ class Progress:
         elapsed = time.monotonic() - self.started
         new = self.bytes - self.start_bytes
         left = self.total_bytes - self.bytes
-        eta = hms(elapsed / new * left) if new > 0 else "unknown"
+        eta = format_duration(elapsed / new * left) if new > 0 else "unknown"
         self.stream.write(
             f"{self.desc}: {self.tensors}/{self.total_tensors} tensors, {done_of(self.bytes, self.total_bytes)}, "
-            f"{hms(elapsed)} elapsed, ETA {eta}\n"
+            f"{format_duration(elapsed)} elapsed, ETA {eta}\n"
         )
         self.stream.flush()
         self.last_line = time.monotonic()

@@ -5,17 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import Checkpoint, TensorRef
-from .dtypes import is_float
-from .errors import InputError, UsageError
-from .layout import Placement, ShardLayout, TensorSpec
-from .lowrank import BiasUpdate, LoraUpdate
-from .options import MergeOptions
+from ..errors import InputError, UsageError
+from ..io.checkpoint import Checkpoint, TensorRef
+from ..io.dtypes import is_float
+from ..io.layout import Placement, ShardLayout, TensorSpec
+from ..numerics.lowrank import BiasUpdate, LoraUpdate
+from ..options import MergeOptions
+from ..sources import Adapter, open_base, open_finetuned
+from ..sources.adapter import ADAPTER_WEIGHTS, AdapterTensors, resolve
 from .preflight import check_not_adapter, check_pairing
-from .sources import Adapter, open_base, open_finetuned
-from .sources.adapter import ADAPTER_WEIGHTS, AdapterTensors, resolve
 
-EDIT, COPY, DROP = "edit", "copy", "drop"
+EDIT, COPY = "edit", "copy"
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class TensorJob:
 
     @property
     def lowrank(self) -> bool:
-        """dW is taken from the adapter's factors (lowrank_tasks.py): no eigensolve, W0 streamed once."""
+        """dW is taken from the adapter's factors (tasks/lora.py): no eigensolve, W0 streamed once."""
         return self.lora is not None and self.lora.magnitude is None
 
 

@@ -11,12 +11,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from . import rawio, writer
-from .checkpoint import Checkpoint
-from .errors import InputError, UsageError
-from .options import expand_path, format_size
-from .reporting import REPORT_NAME
-from .state import RunLock, RunState, find_state
+from ..errors import InputError, UsageError
+from ..io import rawio, writer
+from ..io.checkpoint import Checkpoint
+from ..io.state import RunLock, RunState, find_state
+from ..options import expand_path, format_size
+from .record import REPORT_NAME
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,8 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from ..errors import RunError, UsageError
 from . import owned, rawio
-from .errors import RunError, UsageError
 
 log = logging.getLogger(__name__)
 

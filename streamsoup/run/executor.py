@@ -1,4 +1,4 @@
-"""Run a merge graph on dask.distributed: the embedded local cluster by default, or the user's.
+"""Run a merge graph on a dask.distributed client (clients.py makes it: the embedded cluster or the user's).
 
 Tasks are submitted one by one (``client.submit`` keeps per-task priority and
 resources, which graph optimisation can drop from annotations), each asking for
@@ -12,20 +12,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import CancelledError
-from contextlib import contextmanager
 from dataclasses import dataclass
 
-from distributed import Client, Future, LocalCluster, as_completed
+from distributed import Client, Future, as_completed
 
-from .cluster import fits, no_worker_tasks
-from .errors import RunError, StreamsoupError
+from ..errors import RunError, StreamsoupError
+from ..tasks.result import TensorResult
+from .clients import fits, no_worker_tasks
 from .graph import RAM, GraphTask
-from .hostlinalg import set_threads
-from .resources import DevicePool, to_mib
-from .schedule import Budget
-from .tasks import TensorResult
 
 log = logging.getLogger(__name__)
 
@@ -34,39 +30,6 @@ WATCH_SECONDS = 2.0
 #: how long tasks may wait for a worker that can run them before the run stops (state kept)
 STRANDED_LIMIT_S = 600.0
 POLL_SECONDS = 0.05
-
-
-def quiet_dask_logs() -> None:
-    """Task failures reach the user as our own one-line errors; dask's logs only with -v."""
-    level = logging.WARNING if logging.getLogger().getEffectiveLevel() <= logging.INFO else logging.CRITICAL
-    names = [n for n in logging.root.manager.loggerDict if n.startswith(("distributed", "tornado"))]
-    for name in {"distributed", "distributed.client", "distributed.worker", "distributed.scheduler", *names}:
-        logging.getLogger(name).setLevel(level)  # dask's config gives child loggers levels of their own
-
-
-@contextmanager
-def local_client(budget: Budget) -> Iterator[Client]:
-    """An in-process cluster: one worker, a thread per lane, resources for lanes and RAM; no dashboard.
-
-    No dask memory manager: admission by the "ram" resource is our budget, and the
-    nanny's RSS-based pausing would misread our deliberate working sets.
-    """
-    quiet_dask_logs()
-    set_threads(budget.lanes.threads)
-    DevicePool.configure(budget.lanes.devices)
-    cluster = LocalCluster(processes=False, n_workers=1, threads_per_worker=budget.lanes.total, memory_limit=0,
-                           dashboard_address=None, resources=worker_capacity(budget))  # fmt: skip
-    client = Client(cluster)
-    try:
-        yield client
-    finally:
-        client.close()
-        cluster.close()
-
-
-def worker_capacity(budget: Budget) -> dict[str, float]:
-    """What the embedded worker offers (see local_client)."""
-    return {"cpu": budget.lanes.cpu, "device": len(budget.lanes.devices), RAM: to_mib(budget.task_ram)}
 
 
 def check_capacity(tasks: list[GraphTask], offers: dict[str, dict[str, float]]) -> None:

@@ -14,11 +14,12 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
+from .checkpoint import INDEX_NAME
 
 #: files of a model folder that are weights (never copied from the fine-tune: we write our own)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_INDEXES = (INDEX_NAME, "pytorch_model.bin.index.json")
 
 
 @dataclass(frozen=True)

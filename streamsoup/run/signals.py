@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-from .errors import Interrupted
+from ..errors import Interrupted
 
 MESSAGE = "interrupted — rerun the same command to resume"
 

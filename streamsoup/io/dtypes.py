@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 #: safetensors dtype name -> item size in bytes (every dtype the format defines that we can copy).
 ITEM_SIZE: dict[str, int] = {
@@ -23,7 +23,6 @@ FLOAT_DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
 }
 
-TORCH_TO_NAME: dict[torch.dtype, str] = {v: k for k, v in FLOAT_DTYPES.items()}
 
 
 def item_size(dtype: str, where: str) -> int:

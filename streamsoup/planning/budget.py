@@ -9,30 +9,23 @@ whose whole working set does not fit is processed in row blocks read from disk.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import math
 import os
-import queue
 import socket
-import threading
 from dataclasses import dataclass
 
 import psutil
 import torch
 
-from .errors import OptionError
-from .options import format_size
+from ..errors import OptionError
+from ..numerics.spectral import micro_rows
+from ..options import MergeOptions, format_size
 
 MiB = 2**20
 #: lanes per GPU: while one task computes, the other reads or writes (they share the VRAM budget)
 GPU_SLOTS = 2
 #: what the driver needs besides tasks: Zarr commits, tqdm, dask bookkeeping
 DRIVER_RESERVE = 96 * MiB
-#: elements of one float64 micro block (see micro_rows)
-BLOCK_ELEMENTS = 512 * 1024
-#: fewer rows per Gram update than this and the c x c update is memory-bound
-MIN_MICRO_ROWS = 256
 #: float64 temporaries alive per row block: delta, base, high, result, projection, cast
 BLOCK_TEMPS = 6
 #: c x c float64 matrices alive around the eigensolve: Gram, eigenvectors, solver workspace (~2)
@@ -60,6 +53,17 @@ class Lanes:
         parts = [f"{self.cpu} CPU lane(s)"] if self.cpu else []
         parts += [f"{self.devices.count(d)} lane(s) on {d}" for d in dict.fromkeys(self.devices)]
         return ", ".join(parts) + f", {self.threads} torch thread(s)"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The memory a run may use: --max-ram for the whole process, what is left of it for tasks, --max-vram."""
+
+    max_ram: int
+    task_ram: int
+    max_vram: int
+    lanes: Lanes
+    cluster: bool = False  # task_ram is the largest worker's, not a share of --max-ram on this machine
 
 
 def resolve_lanes(devices: str, lanes: int, threads: int) -> Lanes:
@@ -164,12 +168,6 @@ def eigh_bytes(cols: int) -> int:
     return EIGH_MATRICES * cols * cols * 8
 
 
-def micro_rows(cols: int) -> int:
-    """Rows per float64 step. A function of the shape alone, so every budget, read-block size and
-    resume point sums in the same order and gives the same bits."""
-    return max(MIN_MICRO_ROWS, BLOCK_ELEMENTS // max(cols, 1))
-
-
 def micro_temp_bytes(cols: int) -> int:
     """float64 temporaries of one micro block."""
     return BLOCK_TEMPS * micro_rows(cols) * cols * 8
@@ -199,87 +197,6 @@ def to_mib(n: int) -> int:
     return max(1, math.ceil(n / MiB))
 
 
-# ---------------------------------------------------------------- device pool
-
-
-class DevicePool:
-    """Device lanes of this process: a task takes a free device and gives it back.
-
-    dask admits at most as many device tasks as there are device lanes, so a free
-    device always exists when a task asks.
-    """
-
-    _queue: queue.SimpleQueue[str] | None = None
-
-    @classmethod
-    def configure(cls, devices: tuple[str, ...]) -> None:
-        cls._queue = queue.SimpleQueue()
-        for d in devices:
-            cls._queue.put(d)
-        warm_up(devices)
-
-    _warm_lock = threading.Lock()
-
-    @classmethod
-    def acquire(cls) -> str:
-        if cls._queue is None:  # a cluster worker: the GPUs visible to it, two lanes each (see cluster.py)
-            with cls._warm_lock:
-                if cls._queue is None:
-                    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-                    visible = tuple(f"cuda:{i}" for i in range(gpus)) or ("cpu",)
-                    cls.configure(tuple(d for d in visible for _ in range(GPU_SLOTS)))
-        return cls._queue.get(timeout=600)
-
-    @classmethod
-    def release(cls, device: str) -> None:
-        if cls._queue is not None:
-            cls._queue.put(device)
-
-
-def warm_up(devices: tuple[str, ...]) -> None:
-    """Initialise CUDA's solver libraries once, from one thread: torch's lazy linalg loader is not
-    thread-safe ("lazy wrapper should be called at most once" when two lanes race on it)."""
-    for d in dict.fromkeys(devices):
-        if d.startswith("cuda"):
-            a = torch.eye(4, dtype=torch.float64, device=d)
-            torch.linalg.eigh(a)
-            torch.linalg.svd(a, driver="gesvd")
-            torch.cuda.synchronize(d)
-
-
-def device_stream(device: str):
-    """A CUDA stream of the task's own, so the lanes sharing a GPU overlap; nothing on the CPU."""
-    if device.startswith("cuda"):
-        return torch.cuda.stream(torch.cuda.Stream(device=device))
-    return contextlib.nullcontext()
-
-
-# ---------------------------------------------------------------- process hygiene
-
-
-def configure_process() -> None:
-    """Make freed memory go back to the OS, so RSS follows the working set.
-
-    glibc raises its mmap threshold after large frees and then serves tensors up to
-    32 MiB from arenas it never returns; a fixed threshold keeps big buffers mmapped.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, 1 * MiB)
-        libc.mallopt(m_trim_threshold, 16 * MiB)
-    except (OSError, AttributeError):
-        pass
-
-
-def release_memory() -> None:
-    """Give freed heap pages back after a task (glibc only)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def check_budget(max_ram: int, baseline: int) -> int:
     """The RAM left for tasks; refuse a budget below what the process itself needs."""
     left = max_ram - baseline - DRIVER_RESERVE
@@ -290,3 +207,19 @@ def check_budget(max_ram: int, baseline: int) -> int:
             f"give at least {format_size(baseline + DRIVER_RESERVE + 32 * MiB)}",
         )
     return left
+
+
+def make_budget(opts: MergeOptions, io_bound: bool = False) -> Budget:
+    """Lanes and memory budgets of this run; the RAM left for tasks is what the process does not use already.
+
+    `io_bound` (an adapter merge: each task streams W0 through a thin GEMM): by default one lane per
+    core with one thread each, so one tensor's reads, writes and fdatasync overlap another's compute.
+    """
+    lanes = resolve_lanes(opts.devices, opts.lanes or ((os.cpu_count() or 1) if io_bound else 1), opts.threads)
+    if opts.max_ram:
+        check_max_ram(opts.max_ram, physical_ram())
+    if opts.max_vram:
+        check_max_vram(opts.max_vram, lanes.devices)
+    max_ram = opts.max_ram or default_max_ram()
+    task_ram = check_budget(max_ram, process_rss())
+    return Budget(max_ram, task_ram, opts.max_vram or default_max_vram(lanes.devices), lanes)

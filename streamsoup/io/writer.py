@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
+from ..errors import AS_IS, RunError, nonfinite
 from . import rawio
 from .checkpoint import TensorRef
 from .dtypes import has_nonfinite
-from .errors import InputError, RunError
 from .layout import Placement, ShardLayout
 
 
@@ -70,9 +70,7 @@ def copy_tensor(source: TensorRef, folder: Path, placement: Placement, check_fin
 
     def finite(chunk: memoryview) -> None:
         if has_nonfinite(chunk, source.dtype):
-            raise InputError(f"{source.path}: tensor {source.name!r} contains NaN or Inf and would be copied into "
-                             "the output as is; fix the checkpoint, or rerun with --allow-nonfinite to copy it "
-                             "unchanged")  # fmt: skip
+            raise nonfinite(source.path, f"tensor {source.name!r} contains", AS_IS)
 
     src = os.open(source.path, os.O_RDONLY)
     try:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from .dtypes import item_size
 
 SINGLE_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)

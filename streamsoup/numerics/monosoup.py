@@ -1,4 +1,4 @@
-"""MonoSoup's per-tensor rules (arXiv 2602.09689, DESIGN.md section 1), device-agnostic torch.
+"""MonoSoup's per-tensor rules (arXiv 2602.09689; docs/DESIGN.md, "The math"), device-agnostic torch.
 
 Given the singular values ``s`` of a fine-tuning update ``dW = W1 - W0``:
 
@@ -40,7 +40,7 @@ def relative_update(dw_norm: float, w0_norm: float) -> float:
 
 
 def update_is_significant(dw_norm: float, w0_norm: float, min_rel_update: float) -> bool:
-    """The edit threshold of DESIGN.md: relative to ||W0||, absolute when W0 is ~0."""
+    """The edit threshold (docs/DESIGN.md, "The math"): relative to ||W0||, absolute when W0 is ~0."""
     if w0_norm < EPS:
         return dw_norm >= EPS
     return relative_update(dw_norm, w0_norm) >= min_rel_update

@@ -1,43 +1,39 @@
 """Decide, before the run, how each tensor runs under the budgets: which lane, whole or streamed.
 
 Nothing here reads tensor data: the working sets follow from shapes and dtypes
-(resources.py), so `streamstoup plan` shows the same decisions the merge will take.
+(budget.py), so `streamsoup plan` shows the same decisions the merge will take.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .checkpoint import matrix_shape
-from .dtypes import item_size
-from .errors import OptionError, UsageError
-from .lowrank import factor_bytes, rows_per_block
-from .options import format_size
+from ..errors import OptionError, UsageError
+from ..io.checkpoint import matrix_shape
+from ..io.dtypes import item_size
+from ..io.rawio import IO_CHUNK
+from ..numerics.lowrank import factor_bytes, rows_per_block
+from ..numerics.spectral import micro_rows
+from ..options import format_size
+from .budget import Budget, eigh_bytes, fit_block_rows, in_memory_bytes, streamed_bytes
 from .planner import COPY, MergePlan, TensorJob
-from .rawio import IO_CHUNK
-from .resources import (
-    Lanes,
-    eigh_bytes,
-    fit_block_rows,
-    in_memory_bytes,
-    micro_rows,
-    streamed_bytes,
-)
-from .tasks import Execution
 
 #: below this many elements a tensor stays on a CPU lane when there is one (transfers would dominate)
 DEVICE_MIN_ELEMENTS = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
-class Budget:
-    """The memory a run may use: --max-ram for the whole process, what is left of it for tasks, --max-vram."""
+class Execution:
+    """How one tensor runs, decided from the budgets before the run."""
 
-    max_ram: int
-    task_ram: int
-    max_vram: int
-    lanes: Lanes
-    cluster: bool = False  # task_ram is the largest worker's, not a share of --max-ram on this machine
+    lane: str = "cpu"  # "cpu" or "device"
+    block_rows: int = 0  # > 0: streamed from disk in blocks of this many rows of X
+    ram: int = 0  # bytes of host memory admitted for it
+    vram: int = 0  # bytes of device memory it may use
+
+    @property
+    def streamed(self) -> bool:
+        return self.block_rows > 0
 
 
 def _elem_bytes(job: TensorJob) -> int:

@@ -6,7 +6,7 @@ dW is wide), so the small side has c = X.shape[1] columns and
     s^2 = eig(X^T X)            dW_high = X V_k V_k^T = X - X V_c V_c^T
 
 (V_c: the trailing directions, used when that is the cheaper side). The Gram matrix
-is a sum over row blocks (DESIGN.md section 1), so X never exists whole in float64:
+is a sum over row blocks (docs/DESIGN.md, "The math"), so X never exists whole in float64:
 its blocks come from tensors in memory or straight from disk. Only its upper triangle
 is the matrix (on the host, ~half the flops of a full GEMM: `gram_update`).
 
@@ -23,9 +23,19 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import TensorRef, matrix_shape, read_block
+from ..io.checkpoint import TensorRef, matrix_shape, read_block
 from .hostlinalg import HostEigen
-from .resources import micro_rows
+
+#: elements of one float64 micro block (see micro_rows)
+BLOCK_ELEMENTS = 512 * 1024
+#: fewer rows per Gram update than this and the c x c update is memory-bound
+MIN_MICRO_ROWS = 256
+
+
+def micro_rows(cols: int) -> int:
+    """Rows per float64 step. A function of the shape alone, so every budget, read-block size and
+    resume point sums in the same order and gives the same bits."""
+    return max(MIN_MICRO_ROWS, BLOCK_ELEMENTS // max(cols, 1))
 
 
 class RowSource:
@@ -71,7 +81,7 @@ class RowSource:
         """A float64 [rows, cols] view of one micro block's scratch buffer `name`, reused by every micro block.
 
         Allocating the float64 temporaries of each micro block afresh costs a page-faulted mmap each
-        (big buffers are kept out of glibc's arenas so RSS follows the working set: resources.py);
+        (big buffers are kept out of glibc's arenas so RSS follows the working set: tasks/devices.py);
         at full GEMM rate that was ~15% of a merge's compute. A buffer is valid until the next call
         that asks for the same name.
         """

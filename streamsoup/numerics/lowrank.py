@@ -3,7 +3,7 @@
 With dW = L @ R (L [m, r], R [r, n], the 2-D view of the stored tensor, scaling folded into L):
 L = Q_l R_l, R^T = Q_r R_r, svd(R_l R_r^T) = U' S V'^T, so dW = (Q_l U') S (Q_r V')^T exactly.
 The other min(m, n) - r singular values are exactly 0: the spectrum is padded with zeros, so
-k, P_k, rho and the lambdas are those of the dense path (DESIGN.md, "A fine-tune given as a LoRA
+k, P_k, rho and the lambdas are those of the dense path (docs/DESIGN.md, "A fine-tune given as a LoRA
 adapter"). The MonoSoup update is then dW' = U diag(lam_i s_i) V^T, again of rank r.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import TensorRef, matrix_shape, read_tensor
+from ..io.checkpoint import TensorRef, matrix_shape, read_tensor
 from .monosoup import Coefficients
 
 

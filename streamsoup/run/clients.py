@@ -1,4 +1,6 @@
-"""A dask.distributed cluster as users already run it: plain `dask worker`, dask-jobqueue, dask-cuda.
+"""The dask clients a merge runs on: the embedded local cluster, or a cluster as users already run it.
+
+The user's cluster is one of plain `dask worker`, dask-jobqueue, dask-cuda.
 
 Such workers declare no resources. A WorkerPlugin derives streamsoup's resources on each
 worker from what it knows of itself (threads, memory limit, or the machine's available memory
@@ -19,15 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from distributed import Client
+from distributed import Client, LocalCluster
 from distributed.comm.addressing import get_address_host
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from .errors import OptionError, UsageError
+from ..errors import OptionError, UsageError
+from ..numerics.hostlinalg import set_threads
+from ..options import MergeOptions, expand_path, format_size
+from ..planning.budget import GPU_SLOTS, Budget, Lanes, MiB, check_max_ram, to_mib
+from ..tasks.devices import DevicePool
 from .graph import RAM
-from .options import MergeOptions, expand_path, format_size
-from .resources import GPU_SLOTS, Lanes, MiB, check_max_ram
-from .schedule import Budget
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,39 @@ LIMIT_SHARE = 0.7
 AVAILABLE_SHARE = 0.7
 #: how long to wait for the first worker, and for every worker to take the plugin
 WORKER_WAIT_S = 120
+
+
+def quiet_dask_logs() -> None:
+    """Task failures reach the user as our own one-line errors; dask's logs only with -v."""
+    level = logging.WARNING if logging.getLogger().getEffectiveLevel() <= logging.INFO else logging.CRITICAL
+    names = [n for n in logging.root.manager.loggerDict if n.startswith(("distributed", "tornado"))]
+    for name in {"distributed", "distributed.client", "distributed.worker", "distributed.scheduler", *names}:
+        logging.getLogger(name).setLevel(level)  # dask's config gives child loggers levels of their own
+
+
+@contextmanager
+def local_client(budget: Budget) -> Iterator[Client]:
+    """An in-process cluster: one worker, a thread per lane, resources for lanes and RAM; no dashboard.
+
+    No dask memory manager: admission by the "ram" resource is our budget, and the
+    nanny's RSS-based pausing would misread our deliberate working sets.
+    """
+    quiet_dask_logs()
+    set_threads(budget.lanes.threads)
+    DevicePool.configure(budget.lanes.devices)
+    cluster = LocalCluster(processes=False, n_workers=1, threads_per_worker=budget.lanes.total, memory_limit=0,
+                           dashboard_address=None, resources=worker_capacity(budget))  # fmt: skip
+    client = Client(cluster)
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()
+
+
+def worker_capacity(budget: Budget) -> dict[str, float]:
+    """What the embedded worker offers (see local_client)."""
+    return {"cpu": budget.lanes.cpu, "device": len(budget.lanes.devices), RAM: to_mib(budget.task_ram)}
 
 
 @dataclass(frozen=True)
@@ -131,8 +167,6 @@ def scheduler_address(opts: MergeOptions) -> str:
 @contextmanager
 def cluster_client(opts: MergeOptions) -> Iterator[Client]:
     """A client of the user's cluster, every worker given streamsoup's resources; unregistered at the end."""
-    from .executor import quiet_dask_logs
-
     address = scheduler_address(opts)
     name = "scheduler_file" if opts.scheduler_file else "scheduler"
     quiet_dask_logs()

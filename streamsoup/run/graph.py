@@ -11,10 +11,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .options import MergeOptions
-from .planner import MergePlan
-from .resources import to_mib
-from .tasks import Execution, TaskContext, merge_tensor
+from ..options import MergeOptions
+from ..planning.budget import to_mib
+from ..planning.planner import MergePlan
+from ..planning.schedule import Execution
+from ..tasks.dispatch import merge_tensor
+from ..tasks.result import TaskContext
 
 RAM = "ram"  # worker resource: MiB of host memory for tasks
 

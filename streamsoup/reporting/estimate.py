@@ -15,20 +15,24 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from . import __version__, rawio
-from .checkpoint import matrix_shape
-from .hostlinalg import set_threads
-from .options import format_size
-from .planner import COPY, MergePlan, TensorJob
-from .reporting import describe_inputs
-from .reporting.summary import annotate, module_stats
-from .schedule import Budget
-from .spectral import eigh_spectrum, gram_flops
-from .tasks import Execution
+from .._version import __version__
+from ..errors import OptionError
+from ..io import rawio
+from ..io.checkpoint import matrix_shape
+from ..numerics.hostlinalg import set_threads
+from ..numerics.spectral import eigh_spectrum, gram_flops
+from ..options import MergeOptions, format_duration, format_size
+from ..planning.budget import Budget, make_budget
+from ..planning.planner import COPY, MergePlan, TensorJob, plan_merge
+from ..planning.schedule import Execution, schedule
+from ..tasks.devices import configure_process
+from .record import describe_inputs
+from .summary import annotate, module_stats
 
 CALIBRATION_BYTES = 64 * 2**20
 SPECTRAL_FIELDS = ("k", "rank", "P_k", "rho", "lambda_high", "lambda_low", "rel_update")
@@ -234,10 +238,6 @@ def summarize(plan: MergePlan, budget: Budget, runs: dict[str, Execution], rates
 
 
 def format_plan(s: PlanSummary) -> str:
-    def hms(sec: float) -> str:
-        h, rem = divmod(int(sec), 3600)
-        return f"{h}h{rem // 60:02d}m{rem % 60:02d}s" if h else f"{rem // 60}m{rem % 60:02d}s"
-
     r = s.rates
     lines = [
         f"tensors      {s.tensors}: up to {s.edit_candidates} to edit (one whose update is below "
@@ -261,7 +261,22 @@ def format_plan(s: PlanSummary) -> str:
         + f"; read {format_size(r['read_bps'])}/s, write {format_size(r['write_bps'])}/s"
     )
     for lane in s.lanes:
-        lines.append(f"lane {lane['lane']:<8} {lane['tensors']:>5} tensors  ~{hms(lane['seconds'])}")
-    lines.append(f"estimate     ~{hms(s.estimated_seconds)} on this machine")
+        lines.append(f"lane {lane['lane']:<8} {lane['tensors']:>5} tensors  ~{format_duration(lane['seconds'])}")
+    lines.append(f"estimate     ~{format_duration(s.estimated_seconds)} on this machine")
     lines += [f"warning      {w}" for w in s.warnings]
     return "\n".join(lines)
+
+
+def estimate(base: str | Path, finetuned: str | Path, opts: MergeOptions, given: dict[str, Any]) -> PlanSummary:
+    """The plan of a merge on this machine, its budgets and its time; `given` (the caller's options) may not
+    hold options only a merge uses: plan would silently ignore them."""
+    plan_names = {f.name for f in MergeOptions.plan_fields()}
+    unused = [name for name, value in given.items() if value not in (None, "", False) and name not in plan_names]
+    if unused:
+        raise OptionError(unused[0], "is not used by plan, which plans a merge on this machine from the headers "
+                                     "alone; leave it out")  # fmt: skip
+    merge_plan = plan_merge(base, finetuned, opts)
+    configure_process()
+    budget = make_budget(opts, merge_plan.adapter is not None)
+    runs = schedule(merge_plan, budget)
+    return summarize(merge_plan, budget, runs, calibrate(budget, Path.cwd()))

@@ -1,0 +1,300 @@
+"""The merge run: plan (headers only) -> lock OUT.partial -> open or resume the state ->
+preallocate shards -> run the graph, committing each tensor as it lands -> publish (publish.py).
+
+Everything a run decides before its lock is taken is one Attempt; nothing in OUT.partial is
+touched until the lock is held, and a folder streamsoup did not make is never written into.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from distributed import Client
+
+from .._version import __version__
+from ..errors import Interrupted, OptionError, RunError, UsageError
+from ..faults import fault_point
+from ..io import owned, writer
+from ..io.state import LOCK_NAME, POINTER_NAME, STATE_NAME, RunLock, RunState
+from ..options import MergeOptions, format_size
+from ..planning.budget import Budget, machine_info, make_budget
+from ..planning.planner import MergePlan, plan_merge
+from ..planning.preflight import (
+    check_adapter_trained,
+    check_disk_space,
+    check_values_differ,
+    output_needs,
+    small_side,
+    state_bytes,
+)
+from ..planning.schedule import Execution, schedule
+from ..reporting import REPORT_NAME, MergeSummary, run_head
+from ..tasks.devices import configure_process
+from ..tasks.result import TaskContext, TensorResult
+from .clients import (
+    cluster_budget,
+    cluster_client,
+    describe,
+    local_client,
+    scheduler_address,
+    worker_capacity,
+    worker_resources,  # fmt: skip
+)
+from .executor import run_graph
+from .graph import GraphTask, build_graph
+from .progress import Progress
+from .publish import cleanup, existing_output, finish, plan_side_files, published_meanwhile
+from .signals import MESSAGE, InterruptGuard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A merge as asked for: its plan, where it goes, and how the caller wants it run."""
+
+    plan: MergePlan
+    out: Path
+    fingerprint: dict[str, Any]
+    fresh: bool
+    progress: bool
+    start: float
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt of a merge, decided before its lock is taken."""
+
+    request: Request
+    opts: MergeOptions  # with the thread count the budget resolved
+    state_path: Path
+    budget: Budget
+    runs: dict[str, Execution]
+    client: Client | None
+    machine: dict[str, Any]
+
+
+def run_merge(base: str | Path, finetuned: str | Path, out: Path, opts: MergeOptions, *, fresh: bool,
+              progress: bool) -> MergeSummary:  # fmt: skip
+    """Plan, check everything that can be checked before any compute, then run (or find OUT done already)."""
+    start = time.perf_counter()
+    plan = plan_merge(base, finetuned, opts)
+    fingerprint = run_fingerprint(plan)
+    if out.exists():
+        return existing_output(out, fingerprint)
+    check_output(out, plan)
+    plan_side_files(plan)  # an unreadable or outside side file is found now, not after all the compute
+    for warning in plan.warnings:
+        log.warning(warning)
+    if plan.adapter is not None:
+        check_adapter_trained(plan.adapter.root, [j.lora for j in plan.jobs if j.lora is not None])
+    else:
+        check_values_differ(plan.base, plan.finetuned, [j.name for j in plan.edits])
+    try:
+        return _attempt(Request(plan, out, fingerprint, fresh, progress, start), opts)
+    except OSError as exc:
+        raise io_failure(exc, out) from exc
+
+
+def io_failure(exc: OSError, out: Path) -> RunError:
+    """One line for a failed read or write: which file (the output's folder when the OS names none), and
+    whether anything was kept to resume from."""
+    partial = writer.partial_dir(out)
+    where = exc.filename or (f"the filesystem of {partial}" if exc.errno == errno.ENOSPC else None)
+    what = f"I/O error ({where})" if where else "I/O error"
+    if owned.owned(partial, out, "partial") and len(os.listdir(partial)) > 2:  # more than our marker and lock
+        then = "the work done so far is kept: fix the cause (disk space, permissions) and rerun the same command " \
+               "to resume"
+    else:
+        then = "nothing was written: fix the cause (disk space, permissions, a writable folder for OUT) and rerun"
+    return RunError(f"{what}: {exc.strerror or exc}; {then}")
+
+
+def _attempt(request: Request, opts: MergeOptions) -> MergeSummary:
+    plan, out = request.plan, request.out
+    with ExitStack() as stack:
+        on_cluster = bool(opts.scheduler or opts.scheduler_file)
+        client = stack.enter_context(cluster_client(opts)) if on_cluster else None
+        if client:
+            budget = cluster_budget(client, opts)
+        else:
+            configure_process()
+            budget = make_budget(opts, plan.adapter is not None)
+        runs = schedule(plan, budget)
+        partial = writer.partial_dir(out)
+        state_path = state_location(opts.work_dir, out, partial)
+        check_space(plan, runs, budget, partial, state_path, request.fresh)
+        line = describe(client, budget, scheduler_address(opts)) if client else describe_local(budget, opts, runs)
+        log.info(line)
+        if request.progress:
+            sys.stderr.write(f"streamsoup: {line}\n")
+        machine = machine_info(budget.lanes, budget.max_ram, budget.max_vram, line)
+        opts = replace(opts, threads=budget.lanes.threads)
+        return _locked_run(Attempt(request, opts, state_path, budget, runs, client, machine))
+
+
+def _locked_run(run: Attempt) -> MergeSummary:
+    plan, opts, state_path, out = run.request.plan, run.opts, run.state_path, run.request.out
+    fingerprint = run.request.fingerprint
+    partial = writer.partial_dir(out)
+    claim_partial(partial, out)
+    try:
+        with RunLock(partial) as lock, InterruptGuard() as guard:
+            if out.exists():  # another merge of this OUT published while this one planned
+                return published_meanwhile(partial, out, fingerprint)
+            if run.request.fresh or not owned.owned(state_path, out, "state"):
+                discard(partial, state_path, out)  # bytes without a state are not trusted
+            state = RunState.open(state_path, out, fingerprint, run_head(plan, fingerprint, out), run.machine)
+            if opts.work_dir:
+                (partial / POINTER_NAME).write_text(str(state_path) + "\n")
+            resumed = len(state.committed())
+            log.info("planned %d tensors (%d to edit), %d already done", len(plan.jobs), len(plan.edits), resumed)
+            writer.preallocate(plan.layout, partial)
+            results = execute(run, state, guard)
+            with guard.critical():
+                if not finish(plan, partial, out, results, state):
+                    return published_meanwhile(partial, out, fingerprint)
+                cleanup(out, state_path if opts.work_dir else None)
+                lock.release()
+    except (Interrupted, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # whatever a task or the state saw, the cause is the folder that is gone
+        if not owned.owned(partial, out, "partial") and not out.exists():
+            raise RunError(f"{partial} vanished during the run (removed by another process?); nothing was "
+                           "published: rerun the same command to start over") from exc  # fmt: skip
+        raise
+    edited = sum(r.action == "edit" for r in results)
+    return MergeSummary(out, len(results), edited, len(results) - edited, len(plan.dropped), plan.bytes_to_write,
+                        time.perf_counter() - run.request.start, out / REPORT_NAME, resumed=resumed,
+                        warnings=plan.warnings)  # fmt: skip
+
+
+def state_location(work_dir: str, out: Path, partial: Path) -> Path:
+    """Where the resume state lives: inside OUT.partial, or under --work-dir.
+
+    --work-dir is the state folder itself when streamsoup makes it (absent) or made it for this OUT
+    (a rerun); an existing folder of the user's gets a subfolder of its own, so nothing of theirs is
+    ever touched, and only that subfolder is removed once OUT is published.
+    """
+    if not work_dir:
+        return partial / STATE_NAME
+    root = Path(work_dir).absolute()
+    if not os.path.lexists(root) or owned.owned(root, out, "state"):
+        return root
+    if not owned.is_dir(root.resolve()):
+        raise OptionError("work_dir", f"{root} exists and is not a folder; give a folder (new or existing)")
+    digest = hashlib.sha256(str(out).encode()).hexdigest()[:8]
+    return root / f"streamsoup-state-{out.name}-{digest}"
+
+
+def claim_partial(partial: Path, out: Path) -> None:
+    """Make OUT.partial, marked as this OUT's; an existing one is used only if streamsoup made it for OUT."""
+    if not os.path.lexists(partial):
+        try:
+            owned.create(partial, out, "partial")
+            return
+        except FileExistsError:  # made by a concurrent merge of this OUT just now: its marker decides
+            time.sleep(0.2)
+    holder = RunLock.holder(partial) if owned.is_dir(partial) else None
+    if holder is not None:
+        raise UsageError(f"another streamsoup merge ({holder}) is writing {partial}; wait for it to finish or stop "
+                         "it first")  # fmt: skip
+    if not owned.owned(partial, out, "partial"):
+        what = "a symlink" if partial.is_symlink() else "not a folder" if not partial.is_dir() else \
+            f"a folder without streamsoup's marker ({owned.MARKER}) for this OUT"
+        raise UsageError(f"{partial} exists and is {what}; streamsoup never writes into or empties what it did "
+                         "not make: move it away or remove it, then rerun")  # fmt: skip
+
+
+def run_fingerprint(plan: MergePlan) -> dict[str, Any]:
+    """Everything that decides the output bytes: input shards, output options, version."""
+    return {
+        "streamsoup": __version__,
+        "options": plan.options.output_fingerprint(),
+        "base": plan.base.fingerprint(),
+        "finetuned": (plan.adapter or plan.finetuned).fingerprint(),
+    }
+
+
+def check_output(out: Path, plan: MergePlan) -> None:
+    """OUT must not sit inside either input (we never write into an input)."""
+    target = out.resolve()
+    for role, ckpt in (("BASE", plan.base), ("FINETUNED", plan.adapter or plan.finetuned)):
+        root = ckpt.root.resolve()
+        if target == root or (root.is_dir() and root in target.parents):
+            raise UsageError(f"OUT {out} is inside {role} {ckpt.root}; write the merged model elsewhere")
+
+
+def discard(partial: Path, state_path: Path, out: Path) -> None:
+    """Empty OUT.partial (keeping our lock) and the state: start over. Only folders streamsoup made are touched."""
+    owned.clear(partial, out, "partial", keep=(LOCK_NAME,))
+    if state_path.parent != partial and owned.owned(state_path, out, "state"):
+        owned.clear(state_path, out, "state")
+
+
+def check_space(plan: MergePlan, runs: dict[str, Execution], budget: Budget, partial: Path, state_path: Path,
+                fresh: bool) -> None:  # fmt: skip
+    """Before any tensor is computed: room for what remains to write on OUT's and the state's filesystems."""
+    streamed = [small_side(j.finetuned) for j in plan.edits if runs[j.key].streamed]
+    widths = [small_side(j.finetuned) for j in plan.edits]
+    existing = partial if partial.exists() and not fresh else partial / ".none"
+    needs = {partial: output_needs(plan.layout, existing, plan.side_roots)}
+    state = state_bytes(widths, streamed, budget.lanes.total, len(plan.jobs))
+    needs[state_path] = needs.get(state_path, 0) + state
+    check_disk_space(needs)
+
+
+def describe_local(budget: Budget, opts: MergeOptions, runs: dict[str, Execution]) -> str:
+    """The budget in force, for the terminal, the batch log and the -v log."""
+    source = "" if opts.max_ram else " (70% of available memory; set --max-ram)"
+    streamed = sum(r.streamed for r in runs.values())
+    extra = f", {streamed} tensor(s) streamed in row blocks" if streamed else ""
+    return f"max-ram {format_size(budget.max_ram)}{source}; {budget.lanes.describe()}{extra}"
+
+
+def execute(run: Attempt, state: RunState, guard: InterruptGuard) -> list[TensorResult]:
+    """Run every tensor not committed yet, committing each as it lands; the results in plan order."""
+    plan, opts = run.request.plan, run.opts
+    markers, damaged = state.usable()
+    if damaged:
+        shown = "; ".join(f"{key}: {why}" for key, why in sorted(damaged.items())[:3])
+        more = f" and {len(damaged) - 3} more" if len(damaged) > 3 else ""
+        log.warning("%d record(s) of the resume state did not verify (%s%s); their tensors are recomputed",
+                    len(damaged), shown, more)  # fmt: skip
+        state.forget(list(damaged))
+    committed = {key: m.row for key, m in markers.items()}
+    ctx = TaskContext(str(writer.partial_dir(run.request.out)), str(run.state_path), opts.checkpoint_seconds)
+    tasks = build_graph(plan, ctx, opts, run.runs, committed)
+    results: dict[str, TensorResult] = {}
+    done = [t for t in tasks if t.key in committed]
+    with Progress(len(tasks), plan.bytes_to_write, len(done), sum(t.nbytes for t in done),
+                  enabled=run.request.progress) as bar:  # fmt: skip
+
+        def on_done(task: GraphTask, result: TensorResult) -> None:
+            if not result.resumed:
+                fault_point("commit")
+                result = replace(result, attempt=state.attempt)
+                with guard.critical():
+                    state.commit(task.key, result.crc32c, result.as_dict(), result.singular_values)
+            results[task.key] = result
+            if task.key not in committed:  # resumed tensors are in the bar's starting count already
+                bar.advance(task.nbytes)
+
+        try:
+            if run.client is not None:
+                run_graph(run.client, tasks, on_done, worker_resources(run.client), watch=True, tick=bar.tick)
+            else:
+                with local_client(run.budget) as local:
+                    run_graph(local, tasks, on_done, {"local": worker_capacity(run.budget)}, tick=bar.tick)
+        except KeyboardInterrupt:
+            raise Interrupted(MESSAGE) from None
+    return [results[job.key] for job in plan.jobs]

@@ -1,0 +1,118 @@
+"""The end of a merge: side files, index, spectra and report into OUT.partial, the rename that makes OUT
+appear, and the cleanup of a published OUT (also what a rerun finds after a kill around the rename)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import RunError, UsageError
+from ..faults import fault_point
+from ..io import owned, writer
+from ..io.checkpoint import INDEX_NAME
+from ..io.sidefiles import SideFile, copy_side_files, side_files
+from ..io.state import LOCK_NAME, POINTER_NAME, STATE_ENTRIES, STATE_NAME, RunState, describe_changes
+from ..planning.planner import MergePlan
+from ..reporting import REPORT_NAME, MergeSummary, write_report, write_spectra
+from ..reporting.record import Outcome, assemble
+from ..sources.adapter import ADAPTER_CONFIG
+from ..tasks.result import TensorResult
+
+log = logging.getLogger(__name__)
+
+
+def finish(plan: MergePlan, partial: Path, out: Path, results: list[TensorResult], state: RunState) -> bool:
+    """Side files, index, spectra, report; then the atomic rename that makes OUT appear.
+
+    False: OUT appeared meanwhile (a concurrent run published it), and nothing was replaced.
+    """
+    copy_side_files(plan_side_files(plan), partial)
+    if plan.save == "adapter":
+        writer.write_json(partial / ADAPTER_CONFIG, plan.adapter.reweighed_config())
+    index = plan.layout.index_json()
+    if index is not None:
+        writer.write_json(partial / INDEX_NAME, index)
+    committed = sorted(state.committed().items())  # in plan order: the same merge writes the same bytes
+    spectra, damaged = state.spectra([m for _, m in committed])
+    if damaged:
+        raise RunError(f"the resume state {state.path} changed during the run (the spectrum of {damaged[0]} does "
+                       "not verify); rerun the same command: what does not verify is recomputed")  # fmt: skip
+    write_spectra(partial, spectra)
+    outcome = Outcome("complete", out, state.elapsed(), time.time(), state.fingerprint)
+    # the head is the one this attempt stored when it opened the state
+    report = assemble(state.head, state.runs, [r.as_dict() for r in results], outcome)
+    report["shards"] = plan.layout.records()
+    write_report(partial, report)
+    fault_point("publish.before-rename")
+    if not writer.publish(partial, out):
+        return False
+    fault_point("publish.after-rename")
+    return True
+
+
+def plan_side_files(plan: MergePlan) -> list[SideFile]:
+    """The config and tokenizer files OUT gets (not an adapter's own config in a merged model), all checked."""
+    adapter_root = plan.adapter.root if plan.adapter is not None and plan.save == "model" else None
+    return [f for root in plan.side_roots
+            for f in side_files(root, skip=(ADAPTER_CONFIG, "README.md") if root == adapter_root else ())]  # fmt: skip
+
+
+def cleanup(out: Path, external_state: Path | None) -> None:
+    """Remove the run's bookkeeping from a published OUT (a kill here is finished by a rerun).
+
+    A state folder is removed only when streamsoup made it for this OUT and it holds nothing else.
+    """
+    for state in (external_state, out / STATE_NAME):
+        if state is not None and os.path.lexists(state) and not owned.remove(state, out, "state", is_state_entry):
+            log.warning("left %s in place: it is not a resume state streamsoup made for %s (or it holds other "
+                        "files)", state, out)  # fmt: skip
+    for name in (POINTER_NAME, LOCK_NAME, owned.MARKER):
+        path = out / name
+        if os.path.lexists(path) and not owned.is_dir(path):
+            path.unlink()
+
+
+def is_state_entry(name: str) -> bool:
+    return name in STATE_ENTRIES
+
+
+def existing_output(out: Path, fingerprint: dict[str, Any]) -> MergeSummary:
+    """OUT exists. The same merge (its report records the fingerprint): nothing to do, or only the cleanup a
+    kill after the publish rename left. Anything else is refused: streamsoup never overwrites."""
+    try:
+        recorded = json.loads((out / REPORT_NAME).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise UsageError(f"OUT {out} already exists and is not a streamsoup output; streamsoup never overwrites: "
+                         "choose a new folder or remove it")  # fmt: skip
+    if recorded != fingerprint:
+        changes = "; ".join(describe_changes(recorded, fingerprint)) or "a different fingerprint"
+        raise UsageError(f"OUT {out} already holds a different merge ({changes}); streamsoup never overwrites: "
+                         "choose a new folder or remove it")  # fmt: skip
+    pointer = out / POINTER_NAME
+    leftovers = [p for p in (out / STATE_NAME, pointer, out / LOCK_NAME, out / owned.MARKER) if os.path.lexists(p)]
+    if leftovers:
+        cleanup(out, read_pointer(pointer))
+    return MergeSummary.from_report(out, already_complete=not leftovers)
+
+
+def published_meanwhile(partial: Path, out: Path, fingerprint: dict[str, Any]) -> MergeSummary:
+    """OUT appeared while this run held its own OUT.partial: the same merge finished elsewhere, or refused."""
+    summary = existing_output(out, fingerprint)  # refuses a different merge, naming the difference
+    owned.remove(partial, out, "partial", lambda name: True)  # ours, made by this very run: its work is not needed
+    log.warning("%s was published by another run of the same merge meanwhile; this run's work is discarded", out)
+    return summary
+
+
+def read_pointer(pointer: Path) -> Path | None:
+    """The --work-dir an OUT's pointer names (only a hint: `cleanup` deletes nothing it cannot prove is ours)."""
+    try:
+        text = pointer.read_text(errors="replace").strip() if pointer.is_file() else ""
+    except OSError:
+        return None
+    return Path(text) if text.startswith("/") and "\0" not in text else None

@@ -1,0 +1,233 @@
+"""The dense paths of the per-tensor task: dW = W1 - W0 whole in memory, or streamed in row blocks from disk.
+
+In memory: one Gram pass, one eigensolve (or a full SVD), one projection pass, one write.
+Streamed (the working set passes the budget): the same passes over row blocks read from
+disk, with the Gram, then the basis and every written block saved now and then, so a kill
+resumes mid-tensor from what verifies.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import AS_IS, InputError, nonfinite
+from ..faults import fault_point
+from ..io import writer
+from ..io.checkpoint import matrix_shape, read_block, read_tensor
+from ..io.dtypes import torch_dtype
+from ..io.state import PartialTensor, StateDamaged
+from ..numerics.lowrank import materialize, row_blocks
+from ..numerics.monosoup import Coefficients, coefficients, reweigh
+from ..numerics.spectral import (
+    DiskRows,
+    GramEigen,
+    GramSums,
+    MemoryRows,
+    RowSource,
+    Spectrum,
+    accumulate,
+    eigh_spectrum,
+    svd_spectrum,
+)
+from ..options import MergeOptions
+from ..planning.planner import TensorJob
+from ..planning.schedule import Execution
+from .result import Edit, Stopwatch, TaskContext, TensorResult, copied, edited
+from .rules import NONFINITE_COPIED, cannot_edit, skip_reason
+
+log = logging.getLogger(__name__)
+
+
+def merge_dense(job: TensorJob, options: MergeOptions, folder: Path, device: str, watch: Stopwatch) -> TensorResult:
+    """The whole tensor in memory: W1 read from the fine-tune, or computed from an adapter (DoRA) in float64."""
+    watch.on(device)
+    with watch("read"):
+        w0 = read_tensor(job.base)
+        w1 = materialize(job.lora, w0) if job.lora is not None else read_tensor(job.finetuned)
+    src = MemoryRows(w0, w1, device)
+    sums = gram_pass(src, options.spectral, watch)
+    reason, rel = decide(sums, options, job)
+    if reason:
+        del w0, src, sums
+        with watch("write"):
+            crc = _write_fine_tune(job, folder, w1, not options.allow_nonfinite)
+        return copied(job, watch, reason, crc, rel)
+    spectrum, coef = spectrum_of(src, sums, options, watch)
+    del sums
+    out = reweighed(src, spectrum, coef, torch_dtype(job.out_dtype), watch)
+    with watch("write"):
+        crc = writer.write_tensor(folder, job.placement, out)
+    return edited(job, options, watch, Edit(coef, spectrum.s, spectrum.path, crc, rel, device))
+
+
+def decide(sums: GramSums, options: MergeOptions, job: TensorJob) -> tuple[str, float | None]:
+    """Why an edit candidate is copied after all ("" when it is edited), and its relative update."""
+    if not (math.isfinite(sums.dw_sq) and math.isfinite(sums.w0_sq)):
+        if options.allow_nonfinite:
+            return NONFINITE_COPIED, None
+        culprit = job.base if not math.isfinite(sums.w0_sq) else job.finetuned  # dW = W1 - W0 with W0 finite
+        raise cannot_edit(culprit, job)
+    return skip_reason(sums.dw_sq, sums.w0_sq, options)
+
+
+def _output_as_is(job: TensorJob) -> InputError:
+    return nonfinite(job.finetuned.path, f"tensor {job.name!r} contains", AS_IS)
+
+
+def _write_fine_tune(job: TensorJob, folder: Path, w1: torch.Tensor, check_finite: bool) -> int:
+    """The fine-tune's tensor unchanged: its bytes, or (an adapter's W1 in another dtype) rounded once."""
+    if job.lora is None and job.out_dtype == job.finetuned.dtype:
+        return writer.copy_tensor(job.finetuned, folder, job.placement, check_finite)
+    out = w1.to(torch_dtype(job.out_dtype))
+    if check_finite and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        raise _output_as_is(job)
+    return writer.write_tensor(folder, job.placement, out, finite=check_finite)
+
+
+def _stream_fine_tune(job: TensorJob, folder: Path, check_finite: bool) -> int:
+    """The fine-tune's tensor unchanged, too big for memory: its bytes, or converted row block by row block."""
+    ref = job.finetuned
+    if job.out_dtype == ref.dtype:
+        return writer.copy_tensor(ref, folder, job.placement, check_finite)
+    slot = writer.SlotWriter(folder, job.placement, finite=check_finite)
+    try:
+        for row, stop in row_blocks(*matrix_shape(ref.shape)):
+            block = read_block(ref, row, stop, False)
+            if check_finite and not bool(torch.isfinite(block).all()):
+                raise _output_as_is(job)
+            slot.write(block.to(torch_dtype(job.out_dtype)))
+        return slot.close()
+    except BaseException:
+        slot.abort()
+        raise
+
+
+def gram_pass(src: RowSource, spectral: str, watch: Stopwatch) -> GramSums:
+    """One pass over the update: its norms, and its Gram matrix unless the full-SVD path is asked for."""
+    with watch("gram"):
+        return accumulate(src, with_gram=spectral != "svd")
+
+
+def spectrum_of(src: MemoryRows, sums: GramSums, options: MergeOptions,
+                watch: Stopwatch) -> tuple[Spectrum, Coefficients]:  # fmt: skip
+    """The singular values, k, and the eigenvectors of the side of the split that the projection uses."""
+    with watch("eigh"):
+        full = svd_spectrum(src) if options.spectral == "svd" else eigh_spectrum(sums.gram)
+        return split(full, options)
+
+
+def split(full: GramEigen | Spectrum, options: MergeOptions) -> tuple[Spectrum, Coefficients]:
+    coef = coefficients(full.s, options.rank_rule, options.energy)
+    return full.keep_needed(coef.k), coef
+
+
+def reweighed(src: MemoryRows, spectrum: Spectrum, coef: Coefficients, dtype: torch.dtype,
+              watch: Stopwatch) -> torch.Tensor:  # fmt: skip
+    """The MonoSoup tensor, micro block by micro block, in the original shape and the output dtype."""
+    with watch("project"):
+        out = torch.empty(src.shape, dtype=dtype)
+        tall = src.tall_view(out)
+        for block in src.read_blocks():
+            for rows in src.micro_blocks(block):
+                tall[rows].copy_(_reweighed(src, rows, spectrum, coef))  # rounds to the output dtype once
+    return out
+
+
+def _reweighed(src: RowSource, rows: slice, spectrum: Spectrum, coef: Coefficients) -> torch.Tensor:
+    """W = W0 + lam_low dW + (lam_high - lam_low) dW_high for one micro block, in float64 (src's workspace)."""
+    w0, x = src.read(rows)
+    return reweigh(w0, x, spectrum.high_part(x, coef.k, src), coef, out=src.buffer("out", x.shape[0]))
+
+
+def merge_streamed(job: TensorJob, options: MergeOptions, ctx: TaskContext, run: Execution, device: str,
+                   watch: Stopwatch) -> TensorResult:  # fmt: skip
+    """Row blocks from disk: Gram pass (saved now and then), eigh once, then project and write block by block.
+
+    Saved progress counts only once it verifies: the Gram and the basis against their crc32c, and
+    every block of rows written before a kill against the crc32c recorded when it was written.
+    """
+    folder, ref = Path(ctx.folder), job.finetuned
+    shape, dtype = matrix_shape(ref.shape), torch_dtype(job.out_dtype)
+    watch.on(device)
+    src = DiskRows(job.base, ref, run.block_rows, device, watch)
+    partial = PartialTensor(ctx.state_path, job.key)
+    saved = _verified_progress(partial, folder, job, shape, src.transposed)
+    if saved.get("phase") != "project":
+        with watch("gram"):
+            sums = _gram_pass(src, partial, saved, ctx.checkpoint_seconds)
+        src.release()
+        reason, rel = decide(sums, options, job)
+        if reason:
+            with watch("write"):
+                crc = _stream_fine_tune(job, folder, not options.allow_nonfinite)
+            return copied(job, watch, reason, crc, rel, blocks=src.n_blocks)
+        with watch("eigh"):
+            spectrum, coef = split(eigh_spectrum(sums.gram), options)
+        del sums
+        info = {"k": coef.k, "rel": rel, "coef": coef.as_dict(), "kept": spectrum.kept}
+        partial.save_basis(spectrum.s.numpy(), spectrum.basis.cpu().numpy(), info)
+        saved = partial.attrs
+    s, basis = partial.load_basis(saved)
+    coef = Coefficients(**saved["coef"])
+    spectrum = Spectrum(torch.from_numpy(s), torch.from_numpy(basis).to(device), "gram", saved["kept"])
+    for block in src.read_blocks(saved["next_row"]):
+        src.load(block)
+        with watch("project"):
+            out = torch.empty(block.stop - block.start, src.cols, dtype=dtype)
+            for rows in src.micro_blocks(block):
+                out[rows.start - block.start : rows.stop - block.start].copy_(_reweighed(src, rows, spectrum, coef))
+        with watch("write"):
+            crc = writer.write_block(folder, job.placement, shape, block.start, out, src.transposed)
+        del out  # before the next block's buffer exists
+        saved = partial.save_progress(saved, block.start, block.stop, crc)
+        fault_point("block")
+    src.release()
+    with watch("write"):
+        crc = writer.slot_crc(folder, job.placement)
+    return edited(job, options, watch, Edit(coef, s, "gram", crc, saved["rel"], device, src.n_blocks))
+
+
+def _verified_progress(partial: PartialTensor, folder: Path, job: TensorJob, shape: tuple[int, int],
+                       transposed: bool) -> dict:  # fmt: skip
+    """The saved progress with everything it names checked; a projection resumes after its last good block."""
+    saved = partial.attrs
+    try:
+        if saved.get("phase") == "gram":
+            partial.load_gram(saved)
+        elif saved.get("phase") == "project":
+            partial.load_basis(saved)
+            good = []
+            for begin, stop, crc in saved["written"]:
+                if writer.block_crc(folder, job.placement, shape, begin, stop, transposed) != crc:
+                    log.warning("%s: rows %d:%d written before the interruption changed on disk; rewriting from "
+                                "there", job.name, begin, stop)  # fmt: skip
+                    break
+                good.append([begin, stop, crc])
+            if len(good) < len(saved["written"]):
+                saved = {**saved, "written": good, "next_row": good[-1][1] if good else 0}
+    except StateDamaged as exc:
+        partial.damaged(str(exc))
+        return {}
+    return saved
+
+
+def _gram_pass(src: DiskRows, partial: PartialTensor, saved: dict, every: float) -> GramSums:
+    sums = None
+    if saved.get("phase") == "gram":
+        gram = torch.from_numpy(partial.load_gram(saved)).to(src.device)
+        sums = GramSums(gram, saved["dw_sq"], saved["w0_sq"], saved["next_row"])
+    last = time.monotonic()
+
+    def checkpoint(acc: GramSums) -> None:
+        nonlocal last
+        if time.monotonic() - last >= every and acc.next_row < src.rows:
+            partial.save_gram(acc.gram.cpu().numpy(), acc.next_row, acc.dw_sq, acc.w0_sq)
+            last = time.monotonic()
+            fault_point("gram")
+
+    return accumulate(src, with_gram=True, sums=sums, on_block=checkpoint)

@@ -1,0 +1,70 @@
+"""The per-tensor task: load -> delta -> spectrum -> reweigh -> write, fused; this module picks its path.
+
+One task per tensor keeps every intermediate on the worker that made it: only the
+small TensorResult travels back (dask holds a finished task's output until its
+dependents run, so separate load/compute tasks would pile up whole tensors).
+A tensor runs whole in memory or streamed in row blocks (dense.py), from LoRA factors
+(lora.py), or is copied; a tensor committed by an earlier attempt is only re-checked.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..io import writer
+from ..numerics.hostlinalg import set_threads
+from ..options import MergeOptions
+from ..planning.planner import COPY, EDIT, TensorJob
+from ..planning.schedule import Execution
+from .dense import merge_dense, merge_streamed
+from .devices import DevicePool, device_stream, release_memory
+from .lora import merge_lowrank, write_bias
+from .result import Stopwatch, TaskContext, TensorResult, copied
+from .rules import nonfinite_edit
+
+log = logging.getLogger(__name__)
+
+
+def merge_tensor(
+    job: TensorJob, options: MergeOptions, ctx: TaskContext, run: Execution, committed: dict | None = None
+) -> TensorResult:
+    """Produce one output tensor in its slot, or confirm that an earlier attempt already did.
+
+    `committed` is the report row of an earlier attempt's marker: if the slot still holds
+    bytes with its checksum, nothing is recomputed; a torn or lost write is redone.
+    """
+    try:
+        return _merge_tensor(job, options, ctx, run, committed)
+    except writer.NonFiniteOutput:
+        raise nonfinite_edit(job) from None
+
+
+def _merge_tensor(job: TensorJob, options: MergeOptions, ctx: TaskContext, run: Execution,
+                  committed: dict | None) -> TensorResult:  # fmt: skip
+    folder = Path(ctx.folder)
+    if committed is not None:
+        if writer.slot_crc(folder, job.placement) == committed["crc32c"]:
+            return TensorResult.from_dict(committed, resumed=True)
+        log.warning("%s: stored bytes do not match the recorded checksum; recomputing", job.name)
+    watch = Stopwatch()
+    if options.threads:
+        set_threads(options.threads)
+    if job.bias is not None and not job.factors_out:
+        return write_bias(job, folder, watch)
+    if job.action == COPY:
+        with watch("write"):
+            crc = writer.copy_tensor(job.finetuned, folder, job.placement, not options.allow_nonfinite)
+        return copied(job, watch, job.reason, crc)
+    assert job.action == EDIT and job.base is not None
+    if job.lowrank:
+        return merge_lowrank(job, options, ctx, watch)  # I/O-bound: on the host, whatever the lane
+    device = DevicePool.acquire() if run.lane == "device" else "cpu"
+    try:
+        with device_stream(device):
+            if run.streamed:
+                return merge_streamed(job, options, ctx, run, device, watch)
+            return merge_dense(job, options, folder, device, watch)
+    finally:
+        DevicePool.release(device) if run.lane == "device" else None
+        release_memory()

@@ -1,0 +1,49 @@
+"""When an edit candidate is copied after all, and what a task says of NaN/Inf: each rule written once.
+
+Both the dense and the low-rank paths decide from the same two sums, ||dW||^2 and ||W0||^2,
+so a tensor is edited or copied for the same reason whichever path computed it.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..errors import InputError, RunError, nonfinite
+from ..io.checkpoint import TensorRef
+from ..numerics.monosoup import EPS, relative_update, update_is_significant
+from ..options import MergeOptions
+from ..planning.planner import TensorJob
+from ..sources.adapter import ADAPTER_CONFIG
+
+NONFINITE_COPIED = "NaN or Inf in BASE or FINETUNED: the fine-tune's tensor copied unchanged (--allow-nonfinite)"
+BELOW_EPS = "update energy below eps: the fine-tune's values are kept"
+#: what to do about NaN/Inf in a tensor MonoSoup was to edit
+FIX_OR_COPY = ("MonoSoup cannot edit it: fix the checkpoint, or rerun with --allow-nonfinite to copy the fine-tune's "
+               "values unchanged")  # fmt: skip
+
+
+def skip_reason(dw_sq: float, w0_sq: float, options: MergeOptions) -> tuple[str, float]:
+    """Why an edit candidate with finite sums is copied after all ("" when it is edited), and its relative update."""
+    dw_norm, w0_norm = math.sqrt(dw_sq), math.sqrt(w0_sq)
+    rel = relative_update(dw_norm, w0_norm)
+    if not update_is_significant(dw_norm, w0_norm, options.min_rel_update):
+        return f"relative update {rel:.3g} below --min-rel-update {options.min_rel_update:g}", rel
+    if dw_sq < EPS:
+        return BELOW_EPS, rel
+    return "", rel
+
+
+def cannot_edit(ref: TensorRef, job: TensorJob) -> InputError:
+    """NaN/Inf in an input of a tensor to edit, named with the checkpoint file that holds them."""
+    return nonfinite(ref.path, f"tensor {job.name!r} contains", FIX_OR_COPY)
+
+
+def nonfinite_edit(job: TensorJob) -> RunError:
+    """An edit of finite inputs that gives NaN/Inf: name the tensor and what made it overflow."""
+    if job.lora is not None:
+        cause = (f"the adapter scales this module's update by {job.lora.scale:g} (lora_alpha / r in "
+                 f"{ADAPTER_CONFIG}), which overflows {job.out_dtype}: fix lora_alpha")  # fmt: skip
+    else:
+        cause = f"the edited values overflow {job.out_dtype}"
+    return RunError(f"tensor {job.name!r}: the result would contain NaN or Inf ({cause}); nothing was "
+                    "published")  # fmt: skip
