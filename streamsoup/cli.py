@@ -52,8 +52,9 @@ def _add_option_flags(parser: argparse.ArgumentParser, options: list[Field]) -> 
         parser.add_argument(flag_name(f.name), **kwargs)
 
 
-BASE_HELP = "pre-trained checkpoint: a folder of *.safetensors shards (with or without an index) or one file"
-FINETUNED_HELP = "the fine-tune of BASE: a folder of *.safetensors shards or one file"
+BASE_HELP = ("pre-trained checkpoint: a folder of *.safetensors or torch.save *.bin/*.pt/*.pth shards (with or "
+             "without an index), one such file, or a Hugging Face repo id")
+FINETUNED_HELP = "the fine-tune of BASE: the same kinds of folder, file or repo id, or a PEFT LoRA adapter folder"
 OUT_HELP = "the merge's output folder (a finished one, or one whose OUT.partial an interrupted run left)"
 
 

@@ -152,14 +152,13 @@ class Checkpoint(Mapping[str, TensorRef]):
             raise InputError(f"{role} {path} does not exist")
         if path.is_file():
             if path.suffix != ".safetensors":
-                raise InputError(f"{role} {path} is not a .safetensors file or a folder of them")
+                raise InputError(f"{role} {path} is not a .safetensors, .bin, .pt or .pth file, or a folder of them")
             return cls(path, [read_header(path)])
         index = path / INDEX_NAME
-        files = _files_from_index(index) if index.exists() else sorted(p.name for p in path.glob("*.safetensors"))
+        files = index_files(index) if index.exists() else sorted(p.name for p in path.glob("*.safetensors"))
         if not files:
             raise InputError(
-                f"{role} {path} has no *.safetensors files (only .safetensors checkpoints "
-                "are supported; convert .bin weights first)"
+                f"{role} {path} has no *.safetensors, *.bin, *.pt or *.pth files (nor an index naming them)"
             )
         ckpt = cls(path, [read_header(path / f) for f in files])
         if index.exists():
@@ -214,15 +213,16 @@ def sample_crc(shard: ShardHeader) -> int:
         os.close(fd)
 
 
-def _files_from_index(index: Path) -> list[str]:
+def index_files(index: Path) -> list[str]:
+    """The shard files an index's weight_map names: plain names of files in the index's own folder."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         files = list(dict.fromkeys(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise InputError(f"{index}: not a valid index (needs a 'weight_map' object)") from None
     for file in files:
-        if not isinstance(file, str) or not (index.parent / file).is_file():
-            raise InputError(f"{index}: names shard {file!r}, which does not exist in {index.parent}")
+        if not isinstance(file, str) or Path(file).name != file or not (index.parent / file).is_file():
+            raise InputError(f"{index}: names shard {file!r}, which is not a file of {index.parent}")
     return sorted(files)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import InputError, UsageError
@@ -16,6 +16,8 @@ from ..sources.adapter import ADAPTER_WEIGHTS, AdapterTensors, resolve
 from .preflight import check_not_adapter, check_pairing
 
 EDIT, COPY = "edit", "copy"
+#: what torch.nn.parallel.DistributedDataParallel puts before every name of the module it wraps
+DDP_PREFIX = "module."
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ def plan_merge(base: str | Path | Checkpoint, finetuned: str | Path | Checkpoint
         raise UsageError(f"--save adapter needs a LoRA adapter as FINETUNED; {ft.root} is a full checkpoint: "
                          "use --save model")  # fmt: skip
     check_not_adapter(ft, "FINETUNED")
+    base_ckpt, ft, renamed = without_ddp_prefix(base_ckpt, ft)
     layout = ShardLayout.plan((TensorSpec(r.name, r.dtype, r.shape) for r in ft.values()), options.shard_size)
     jobs = []
     for i, ref in enumerate(ft.values()):
@@ -119,8 +122,24 @@ def plan_merge(base: str | Path | Checkpoint, finetuned: str | Path | Checkpoint
     dropped = tuple(name for name in base_ckpt if name not in ft)
     warning = check_pairing(base_ckpt, ft, sum(j.action == EDIT for j in jobs))
     side = (ft.root,) if ft.root.is_dir() else ()
-    return MergePlan(base_ckpt, ft, options, tuple(jobs), dropped, layout, (warning,) if warning else (),
-                     side_roots=side)  # fmt: skip
+    warnings = tuple(w for w in (renamed, warning) if w)
+    return MergePlan(base_ckpt, ft, options, tuple(jobs), dropped, layout, warnings, side_roots=side)
+
+
+def without_ddp_prefix(base: Checkpoint, ft: Checkpoint) -> tuple[Checkpoint, Checkpoint, str | None]:
+    """DistributedDataParallel saves every name under 'module.': on one side only, pair without it.
+
+    OUT then has the plain names; the returned line says so (plan and merge print it as a warning).
+    """
+    for role, side, other in (("FINETUNED", ft, base), ("BASE", base, ft)):
+        if side and all(n.startswith(DDP_PREFIX) for n in side) and not any(n.startswith(DDP_PREFIX) for n in other):
+            shards = [replace(s, tensors=tuple(replace(r, name=r.name[len(DDP_PREFIX):]) for r in s.tensors))
+                      for s in side.shards]  # fmt: skip
+            plain = Checkpoint(side.root, shards)
+            note = (f"every tensor name of {role} starts with DDP's {DDP_PREFIX!r} and none of the other's does: "
+                    f"paired without it{', and OUT uses the names without it' if role == 'FINETUNED' else ''}")
+            return (base, plain, note) if role == "FINETUNED" else (plain, ft, note)
+    return base, ft, None
 
 
 @dataclass

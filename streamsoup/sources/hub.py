@@ -1,8 +1,9 @@
 """Hugging Face repo ids (``org/name``, ``org/name@revision``) as inputs, resolved with huggingface_hub.
 
 The local cache is tried first (no network); ``HF_HUB_OFFLINE=1`` is honoured by huggingface_hub
-itself. Online, only the files a merge needs are fetched: weights in safetensors, JSON configs and
-indexes, tokenizer files.
+itself. Online, only the files a merge needs are fetched: weights in safetensors (torch.save
+``*.bin``/``*.pt``/``*.pth`` only for a repo that has no safetensors), JSON configs and indexes,
+tokenizer files.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from pathlib import Path
 
 from ..errors import InputError
 
-#: what a merge reads from a repo (never *.bin, *.gguf or other weight formats)
+#: what a merge reads from a repo (never *.gguf or other weight formats; see PICKLED)
 NEEDED = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+#: the weights fetched instead when a repo has no safetensors at all
+PICKLED = ["*.bin", "*.pt", "*.pth"]
 REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 
 
@@ -27,7 +30,7 @@ def parse_repo_id(spec: str) -> tuple[str, str | None] | None:
 
 def resolve_repo(spec: str, role: str) -> Path:
     """The local snapshot folder of a repo id: from the cache, else (when online) downloaded."""
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -46,7 +49,9 @@ def resolve_repo(spec: str, role: str) -> Path:
                              "HF_HUB_OFFLINE=1 forbids downloading it; download it first or unset "
                              "HF_HUB_OFFLINE") from None  # fmt: skip
     try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=NEEDED))
+        files = HfApi().list_repo_files(repo, revision=revision)
+        wanted = NEEDED if any(f.endswith(".safetensors") for f in files) else NEEDED + PICKLED
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=wanted))
     except RevisionNotFoundError:
         raise InputError(f"{role} {shown}: the repo has no revision {revision!r}; check the branch, tag or "
                          "commit after '@'") from None  # fmt: skip

@@ -1,0 +1,294 @@
+"""PyTorch checkpoints saved by `torch.save` (.bin/.pt/.pth): tensors located from the pickle alone, no code run.
+
+torch's zip format holds a pickle (``<archive>/data.pkl``) and one zip entry per storage
+(``<archive>/data/<key>``), stored uncompressed. The pickle is read by an unpickler that knows
+only the globals torch's own ``weights_only`` loader allows for a state dict (tensor and
+storage rebuilds, OrderedDict, plain containers and scalars), each mapped to a function of
+ours that records where a tensor's bytes are instead of building it; any other global is
+refused by name. A tensor that is a contiguous range of its storage is then an ordinary
+TensorRef into the file, read with bounded preads like a safetensors tensor, so nothing
+downstream cares where it came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import pickle
+import struct
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from ..io.checkpoint import MAX_HEADER, Checkpoint, ShardHeader, TensorRef, index_files
+from ..io.dtypes import ITEM_SIZE
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".bin", ".pt", ".pth")
+INDEX_NAME = "pytorch_model.bin.index.json"
+#: keys under which training scripts keep the state dict beside other entries (epoch, optimizer, ...)
+STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
+#: torch's legacy (pre-1.6) files start with a pickled magic number
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+#: torch storage class name -> safetensors dtype name
+STORAGE_DTYPES = {
+    "DoubleStorage": "F64", "FloatStorage": "F32", "HalfStorage": "F16", "BFloat16Storage": "BF16",
+    "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16", "CharStorage": "I8",
+    "ByteStorage": "U8", "BoolStorage": "BOOL",
+    "ComplexFloatStorage": "C64", "ComplexDoubleStorage": "C128",  # known, so refused as a dtype, not as a global
+}  # fmt: skip
+#: torch dtype name (as `_rebuild_tensor_v3` pickles it) -> safetensors dtype name
+TORCH_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2", "uint16": "U16", "uint32": "U32", "uint64": "U64",
+}  # fmt: skip
+
+
+class UnsafePickle(InputError):
+    """The pickle asks for a global a state dict never needs: loading it could run code."""
+
+
+@dataclass(frozen=True)
+class StorageType:
+    dtype: str | None  # None: an UntypedStorage, whose dtype the tensor names
+
+
+@dataclass(frozen=True)
+class Storage:
+    key: str
+    dtype: str | None
+    numel: int
+
+
+@dataclass(frozen=True)
+class PickledTensor:
+    """What the pickle says of one tensor: its storage, and where in it its elements are."""
+
+    storage: Storage
+    dtype: str
+    offset: int  # in elements of the storage
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @property
+    def contiguous(self) -> bool:
+        expected, step = [], 1
+        for d in reversed(self.shape):
+            expected.append(step)
+            step *= d
+        return all(s == e for s, e, d in zip(self.stride, reversed(expected), self.shape, strict=True) if d != 1)
+
+
+def _rebuild_v2(storage: Storage, offset: int, shape: tuple, stride: tuple, *_: Any) -> PickledTensor:
+    if storage.dtype is None:
+        raise pickle.UnpicklingError("an untyped storage without a dtype")
+    return PickledTensor(storage, storage.dtype, offset, tuple(shape), tuple(stride))
+
+
+def _rebuild_v3(storage: Storage, offset: int, shape: tuple, stride: tuple, _grad: bool, _hooks: Any,
+                dtype: str, *_: Any) -> PickledTensor:  # fmt: skip
+    return PickledTensor(storage, dtype, offset, tuple(shape), tuple(stride))
+
+
+def _parameter(data: PickledTensor, *_: Any) -> PickledTensor:
+    return data
+
+
+def _encode(text: str, encoding: str = "latin1") -> bytes:
+    return text.encode(encoding)  # how protocol 2 pickles bytes
+
+
+SAFE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_v2,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_v3,
+    ("torch._utils", "_rebuild_parameter"): _parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _parameter,
+    ("torch.storage", "UntypedStorage"): StorageType(None),
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("_codecs", "encode"): _encode,
+    **{("torch", name): StorageType(dtype) for name, dtype in STORAGE_DTYPES.items()},
+    **{("torch", name): dtype for name, dtype in TORCH_DTYPES.items()},
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    """Every global comes from SAFE_GLOBALS (our own functions); storages become Storage records."""
+
+    def __init__(self, data: bytes, path: Path) -> None:
+        super().__init__(io.BytesIO(data))
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return SAFE_GLOBALS[(module, name)]
+        except KeyError:
+            raise UnsafePickle(f"{self.path}: the pickle asks for {module}.{name}, which a state dict never needs and "
+                               "which could run code; streamsoup does not load it (re-save only the state dict, "
+                               "e.g. torch.save(model.state_dict(), path))") from None  # fmt: skip
+
+    def persistent_load(self, pid: Any) -> Storage:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], StorageType)):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
+        _, kind, key, _location, numel = pid
+        return Storage(str(key), kind.dtype, int(numel))
+
+
+def read_pickle_shard(path: Path) -> tuple[ShardHeader, list[str]]:
+    """One torch.save file as a shard: its tensors, and the entries beside the state dict that were ignored."""
+    info = _stat_regular(path)
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise _not_zip(path) from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    with archive:
+        pkl = [i for i in archive.infolist() if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
+        if len(pkl) != 1:
+            raise InputError(f"{path}: a zip file but not a torch.save checkpoint (no single data.pkl)")
+        prefix = pkl[0].filename[: -len("data.pkl")]
+        if pkl[0].file_size > MAX_HEADER:
+            raise InputError(f"{path}: its pickle is {pkl[0].file_size} bytes, more than a state dict's; the file is "
+                             "corrupt")  # fmt: skip
+        raw = archive.read(pkl[0])
+        try:
+            obj = _Unpickler(raw, path).load()
+        except InputError:
+            raise
+        except Exception as exc:  # a truncated or garbled pickle: never a traceback
+            raise InputError(f"{path}: its pickle cannot be read ({type(exc).__name__}: {exc}); the file is "
+                             "corrupt") from None  # fmt: skip
+        tensors, ignored = state_dict(obj, path)
+        entries = {i.filename: i for i in archive.infolist()}
+        with open(path, "rb") as f:
+            keys = {t.storage.key for t in tensors.values()}
+            starts = {key: _entry_start(f, path, entries, prefix, key) for key in keys}
+    refs = [_ref(path, name, t, starts[t.storage.key]) for name, t in tensors.items()]
+    refs.sort(key=lambda r: (r.offset, r.name))
+    digest = hashlib.sha256(raw).hexdigest()
+    return ShardHeader(str(path), info.st_size, digest, refs[0].offset if refs else 0, {}, tuple(refs)), ignored
+
+
+def state_dict(obj: Any, path: Path) -> tuple[dict[str, PickledTensor], list[str]]:
+    """The flat name -> tensor dict of a checkpoint: the object itself, or the one state dict it holds."""
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors (a state dict)")
+    if obj and all(isinstance(v, PickledTensor) for v in obj.values()):
+        return _named(obj, path), []
+    nested = [k for k, v in obj.items() if isinstance(v, dict) and v and all(isinstance(x, PickledTensor)
+                                                                                for x in v.values())]  # fmt: skip
+    usual = [k for k in nested if k in STATE_KEYS]
+    keys = ", ".join(repr(k) for k in list(obj)[:8]) + (", ..." if len(obj) > 8 else "")
+    if len(nested) == 1 and len(usual) == 1 and not any(isinstance(v, PickledTensor) for v in obj.values()):
+        return _named(obj[usual[0]], path), [str(k) for k in obj if k != usual[0]]
+    if not nested and not any(isinstance(v, PickledTensor) for v in obj.values()):
+        raise InputError(f"{path}: holds no state dict, neither as itself nor under one of its keys ({keys}); "
+                         "re-save the state dict alone, e.g. torch.save(model.state_dict(), path)")  # fmt: skip
+    raise InputError(f"{path}: not one state dict: keys {keys}; re-save the state dict alone, e.g. "
+                     "torch.save(checkpoint['state_dict'], path)")  # fmt: skip
+
+
+def _named(d: dict, path: Path) -> dict[str, PickledTensor]:
+    bad = next((k for k in d if not isinstance(k, str)), None)
+    if bad is not None:
+        raise InputError(f"{path}: a tensor is named {bad!r}, not by a string; the file is not a state dict")
+    return dict(d)
+
+
+def _ref(path: Path, name: str, t: PickledTensor, start: int) -> TensorRef:
+    where = f"{path}: tensor {name!r}"
+    item = ITEM_SIZE.get(t.dtype)
+    if item is None:
+        raise InputError(f"{where}: dtype {t.dtype} is not one streamsoup reads")
+    if t.storage.dtype is not None and t.storage.dtype != t.dtype:
+        raise InputError(f"{where}: a {t.dtype} view of a {t.storage.dtype} storage; re-save it as its own tensor")
+    if len(t.stride) != len(t.shape) or any(d < 0 for d in t.shape) or t.offset < 0:
+        raise InputError(f"{where}: malformed shape, stride or offset; the file is corrupt")
+    numel = math.prod(t.shape)
+    storage_elems = t.storage.numel if t.storage.dtype is not None else t.storage.numel // item
+    if numel and not t.contiguous:
+        raise InputError(f"{where}: a non-contiguous view (shape {list(t.shape)}, stride {list(t.stride)}) is not "
+                         "read yet; re-save with {k: v.contiguous() for k, v in state_dict.items()}")  # fmt: skip
+    if t.offset + numel > storage_elems:
+        raise InputError(f"{where}: reaches past the end of its storage; the file is corrupt")
+    return TensorRef(name, str(path), t.dtype, t.shape, start + t.offset * item, numel * item)
+
+
+def _entry_start(f: io.BufferedReader, path: Path, entries: dict[str, zipfile.ZipInfo], prefix: str, key: str) -> int:
+    """Where a storage's bytes begin in the file: after its zip entry's local header."""
+    info = entries.get(f"{prefix}data/{key}")
+    if info is None:
+        raise InputError(f"{path}: storage {key!r} named by the pickle is missing; the file is corrupt")
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise InputError(f"{path}: storage {key!r} is compressed; torch.save never compresses: re-save it with "
+                         "torch.save")  # fmt: skip
+    f.seek(info.header_offset)
+    local = f.read(30)
+    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+        raise InputError(f"{path}: storage {key!r} has a broken zip header; the file is corrupt")
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def _stat_regular(path: Path) -> os.stat_result:
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: not a regular file; a checkpoint must be a plain file (or a symlink to one)")
+    return info
+
+
+def _not_zip(path: Path) -> InputError:
+    """A non-zip .bin: torch's legacy format (refused with the way out), or not a torch file at all."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        head = b""
+    legacy = head.startswith(pickle.dumps(LEGACY_MAGIC, protocol=2)[:-1])  # the magic number, without the STOP
+    if legacy:
+        return InputError(f"{path}: saved in torch's legacy format (torch < 1.6), which streamsoup does not read; "
+                          "re-save it once with a recent torch: torch.save(torch.load(path, weights_only=True), "
+                          "new_path)")  # fmt: skip
+    return InputError(f"{path}: not a torch.save checkpoint (neither torch's zip format nor its legacy one)")
+
+
+def pickle_files(folder: Path) -> list[str]:
+    """The torch.save files of a folder: the ones its pytorch_model.bin.index.json names, or all of them."""
+    index = folder / INDEX_NAME
+    if not index.exists():
+        return sorted(p.name for p in folder.iterdir() if p.suffix in SUFFIXES and p.is_file())
+    return index_files(index)
+
+
+def open_pickled(root: Path, files: list[Path]) -> Checkpoint:
+    """A checkpoint of torch.save files (one, or a folder's shards), its index checked when it has one."""
+    shards = []
+    for file in files:
+        shard, ignored = read_pickle_shard(file)
+        if ignored:
+            log.warning("%s: took the state dict and ignored %d other entr%s (%s)", file, len(ignored),
+                        "y" if len(ignored) == 1 else "ies", ", ".join(ignored[:6]))  # fmt: skip
+        shards.append(shard)
+    ckpt = Checkpoint(root, shards)
+    index = root / INDEX_NAME
+    if root.is_dir() and index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        for name, file in weight_map.items():
+            ref = ckpt.get(name)
+            if ref is None or Path(ref.path).name != file:
+                raise InputError(f"{index}: tensor {name!r} is mapped to {file} but that file does not hold it")
+    return ckpt

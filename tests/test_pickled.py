@@ -1,0 +1,274 @@
+"""PyTorch checkpoints saved by torch.save: read from the pickle alone, merged exactly, and never running code."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_one_line_error, run, run_here
+from reference import assert_within_rounding, monosoup_reference
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from streamsoup.io.checkpoint import read_tensor
+from streamsoup.sources import open_checkpoint
+
+REPORT = "streamsoup_report.json"
+
+
+def tiny_llama_state() -> dict[str, torch.Tensor]:
+    """A real transformers model's state dict, built from a config (bf16, tied embeddings)."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    return model.state_dict()
+
+
+def fine_tuned(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    out = {}
+    for name, t in state.items():
+        if t.ndim == 2 and name != "lm_head.weight":
+            low = torch.randn(t.shape[0], 3, generator=g) @ torch.randn(3, t.shape[1], generator=g)
+            t = (t.float() + 0.02 * low + 0.002 * torch.randn(t.shape, generator=g)).to(t.dtype)
+        out[name] = t
+    out["lm_head.weight"] = out["model.embed_tokens.weight"]  # tied: both names share one storage
+    return out
+
+
+def save_sharded_bin(state: dict[str, torch.Tensor], folder: Path, shards: int = 3) -> None:
+    """As transformers < 5 saved models: pytorch_model-0000i-of-0000N.bin and their index."""
+    folder.mkdir(parents=True)
+    names = list(state)
+    weight_map = {}
+    for i in range(shards):
+        part = names[i::shards]
+        file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        torch.save({n: state[n] for n in part}, folder / file)
+        weight_map.update(dict.fromkeys(part, file))
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text("{}")
+
+
+@pytest.fixture(scope="module")
+def bin_pair(tmp_path_factory) -> tuple[Path, Path, dict, dict]:
+    root = tmp_path_factory.mktemp("bin")
+    base = tiny_llama_state()
+    ft = fine_tuned(base)
+    save_sharded_bin(base, root / "base")
+    torch.save(ft, root / "ft.bin")
+    return root / "base", root / "ft.bin", base, ft
+
+
+def loaded(out: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        return {n: f.get_tensor(n) for n in f.keys()}  # noqa: SIM118 - safe_open has no items()
+
+
+def assert_exact(base: dict[str, torch.Tensor], ft: dict[str, torch.Tensor], out: Path) -> None:
+    """Every output tensor against the float64 reference, from torch's own load of the inputs; copies byte-identical."""
+    merged = loaded(out)
+    rows = {r["name"]: r for r in json.loads((out / REPORT).read_text())["tensors"]}
+    assert set(merged) == set(ft) == set(rows)
+    for name, w1 in ft.items():
+        exp = monosoup_reference(base[name], w1, "entropy", 0.8) if name in base else None
+        if exp is not None and exp.edited:
+            assert rows[name]["action"] == "edit" and rows[name]["k"] == exp.k, name
+            assert_within_rounding(merged[name], exp, name)
+        else:
+            assert rows[name]["action"] == "copy", name
+            raw = lambda x: x.contiguous().reshape(-1).view(torch.uint8)  # noqa: E731
+            assert torch.equal(raw(merged[name]), raw(w1)), name
+
+
+def test_bin_pair_is_merged_within_rounding_of_the_reference(bin_pair, tmp_path):
+    base_dir, ft_file, base, ft = bin_pair
+    out = tmp_path / "out"
+    proc = run_here("merge", base_dir, ft_file, out, "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert_exact(base, ft, out)
+
+
+def test_mixed_formats_give_the_values_of_the_safetensors_merge(bin_pair, tmp_path):
+    base_dir, ft_file, base, ft = bin_pair
+    (tmp_path / "st_base").mkdir()
+    (tmp_path / "st_ft").mkdir()
+    save_file({k: v.clone().contiguous() for k, v in base.items()}, tmp_path / "st_base" / "m.safetensors")
+    save_file({k: v.clone().contiguous() for k, v in ft.items()}, tmp_path / "st_ft" / "m.safetensors")
+    runs = {"safetensors": (tmp_path / "st_base", tmp_path / "st_ft"), "bin+st": (base_dir, tmp_path / "st_ft"),
+            "st+bin": (tmp_path / "st_base", ft_file)}  # fmt: skip
+    digests = {}
+    for label, (b, f) in runs.items():
+        proc = run_here("merge", b, f, tmp_path / label, "-q")
+        assert proc.returncode == 0, (label, proc.stderr)
+        merged = loaded(tmp_path / label)
+        digests[label] = {n: t.reshape(-1).view(torch.uint8).numpy().tobytes() for n, t in merged.items()}
+    assert digests["bin+st"] == digests["safetensors"] == digests["st+bin"]  # tensor by tensor (orders differ)
+    assert (tmp_path / "bin+st" / "model.safetensors").read_bytes() == \
+        (tmp_path / "safetensors" / "model.safetensors").read_bytes()  # the same FINETUNED file: the same bytes
+
+
+def test_views_shared_storage_zero_d_and_every_dtype(tmp_path):
+    fused = torch.randn(12, 8, dtype=torch.bfloat16)
+    state = collections.OrderedDict(
+        qkv=fused, q=fused[:4], k=fused[4:8], v=fused[8:], tied=fused, scale=torch.tensor(2.5),
+        f16=torch.randn(3, 5, dtype=torch.float16), f64=torch.randn(4, dtype=torch.float64),
+        i64=torch.arange(7), i32=torch.arange(3, dtype=torch.int32), flags=torch.tensor([True, False, True]),
+        param=torch.nn.Parameter(torch.ones(2, 2)), u8=torch.arange(5, dtype=torch.uint8),
+    )  # fmt: skip
+    torch.save(state, tmp_path / "s.pt")
+    ckpt = open_checkpoint(tmp_path / "s.pt", "BASE")
+    assert set(ckpt) == set(state)
+    fd = os.open(tmp_path / "s.pt", os.O_RDONLY)
+    try:
+        for name, t in state.items():
+            ref = ckpt[name]
+            assert ref.shape == tuple(t.shape), name
+            got = os.pread(fd, ref.nbytes, ref.offset)
+            assert got == t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(), name
+    finally:
+        os.close(fd)
+    assert ckpt["q"].offset == ckpt["qkv"].offset == ckpt["tied"].offset  # one storage, read in place
+    assert torch.equal(read_tensor(ckpt["k"]), fused[4:8])
+
+
+def test_nested_state_dict_is_taken_and_ambiguity_refused(bin_pair, tmp_path):
+    base_dir, _, _, ft = bin_pair
+    torch.save({"state_dict": ft, "epoch": 3, "optimizer": {"state": {}, "param_groups": []}}, tmp_path / "n.pt")
+    proc = run_here("merge", base_dir, tmp_path / "n.pt", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    assert "ignored 2 other entries (epoch, optimizer)" in proc.stderr
+    torch.save({"model": ft, "ema": ft}, tmp_path / "two.pt")
+    proc = run_here("merge", base_dir, tmp_path / "two.pt", tmp_path / "out2")
+    assert_one_line_error(proc, 2, "two.pt", "'model'", "'ema'", "not one state dict")
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "out2.partial").exists()
+
+
+class Payload:
+    """What a hostile checkpoint would carry: unpickling it creates a file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(bin_pair, tmp_path):
+    base_dir, _, _, ft = bin_pair
+    marker = tmp_path / "pwned"
+    torch.save({**ft, "extra": Payload(marker)}, tmp_path / "evil.bin")
+    torch.load(tmp_path / "evil.bin", weights_only=False)  # the control: torch's own unsafe load does run it
+    assert marker.exists()
+    marker.unlink()
+    proc = run_here("merge", base_dir, tmp_path / "evil.bin", tmp_path / "out")
+    assert_one_line_error(proc, 2, "evil.bin", "posix.system", "could run code")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    proc = run_here("plan", base_dir, tmp_path / "evil.bin")
+    assert_one_line_error(proc, 2, "posix.system")
+    assert not marker.exists()
+
+
+def test_legacy_format_and_non_contiguous_views_are_refused_with_the_way_out(bin_pair, tmp_path):
+    base_dir, _, _, ft = bin_pair
+    torch.save(ft, tmp_path / "old.bin", _use_new_zipfile_serialization=False)
+    proc = run_here("merge", base_dir, tmp_path / "old.bin", tmp_path / "out")
+    assert_one_line_error(proc, 2, "old.bin", "legacy format", "torch.save(torch.load(")
+    w = torch.randn(8, 8, dtype=torch.bfloat16)
+    torch.save({**ft, "model.layers.0.mlp.up_proj.weight": w.t()}, tmp_path / "view.bin")
+    proc = run_here("merge", base_dir, tmp_path / "view.bin", tmp_path / "out")
+    assert_one_line_error(proc, 2, "view.bin", "up_proj", "non-contiguous", ".contiguous()")
+    (tmp_path / "junk.bin").write_bytes(np.arange(100, dtype=np.uint8).tobytes())
+    proc = run_here("merge", base_dir, tmp_path / "junk.bin", tmp_path / "out")
+    assert_one_line_error(proc, 2, "junk.bin", "not a torch.save checkpoint")
+    assert not (tmp_path / "out").exists()
+
+
+def test_kill_mid_bin_merge_then_resume_is_byte_identical(bin_pair, tmp_path):
+    base_dir, ft_file, _, _ = bin_pair
+    whole = tmp_path / "whole"
+    assert run_here("merge", base_dir, ft_file, whole, "--shard-size", "100KB", "-q").returncode == 0
+    out = tmp_path / "out"
+    killed = run("merge", base_dir, ft_file, out, "--shard-size", "100KB", "-q", env={"STREAMSOUP_FAULT": "commit:5"})
+    assert killed.returncode == -9 and not out.exists() and (tmp_path / "out.partial").exists()
+    resumed = run("merge", base_dir, ft_file, out, "--shard-size", "100KB", "-q")
+    assert resumed.returncode == 0, resumed.stderr
+    shards = sorted(p.name for p in whole.glob("*.safetensors"))
+    assert len(shards) > 1 and shards == sorted(p.name for p in out.glob("*.safetensors"))
+    for name in [*shards, "model.safetensors.index.json"]:
+        assert (out / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+def test_ddp_prefix_on_one_side_pairs_with_the_plain_names(bin_pair, tmp_path):
+    base_dir, ft_file, _, ft = bin_pair
+    torch.save({f"module.{k}": v for k, v in ft.items()}, tmp_path / "ddp.pt")
+    plain, ddp = tmp_path / "plain", tmp_path / "ddp"
+    assert run_here("merge", base_dir, ft_file, plain, "-q").returncode == 0
+    proc = run_here("merge", base_dir, tmp_path / "ddp.pt", ddp)
+    assert proc.returncode == 0, proc.stderr
+    assert "'module.'" in proc.stderr and "OUT uses the names without it" in proc.stderr
+    assert loaded(ddp).keys() == loaded(plain).keys() == ft.keys()
+    assert all(torch.equal(a, b) for a, b in zip(loaded(ddp).values(), loaded(plain).values(), strict=True))
+
+
+def test_a_bin_repo_id_resolves_from_the_cache(bin_pair, tmp_path):
+    from test_adapters import hub_cache
+
+    base_dir, ft_file, _, _ = bin_pair
+    cache = tmp_path / "hub"
+    hub_cache(cache, "tiny-org/bin-base", base_dir)
+    by_path, by_id = tmp_path / "by-path", tmp_path / "by-id"
+    assert run_here("merge", base_dir, ft_file, by_path, "-q").returncode == 0
+    proc = run("merge", "tiny-org/bin-base", ft_file, by_id, "-q",
+               env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (by_id / "model.safetensors").read_bytes() == (by_path / "model.safetensors").read_bytes()
+
+
+def open_clip_style(seed: int, width: int = 32) -> dict[str, torch.Tensor]:
+    """The names and kinds of the paper's open_clip fine-tunes (model.visual..., a conv stem, a fused in_proj,
+    a 0-d logit scale, a classification head), in float32, small."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"model.visual.conv1.weight": (width, 3, 4, 4), "model.visual.class_embedding": (width,),
+              "model.visual.transformer.resblocks.0.attn.in_proj_weight": (3 * width, width),
+              "model.visual.transformer.resblocks.0.attn.in_proj_bias": (3 * width,),
+              "model.visual.transformer.resblocks.0.attn.out_proj.weight": (width, width),
+              "model.visual.transformer.resblocks.0.mlp.c_fc.weight": (4 * width, width),
+              "model.visual.proj": (width, 16), "classification_head.weight": (10, 16), "model.logit_scale": ()}
+    return {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+
+
+def test_open_clip_style_state_dicts_are_merged_exactly(tmp_path):
+    base = open_clip_style(0)
+    g = torch.Generator().manual_seed(5)
+    ft = {n: t + 0.05 * torch.randn(t.shape, generator=g) for n, t in base.items()}
+    torch.save(base, tmp_path / "zeroshot.pt")
+    torch.save({"state_dict": ft, "epoch": 10}, tmp_path / "finetuned.pt")
+    out = tmp_path / "out"
+    proc = run_here("merge", tmp_path / "zeroshot.pt", tmp_path / "finetuned.pt", out, "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert_exact(base, ft, out)
+    rows = {r["name"]: r for r in json.loads((out / REPORT).read_text())["tensors"]}
+    assert rows["model.visual.conv1.weight"]["action"] == "edit" and rows["model.logit_scale"]["action"] == "copy"
+
+
+@pytest.mark.parametrize("target", ["../outside.bin", "/etc/passwd", "sub/x.bin"])
+def test_an_index_may_name_only_files_of_its_own_folder(bin_pair, tmp_path, target):
+    base_dir, ft_file, _, _ = bin_pair
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    (tmp_path / "outside.bin").write_bytes(ft_file.read_bytes())
+    (folder / "sub").mkdir()
+    (folder / "sub" / "x.bin").write_bytes(ft_file.read_bytes())
+    names = list(torch.load(ft_file, weights_only=True))
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(names, target)}))
+    proc = run_here("merge", base_dir, folder, tmp_path / "out")
+    assert_one_line_error(proc, 2, "pytorch_model.bin.index.json", repr(target), "not a file of")
