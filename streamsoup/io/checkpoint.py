@@ -2,7 +2,8 @@
 
 A checkpoint is a folder of ``*.safetensors`` shards (with or without
 ``model.safetensors.index.json``) or a single ``.safetensors`` file. Planning
-reads only the headers; tensor data is read one tensor at a time with ``pread``.
+reads only the headers; tensor data is read one tensor at a time with ``pread``. A Checkpoint
+of torch.save files is the same mapping, its shards built by sources/pickled.py.
 """
 
 from __future__ import annotations
@@ -63,10 +64,7 @@ def read_header(path: str | Path) -> ShardHeader:
     """Parse and validate one safetensors header without touching tensor data."""
     path = str(path)
     try:
-        info = os.stat(path)
-        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
-            raise InputError(f"{path}: not a regular file; a shard must be a plain file (or a symlink to one)")
-        size = info.st_size
+        size = regular_file(path).st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -107,6 +105,14 @@ def read_header(path: str | Path) -> ShardHeader:
     if end < size:  # safetensors refuses such a file too (its data must end where the file does)
         raise InputError(f"{path}: {size - end} byte(s) after the last tensor's data; the file is corrupt")
     return ShardHeader(path, size, hashlib.sha256(raw).hexdigest(), data_start, dict(metadata), tuple(refs))
+
+
+def regular_file(path: str | Path) -> os.stat_result:
+    """A checkpoint file's stat; a FIFO or device (which would block or never end) is refused."""
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise InputError(f"{path}: not a regular file; a shard must be a plain file (or a symlink to one)")
+    return info
 
 
 def _tensor_ref(path: str, name: str, entry: object, data_start: int) -> TensorRef:
@@ -162,10 +168,11 @@ class Checkpoint(Mapping[str, TensorRef]):
             )
         ckpt = cls(path, [read_header(path / f) for f in files])
         if index.exists():
-            ckpt._check_index(index)
+            ckpt.check_index(index)
         return ckpt
 
-    def _check_index(self, index: Path) -> None:
+    def check_index(self, index: Path) -> None:
+        """Every name of the index's weight_map is held by the shard it names."""
         weight_map = json.loads(index.read_text())["weight_map"]
         for name, file in weight_map.items():
             ref = self._refs.get(name)

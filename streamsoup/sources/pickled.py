@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import math
-import os
 import pickle
 import struct
 import zipfile
@@ -27,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..io.checkpoint import MAX_HEADER, Checkpoint, ShardHeader, TensorRef, index_files
+from ..io.checkpoint import MAX_HEADER, Checkpoint, ShardHeader, TensorRef, index_files, regular_file
 from ..io.dtypes import ITEM_SIZE
 
 log = logging.getLogger(__name__)
@@ -146,7 +144,10 @@ class _Unpickler(pickle.Unpickler):
 
 def read_pickle_shard(path: Path) -> tuple[ShardHeader, list[str]]:
     """One torch.save file as a shard: its tensors, and the entries beside the state dict that were ignored."""
-    info = _stat_regular(path)
+    try:
+        info = regular_file(path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
     try:
         archive = zipfile.ZipFile(path)
     except zipfile.BadZipFile:
@@ -189,10 +190,11 @@ def state_dict(obj: Any, path: Path) -> tuple[dict[str, PickledTensor], list[str
     nested = [k for k, v in obj.items() if isinstance(v, dict) and v and all(isinstance(x, PickledTensor)
                                                                                 for x in v.values())]  # fmt: skip
     usual = [k for k in nested if k in STATE_KEYS]
+    loose = any(isinstance(v, PickledTensor) for v in obj.values())  # tensors beside other entries
     keys = ", ".join(repr(k) for k in list(obj)[:8]) + (", ..." if len(obj) > 8 else "")
-    if len(nested) == 1 and len(usual) == 1 and not any(isinstance(v, PickledTensor) for v in obj.values()):
+    if len(nested) == 1 and len(usual) == 1 and not loose:
         return _named(obj[usual[0]], path), [str(k) for k in obj if k != usual[0]]
-    if not nested and not any(isinstance(v, PickledTensor) for v in obj.values()):
+    if not nested and not loose:
         raise InputError(f"{path}: holds no state dict, neither as itself nor under one of its keys ({keys}); "
                          "re-save the state dict alone, e.g. torch.save(model.state_dict(), path)")  # fmt: skip
     raise InputError(f"{path}: not one state dict: keys {keys}; re-save the state dict alone, e.g. "
@@ -241,16 +243,6 @@ def _entry_start(f: io.BufferedReader, path: Path, entries: dict[str, zipfile.Zi
     return info.header_offset + 30 + name_len + extra_len
 
 
-def _stat_regular(path: Path) -> os.stat_result:
-    try:
-        info = os.stat(path)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: not a regular file; a checkpoint must be a plain file (or a symlink to one)")
-    return info
-
-
 def _not_zip(path: Path) -> InputError:
     """A non-zip .bin: torch's legacy format (refused with the way out), or not a torch file at all."""
     try:
@@ -284,11 +276,6 @@ def open_pickled(root: Path, files: list[Path]) -> Checkpoint:
                         "y" if len(ignored) == 1 else "ies", ", ".join(ignored[:6]))  # fmt: skip
         shards.append(shard)
     ckpt = Checkpoint(root, shards)
-    index = root / INDEX_NAME
-    if root.is_dir() and index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        for name, file in weight_map.items():
-            ref = ckpt.get(name)
-            if ref is None or Path(ref.path).name != file:
-                raise InputError(f"{index}: tensor {name!r} is mapped to {file} but that file does not hold it")
+    if root.is_dir() and (root / INDEX_NAME).exists():
+        ckpt.check_index(root / INDEX_NAME)
     return ckpt

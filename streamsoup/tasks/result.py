@@ -31,7 +31,6 @@ class Stopwatch:
     def __init__(self, device: str | torch.device = "cpu") -> None:
         self.start = time.perf_counter()
         self.seconds = dict.fromkeys(PHASES, 0.0)
-        self.cuda = False
         self.on(device)
         self._inner: list[float] = []
 
