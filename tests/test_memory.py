@@ -54,3 +54,31 @@ def test_peak_rss_stays_under_budget_and_does_not_grow(tmp_path):
         f"peak RSS {peak_a / 2**20:.0f} MiB (pair {2 * size_a / 2**30:.1f} GiB), "
         f"{peak_b / 2**20:.0f} MiB (pair {2 * size_b / 2**30:.1f} GiB), --max-ram {MAX_RAM / 2**20:.0f} MiB"
     )
+
+
+def write_bin_pair(root: Path, n_small: int) -> tuple[Path, Path]:
+    """The same shapes as torch.save shards (.bin, no index); the big tensors stored transposed: views."""
+    g = torch.Generator().manual_seed(n_small)
+    for side in ("base", "ft"):
+        (root / side).mkdir(parents=True)
+        make = (lambda *s: torch.zeros(s)) if side == "base" else (lambda *s: 0.02 * torch.randn(s, generator=g))
+        for first in range(0, n_small, 8):
+            names = [f"layers.{i}.weight" for i in range(first, min(first + 8, n_small))]
+            part = {name: make(262144, 64).to(torch.bfloat16) for name in names}
+            torch.save(part, root / side / f"part-{first:03d}.bin")
+        for i in range(2):
+            torch.save({f"big.{i}.weight": make(64, 2097152).to(torch.bfloat16).T}, root / side / f"big-{i}.bin")
+    return root / "base", root / "ft"
+
+
+def test_peak_rss_of_a_bin_pair_four_times_the_budget_stays_under_it(tmp_path):
+    base, ft = write_bin_pair(tmp_path, n_small=26)
+    size = sum(p.stat().st_size for p in [*base.glob("*.bin"), *ft.glob("*.bin")])
+    assert size >= 4 * MAX_RAM
+    result = measure([*CLI, "merge", str(base), str(ft), str(tmp_path / "out"), "--max-ram", str(MAX_RAM), "-q"])
+    assert result["returncode"] == 0
+    rows = report_rows(tmp_path / "out")
+    assert sum(r["blocks"] > 1 for r in rows.values()) == 2  # the transposed 256 MiB views were streamed
+    assert result["peak_rss_bytes"] <= MAX_RAM, f"peak {result['peak_rss_bytes'] / 2**20:.0f} MiB over --max-ram"
+    print(f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB, .bin pair {size / 2**30:.2f} GiB, "
+          f"--max-ram {MAX_RAM / 2**20:.0f} MiB")

@@ -177,19 +177,101 @@ def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(bin_pair, tmp_
     assert not marker.exists()
 
 
-def test_legacy_format_and_non_contiguous_views_are_refused_with_the_way_out(bin_pair, tmp_path):
+def test_legacy_format_is_refused_with_the_way_out(bin_pair, tmp_path):
     base_dir, _, _, ft = bin_pair
     torch.save(ft, tmp_path / "old.bin", _use_new_zipfile_serialization=False)
     proc = run_here("merge", base_dir, tmp_path / "old.bin", tmp_path / "out")
     assert_one_line_error(proc, 2, "old.bin", "legacy format", "torch.save(torch.load(")
-    w = torch.randn(8, 8, dtype=torch.bfloat16)
-    torch.save({**ft, "model.layers.0.mlp.up_proj.weight": w.t()}, tmp_path / "view.bin")
-    proc = run_here("merge", base_dir, tmp_path / "view.bin", tmp_path / "out")
-    assert_one_line_error(proc, 2, "view.bin", "up_proj", "non-contiguous", ".contiguous()")
     (tmp_path / "junk.bin").write_bytes(np.arange(100, dtype=np.uint8).tobytes())
     proc = run_here("merge", base_dir, tmp_path / "junk.bin", tmp_path / "out")
     assert_one_line_error(proc, 2, "junk.bin", "not a torch.save checkpoint")
     assert not (tmp_path / "out").exists()
+
+
+def layouts() -> dict[str, torch.Tensor]:
+    """Views torch.save keeps as (storage, offset, shape, stride): transposed, sliced, permuted, strided, expanded."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 7, 5, 4, generator=g).to(torch.bfloat16)
+    return {
+        "transposed": x.reshape(42, 20).T, "columns": x.reshape(42, 20)[:, 3:11], "permuted": x.permute(2, 0, 3, 1),
+        "permuted_slice": x.permute(1, 3, 0, 2)[:, 1:3], "every_third": x.reshape(-1)[::3],
+        "expanded": torch.randn(1, 5, generator=g).to(torch.float16).expand(9, 5), "wide": x.reshape(6, 140)[:, ::2],
+        "int_transposed": torch.arange(35).reshape(5, 7).T, "bool_columns": (x.reshape(42, 20) > 0)[:, 1::2],
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("span", [4 * 2**20, 16, 1], ids=["one-read", "16-byte-pieces", "1-byte-pieces"])
+def test_views_are_read_exactly_in_bounded_pieces(tmp_path, monkeypatch, span):
+    """Whole, by rows and by columns (the streamed paths), whatever the piece size the gather is cut into."""
+    from streamsoup.io import strided
+    from streamsoup.io.checkpoint import matrix_shape, read_raw_block
+
+    monkeypatch.setattr(strided, "GATHER_SPAN", span)
+    views = layouts()
+    torch.save(views, tmp_path / "v.pt")
+    ckpt = open_checkpoint(tmp_path / "v.pt", "BASE")
+    raw = lambda t: torch.empty(t.shape, dtype=t.dtype).copy_(t).reshape(-1).view(torch.uint8).numpy()  # noqa: E731
+    for name, view in views.items():
+        ref = ckpt[name]
+        assert ref.stride == view.stride() and ref.span <= view.untyped_storage().nbytes(), name
+        m, n = matrix_shape(ref.shape)
+        matrix = view.reshape(m, n)
+        assert np.array_equal(read_raw_block(ref, 0, m).reshape(-1), raw(view)), name
+        for a, b in {(0, m), (1, m - 1), (m - 1, m), (2, 3)}:
+            assert np.array_equal(read_raw_block(ref, a, b).reshape(-1), raw(matrix[a:b])), (name, a, b)
+        for a, b in {(0, n), (1, n - 1), (n - 1, n), (2, min(n, 9))} if n > 2 else {(0, n)}:
+            got = read_raw_block(ref, a, b, transposed=True).reshape(-1)
+            assert np.array_equal(got, raw(matrix[:, a:b].T)), (name, a, b)
+        if view.dtype.is_floating_point:
+            assert torch.equal(read_tensor(ref), view), name
+
+
+def with_views(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same values, every matrix stored as a view: transposed, or the leading columns of a wider storage."""
+    out = {}
+    for i, (name, t) in enumerate(state.items()):
+        if t.ndim == 2 and i % 2:
+            out[name] = t.T.contiguous().T
+        elif t.ndim == 2:
+            out[name] = torch.cat([t, torch.zeros(t.shape[0], 3, dtype=t.dtype)], dim=1)[:, : t.shape[1]]
+        else:
+            out[name] = t
+    return out
+
+
+def test_a_fine_tune_of_views_merges_to_the_bytes_of_its_contiguous_twin(bin_pair, tmp_path):
+    base_dir, ft_file, base, ft = bin_pair
+    views = with_views(ft)
+    assert sum(not t.is_contiguous() for t in views.values()) >= 10
+    torch.save(views, tmp_path / "views.bin")
+    for label, file in (("views", tmp_path / "views.bin"), ("contiguous", ft_file)):
+        proc = run_here("merge", base_dir, file, tmp_path / label, "-q")
+        assert proc.returncode == 0, proc.stderr
+    digest = lambda out: {n: t.reshape(-1).view(torch.uint8).numpy().tobytes() for n, t in loaded(out).items()}  # noqa: E731
+    assert digest(tmp_path / "views") == digest(tmp_path / "contiguous")  # tensor by tensor: file orders differ
+    assert_exact(base, ft, tmp_path / "views")
+
+
+def test_views_bigger_than_the_budget_are_streamed_exactly(big_pair, tmp_path):
+    """Transposed, column-sliced and permuted storages, read in row and column blocks under --max-ram."""
+    from helpers import assert_merged_exactly, report_rows
+    from safetensors.torch import load_file
+
+    base_dir, ft_dir = big_pair
+    ft = load_file(ft_dir / "model.safetensors")
+    views = dict(ft)
+    views["tall.weight"] = ft["tall.weight"].T.contiguous().T
+    views["wide.weight"] = torch.cat([ft["wide.weight"], ft["wide.weight"][:, :7]], dim=1)[:, :40000]
+    views["conv.weight"] = ft["conv.weight"].permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+    views["f32.weight"] = ft["f32.weight"].T.contiguous().T
+    torch.save(views, tmp_path / "views.pt")
+    del ft, views
+    out = tmp_path / "out"
+    proc = run("merge", base_dir, tmp_path / "views.pt", out, "--max-ram", "450MB", "--devices", "cpu", "-q")
+    assert proc.returncode == 0, proc.stderr
+    rows = report_rows(out)
+    assert all(rows[n]["blocks"] > 1 for n in ("tall.weight", "wide.weight", "conv.weight", "f32.weight")), rows
+    assert_merged_exactly(base_dir, ft_dir, out)
 
 
 def test_kill_mid_bin_merge_then_resume_is_byte_identical(bin_pair, tmp_path):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from . import rawio
+from . import rawio, strided
 from .dtypes import item_size, torch_dtype
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -44,10 +44,19 @@ class TensorRef:
     shape: tuple[int, ...]
     offset: int  # absolute byte offset in the file
     nbytes: int
+    #: element strides of a view that is not row-major (torch.save keeps such views); None: row-major
+    stride: tuple[int, ...] | None = None
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def span(self) -> int:
+        """Bytes from the first element's to the end of the last one's: what lies inside the file."""
+        if self.stride is None:
+            return self.nbytes
+        return strided.span_bytes(self.shape, self.stride, self.nbytes // max(self.numel, 1))
 
 
 @dataclass(frozen=True)
@@ -213,8 +222,8 @@ def sample_crc(shard: ShardHeader) -> int:
     try:
         crc = 0
         for ref in shard.tensors:
-            n = min(ref.nbytes, FINGERPRINT_SAMPLE)
-            crc = rawio.crc_of(memoryview(os.pread(fd, n, ref.offset + (ref.nbytes - n) // 2)), crc)
+            n = min(ref.span, FINGERPRINT_SAMPLE)
+            crc = rawio.crc_of(memoryview(os.pread(fd, n, ref.offset + (ref.span - n) // 2)), crc)
         return crc
     finally:
         os.close(fd)
@@ -235,6 +244,8 @@ def index_files(index: Path) -> list[str]:
 
 def read_tensor(ref: TensorRef) -> torch.Tensor:
     """Load one tensor into a fresh buffer, leaving nothing in the page cache."""
+    if ref.stride is not None:
+        return read_block(ref, 0, ref.shape[0], False).reshape(ref.shape)  # a 0-d tensor is never a view
     try:
         fd = os.open(ref.path, os.O_RDONLY)
     except OSError as exc:
@@ -256,22 +267,43 @@ def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 def read_block(ref: TensorRef, start: int, stop: int, transposed: bool) -> torch.Tensor:
     """Rows start:stop of the 2-D view (or, transposed, those columns, as rows), read with pread only.
 
-    Rows of a row-major tensor are one contiguous range; columns are one short range per row.
+    Rows of a row-major tensor are one contiguous range; columns are one short range per row;
+    a view (torch.save's non-contiguous tensors) is gathered in bounded pieces.
     """
+    dtype = torch_dtype(ref.dtype)
+    if ref.stride is not None:
+        raw = read_raw_block(ref, start, stop, transposed)
+        return torch.from_numpy(raw.reshape(-1)).view(dtype).reshape(raw.shape[0], -1)
     m, n = matrix_shape(ref.shape)
     item = ref.nbytes // max(m * n, 1)
     fd = os.open(ref.path, os.O_RDONLY)
     try:
         if not transposed:
             data = rawio.read_bytes(fd, ref.offset + start * n * item, (stop - start) * n * item)
-            return torch.from_numpy(data).view(torch_dtype(ref.dtype)).reshape(stop - start, n)
+            return torch.from_numpy(data).view(dtype).reshape(stop - start, n)
         width = (stop - start) * item
         data = np.empty((m, width), dtype=np.uint8)
         for row in range(m):
             rawio.pread_into(fd, memoryview(data[row]), ref.offset + (row * n + start) * item, uncache=False)
         rawio.drop_cache(fd, ref.offset, ref.nbytes)
-        return torch.from_numpy(data).view(torch_dtype(ref.dtype)).reshape(m, stop - start).T
+        return torch.from_numpy(data).view(dtype).reshape(m, stop - start).T
     except EOFError as exc:
         raise InputError(f"{ref.path}: tensor {ref.name!r}: {exc}; the file is truncated") from None
     finally:
+        os.close(fd)
+
+
+def read_raw_block(ref: TensorRef, start: int, stop: int, transposed: bool = False) -> np.ndarray:
+    """The bytes of rows start:stop of a view (or of its columns, as rows), one row per array row."""
+    assert ref.stride is not None
+    item = ref.nbytes // max(ref.numel, 1)
+    fd = os.open(ref.path, os.O_RDONLY)
+    try:
+        if transposed:
+            return strided.read_columns(fd, ref.offset, ref.shape, ref.stride, item, start, stop)
+        return strided.read_rows(fd, ref.offset, ref.shape, ref.stride, item, start, stop)
+    except EOFError as exc:
+        raise InputError(f"{ref.path}: tensor {ref.name!r}: {exc}; the file is truncated") from None
+    finally:
+        rawio.drop_cache(fd, ref.offset, ref.span)
         os.close(fd)

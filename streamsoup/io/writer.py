@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ..errors import AS_IS, RunError, nonfinite
 from . import rawio
-from .checkpoint import TensorRef
+from .checkpoint import TensorRef, read_raw_block
 from .dtypes import has_nonfinite
 from .layout import Placement, ShardLayout
 
@@ -72,6 +73,8 @@ def copy_tensor(source: TensorRef, folder: Path, placement: Placement, check_fin
         if has_nonfinite(chunk, source.dtype):
             raise nonfinite(source.path, f"tensor {source.name!r} contains", AS_IS)
 
+    if source.stride is not None:
+        return _copy_view(source, folder, placement, finite if check_finite else None)
     src = os.open(source.path, os.O_RDONLY)
     try:
         dst = _open_for_write(folder, placement)
@@ -83,6 +86,27 @@ def copy_tensor(source: TensorRef, folder: Path, placement: Placement, check_fin
             os.close(dst)
     finally:
         os.close(src)
+    return crc
+
+
+def _copy_view(source: TensorRef, folder: Path, placement: Placement,
+               inspect: Callable[[memoryview], None] | None) -> int:  # fmt: skip
+    """A non-contiguous view copied in row blocks of about one IO chunk, row-major as safetensors stores it."""
+    row_bytes = max(source.nbytes // max(source.shape[0], 1), 1)
+    step = max(1, rawio.IO_CHUNK // row_bytes)
+    dst = _open_for_write(folder, placement)
+    try:
+        crc, written = 0, 0
+        for start in range(0, source.shape[0], step):
+            part = memoryview(read_raw_block(source, start, min(start + step, source.shape[0])).reshape(-1))
+            if inspect is not None:
+                inspect(part)
+            rawio.pwrite_all(dst, part, placement.offset + written)
+            crc = rawio.crc_of(part, crc)
+            written += len(part)
+        os.fdatasync(dst)
+    finally:
+        os.close(dst)
     return crc
 
 

@@ -103,14 +103,14 @@ def check_pairing(base: Checkpoint, finetuned: Checkpoint, edits: int) -> str | 
 
 def _sample_starts(ref: TensorRef) -> list[int]:
     """Offsets of the sampled spans of a tensor: its start, middle and end (8-byte aligned)."""
-    last = max(ref.nbytes - SAMPLE_BYTES, 0)
+    last = max(ref.span - SAMPLE_BYTES, 0)
     return sorted({0, last // 2 // 8 * 8, last // 8 * 8})
 
 
 def _span(ref: TensorRef, start: int) -> bytes:
     with open(ref.path, "rb") as f:
         f.seek(ref.offset + start)
-        return f.read(min(SAMPLE_BYTES, ref.nbytes - start))
+        return f.read(min(SAMPLE_BYTES, ref.span - start))
 
 
 def check_values_differ(base: Checkpoint, finetuned: Checkpoint, names: list[str]) -> None:

@@ -5,9 +5,9 @@ torch's zip format holds a pickle (``<archive>/data.pkl``) and one zip entry per
 only the globals torch's own ``weights_only`` loader allows for a state dict (tensor and
 storage rebuilds, OrderedDict, plain containers and scalars), each mapped to a function of
 ours that records where a tensor's bytes are instead of building it; any other global is
-refused by name. A tensor that is a contiguous range of its storage is then an ordinary
-TensorRef into the file, read with bounded preads like a safetensors tensor, so nothing
-downstream cares where it came from.
+refused by name. A tensor is then an ordinary TensorRef into the file (a view keeps its
+strides), read with bounded preads like a safetensors tensor, so nothing downstream cares
+where it came from.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..io.checkpoint import MAX_HEADER, Checkpoint, ShardHeader, TensorRef, index_files, regular_file
+from ..io.checkpoint import MAX_DIM, MAX_HEADER, Checkpoint, ShardHeader, TensorRef, index_files, regular_file
 from ..io.dtypes import ITEM_SIZE
 
 log = logging.getLogger(__name__)
@@ -215,16 +215,16 @@ def _ref(path: Path, name: str, t: PickledTensor, start: int) -> TensorRef:
         raise InputError(f"{where}: dtype {t.dtype} is not one streamsoup reads")
     if t.storage.dtype is not None and t.storage.dtype != t.dtype:
         raise InputError(f"{where}: a {t.dtype} view of a {t.storage.dtype} storage; re-save it as its own tensor")
-    if len(t.stride) != len(t.shape) or any(d < 0 for d in t.shape) or t.offset < 0:
+    numbers = (*t.shape, *t.stride, t.offset)
+    if len(t.stride) != len(t.shape) or not all(type(x) is int and 0 <= x <= MAX_DIM for x in numbers):
         raise InputError(f"{where}: malformed shape, stride or offset; the file is corrupt")
     numel = math.prod(t.shape)
     storage_elems = t.storage.numel if t.storage.dtype is not None else t.storage.numel // item
-    if numel and not t.contiguous:
-        raise InputError(f"{where}: a non-contiguous view (shape {list(t.shape)}, stride {list(t.stride)}) is not "
-                         "read yet; re-save with {k: v.contiguous() for k, v in state_dict.items()}")  # fmt: skip
-    if t.offset + numel > storage_elems:
+    stride = None if t.contiguous else t.stride
+    last = t.offset + sum((d - 1) * x for d, x in zip(t.shape, t.stride, strict=True)) if numel else t.offset - 1
+    if last >= storage_elems:
         raise InputError(f"{where}: reaches past the end of its storage; the file is corrupt")
-    return TensorRef(name, str(path), t.dtype, t.shape, start + t.offset * item, numel * item)
+    return TensorRef(name, str(path), t.dtype, t.shape, start + t.offset * item, numel * item, stride)
 
 
 def _entry_start(f: io.BufferedReader, path: Path, entries: dict[str, zipfile.ZipInfo], prefix: str, key: str) -> int:
