@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
@@ -181,12 +183,22 @@ class MergeOptions:
     @classmethod
     def create(cls, config: str | Path | None = None, **overrides: Any) -> MergeOptions:
         """Options from an optional YAML file, then explicit overrides (None means 'not given')."""
-        values: dict[str, Any] = load_config(config) if config else {}
-        values.update({k: v for k, v in overrides.items() if v is not None})
         known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise UsageError(f"unknown option(s): {', '.join(unknown)}; known: {', '.join(known)}")
+        values: dict[str, Any] = {}
+        if config:
+            for key, value in load_config(config).items():
+                name = key.replace("-", "_")
+                if name not in known:
+                    valid = ", ".join(n.replace("_", "-") for n in known)
+                    raise UsageError(f"--config {expand_path(config)}: unknown key {key!r}"
+                                     f"{_nearest(name, known, True)}; valid keys: {valid}")  # fmt: skip
+                values[name] = value
+        for name, value in overrides.items():
+            if name not in known:
+                raise UsageError(f"unknown option {name!r}{_nearest(name, known, False)}; valid: "
+                                 f"{', '.join(known)}")  # fmt: skip
+            if value is not None:
+                values[name] = value
         typed: dict[str, Any] = {}
         for name, value in values.items():
             typed[name] = _coerce(known[name], value)
@@ -228,6 +240,17 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         raise OptionError(f.name, f"must be {noun}, got {value!r}") from None
 
 
+class YamlAlias(ValueError):
+    """A YAML text with an alias: refused, since nested aliases expand exponentially."""
+
+
+def yaml_without_aliases(text: str) -> Any:
+    """yaml.safe_load, refusing anchors and aliases (YamlAlias); a YAML error is yaml.YAMLError."""
+    if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+        raise YamlAlias("a YAML alias")
+    return yaml.safe_load(text)
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     """A YAML mapping of options; anchors and aliases are refused (nested aliases expand exponentially)."""
     path = expand_path(path)
@@ -235,10 +258,9 @@ def load_config(path: str | Path) -> dict[str, Any]:
         if os.path.getsize(path) > MAX_CONFIG:
             raise UsageError(f"--config {path} is larger than {MAX_CONFIG // 1024} KiB; an options file is a few "
                              "lines")  # fmt: skip
-        text = path.read_text()
-        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
-            raise UsageError(f"--config {path} uses a YAML alias (*name); write each value out instead")
-        data = yaml.safe_load(text)
+        data = yaml_without_aliases(path.read_text())
+    except YamlAlias:
+        raise UsageError(f"--config {path} uses a YAML alias (*name); write each value out instead") from None
     except OSError as exc:
         raise UsageError(f"cannot read --config {path}: {exc.strerror}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -247,4 +269,13 @@ def load_config(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise UsageError(f"--config {path} must be a mapping of option: value")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    return {str(k): v for k, v in data.items()}
+
+
+def _nearest(name: str, known: Iterable[str], dashed: bool) -> str:
+    """' (did you mean 'rank-rule'?)' for a misspelt option ('rank_rule' for the API); '' when none is close."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    if not close:
+        return ""
+    suggestion = close[0].replace("_", "-") if dashed else close[0]
+    return f" (did you mean {suggestion!r}?)"

@@ -17,6 +17,7 @@ import torch
 from conftest import load_folder, raw_bytes
 from helpers import assert_one_line_error, edited_adapter, report_rows, run
 from reference import assert_within_rounding, monosoup_reference
+from test_card import card_parts
 
 pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -105,6 +106,7 @@ def test_adapter_output_loads_in_peft_and_merges_the_same(adapters, tmp_path, ar
     proc = run("merge", base, adapter, out, "--save", "adapter", "-q")
     assert proc.returncode == 0, proc.stderr
     config = json.loads((out / "adapter_config.json").read_text())
+    assert card_parts(out)[0]["library_name"] == "peft"
     assert config["lora_alpha"] == config["r"] and not config["use_rslora"]
     assert config["alpha_pattern"] == config["rank_pattern"]
     original = load_folder(adapter)
@@ -238,6 +240,11 @@ def test_hub_repo_ids_from_the_cache_offline(adapters, tmp_path):
         proc = run("merge", "tiny-org/llama-base", spec, out, "-q", env=env)
         assert proc.returncode == 0, proc.stderr
         assert raw_bytes(out) == raw_bytes(by_path)
+        meta, body = card_parts(out)  # the model card names the repo id, and keeps peft's card of the adapter
+        assert meta["base_model"] == "tiny-org/llama-base" and meta["library_name"] == "transformers"
+        assert "`tiny-org/llama-lora` (a PEFT LoRA adapter)" in body and "own model card" in body
+    meta, _ = card_parts(by_path)
+    assert meta["base_model"] == str(base.absolute())
     missing = run("merge", "tiny-org/nope", "tiny-org/llama-lora@v1", tmp_path / "o", env=env)
     assert_one_line_error(missing, 2, "BASE tiny-org/nope", "not in the Hugging Face cache", "HF_HUB_OFFLINE")
     bad_rev = run("merge", "tiny-org/llama-base", "tiny-org/llama-lora@v9", tmp_path / "o", env=env)

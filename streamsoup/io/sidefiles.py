@@ -58,6 +58,12 @@ def side_files(root: Path, skip: tuple[str, ...] = ()) -> list[SideFile]:
     return [f for f in found if f is not None]
 
 
+def side_file(root: Path, name: str) -> SideFile | None:
+    """One file of the folder's top level, checked like every side file; None when there is none."""
+    path = root / name
+    return _checked(root, path, allowed_roots(root)) if os.path.lexists(path) else None
+
+
 def _checked(root: Path, path: Path, roots: tuple[Path, ...]) -> SideFile | None:
     rel = path.relative_to(root)
     if path.is_symlink():

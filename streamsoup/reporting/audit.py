@@ -39,6 +39,8 @@ class RunStatus:
 def run_status(out: str | Path) -> RunStatus:
     """Progress of a finished, running or interrupted merge."""
     out = expand_path(out).absolute()
+    if out.name.endswith(".partial") and not (out / REPORT_NAME).exists():
+        out = out.with_name(out.name[: -len(".partial")])  # OUT.partial names its OUT, as `report` takes it
     partial = writer.partial_dir(out)
     if (out / REPORT_NAME).exists():
         summary = json.loads((out / REPORT_NAME).read_text())["summary"]

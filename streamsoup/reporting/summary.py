@@ -156,7 +156,8 @@ def build_document(head: dict[str, Any], rows: list[dict[str, Any]], jobs: list[
 # ---- the terminal summary ----
 
 
-def _fmt(s: dict[str, float] | None) -> str:
+def format_spread(s: dict[str, float] | None) -> str:
+    """A kind's median [min-max], as the report and the model card show it."""
     if s is None:
         return "-"
     if f"{s['min']:.3f}" == f"{s['max']:.3f}":
@@ -210,8 +211,8 @@ def format_report(doc: dict[str, Any]) -> str:
         f"{'':<8}{'':>9}{'':>7}  median [min-max]",
     ]
     for kind, m in doc["modules"].items():
-        lines.append(f"{kind:<8}{m['tensors']:>9}{m['edited']:>7}  {_fmt(m['k_rank']):<22}{_fmt(m['P_k']):<22}"
-                     f"{_fmt(m['lambda_high']):<22}{_fmt(m['lambda_low'])}")  # fmt: skip
+        spreads = "".join(f"{format_spread(m[key]):<22}" for key in ("k_rank", "P_k", "lambda_high"))
+        lines.append(f"{kind:<8}{m['tensors']:>9}{m['edited']:>7}  {spreads}{format_spread(m['lambda_low'])}")
     lines.append("")
     found = doc["outliers"]
     if found:

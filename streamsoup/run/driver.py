@@ -134,9 +134,10 @@ def _attempt(request: Request, opts: MergeOptions) -> MergeSummary:
         state_path = state_location(opts.work_dir, out, partial)
         check_space(plan, runs, budget, partial, state_path, request.fresh)
         line = describe(client, budget, scheduler_address(opts)) if client else describe_local(budget, opts, runs)
-        log.info(line)
-        if request.progress:
+        if request.progress:  # the one start line; with progress off (-q, the API's default) it is logged
             sys.stderr.write(f"streamsoup: {line}\n")
+        else:
+            log.info(line)
         machine = machine_info(budget.lanes, budget.max_ram, budget.max_vram, line)
         opts = replace(opts, threads=budget.lanes.threads)
         return _locked_run(Attempt(request, opts, state_path, budget, runs, client, machine))

@@ -14,10 +14,11 @@ from ..errors import RunError, UsageError
 from ..faults import fault_point
 from ..io import owned, writer
 from ..io.checkpoint import INDEX_NAME
-from ..io.sidefiles import SideFile, copy_side_files, side_files
+from ..io.sidefiles import SideFile, copy_side_files, side_file, side_files
 from ..io.state import LOCK_NAME, POINTER_NAME, STATE_ENTRIES, STATE_NAME, RunState, describe_changes
 from ..planning.planner import MergePlan
 from ..reporting import REPORT_NAME, MergeSummary, write_report, write_spectra
+from ..reporting.card import CARD_NAME, CardSource, model_card, read_config
 from ..reporting.record import Outcome, assemble
 from ..sources.adapter import ADAPTER_CONFIG
 from ..tasks.result import TensorResult
@@ -47,6 +48,8 @@ def finish(plan: MergePlan, partial: Path, out: Path, results: list[TensorResult
     report = assemble(state.head, state.runs, [r.as_dict() for r in results], outcome)
     report["shards"] = plan.layout.records()
     write_report(partial, report)
+    source = CardSource(finetuned_card(plan), read_config(partial), plan.save == "adapter")
+    writer.write_text(partial / CARD_NAME, model_card(report, source))
     fault_point("publish.before-rename")
     if not writer.publish(partial, out):
         return False
@@ -55,10 +58,23 @@ def finish(plan: MergePlan, partial: Path, out: Path, results: list[TensorResult
 
 
 def plan_side_files(plan: MergePlan) -> list[SideFile]:
-    """The config and tokenizer files OUT gets (not an adapter's own config in a merged model), all checked."""
+    """The config and tokenizer files OUT gets (not an adapter's own config in a merged model), all checked.
+
+    No README.md: OUT's is the model card, with the fine-tune's own card folded into it.
+    """
     adapter_root = plan.adapter.root if plan.adapter is not None and plan.save == "model" else None
-    return [f for root in plan.side_roots
-            for f in side_files(root, skip=(ADAPTER_CONFIG, "README.md") if root == adapter_root else ())]  # fmt: skip
+    return [
+        f
+        for root in plan.side_roots
+        for f in side_files(root, skip=(ADAPTER_CONFIG, CARD_NAME) if root == adapter_root else (CARD_NAME,))
+    ]
+
+
+def finetuned_card(plan: MergePlan) -> str | None:
+    """FINETUNED's (or the adapter's) README.md, held to the side-file rules; None when it has none."""
+    root = (plan.adapter or plan.finetuned).root
+    card = side_file(root, CARD_NAME) if root.is_dir() else None
+    return card.path.read_text(errors="replace") if card is not None else None
 
 
 def cleanup(out: Path, external_state: Path | None) -> None:

@@ -1,0 +1,140 @@
+"""OUT/README.md: the Hugging Face model card of a merge, from its report.
+
+Hub users expect a card: YAML front matter (``base_model``, ``tags``, ``library_name``, the
+license), what was done and how to load it. A fine-tune that ships its own card keeps it: its
+front matter is carried over (ours sets ``base_model`` and adds tags) and its text follows ours
+under its own heading, so nothing the fine-tune's authors wrote is lost or silently replaced.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..options import YamlAlias, yaml_without_aliases
+from .summary import format_spread
+
+CARD_NAME = "README.md"
+TAGS = ["monosoup", "merge", "streamsoup"]
+PAPER = "https://arxiv.org/abs/2602.09689"
+FOLDED_HEADING = "## The fine-tune's own model card"
+
+
+@dataclass(frozen=True)
+class CardSource:
+    """What a card is made of besides the report: the fine-tune's card and what OUT holds."""
+
+    finetuned_card: str | None  # the text of FINETUNED's README.md, if it has one
+    config: dict[str, Any] | None  # OUT's config.json, if any (a transformers model's)
+    adapter_out: bool  # OUT is a PEFT adapter (--save adapter)
+
+
+def input_id(info: dict[str, Any]) -> str:
+    """How the card names an input: its Hugging Face repo id, or its path."""
+    return info.get("repo") or info["path"]
+
+
+def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
+    """A card's YAML front matter and its body; a card without valid front matter is all body."""
+    if not text.startswith("---"):
+        return {}, text
+    end = text.find("\n---", 3)
+    if end < 0:
+        return {}, text
+    try:
+        meta = yaml_without_aliases(text[3:end])
+    except (yaml.YAMLError, YamlAlias):
+        return {}, text
+    if not isinstance(meta, dict):
+        return {}, text
+    rest = text[end + 4 :]
+    return meta, rest.split("\n", 1)[1] if "\n" in rest else ""
+
+
+def front_matter(doc: dict[str, Any], source: CardSource, theirs: dict[str, Any]) -> dict[str, Any]:
+    meta = {str(k): v for k, v in theirs.items()}
+    meta["base_model"] = input_id(doc["inputs"]["base"])
+    tags = meta.get("tags") if isinstance(meta.get("tags"), list) else []
+    meta["tags"] = list(dict.fromkeys([*map(str, tags), *TAGS]))
+    if source.adapter_out:
+        meta["library_name"] = "peft"
+    elif source.config is not None and ("model_type" in source.config or "architectures" in source.config):
+        meta["library_name"] = "transformers"
+    else:
+        meta.pop("library_name", None)  # a fine-tune's "peft" no longer describes a merged model
+    return meta
+
+
+def model_card(doc: dict[str, Any], source: CardSource) -> str:
+    """The card's text: front matter, what was done, the per-kind table, how to load, the fine-tune's own card.
+
+    Nothing in it depends on how or when the run went, so a resumed merge writes the same card.
+    """
+    theirs, body = split_front_matter(source.finetuned_card) if source.finetuned_card else ({}, "")
+    meta = front_matter(doc, source, theirs)
+    s, opts = doc["summary"], doc["options"]
+    base, ft = input_id(doc["inputs"]["base"]), input_id(doc["inputs"]["finetuned"])
+    ft_kind = " (a PEFT LoRA adapter)" if doc["inputs"]["finetuned"].get("kind") == "LoRA adapter" else ""
+    rule = opts["rank_rule"] + (f", energy {opts['energy']:g}" if opts["rank_rule"] == "energy" else "")
+    lines = [
+        "---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
+        f"# MonoSoup of {Path(ft).name}", "",
+        f"[MonoSoup]({PAPER}) (Hazimeh, Abdollahpoorrostam, Dimitriadis, Frossard, 2026, *Model soups need only "
+        f"one ingredient*) applied by streamsoup {doc['streamsoup']} to the fine-tune `{ft}`{ft_kind} of `{base}`. "
+        "Each weight matrix's fine-tuning update was split by its singular value decomposition into high-energy "
+        "and low-energy directions, re-weighed with the paper's data-free, layer-wise coefficients, and added "
+        "back to the base weights (exact float64 arithmetic, cast to the fine-tune's dtypes). No training and "
+        "no data were used.", "",
+        "| | |", "| --- | --- |",
+        f"| base model | `{base}` |", f"| fine-tune | `{ft}`{ft_kind} |",
+        f"| rank rule | {rule} |",
+        f"| options | `--min-rel-update {opts['min_rel_update']:g}`, `--spectral {opts['spectral']}`, "
+        f"`--save {opts['save']}` |",
+        f"| tensors | {s['tensors']}: {s['edited']} edited, {s['copied']} copied, {s['dropped']} dropped |",
+        f"| made by | streamsoup {doc['streamsoup']} (when and where: `streamsoup_report.json`) |",
+        "",
+        "## What MonoSoup did, per module kind", "",
+        "Medians and [min-max] over the edited matrices of each kind: `k/rank`, the share of directions kept as "
+        "high-energy; `P_k`, their share of the update's energy; `lambda_high` and `lambda_low`, the weights of "
+        "the two parts.", "",
+        "| kind | matrices | edited | k/rank | P_k | lambda_high | lambda_low |",
+        "| --- | ---: | ---: | --- | --- | --- | --- |",
+    ]  # fmt: skip
+    for kind, m in doc["modules"].items():
+        cells = " | ".join(format_spread(m[key]) for key in ("k_rank", "P_k", "lambda_high", "lambda_low"))
+        lines.append(f"| {kind} | {m['tensors']} | {m['edited']} | {cells} |")
+    lines += ["", "Every tensor's decision, `k`, `P_k` and lambdas are in `streamsoup_report.json` "
+              "(`streamsoup report DIR` prints and draws them).", "", "## How to load it", "", "```python",
+              *loading(source, base), "```", ""]  # fmt: skip
+    if source.finetuned_card is not None:
+        lines += [FOLDED_HEADING, "", "Kept as the fine-tune shipped it (its front matter is merged into the "
+                  "one above):", "", body.strip(), ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def loading(source: CardSource, base: str) -> list[str]:
+    if source.adapter_out:
+        return ["from peft import PeftModel", "from transformers import AutoModel",
+                f"model = PeftModel.from_pretrained(AutoModel.from_pretrained({base!r}), \"path/to/this/folder\")"]
+    architectures = (source.config or {}).get("architectures")
+    if isinstance(architectures, list) and architectures and isinstance(architectures[0], str):
+        return [f"from transformers import {architectures[0]}",
+                f"model = {architectures[0]}.from_pretrained(\"path/to/this/folder\")"]  # fmt: skip
+    if source.config is not None and "model_type" in source.config:
+        return ["from transformers import AutoModel", "model = AutoModel.from_pretrained(\"path/to/this/folder\")"]
+    return ["import safetensors.torch",
+            "state_dict = safetensors.torch.load_file(\"path/to/this/folder/model.safetensors\")",
+            "model.load_state_dict(state_dict)  # model: the architecture the fine-tune was saved from"]  # fmt: skip
+
+
+def read_config(folder: Path) -> dict[str, Any] | None:
+    """OUT's config.json as a dict (None when absent or not a JSON object)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
