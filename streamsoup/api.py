@@ -15,6 +15,7 @@ from .reporting.audit import RunStatus, VerifyResult, run_status, verify_output
 from .reporting.estimate import PlanSummary, estimate
 from .reporting.figure import check_png_path, require_matplotlib
 from .run.driver import run_merge
+from .synthetic import write_demo
 
 
 def merge(
@@ -71,3 +72,9 @@ def report(out: str | Path, *, png: str | Path | None = None) -> RunReport:
     if png is not None:
         result.save_png(png)
     return result
+
+
+def demo(folder: str | Path, *, preset: str = "small") -> tuple[Path, Path]:
+    """A small Llama-shaped (base, fine-tune) pair in FOLDER/base and FOLDER/finetuned, and the example configs in
+    FOLDER/configs: what the quick start merges, from the installed package alone. Returns (base, finetuned)."""
+    return write_demo(expand_path(folder).absolute(), preset)

@@ -15,10 +15,11 @@ import warnings
 from dataclasses import Field, fields
 
 from ._version import __version__
-from .api import merge, plan, report, status, verify
+from .api import demo, merge, plan, report, status, verify
 from .errors import Interrupted, OptionError, StreamsoupError
 from .options import MergeOptions, flag_name
 from .run.signals import MESSAGE
+from .synthetic import PRESETS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("finetuned", metavar="FINETUNED", help=FINETUNED_HELP)
     m.add_argument("out", metavar="OUT", help="output folder (new); appears only when complete")
     _add_option_flags(m, list(fields(MergeOptions)))
-    m.add_argument("--config", help="YAML file with the same keys as the flags (see configs/)")
+    m.add_argument("--config", help="YAML file with the same keys as the flags (examples: `streamsoup demo DIR` "
+                   "writes them to DIR/configs)")
     m.add_argument("--fresh", action="store_true", help="discard an earlier interrupted run of this OUT")
     m.add_argument("-q", "--quiet", action="store_true", help="no progress or summary (warnings and errors stay)")
     m.add_argument("-v", "--verbose", action="store_true", help="log what happens, dask's messages included")
@@ -108,7 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     re_.add_argument("--json", action="store_true", help="machine-readable output (the report's structure)")
     re_.add_argument("--png", metavar="FILE", help="also draw one figure into FILE (needs matplotlib: "
                      "pip install 'streamsoup[report]')")  # fmt: skip
-    for p in (pl, st, ve, re_):
+    de = sub.add_parser("demo", help="write a small demo pair and the example configs into DIR",
+                        description="Write a small Llama-shaped pair (DIR/base, DIR/finetuned: bf16 shards with an "
+                        "index, config and tokenizer files, plus the awkward tensors real pairs have) and the example "
+                        "configs (DIR/configs/*.yaml), then say how to merge them.")  # fmt: skip
+    de.add_argument("dir", metavar="DIR", help="folder to write base/, finetuned/ and configs/ into")
+    de.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model shape (default: small)")
+    for p in (pl, st, ve, re_, de):
         p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     return parser
 
@@ -155,7 +163,15 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"merge": _merge, "plan": _plan, "status": _status, "verify": _verify, "report": _report}
+def _demo(args: argparse.Namespace) -> int:
+    base, ft = demo(args.dir, preset=args.preset)
+    size = sum(f.stat().st_size for f in ft.glob("*.safetensors"))
+    print(f"wrote {base}, {ft} ({size / 2**20:.1f} MiB each) and {base.parent / 'configs'} (example configs)\n"
+          f"next: streamsoup merge {base} {ft} {base.parent / 'merged'}")  # fmt: skip
+    return 0
+
+
+COMMANDS = {"merge": _merge, "plan": _plan, "status": _status, "verify": _verify, "report": _report, "demo": _demo}
 
 
 class _LineFormatter(logging.Formatter):

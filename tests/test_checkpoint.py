@@ -112,7 +112,7 @@ def test_options_sizes_and_yaml(tmp_path):
 def test_every_example_config_loads():
     from streamsoup.options import MergeOptions, load_config
 
-    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    configs = sorted((Path(__file__).parents[1] / "streamsoup" / "configs").glob("*.yaml"))
     assert configs
     for cfg in configs:
         assert set(load_config(cfg)), cfg

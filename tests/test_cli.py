@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import load_folder, raw_bytes
@@ -102,3 +107,35 @@ def test_bad_inputs_exit_2_with_one_line(awkward_pair, tmp_path):
 def test_usage_errors_are_one_line():
     assert_one_line_error(run(), 2, "command")
     assert_one_line_error(run("merge", "only-one"), 2, "required")
+
+
+def test_a_pip_user_gets_the_demo_and_the_example_configs_from_the_wheel(tmp_path):
+    """Built as a wheel and installed alone (no repository beside it): `streamsoup demo` writes a pair that merges."""
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    shutil.copytree(root / "streamsoup", src / "streamsoup", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    pip = [sys.executable, "-m", "pip", "-q"]
+    built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "wheel", src],
+                           capture_output=True, text=True)  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    wheel = next((tmp_path / "wheel").glob("*.whl"))
+    installed = subprocess.run([*pip, "install", "--no-deps", "--target", tmp_path / "site", wheel],
+                               capture_output=True, text=True)  # fmt: skip
+    assert installed.returncode == 0, installed.stderr
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    code = ("import os, sys, streamsoup.cli as c; assert c.__file__.startswith(os.environ['PYTHONPATH']), c.__file__; "
+            "sys.exit(c.main(sys.argv[1:]))")  # the wheel's copy, not the repository's
+    cli = [sys.executable, "-c", code]
+    demo = subprocess.run([*cli, "demo", "d"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert demo.returncode == 0, demo.stderr
+    assert "next: streamsoup merge" in demo.stdout
+    configs = sorted(p.name for p in (tmp_path / "d" / "configs").glob("*.yaml"))
+    assert configs == sorted(p.name for p in (root / "streamsoup" / "configs").glob("*.yaml")) and configs
+    merge = [*cli, "merge", "d/base", "d/finetuned", "d/merged", "-q", "--config", "d/configs/energy-rule.yaml"]
+    merged = subprocess.run(merge, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert merged.returncode == 0, merged.stderr
+    assert (tmp_path / "d" / "merged" / "README.md").exists()
+    again = subprocess.run([*cli, "demo", "d"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert again.returncode == 2 and "already exists" in again.stderr
