@@ -139,3 +139,27 @@ def test_a_pip_user_gets_the_demo_and_the_example_configs_from_the_wheel(tmp_pat
     assert (tmp_path / "d" / "merged" / "README.md").exists()
     again = subprocess.run([*cli, "demo", "d"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_a_local_merge_listens_on_loopback_only(awkward_pair, tmp_path):
+    """The embedded dask scheduler and worker serve HTTP (dask always starts it): never on a network interface."""
+    import time
+
+    import psutil
+    from helpers import start
+
+    proc = start("merge", *awkward_pair, tmp_path / "out", "-q")
+    listening: set[tuple[str, int]] = set()
+    try:
+        while proc.poll() is None:
+            try:
+                conns = psutil.Process(proc.pid).net_connections(kind="inet")
+            except psutil.NoSuchProcess:
+                break
+            listening |= {(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN}
+            time.sleep(0.05)
+    finally:
+        proc.wait(timeout=300)
+    assert proc.returncode == 0
+    assert listening, "the probe saw no listening socket: dask's HTTP servers should be there, on loopback"
+    assert all(ip in ("127.0.0.1", "::1") for ip, _ in listening), listening

@@ -53,9 +53,13 @@ def quiet_dask_logs() -> None:
         logging.getLogger(name).setLevel(level)  # dask's config gives child loggers levels of their own
 
 
+#: where a local merge's HTTP servers listen: this machine only, a free port
+LOOPBACK = "127.0.0.1:0"
+
+
 @contextmanager
 def local_client(budget: Budget) -> Iterator[Client]:
-    """An in-process cluster: one worker, a thread per lane, resources for lanes and RAM; no dashboard.
+    """An in-process cluster: one worker, a thread per lane, resources for lanes and RAM; nothing on the network.
 
     No dask memory manager: admission by the "ram" resource is our budget, and the
     nanny's RSS-based pausing would misread our deliberate working sets.
@@ -63,8 +67,11 @@ def local_client(budget: Budget) -> Iterator[Client]:
     quiet_dask_logs()
     set_threads(budget.lanes.threads)
     DevicePool.configure(budget.lanes.devices)
+    # in-process (inproc://) comms; dask still starts an HTTP server on the scheduler and on the worker, on all
+    # interfaces unless told otherwise (`dashboard_address=None` means port 8787 there): keep both on loopback
     cluster = LocalCluster(processes=False, n_workers=1, threads_per_worker=budget.lanes.total, memory_limit=0,
-                           dashboard_address=None, resources=worker_capacity(budget))  # fmt: skip
+                           scheduler_kwargs={"dashboard_address": LOOPBACK, "dashboard": False},
+                           worker_dashboard_address=LOOPBACK, resources=worker_capacity(budget))  # fmt: skip
     client = Client(cluster)
     try:
         yield client
