@@ -34,6 +34,8 @@ def merge(
     ``work_dir="~/state"``, ...), layered over the YAML file `config`. OUT appears only when
     complete; until then the work lives in ``OUT.partial/`` and rerunning the same call resumes
     it. Called again once OUT is complete, it does nothing and says so (``already_complete``).
+    `fresh` is the CLI's ``--fresh``. A library writes nothing to stderr unless asked, so the default
+    is the CLI's ``-q``; ``progress=True`` prints the start line and the progress the command shows.
     """
     opts = MergeOptions.create(config, **options)
     return run_merge(base, finetuned, expand_path(out).absolute(), opts, fresh=fresh, progress=progress)
@@ -55,7 +57,10 @@ def status(out: str | Path) -> RunStatus:
 
 
 def verify(out: str | Path, *, progress: bool = False) -> VerifyResult:
-    """Re-read a finished OUT against the checksums of its report; ``.ok`` is False on any mismatch."""
+    """Re-read a finished OUT against the checksums of its report; ``.ok`` is False on any mismatch.
+
+    ``progress=True`` shows the bar the command shows (its ``-q`` is this function's default).
+    """
     return verify_output(out, progress=progress)
 
 
