@@ -7,11 +7,13 @@ import os
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+import torch
 import zarr
 from helpers import assert_one_line_error, edited_adapter, report_rows, run, run_here, start, tree_digest
 from test_bad_input import small_disk
@@ -364,12 +366,60 @@ def test_fifo_shard_is_refused_not_waited_for(pair, tmp_path):
     assert_one_line_error(proc, 2, "zz-fifo.safetensors", "not a regular file")
 
 
-@pytest.mark.parametrize("flag, value", [("--threads", "100000"), ("--lanes", "100000"), ("--threads", "1e400")])
+@pytest.mark.parametrize("flag, value", [("--threads", "100000"), ("--lanes", "100000"), ("--threads", "1e400"),
+                                         ("--lanes", "1000"), ("--threads", str((os.cpu_count() or 1) + 1))])
 def test_thread_counts_are_bounded(awkward_pair, tmp_path, flag, value):
     base, ft = awkward_pair
     proc = run_here("merge", base, ft, tmp_path / "out", flag, value)
     assert_one_line_error(proc, 2, flag)
     assert not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize("text", ["threads: 1e400", "threads: 1.0e400", "lanes: .inf", "threads: 100000"])
+def test_thread_counts_in_a_config_are_bounded(awkward_pair, tmp_path, text):
+    (tmp_path / "c.yaml").write_text(text + "\n")
+    proc = run_here("merge", *awkward_pair, tmp_path / "out", "--config", tmp_path / "c.yaml")
+    assert_one_line_error(proc, 2, "--" + text.split(":")[0])
+
+
+def test_a_shard_size_that_would_write_thousands_of_files_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = {f"layers.{i}.weight": torch.full((2, 2), float(i)) for i in range(10_001)}
+    for side in ("base", "ft"):
+        (tmp_path / side).mkdir()
+        save_file(tensors, tmp_path / side / "model.safetensors")
+    proc = run_here("plan", tmp_path / "base", tmp_path / "ft", "--shard-size", "1B")
+    assert_one_line_error(proc, 2, "--shard-size 1 B", "10001 files", "5GB")
+    proc = run_here("plan", tmp_path / "base", tmp_path / "ft", "--shard-size", "4KB")  # a few hundred files: sane
+    assert proc.returncode == 0, proc.stderr
+
+
+def raw_header(path: Path, header: str, data: bytes = b"\0" * 4) -> Path:
+    raw = header.encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+ENTRY = '"dtype": "F32", "shape": [1], "data_offsets": [0, 4]'
+HOSTILE_HEADERS = {
+    "nested 100,000 deep": "[" * 100_000 + "]" * 100_000,
+    "a dtype that is a list": '{"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}',
+    "Infinity in a shape": '{"w": {"dtype": "F32", "shape": [Infinity], "data_offsets": [0, 4]}}',
+    "a float in a shape": '{"w": {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]}}',
+    "true in a shape": '{"w": {"dtype": "F32", "shape": [true], "data_offsets": [0, 4]}}',
+    "__metadata__ an int": '{"__metadata__": 5, "w": {' + ENTRY + "}}",
+    "__metadata__ a string": '{"__metadata__": "abc", "w": {' + ENTRY + "}}",
+    "__metadata__ not of strings": '{"__metadata__": {"a": {"b": 1}}, "w": {' + ENTRY + "}}",
+    "a tensor named twice": '{"w": {' + ENTRY + '}, "w": {' + ENTRY + "}}",
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_HEADERS))
+def test_hostile_headers_are_refused_as_corrupt(awkward_pair, tmp_path, case):
+    shard = raw_header(tmp_path / "x.safetensors", HOSTILE_HEADERS[case])
+    proc = run_here("plan", awkward_pair[0], shard)
+    assert_one_line_error(proc, 2, "x.safetensors", "corrupt")
 
 
 # --- 11: found up front, worded right -------------------------------------------------------------------

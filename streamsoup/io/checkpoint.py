@@ -14,6 +14,7 @@ import math
 import os
 import stat
 import struct
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,15 +89,19 @@ def read_header(path: str | Path) -> ShardHeader:
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_unique_keys)
         if not isinstance(header, dict):
             raise ValueError("not an object")
-    except (UnicodeDecodeError, ValueError):
-        raise InputError(
-            f"{path}: corrupt safetensors header (not valid JSON); re-download or re-save this shard"
-        ) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        why = exc.args[0] if isinstance(exc, DuplicateKey) else "not valid JSON"
+        raise InputError(f"{path}: corrupt safetensors header ({why}); re-download or re-save this shard") from None
     data_start = 8 + hlen
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    elif not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InputError(f"{path}: corrupt safetensors header (__metadata__ is not a map of strings); re-download "
+                         "or re-save this shard")  # fmt: skip
     refs = []
     for name, entry in header.items():
         refs.append(_tensor_ref(path, name, entry, data_start))
@@ -116,6 +121,18 @@ def read_header(path: str | Path) -> ShardHeader:
     return ShardHeader(path, size, hashlib.sha256(raw).hexdigest(), data_start, dict(metadata), tuple(refs))
 
 
+class DuplicateKey(ValueError):
+    """A JSON object naming one key twice (json keeps the last silently; a loader might keep the first)."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        twice = next(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+        raise DuplicateKey(f"{twice!r} appears twice")
+    return out
+
+
 def regular_file(path: str | Path) -> os.stat_result:
     """A checkpoint file's stat; a FIFO or device (which would block or never end) is refused."""
     info = os.stat(path)
@@ -126,12 +143,12 @@ def regular_file(path: str | Path) -> os.stat_result:
 
 def _tensor_ref(path: str, name: str, entry: object, data_start: int) -> TensorRef:
     where = f"{path}: tensor {name!r}"
-    try:
-        dtype = entry["dtype"]  # type: ignore[index]
-        shape = tuple(int(d) for d in entry["shape"])  # type: ignore[index]
-        begin, end = (int(x) for x in entry["data_offsets"])  # type: ignore[index]
-    except (TypeError, KeyError, ValueError):
-        raise InputError(f"{where}: malformed header entry; the file is corrupt") from None
+    fields = (entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")) if isinstance(entry, dict) else ()
+    if not (len(fields) == 3 and isinstance(fields[0], str) and isinstance(fields[1], list)
+            and isinstance(fields[2], list) and len(fields[2]) == 2
+            and all(type(x) is int for x in (*fields[1], *fields[2]))):  # fmt: skip
+        raise InputError(f"{where}: malformed header entry (dtype, shape, data_offsets); the file is corrupt")
+    dtype, shape, (begin, end) = fields[0], tuple(fields[1]), fields[2]
     if any(d < 0 for d in shape) or begin < 0 or end < begin:
         raise InputError(f"{where}: negative shape or offsets; the file is corrupt")
     if any(d > MAX_DIM for d in shape) or end > MAX_DIM:  # safetensors reads them as 64-bit unsigned

@@ -66,6 +66,10 @@ class Budget:
     cluster: bool = False  # task_ram is the largest worker's, not a share of --max-ram on this machine
 
 
+#: the most CPU lanes per core --lanes may ask for locally (a lane waiting on I/O lets another compute)
+LANES_PER_CORE = 4
+
+
 def resolve_lanes(devices: str, lanes: int, threads: int) -> Lanes:
     """--devices auto|cpu|cuda|cuda:0,cuda:1 (a list of devices makes one device lane per entry)."""
     spec = devices.strip().lower()
@@ -209,12 +213,24 @@ def check_budget(max_ram: int, baseline: int) -> int:
     return left
 
 
+def check_machine_lanes(opts: MergeOptions) -> None:
+    """--lanes and --threads within what this machine's cores can run (a typo must not start thousands of threads)."""
+    cores = os.cpu_count() or 1
+    if opts.lanes and opts.lanes > LANES_PER_CORE * cores:
+        most = LANES_PER_CORE * cores
+        raise OptionError("lanes", f"{opts.lanes} is more than {LANES_PER_CORE} per core of this machine's {cores} "
+                          f"cores (they would only wait on each other); give at most {most}")  # fmt: skip
+    if opts.threads and opts.threads > cores:
+        raise OptionError("threads", f"{opts.threads} is more than this machine's {cores} cores; give at most {cores}")
+
+
 def make_budget(opts: MergeOptions, io_bound: bool = False) -> Budget:
     """Lanes and memory budgets of this run; the RAM left for tasks is what the process does not use already.
 
     `io_bound` (an adapter merge: each task streams W0 through a thin GEMM): by default one lane per
     core with one thread each, so one tensor's reads, writes and fdatasync overlap another's compute.
     """
+    check_machine_lanes(opts)
     lanes = resolve_lanes(opts.devices, opts.lanes or ((os.cpu_count() or 1) if io_bound else 1), opts.threads)
     if opts.max_ram:
         check_max_ram(opts.max_ram, physical_ram())

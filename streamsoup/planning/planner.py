@@ -13,7 +13,7 @@ from ..numerics.lowrank import BiasUpdate, LoraUpdate
 from ..options import MergeOptions
 from ..sources import Adapter, open_base, open_finetuned
 from ..sources.adapter import ADAPTER_WEIGHTS, AdapterTensors, resolve
-from .preflight import check_not_adapter, check_pairing
+from .preflight import check_not_adapter, check_pairing, check_shard_count
 
 EDIT, COPY = "edit", "copy"
 #: what torch.nn.parallel.DistributedDataParallel puts before every name of the module it wraps
@@ -115,6 +115,7 @@ def plan_merge(base: str | Path | Checkpoint, finetuned: str | Path | Checkpoint
     check_not_adapter(ft, "FINETUNED")
     base_ckpt, ft, renamed = without_ddp_prefix(base_ckpt, ft)
     layout = ShardLayout.plan((TensorSpec(r.name, r.dtype, r.shape) for r in ft.values()), options.shard_size)
+    check_shard_count(layout, options.shard_size)
     jobs = []
     for i, ref in enumerate(ft.values()):
         action, reason = pair_action(ref, base_ckpt.get(ref.name))
@@ -173,6 +174,7 @@ def plan_adapter(base: Checkpoint, adapter: Adapter, options: MergeOptions) -> M
         layout_size, single = options.shard_size, None
         side = tuple(p for p in side if p.is_dir())
     layout = ShardLayout.plan((s for d in drafts for s in d.specs), layout_size, single)
+    check_shard_count(layout, layout_size)
     jobs = []
     for i, d in enumerate(drafts):
         first = layout.placements[d.specs[0].name]

@@ -15,7 +15,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from ..errors import InputError, UsageError
+from ..errors import InputError, OptionError, UsageError
 from ..io.checkpoint import Checkpoint, TensorRef, matrix_shape
 from ..io.dtypes import is_float
 from ..io.layout import ShardLayout
@@ -196,3 +196,14 @@ def output_needs(layout: ShardLayout, partial: Path, side_roots: tuple[Path, ...
 
 def small_side(ref: TensorRef) -> int:
     return min(matrix_shape(ref.shape)) if ref.shape else 1
+
+
+#: the most output shards a merge writes: beyond it, --shard-size is a typo (a model is a few hundred files at most)
+MAX_SHARDS = 10_000
+
+
+def check_shard_count(layout: ShardLayout, shard_size: int) -> None:
+    if len(layout.shards) > MAX_SHARDS:
+        files = len(layout.shards)
+        raise OptionError("shard_size", f"{format_size(shard_size)} would split OUT into {files} files (more than "
+                          f"{MAX_SHARDS}); give a larger size, e.g. the Hugging Face default 5GB")  # fmt: skip

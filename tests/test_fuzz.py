@@ -1,0 +1,129 @@
+"""No input reaches an internal error: random mutations of real safetensors headers and torch.save pickles are
+either read or refused as corrupt (InputError), never anything else. Bounded: a few hundred examples each."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import struct
+import zipfile
+from pathlib import Path
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from streamsoup.errors import InputError
+from streamsoup.io.checkpoint import read_header
+from streamsoup.io.dtypes import ITEM_SIZE
+from streamsoup.sources.pickled import read_pickle_shard
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+#: what a hostile header puts where a value belongs
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)  # fmt: skip
+
+
+def real_header(awkward_pair) -> tuple[dict, bytes]:
+    shard = sorted(Path(awkward_pair[1]).glob("*.safetensors"))[0]
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def mutate(header: dict, data: st.DataObject) -> dict:
+    """Replace, drop or add one field somewhere in the header."""
+    header = json.loads(json.dumps(header))
+    names = sorted(header)
+    name = data.draw(st.sampled_from(names))
+    action = data.draw(st.sampled_from(["value", "field", "drop", "add", "entry", "metadata"]))
+    if action == "entry":
+        header[name] = data.draw(JSON_VALUES)
+    elif action == "metadata":
+        header["__metadata__"] = data.draw(JSON_VALUES)
+    elif action == "add":
+        header[data.draw(st.text(max_size=6))] = data.draw(JSON_VALUES)
+    elif isinstance(header[name], dict) and header[name]:
+        key = data.draw(st.sampled_from(sorted(header[name]) + ["dtype", "shape", "data_offsets"]))
+        if action == "drop":
+            header[name].pop(key, None)
+        elif action == "field" and isinstance(header[name].get(key), list) and header[name][key]:
+            i = data.draw(st.integers(0, len(header[name][key]) - 1))
+            header[name][key][i] = data.draw(JSON_VALUES)
+        else:
+            header[name][key] = data.draw(JSON_VALUES)
+    return header
+
+
+def encode(header: dict) -> bytes:
+    text = json.dumps(header, allow_nan=True)  # NaN/Infinity as a careless writer would emit them
+    return text.encode()
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_safetensors_headers_are_read_or_refused(awkward_pair, tmp_path, data):
+    header, payload = real_header(awkward_pair)
+    raw = encode(mutate(header, data))
+    path = tmp_path / "fuzz.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + payload)
+    try:
+        shard = read_header(path)
+    except InputError:
+        return
+    for ref in shard.tensors:  # what is accepted is what a loader accepts: bounded, consistent, in the file
+        assert all(type(d) is int and d >= 0 for d in ref.shape) and ref.offset + ref.nbytes <= shard.size
+        assert isinstance(ref.dtype, str) and ref.nbytes == math.prod(ref.shape) * ITEM_SIZE[ref.dtype]
+
+
+@FUZZ
+@given(raw=st.binary(max_size=200))
+def test_arbitrary_header_bytes_are_refused_cleanly(tmp_path, raw):
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    try:
+        read_header(path)  # random bytes that happen to be a valid (empty) header are fine
+    except InputError:
+        pass
+
+
+def small_pickle(tmp_path: Path) -> bytes:
+    path = tmp_path / "src.pt"
+    torch.save({"w": torch.randn(4, 3), "b": torch.arange(3), "t": torch.randn(3, 4).T}, path)
+    return path.read_bytes()
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_torch_save_pickles_are_read_or_refused(tmp_path, data):
+    """Flip, drop or insert bytes of data.pkl (the zip is rebuilt around it, so the pickle is what is fuzzed)."""
+    original = small_pickle(tmp_path)
+    with zipfile.ZipFile(io.BytesIO(original)) as zin:
+        entries = [(i, zin.read(i)) for i in zin.infolist()]
+    pkl_index = next(k for k, (i, _) in enumerate(entries) if i.filename.endswith("data.pkl"))
+    pkl = bytearray(entries[pkl_index][1])
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(pkl) - 1))
+        op = data.draw(st.sampled_from(["flip", "drop", "insert"]))
+        if op == "flip":
+            pkl[at] ^= data.draw(st.integers(1, 255))
+        elif op == "drop":
+            del pkl[at]
+        else:
+            pkl.insert(at, data.draw(st.integers(0, 255)))
+    out = tmp_path / "fuzz.pt"
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zout:
+        for k, (info, body) in enumerate(entries):
+            zout.writestr(info, bytes(pkl) if k == pkl_index else body)
+    try:
+        shard, _ = read_pickle_shard(out)
+    except InputError:
+        return
+    for ref in shard.tensors:
+        assert ref.offset + ref.span <= shard.size
