@@ -138,6 +138,19 @@ def test_disk_too_small_is_refused_up_front(awkward_pair, tmp_path):
         assert tree_digest(out) == tree_digest(ref)
 
 
+def test_a_small_state_disk_with_room_enough_is_not_refused(awkward_pair, tmp_path):
+    """--work-dir on a 1 MiB filesystem: the state needs ~250 KiB there (blocks of its small files included), so the
+    merge runs; at 200 KiB it is refused with what it needs, counted the same way."""
+    base, ft = awkward_pair
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        proc = run("merge", base, ft, tmp_path / "out", "--work-dir", disk / "state", "-q")
+        assert proc.returncode == 0, proc.stderr
+        assert list(disk.iterdir()) == [], "the state is removed on success"
+        subprocess.run(["mount", "-o", "remount,size=200k", str(disk)], check=True)
+        proc = run("merge", base, ft, tmp_path / "out2", "--work-dir", disk / "state")
+        assert_one_line_error(proc, 2, "not enough disk space", "small files or folders", "200.00 KiB free")
+
+
 def test_disk_filled_after_a_kill_keeps_state_then_resumes(awkward_pair, tmp_path):
     """A run is killed, another process then takes the whole disk: the rerun is refused up front (the shards'
     space is already reserved, the state and report still need room), the state is kept; free the space and

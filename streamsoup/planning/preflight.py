@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError, OptionError, UsageError
@@ -26,10 +27,12 @@ from ..sources.adapter import ADAPTER_CONFIG
 ADAPTER_KEYS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 #: bytes compared per sampled span (three spans per matrix: start, middle, end)
 SAMPLE_BYTES = 4096
-#: report and state bookkeeping per tensor, for the disk check (generous)
-BOOKKEEPING_PER_TENSOR = 4096
-#: what a filesystem must keep free beyond our estimate
-DISK_MARGIN = 16 * 2**20
+#: the report's row of one tensor, at most (a row is ~600 bytes of JSON)
+REPORT_PER_TENSOR = 1024
+#: the files OUT gets besides shards and side files: index, report, spectra, model card, ownership marker
+OUTPUT_FILES = 5
+#: the resume state's own files and folders besides the tensors': root and group metadata, the marker
+STATE_FILES = 4
 
 
 def check_not_adapter(ckpt: Checkpoint, role: str) -> None:
@@ -160,38 +163,55 @@ def _allocated(folder: Path, layout: ShardLayout) -> int:
     return total
 
 
-def side_file_bytes(roots: tuple[Path, ...]) -> int:
-    return sum(f.size for root in roots for f in side_files(root))
+@dataclass(frozen=True)
+class DiskNeed:
+    """What is still to be written somewhere: data bytes, and files and folders that take a block each at least."""
+
+    bytes: int
+    files: int
+
+    def __add__(self, other: DiskNeed) -> DiskNeed:
+        return DiskNeed(self.bytes + other.bytes, self.files + other.files)
+
+    def on(self, block: int) -> int:
+        """Bytes it takes on a filesystem of this block size: every file's last block counts whole."""
+        return self.bytes + self.files * block
 
 
-def state_bytes(widths: list[int], streamed_widths: list[int], lanes: int, tensors: int) -> int:
-    """Singular values per edit, markers per tensor, and the partial Grams and basis of streamed tensors in flight."""
-    grams = sorted((3 * 8 * c * c for c in streamed_widths), reverse=True)[:lanes]
-    return sum(8 * c for c in widths) + BOOKKEEPING_PER_TENSOR * tensors + sum(grams)
-
-
-def check_disk_space(needs: dict[Path, int]) -> None:
+def check_disk_space(needs: dict[Path, DiskNeed]) -> None:
     """Each filesystem must hold what is still to be written there; refuse naming both numbers."""
-    by_fs: dict[int, tuple[Path, int]] = {}
+    by_fs: dict[int, tuple[Path, DiskNeed]] = {}
     for path, need in needs.items():
-        anchor = _existing(path)
-        dev = anchor.stat().st_dev
-        first, total = by_fs.get(dev, (path, 0))
+        dev = _existing(path).stat().st_dev
+        first, total = by_fs.get(dev, (path, DiskNeed(0, 0)))
         by_fs[dev] = (first, total + need)
     for first, need in by_fs.values():
-        free = shutil.disk_usage(_existing(first)).free
-        if need + DISK_MARGIN > free:
+        anchor = _existing(first)
+        free, block = shutil.disk_usage(anchor).free, os.statvfs(anchor).f_frsize or 4096
+        if need.on(block) > free:
             raise UsageError(
-                f"not enough disk space for {first}: the merge still needs {format_size(need)} there, its "
-                f"filesystem has {format_size(free)} free; free space or choose another place "
-                "(OUT, or --work-dir for the resume state)"
+                f"not enough disk space for {first}: the merge still needs {format_size(need.on(block))} there "
+                f"({format_size(need.bytes)} of data and {need.files} small files or folders of a "
+                f"{format_size(block)} block each), its filesystem has {format_size(free)} free; free space or "
+                "choose another place (OUT, or --work-dir for the resume state)"
             )
 
 
-def output_needs(layout: ShardLayout, partial: Path, side_roots: tuple[Path, ...]) -> int:
-    """Bytes the output still needs on disk: shards not yet allocated, side files, index and report."""
+def output_needs(layout: ShardLayout, partial: Path, side_roots: tuple[Path, ...], widths: list[int]) -> DiskNeed:
+    """What the output still needs on disk: shards not yet allocated, side files, index, report, spectra, card."""
     shards = sum(s.size for s in layout.shards) - _allocated(partial, layout)
-    return shards + side_file_bytes(side_roots) + BOOKKEEPING_PER_TENSOR * len(layout.placements)
+    sides = [f for root in side_roots for f in side_files(root)]
+    data = shards + sum(f.size for f in sides) + REPORT_PER_TENSOR * len(layout.placements) + sum(8 * c for c in widths)
+    return DiskNeed(data, len(layout.shards) + len(sides) + OUTPUT_FILES)
+
+
+def state_needs(widths: list[int], streamed_widths: list[int], lanes: int, tensors: int) -> DiskNeed:
+    """The resume state: a marker group per tensor; per edit its singular values (an array: metadata, a chunk, two
+    folders); the partial Grams and basis (three arrays) of the streamed tensors in flight."""
+    grams = sorted((3 * 8 * c * c for c in streamed_widths), reverse=True)[:lanes]
+    in_flight = min(lanes, len(streamed_widths))
+    return DiskNeed(sum(8 * c for c in widths) + sum(grams),
+                    2 * tensors + 4 * len(widths) + 12 * in_flight + STATE_FILES)  # fmt: skip
 
 
 def small_side(ref: TensorRef) -> int:

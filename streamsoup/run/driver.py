@@ -34,7 +34,7 @@ from ..planning.preflight import (
     check_values_differ,
     output_needs,
     small_side,
-    state_bytes,
+    state_needs,
 )
 from ..planning.schedule import Execution, schedule
 from ..reporting import REPORT_NAME, MergeSummary, run_head
@@ -248,9 +248,9 @@ def check_space(plan: MergePlan, runs: dict[str, Execution], budget: Budget, par
     streamed = [small_side(j.finetuned) for j in plan.edits if runs[j.key].streamed]
     widths = [small_side(j.finetuned) for j in plan.edits]
     existing = partial if partial.exists() and not fresh else partial / ".none"
-    needs = {partial: output_needs(plan.layout, existing, plan.side_roots)}
-    state = state_bytes(widths, streamed, budget.lanes.total, len(plan.jobs))
-    needs[state_path] = needs.get(state_path, 0) + state
+    needs = {partial: output_needs(plan.layout, existing, plan.side_roots, widths)}
+    state = state_needs(widths, streamed, budget.lanes.total, len(plan.jobs))
+    needs[state_path] = needs[state_path] + state if state_path in needs else state
     check_disk_space(needs)
 
 
