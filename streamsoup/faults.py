@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import signal
 from collections import Counter
+from collections.abc import Callable
 
 _seen: Counter[str] = Counter()
 
 
-def fault_point(name: str) -> None:
+def fault_point(name: str, before: Callable[[], None] | None = None) -> None:
+    """SIGKILL here the n-th time; `before` runs first (what must be durable by then, e.g. earlier commits)."""
     spec = os.environ.get("STREAMSOUP_FAULT")
     if not spec:
         return
@@ -23,4 +25,6 @@ def fault_point(name: str) -> None:
         return
     _seen[name] += 1
     if _seen[name] >= int(nth or 1):
+        if before is not None:
+            before()
         os.kill(os.getpid(), signal.SIGKILL)

@@ -6,6 +6,9 @@
     tensors/<key>/s          singular values of an edited tensor (float64, crc32c codec)
     tensors/<key> attrs      {"marker": {crc32c, s_crc32c, attempt, committed_at, row, digest}}: the
                              done marker, written in one atomic attrs.put (attrs.update writes key by key)
+    batches/<id>/s           the singular values of many small tensors committed together, end to end
+    batches/<id> attrs       {"markers": {key: sealed marker with s_offset, s_len}}: one attrs.put for all;
+                             a Zarr operation costs ~1 ms, so 100,000 tiny tensors commit in batches
 
 One writer (the driver) commits a marker only after the task has made the tensor's
 bytes durable, so a marker always describes bytes that are on disk. Markers are
@@ -45,7 +48,8 @@ STATE_NAME = ".streamsoup-state.zarr"
 POINTER_NAME = ".streamsoup-workdir"  # in OUT.partial when --work-dir is elsewhere
 LOCK_NAME = ".streamsoup.lock"
 #: what a state folder holds (besides its owner marker): anything else means it is not only ours
-STATE_ENTRIES = ("zarr.json", "tensors")
+STATE_ENTRIES = ("zarr.json", "tensors", "batches")
+BATCHES = "batches"
 
 
 class StateDamaged(Exception):
@@ -99,6 +103,16 @@ def put_array(group: zarr.Group, name: str, value: np.ndarray) -> int:
 
 
 @dataclass(frozen=True)
+class Commit:
+    """One tensor to record: its key, the crc32c of its durable bytes, its report row, its singular values."""
+
+    key: str
+    crc: int
+    row: dict[str, Any]
+    singular_values: np.ndarray | None
+
+
+@dataclass(frozen=True)
 class Marker:
     """A committed tensor: its bytes are durable and their checksum is known."""
 
@@ -108,6 +122,9 @@ class Marker:
     committed_at: float
     row: dict[str, Any]  # the report row
     s_crc32c: int | None = None  # of its singular values, when it has them
+    batch: str | None = None  # committed with others in batches/<batch>: its spectrum is s[s_offset:+s_len] there
+    s_offset: int = 0
+    s_len: int = 0
 
 
 def describe_changes(old: dict, new: dict) -> list[str]:
@@ -138,6 +155,7 @@ class RunState:
         self.path = path
         self.group = group
         self.attempt = attempt
+        self._spectra_cache: dict[str, np.ndarray] = {}
         self.run_id = str(group.attrs.get("run_id", ""))
 
     @classmethod
@@ -208,11 +226,25 @@ class RunState:
         """The committed singular values of a tensor, checked against its marker (StateDamaged if not)."""
         if marker.s_crc32c is None:
             return None
+        if marker.batch is not None:
+            s = self._batch_spectra(marker.batch)[marker.s_offset : marker.s_offset + marker.s_len]
+            if len(s) != marker.s_len or array_crc(s) != marker.s_crc32c:
+                raise StateDamaged("spectrum checksum mismatch")
+            return s
         try:
             group = self.group["tensors"][marker.key]
         except Exception as exc:
             raise StateDamaged(f"record unreadable ({type(exc).__name__})") from None
         return read_array(group, "s", marker.s_crc32c)
+
+    def _batch_spectra(self, batch: str) -> np.ndarray:
+        """The end-to-end singular values of a batch, read once per batch (each slice is checked by its marker)."""
+        if batch not in self._spectra_cache:
+            try:
+                self._spectra_cache[batch] = self.group[BATCHES][batch]["s"][...]
+            except Exception as exc:
+                raise StateDamaged(f"batch {batch} unreadable ({type(exc).__name__})") from None
+        return self._spectra_cache[batch]
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -242,11 +274,37 @@ class RunState:
                                    dict(m["row"]), m["s_crc32c"])  # fmt: skip
             except (StateDamaged, KeyError, TypeError, ValueError) as exc:
                 bad[key] = str(exc) if isinstance(exc, StateDamaged) else "record incomplete"
+        self._scan_batches(good, bad)
         return good, bad
+
+    def _scan_batches(self, good: dict[str, Marker], bad: dict[str, str]) -> None:
+        """Markers committed in batches; a batch that does not verify is bad as a whole (``batches/<id>``).
+
+        A tensor recommitted later (its bytes were found torn) has two markers: the later one counts.
+        """
+        folder = self.path / BATCHES
+        names = sorted(e for e in os.listdir(folder) if owned.is_dir(folder / e)) if owned.is_dir(folder) else []
+        for name in names:
+            try:
+                records = self.group[BATCHES][name].attrs.get("markers")
+                if records is None:
+                    continue  # written up to its spectra, killed before its markers: nothing committed
+                found = {}
+                for key, raw in dict(records).items():
+                    m = unseal(self.run_id, raw)
+                    found[key] = Marker(key, int(m["crc32c"]), int(m["attempt"]), float(m["committed_at"]),
+                                        dict(m["row"]), m["s_crc32c"], name, int(m["s_offset"]), int(m["s_len"]))
+            except Exception as exc:  # a truncated zarr.json, a record that does not verify
+                bad[f"{BATCHES}/{name}"] = str(exc) if isinstance(exc, StateDamaged) else "batch record unreadable"
+                continue
+            for key, marker in found.items():
+                if key not in good or good[key].committed_at < marker.committed_at:
+                    good[key] = marker
 
     def spectra(self, markers: list[Marker]) -> tuple[dict[str, np.ndarray], list[str]]:
         """(tensor name -> its verified singular values, keys whose spectrum does not verify)."""
         good, bad = {}, []
+        self._spectra_cache = {}  # each batch's array is read once for all its tensors
         for marker in markers:
             try:
                 s = self.spectrum(marker)
@@ -255,20 +313,29 @@ class RunState:
                 continue
             if s is not None:
                 good[marker.row["name"]] = s
+        self._spectra_cache = {}
         return good, bad
 
     def usable(self) -> tuple[dict[str, Marker], dict[str, str]]:
         """Like `scan`, with every committed spectrum re-read and checked too (the driver, on resume)."""
         good, bad = self.scan()
         for key in self.spectra(list(good.values()))[1]:
-            bad[key] = "spectrum does not verify"
-            del good[key]
+            if key not in good:  # its batch went already, with an earlier key of it
+                continue
+            batch = good[key].batch
+            if batch is None:
+                bad[key] = "spectrum does not verify"
+                del good[key]
+                continue
+            bad[f"{BATCHES}/{batch}"] = f"the spectrum of {key} does not verify"  # the batch goes as a whole
+            for other in [k for k, m in good.items() if m.batch == batch]:
+                del good[other]
         return good, bad
 
     def forget(self, keys: list[str]) -> None:
         """Drop damaged records (inside our own state folder): their tensors are recomputed."""
         for key in keys:
-            folder = self.path / "tensors" / key
+            folder = self.path / key if key.startswith(f"{BATCHES}/") else self.path / "tensors" / key
             if owned.is_dir(folder):
                 shutil.rmtree(folder)
             elif os.path.lexists(folder):
@@ -286,6 +353,31 @@ class RunState:
             group.attrs.put({"marker": seal(self.run_id, record)})
             if "partial" in group:  # mid-tensor progress of a streamed tensor: no longer needed
                 del group["partial"]
+        except OSError as exc:
+            raise RunError(
+                f"cannot record progress in {self.path}: {exc.strerror or exc}; "
+                "free space or fix the disk, then rerun the same command to resume"
+            ) from exc
+
+    def commit_many(self, items: list[Commit]) -> None:
+        """Record many tensors whose bytes are already durable, in one batch group: spectra first, markers last."""
+        if not items:
+            return
+        try:
+            group = self.group.require_group(BATCHES).create_group(uuid.uuid4().hex[:16])
+            spectra = [np.asarray(c.singular_values, dtype=np.float64).reshape(-1) for c in items
+                       if c.singular_values is not None]  # fmt: skip
+            if spectra:
+                put_array(group, "s", np.concatenate(spectra))
+            records, offset, now = {}, 0, time.time()
+            for c in items:
+                s = None if c.singular_values is None else np.asarray(c.singular_values, dtype=np.float64).reshape(-1)
+                record = {"crc32c": int(c.crc), "s_crc32c": None if s is None else array_crc(s), "s_offset": offset,
+                          "s_len": 0 if s is None else len(s), "attempt": self.attempt, "committed_at": now,
+                          "row": c.row}  # fmt: skip
+                offset += record["s_len"]
+                records[c.key] = seal(self.run_id, record)
+            group.attrs.put({"markers": records})
         except OSError as exc:
             raise RunError(
                 f"cannot record progress in {self.path}: {exc.strerror or exc}; "

@@ -24,7 +24,7 @@ from .._version import __version__
 from ..errors import Interrupted, OptionError, RunError, UsageError
 from ..faults import fault_point
 from ..io import owned, writer
-from ..io.state import LOCK_NAME, POINTER_NAME, STATE_NAME, RunLock, RunState
+from ..io.state import LOCK_NAME, POINTER_NAME, STATE_NAME, Commit, RunLock, RunState
 from ..options import MergeOptions, format_size
 from ..planning.budget import Budget, machine_info, make_budget
 from ..planning.planner import MergePlan, plan_merge
@@ -49,6 +49,7 @@ from .clients import (
     worker_capacity,
     worker_resources,  # fmt: skip
 )
+from .commits import CommitBatch
 from .executor import run_graph
 from .graph import GraphTask, build_graph
 from .progress import Progress
@@ -280,22 +281,35 @@ def execute(run: Attempt, state: RunState, guard: InterruptGuard) -> list[Tensor
     with Progress(len(tasks), plan.bytes_to_write, len(done), sum(t.nbytes for t in done),
                   enabled=run.request.progress) as bar:  # fmt: skip
 
+        commits = CommitBatch(state, guard)
+
         def on_done(task: GraphTask, result: TensorResult) -> None:
             if not result.resumed:
-                fault_point("commit")
+                fault_point("commit", before=commits.flush)  # a kill at the n-th commit: the n-1 before it hold
                 result = replace(result, attempt=state.attempt)
-                with guard.critical():
-                    state.commit(task.key, result.crc32c, result.as_dict(), result.singular_values)
+                commits.add(Commit(task.key, result.crc32c, result.as_dict(), result.singular_values))
             results[task.key] = result
             if task.key not in committed:  # resumed tensors are in the bar's starting count already
                 bar.advance(task.nbytes)
 
+        def tick() -> None:
+            bar.tick()
+            commits.flush_if_due()
+
+        finished = False
         try:
             if run.client is not None:
-                run_graph(run.client, tasks, on_done, worker_resources(run.client), watch=True, tick=bar.tick)
+                run_graph(run.client, tasks, on_done, worker_resources(run.client), watch=True, tick=tick)
             else:
                 with local_client(run.budget) as local:
-                    run_graph(local, tasks, on_done, {"local": worker_capacity(run.budget)}, tick=bar.tick)
+                    run_graph(local, tasks, on_done, {"local": worker_capacity(run.budget)}, tick=tick)
+            finished = True
         except KeyboardInterrupt:
             raise Interrupted(MESSAGE) from None
+        finally:
+            try:
+                commits.flush()  # what finished before a failure or Ctrl-C is kept
+            except Exception:
+                if finished:
+                    raise  # otherwise the run's own error is the one to report
     return [results[job.key] for job in plan.jobs]
