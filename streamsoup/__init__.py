@@ -5,16 +5,17 @@
     streamsoup.status(out)                    progress of a run                      -> RunStatus
     streamsoup.verify(out)                    checksums of a finished output         -> VerifyResult
     streamsoup.report(out, png=None)          what MonoSoup did, per module kind     -> RunReport
+    streamsoup.demo(folder)                   a demo pair and the example configs    -> (base, finetuned)
 
 ``str()`` of each result is what the matching command prints.
 """
 
 from ._version import __version__
-from .api import merge, plan, report, status, verify
+from .api import demo, merge, plan, report, status, verify
 from .options import MergeOptions
 from .reporting import MergeSummary, RunReport
 from .reporting.audit import RunStatus, VerifyResult
 from .reporting.estimate import PlanSummary
 
-__all__ = ["merge", "plan", "status", "verify", "report", "MergeOptions", "MergeSummary", "PlanSummary",
+__all__ = ["merge", "plan", "status", "verify", "report", "demo", "MergeOptions", "MergeSummary", "PlanSummary",
            "RunStatus", "VerifyResult", "RunReport", "__version__"]
