@@ -156,6 +156,7 @@ class RunState:
         self.group = group
         self.attempt = attempt
         self._spectra_cache: dict[str, np.ndarray] = {}
+        self._batch_of: dict[str, str] = {}  # a damaged marker's batch, for `forget`
         self.run_id = str(group.attrs.get("run_id", ""))
 
     @classmethod
@@ -286,17 +287,19 @@ class RunState:
         names = sorted(e for e in os.listdir(folder) if owned.is_dir(folder / e)) if owned.is_dir(folder) else []
         for name in names:
             try:
-                records = self.group[BATCHES][name].attrs.get("markers")
-                if records is None:
-                    continue  # written up to its spectra, killed before its markers: nothing committed
-                found = {}
-                for key, raw in dict(records).items():
+                records = dict(self.group[BATCHES][name].attrs.get("markers") or {})
+            except Exception as exc:  # a truncated or deleted zarr.json: every tensor of the batch
+                bad[f"{BATCHES}/{name}"] = f"batch record unreadable ({type(exc).__name__})"
+                continue
+            found = {}
+            for key, raw in records.items():  # an empty batch: killed after its spectra, before its markers
+                try:
                     m = unseal(self.run_id, raw)
                     found[key] = Marker(key, int(m["crc32c"]), int(m["attempt"]), float(m["committed_at"]),
                                         dict(m["row"]), m["s_crc32c"], name, int(m["s_offset"]), int(m["s_len"]))
-            except Exception as exc:  # a truncated zarr.json, a record that does not verify
-                bad[f"{BATCHES}/{name}"] = str(exc) if isinstance(exc, StateDamaged) else "batch record unreadable"
-                continue
+                except (StateDamaged, KeyError, TypeError, ValueError) as exc:
+                    bad[key] = str(exc) if isinstance(exc, StateDamaged) else "record incomplete"
+                    self._batch_of[key] = name
             for key, marker in found.items():
                 if key not in good or good[key].committed_at < marker.committed_at:
                     good[key] = marker
@@ -335,6 +338,10 @@ class RunState:
     def forget(self, keys: list[str]) -> None:
         """Drop damaged records (inside our own state folder): their tensors are recomputed."""
         for key in keys:
+            if key in self._batch_of:  # one damaged marker of a batch: the batch keeps the others
+                group = self.group[BATCHES][self._batch_of.pop(key)]
+                group.attrs.put({"markers": {k: v for k, v in dict(group.attrs["markers"]).items() if k != key}})
+                continue
             folder = self.path / key if key.startswith(f"{BATCHES}/") else self.path / "tensors" / key
             if owned.is_dir(folder):
                 shutil.rmtree(folder)
