@@ -11,6 +11,8 @@ from .signals import InterruptGuard
 BATCH_SIZE = 512
 #: the longest a finished tensor waits to be recorded
 BATCH_SECONDS = 1.0
+
+
 class CommitBatch:
     """Tensors finished but not yet recorded, committed together: one Zarr write per batch, not per tensor.
 
@@ -24,7 +26,14 @@ class CommitBatch:
         self.pending: list[Commit] = []
         self.oldest = 0.0
 
-    def add(self, commit: Commit) -> None:
+    def add(self, commit: Commit, *, at_once: bool = False) -> None:
+        """Queue one finished tensor; `at_once` (a streamed tensor: costly to redo, with mid-tensor progress
+        for its own record to drop) records the queue and then it, now."""
+        if at_once:
+            self.flush()
+            with self.guard.critical():
+                self.state.commit(commit.key, commit.crc, commit.row, commit.singular_values)
+            return
         if not self.pending:
             self.oldest = time.monotonic()
         self.pending.append(commit)
@@ -47,4 +56,3 @@ class CommitBatch:
             else:
                 self.state.commit_many(self.pending)
         self.pending = []
-

@@ -287,7 +287,8 @@ def execute(run: Attempt, state: RunState, guard: InterruptGuard) -> list[Tensor
             if not result.resumed:
                 fault_point("commit", before=commits.flush)  # a kill at the n-th commit: the n-1 before it hold
                 result = replace(result, attempt=state.attempt)
-                commits.add(Commit(task.key, result.crc32c, result.as_dict(), result.singular_values))
+                commits.add(Commit(task.key, result.crc32c, result.as_dict(), result.singular_values),
+                            at_once=result.blocks > 0)
             results[task.key] = result
             if task.key not in committed:  # resumed tensors are in the bar's starting count already
                 bar.advance(task.nbytes)
