@@ -17,7 +17,7 @@ from dataclasses import Field, fields
 from ._version import __version__
 from .api import demo, merge, plan, report, status, verify
 from .errors import Interrupted, OptionError, StreamsoupError
-from .options import MergeOptions, flag_name
+from .options import MergeOptions, flag_name, utc_stamp
 from .run.signals import MESSAGE
 from .synthetic import PRESETS
 
@@ -46,6 +46,8 @@ def _add_option_flags(parser: argparse.ArgumentParser, options: list[Field]) -> 
         kwargs: dict = dict(dest=f.name, default=None, help=f"{f.metadata['help']}{_default_text(f)}")
         if isinstance(f.default, bool):
             kwargs["action"] = "store_true"
+        elif f.metadata.get("const"):
+            kwargs.update(nargs="?", const=f.metadata["const"], metavar="ADDR")
         elif f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
         elif not (f.metadata.get("size") or f.metadata.get("path")):
@@ -175,15 +177,18 @@ COMMANDS = {"merge": _merge, "plan": _plan, "status": _status, "verify": _verify
 
 
 class _LineFormatter(logging.Formatter):
-    """`streamsoup: warning: ...`, like our errors; -v adds the logger's name."""
+    """`streamsoup: warning: ...`, like our errors; -v adds the logger's name; a batch log (no terminal)
+    the UTC time, like its progress lines."""
 
     def __init__(self, verbose: bool) -> None:
         super().__init__()
         self.verbose = verbose
+        self.stamped = not sys.stderr.isatty()
 
     def format(self, record: logging.LogRecord) -> str:
         where = f" {record.name}" if self.verbose else ""
-        return f"streamsoup: {record.levelname.lower()}{where}: {record.getMessage()}"
+        stamp = f"{utc_stamp()} " if self.stamped else ""
+        return f"{stamp}streamsoup: {record.levelname.lower()}{where}: {record.getMessage()}"
 
 
 def setup_logging(verbose: bool) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import os
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
@@ -27,6 +29,8 @@ _UNITS = {
 
 #: the most lanes or threads asked for (more would only exhaust the process's threads)
 MAX_WORKERS = 1024
+#: where `--dashboard` without an address serves: this machine only
+DASHBOARD = "127.0.0.1:8787"
 #: the largest --config file read
 MAX_CONFIG = 1 << 20
 
@@ -53,6 +57,11 @@ def expand_path(path: str | os.PathLike) -> Path:
     return Path(os.path.expandvars(os.path.expanduser(os.fspath(path))))
 
 
+def utc_stamp() -> str:
+    """'2026-12-03T10:41:07Z': the time a batch log line was written, whatever the machine's time zone."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def format_duration(seconds: float) -> str:
     """'0:01:10': whole seconds, for progress lines and estimates alike."""
     return str(timedelta(seconds=int(max(seconds, 0))))
@@ -76,14 +85,16 @@ def _opt(
     output: bool = True,
     plan: bool = True,
     shown: str | None = None,
+    const: str | None = None,
 ) -> Any:
     """A field with the metadata the CLI builds its flags from.
 
     `output`: changes the result bytes (part of the resume fingerprint); `plan`: `streamsoup plan`
-    uses it too; `shown`: the default as the help text shows it ("" for none).
+    uses it too; `shown`: the default as the help text shows it ("" for none); `const`: the flag's value
+    when given without one (`--dashboard`).
     """
     meta = {"help": help, "choices": choices, "size": size, "path": path, "output": output, "plan": plan,
-            "shown": shown}  # fmt: skip
+            "shown": shown, "const": const}  # fmt: skip
     return field(default=default, metadata=meta)
 
 
@@ -147,6 +158,15 @@ class MergeOptions:
         plan=False,
         shown="",
     )
+    dashboard: str = _opt(
+        "",
+        "serve dask's dashboard of a local merge at ADDR (host:port) and print its URL; needs bokeh "
+        "(pip install 'streamsoup[dashboard]'). A cluster's scheduler serves its own",
+        output=False,
+        plan=False,
+        shown="none: a local merge listens on no network port",
+        const=DASHBOARD,
+    )
     checkpoint_seconds: float = _opt(
         60.0, "how often a streamed tensor's partial Gram is saved for resume", output=False, plan=False
     )
@@ -177,6 +197,13 @@ class MergeOptions:
             raise OptionError("checkpoint_seconds", f"must be >= 0, got {self.checkpoint_seconds!r}")
         if not 0 <= int(self.threads) <= MAX_WORKERS:
             raise OptionError("threads", f"must be between 1 and {MAX_WORKERS}, got {self.threads!r}")
+        if self.dashboard and (self.scheduler or self.scheduler_file):
+            raise OptionError("dashboard", "is for a local merge: a cluster's scheduler serves its own dashboard "
+                              "(dask scheduler --dashboard-address)")  # fmt: skip
+        if self.dashboard and not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[\w.-]*):\d{1,5}", self.dashboard):
+            raise OptionError("dashboard", f"must be host:port, e.g. {DASHBOARD}, got {self.dashboard!r}")
+        if self.dashboard and importlib.util.find_spec("bokeh") is None:
+            raise OptionError("dashboard", "needs bokeh, which is not installed: pip install 'streamsoup[dashboard]'")
         if self.scheduler and self.scheduler_file:
             raise OptionError("scheduler_file", "and scheduler name two clusters; give one of them")
 

@@ -27,7 +27,9 @@ def start(*args: str | Path, env: dict | None = None) -> subprocess.Popen:
 
 
 #: what a run prints to a non-terminal stderr before it fails mid-run: the budget line and the progress trail
-PROGRESS = re.compile(r"^(merging|resuming): |^streamsoup: (max-ram|cluster) ")
+#: a batch log's progress lines begin with the UTC time
+STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ "
+PROGRESS = re.compile(rf"^{STAMP}(merging|resuming): |^streamsoup: (max-ram|cluster) ")
 
 
 def progress_lines(stderr: str) -> list[str]:

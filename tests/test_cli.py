@@ -163,3 +163,28 @@ def test_a_local_merge_listens_on_loopback_only(awkward_pair, tmp_path):
     assert proc.returncode == 0
     assert listening, "the probe saw no listening socket: dask's HTTP servers should be there, on loopback"
     assert all(ip in ("127.0.0.1", "::1") for ip, _ in listening), listening
+
+
+def test_dashboard_only_when_asked_on_the_address_given(big_pair, tmp_path):
+    """--dashboard ADDR: dask's dashboard served there (port 0: a free one), its URL printed, and it answers;
+    with a cluster it is refused (the user's scheduler serves its own)."""
+    import re
+    import urllib.request
+
+    from helpers import start
+
+    proc = start("merge", *big_pair, tmp_path / "out", "--dashboard", "127.0.0.1:0", "--max-ram", "450MB",
+                 "--devices", "cpu", "-q")  # fmt: skip
+    try:
+        line = proc.stderr.readline()
+        url = re.fullmatch(r"streamsoup: dashboard at (http://127\.0\.0\.1:(\d+)/status)\n", line)
+        assert url and int(url.group(2)) > 0, line
+        with urllib.request.urlopen(url.group(1), timeout=60) as page:  # the merge streams for seconds more
+            assert page.status == 200 and b"Dask" in page.read()
+    finally:
+        _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    refused = run("merge", *big_pair, tmp_path / "o2", "--dashboard", "--scheduler", "tcp://127.0.0.1:1")
+    assert_one_line_error(refused, 2, "--dashboard", "scheduler serves its own dashboard")
+    bad = run("merge", *big_pair, tmp_path / "o3", "--dashboard", "everywhere")
+    assert_one_line_error(bad, 2, "--dashboard", "host:port")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -155,6 +156,7 @@ def test_restarted_worker_rejoins_and_finishes(medium_pair, medium_local, cluste
     assert proc.returncode == 0, err
     assert tree_digest(out) == medium_local
     assert cluster.resources()["w0"]["ram"] > 0
+    assert re.search(r"Z streamsoup: warning: dask worker tcp://\S+ left the cluster", err), err  # a batch log says so
 
 
 def test_cluster_gone_then_resume_locally(medium_pair, medium_local, cluster, tmp_path):
@@ -196,11 +198,11 @@ def test_a_task_must_fit_one_worker_not_the_sum_of_two():
     from streamsoup.errors import RunError
     from streamsoup.run.clients import fits
     from streamsoup.run.executor import check_capacity
-    from streamsoup.run.graph import GraphTask
+    from streamsoup.run.graph import GraphTask, Member
 
     offers = {"small": {"cpu": 1, "device": 0, "ram": 100}, "gpu": {"cpu": 0, "device": 2, "ram": 4000}}
     assert fits({"cpu": 1, "ram": 90}, offers) and fits({"device": 1, "ram": 3000}, offers)
     assert not fits({"cpu": 1, "ram": 3000}, offers), "the RAM of one worker and the lane of another"
-    big = GraphTask("k", "lm_head.weight", (print,), 0, 1, {"cpu": 1, "ram": 3000})
+    big = GraphTask("k", (Member("k", "lm_head.weight", 1),), (print,), 0, {"cpu": 1, "ram": 3000})
     with pytest.raises(RunError, match="lm_head.weight"):
         check_capacity([big], offers)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -45,8 +47,44 @@ def preallocate(layout: ShardLayout, folder: Path) -> None:
     rawio.fsync_dir(folder)
 
 
+_together = threading.local()  # per lane (a thread): the shard files open in its durable_together()
+
+
+@contextmanager
+def durable_together() -> Iterator[None]:
+    """Slots written inside (by this thread) become durable together when it ends: one open file and one
+    fdatasync per shard file, not per tensor, which is most of the cost of a small tensor."""
+    fds: dict[str, int] = {}
+    _together.fds = fds
+    try:
+        yield
+        for fd in fds.values():
+            os.fdatasync(fd)
+    finally:
+        _together.fds = None
+        for fd in fds.values():
+            os.close(fd)
+
+
 def _open_for_write(folder: Path, placement: Placement) -> int:
-    return os.open(folder / placement.file, os.O_WRONLY)
+    fds = getattr(_together, "fds", None)
+    path = str(folder / placement.file)
+    if fds is None:
+        return os.open(path, os.O_WRONLY)
+    if path not in fds:
+        fds[path] = os.open(path, os.O_WRONLY)
+    return fds[path]
+
+
+def _close_written(fd: int, sync: bool = True) -> None:
+    """Make a slot's bytes durable and let go of its file, or leave both to the durable_together() around it."""
+    if getattr(_together, "fds", None) is not None:
+        return
+    try:
+        if sync:
+            os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_tensor(folder: Path, placement: Placement, tensor: torch.Tensor, finite: bool = True) -> int:
@@ -78,12 +116,13 @@ def copy_tensor(source: TensorRef, folder: Path, placement: Placement, check_fin
     src = os.open(source.path, os.O_RDONLY)
     try:
         dst = _open_for_write(folder, placement)
+        ok = False
         try:
             crc = rawio.copy_range(src, source.offset, dst, placement.offset, source.nbytes,
                                    finite if check_finite else None)  # fmt: skip
-            os.fdatasync(dst)
+            ok = True
         finally:
-            os.close(dst)
+            _close_written(dst, ok)
     finally:
         os.close(src)
     return crc
@@ -95,6 +134,7 @@ def _copy_view(source: TensorRef, folder: Path, placement: Placement,
     row_bytes = max(source.nbytes // max(source.shape[0], 1), 1)
     step = max(1, rawio.IO_CHUNK // row_bytes)
     dst = _open_for_write(folder, placement)
+    ok = False
     try:
         crc, written = 0, 0
         for start in range(0, source.shape[0], step):
@@ -104,9 +144,9 @@ def _copy_view(source: TensorRef, folder: Path, placement: Placement,
             rawio.pwrite_all(dst, part, placement.offset + written)
             crc = rawio.crc_of(part, crc)
             written += len(part)
-        os.fdatasync(dst)
+        ok = True
     finally:
-        os.close(dst)
+        _close_written(dst, ok)
     return crc
 
 
@@ -155,6 +195,7 @@ def write_block(folder: Path, placement: Placement, shape: tuple[int, int], star
     m, n = shape
     item = placement.nbytes // max(m * n, 1)
     fd = _open_for_write(folder, placement)
+    ok = False
     try:
         if not transposed:
             data = memoryview(block.contiguous().view(-1).view(torch.uint8).numpy())
@@ -166,9 +207,9 @@ def write_block(folder: Path, placement: Placement, shape: tuple[int, int], star
             for row in range(m):
                 rawio.pwrite_all(fd, memoryview(rows[row]), placement.offset + (row * n + start) * item)
                 crc = rawio.crc_of(memoryview(rows[row]), crc)
-        os.fdatasync(fd)
+        ok = True
     finally:
-        os.close(fd)
+        _close_written(fd, ok)
     return crc
 
 
@@ -235,10 +276,11 @@ class SlotWriter:
         try:
             if self.written != self.placement.nbytes:
                 raise AssertionError(f"wrote {self.written} of the slot's {self.placement.nbytes} bytes")
-            os.fdatasync(self.fd)
-        finally:
-            os.close(self.fd)
+        except BaseException:
+            _close_written(self.fd, sync=False)
+            raise
+        _close_written(self.fd)
         return self.crc
 
     def abort(self) -> None:
-        os.close(self.fd)
+        _close_written(self.fd, sync=False)

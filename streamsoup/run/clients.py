@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from distributed import Client, LocalCluster
+from distributed import Client, Scheduler, SpecCluster, Worker
 from distributed.comm.addressing import get_address_host
 from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -58,26 +58,41 @@ LOOPBACK = "127.0.0.1:0"
 
 
 @contextmanager
-def local_client(budget: Budget) -> Iterator[Client]:
+def local_client(budget: Budget, dashboard: str = "") -> Iterator[Client]:
     """An in-process cluster: one worker, a thread per lane, resources for lanes and RAM; nothing on the network.
 
     No dask memory manager: admission by the "ram" resource is our budget, and the
-    nanny's RSS-based pausing would misread our deliberate working sets.
+    nanny's RSS-based pausing would misread our deliberate working sets. `dashboard`
+    (host:port) serves dask's dashboard there, the only port a local merge opens.
     """
     quiet_dask_logs()
     set_threads(budget.lanes.threads)
     DevicePool.configure(budget.lanes.devices)
-    # in-process (inproc://) comms; dask still starts an HTTP server on the scheduler and on the worker, on all
-    # interfaces unless told otherwise (`dashboard_address=None` means port 8787 there): keep both on loopback
-    cluster = LocalCluster(processes=False, n_workers=1, threads_per_worker=budget.lanes.total, memory_limit=0,
-                           scheduler_kwargs={"dashboard_address": LOOPBACK, "dashboard": False},
-                           worker_dashboard_address=LOOPBACK, resources=worker_capacity(budget))  # fmt: skip
+    # in-process (inproc://) comms; dask still starts an HTTP server on the scheduler and on the worker, on a
+    # network interface unless told otherwise: both on loopback. A SpecCluster, not LocalCluster, because
+    # LocalCluster turns the worker's dashboard on with its address (bokeh's import: 0.35 s of every start)
+    served = {"dashboard_address": dashboard, "dashboard": True} if dashboard else {}
+    worker = {"nthreads": budget.lanes.total, "memory_limit": 0, "resources": worker_capacity(budget),
+              "dashboard_address": LOOPBACK, "dashboard": False}  # fmt: skip
+    cluster = SpecCluster(
+        scheduler={"cls": Scheduler, "options": {"protocol": "inproc://", "dashboard_address": LOOPBACK,
+                                                 "dashboard": False, **served}},  # fmt: skip
+        workers={"local": {"cls": Worker, "options": worker}},
+        silence_logs=logging.WARNING,
+    )
     client = Client(cluster)
     try:
         yield client
     finally:
         client.close()
         cluster.close()
+
+
+def dashboard_url(client: Client) -> str:
+    """Where the local cluster's dashboard really listens (dask moves it to a free port when ADDR's is taken)."""
+    server = client.cluster.scheduler.http_server
+    host = f"[{server.address}]" if ":" in server.address else server.address
+    return f"http://{host}:{server.port}/status"
 
 
 def worker_capacity(budget: Budget) -> dict[str, float]:

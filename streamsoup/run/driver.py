@@ -43,6 +43,7 @@ from ..tasks.result import TaskContext, TensorResult
 from .clients import (
     cluster_budget,
     cluster_client,
+    dashboard_url,
     describe,
     local_client,
     scheduler_address,
@@ -51,7 +52,7 @@ from .clients import (
 )
 from .commits import CommitBatch
 from .executor import run_graph
-from .graph import GraphTask, build_graph
+from .graph import Member, build_graph
 from .progress import Progress
 from .publish import cleanup, existing_output, finish, plan_side_files, published_meanwhile
 from .signals import MESSAGE, InterruptGuard
@@ -277,21 +278,21 @@ def execute(run: Attempt, state: RunState, guard: InterruptGuard) -> list[Tensor
     ctx = TaskContext(str(writer.partial_dir(run.request.out)), str(run.state_path), opts.checkpoint_seconds)
     tasks = build_graph(plan, ctx, opts, run.runs, committed)
     results: dict[str, TensorResult] = {}
-    done = [t for t in tasks if t.key in committed]
-    with Progress(len(tasks), plan.bytes_to_write, len(done), sum(t.nbytes for t in done),
+    done = [job for job in plan.jobs if job.key in committed]
+    with Progress(len(plan.jobs), plan.bytes_to_write, len(done), sum(job.placement.nbytes for job in done),
                   enabled=run.request.progress) as bar:  # fmt: skip
 
         commits = CommitBatch(state, guard)
 
-        def on_done(task: GraphTask, result: TensorResult) -> None:
+        def on_done(tensor: Member, result: TensorResult) -> None:
             if not result.resumed:
                 fault_point("commit", before=commits.flush)  # a kill at the n-th commit: the n-1 before it hold
                 result = replace(result, attempt=state.attempt)
-                commits.add(Commit(task.key, result.crc32c, result.as_dict(), result.singular_values),
+                commits.add(Commit(tensor.key, result.crc32c, result.as_dict(), result.singular_values),
                             at_once=result.blocks > 0)
-            results[task.key] = result
-            if task.key not in committed:  # resumed tensors are in the bar's starting count already
-                bar.advance(task.nbytes)
+            results[tensor.key] = result
+            if tensor.key not in committed:  # resumed tensors are in the bar's starting count already
+                bar.advance(tensor.nbytes)
 
         def tick() -> None:
             bar.tick()
@@ -302,7 +303,9 @@ def execute(run: Attempt, state: RunState, guard: InterruptGuard) -> list[Tensor
             if run.client is not None:
                 run_graph(run.client, tasks, on_done, worker_resources(run.client), watch=True, tick=tick)
             else:
-                with local_client(run.budget) as local:
+                with local_client(run.budget, opts.dashboard) as local:
+                    if opts.dashboard:  # asked for: said even with -q
+                        sys.stderr.write(f"streamsoup: dashboard at {dashboard_url(local)}\n")
                     run_graph(local, tasks, on_done, {"local": worker_capacity(run.budget)}, tick=tick)
             finished = True
         except KeyboardInterrupt:

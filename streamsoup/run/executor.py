@@ -11,17 +11,18 @@ rescheduling pass) and resubmits them; if no worker can take them for long, it s
 from __future__ import annotations
 
 import logging
+import queue
 import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
 
-from distributed import Client, Future, as_completed
+from distributed import Client, Future
 
 from ..errors import RunError, StreamsoupError
-from ..tasks.result import TensorResult
+from ..tasks.result import TensorResult, task_failed
 from .clients import fits, no_worker_tasks
-from .graph import RAM, GraphTask
+from .graph import RAM, GraphTask, Member
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 WATCH_SECONDS = 2.0
 #: how long tasks may wait for a worker that can run them before the run stops (state kept)
 STRANDED_LIMIT_S = 600.0
-POLL_SECONDS = 0.05
+#: the longest the loop waits for a finished task before it ticks (progress lines, stranded tasks)
+TICK_SECONDS = 0.25
 
 
 def check_capacity(tasks: list[GraphTask], offers: dict[str, dict[str, float]]) -> None:
@@ -50,19 +52,43 @@ class GraphRun:
     tick: Callable[[], None]
 
     def __post_init__(self) -> None:
+        self.finished: queue.SimpleQueue[Future] = queue.SimpleQueue()  # fed by dask's callback thread
         self.tasks: dict[str, GraphTask] = {}  # live future key -> task
         self.futures: dict[str, Future] = {}
         self.resubmits = 0
         self.stranded_since: float | None = None
         self.last_watch = time.monotonic()
+        self.workers: set[str] | None = None  # the cluster's workers at the last look
 
     def submit(self, task: GraphTask, key: str) -> Future:
         func, *args = task.call
         fut = self.client.submit(func, *args, key=key, priority=task.priority, resources=task.resources, pure=False)
         self.tasks[key], self.futures[key] = task, fut
+        fut.add_done_callback(self.finished.put)
         return fut
 
-    def rescue(self, ac: as_completed) -> None:
+    def next_batch(self) -> list[Future]:
+        """The futures finished since the last call, waiting at most TICK_SECONDS for the first (no polling)."""
+        try:
+            batch = [self.finished.get(timeout=TICK_SECONDS)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                batch.append(self.finished.get_nowait())
+            except queue.Empty:
+                return batch
+
+    def said_workers(self, now: set[str]) -> None:
+        """A worker that left or joined since the last look, in one line each (a batch log's record of it)."""
+        if self.workers is not None:
+            for addr in sorted(self.workers - now):
+                log.warning("dask worker %s left the cluster; the tensors it held are recomputed elsewhere", addr)
+            for addr in sorted(now - self.workers):
+                log.warning("dask worker %s joined the cluster", addr)
+        self.workers = now
+
+    def rescue(self) -> None:
         """Resubmit tasks stranded in no-worker that some worker can run now; stop if none can for long."""
         self.last_watch = time.monotonic()
         if not self.watch or not self.tasks:
@@ -71,6 +97,7 @@ class GraphRun:
             seen = self.client.run_on_scheduler(no_worker_tasks, keys=list(self.tasks))
         except Exception:  # the scheduler is gone: the futures' cancellation says so
             return
+        self.said_workers(set(seen["offers"]))
         stuck = [k for k in seen["stuck"] if k in self.tasks]
         waiting, moved = [], 0
         for key in stuck:
@@ -82,7 +109,7 @@ class GraphRun:
             self.client.cancel([self.futures.pop(key)])
             self.resubmits += 1
             moved += 1
-            ac.add(self.submit(task, f"{task.key}-r{self.resubmits}"))
+            self.submit(task, f"{task.key}-r{self.resubmits}")
         if moved:
             log.warning("%d task(s) stranded when their worker left were resubmitted", moved)
         if not waiting:
@@ -104,47 +131,49 @@ class GraphRun:
 def run_graph(
     client: Client,
     tasks: list[GraphTask],
-    on_done: Callable[[GraphTask, TensorResult], None],
+    on_done: Callable[[Member, TensorResult], None],
     offers: dict[str, dict[str, float]],
     *,
     watch: bool = False,
     tick: Callable[[], None] = lambda: None,
 ) -> None:
-    """Submit every task and call `on_done` as each finishes; the first failure cancels the rest.
+    """Submit every task and call `on_done` for each of its tensors as it finishes; the first failure cancels
+    the rest.
 
     `tick` runs a few times a second while nothing finishes (progress lines in batch logs);
     `watch` looks after tasks stranded on a user's cluster.
     """
     check_capacity(tasks, offers)
     graph = GraphRun(client, watch, tick)
-    ac = as_completed([graph.submit(task, task.key) for task in tasks])
+    for task in tasks:
+        graph.submit(task, task.key)
+    graph.rescue()  # the first look: the workers there at the start
     try:
-        while not ac.is_empty():
-            batch = ac.next_batch(block=False) if ac.has_ready() else []
+        while graph.tasks:
+            batch = graph.next_batch()
             if not batch:
                 tick()
-                if time.monotonic() - graph.last_watch >= WATCH_SECONDS:
-                    graph.rescue(ac)
-                time.sleep(POLL_SECONDS)
-                continue
+            if time.monotonic() - graph.last_watch >= WATCH_SECONDS:
+                graph.rescue()
             for fut in batch:
                 task = graph.tasks.get(fut.key)
                 if task is None:  # a future we replaced by a resubmission
                     continue
                 try:
-                    result = _result(fut, task)
+                    results = _result(fut, task)
                 except TimeoutError:  # its result was on a worker that died: dask recomputes it, we keep watching
-                    ac.add(fut)
+                    fut.add_done_callback(graph.finished.put)
                     continue
                 del graph.tasks[fut.key], graph.futures[fut.key]
-                on_done(task, result)
+                for member, result in zip(task.members, results, strict=True):
+                    on_done(member, result)
     except BaseException:
         client.cancel(list(graph.futures.values()))
         raise
 
 
-def _result(fut: Future, task: GraphTask) -> TensorResult:
-    """The task's result; TimeoutError when it is not there after all (never blocks the watch for long)."""
+def _result(fut: Future, task: GraphTask) -> list[TensorResult]:
+    """The task's results; TimeoutError when they are not there after all (never blocks the watch for long)."""
     try:
         return fut.result(timeout=WATCH_SECONDS)
     except TimeoutError:
@@ -153,10 +182,10 @@ def _result(fut: Future, task: GraphTask) -> TensorResult:
         raise
     except (CancelledError, OSError) as exc:
         if isinstance(exc, OSError) and fut.status == "error":  # the task itself failed on a file
-            raise RunError(f"tensor {task.name!r}: I/O error: {exc}") from exc
+            raise task_failed(task.name, exc) from exc
         raise RunError(  # the connection to the cluster, not the task
             "lost the dask cluster (scheduler or workers gone); the work done so far is kept: "
             "rerun the same command, on this or another cluster or locally, to resume"
         ) from exc
     except Exception as exc:
-        raise RunError(f"tensor {task.name!r} failed: {type(exc).__name__}: {exc}") from exc
+        raise task_failed(task.name, exc) from exc

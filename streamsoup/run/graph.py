@@ -1,8 +1,11 @@
-"""The dask task graph of a merge: one fused chain per tensor, nothing shipped but metadata.
+"""The dask task graph of a merge: a fused chain per tensor, small tensors many to a task, nothing shipped
+but metadata.
 
 Each task is a dask task tuple ``(func, *args)`` with its key, priority and worker
 resources; the executor submits them to the embedded local cluster or to a
 dask.distributed cluster. Higher priority goes to earlier tensors so shards fill in order.
+A task's fixed cost (scheduling, a result on the wire, a file opened and synced) is a few
+milliseconds: a checkpoint of 90,000 small tensors would pay minutes of it one tensor a task.
 """
 
 from __future__ import annotations
@@ -12,23 +15,47 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..options import MergeOptions
-from ..planning.budget import to_mib
-from ..planning.planner import MergePlan
+from ..planning.budget import MiB, to_mib
+from ..planning.planner import MergePlan, TensorJob
 from ..planning.schedule import Execution
-from ..tasks.dispatch import merge_tensor
+from ..tasks.dispatch import TensorTask, merge_tensors
 from ..tasks.result import TaskContext
 
 RAM = "ram"  # worker resource: MiB of host memory for tasks
+#: a tensor this small (output bytes) shares its task with its neighbours in the plan
+SMALL_BYTES = 1 * MiB
+#: a shared task holds at most this many tensors, and this many output bytes
+GROUP_TENSORS = 256
+GROUP_BYTES = 8 * MiB
+
+
+@dataclass(frozen=True)
+class Member:
+    """One tensor of a task."""
+
+    key: str
+    name: str  # the tensor's name, for messages
+    nbytes: int  # output bytes, for progress
 
 
 @dataclass(frozen=True)
 class GraphTask:
     key: str
-    name: str  # the tensor's name, for messages
+    members: tuple[Member, ...]  # in the order of the results the call returns
     call: tuple[Any, ...]  # (func, *args): the dask task tuple
     priority: int
-    nbytes: int  # output bytes, for progress
     resources: dict[str, float]  # dask worker resources it holds while it runs
+
+    @property
+    def name(self) -> str:
+        """The tensor a message names: the task's only one, or the first of its small tensors."""
+        more = len(self.members) - 1
+        return self.members[0].name + (f" (and {more} small tensor(s) in its task)" if more else "")
+
+
+def groupable(job: TensorJob, run: Execution) -> bool:
+    """Small, in memory, on the host: its fixed cost would dominate a task of its own."""
+    return not run.streamed and run.lane == "cpu" and job.placement.nbytes <= SMALL_BYTES
 
 
 def build_graph(
@@ -38,12 +65,29 @@ def build_graph(
     runs: Mapping[str, Execution],
     committed: Mapping[str, dict] | None = None,
 ) -> list[GraphTask]:
-    """One task per tensor; a tensor committed by an earlier attempt only has its bytes re-checked."""
+    """A task per tensor, small tensors in plan order many to a task; a tensor committed by an earlier attempt
+    only has its bytes re-checked."""
     committed = committed or {}
-    tasks = []
+    tasks: list[GraphTask] = []
+    group: list[TensorJob] = []
+
+    def add(jobs: list[TensorJob]) -> None:
+        items = [TensorTask(job, runs[job.key], committed.get(job.key)) for job in jobs]
+        members = tuple(Member(job.key, job.name, job.placement.nbytes) for job in jobs)
+        lane = items[0].run.lane
+        ram = max(item.run.ram for item in items)  # one tensor at a time: the largest working set
+        key = jobs[0].key if len(jobs) == 1 else f"{jobs[0].key}+{len(jobs) - 1}"
+        call = (merge_tensors, items, options, ctx)
+        tasks.append(GraphTask(key, members, call, -jobs[0].index, {lane: 1, RAM: to_mib(ram)}))
+
     for job in plan.jobs:
-        run = runs[job.key]
-        resources = {run.lane: 1, RAM: to_mib(run.ram)}
-        call = (merge_tensor, job, options, ctx, run, committed.get(job.key))
-        tasks.append(GraphTask(job.key, job.name, call, -job.index, job.placement.nbytes, resources))
+        if not groupable(job, runs[job.key]):
+            add([job])
+            continue
+        group.append(job)
+        if len(group) >= GROUP_TENSORS or sum(j.placement.nbytes for j in group) >= GROUP_BYTES:
+            add(group)
+            group = []
+    if group:
+        add(group)
     return tasks

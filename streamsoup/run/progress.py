@@ -1,7 +1,7 @@
 """Progress a person can follow: a tqdm bar on a terminal, plain lines in a batch log.
 
 A SLURM log, nohup or CI has no terminal: there a line such as
-``merging: 40/111 tensors, 1.2 of 3.0 GiB, 0:01:10 elapsed, ETA 0:01:45`` is printed at
+``2026-12-03T10:41:07Z merging: 40/111 tensors, 1.2 of 3.0 GiB, 0:01:10 elapsed, ETA 0:01:45`` is printed at
 each tenth of the work and at least every minute. After a resume the tensors already
 done are announced once and left out of the rate, so the ETA is right from the start.
 """
@@ -14,7 +14,7 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from ..options import format_duration, format_size
+from ..options import format_duration, format_size, utc_stamp
 
 #: a batch log gets a line at least this often (seconds), whatever happens
 LOG_EVERY_S = 60.0
@@ -43,7 +43,8 @@ class Progress:
         self.lines = enabled and not self.terminal
         self.bar = None
         if done_tensors and enabled:
-            self.stream.write(f"resuming: {done_tensors}/{tensors} tensors already done "
+            stamp = "" if self.terminal else f"{utc_stamp()} "
+            self.stream.write(f"{stamp}resuming: {done_tensors}/{tensors} tensors already done "
                               f"({format_size(done_bytes)} of {format_size(nbytes)}); {tensors - done_tensors} "
                               "to go\n")  # fmt: skip
             self.stream.flush()
@@ -80,8 +81,8 @@ class Progress:
         left = self.total_bytes - self.bytes
         eta = format_duration(elapsed / new * left) if new > 0 else "unknown"
         self.stream.write(
-            f"{self.desc}: {self.tensors}/{self.total_tensors} tensors, {done_of(self.bytes, self.total_bytes)}, "
-            f"{format_duration(elapsed)} elapsed, ETA {eta}\n"
+            f"{utc_stamp()} {self.desc}: {self.tensors}/{self.total_tensors} tensors, "
+            f"{done_of(self.bytes, self.total_bytes)}, {format_duration(elapsed)} elapsed, ETA {eta}\n"
         )
         self.stream.flush()
         self.last_line = time.monotonic()

@@ -10,8 +10,10 @@ A tensor runs whole in memory or streamed in row blocks (dense.py), from LoRA fa
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import StreamsoupError
 from ..io import writer
 from ..numerics.hostlinalg import set_threads
 from ..options import MergeOptions
@@ -20,14 +22,43 @@ from ..planning.schedule import Execution
 from .dense import merge_dense, merge_streamed
 from .devices import DevicePool, device_stream, release_memory
 from .lora import merge_lowrank, write_bias
-from .result import Stopwatch, TaskContext, TensorResult, copied
+from .result import Stopwatch, TaskContext, TensorResult, copied, task_failed
 from .rules import nonfinite_edit
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class TensorTask:
+    """One tensor of a task: its job, how it runs, and the report row of an earlier attempt's marker (if any)."""
+
+    job: TensorJob
+    run: Execution
+    committed: dict | None = None
+
+
+def merge_tensors(items: list[TensorTask], options: MergeOptions, ctx: TaskContext) -> list[TensorResult]:
+    """One task: one tensor, or many small ones in a row, their bytes made durable together before any result
+    leaves (a result is committed, so its bytes must be on disk); a failure names its tensor."""
+    if options.threads:
+        set_threads(options.threads)
+    try:
+        if len(items) == 1:  # a streamed tensor records row blocks as they become durable: never deferred
+            return [merge_tensor(items[0].job, options, ctx, items[0].run, items[0].committed)]
+        with writer.durable_together():
+            return [merge_tensor(i.job, options, ctx, i.run, i.committed, named=True) for i in items]
+    finally:
+        release_memory()
+
+
 def merge_tensor(
-    job: TensorJob, options: MergeOptions, ctx: TaskContext, run: Execution, committed: dict | None = None
+    job: TensorJob,
+    options: MergeOptions,
+    ctx: TaskContext,
+    run: Execution,
+    committed: dict | None = None,
+    *,
+    named: bool = False,
 ) -> TensorResult:
     """Produce one output tensor in its slot, or confirm that an earlier attempt already did.
 
@@ -38,6 +69,12 @@ def merge_tensor(
         return _merge_tensor(job, options, ctx, run, committed)
     except writer.NonFiniteOutput:
         raise nonfinite_edit(job) from None
+    except StreamsoupError:
+        raise
+    except Exception as exc:
+        if not named:  # alone in its task: the driver names it
+            raise
+        raise task_failed(job.name, exc) from exc
 
 
 def _merge_tensor(job: TensorJob, options: MergeOptions, ctx: TaskContext, run: Execution,
@@ -48,8 +85,6 @@ def _merge_tensor(job: TensorJob, options: MergeOptions, ctx: TaskContext, run: 
             return TensorResult.from_dict(committed, resumed=True)
         log.warning("%s: stored bytes do not match the recorded checksum; recomputing", job.name)
     watch = Stopwatch()
-    if options.threads:
-        set_threads(options.threads)
     if job.bias is not None and not job.factors_out:
         return write_bias(job, folder, watch)
     if job.action == COPY:
@@ -67,4 +102,3 @@ def _merge_tensor(job: TensorJob, options: MergeOptions, ctx: TaskContext, run: 
             return merge_dense(job, options, folder, device, watch)
     finally:
         DevicePool.release(device) if run.lane == "device" else None
-        release_memory()

@@ -14,11 +14,19 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from ..errors import RunError
 from ..numerics.monosoup import Coefficients
 from ..options import MergeOptions
 from ..planning.planner import COPY, EDIT, TensorJob
 
 PHASES = ("read", "gram", "eigh", "project", "write")
+
+
+def task_failed(name: str, exc: BaseException) -> RunError:
+    """A tensor's task failed for a reason that is not ours (a bug or the machine): one line naming it."""
+    if isinstance(exc, OSError):
+        return RunError(f"tensor {name!r}: I/O error: {exc}")
+    return RunError(f"tensor {name!r} failed: {type(exc).__name__}: {exc}")
 
 
 class Stopwatch:
