@@ -161,13 +161,33 @@ DAMAGE = {
 }
 
 
+@pytest.fixture(scope="module")
+def killed_at_22(reference, tmp_path_factory):
+    """Restores, for each test, OUT.partial as a run killed at its 22nd commit left it (the kill runs once)."""
+    base, ft, _, _ = reference
+    root = tmp_path_factory.mktemp("killed")
+    out = root / "out"
+    partial, _ = killed_partial(base, ft, out, at=22)
+    pristine = root / "pristine"
+    shutil.copytree(partial, pristine, symlinks=True)
+
+    def restore() -> tuple[Path, Path, RunState]:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(pristine, partial, symlinks=True)
+        return out, partial, RunState.read(partial / STATE_NAME)
+
+    return restore
+
+
 @pytest.mark.parametrize("case", sorted(DAMAGE))
-def test_damaged_state_is_recomputed(reference, tmp_path, case):
+def test_damaged_state_is_recomputed(reference, killed_at_22, case):
     """Damage to a committed tensor's record (its own, or the batch it was committed with): the damage is named,
     what it covers is recomputed, the rest resumed; the result is the uninterrupted run's bytes."""
+    import streamsoup
+
     base, ft, _, digest = reference
-    out = tmp_path / "out"
-    partial, state = killed_partial(base, ft, out, at=22)
+    out, partial, state = killed_at_22()
     done = list(state.committed().values())
     edited = sorted((m for m in done if m.row["action"] == "edit"), key=lambda m: m.key)
     victim = edited[len(edited) // 2]
@@ -175,9 +195,8 @@ def test_damaged_state_is_recomputed(reference, tmp_path, case):
                                                         "truncated marker zarr.json", "deleted marker zarr.json")
     hurt = {m.key for m in done if whole_batch and m.batch == victim.batch} | {victim.key}
     DAMAGE[case](state, victim.key)
-    for command in ("status", "report"):  # looking at a damaged run never crashes
-        looked = run(command, out)
-        assert looked.returncode == 0 and "Traceback" not in looked.stderr, looked.stderr
+    assert streamsoup.status(out).state == "interrupted"  # looking at a damaged run never crashes
+    assert streamsoup.report(out).state == "interrupted"
     proc = run("merge", base, ft, out, "--shard-size", "100KB")
     assert proc.returncode == 0, proc.stderr
     assert "record(s) of the resume state did not verify" in proc.stderr, proc.stderr
@@ -185,7 +204,7 @@ def test_damaged_state_is_recomputed(reference, tmp_path, case):
     rows = report_rows(out)
     assert rows[victim.row["name"]]["attempt"] == 2
     assert all(rows[m.row["name"]]["attempt"] == 1 for m in done if m.key not in hurt)
-    assert run("verify", out, "-q").returncode == 0
+    assert streamsoup.verify(out).ok
 
 
 def test_damaged_state_root_is_started_over(reference, tmp_path):

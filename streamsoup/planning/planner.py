@@ -14,6 +14,7 @@ from ..options import MergeOptions
 from ..sources import Adapter, open_base, open_finetuned
 from ..sources.adapter import ADAPTER_WEIGHTS, AdapterTensors, resolve
 from .preflight import check_not_adapter, check_pairing, check_shard_count
+from .undecoded import check_decodable
 
 EDIT, COPY = "edit", "copy"
 #: what torch.nn.parallel.DistributedDataParallel puts before every name of the module it wraps
@@ -107,12 +108,14 @@ def plan_merge(base: str | Path | Checkpoint, finetuned: str | Path | Checkpoint
     base_ckpt = open_base(base)
     ft = open_finetuned(finetuned)
     check_not_adapter(base_ckpt, "BASE")
+    check_decodable(base_ckpt, "BASE")
     if isinstance(ft, Adapter):
         return plan_adapter(base_ckpt, ft, options)
     if options.save == "adapter":
         raise UsageError(f"--save adapter needs a LoRA adapter as FINETUNED; {ft.root} is a full checkpoint: "
                          "use --save model")  # fmt: skip
     check_not_adapter(ft, "FINETUNED")
+    check_decodable(ft, "FINETUNED")
     base_ckpt, ft, renamed = without_ddp_prefix(base_ckpt, ft)
     layout = ShardLayout.plan((TensorSpec(r.name, r.dtype, r.shape) for r in ft.values()), options.shard_size)
     check_shard_count(layout, options.shard_size)

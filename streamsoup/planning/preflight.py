@@ -58,14 +58,20 @@ def _file_ids(ckpt: Checkpoint) -> set[tuple[int, int]]:
     return ids
 
 
-def model_shape_words(ckpt: Checkpoint) -> str:
-    """'hidden size 2048, 4 layers' from config.json, else the commonest input width of its matrices."""
+def model_config(ckpt: Checkpoint) -> dict:
+    """The checkpoint's config.json (beside a single file: its folder's), {} when there is none or it is no map."""
     folder = ckpt.root if ckpt.root.is_dir() else ckpt.root.parent
     try:
         config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        config = {}
-    if isinstance(config, dict):
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def model_shape_words(ckpt: Checkpoint) -> str:
+    """'hidden size 2048, 4 layers' from config.json, else the commonest input width of its matrices."""
+    config = model_config(ckpt)
+    if config:
         hidden = next((config[k] for k in ("hidden_size", "n_embd", "d_model") if k in config), None)
         layers = next((config[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in config), None)
         if hidden:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any
 
 import psutil
 from distributed import Client, Scheduler, SpecCluster, Worker
-from distributed.comm.addressing import get_address_host
+from distributed.comm.addressing import get_address_host, get_address_host_port, parse_address
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..errors import OptionError, UsageError
@@ -186,12 +187,34 @@ def scheduler_address(opts: MergeOptions) -> str:
     return str(address)
 
 
+def nothing_listens(address: str) -> str:
+    """Why a tcp:// address surely has no scheduler (the port refuses connections), at once; "" when it may.
+
+    dask's client retries a refused port until its timeout (20 s of silence for a mistyped port).
+    """
+    try:
+        scheme, _ = parse_address(address)
+        if scheme != "tcp":
+            return ""
+        host, port = get_address_host_port(address)
+        socket.create_connection((host, port), timeout=5).close()
+    except ConnectionRefusedError:
+        return "connection refused: nothing listens on that port"
+    except (OSError, ValueError, TypeError):
+        return ""  # unreachable or slow: dask's own attempt says so
+    return ""
+
+
 @contextmanager
 def cluster_client(opts: MergeOptions) -> Iterator[Client]:
     """A client of the user's cluster, every worker given streamsoup's resources; unregistered at the end."""
     address = scheduler_address(opts)
     name = "scheduler_file" if opts.scheduler_file else "scheduler"
     quiet_dask_logs()
+    refused = nothing_listens(address)
+    if refused:
+        raise OptionError(name, f"{address}: cannot reach a dask scheduler there ({refused}); start it, or check "
+                          "the address")  # fmt: skip
     try:
         client = Client(address, timeout="20s")
     except (OSError, TimeoutError, ValueError) as exc:
