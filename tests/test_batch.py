@@ -122,3 +122,15 @@ def test_home_is_not_touched_by_default(awkward_pair, tmp_path):
     assert not (tmp_path / "nohome").exists()
     assert tree_digest(out)
     assert os.path.isdir(out)
+
+
+def test_thousands_of_small_tensors_end_silently(tmp_path):
+    """3,000 tiny tensors (small ones share tasks, commits are batched): exit 0, exact, and with -q nothing on
+    stderr, no asyncio or dask noise after the success."""
+    from helpers import assert_merged_exactly
+    from many_tensors import write_pair
+
+    base, ft = write_pair(tmp_path, 3000)
+    proc = run("merge", base, ft, tmp_path / "out", "-q")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert_merged_exactly(base, ft, tmp_path / "out")

@@ -49,3 +49,27 @@ def test_plan_text_and_too_small_budget(sparse_70b):
         assert word in proc.stdout
     small = run("plan", *sparse_70b, "--max-ram", "1GiB", "--devices", "cpu")
     assert small.returncode == 2 and "model.embed_tokens.weight" in small.stderr and "--max-ram" in small.stderr
+
+
+def test_a_big_merge_says_its_estimate_and_a_small_one_does_not(sparse_70b, awkward_pair, tmp_path):
+    """A merge writing 1 GiB or more calibrates and says plan's estimate at the start and beside the real time
+    at the end; a small one skips the ~3 s calibration. The estimate counts this process's start-up."""
+    from streamsoup.options import MergeOptions
+    from streamsoup.planning.budget import make_budget
+    from streamsoup.planning.planner import plan_merge
+    from streamsoup.planning.schedule import schedule
+    from streamsoup.reporting import MergeSummary
+    from streamsoup.reporting.estimate import FIXED_S, startup_seconds
+    from streamsoup.run.driver import ESTIMATE_BYTES, estimated_seconds
+
+    opts = MergeOptions(max_ram=16 * 2**30, devices="cpu")
+    budget = make_budget(opts, False)
+    big = plan_merge(*sparse_70b, opts)
+    assert big.bytes_to_write >= ESTIMATE_BYTES
+    seconds = estimated_seconds(big, budget, schedule(big, budget), tmp_path / "out")
+    assert seconds is not None and seconds > FIXED_S + 3600, "70B of arithmetic on this machine takes hours"
+    assert startup_seconds() == 0.0, "inside a long-running process (pytest) a merge pays no start-up"
+    small = plan_merge(*awkward_pair, opts)
+    assert estimated_seconds(small, budget, schedule(small, budget), tmp_path / "out") is None
+    summary = MergeSummary(tmp_path / "out", 3, 2, 1, 0, 10, 41.5, tmp_path / "r", estimated_seconds=seconds)
+    assert f"in 41.5 s (estimated ~{int(seconds) // 3600}:" in summary.line()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import time
 from dataclasses import dataclass
 
 import psutil
@@ -39,6 +40,7 @@ class Lanes:
     cpu: int
     devices: tuple[str, ...]  # one device lane each: "cuda:0", ... ("cpu" entries simulate a GPU lane)
     threads: int  # torch threads (process-wide; lanes share the cores)
+    busy_cores: int = 0  # cores other processes kept busy at the start (left out of the default threads)
 
     @property
     def total(self) -> int:
@@ -52,7 +54,8 @@ class Lanes:
     def describe(self) -> str:
         parts = [f"{self.cpu} CPU lane(s)"] if self.cpu else []
         parts += [f"{self.devices.count(d)} lane(s) on {d}" for d in dict.fromkeys(self.devices)]
-        return ", ".join(parts) + f", {self.threads} torch thread(s)"
+        busy = f" ({self.busy_cores} core(s) busy with other processes)" if self.busy_cores else ""
+        return ", ".join(parts) + f", {self.threads} torch thread(s){busy}"
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,36 @@ class Budget:
 LANES_PER_CORE = 4
 
 
-def resolve_lanes(devices: str, lanes: int, threads: int) -> Lanes:
-    """--devices auto|cpu|cuda|cuda:0,cuda:1 (a list of devices makes one device lane per entry)."""
+#: how long the start looks at the machine's load
+LOAD_SAMPLE_S = 0.2
+
+
+def busy_cores() -> int:
+    """Cores that other processes keep busy right now (a shared workstation's other jobs), sampled briefly.
+
+    BLAS and OpenMP regions split their work evenly over their threads: a thread that shares its core
+    with a neighbour finishes last and the whole region waits for it, so threads beyond the free cores
+    make the merge slower, not faster.
+    """
+    me = psutil.Process()
+    me.cpu_percent(None)
+    psutil.cpu_percent(None)
+    time.sleep(LOAD_SAMPLE_S)
+    others = psutil.cpu_percent(None) / 100 * (os.cpu_count() or 1) - me.cpu_percent(None) / 100
+    return max(0, round(others))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: taskset, a cpuset, SLURM's binding)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def resolve_lanes(devices: str, lanes: int, threads: int, busy: int = 0) -> Lanes:
+    """--devices auto|cpu|cuda|cuda:0,cuda:1 (a list of devices makes one device lane per entry); without
+    --threads, the cores not `busy` with other processes are shared between the lanes."""
     spec = devices.strip().lower()
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if spec == "auto":
@@ -94,9 +125,10 @@ def resolve_lanes(devices: str, lanes: int, threads: int) -> Lanes:
                 raise OptionError("devices", f"{item}: no such GPU (this machine has {gpus})")
         found, cpu = tuple(items), 0
     found = tuple(d for d in found for _ in range(GPU_SLOTS if d.startswith("cuda") else 1))
-    cores = os.cpu_count() or 1
-    busy = cpu + len(found)
-    return Lanes(cpu=cpu, devices=found, threads=threads or max(1, cores // max(1, busy)))
+    cores = usable_cores()
+    busy = min(busy, cores - 1) if not threads else 0
+    running = cpu + len(found)
+    return Lanes(cpu=cpu, devices=found, threads=threads or max(1, (cores - busy) // max(1, running)), busy_cores=busy)
 
 
 def available_ram() -> int:
@@ -137,6 +169,7 @@ def machine_info(lanes: Lanes, max_ram: int, max_vram: int, where: str) -> dict:
         "cuda": torch.version.cuda if gpus else None,
         "gpus": gpus,
         "lanes": lanes.describe(),
+        "threads": lanes.threads,
         "max_ram": max_ram,
         "max_vram": max_vram,
         "where": where,
@@ -224,14 +257,16 @@ def check_machine_lanes(opts: MergeOptions) -> None:
         raise OptionError("threads", f"{opts.threads} is more than this machine's {cores} cores; give at most {cores}")
 
 
-def make_budget(opts: MergeOptions, io_bound: bool = False) -> Budget:
+def make_budget(opts: MergeOptions, io_bound: bool = False, busy: int | None = None) -> Budget:
     """Lanes and memory budgets of this run; the RAM left for tasks is what the process does not use already.
 
     `io_bound` (an adapter merge: each task streams W0 through a thin GEMM): by default one lane per
     core with one thread each, so one tensor's reads, writes and fdatasync overlap another's compute.
     """
     check_machine_lanes(opts)
-    lanes = resolve_lanes(opts.devices, opts.lanes or ((os.cpu_count() or 1) if io_bound else 1), opts.threads)
+    if busy is None:
+        busy = 0 if opts.threads else busy_cores()
+    lanes = resolve_lanes(opts.devices, opts.lanes or ((os.cpu_count() or 1) if io_bound else 1), opts.threads, busy)
     if opts.max_ram:
         check_max_ram(opts.max_ram, physical_ram())
     if opts.max_vram:

@@ -6,7 +6,7 @@ Nothing here reads tensor data: the working sets follow from shapes and dtypes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import OptionError, UsageError
 from ..io.checkpoint import matrix_shape
@@ -14,8 +14,18 @@ from ..io.dtypes import item_size
 from ..io.rawio import IO_CHUNK
 from ..numerics.lowrank import factor_bytes, rows_per_block
 from ..numerics.spectral import micro_rows
-from ..options import format_size
-from .budget import Budget, eigh_bytes, fit_block_rows, in_memory_bytes, streamed_bytes
+from ..options import MergeOptions, format_size
+from .budget import (
+    Budget,
+    MiB,
+    busy_cores,
+    eigh_bytes,
+    fit_block_rows,
+    in_memory_bytes,
+    make_budget,
+    streamed_bytes,
+    usable_cores,
+)
 from .planner import COPY, MergePlan, TensorJob
 
 #: below this many elements a tensor stays on a CPU lane when there is one (transfers would dominate)
@@ -34,6 +44,18 @@ class Execution:
     @property
     def streamed(self) -> bool:
         return self.block_rows > 0
+
+
+#: a tensor this small (output bytes) shares its task with its neighbours in the plan
+SMALL_BYTES = 1 * MiB
+#: a shared task holds at most this many tensors, and this many output bytes
+GROUP_TENSORS = 256
+GROUP_BYTES = 8 * MiB
+
+
+def groupable(job: TensorJob, run: Execution) -> bool:
+    """Small, in memory, on the host: its fixed cost (milliseconds) would dominate a task of its own."""
+    return not run.streamed and run.lane == "cpu" and job.placement.nbytes <= SMALL_BYTES
 
 
 def _elem_bytes(job: TensorJob) -> int:
@@ -121,3 +143,27 @@ def max_vram_for(per_lane: int, budget: Budget) -> int:
 
 def schedule(plan: MergePlan, budget: Budget) -> dict[str, Execution]:
     return {job.key: execution_for(job, budget) for job in plan.jobs}
+
+
+def local_schedule(plan: MergePlan, opts: MergeOptions) -> tuple[Budget, dict[str, Execution]]:
+    """The budget and every tensor's Execution of a merge on this machine.
+
+    Without --lanes and on the CPU alone: a lane per core, one thread each, when the largest working sets
+    fit the budget side by side and nothing more is streamed; else one lane with the threads of every free
+    core. Separate eigensolves in parallel beat one threaded eigensolve, alone and beside a busy process
+    (docs/benchmarks-shared-machine.md); a lane that waits for memory would leave its core idle.
+    """
+    io_bound = plan.adapter is not None
+    busy = 0 if opts.threads else busy_cores()
+    narrow = make_budget(opts, io_bound, busy)
+    runs = schedule(plan, narrow)
+    cores = usable_cores()
+    if opts.lanes or io_bound or narrow.lanes.devices or cores < 2 or opts.threads > 1:
+        return narrow, runs
+    wide = make_budget(replace(opts, lanes=cores), io_bound, busy)
+    wide_runs = schedule(plan, wide)
+    largest = sorted((r.ram for r in wide_runs.values()), reverse=True)[:cores]
+    streamed = sum(r.streamed for r in wide_runs.values()) > sum(r.streamed for r in runs.values())
+    if streamed or sum(largest) > wide.task_ram:
+        return narrow, runs
+    return wide, wide_runs

@@ -1,16 +1,18 @@
 """`streamsoup plan`: what a merge will do, how much memory it will take, and how long, from headers only.
 
 Time comes from a short calibration of this machine (a float64 matmul, the merge's own
-eigensolve, reading an input shard, writing a scratch file) and a cost model per tensor:
-Gram `gram_flops` (its upper block triangle on the host), eigh alpha*c^3, projection
-<= 2*rows*c^2 flops, plus its bytes read and written (streamed tensors read their inputs
-twice). Tensors are then packed onto the lanes longest first.
+eigensolve, writing and reading back a scratch file, the CPU work on every byte: dtype
+conversion and checksums) and a cost model per tensor: Gram `gram_flops` (its upper block
+triangle on the host), eigh alpha*c^3, projection <= 2*rows*c^2 flops, its bytes read and
+written (streamed tensors read their inputs twice) and the fixed cost of a task. Tensors are
+packed onto the lanes longest first; the start-up of the command and the publish come on top.
 """
 
 from __future__ import annotations
 
 import heapq
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 
 from .._version import __version__
@@ -27,14 +30,22 @@ from ..io.checkpoint import matrix_shape
 from ..numerics.hostlinalg import set_threads
 from ..numerics.spectral import eigh_spectrum, gram_flops
 from ..options import MergeOptions, format_duration, format_size
-from ..planning.budget import Budget, make_budget
+from ..planning.budget import Budget
 from ..planning.planner import COPY, MergePlan, TensorJob, plan_merge
-from ..planning.schedule import Execution, schedule
+from ..planning.schedule import Execution, groupable, local_schedule
 from ..tasks.devices import configure_process
 from .record import describe_inputs
 from .summary import annotate, module_stats
 
 CALIBRATION_BYTES = 64 * 2**20
+#: the fixed cost of one tensor beyond its arithmetic and bytes: small ones share a task (1.2 ms each,
+#: docs/benchmarks-many-tensors.md), a tensor with a task of its own pays dask's scheduling and a fdatasync
+SMALL_TENSOR_S = 0.0012
+TASK_S = 0.004
+#: loading LAPACK at the first eigensolve, the cluster's start, the report, model card and publish
+FIXED_S = 0.5
+#: argv[0] of the streamsoup command: the console script, or `python -m streamsoup.cli`
+CLI_ENTRIES = ("streamsoup", "cli.py")
 SPECTRAL_FIELDS = ("k", "rank", "P_k", "rho", "lambda_high", "lambda_low", "rel_update")
 
 
@@ -48,6 +59,9 @@ class Rates:
     device_eigh_alpha: float
     read_bps: float
     write_bps: float
+    convert_bps: float = float("inf")  # 16-bit bytes read -> float64, per second (the CPU cost of reading)
+    checksum_bps: float = float("inf")  # crc32c of bytes written, per second
+    startup_s: float = 0.0  # this command's start-up (interpreter, imports); 0 inside a running program
 
 
 def _time(fn, repeat: int = 2) -> float:
@@ -87,18 +101,40 @@ def _io_rates(scratch_dir: Path) -> tuple[float, float]:
     return read_bps, write_bps
 
 
+def _byte_rates() -> tuple[float, float]:
+    """What the host spends on every byte besides the disk: bf16 -> float64 as tensors are read, crc32c as
+    they are written (both were most of a copy-heavy merge's time that the first model left out)."""
+    data = np.random.default_rng(1).integers(0, 255, CALIBRATION_BYTES // 4, dtype=np.uint8)
+    half = torch.from_numpy(data).view(torch.bfloat16)
+    convert = data.nbytes / max(_time(lambda: half.to(torch.float64), repeat=1), 1e-9)
+    checksum = data.nbytes / max(_time(lambda: rawio.crc_of(memoryview(data)), repeat=1), 1e-9)
+    return convert, checksum
+
+
+def startup_seconds() -> float:
+    """How long this command took to get here (interpreter, imports, planning), measured as its process's age
+    when the process is the streamsoup command; a program calling the API pays none of it per merge."""
+    entry = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if entry not in CLI_ENTRIES:
+        return 0.0
+    return max(0.0, time.time() - psutil.Process().create_time())
+
+
 def calibrate(budget: Budget, scratch_dir: Path) -> Rates:
     """Rates of one lane: torch runs with the thread count each lane will have."""
+    startup = startup_seconds()
     set_threads(budget.lanes.threads)
     cpu = _compute_rates("cpu")
     gpus = [d for d in budget.lanes.devices if d.startswith("cuda")]
     dev = _compute_rates(gpus[0]) if gpus else cpu
-    return Rates(*cpu, *dev, *_io_rates(scratch_dir))
+    return Rates(*cpu, *dev, *_io_rates(scratch_dir), *_byte_rates(), startup_s=startup)
 
 
 def tensor_seconds(job, run: Execution, rates: Rates, lane_is_gpu: bool) -> float:
     io = run_io_bytes(job, run)
-    seconds = io[0] / rates.read_bps + io[1] / rates.write_bps
+    fixed = SMALL_TENSOR_S if groupable(job, run) else TASK_S
+    seconds = fixed + io[0] / rates.read_bps + io[1] / rates.write_bps
+    seconds += io[0] / rates.convert_bps + io[1] / rates.checksum_bps
     if job.lowrank:  # an adapter's update: W0 + (U lam S) V^T, no eigensolve
         m, n = matrix_shape(job.base.shape)
         return seconds + (0 if job.factors_out else 2 * m * n * job.lora.rank / (rates.cpu_gflops * 1e9))
@@ -226,7 +262,7 @@ def summarize(plan: MergePlan, budget: Budget, runs: dict[str, Execution], rates
         peak_ram=peak,
         max_vram=budget.max_vram,
         lanes=[{"lane": name, "tensors": n, "seconds": round(t, 1)} for t, n, name in loads.values()],
-        estimated_seconds=max((t for t, _, _ in loads.values()), default=0.0),
+        estimated_seconds=rates.startup_s + FIXED_S + max((t for t, _, _ in loads.values()), default=0.0),
         rates=asdict(rates),
         warnings=list(plan.warnings),
         lowrank=sum(j.lowrank for j in plan.jobs),
@@ -277,6 +313,5 @@ def estimate(base: str | Path, finetuned: str | Path, opts: MergeOptions, given:
                                      "alone; leave it out")  # fmt: skip
     merge_plan = plan_merge(base, finetuned, opts)
     configure_process()
-    budget = make_budget(opts, merge_plan.adapter is not None)
-    runs = schedule(merge_plan, budget)
+    budget, runs = local_schedule(merge_plan, opts)
     return summarize(merge_plan, budget, runs, calibrate(budget, Path.cwd()))

@@ -21,7 +21,7 @@ import numpy as np
 
 from .._version import __version__
 from ..io import writer
-from ..options import format_size
+from ..options import format_duration, format_size
 from ..planning.planner import MergePlan
 from .summary import build_document
 
@@ -45,6 +45,7 @@ class MergeSummary:
     resumed: int = 0  # tensors an earlier attempt had already committed
     already_complete: bool = False  # OUT held this very merge already: nothing was done
     warnings: tuple[str, ...] = ()
+    estimated_seconds: float | None = None  # what the start line said this merge would take
 
     @classmethod
     def from_report(cls, out: Path, already_complete: bool = False) -> MergeSummary:
@@ -68,9 +69,11 @@ class MergeSummary:
             return (f"{self.out} is already complete (the same merge: same inputs and options): nothing to do; "
                     f"{self.tensors} tensors, {self.edited} edited")  # fmt: skip
         resumed = f", {self.resumed} resumed from an earlier run" if self.resumed else ""
+        said = "" if self.estimated_seconds is None else f" (estimated ~{format_duration(self.estimated_seconds)})"
         return (
             f"merged {self.tensors} tensors ({self.edited} edited, {self.copied} copied, "
-            f"{self.dropped} dropped{resumed}) in {self.seconds:.1f} s -> {self.out} ({format_size(self.output_bytes)})"
+            f"{self.dropped} dropped{resumed}) in {self.seconds:.1f} s{said} -> {self.out} "
+            f"({format_size(self.output_bytes)})"
         )
 
     __str__ = line

@@ -25,8 +25,8 @@ from ..errors import Interrupted, OptionError, RunError, UsageError
 from ..faults import fault_point
 from ..io import owned, writer
 from ..io.state import LOCK_NAME, POINTER_NAME, STATE_NAME, Commit, RunLock, RunState
-from ..options import MergeOptions, format_size
-from ..planning.budget import Budget, machine_info, make_budget
+from ..options import MergeOptions, format_duration, format_size
+from ..planning.budget import Budget, machine_info
 from ..planning.planner import MergePlan, plan_merge
 from ..planning.preflight import (
     check_adapter_trained,
@@ -36,8 +36,9 @@ from ..planning.preflight import (
     small_side,
     state_needs,
 )
-from ..planning.schedule import Execution, schedule
+from ..planning.schedule import Execution, local_schedule, schedule
 from ..reporting import REPORT_NAME, MergeSummary, run_head
+from ..reporting.estimate import calibrate, summarize
 from ..tasks.devices import configure_process
 from ..tasks.result import TaskContext, TensorResult
 from .clients import (
@@ -83,6 +84,18 @@ class Attempt:
     runs: dict[str, Execution]
     client: Client | None
     machine: dict[str, Any]
+    estimate: float | None = None  # seconds, as `streamsoup plan` would say (merges of ESTIMATE_BYTES or more)
+
+
+#: a merge writing this much calibrates this machine (~3 s) to say its estimated time at the start
+ESTIMATE_BYTES = 1 << 30
+
+
+def estimated_seconds(plan: MergePlan, budget: Budget, runs: dict[str, Execution], out: Path) -> float | None:
+    """`plan`'s estimate for a local merge big enough that its ~3 s calibration does not matter; else None."""
+    if plan.bytes_to_write < ESTIMATE_BYTES:
+        return None
+    return summarize(plan, budget, runs, calibrate(budget, out.parent)).estimated_seconds
 
 
 def run_merge(base: str | Path, finetuned: str | Path, out: Path, opts: MergeOptions, *, fresh: bool,
@@ -126,23 +139,25 @@ def _attempt(request: Request, opts: MergeOptions) -> MergeSummary:
     with ExitStack() as stack:
         on_cluster = bool(opts.scheduler or opts.scheduler_file)
         client = stack.enter_context(cluster_client(opts)) if on_cluster else None
-        if client:
-            budget = cluster_budget(client, opts)
-        else:
-            configure_process()
-            budget = make_budget(opts, plan.adapter is not None)
-        runs = schedule(plan, budget)
         partial = writer.partial_dir(out)
         state_path = state_location(opts.work_dir, out, partial)
+        if not client:
+            configure_process()
+            if not opts.threads and not request.fresh:
+                opts = replace(opts, threads=earlier_threads(state_path))
+        budget, runs = (cluster_budget_runs(client, opts, plan) if client else local_schedule(plan, opts))
         check_space(plan, runs, budget, partial, state_path, request.fresh)
         line = describe(client, budget, scheduler_address(opts)) if client else describe_local(budget, opts, runs)
+        estimate = None if client else estimated_seconds(plan, budget, runs, out)
+        if estimate is not None:
+            line += f"; estimated ~{format_duration(estimate)} on this machine (as streamsoup plan says)"
         if request.progress:  # the one start line; with progress off (-q, the API's default) it is logged
             sys.stderr.write(f"streamsoup: {line}\n")
         else:
             log.info(line)
         machine = machine_info(budget.lanes, budget.max_ram, budget.max_vram, line)
         opts = replace(opts, threads=budget.lanes.threads)
-        return _locked_run(Attempt(request, opts, state_path, budget, runs, client, machine))
+        return _locked_run(Attempt(request, opts, state_path, budget, runs, client, machine, estimate))
 
 
 def _locked_run(run: Attempt) -> MergeSummary:
@@ -178,7 +193,26 @@ def _locked_run(run: Attempt) -> MergeSummary:
     edited = sum(r.action == "edit" for r in results)
     return MergeSummary(out, len(results), edited, len(results) - edited, len(plan.dropped), plan.bytes_to_write,
                         time.perf_counter() - run.request.start, out / REPORT_NAME, resumed=resumed,
-                        warnings=plan.warnings)  # fmt: skip
+                        warnings=plan.warnings, estimated_seconds=run.estimate)  # fmt: skip
+
+
+def cluster_budget_runs(client: Client, opts: MergeOptions, plan: MergePlan) -> tuple[Budget, dict[str, Execution]]:
+    budget = cluster_budget(client, opts)
+    return budget, schedule(plan, budget)
+
+
+def earlier_threads(state_path: Path) -> int:
+    """The thread count the first attempt of this merge ran with, 0 when there is none (or it had more cores than
+    this machine): a resumed merge keeps it, so its remaining tensors are computed as the first attempt's were,
+    whatever the load now."""
+    if not (state_path / "zarr.json").is_file():
+        return 0
+    try:
+        runs = RunState.read(state_path).runs
+    except UsageError:  # a damaged state: the run says so and starts it over
+        return 0
+    threads = runs[0].get("machine", {}).get("threads") if runs else None
+    return threads if isinstance(threads, int) and 0 < threads <= (os.cpu_count() or 1) else 0
 
 
 def state_location(work_dir: str, out: Path, partial: Path) -> Path:

@@ -15,18 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..options import MergeOptions
-from ..planning.budget import MiB, to_mib
+from ..planning.budget import to_mib
 from ..planning.planner import MergePlan, TensorJob
-from ..planning.schedule import Execution
+from ..planning.schedule import GROUP_BYTES, GROUP_TENSORS, Execution, groupable
 from ..tasks.dispatch import TensorTask, merge_tensors
 from ..tasks.result import TaskContext
 
 RAM = "ram"  # worker resource: MiB of host memory for tasks
-#: a tensor this small (output bytes) shares its task with its neighbours in the plan
-SMALL_BYTES = 1 * MiB
-#: a shared task holds at most this many tensors, and this many output bytes
-GROUP_TENSORS = 256
-GROUP_BYTES = 8 * MiB
 
 
 @dataclass(frozen=True)
@@ -51,11 +46,6 @@ class GraphTask:
         """The tensor a message names: the task's only one, or the first of its small tensors."""
         more = len(self.members) - 1
         return self.members[0].name + (f" (and {more} small tensor(s) in its task)" if more else "")
-
-
-def groupable(job: TensorJob, run: Execution) -> bool:
-    """Small, in memory, on the host: its fixed cost would dominate a task of its own."""
-    return not run.streamed and run.lane == "cpu" and job.placement.nbytes <= SMALL_BYTES
 
 
 def build_graph(
