@@ -139,11 +139,9 @@ class MergeOptions:
         0,
         "CPU lanes: tensors processed at once on the host",
         output=False,
-        shown="one per core when the largest working sets fit side by side, else 1; one per core for a LoRA "
-        "adapter (I/O-bound)",
+        shown="1; one per core for a LoRA adapter (I/O-bound)",
     )
-    threads: int = _opt(0, "torch threads", output=False,
-                        shown="the cores other processes leave free at the start, shared by the lanes")  # fmt: skip
+    threads: int = _opt(0, "torch threads", output=False, shown="cores / lanes; a resume keeps the first run's")
     scheduler: str = _opt(
         "",
         "address of a running dask.distributed scheduler (tcp://host:port); workers need nothing declared, "

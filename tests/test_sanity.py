@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import raw_bytes
 from helpers import assert_one_line_error, poison, report_rows, run, tree_digest
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import streamsoup
 from streamsoup.errors import OptionError
@@ -183,3 +183,37 @@ def test_words(pair, tmp_path):
         streamsoup.merge(base, ft, tmp_path / "o2", max_ram="100TiB")
     assert_one_line_error(run("merge", base, ft, tmp_path / "o2", "--rank-rule", "energy", "--energy", "2"), 2,
                           "--energy must be in (0, 1]")  # fmt: skip
+
+
+def test_an_unrelated_base_of_the_same_shapes_is_refused_and_a_big_update_is_not(tmp_path):
+    """Another seed of the same architecture, or a Qwen2 of identical sizes, as BASE of a Llama fine-tune:
+    every relative update ~1.41 (two independent initialisations); refused before any output, with the
+    evidence. A real pair with ||dW|| = 0.5 ||W0|| still merges."""
+    transformers = pytest.importorskip("transformers")
+    sizes = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+
+    def saved(kind: str, seed: int, folder: Path) -> Path:
+        torch.manual_seed(seed)
+        config = transformers.Qwen2Config(**sizes) if kind == "qwen2" else transformers.LlamaConfig(**sizes)
+        net = (transformers.Qwen2ForCausalLM if kind == "qwen2" else transformers.LlamaForCausalLM)(config)
+        net.to(torch.bfloat16).save_pretrained(folder)
+        return folder
+
+    ft = saved("llama", 0, tmp_path / "ft")
+    for kind, seed, needles in (("llama", 1, ()), ("qwen2", 0, ("model_type 'qwen2' vs 'llama'",))):
+        other = saved(kind, seed, tmp_path / f"{kind}-{seed}")
+        proc = run("merge", other, ft, tmp_path / "out")
+        assert_one_line_error(proc, 2, "does not look like", "median relative update", "1.4", *needles)
+        assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    big = tmp_path / "big"
+    shutil.copytree(ft, big)
+    tensors = load_file(ft / "model.safetensors")
+    g = torch.Generator().manual_seed(3)
+    for name, w in tensors.items():
+        if w.dim() == 2:
+            d = torch.randn(w.shape, generator=g)
+            tensors[name] = (w.double() + 0.5 * w.double().norm() * d / d.norm()).to(w.dtype)
+    save_file(tensors, big / "model.safetensors", metadata={"format": "pt"})
+    proc = run("merge", ft, big, tmp_path / "big-out", "-q")
+    assert proc.returncode == 0, proc.stderr

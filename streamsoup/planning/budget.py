@@ -89,7 +89,7 @@ def busy_cores() -> int:
     psutil.cpu_percent(None)
     time.sleep(LOAD_SAMPLE_S)
     others = psutil.cpu_percent(None) / 100 * (os.cpu_count() or 1) - me.cpu_percent(None) / 100
-    return max(0, round(others))
+    return max(0, int(others + 0.25))  # a core counts as busy from 3/4 of it taken
 
 
 def usable_cores() -> int:
@@ -102,7 +102,8 @@ def usable_cores() -> int:
 
 def resolve_lanes(devices: str, lanes: int, threads: int, busy: int = 0) -> Lanes:
     """--devices auto|cpu|cuda|cuda:0,cuda:1 (a list of devices makes one device lane per entry); without
-    --threads, the cores not `busy` with other processes are shared between the lanes."""
+    --threads the lanes share every core this process may use, busy or not: the thread count changes the
+    float64 sums' rounding, so it must not follow the load (the same merge gives the same bytes)."""
     spec = devices.strip().lower()
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if spec == "auto":
@@ -126,9 +127,9 @@ def resolve_lanes(devices: str, lanes: int, threads: int, busy: int = 0) -> Lane
         found, cpu = tuple(items), 0
     found = tuple(d for d in found for _ in range(GPU_SLOTS if d.startswith("cuda") else 1))
     cores = usable_cores()
-    busy = min(busy, cores - 1) if not threads else 0
     running = cpu + len(found)
-    return Lanes(cpu=cpu, devices=found, threads=threads or max(1, (cores - busy) // max(1, running)), busy_cores=busy)
+    return Lanes(cpu=cpu, devices=found, threads=threads or max(1, cores // max(1, running)),
+                 busy_cores=min(busy, cores))  # fmt: skip
 
 
 def available_ram() -> int:

@@ -10,15 +10,19 @@ matrix, stopping at the first difference), and room on OUT's and the state's fil
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import statistics
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..errors import InputError, OptionError, UsageError
 from ..io.checkpoint import Checkpoint, TensorRef, matrix_shape
-from ..io.dtypes import is_float
+from ..io.dtypes import is_float, torch_dtype
 from ..io.layout import ShardLayout
 from ..io.sidefiles import side_files
 from ..options import format_size
@@ -27,6 +31,10 @@ from ..sources.adapter import ADAPTER_CONFIG
 ADAPTER_KEYS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 #: bytes compared per sampled span (three spans per matrix: start, middle, end)
 SAMPLE_BYTES = 4096
+#: matrices sampled for the relatedness of BASE and FINETUNED, spread over the model
+SAMPLED_MATRICES = 64
+#: a median relative update above this means BASE is not the fine-tune's base (measured: docs/guarantees.md)
+UNRELATED_REL_UPDATE = 1.0
 #: the report's row of one tensor, at most (a row is ~600 bytes of JSON)
 REPORT_PER_TENSOR = 1024
 #: the files OUT gets besides shards and side files: index, report, spectra, model card, ownership marker
@@ -139,6 +147,44 @@ def check_values_differ(base: Checkpoint, finetuned: Checkpoint, names: list[str
             f"BASE {base.root} and FINETUNED {finetuned.root} hold the same values (every one of their "
             f"{len(names)} shared matrices is equal where sampled): nothing to merge; pass the fine-tune as FINETUNED"
         )
+
+
+def sampled_rel_update(base: TensorRef, finetuned: TensorRef) -> float | None:
+    """||W1 - W0|| / ||W0|| over the sampled spans of one matrix; None where spans cannot be compared
+    (other dtypes, a view's storage, a zero W0)."""
+    if base.dtype != finetuned.dtype or not is_float(base.dtype) or base.stride is not None \
+            or finetuned.stride is not None:  # fmt: skip
+        return None
+    dtype, num, den = torch_dtype(base.dtype), 0.0, 0.0
+    for start in _sample_starts(finetuned):
+        w0 = torch.frombuffer(bytearray(_span(base, start)), dtype=dtype).to(torch.float64)
+        w1 = torch.frombuffer(bytearray(_span(finetuned, start)), dtype=dtype).to(torch.float64)
+        num += float(((w1 - w0) ** 2).sum())
+        den += float((w0**2).sum())
+    return math.sqrt(num / den) if den > 0 and math.isfinite(num) else None
+
+
+def check_related(base: Checkpoint, finetuned: Checkpoint, names: list[str]) -> None:
+    """Refuse a BASE of the right shapes that is not the fine-tune's starting point (another seed, another family).
+
+    A fine-tune moves its matrices by a few percent; two independent initialisations differ by about
+    sqrt(2) of their norm (docs/guarantees.md has the measurements behind UNRELATED_REL_UPDATE).
+    """
+    picks = names[:: max(1, len(names) // SAMPLED_MATRICES)][:SAMPLED_MATRICES]
+    rels = [r for name in picks if (r := sampled_rel_update(base[name], finetuned[name])) is not None]
+    if len(rels) < 3:
+        return
+    median = statistics.median(rels)
+    if median <= UNRELATED_REL_UPDATE:
+        return
+    types = [model_config(c).get("model_type") for c in (base, finetuned)]
+    family = f"; config.json model_type {types[0]!r} vs {types[1]!r}" if types[0] != types[1] else ""
+    raise InputError(
+        f"BASE {base.root} does not look like the model FINETUNED {finetuned.root} was fine-tuned from: over "
+        f"{len(rels)} sampled matrices the median relative update ||W1-W0||/||W0|| is {median:.2f} (a fine-tune "
+        f"moves its weights by a few percent, two independent initialisations by about 1.41){family}; pass the "
+        "fine-tune's own base model as BASE"
+    )
 
 
 def check_adapter_trained(root: Path, updates: list) -> None:

@@ -6,7 +6,7 @@ Nothing here reads tensor data: the working sets follow from shapes and dtypes
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from ..errors import OptionError, UsageError
 from ..io.checkpoint import matrix_shape
@@ -18,13 +18,11 @@ from ..options import MergeOptions, format_size
 from .budget import (
     Budget,
     MiB,
-    busy_cores,
     eigh_bytes,
     fit_block_rows,
     in_memory_bytes,
     make_budget,
     streamed_bytes,
-    usable_cores,
 )
 from .planner import COPY, MergePlan, TensorJob
 
@@ -146,24 +144,6 @@ def schedule(plan: MergePlan, budget: Budget) -> dict[str, Execution]:
 
 
 def local_schedule(plan: MergePlan, opts: MergeOptions) -> tuple[Budget, dict[str, Execution]]:
-    """The budget and every tensor's Execution of a merge on this machine.
-
-    Without --lanes and on the CPU alone: a lane per core, one thread each, when the largest working sets
-    fit the budget side by side and nothing more is streamed; else one lane with the threads of every free
-    core. Separate eigensolves in parallel beat one threaded eigensolve, alone and beside a busy process
-    (docs/benchmarks-shared-machine.md); a lane that waits for memory would leave its core idle.
-    """
-    io_bound = plan.adapter is not None
-    busy = 0 if opts.threads else busy_cores()
-    narrow = make_budget(opts, io_bound, busy)
-    runs = schedule(plan, narrow)
-    cores = usable_cores()
-    if opts.lanes or io_bound or narrow.lanes.devices or cores < 2 or opts.threads > 1:
-        return narrow, runs
-    wide = make_budget(replace(opts, lanes=cores), io_bound, busy)
-    wide_runs = schedule(plan, wide)
-    largest = sorted((r.ram for r in wide_runs.values()), reverse=True)[:cores]
-    streamed = sum(r.streamed for r in wide_runs.values()) > sum(r.streamed for r in runs.values())
-    if streamed or sum(largest) > wide.task_ram:
-        return narrow, runs
-    return wide, wide_runs
+    """The budget and every tensor's Execution of a merge on this machine (merge and plan alike)."""
+    budget = make_budget(opts, plan.adapter is not None)
+    return budget, schedule(plan, budget)

@@ -26,11 +26,12 @@ from ..faults import fault_point
 from ..io import owned, writer
 from ..io.state import LOCK_NAME, POINTER_NAME, STATE_NAME, Commit, RunLock, RunState
 from ..options import MergeOptions, format_duration, format_size
-from ..planning.budget import Budget, machine_info
+from ..planning.budget import Budget, machine_info, usable_cores
 from ..planning.planner import MergePlan, plan_merge
 from ..planning.preflight import (
     check_adapter_trained,
     check_disk_space,
+    check_related,
     check_values_differ,
     output_needs,
     small_side,
@@ -114,6 +115,7 @@ def run_merge(base: str | Path, finetuned: str | Path, out: Path, opts: MergeOpt
         check_adapter_trained(plan.adapter.root, [j.lora for j in plan.jobs if j.lora is not None])
     else:
         check_values_differ(plan.base, plan.finetuned, [j.name for j in plan.edits])
+        check_related(plan.base, plan.finetuned, [j.name for j in plan.edits])
     try:
         return _attempt(Request(plan, out, fingerprint, fresh, progress, start), opts)
     except OSError as exc:
@@ -155,6 +157,8 @@ def _attempt(request: Request, opts: MergeOptions) -> MergeSummary:
             sys.stderr.write(f"streamsoup: {line}\n")
         else:
             log.info(line)
+        if budget.lanes.busy_cores and not opts.threads and not client:
+            log.warning(busy_advice(budget))
         machine = machine_info(budget.lanes, budget.max_ram, budget.max_vram, line)
         opts = replace(opts, threads=budget.lanes.threads)
         return _locked_run(Attempt(request, opts, state_path, budget, runs, client, machine, estimate))
@@ -194,6 +198,15 @@ def _locked_run(run: Attempt) -> MergeSummary:
     return MergeSummary(out, len(results), edited, len(results) - edited, len(plan.dropped), plan.bytes_to_write,
                         time.perf_counter() - run.request.start, out / REPORT_NAME, resumed=resumed,
                         warnings=plan.warnings, estimated_seconds=run.estimate)  # fmt: skip
+
+
+def busy_advice(budget: Budget) -> str:
+    """Other processes keep cores busy: say what runs faster beside them (the default threads stay fixed)."""
+    lanes, free = budget.lanes, max(1, usable_cores() - budget.lanes.busy_cores)
+    return (f"{lanes.busy_cores} of this machine's {usable_cores()} cores are busy with other processes; a merge "
+            f"with {lanes.threads} thread(s) waits for them: --threads {free} (or --lanes {usable_cores()} --threads "
+            f"1) runs faster beside them. The default does not follow the load, so the same merge always gives "
+            "the same bytes")  # fmt: skip
 
 
 def cluster_budget_runs(client: Client, opts: MergeOptions, plan: MergePlan) -> tuple[Budget, dict[str, Execution]]:
