@@ -38,7 +38,7 @@ def fine_tuned(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for name, t in state.items():
         if t.ndim == 2 and name != "lm_head.weight":
             low = torch.randn(t.shape[0], 3, generator=g) @ torch.randn(3, t.shape[1], generator=g)
-            t = (t.float() + 0.02 * low + 0.002 * torch.randn(t.shape, generator=g)).to(t.dtype)
+            t = (t.float() + 0.004 * low + 0.002 * torch.randn(t.shape, generator=g)).to(t.dtype)  # ~40% of W0
         out[name] = t
     out["lm_head.weight"] = out["model.embed_tokens.weight"]  # tied: both names share one storage
     return out

@@ -104,7 +104,7 @@ def make_finetune(out: Path, arch: str = "llama", steps: int = 4, seed: int = 0)
     model = tiny_model(arch, seed)
     model.to(torch.bfloat16).save_pretrained(base_dir, max_shard_size="40KB")
     model.to(torch.float32)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # a fine-tune-sized step: weights move by a few percent
     g = torch.Generator().manual_seed(seed + 1)
     for _ in range(steps):
         ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=g)
