@@ -258,15 +258,14 @@ def check_machine_lanes(opts: MergeOptions) -> None:
         raise OptionError("threads", f"{opts.threads} is more than this machine's {cores} cores; give at most {cores}")
 
 
-def make_budget(opts: MergeOptions, io_bound: bool = False, busy: int | None = None) -> Budget:
+def make_budget(opts: MergeOptions, io_bound: bool = False) -> Budget:
     """Lanes and memory budgets of this run; the RAM left for tasks is what the process does not use already.
 
     `io_bound` (an adapter merge: each task streams W0 through a thin GEMM): by default one lane per
     core with one thread each, so one tensor's reads, writes and fdatasync overlap another's compute.
     """
     check_machine_lanes(opts)
-    if busy is None:
-        busy = 0 if opts.threads else busy_cores()
+    busy = 0 if opts.threads else busy_cores()  # said in the start line; it never changes the threads
     lanes = resolve_lanes(opts.devices, opts.lanes or ((os.cpu_count() or 1) if io_bound else 1), opts.threads, busy)
     if opts.max_ram:
         check_max_ram(opts.max_ram, physical_ram())
