@@ -139,9 +139,10 @@ class MergeOptions:
         0,
         "CPU lanes: tensors processed at once on the host",
         output=False,
-        shown="1; one per core for a LoRA adapter (I/O-bound)",
+        shown="one per core, each with one thread (1 beside GPU lanes, except for a LoRA adapter)",
     )
-    threads: int = _opt(0, "torch threads", output=False, shown="cores / lanes; a resume keeps the first run's")
+    threads: int = _opt(0, "torch threads per lane", output=False,
+                        shown="cores / lanes; a resume keeps the first run's")  # fmt: skip
     scheduler: str = _opt(
         "",
         "address of a running dask.distributed scheduler (tcp://host:port); workers need nothing declared, "
@@ -192,7 +193,7 @@ class MergeOptions:
         if self.spectral not in ("auto", "gram", "svd"):
             raise OptionError("spectral", f"must be auto, gram or svd, got {self.spectral!r}")
         if not 0 <= int(self.lanes) <= MAX_WORKERS:
-            raise OptionError("lanes", f"must be between 1 and {MAX_WORKERS}, got {self.lanes!r}")
+            raise OptionError("lanes", f"must be between 1 and {MAX_WORKERS} (0: the default), got {self.lanes!r}")
         if not float(self.checkpoint_seconds) >= 0:
             raise OptionError("checkpoint_seconds", f"must be >= 0, got {self.checkpoint_seconds!r}")
         if not 0 <= int(self.threads) <= MAX_WORKERS:

@@ -1,6 +1,8 @@
-"""Threads on a shared machine: the cores other processes keep busy at the start are seen and said, with what
-runs faster beside them; the default thread count does not follow the load (it changes the float64 sums'
-rounding: the same merge must give the same bytes), and a resumed merge keeps its first attempt's."""
+"""Threads on a shared machine: by default a lane per core with one thread each (the fastest alone and beside a
+busy neighbour, docs/benchmarks-shared-machine.md); the cores other processes keep busy at the start are seen
+and said, with what runs faster beside them when lanes run several threads; the thread count never follows
+the load (it changes the float64 sums' rounding: the same merge must give the same bytes), and a resumed
+merge keeps its first attempt's."""
 
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ def neighbour():
 
 def test_threads_share_the_free_cores_between_the_lanes():
     cores = usable_cores()
+    default = resolve_lanes("cpu", 0, 0)
+    assert (default.cpu, default.threads) == (cores, 1), "by default a lane per core, one thread each"
+    assert resolve_lanes("auto", 0, 0, busy=1).threads == 1
     assert resolve_lanes("cpu", 1, 0).threads == cores
     assert resolve_lanes("cpu", 1, 0, busy=1).threads == cores, "the load never changes the arithmetic"
     assert resolve_lanes("cpu", 2, 0, busy=0).threads == max(1, cores // 2)
@@ -40,26 +45,34 @@ def test_threads_share_the_free_cores_between_the_lanes():
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs a second core for the neighbour")
 def test_a_busy_neighbour_is_seen_and_said_with_the_faster_settings(neighbour, awkward_pair, tmp_path):
+    busy_cores()  # the first look measures from the last one (here: the import, before the neighbour began)
     assert busy_cores() >= 1
     proc = run("merge", *awkward_pair, tmp_path / "out", "--devices", "cpu")
     assert proc.returncode == 0, proc.stderr
     start = next(line for line in proc.stderr.splitlines() if line.startswith("streamsoup: max-ram"))
     assert "core(s) busy with other processes" in start, start
-    assert f"{usable_cores()} torch thread(s)" in start, "the default threads do not follow the load"
+    assert f"{usable_cores()} CPU lane(s), 1 torch thread(s)" in start, "the default does not follow the load"
+    assert "warning:" not in proc.stderr, "one thread per lane is already what runs fastest beside them"
+    proc = run("merge", *awkward_pair, tmp_path / "one-lane", "--devices", "cpu", "--lanes", "1")
+    assert proc.returncode == 0, proc.stderr
+    start = next(line for line in proc.stderr.splitlines() if line.startswith("streamsoup: max-ram"))
+    assert f"1 CPU lane(s), {usable_cores()} torch thread(s)" in start, "the threads do not follow the load"
     advice = [line for line in proc.stderr.splitlines() if "warning:" in line and "busy with other" in line]
-    assert len(advice) == 1 and "--threads" in advice[0] and "same bytes" in advice[0], proc.stderr
+    assert len(advice) == 1 and "--threads 1" in advice[0] and "same bytes" in advice[0], proc.stderr
 
 
+@pytest.mark.skipif(usable_cores() < 2, reason="needs two cores for two threads")
 def test_a_resumed_merge_keeps_the_first_attempts_threads(awkward_pair, tmp_path):
-    """Interrupted with --threads 1, resumed without --threads (whatever the load is now): the rest of the
-    tensors are computed with one thread too, as the first attempt's were."""
+    """Interrupted with one lane on every core, resumed with the defaults (a lane per core, one thread each):
+    the rest of the tensors are computed with the first attempt's threads."""
     import json
     import signal
 
     out = tmp_path / "out"
-    killed = run("merge", *awkward_pair, out, "--threads", "1", "-q", env={"STREAMSOUP_FAULT": "commit:5"})
+    killed = run("merge", *awkward_pair, out, "--lanes", "1", "-q", env={"STREAMSOUP_FAULT": "commit:5"})
     assert killed.returncode == -signal.SIGKILL
     proc = run("merge", *awkward_pair, out, "-q")
     assert proc.returncode == 0, proc.stderr
     attempts = json.loads((out / "streamsoup_report.json").read_text())["run"]["attempts"]
-    assert [a["machine"]["threads"] for a in attempts] == [1, 1]
+    cores = usable_cores()
+    assert [a["machine"]["threads"] for a in attempts] == [cores, cores]

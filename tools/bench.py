@@ -283,7 +283,7 @@ def main() -> None:
     p.add_argument("--preset", default="bench", choices=sorted(make_checkpoints.PRESETS))
     p.add_argument("--data", type=Path, default=ROOT / "bench-data", help="where pairs and outputs go")
     p.add_argument("--devices", default="auto")
-    p.add_argument("--lanes", default="1")
+    p.add_argument("--lanes", default="", help="streamsoup --lanes (default: its own default)")
     p.add_argument("--max-ram", default=None)
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--kernels", action="store_true",
@@ -312,7 +312,7 @@ def main() -> None:
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir()
     ours = [PY, "-m", "streamsoup.cli", "merge", str(base), str(ft), str(runs / "streamsoup"), "-q",
-            "--devices", args.devices, "--lanes", args.lanes]  # fmt: skip
+            "--devices", args.devices, *(["--lanes", args.lanes] if args.lanes else [])]  # fmt: skip
     if args.max_ram:
         ours += ["--max-ram", args.max_ram]
     rows = [run_one("streamsoup", ours, params)]

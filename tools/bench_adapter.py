@@ -30,13 +30,16 @@ sys.path.insert(0, str(HERE))
 
 import make_checkpoints as mc  # noqa: E402
 
+from streamsoup.io.layout import TensorSpec  # noqa: E402
+from streamsoup.synthetic import write_side_files  # noqa: E402
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def make_base(folder: Path, shape: mc.ModelShape, sparse: bool) -> None:
     """Random bf16 weights block by block (fast: no fine-tune to derive), or headers over holes."""
     tensors = mc.llama_tensors(shape)
-    writer = mc.Writer(folder, [mc.TensorSpec(t.name, "BF16", t.base_shape) for t in tensors], mc.HF_SHARD_SIZE,
+    writer = mc.Writer(folder, [TensorSpec(t.name, "BF16", t.base_shape) for t in tensors], mc.HF_SHARD_SIZE,
                        with_index=True)  # fmt: skip
     g = torch.Generator().manual_seed(0)
     for t in [] if sparse else tensors:
@@ -46,7 +49,7 @@ def make_base(folder: Path, shape: mc.ModelShape, sparse: bool) -> None:
             n = min(step, rows - start)
             writer.write(t.name, "BF16", start, (0.02 * torch.randn(n, cols, generator=g)).to(torch.bfloat16))
     writer.close()
-    mc.write_side_files(folder, shape, shape.vocab)
+    write_side_files(folder, shape, shape.vocab)
 
 
 def make_adapter(folder: Path, base: Path, rank: int, sparse: bool) -> None:
@@ -70,7 +73,7 @@ def make_adapter(folder: Path, base: Path, rank: int, sparse: bool) -> None:
         tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) / math.sqrt(in_f)
         tensors[f"{key}.lora_B.weight"] = 1e-3 * torch.randn(out_f, rank, generator=g)
     if sparse:  # headers only: the data are holes (plan reads headers alone)
-        specs = [mc.TensorSpec(k, "F32", v) for k, v in shapes.items()]
+        specs = [TensorSpec(k, "F32", v) for k, v in shapes.items()]
         w = mc.Writer(folder, specs, 2**62, with_index=False)
         w.close()
         (folder / "model.safetensors").rename(folder / "adapter_model.safetensors")
@@ -114,7 +117,7 @@ def plan_seconds(base: Path, finetuned: Path, *extra: str) -> tuple[float, str]:
     proc = subprocess.run([sys.executable, "-m", "streamsoup.cli", "plan", str(base), str(finetuned), "--json",
                            *extra], capture_output=True, text=True, check=True)  # fmt: skip
     summary = json.loads(proc.stdout)
-    return summary["estimated_seconds"], proc.stdout
+    return summary["estimate"]["seconds"], proc.stdout
 
 
 def main() -> None:

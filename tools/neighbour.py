@@ -4,9 +4,10 @@
     python tools/neighbour.py DIR [--preset medium] [--neighbours 1] [--repeat 1]
 
 Writes a pair with tools/make_checkpoints.py's generator (DIR/base, DIR/finetuned), then times
-`streamsoup merge` with the default settings, `--threads 1`, `--lanes 2 --threads 1`, each alone
-and beside N busy-looping Python processes (a shared workstation's other job), and with
-OMP_WAIT_POLICY=ACTIVE (OpenMP threads spin while they wait) to show its effect. Prints a
+`streamsoup merge` with the default settings (a lane per core, one thread each), one lane on every
+core (`--lanes 1`), one lane and one thread, each alone and beside N busy-looping Python processes
+(a shared workstation's other job), and with OMP_WAIT_POLICY=ACTIVE (OpenMP threads spin while
+they wait) to show its effect. Prints a
 Markdown table; never asserts a timing: the numbers go to docs/.
 """
 
@@ -20,11 +21,12 @@ import sys
 import time
 from pathlib import Path
 
+CORES = len(os.sched_getaffinity(0))
 SETTINGS = {
-    "default": [],
-    "--threads 1": ["--threads", "1"],
-    "--lanes 2 --threads 1": ["--lanes", "2", "--threads", "1"],
-    "default, OMP_WAIT_POLICY=ACTIVE": [],
+    "default (a lane per core, 1 thread each)": [],
+    f"--lanes 1 (one lane, {CORES} threads: the default before 0.5)": ["--lanes", "1"],
+    "--lanes 1 --threads 1": ["--lanes", "1", "--threads", "1"],
+    "--lanes 1, OMP_WAIT_POLICY=ACTIVE": ["--lanes", "1"],
 }
 BUSY = "while True: pass"
 

@@ -16,14 +16,14 @@ import stat
 import struct
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import InputError
-from . import rawio, strided
+from . import quantized, rawio, strided
 from .dtypes import item_size, torch_dtype
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -47,10 +47,36 @@ class TensorRef:
     nbytes: int
     #: element strides of a view that is not row-major (torch.save keeps such views); None: row-major
     stride: tuple[int, ...] | None = None
+    #: how the stored values become weights (io/quantized.py): "" as they are, FP8 or MXFP4 with `scale`
+    encoding: str = ""
+    scale: TensorRef | None = None  # FP8: [rows/block, cols/block] scales; MXFP4: the [.., rows, cols/32] exponents
+    block: tuple[int, int] = (1, 1)  # FP8: rows and columns one scale covers
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def decoded(self) -> bool:
+        """Read as float64 weights from quantized storage (its dtype is the storage's)."""
+        return bool(self.encoding)
+
+    @property
+    def held_bytes(self) -> int:
+        """Memory a read of it holds: its bytes, or decoded float64 values and the decoding's temporaries."""
+        return 16 * self.numel if self.decoded else self.nbytes
+
+    def part(self, index: int, count: int) -> TensorRef:
+        """Slice `index` of `count` along the first dimension (one expert of a stacked tensor), scales included."""
+        step = self.nbytes // count
+        stride = None
+        offset = self.offset + index * step
+        if self.stride is not None:
+            stride = self.stride[1:]
+            offset = self.offset + index * self.stride[0] * (self.nbytes // max(self.numel, 1))
+        scale = self.scale.part(index, count) if self.scale is not None else None
+        return replace(self, name=f"{self.name}[{index}]", shape=self.shape[1:], offset=offset, nbytes=step,
+                       stride=stride, scale=scale)  # fmt: skip
 
     @property
     def span(self) -> int:
@@ -164,10 +190,14 @@ def _tensor_ref(path: str, name: str, entry: object, data_start: int) -> TensorR
 class Checkpoint(Mapping[str, TensorRef]):
     """A read-only mapping name -> TensorRef over every shard of a checkpoint, in file order."""
 
-    def __init__(self, root: Path, shards: list[ShardHeader]) -> None:
+    def __init__(self, root: Path, shards: list[ShardHeader], refs: dict[str, TensorRef] | None = None) -> None:
+        """`refs`: the tensors as read (quantized weights decoded, their scales left out) when not the shards'."""
         self.root = root
         self.shards = shards
         self._refs: dict[str, TensorRef] = {}
+        if refs is not None:
+            self._refs = dict(refs)
+            return
         for shard in shards:
             for ref in shard.tensors:
                 if ref.name in self._refs:
@@ -260,7 +290,11 @@ def index_files(index: Path) -> list[str]:
 
 
 def read_tensor(ref: TensorRef) -> torch.Tensor:
-    """Load one tensor into a fresh buffer, leaving nothing in the page cache."""
+    """Load one tensor into a fresh buffer, leaving nothing in the page cache (float64 when decoded)."""
+    if ref.decoded and len(ref.shape) > 2:  # stacked experts: each is one matrix with its own scales
+        return torch.stack([read_tensor(ref.part(e, ref.shape[0])) for e in range(ref.shape[0])])
+    if ref.decoded:
+        return read_block(ref, 0, ref.shape[0], False)
     if ref.stride is not None:
         return read_block(ref, 0, ref.shape[0], False).reshape(ref.shape)  # a 0-d tensor is never a view
     try:
@@ -285,8 +319,13 @@ def read_block(ref: TensorRef, start: int, stop: int, transposed: bool) -> torch
     """Rows start:stop of the 2-D view (or, transposed, those columns, as rows), read with pread only.
 
     Rows of a row-major tensor are one contiguous range; columns are one short range per row;
-    a view (torch.save's non-contiguous tensors) is gathered in bounded pieces.
+    a view (torch.save's non-contiguous tensors) is gathered in bounded pieces; quantized weights
+    come back as float64 with their scales applied.
     """
+    if ref.encoding == quantized.FP8:
+        return _fp8_block(ref, start, stop, transposed)
+    if ref.encoding == quantized.MXFP4:
+        return _mxfp4_block(ref, start, stop, transposed)
     dtype = torch_dtype(ref.dtype)
     if ref.stride is not None:
         raw = read_raw_block(ref, start, stop, transposed)
@@ -308,6 +347,40 @@ def read_block(ref: TensorRef, start: int, stop: int, transposed: bool) -> torch
         raise InputError(f"{ref.path}: tensor {ref.name!r}: {exc}; the file is truncated") from None
     finally:
         os.close(fd)
+
+
+def _stored(ref: TensorRef, dtype: str, shape: tuple[int, ...]) -> TensorRef:
+    """The bytes of a decoded tensor as the plain tensor they are stored as."""
+    return replace(ref, dtype=dtype, shape=shape, encoding="", scale=None)
+
+
+def _fp8_block(ref: TensorRef, start: int, stop: int, transposed: bool) -> torch.Tensor:
+    assert ref.scale is not None
+    (m, n), (br, bc) = matrix_shape(ref.shape), ref.block
+    q = read_block(_stored(ref, ref.dtype, (m, n)), start, stop, transposed)
+    scale = _stored(ref.scale, ref.scale.dtype, ((m + br - 1) // br, (n + bc - 1) // bc))
+    step = bc if transposed else br
+    s = read_block(scale, start // step, (stop - 1) // step + 1, transposed)
+    return quantized.fp8_dequantized(q, s, (bc, br) if transposed else (br, bc), (start, 0))
+
+
+def _mxfp4_block(ref: TensorRef, start: int, stop: int, transposed: bool) -> torch.Tensor:
+    """Rows start:stop of one expert's [in, out] matrix, stored transposed as [out, in/32, 16] bytes: a range of
+    stored columns (whole 32-element groups, trimmed), or with `transposed` a range of stored rows."""
+    assert ref.scale is not None and len(ref.shape) == 2
+    cols, rows = ref.shape
+    groups = cols // quantized.MX_GROUP
+    packed = _stored(ref, "U8", (rows, groups * quantized.MX_BYTES))
+    scales = _stored(ref.scale, "U8", (rows, groups))
+    if transposed:
+        b, s = read_block(packed, start, stop, False), read_block(scales, start, stop, False)
+        return quantized.mxfp4_dequantized(b, s)
+    g0, g1 = start // quantized.MX_GROUP, (stop - 1) // quantized.MX_GROUP + 1
+    b = read_block(packed, g0 * quantized.MX_BYTES, g1 * quantized.MX_BYTES, True).T
+    s = read_block(scales, g0, g1, True).T
+    w = quantized.mxfp4_dequantized(b.contiguous(), s.contiguous())
+    first = g0 * quantized.MX_GROUP
+    return w[:, start - first : stop - first].T.contiguous()
 
 
 def read_raw_block(ref: TensorRef, start: int, stop: int, transposed: bool = False) -> np.ndarray:

@@ -23,6 +23,13 @@ FLOAT_DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
 }
 
+#: dtypes read as stored, to be decoded with their scales (io/quantized.py)
+STORED_DTYPES: dict[str, torch.dtype] = {
+    **FLOAT_DTYPES,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "U8": torch.uint8,
+}
 
 
 def item_size(dtype: str, where: str) -> int:
@@ -33,7 +40,7 @@ def item_size(dtype: str, where: str) -> int:
 
 
 def torch_dtype(dtype: str) -> torch.dtype:
-    return FLOAT_DTYPES[dtype]
+    return STORED_DTYPES[dtype]
 
 
 def is_float(dtype: str) -> bool:

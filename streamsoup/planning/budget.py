@@ -73,22 +73,42 @@ class Budget:
 LANES_PER_CORE = 4
 
 
-#: how long the start looks at the machine's load
+#: the shortest and longest look at the machine's load (since the last look, or since import: the start-up)
 LOAD_SAMPLE_S = 0.2
+LOAD_WINDOW_S = 30.0
+
+
+@dataclass
+class _LoadMark:
+    """Where the last look at the load left psutil's counters: the next look measures from there."""
+
+    me: psutil.Process
+    at: float
+
+
+_last_look = _LoadMark(psutil.Process(), time.monotonic())
+_last_look.me.cpu_percent(None)
+psutil.cpu_percent(None)
 
 
 def busy_cores() -> int:
-    """Cores that other processes keep busy right now (a shared workstation's other jobs), sampled briefly.
+    """Cores that other processes kept busy since the last look (a shared workstation's other jobs).
 
+    The window is the start-up itself (imports, planning) when it is long enough, so a merge does not
+    wait to sample; a look more than LOAD_WINDOW_S old is stale and replaced by a fresh short sample.
     BLAS and OpenMP regions split their work evenly over their threads: a thread that shares its core
     with a neighbour finishes last and the whole region waits for it, so threads beyond the free cores
     make the merge slower, not faster.
     """
-    me = psutil.Process()
-    me.cpu_percent(None)
-    psutil.cpu_percent(None)
-    time.sleep(LOAD_SAMPLE_S)
-    others = psutil.cpu_percent(None) / 100 * (os.cpu_count() or 1) - me.cpu_percent(None) / 100
+    waited = time.monotonic() - _last_look.at
+    if waited > LOAD_WINDOW_S:
+        _last_look.me.cpu_percent(None)
+        psutil.cpu_percent(None)
+        waited = 0.0
+    if waited < LOAD_SAMPLE_S:
+        time.sleep(LOAD_SAMPLE_S - waited)
+    others = psutil.cpu_percent(None) / 100 * (os.cpu_count() or 1) - _last_look.me.cpu_percent(None) / 100
+    _last_look.at = time.monotonic()
     return max(0, int(others + 0.25))  # a core counts as busy from 3/4 of it taken
 
 
@@ -100,17 +120,24 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def resolve_lanes(devices: str, lanes: int, threads: int, busy: int = 0) -> Lanes:
-    """--devices auto|cpu|cuda|cuda:0,cuda:1 (a list of devices makes one device lane per entry); without
-    --threads the lanes share every core this process may use, busy or not: the thread count changes the
-    float64 sums' rounding, so it must not follow the load (the same merge gives the same bytes)."""
+def resolve_lanes(devices: str, lanes: int, threads: int, busy: int = 0, io_bound: bool = False) -> Lanes:
+    """--devices auto|cpu|cuda|cuda:0,cuda:1 (a list of devices makes one device lane per entry).
+
+    On the host alone (or an adapter merge, I/O-bound) the default is a lane per usable core with one
+    thread each: separate eigensolves side by side beat one on every core, alone and beside a busy
+    neighbour (docs/benchmarks-shared-machine.md), and one thread per lane makes the float64 sums'
+    rounding the same on every machine. With GPU lanes, one CPU lane shares the cores. The thread
+    count never follows the load: the same merge gives the same bytes.
+    """
     spec = devices.strip().lower()
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    cores = usable_cores()
     if spec == "auto":
         found = tuple(f"cuda:{i}" for i in range(gpus))
-        cpu = lanes if not found else max(0, lanes - 1) or 1
+        want = lanes or (cores if io_bound or not found else 1)
+        cpu = want if not found else max(0, want - 1) or 1
     elif spec == "cpu":
-        found, cpu = (), lanes
+        found, cpu = (), lanes or cores
     elif spec == "cuda":
         if not gpus:
             raise OptionError("devices", "cuda: no CUDA device is visible (use cpu or auto)")
@@ -126,7 +153,6 @@ def resolve_lanes(devices: str, lanes: int, threads: int, busy: int = 0) -> Lane
                 raise OptionError("devices", f"{item}: no such GPU (this machine has {gpus})")
         found, cpu = tuple(items), 0
     found = tuple(d for d in found for _ in range(GPU_SLOTS if d.startswith("cuda") else 1))
-    cores = usable_cores()
     running = cpu + len(found)
     return Lanes(cpu=cpu, devices=found, threads=threads or max(1, cores // max(1, running)),
                  busy_cores=min(busy, cores))  # fmt: skip
@@ -261,12 +287,12 @@ def check_machine_lanes(opts: MergeOptions) -> None:
 def make_budget(opts: MergeOptions, io_bound: bool = False) -> Budget:
     """Lanes and memory budgets of this run; the RAM left for tasks is what the process does not use already.
 
-    `io_bound` (an adapter merge: each task streams W0 through a thin GEMM): by default one lane per
-    core with one thread each, so one tensor's reads, writes and fdatasync overlap another's compute.
+    `io_bound` (an adapter merge: each task streams W0 through a thin GEMM): one lane per core with one
+    thread each even beside GPU lanes, so one tensor's reads, writes and fdatasync overlap another's compute.
     """
     check_machine_lanes(opts)
     busy = 0 if opts.threads else busy_cores()  # said in the start line; it never changes the threads
-    lanes = resolve_lanes(opts.devices, opts.lanes or ((os.cpu_count() or 1) if io_bound else 1), opts.threads, busy)
+    lanes = resolve_lanes(opts.devices, opts.lanes, opts.threads, busy, io_bound)
     if opts.max_ram:
         check_max_ram(opts.max_ram, physical_ram())
     if opts.max_vram:

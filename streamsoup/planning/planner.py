@@ -13,8 +13,9 @@ from ..numerics.lowrank import BiasUpdate, LoraUpdate
 from ..options import MergeOptions
 from ..sources import Adapter, open_base, open_finetuned
 from ..sources.adapter import ADAPTER_WEIGHTS, AdapterTensors, resolve
+from .experts import check_stacking_known, stacked, stacked_vectors
 from .preflight import check_not_adapter, check_pairing, check_shard_count
-from .undecoded import check_decodable
+from .quantization import Decoded, decode
 
 EDIT, COPY = "edit", "copy"
 #: what torch.nn.parallel.DistributedDataParallel puts before every name of the module it wraps
@@ -37,6 +38,7 @@ class TensorJob:
     dtype: str = ""  # output dtype when not the fine-tune tensor's (an adapter merge writes the base's)
     factors_out: bool = False  # --save adapter: write the reweighed factors [A', B'(, bias')] at `placement`
     outputs: tuple[str, ...] = ()  # the output tensors the slot holds, when not just `name`
+    part: tuple[int, int] | None = None  # (expert, experts): one expert's slice of the stacked tensor outputs[0]
 
     @property
     def key(self) -> str:
@@ -73,6 +75,7 @@ class MergePlan:
     warnings: tuple[str, ...] = ()  # said once, before the run (plan and merge alike)
     adapter: Adapter | None = None  # FINETUNED is a PEFT LoRA adapter (`finetuned` is then its weights file)
     side_roots: tuple[Path, ...] = ()  # folders whose non-weight files go into OUT (config, tokenizer, ...)
+    dequantized: bool = False  # FINETUNED was quantized and OUT is not: its config.json loses quantization_config
 
     @property
     def save(self) -> str:
@@ -87,6 +90,19 @@ class MergePlan:
         return self.layout.total_size
 
 
+def editable(ref: TensorRef) -> bool:
+    """Float weights, as stored or decoded from a quantized format."""
+    return is_float(ref.dtype) or ref.decoded
+
+
+#: what a decoded (quantized) fine-tune's weights are written as
+DECODED_OUT = "BF16"
+
+
+def out_dtype(ref: TensorRef) -> str:
+    return DECODED_OUT if ref.decoded else ref.dtype
+
+
 def pair_action(ft: TensorRef, base: TensorRef | None) -> tuple[str, str]:
     """MonoSoup edits float matrices present in both checkpoints with equal shapes; all else is copied."""
     if base is None:
@@ -97,7 +113,7 @@ def pair_action(ft: TensorRef, base: TensorRef | None) -> tuple[str, str]:
         return COPY, f"{len(ft.shape)}-D tensor (only matrices and kernels are edited)"
     if ft.numel == 0:
         return COPY, "empty tensor"
-    if not (is_float(ft.dtype) and is_float(base.dtype)):
+    if not (editable(ft) and editable(base)):
         return COPY, f"dtype {ft.dtype}/{base.dtype} is not a float type MonoSoup edits"
     return EDIT, ""
 
@@ -108,26 +124,67 @@ def plan_merge(base: str | Path | Checkpoint, finetuned: str | Path | Checkpoint
     base_ckpt = open_base(base)
     ft = open_finetuned(finetuned)
     check_not_adapter(base_ckpt, "BASE")
-    check_decodable(base_ckpt, "BASE")
+    base_in = decode(base_ckpt, "BASE")
     if isinstance(ft, Adapter):
-        return plan_adapter(base_ckpt, ft, options)
+        return replace(plan_adapter(base_in.ckpt, ft, options), warnings=tuple(decoded_lines(base_in, None)),
+                       dequantized=base_in.format is not None and options.save == "model")
     if options.save == "adapter":
         raise UsageError(f"--save adapter needs a LoRA adapter as FINETUNED; {ft.root} is a full checkpoint: "
                          "use --save model")  # fmt: skip
     check_not_adapter(ft, "FINETUNED")
-    check_decodable(ft, "FINETUNED")
-    base_ckpt, ft, renamed = without_ddp_prefix(base_ckpt, ft)
-    layout = ShardLayout.plan((TensorSpec(r.name, r.dtype, r.shape) for r in ft.values()), options.shard_size)
+    ft_in = decode(ft, "FINETUNED")
+    base_ckpt, ft, renamed = without_ddp_prefix(base_in.ckpt, ft_in.ckpt)
+    check_stacking_known(base_ckpt, "BASE")
+    experts = check_stacking_known(ft, "FINETUNED")
+    specs = (TensorSpec(r.name, out_dtype(r), r.shape) for r in ft.values())
+    layout = ShardLayout.plan(specs, options.shard_size)
     check_shard_count(layout, options.shard_size)
-    jobs = []
-    for i, ref in enumerate(ft.values()):
-        action, reason = pair_action(ref, base_ckpt.get(ref.name))
-        jobs.append(TensorJob(i, ref.name, ref, base_ckpt.get(ref.name), action, reason, layout.placements[ref.name]))
+    jobs: list[TensorJob] = []
+    for ref in ft.values():
+        jobs.extend(tensor_jobs(len(jobs), ref, base_ckpt.get(ref.name), layout.placements[ref.name], experts))
     dropped = tuple(name for name in base_ckpt if name not in ft)
     warning = check_pairing(base_ckpt, ft, sum(j.action == EDIT for j in jobs))
     side = (ft.root,) if ft.root.is_dir() else ()
-    warnings = tuple(w for w in (renamed, warning) if w)
-    return MergePlan(base_ckpt, ft, options, tuple(jobs), dropped, layout, warnings, side_roots=side)
+    warnings = tuple(w for w in (renamed, warning, *decoded_lines(base_in, ft_in)) if w)
+    return MergePlan(base_ckpt, ft, options, tuple(jobs), dropped, layout, warnings, side_roots=side,
+                     dequantized=ft_in.format is not None)  # fmt: skip
+
+
+def tensor_jobs(index: int, ref: TensorRef, base: TensorRef | None, placement: Placement,
+                experts: int | None) -> list[TensorJob]:  # fmt: skip
+    """The job of one output tensor, or of each expert of a stacked one (numbered from `index`)."""
+    dtype = out_dtype(ref) if ref.decoded else ""
+    if stacked_vectors(ref, experts):
+        return [TensorJob(index, ref.name, ref, base, COPY, f"{experts} experts' 1-D tensors stacked (each one is "
+                          "copied, as a bias is)", placement, dtype=dtype)]  # fmt: skip
+    if not stacked(ref, experts):
+        action, reason = pair_action(ref, base)
+        return [TensorJob(index, ref.name, ref, base, action, reason, placement, dtype=dtype)]
+    assert experts is not None
+    size = placement.nbytes // experts
+    same = base is not None and base.shape == ref.shape
+    jobs = []
+    for e in range(experts):
+        part, base_part = ref.part(e, experts), base.part(e, experts) if same else None
+        action, reason = pair_action(part, base_part)
+        if base is not None and not same:
+            action, reason = COPY, f"shape {list(ref.shape)} differs from base {list(base.shape)}"
+        where = Placement(placement.file, placement.offset + e * size, size)
+        jobs.append(TensorJob(index + e, part.name, part, base_part, action, reason, where, dtype=dtype,
+                              outputs=(ref.name,), part=(e, experts)))  # fmt: skip
+    return jobs
+
+
+def decoded_lines(base: Decoded, ft: Decoded | None) -> list[str]:
+    """What a run says once about quantized inputs: what was decoded, and what OUT is written in."""
+    lines = []
+    if base.format is not None:
+        lines.append(f"BASE is quantized ({base.format}): its weights are decoded to float64 with their scales "
+                     f"({len(base.consumed)} scale tensors consumed, not dropped)")  # fmt: skip
+    if ft is not None and ft.format is not None:
+        lines.append(f"FINETUNED is quantized ({ft.format}): it is decoded, and OUT is written in "
+                     f"{DECODED_OUT.lower()} for those tensors (its config.json without quantization_config)")
+    return lines
 
 
 def without_ddp_prefix(base: Checkpoint, ft: Checkpoint) -> tuple[Checkpoint, Checkpoint, str | None]:
@@ -137,9 +194,8 @@ def without_ddp_prefix(base: Checkpoint, ft: Checkpoint) -> tuple[Checkpoint, Ch
     """
     for role, side, other in (("FINETUNED", ft, base), ("BASE", base, ft)):
         if side and all(n.startswith(DDP_PREFIX) for n in side) and not any(n.startswith(DDP_PREFIX) for n in other):
-            shards = [replace(s, tensors=tuple(replace(r, name=r.name[len(DDP_PREFIX):]) for r in s.tensors))
-                      for s in side.shards]  # fmt: skip
-            plain = Checkpoint(side.root, shards)
+            refs = {n[len(DDP_PREFIX):]: replace(r, name=n[len(DDP_PREFIX):]) for n, r in side.items()}
+            plain = Checkpoint(side.root, side.shards, refs)
             note = (f"every tensor name of {role} starts with DDP's {DDP_PREFIX!r} and none of the other's does: "
                     f"paired without it{', and OUT uses the names without it' if role == 'FINETUNED' else ''}")
             return (base, plain, note) if role == "FINETUNED" else (plain, ft, note)
@@ -192,21 +248,23 @@ def plan_adapter(base: Checkpoint, adapter: Adapter, options: MergeOptions) -> M
 def _model_output(base: Checkpoint, found: AdapterTensors) -> list[_Draft]:
     drafts = []
     for name, ref in base.items():
-        spec = [TensorSpec(name, ref.dtype, ref.shape)]
+        dtype = out_dtype(ref)  # the base's, or bf16 for a quantized base's decoded weights
+        spec = [TensorSpec(name, dtype, ref.shape)]
         if name in found.updates:
-            drafts.append(_Draft(name, ref, ref, EDIT, LORA_REASON, spec, lora=found.updates[name], dtype=ref.dtype))
+            drafts.append(_Draft(name, ref, ref, EDIT, LORA_REASON, spec, lora=found.updates[name], dtype=dtype))
         elif name in found.full:
             full = found.full[name]
             action, reason = pair_action(full, ref)
             if action == EDIT:
-                drafts.append(_Draft(name, full, ref, EDIT, "", spec, dtype=ref.dtype))
+                drafts.append(_Draft(name, full, ref, EDIT, "", spec, dtype=dtype))
             else:
                 drafts.append(_Draft(name, full, ref, COPY, reason, [TensorSpec(name, full.dtype, full.shape)]))
         elif name in found.biases:
             reason = "1-D tensor: the fine-tune's bias (base bias + lora_B.bias * scaling) is written"
-            drafts.append(_Draft(name, ref, ref, COPY, reason, spec, bias=found.biases[name], dtype=ref.dtype))
+            drafts.append(_Draft(name, ref, ref, COPY, reason, spec, bias=found.biases[name], dtype=dtype))
         else:
-            drafts.append(_Draft(name, ref, ref, COPY, "not changed by the adapter: the base's tensor", spec))
+            drafts.append(_Draft(name, ref, ref, COPY, "not changed by the adapter: the base's tensor", spec,
+                                 dtype=dtype if ref.decoded else ""))  # fmt: skip
     for name, full in found.full.items():
         if name not in base:
             drafts.append(_Draft(name, full, None, COPY, "not in base", [TensorSpec(name, full.dtype, full.shape)]))

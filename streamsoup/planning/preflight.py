@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, OptionError, UsageError
-from ..io.checkpoint import Checkpoint, TensorRef, matrix_shape
+from ..io.checkpoint import Checkpoint, TensorRef, matrix_shape, read_block
 from ..io.dtypes import is_float, torch_dtype
 from ..io.layout import ShardLayout
 from ..io.sidefiles import side_files
@@ -130,28 +130,33 @@ def _span(ref: TensorRef, start: int) -> bytes:
         return f.read(min(SAMPLE_BYTES, ref.span - start))
 
 
-def check_values_differ(base: Checkpoint, finetuned: Checkpoint, names: list[str]) -> None:
+#: a (base, fine-tune) pair of matrices to be edited
+Pair = tuple[TensorRef, TensorRef]
+
+
+def check_values_differ(base: Checkpoint, finetuned: Checkpoint, pairs: list[Pair]) -> None:
     """Refuse BASE == FINETUNED in value (a copy of the base passed twice): sampled spans of every matrix.
 
     Stops at the first difference, so a real pair costs two small reads.
     """
-    for name in names:
-        b, f = base[name], finetuned[name]
-        if b.dtype != f.dtype:
+    for b, f in pairs:
+        if b.dtype != f.dtype or b.decoded != f.decoded:
             return
         for start in _sample_starts(f):
             if _span(b, start) != _span(f, start):
                 return
-    if names:
+    if pairs:
         raise InputError(
             f"BASE {base.root} and FINETUNED {finetuned.root} hold the same values (every one of their "
-            f"{len(names)} shared matrices is equal where sampled): nothing to merge; pass the fine-tune as FINETUNED"
+            f"{len(pairs)} shared matrices is equal where sampled): nothing to merge; pass the fine-tune as FINETUNED"
         )
 
 
 def sampled_rel_update(base: TensorRef, finetuned: TensorRef) -> float | None:
     """||W1 - W0|| / ||W0|| over the sampled spans of one matrix; None where spans cannot be compared
     (other dtypes, a view's storage, a zero W0)."""
+    if base.decoded or finetuned.decoded:
+        return _decoded_rel_update(base, finetuned)
     if base.dtype != finetuned.dtype or not is_float(base.dtype) or base.stride is not None \
             or finetuned.stride is not None:  # fmt: skip
         return None
@@ -164,14 +169,26 @@ def sampled_rel_update(base: TensorRef, finetuned: TensorRef) -> float | None:
     return math.sqrt(num / den) if den > 0 and math.isfinite(num) else None
 
 
-def check_related(base: Checkpoint, finetuned: Checkpoint, names: list[str]) -> None:
+def _decoded_rel_update(base: TensorRef, finetuned: TensorRef) -> float | None:
+    """The same over the first rows of a quantized side's matrix, decoded (its stored bytes are no weights)."""
+    if base.stride is not None or finetuned.stride is not None:
+        return None
+    m, n = matrix_shape(finetuned.shape)
+    rows = max(1, min(m, SAMPLE_BYTES // max(n, 1)))
+    w0, w1 = read_block(base, 0, rows, False).to(torch.float64), read_block(finetuned, 0, rows, False).to(torch.float64)
+    den = float((w0**2).sum())
+    num = float(((w1 - w0) ** 2).sum())
+    return math.sqrt(num / den) if den > 0 and math.isfinite(num) else None
+
+
+def check_related(base: Checkpoint, finetuned: Checkpoint, pairs: list[Pair]) -> None:
     """Refuse a BASE of the right shapes that is not the fine-tune's starting point (another seed, another family).
 
     A fine-tune moves its matrices by a few percent; two independent initialisations differ by about
     sqrt(2) of their norm (docs/guarantees.md has the measurements behind UNRELATED_REL_UPDATE).
     """
-    picks = names[:: max(1, len(names) // SAMPLED_MATRICES)][:SAMPLED_MATRICES]
-    rels = [r for name in picks if (r := sampled_rel_update(base[name], finetuned[name])) is not None]
+    picks = pairs[:: max(1, len(pairs) // SAMPLED_MATRICES)][:SAMPLED_MATRICES]
+    rels = [r for b, f in picks if (r := sampled_rel_update(b, f)) is not None]
     if len(rels) < 3:
         return
     median = statistics.median(rels)

@@ -59,7 +59,7 @@ def groupable(job: TensorJob, run: Execution) -> bool:
 def _elem_bytes(job: TensorJob) -> int:
     """Native bytes per element of one block: base + fine-tune read, output written."""
     n = max(job.finetuned.numel, 1)
-    return job.base.nbytes // n + 2 * (job.finetuned.nbytes // n)
+    return job.base.held_bytes // n + 2 * (job.finetuned.held_bytes // n)
 
 
 def lowrank_execution(job: TensorJob, budget: Budget) -> Execution:
@@ -71,7 +71,7 @@ def lowrank_execution(job: TensorJob, budget: Budget) -> Execution:
     m, n = matrix_shape(job.base.shape)
     ram = factor_bytes(job.lora, job.base.shape)
     if job.dense_w1:
-        need = in_memory_bytes(max(m, n), min(m, n), job.base.nbytes + 8 * m * n, job.placement.nbytes)
+        need = in_memory_bytes(max(m, n), min(m, n), job.base.held_bytes + 8 * m * n, job.placement.nbytes)
         if need > budget.task_ram:
             raise OptionError("max_ram", f"{format_size(budget.max_ram)} is too small for DoRA tensor {job.name!r}, "
                                          f"which is merged whole in memory ({format_size(need)}); give at least "
@@ -80,7 +80,7 @@ def lowrank_execution(job: TensorJob, budget: Budget) -> Execution:
     if not job.factors_out:
         block = rows_per_block(n) * n
         # a float64 (or float32) work block, two native blocks (read ahead) and two output blocks (written behind)
-        ram += block * (8 + 2 * (job.base.nbytes // max(m * n, 1) + item_size(job.out_dtype, job.name)))
+        ram += block * (8 + 2 * (job.base.held_bytes // max(m * n, 1) + item_size(job.out_dtype, job.name)))
     return Execution(lane, 0, ram)
 
 
@@ -89,7 +89,7 @@ def execution_for(job: TensorJob, budget: Budget) -> Execution:
     if job.lora is not None:
         return lowrank_execution(job, budget)
     if job.action == COPY:
-        return Execution(lane="cpu" if lanes.cpu else "device", ram=min(IO_CHUNK, max(job.finetuned.nbytes, 1)))
+        return Execution(lane="cpu" if lanes.cpu else "device", ram=min(IO_CHUNK, max(job.finetuned.held_bytes, 1)))
     m, n = matrix_shape(job.finetuned.shape)
     rows, cols = max(m, n), min(m, n)
     on_device = bool(lanes.devices) and (not lanes.cpu or job.finetuned.numel >= DEVICE_MIN_ELEMENTS)
@@ -106,14 +106,14 @@ def execution_for(job: TensorJob, budget: Budget) -> Execution:
             )
         on_device = gpu = False
     lane = "device" if on_device else "cpu"
-    native = job.base.nbytes + job.finetuned.nbytes * 2
+    native = job.base.held_bytes + job.finetuned.held_bytes * 2
     if gpu:  # float64 work lives on the GPU: host RAM holds native bytes only
         vram = in_memory_bytes(rows, cols, 0, 0)
         if native <= budget.task_ram:
             return Execution(lane, 0, native, vram)
         br = fit_block_rows(budget.task_ram + eigh_bytes(cols), rows, cols, _elem_bytes(job))
         return Execution(lane, br, br * cols * _elem_bytes(job), vram)
-    need = in_memory_bytes(rows, cols, job.base.nbytes + job.finetuned.nbytes, job.finetuned.nbytes)
+    need = in_memory_bytes(rows, cols, job.base.held_bytes + job.finetuned.held_bytes, job.finetuned.held_bytes)
     if need <= budget.task_ram:
         return Execution(lane, 0, need)
     br = fit_block_rows(budget.task_ram, rows, cols, _elem_bytes(job))

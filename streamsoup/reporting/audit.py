@@ -58,13 +58,14 @@ def run_status(out: str | Path) -> RunStatus:
     ckpt = _output_shards(partial)
     done_bytes = sum(m.row["nbytes"] for m in markers.values())
     total = len(ckpt) if ckpt is not None else None
-    remaining = [n for n in (ckpt or {}) if n not in {m.row["name"] for m in markers.values()}]
+    finished = finished_outputs([m.row for m in markers.values()])
+    remaining = [n for n in (ckpt or {}) if n not in finished]
     holder = RunLock.holder(partial)
     return RunStatus({
         "state": "running" if holder else "interrupted",
         "holder": holder,
         "out": str(out),
-        "tensors_done": len(markers),
+        "tensors_done": len(finished),
         "tensors_total": total,
         "bytes_done": done_bytes,
         "bytes_total": ckpt.total_bytes if ckpt is not None else None,
@@ -73,6 +74,26 @@ def run_status(out: str | Path) -> RunStatus:
         "seconds": state.elapsed(),
         "last_commit_age_s": time.time() - max((m.committed_at for m in markers.values()), default=time.time()),
     })
+
+
+def row_outputs(row: dict[str, Any]) -> list[str]:
+    """The output tensors a report row's checksum covers (an adapter's module: [A', B'(, bias')])."""
+    return row.get("outputs") or [row["name"]]
+
+
+def finished_outputs(rows: list[dict[str, Any]]) -> set[str]:
+    """Output tensors whose every row is done (a stacked tensor: all its experts)."""
+    parts: dict[str, int] = {}
+    done = set()
+    for row in rows:
+        for name in row_outputs(row):
+            if row.get("expert"):
+                parts[name] = parts.get(name, 0) + 1
+                if parts[name] == row["expert"][1]:
+                    done.add(name)
+            else:
+                done.add(name)
+    return done
 
 
 def _output_shards(partial: Path) -> Checkpoint | None:
@@ -139,29 +160,33 @@ def verify_output(out: str | Path, progress: bool = False) -> VerifyResult:
         result.problems.append(str(exc))
         return result
     _check_shards(ckpt, document.get("shards"), result)
-    slots = {tuple(r.get("outputs") or [r["name"]]): r for r in rows}  # an adapter's module: [A', B'(, bias')]
-    listed = {name for names in slots for name in names}
+    listed = {name for row in rows for name in row_outputs(row)}
     for name in sorted(listed - set(ckpt)):
         result.problems.append(f"{name}: in the report but missing from the shards")
     for name in sorted(set(ckpt) - listed):
         result.problems.append(f"{name}: in the shards but not in the report")
     with tqdm(total=ckpt.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="verifying",
               disable=None if progress else True) as bar:  # fmt: skip
-        for names, row in slots.items():
+        for row in rows:
+            names = row_outputs(row)
             if any(n not in ckpt for n in names):
                 continue
             first, last = ckpt[names[0]], ckpt[names[-1]]
-            nbytes = last.offset + last.nbytes - first.offset
+            offset, nbytes = first.offset, last.offset + last.nbytes - first.offset
+            if row.get("expert"):  # one expert's slice of a stacked tensor
+                index, count = row["expert"]
+                nbytes //= count
+                offset += index * nbytes
             fd = os.open(first.path, os.O_RDONLY)
             try:
-                crc = rawio.crc_range(fd, first.offset, nbytes)
+                crc = rawio.crc_range(fd, offset, nbytes)
             finally:
                 os.close(fd)
             if crc != row["crc32c"]:
                 result.problems.append(f"{row['name']} in {Path(first.path).name}: checksum mismatch (bytes changed)")
-            result.tensors += len(names)
             result.bytes += nbytes
             bar.update(nbytes)
+    result.tensors = len(listed & set(ckpt))
     return result
 
 

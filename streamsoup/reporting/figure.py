@@ -86,7 +86,7 @@ def save_figure(doc: dict[str, Any], spectra: dict[str, np.ndarray], path: Path)
     rows, opts, s = doc["tensors"], doc["options"], doc["summary"]
     fig = Figure(figsize=(14, 9), dpi=100, layout="constrained")
     (ax_k, ax_lam), (ax_s, ax_txt) = fig.subplots(2, 2)
-    colors = dict(zip(KINDS, [f"C{i}" for i in range(10)] + ["black"], strict=True))
+    colors = dict(zip(KINDS, [f"C{i}" for i in range(10)] + ["darkgoldenrod", "black"], strict=True))
     series = _series(rows)
     for label, (style, mine) in series.items():
         kind = mine[0]["kind"]

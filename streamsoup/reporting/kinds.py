@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-KINDS = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "embed", "lm_head", "other")
+KINDS = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "expert", "embed", "lm_head", "other")
 
 _LEAF = {  # unambiguous last module names
     **dict.fromkeys(("q_proj", "query", "wq", "q_lin", "q"), "q"),
@@ -24,6 +24,7 @@ _LEAF = {  # unambiguous last module names
     **dict.fromkeys(("down_proj", "fc2", "w2", "dense_4h_to_h", "lin2", "fc_out"), "down"),
     **dict.fromkeys(("lm_head", "embed_out", "output", "decoder"), "lm_head"),
 }
+EXPERTS = "experts"
 _ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
 _EMBED = re.compile(r"embed|^wte$|^wpe$|^shared$|^tok_embeddings$", re.IGNORECASE)
 _LAYER = re.compile(r"^(?P<stack>.*?)\.(?P<layer>\d+)\.")
@@ -53,6 +54,8 @@ def module_kind(name: str) -> str:
     leaf = parts[-1].lower()
     parents = [p for p in parts[:-1] if not p.isdigit()]
     parent = parents[-1].lower() if parents else ""
+    if EXPERTS in parents:  # a mixture-of-experts expert's matrix (one of a stacked tensor: `proj[3]`)
+        return "expert"
     if _EMBED.search(leaf) or (leaf in ("weight", "proj") and "embed" in parent):
         return "embed"
     if leaf in ("wo", "c_proj", "dense"):  # named alike in attention and MLP blocks

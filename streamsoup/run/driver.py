@@ -109,13 +109,14 @@ def run_merge(base: str | Path, finetuned: str | Path, out: Path, opts: MergeOpt
         return existing_output(out, fingerprint)
     check_output(out, plan)
     plan_side_files(plan)  # an unreadable or outside side file is found now, not after all the compute
-    for warning in plan.warnings:
-        log.warning(warning)
     if plan.adapter is not None:
         check_adapter_trained(plan.adapter.root, [j.lora for j in plan.jobs if j.lora is not None])
     else:
-        check_values_differ(plan.base, plan.finetuned, [j.name for j in plan.edits])
-        check_related(plan.base, plan.finetuned, [j.name for j in plan.edits])
+        pairs = [(j.base, j.finetuned) for j in plan.edits if j.base is not None]
+        check_values_differ(plan.base, plan.finetuned, pairs)
+        check_related(plan.base, plan.finetuned, pairs)
+    for warning in plan.warnings:  # after the refusals: a refused merge says one line
+        log.warning(warning)
     try:
         return _attempt(Request(plan, out, fingerprint, fresh, progress, start), opts)
     except OSError as exc:
@@ -157,7 +158,7 @@ def _attempt(request: Request, opts: MergeOptions) -> MergeSummary:
             sys.stderr.write(f"streamsoup: {line}\n")
         else:
             log.info(line)
-        if budget.lanes.busy_cores and not opts.threads and not client:
+        if budget.lanes.busy_cores and budget.lanes.threads > 1 and not opts.threads and not client:
             log.warning(busy_advice(budget))
         machine = machine_info(budget.lanes, budget.max_ram, budget.max_vram, line)
         opts = replace(opts, threads=budget.lanes.threads)
@@ -201,11 +202,12 @@ def _locked_run(run: Attempt) -> MergeSummary:
 
 
 def busy_advice(budget: Budget) -> str:
-    """Other processes keep cores busy: say what runs faster beside them (the default threads stay fixed)."""
-    lanes, free = budget.lanes, max(1, usable_cores() - budget.lanes.busy_cores)
-    return (f"{lanes.busy_cores} of this machine's {usable_cores()} cores are busy with other processes; a merge "
-            f"with {lanes.threads} thread(s) waits for them: --threads {free} (or --lanes {usable_cores()} --threads "
-            f"1) runs faster beside them. The default does not follow the load, so the same merge always gives "
+    """Other processes keep cores busy and each lane runs several threads (GPU lanes, or --lanes): say what runs
+    faster beside them (the thread count itself stays fixed)."""
+    lanes, cores = budget.lanes, usable_cores()
+    return (f"{lanes.busy_cores} of this machine's {cores} cores are busy with other processes; a merge with "
+            f"{lanes.threads} threads per lane waits for them: --lanes {cores} --threads 1 (the CPU default) runs "
+            "faster beside them. The thread count does not follow the load, so the same merge always gives "
             "the same bytes")  # fmt: skip
 
 

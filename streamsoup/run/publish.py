@@ -32,6 +32,8 @@ def finish(plan: MergePlan, partial: Path, out: Path, results: list[TensorResult
     False: OUT appeared meanwhile (a concurrent run published it), and nothing was replaced.
     """
     copy_side_files(plan_side_files(plan), partial)
+    if plan.dequantized:
+        unquantized_config(partial)
     if plan.save == "adapter":
         writer.write_json(partial / ADAPTER_CONFIG, plan.adapter.reweighed_config())
     index = plan.layout.index_json()
@@ -55,6 +57,15 @@ def finish(plan: MergePlan, partial: Path, out: Path, results: list[TensorResult
         return False
     fault_point("publish.after-rename")
     return True
+
+
+def unquantized_config(partial: Path) -> None:
+    """OUT's weights are decoded (bf16): a quantization_config left in config.json would make loaders expect the
+    scales that are no longer there."""
+    config = read_config(partial)
+    if config is not None and "quantization_config" in config:
+        del config["quantization_config"]
+        writer.write_json(partial / "config.json", config)
 
 
 def plan_side_files(plan: MergePlan) -> list[SideFile]:

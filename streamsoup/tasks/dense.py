@@ -81,7 +81,7 @@ def _output_as_is(job: TensorJob) -> InputError:
 
 def _write_fine_tune(job: TensorJob, folder: Path, w1: torch.Tensor, check_finite: bool) -> int:
     """The fine-tune's tensor unchanged: its bytes, or (an adapter's W1 in another dtype) rounded once."""
-    if job.lora is None and job.out_dtype == job.finetuned.dtype:
+    if job.lora is None and job.out_dtype == job.finetuned.dtype and not job.finetuned.decoded:
         return writer.copy_tensor(job.finetuned, folder, job.placement, check_finite)
     out = w1.to(torch_dtype(job.out_dtype))
     if check_finite and out.is_floating_point() and not bool(torch.isfinite(out).all()):
@@ -89,10 +89,11 @@ def _write_fine_tune(job: TensorJob, folder: Path, w1: torch.Tensor, check_finit
     return writer.write_tensor(folder, job.placement, out, finite=check_finite)
 
 
-def _stream_fine_tune(job: TensorJob, folder: Path, check_finite: bool) -> int:
-    """The fine-tune's tensor unchanged, too big for memory: its bytes, or converted row block by row block."""
+def copy_fine_tune(job: TensorJob, folder: Path, check_finite: bool) -> int:
+    """The fine-tune's tensor unchanged, in bounded memory: its bytes, or converted (decoded) row block by row
+    block."""
     ref = job.finetuned
-    if job.out_dtype == ref.dtype:
+    if job.out_dtype == ref.dtype and not ref.decoded:
         return writer.copy_tensor(ref, folder, job.placement, check_finite)
     slot = writer.SlotWriter(folder, job.placement, finite=check_finite)
     try:
@@ -164,7 +165,7 @@ def merge_streamed(job: TensorJob, options: MergeOptions, ctx: TaskContext, run:
         reason, rel = decide(sums, options, job)
         if reason:
             with watch("write"):
-                crc = _stream_fine_tune(job, folder, not options.allow_nonfinite)
+                crc = copy_fine_tune(job, folder, not options.allow_nonfinite)
             return copied(job, watch, reason, crc, rel, blocks=src.n_blocks)
         with watch("eigh"):
             spectrum, coef = split(eigh_spectrum(sums.gram), options)

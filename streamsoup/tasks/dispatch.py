@@ -19,7 +19,7 @@ from ..numerics.hostlinalg import set_threads
 from ..options import MergeOptions
 from ..planning.planner import COPY, EDIT, TensorJob
 from ..planning.schedule import Execution
-from .dense import merge_dense, merge_streamed
+from .dense import copy_fine_tune, merge_dense, merge_streamed
 from .devices import DevicePool, device_stream, release_memory
 from .lora import merge_lowrank, write_bias
 from .result import Stopwatch, TaskContext, TensorResult, copied, task_failed
@@ -89,7 +89,7 @@ def _merge_tensor(job: TensorJob, options: MergeOptions, ctx: TaskContext, run: 
         return write_bias(job, folder, watch)
     if job.action == COPY:
         with watch("write"):
-            crc = writer.copy_tensor(job.finetuned, folder, job.placement, not options.allow_nonfinite)
+            crc = copy_fine_tune(job, folder, not options.allow_nonfinite)
         return copied(job, watch, job.reason, crc)
     assert job.action == EDIT and job.base is not None
     if job.lowrank:

@@ -101,6 +101,7 @@ class TensorResult:
     crc32c: int = 0
     attempt: int = 0  # which run of the merge computed it (1 = the first)
     outputs: list[str] | None = None  # the output tensors covered by crc32c, when not just `name` (adapter output)
+    expert: list[int] | None = None  # [expert, experts]: crc32c covers that slice of the stacked tensor outputs[0]
     singular_values: np.ndarray | None = field(default=None, repr=False, compare=False)
     resumed: bool = False  # committed by an earlier attempt and verified on disk
 
@@ -112,6 +113,8 @@ class TensorResult:
             out["phases"] = dict(self.phases)
         if self.outputs is not None:
             out["outputs"] = list(self.outputs)
+        if self.expert is not None:
+            out["expert"] = list(self.expert)
         return out
 
     @classmethod
@@ -157,4 +160,5 @@ def edited(job: TensorJob, options: MergeOptions, watch: Stopwatch, edit: Edit) 
 def _row(job: TensorJob, watch: Stopwatch, action: str, reason: str, **fields) -> TensorResult:
     return TensorResult(name=job.name, shape=job.shape, dtype=job.out_dtype, nbytes=job.placement.nbytes,
                         action=action, reason=reason, seconds=watch.elapsed(), phases=watch.as_dict(),
-                        outputs=list(job.outputs) or None, **fields)  # fmt: skip
+                        outputs=list(job.outputs) or None, expert=list(job.part) if job.part else None,
+                        **fields)  # fmt: skip

@@ -1,0 +1,67 @@
+"""Experts stacked in one tensor ([experts, in, out]: gpt-oss, Llama 4): each expert is a weight matrix.
+
+MonoSoup edits weight matrices; seen as one [experts, in*out] matrix, a stacked tensor has rank
+<= experts and its result is MonoSoup of no weight. Each expert's slice becomes a job of its own
+(its spectrum, k and lambdas), written into its part of the output tensor, whose layout is unchanged.
+Stacked tensors are found from the name and config.json's expert count, never from a shape alone
+(a conv1d kernel [out, in, k] is a matrix [out, in*k]).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from ..errors import InputError
+from ..io.checkpoint import Checkpoint, TensorRef
+from .preflight import model_config
+
+#: config keys that give a mixture-of-experts model's expert count
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+#: the module name under which MoE models keep their experts
+EXPERTS = "experts"
+
+
+def _walk(config: Any) -> Iterator[dict]:
+    """The config and the configs nested in it (a multimodal model keeps its text model's in text_config)."""
+    if isinstance(config, dict):
+        yield config
+        for value in config.values():
+            yield from _walk(value)
+
+
+def expert_count(ckpt: Checkpoint) -> int | None:
+    """The number of experts config.json declares (any nesting), None for a dense model."""
+    for config in _walk(model_config(ckpt)):
+        for key in EXPERT_KEYS:
+            if isinstance(config.get(key), int) and config[key] > 1:
+                return config[key]
+    return None
+
+
+def under_experts(ref: TensorRef) -> bool:
+    return EXPERTS in ref.name.split(".")
+
+
+def stacked(ref: TensorRef, experts: int | None) -> bool:
+    """[experts, in, out]: one matrix per expert."""
+    return experts is not None and len(ref.shape) == 3 and under_experts(ref) and ref.shape[0] == experts
+
+
+def stacked_vectors(ref: TensorRef, experts: int | None) -> bool:
+    """[experts, out]: one bias (a 1-D tensor, copied) per expert, not a matrix."""
+    return experts is not None and len(ref.shape) == 2 and under_experts(ref) and ref.shape[0] == experts
+
+
+def check_stacking_known(ckpt: Checkpoint, role: str) -> int | None:
+    """The expert count; a 3-D tensor under `experts` that config.json does not explain is refused."""
+    experts = expert_count(ckpt)
+    for ref in ckpt.values():
+        if len(ref.shape) == 3 and under_experts(ref) and not stacked(ref, experts):
+            said = f"config.json declares {experts} experts" if experts else "config.json declares no expert count"
+            raise InputError(
+                f"{role} {ckpt.root}: tensor {ref.name!r} {list(ref.shape)} looks like experts stacked in one tensor "
+                f"but {said} ({', '.join(EXPERT_KEYS[:2])}, ...): streamsoup edits each expert's matrix only when "
+                "it knows how many there are; put the model's config.json beside its weights"
+            )
+    return experts
