@@ -177,7 +177,7 @@ def write_spectra(folder: Path, spectra: dict[str, np.ndarray]) -> Path:
     path = folder / SPECTRA_NAME
     with open(path, "wb") as f:
         with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as archive:
-            for name, s in spectra.items():
+            for name, s in sorted(spectra.items()):  # by name, not by which lane finished first
                 info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
                 with archive.open(info, "w", force_zip64=True) as member:
                     np.lib.format.write_array(member, np.asarray(s, dtype=np.float64), allow_pickle=False)
