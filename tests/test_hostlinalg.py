@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from streamsoup.numerics.hostlinalg import _stevd, _sytrd
+from streamsoup.numerics.hostlinalg import _stevd, _sytrd, matmul, syrk_update
 from streamsoup.numerics.monosoup import entropy_rank
-from streamsoup.numerics.spectral import GRAM_PANEL, eigh_spectrum, gram_update
+from streamsoup.numerics.spectral import eigh_spectrum, gram_update
 
 EPS = np.finfo(np.float64).eps
 
@@ -62,13 +62,47 @@ def _gram(x: np.ndarray, micro: int = 37) -> torch.Tensor:
     return gram
 
 
-@pytest.mark.parametrize("cols", [1, 40, GRAM_PANEL, GRAM_PANEL + 44, 3 * GRAM_PANEL + 1])
+@pytest.mark.parametrize("cols", [1, 40, 256, 300, 769])
 def test_gram_update_fills_the_upper_triangle(cols):
     x = np.random.default_rng(cols).standard_normal((150, cols))
     gram = _gram(x).numpy()
     want = x.T @ x
     upper = np.triu_indices(cols)
     np.testing.assert_allclose(gram[upper], want[upper], rtol=0, atol=1e-12 * np.abs(want).max())
+
+
+def test_syrk_update_leaves_the_lower_triangle_and_reads_any_layout():
+    rng = np.random.default_rng(5)
+    gram = torch.full((30, 30), 7.0, dtype=torch.float64)
+    x = torch.from_numpy(rng.standard_normal((40, 60)))[:, ::2]  # a strided view: copied, not misread
+    syrk_update(gram, x)
+    want = 7.0 + x.numpy().T @ x.numpy()
+    upper, lower = np.triu_indices(30), np.tril_indices(30, -1)
+    np.testing.assert_allclose(gram.numpy()[upper], want[upper], rtol=1e-13)
+    assert (gram.numpy()[lower] == 7.0).all()
+    with pytest.raises(ValueError):
+        syrk_update(gram, x[:, :29])
+
+
+@pytest.mark.parametrize("transpose_b", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "row-strided", "column-strided"])
+def test_matmul_equals_float64_products_in_every_layout(transpose_b, layout):
+    rng = np.random.default_rng(7)
+    a = torch.from_numpy(rng.standard_normal((33, 50)))
+    b = torch.from_numpy(rng.standard_normal((21, 17) if transpose_b else (17, 21)))
+    if layout == "row-strided":  # rows of a bigger buffer: the leading dimension is the buffer's
+        a = torch.from_numpy(rng.standard_normal((33, 64)))[:, :17]
+    elif layout == "column-strided":  # not row-contiguous: torch's matmul does it
+        a = torch.from_numpy(rng.standard_normal((33, 34)))[:, ::2]
+    else:
+        a = a[:, :17].contiguous()
+    out = torch.empty(33, 21, dtype=torch.float64)
+    got = matmul(a, b, out, transpose_b=transpose_b)
+    want = a.numpy() @ (b.numpy().T if transpose_b else b.numpy())
+    assert got.data_ptr() == out.data_ptr()
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-13, atol=1e-13)
+    with pytest.raises(ValueError):
+        matmul(a, b, torch.empty(33, 20, dtype=torch.float64), transpose_b=transpose_b)
 
 
 @pytest.mark.parametrize("name", sorted(MATRICES))

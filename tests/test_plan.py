@@ -73,3 +73,30 @@ def test_a_big_merge_says_its_estimate_and_a_small_one_does_not(sparse_70b, awkw
     assert estimated_seconds(small, budget, schedule(small, budget), tmp_path / "out") is None
     summary = MergeSummary(tmp_path / "out", 3, 2, 1, 0, 10, 41.5, tmp_path / "r", estimated_seconds=seconds)
     assert f"in 41.5 s (estimated ~{int(seconds) // 3600}:" in summary.line()
+
+
+def test_tasks_run_longest_first_whatever_the_plan_order(sparse_70b, tmp_path):
+    """lm_head is last in a Llama plan and among its longest tensors: it gets a high priority, so the last lanes
+    to finish are not waiting on it (what `plan`'s estimate already assumes); ties keep plan order."""
+    from streamsoup.options import MergeOptions
+    from streamsoup.planning.budget import make_budget
+    from streamsoup.planning.planner import plan_merge
+    from streamsoup.planning.schedule import arithmetic_cost, schedule
+    from streamsoup.run.graph import build_graph
+    from streamsoup.tasks.result import TaskContext
+
+    opts = MergeOptions(max_ram=16 * 2**30, devices="cpu")
+    plan = plan_merge(*sparse_70b, opts)
+    tasks = build_graph(plan, TaskContext(str(tmp_path), str(tmp_path / "state")), opts,
+                        schedule(plan, make_budget(opts, False)))  # fmt: skip
+    jobs = {j.key: j for j in plan.jobs}
+    cost = {t.key: sum(arithmetic_cost(jobs[m.key]) for m in t.members) for t in tasks}
+    order = sorted(tasks, key=lambda t: -t.priority)
+    assert sorted(t.priority for t in tasks) == list(range(1, len(tasks) + 1)), "one priority each"
+    pairs = list(zip(order, order[1:], strict=False))
+    assert all(cost[a.key] >= cost[b.key] for a, b in pairs), "longest first"
+    ties = [(a, b) for a, b in pairs if cost[a.key] == cost[b.key]]
+    assert ties and all(jobs[a.members[0].key].index < jobs[b.members[0].key].index for a, b in ties)
+    names = [t.members[0].name for t in order]
+    assert plan.jobs[-1].name == "lm_head.weight" and names.index("lm_head.weight") < len(names) // 10
+    assert cost[order[-1].key] < cost[order[0].key] // 1000, "copies of small tensors come last"

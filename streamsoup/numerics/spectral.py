@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..io.checkpoint import TensorRef, matrix_shape, read_block
-from .hostlinalg import HostEigen
+from .hostlinalg import HostEigen, matmul, syrk_update
 
 #: elements of one float64 micro block (see micro_rows)
 BLOCK_ELEMENTS = 512 * 1024
@@ -162,36 +162,21 @@ class DiskRows(RowSource):
         return w0[part], w1[part]
 
 
-#: columns per panel of a host Gram update: narrower panels skip more of the lower triangle, in more GEMMs
-GRAM_PANEL = 256
-
-
-def _panelled(device: str | torch.device, c: int) -> bool:
-    """Whether `gram_update` works in panels: on the host, past one panel's width."""
-    return torch.device(device).type == "cpu" and c > GRAM_PANEL
-
-
 def gram_update(gram: torch.Tensor, x: torch.Tensor) -> None:
     """gram += X^T X on its upper triangle (what is below the diagonal is not kept).
 
-    There is no syrk in torch: on the host, panel i of the upper block triangle is one GEMM,
-    gram[i, i:] += X_i^T X[:, i:], so 2048 columns in 8 panels take 56% of the full GEMM's flops
-    (measured 0.31 s against 0.50 s for a 5632 x 2048 update on 2 cores). On a GPU the full GEMM
-    stays (unmeasured there: issue 13 part 2).
+    On the host a symmetric rank-k update (`hostlinalg.syrk_update`: half a GEMM's flops; torch has
+    no syrk). On a GPU the full GEMM stays (unmeasured there: issue 13 part 2).
     """
-    c = gram.shape[0]
-    if not _panelled(gram.device, c):
+    if gram.device.type == "cpu":
+        syrk_update(gram, x)
+    else:
         gram.addmm_(x.T, x)
-        return
-    for i in range(0, c, GRAM_PANEL):
-        gram[i : i + GRAM_PANEL, i:].addmm_(x[:, i : i + GRAM_PANEL].T, x[:, i:])
 
 
 def gram_flops(rows: int, c: int, device: str) -> int:
     """Flops of a Gram of `rows` x `c` as `gram_update` computes it."""
-    if not _panelled(device, c):
-        return 2 * rows * c * c
-    return rows * c * (c + GRAM_PANEL)  # sum over panels i of 2 * rows * PANEL * (c - i * PANEL)
+    return rows * c * (c + 1) if torch.device(device).type == "cpu" else 2 * rows * c * c
 
 
 @dataclass
@@ -265,8 +250,10 @@ class Spectrum:
         if self.kept != side:
             raise ValueError(f"the basis holds the {self.kept!r} columns, the split at k={k} needs {side!r}")
         xv = src.buffer("xv", n, v.shape[1]) if src is not None else None
-        xv = torch.matmul(x, v, out=xv)
-        torch.matmul(xv, v.T, out=out)
+        if xv is None:
+            xv = torch.empty(n, v.shape[1], dtype=x.dtype, device=x.device)
+        matmul(x, v, xv)
+        matmul(xv, v, out, transpose_b=True)
         return out if side == "top" else out.neg_().add_(x)  # x - X V V^T, the same rounding
 
     def keep_needed(self, k: int) -> Spectrum:

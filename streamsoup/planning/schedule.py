@@ -51,6 +51,24 @@ GROUP_TENSORS = 256
 GROUP_BYTES = 8 * MiB
 
 
+#: an eigensolve of width c costs about this many c^3 of GEMM flops (sytrd + stevd + a half back-transform)
+EIGH_FLOPS_PER_C3 = 7
+
+
+def arithmetic_cost(job: TensorJob) -> int:
+    """A tensor's float64 work in GEMM-equivalent flops, from its shape alone: what orders the tasks longest
+    first, so the last lanes to finish are not waiting on one big tensor started late (lm_head is last in a
+    plan). The same on every machine; the order never changes a byte."""
+    if job.lowrank:
+        m, n = matrix_shape(job.base.shape)
+        return 0 if job.factors_out else 2 * m * n * job.lora.rank
+    if job.action == COPY:  # a copy is I/O (a 0-d or 1-d tensor is always one): ~a flop a byte
+        return job.finetuned.nbytes
+    m, n = matrix_shape(job.shape[1:] if job.part else job.shape)  # an expert's own slice of its stack
+    rows, c = max(m, n), min(m, n)
+    return 3 * rows * c * c + EIGH_FLOPS_PER_C3 * c**3  # Gram + projection + eigensolve
+
+
 def groupable(job: TensorJob, run: Execution) -> bool:
     """Small, in memory, on the host: its fixed cost (milliseconds) would dominate a task of its own."""
     return not run.streamed and run.lane == "cpu" and job.placement.nbytes <= SMALL_BYTES

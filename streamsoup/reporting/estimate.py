@@ -2,7 +2,7 @@
 
 Time comes from a short calibration of this machine (a float64 matmul, the merge's own
 eigensolve, writing and reading back a scratch file, the CPU work on every byte: dtype
-conversion and checksums) and a cost model per tensor: Gram `gram_flops` (its upper block
+conversion and checksums) and a cost model per tensor: Gram `gram_flops` (its upper
 triangle on the host), eigh alpha*c^3, projection <= 2*rows*c^2 flops, its bytes read and
 written (streamed tensors read their inputs twice) and the fixed cost of a task. Tensors are
 packed onto the lanes longest first; the merge takes the busiest lane's time or the disk's (one
@@ -29,7 +29,7 @@ from .._version import __version__
 from ..errors import OptionError
 from ..io import rawio
 from ..io.checkpoint import matrix_shape
-from ..numerics.hostlinalg import set_threads
+from ..numerics.hostlinalg import matmul, set_threads
 from ..numerics.spectral import eigh_spectrum, gram_flops
 from ..options import MergeOptions, format_duration, format_size
 from ..planning.budget import Budget
@@ -82,7 +82,8 @@ def _compute_rates(device: str) -> tuple[float, float]:
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     n = 2048 if dev.type == "cuda" else 1536  # smaller eigensolves are not yet cubic: 768 predicted 2x too slow
     a = torch.randn(n, n, dtype=torch.float64, device=dev)
-    gflops = 2 * n**3 / _time(lambda: (a @ a, sync())) / 1e9
+    out = torch.empty_like(a)
+    gflops = 2 * n**3 / _time(lambda: (matmul(a, a, out), sync())) / 1e9  # the merge's GEMM (OpenBLAS on the host)
     g = a.T @ a
     alpha = _time(lambda: (eigh_spectrum(g.clone()).keep_needed(n // 2), sync()), repeat=1) / n**3  # a merge's
     return gflops, alpha

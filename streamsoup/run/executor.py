@@ -145,7 +145,7 @@ def run_graph(
     """
     check_capacity(tasks, offers)
     graph = GraphRun(client, watch, tick)
-    for task in tasks:
+    for task in sorted(tasks, key=lambda t: -t.priority):  # the first to arrive may start before the rest do
         graph.submit(task, task.key)
     graph.rescue()  # the first look: the workers there at the start
     try:

@@ -3,7 +3,8 @@ but metadata.
 
 Each task is a dask task tuple ``(func, *args)`` with its key, priority and worker
 resources; the executor submits them to the embedded local cluster or to a
-dask.distributed cluster. Higher priority goes to earlier tensors so shards fill in order.
+dask.distributed cluster. Higher priority goes to the longer tasks (`arithmetic_cost`, ties in plan order):
+longest first keeps every lane busy to the end.
 A task's fixed cost (scheduling, a result on the wire, a file opened and synced) is a few
 milliseconds: a checkpoint of 90,000 small tensors would pay minutes of it one tensor a task.
 """
@@ -11,13 +12,13 @@ milliseconds: a checkpoint of 90,000 small tensors would pay minutes of it one t
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..options import MergeOptions
 from ..planning.budget import to_mib
 from ..planning.planner import MergePlan, TensorJob
-from ..planning.schedule import GROUP_BYTES, GROUP_TENSORS, Execution, groupable
+from ..planning.schedule import GROUP_BYTES, GROUP_TENSORS, Execution, arithmetic_cost, groupable
 from ..tasks.dispatch import TensorTask, merge_tensors
 from ..tasks.result import TaskContext
 
@@ -59,6 +60,7 @@ def build_graph(
     only has its bytes re-checked."""
     committed = committed or {}
     tasks: list[GraphTask] = []
+    costs: list[int] = []
     group: list[TensorJob] = []
 
     def add(jobs: list[TensorJob]) -> None:
@@ -68,7 +70,8 @@ def build_graph(
         ram = max(item.run.ram for item in items)  # one tensor at a time: the largest working set
         key = jobs[0].key if len(jobs) == 1 else f"{jobs[0].key}+{len(jobs) - 1}"
         call = (merge_tensors, items, options, ctx)
-        tasks.append(GraphTask(key, members, call, -jobs[0].index, {lane: 1, RAM: to_mib(ram)}))
+        costs.append(sum(arithmetic_cost(job) for job in jobs))
+        tasks.append(GraphTask(key, members, call, 0, {lane: 1, RAM: to_mib(ram)}))
 
     for job in plan.jobs:
         if not groupable(job, runs[job.key]):
@@ -80,4 +83,5 @@ def build_graph(
             group = []
     if group:
         add(group)
-    return tasks
+    order = sorted(range(len(tasks)), key=lambda i: (-costs[i], i))  # longest first
+    return [replace(tasks[i], priority=len(order) - rank) for rank, i in enumerate(order)]
