@@ -117,3 +117,16 @@ def test_every_example_config_loads():
     for cfg in configs:
         assert set(load_config(cfg)), cfg
         MergeOptions.create(cfg)  # every key known, every value valid
+
+
+def test_an_mxfp4_read_of_anything_but_one_experts_slice_is_a_clear_error(tmp_path):
+    """The planner hands MXFP4 reads one expert's 2-D slice with its scales; anything else is named, not asserted."""
+    from streamsoup.io import quantized
+    from streamsoup.io.checkpoint import TensorRef, read_block
+
+    path = tmp_path / "blocks.bin"
+    path.write_bytes(bytes(4 * 64 * 16))
+    stacked = TensorRef("experts.down_proj_blocks", str(path), "U8", (4, 64, 32), 0, 4 * 64 * 16,
+                        encoding=quantized.MXFP4)  # fmt: skip
+    with pytest.raises(InputError, match=r"experts.down_proj_blocks.*one expert's 2-D slice.*\[4, 64, 32\]"):
+        read_block(stacked, 0, 8, False)

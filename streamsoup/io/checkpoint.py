@@ -367,7 +367,10 @@ def _fp8_block(ref: TensorRef, start: int, stop: int, transposed: bool) -> torch
 def _mxfp4_block(ref: TensorRef, start: int, stop: int, transposed: bool) -> torch.Tensor:
     """Rows start:stop of one expert's [in, out] matrix, stored transposed as [out, in/32, 16] bytes: a range of
     stored columns (whole 32-element groups, trimmed), or with `transposed` a range of stored rows."""
-    assert ref.scale is not None and len(ref.shape) == 2
+    if ref.scale is None or len(ref.shape) != 2:  # the planner hands over one expert's slice with its scales
+        raise InputError(f"{ref.path}: tensor {ref.name!r}: an MXFP4 read needs one expert's 2-D slice and its "
+                         f"scales, got shape {list(ref.shape)}{' without scales' if ref.scale is None else ''}; "
+                         "dequantize the checkpoint to bf16 first")  # fmt: skip
     cols, rows = ref.shape
     groups = cols // quantized.MX_GROUP
     packed = _stored(ref, "U8", (rows, groups * quantized.MX_BYTES))
