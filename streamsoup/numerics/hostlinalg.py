@@ -54,7 +54,7 @@ def _routines() -> dict:
         if "routines" not in _loaded:
             # read once, when scipy loads its OpenBLAS: its idle threads sleep at once instead of spinning ~0.1 s
             # after every call, which took the cores from torch's OpenMP threads in a lane of several threads
-            # (medium pair, --lanes 1: 13.3-14.6 s spinning, 9.9-10.3 s not; tools/neighbour.py)
+            # (medium pair, --lanes 1: 13.3-14.6 s spinning, 10.7-10.8 s not: docs/benchmarks-shared-machine.md)
             os.environ.setdefault(OPENBLAS_TIMEOUT_VAR, "4")
             from scipy.linalg import cython_blas, cython_lapack
             from threadpoolctl import ThreadpoolController
@@ -129,10 +129,6 @@ def _row_major(t: torch.Tensor) -> int:
     return lead if lead >= t.shape[1] else 0
 
 
-def _double(value: float) -> ctypes.c_double:
-    return ctypes.c_double(value)
-
-
 def syrk_update(gram: torch.Tensor, x: torch.Tensor) -> None:
     """gram += X^T X on gram's upper triangle only (below the diagonal is left as it was).
 
@@ -150,7 +146,7 @@ def syrk_update(gram: torch.Tensor, x: torch.Tensor) -> None:
     if not lx:
         x, lx = x.to(torch.float64).contiguous(), c
     n, k, lda, ldc = _ints(c, rows, lx, lg)
-    alpha, beta = _double(1.0), _double(1.0)
+    alpha, beta = ctypes.c_double(1.0), ctypes.c_double(1.0)
     _routines()["dsyrk"](ctypes.c_char_p(b"L"), ctypes.c_char_p(b"N"), ctypes.byref(n), ctypes.byref(k),
                          ctypes.byref(alpha), ctypes.c_void_p(x.data_ptr()), ctypes.byref(lda), ctypes.byref(beta),
                          ctypes.c_void_p(gram.data_ptr()), ctypes.byref(ldc))  # fmt: skip
@@ -169,7 +165,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, transpose_b: 
     if inner == 0:
         return out.zero_()
     m, n, k, ld_b, ld_a, ld_out = _ints(cols, rows, inner, lb, la, lc)  # b's picture comes first
-    alpha, beta = _double(1.0), _double(0.0)
+    alpha, beta = ctypes.c_double(1.0), ctypes.c_double(0.0)
     _routines()["dgemm"](ctypes.c_char_p(b"T" if transpose_b else b"N"), ctypes.c_char_p(b"N"), ctypes.byref(m),
                          ctypes.byref(n), ctypes.byref(k), ctypes.byref(alpha), ctypes.c_void_p(b.data_ptr()),
                          ctypes.byref(ld_b), ctypes.c_void_p(a.data_ptr()), ctypes.byref(ld_a), ctypes.byref(beta),

@@ -13,7 +13,7 @@ from ..io.checkpoint import matrix_shape
 from ..io.dtypes import item_size
 from ..io.rawio import IO_CHUNK
 from ..numerics.lowrank import factor_bytes, rows_per_block
-from ..numerics.spectral import micro_rows
+from ..numerics.spectral import gram_flops, micro_rows
 from ..options import MergeOptions, format_size
 from .budget import (
     Budget,
@@ -55,18 +55,32 @@ GROUP_BYTES = 8 * MiB
 EIGH_FLOPS_PER_C3 = 7
 
 
+def edit_matrix(job: TensorJob) -> tuple[int, int]:
+    """(rows, c) of the tall matrix X an edit works on (an expert's job holds its own 2-D slice)."""
+    m, n = matrix_shape(job.finetuned.shape)
+    return max(m, n), min(m, n)
+
+
+def gemm_flops(job: TensorJob, device: str) -> int:
+    """The matrix-product flops of an edit (its Gram as `gram_flops` counts it, and a projection of at most
+    2 rows c^2) or of an adapter's W0 + L R; 0 for a copy."""
+    if job.lowrank:
+        m, n = matrix_shape(job.base.shape)
+        return 0 if job.factors_out else 2 * m * n * job.lora.rank
+    if job.action == COPY:
+        return 0
+    rows, c = edit_matrix(job)
+    return gram_flops(rows, c, device) + 2 * rows * c * c
+
+
 def arithmetic_cost(job: TensorJob) -> int:
     """A tensor's float64 work in GEMM-equivalent flops, from its shape alone: what orders the tasks longest
     first, so the last lanes to finish are not waiting on one big tensor started late (lm_head is last in a
     plan). The same on every machine; the order never changes a byte."""
-    if job.lowrank:
-        m, n = matrix_shape(job.base.shape)
-        return 0 if job.factors_out else 2 * m * n * job.lora.rank
-    if job.action == COPY:  # a copy is I/O (a 0-d or 1-d tensor is always one): ~a flop a byte
+    if job.action == COPY and not job.lowrank:  # a copy is I/O (a 0-d or 1-d tensor is always one): ~a flop a byte
         return job.finetuned.nbytes
-    m, n = matrix_shape(job.shape[1:] if job.part else job.shape)  # an expert's own slice of its stack
-    rows, c = max(m, n), min(m, n)
-    return 3 * rows * c * c + EIGH_FLOPS_PER_C3 * c**3  # Gram + projection + eigensolve
+    eigh = 0 if job.lowrank else EIGH_FLOPS_PER_C3 * edit_matrix(job)[1] ** 3
+    return gemm_flops(job, "cpu") + eigh
 
 
 def groupable(job: TensorJob, run: Execution) -> bool:

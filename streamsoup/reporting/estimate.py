@@ -28,13 +28,12 @@ import torch
 from .._version import __version__
 from ..errors import OptionError
 from ..io import rawio
-from ..io.checkpoint import matrix_shape
 from ..numerics.hostlinalg import matmul, set_threads
-from ..numerics.spectral import eigh_spectrum, gram_flops
+from ..numerics.spectral import eigh_spectrum
 from ..options import MergeOptions, format_duration, format_size
 from ..planning.budget import Budget
 from ..planning.planner import COPY, MergePlan, TensorJob, plan_merge
-from ..planning.schedule import Execution, groupable, local_schedule
+from ..planning.schedule import Execution, edit_matrix, gemm_flops, groupable, local_schedule
 from ..tasks.devices import configure_process
 from .record import describe_inputs
 from .summary import annotate, module_stats
@@ -153,16 +152,13 @@ def tensor_seconds(job, run: Execution, rates: Rates, lane_is_gpu: bool) -> floa
     seconds = fixed + disk_seconds(job, run, rates)
     seconds += io[0] / rates.convert_bps + io[1] / rates.checksum_bps
     if job.lowrank:  # an adapter's update: W0 + (U lam S) V^T, no eigensolve
-        m, n = matrix_shape(job.base.shape)
-        return seconds + (0 if job.factors_out else 2 * m * n * job.lora.rank / (rates.cpu_gflops * 1e9))
+        return seconds + gemm_flops(job, "cpu") / (rates.cpu_gflops * 1e9)
     if job.action == COPY:
         return seconds
-    m, n = matrix_shape(job.finetuned.shape)
-    rows, c = max(m, n), min(m, n)
     gflops = rates.device_gflops if lane_is_gpu else rates.cpu_gflops
     alpha = rates.device_eigh_alpha if lane_is_gpu else rates.cpu_eigh_alpha
-    flops = gram_flops(rows, c, "cuda" if lane_is_gpu else "cpu") + 2 * rows * c * c
-    return seconds + flops / (gflops * 1e9) + alpha * c**3
+    flops = gemm_flops(job, "cuda" if lane_is_gpu else "cpu")
+    return seconds + flops / (gflops * 1e9) + alpha * edit_matrix(job)[1] ** 3
 
 
 def run_io_bytes(job, run: Execution) -> tuple[int, int]:
