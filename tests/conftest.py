@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,6 +19,31 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import make_checkpoints  # noqa: E402
+
+
+def made_once(tmp_path_factory, name: str, make: Callable[[Path], Any]) -> Any:
+    """What `make` writes into a new folder, made once per test run: pytest-xdist's workers share it (under a
+    file lock, with `make`'s JSON result recorded beside it) instead of each generating its own copy.
+
+    For inputs and references that tests only read."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's folder, above the workers'
+    record = root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if record.exists():
+            return json.loads(record.read_text())
+        folder = root / name
+        shutil.rmtree(folder, ignore_errors=True)  # a worker that failed halfway
+        folder.mkdir()
+        result = make(folder)
+        record.write_text(json.dumps(result))
+        return result
+
+
+def paths(*items: str | Path) -> tuple[Path, ...]:
+    return tuple(Path(p) for p in items)
 
 
 @pytest.fixture(scope="session")
@@ -34,8 +62,41 @@ def pair(awkward_pair, tmp_path) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
+def reference(awkward_pair, tmp_path_factory) -> tuple[Path, Path, Path, dict[str, str]]:
+    """An uninterrupted merge of the awkward pair (100 KB shards), and its digest: what a resumed, damaged or
+    redone run of the same command must give."""
+    from helpers import run, tree_digest
+
+    base, ft = awkward_pair
+    out = tmp_path_factory.mktemp("ref") / "out"
+    proc = run("merge", base, ft, out, "--shard-size", "100KB", "-q")
+    assert proc.returncode == 0, proc.stderr
+    return base, ft, out, tree_digest(out)
+
+
+@pytest.fixture(scope="session")
 def qwen_pair(tmp_path_factory) -> tuple[Path, Path]:
     return make_checkpoints.make_pair(tmp_path_factory.mktemp("qwen"), "qwen-small", seed=2)
+
+
+@pytest.fixture(scope="session")
+def medium_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """A pair whose merge takes seconds: long enough to be killed, signalled or left by a worker mid-run."""
+    make = lambda folder: [str(p) for p in make_checkpoints.make_pair(folder, "medium", seed=5)]  # noqa: E731
+    return paths(*made_once(tmp_path_factory, "medium", make))
+
+
+@pytest.fixture(scope="session")
+def medium_reference(medium_pair, tmp_path_factory) -> dict[str, str]:
+    """The digest of an uninterrupted merge of the medium pair with the default options."""
+    from helpers import run, tree_digest
+
+    def merge(folder: Path) -> dict[str, str]:
+        proc = run("merge", *medium_pair, folder / "out", "-q")
+        assert proc.returncode == 0, proc.stderr
+        return tree_digest(folder / "out")
+
+    return made_once(tmp_path_factory, "medium-reference", merge)
 
 
 def load_folder(folder: Path) -> dict:
@@ -74,22 +135,25 @@ def _pair(shape, dtype, g):
 @pytest.fixture(scope="session")
 def big_pair(tmp_path_factory) -> tuple[Path, Path]:
     """Tensors whose whole working set passes the budget: tall, wide, conv, fp32, plus a small one."""
-    root = tmp_path_factory.mktemp("big")
-    g = torch.Generator().manual_seed(0)
-    specs = [
-        ("tall.weight", (32768, 512), torch.bfloat16),
-        ("wide.weight", (384, 40000), torch.bfloat16),
-        ("conv.weight", (24000, 64, 3, 3), torch.float16),
-        ("f32.weight", (24000, 300), torch.float32),
-        ("small.weight", (64, 64), torch.bfloat16),
-    ]
-    base, ft = {}, {}
-    for name, shape, dtype in specs:
-        base[name], ft[name] = _pair(shape, dtype, g)
-    for side, tensors in (("base", base), ("ft", ft)):
-        (root / side).mkdir()
-        save_file(tensors, root / side / "model.safetensors", metadata={"format": "pt"})
-    return root / "base", root / "ft"
+
+    def make(root: Path) -> list[str]:
+        g = torch.Generator().manual_seed(0)
+        specs = [
+            ("tall.weight", (32768, 512), torch.bfloat16),
+            ("wide.weight", (384, 40000), torch.bfloat16),
+            ("conv.weight", (24000, 64, 3, 3), torch.float16),
+            ("f32.weight", (24000, 300), torch.float32),
+            ("small.weight", (64, 64), torch.bfloat16),
+        ]
+        base, ft = {}, {}
+        for name, shape, dtype in specs:
+            base[name], ft[name] = _pair(shape, dtype, g)
+        for side, tensors in (("base", base), ("ft", ft)):
+            (root / side).mkdir()
+            save_file(tensors, root / side / "model.safetensors", metadata={"format": "pt"})
+        return [str(root / "base"), str(root / "ft")]
+
+    return paths(*made_once(tmp_path_factory, "big", make))
 
 
 #: after a failed run pytest keeps its temp folders for debugging: keep logs and reports, not weights
@@ -107,3 +171,9 @@ def pytest_sessionfinish(session, exitstatus):
                 path.unlink()
         except OSError:
             pass
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first, the rest in file order: with pytest-xdist handing out one test at a time (`--dist load
+    --maxschedchunk 1`), the long ones start at once on every worker instead of ending the run on one."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

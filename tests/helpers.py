@@ -8,22 +8,190 @@ import os
 import re
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 CLI = [sys.executable, "-m", "streamsoup.cli"]
 REPORT = "streamsoup_report.json"
 
 
+#: environment variables a run cannot be given in this process: a fault point SIGKILLs its process, and
+#: huggingface_hub reads its settings once, at import
+PROCESS_ONLY_ENV = ("STREAMSOUP_FAULT", "HF_")
+#: flags a run cannot be given in this process: --max-ram is a budget for the whole process, which here would
+#: count pytest's own memory
+PROCESS_ONLY_FLAGS = ("--max-ram",)
+
+
+def needs_own_process(args: tuple, env: dict | None) -> bool:
+    return any(str(a).split("=")[0] in PROCESS_ONLY_FLAGS for a in args) or any(
+        key.startswith(PROCESS_ONLY_ENV) for key in env or {})  # fmt: skip
+
+
 def run(*args: str | Path, env: dict | None = None, timeout: int = 300, cwd: Path | None = None
         ) -> subprocess.CompletedProcess:  # fmt: skip
+    """The CLI as a user runs it: its exit code, stdout and stderr. In this process (`run_here`: the same `main`,
+    without a new interpreter's seconds of start-up) unless the run needs a process of its own (run_forked)."""
+    if needs_own_process(args, env):
+        return run_forked(*args, env=env, timeout=timeout, cwd=cwd)
+    t0 = time.monotonic()
+    proc = run_here(*args, env=env, cwd=cwd)
+    if time.monotonic() - t0 > timeout:  # what the process's timeout would have said (a hang: pytest-timeout)
+        raise subprocess.TimeoutExpired(proc.args, timeout, proc.stdout, proc.stderr)
+    return proc
+
+
+def run_process(*args: str | Path, env: dict | None = None, timeout: int = 300, cwd: Path | None = None
+                ) -> subprocess.CompletedProcess:  # fmt: skip
+    """The CLI in a new interpreter (`python -m streamsoup.cli`): where its start-up or its shutdown is tested."""
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, cwd=cwd)  # fmt: skip
 
 
-def start(*args: str | Path, env: dict | None = None) -> subprocess.Popen:
-    """The CLI in its own process group, so the test can kill the whole tree."""
-    return subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, **(env or {})})  # fmt: skip
+_forkserver: list = []  # multiprocessing's forkserver context, made at the first use
+
+
+def forkserver():
+    """multiprocessing's forkserver, its server started once with the CLI imported (imports only: no thread,
+    no state), from which each CLI process is forked."""
+    import multiprocessing
+
+    if not _forkserver:
+        import multiprocessing.forkserver
+
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["streamsoup.cli", "helpers", "cli_server"])
+        # the server imports them by name: it needs this folder on its path (it inherits the environment)
+        old = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), *([old] if old else [])])
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            os.environ.pop("PYTHONPATH") if old is None else os.environ.update(PYTHONPATH=old)
+        _forkserver.append(context)
+    return _forkserver[0]
+
+
+def run_forked(*args: str | Path, env: dict | None = None, timeout: int = 300, cwd: Path | None = None
+               ) -> subprocess.CompletedProcess:  # fmt: skip
+    """The CLI in a process of its own, forked from a server that imported it once (multiprocessing's
+    forkserver): its own pid, environment, signals, exit code (-9 when a fault point SIGKILLs it) and
+    stdout/stderr at the file-descriptor level, and the RSS of a new interpreter (cli_server), without its
+    start-up. Not its shutdown: the process ends with os._exit once the command returns (run_process)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="cli-") as folder:
+        out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+        child = forkserver().Process(target=cli_child, args=([str(a) for a in args], {**os.environ, **(env or {})},
+                                                               cwd, out, err))  # fmt: skip
+        child.start()
+        child.join(timeout)
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+            raise subprocess.TimeoutExpired(["streamsoup", *map(str, args)], timeout, out.read_text(), err.read_text())
+        return subprocess.CompletedProcess(["streamsoup", *map(str, args)], child.exitcode, out.read_text(),
+                                           err.read_text())  # fmt: skip
+
+
+def cli_child(argv: list[str], env: dict, cwd: Path | None, out: Path, err: Path, new_session: bool = False) -> None:
+    """In the forked process: the environment, folder and standard streams `python -m streamsoup.cli` would
+    have (stdout block-buffered, stderr line-buffered, both files), then the command line's own entry."""
+    import cli_server
+
+    cli_server.map_parents_pages()  # its RSS: a new interpreter's (cli_server's docstring)
+    if new_session:
+        os.setsid()
+    os.environ.clear()
+    os.environ.update(env)
+    if cwd is not None:
+        os.chdir(cwd)
+    for fd, path in ((1, out), (2, err)):
+        opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(opened, fd)
+        os.close(opened)
+    sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115 (the process's own stream)
+    sys.stderr = open(2, "w", encoding="utf-8", buffering=1, closefd=False)  # noqa: SIM115
+    sys.argv = ["streamsoup", *argv]
+    from streamsoup.cli import entry
+
+    entry()
+
+
+def start(*args: str | Path, env: dict | None = None) -> ForkedCLI:
+    """The CLI running in a session of its own (its process group), so the test can signal or kill the whole tree."""
+    return ForkedCLI([str(a) for a in args], {**os.environ, **(env or {})})
+
+
+class ForkedCLI:
+    """A CLI process forked as run_forked forks it, in a session of its own, still running: what the tests use of
+    subprocess.Popen (pid, poll, wait, communicate, send_signal, returncode, stderr.readline)."""
+
+    def __init__(self, argv: list[str], env: dict) -> None:
+        import tempfile
+
+        self.args = ["streamsoup", *argv]
+        self._folder = Path(tempfile.mkdtemp(prefix="cli-"))
+        self._out, err = self._folder / "stdout", self._folder / "stderr"
+        self._out.touch()
+        err.touch()
+        self._child = forkserver().Process(target=cli_child, args=(argv, env, None, self._out, err, True))
+        self._child.start()
+        self.pid = self._child.pid
+        self.stderr = _Lines(err, self.poll)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._child.exitcode
+
+    def poll(self) -> int | None:
+        return self._child.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._child.join(timeout)
+        if self._child.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        return self._child.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Wait for the end; stdout, and what stderr.readline has not yet returned."""
+        import shutil
+
+        self.wait(timeout)
+        out, err = self._out.read_text(), self.stderr.rest()
+        shutil.rmtree(self._folder, ignore_errors=True)
+        return out, err
+
+
+class _Lines:
+    """A running process's stderr file read as a pipe reads: readline waits for a whole line or the end."""
+
+    def __init__(self, path: Path, poll) -> None:
+        self._file = open(path, "rb")  # noqa: SIM115 (read as the process writes it, closed by rest())
+        self._poll = poll
+        self._pending = b""
+
+    def readline(self) -> str:
+        while True:
+            ended = self._poll() is not None  # before reading: what an ended process wrote is all there
+            self._pending += self._file.read()
+            if b"\n" in self._pending:
+                line, self._pending = self._pending.split(b"\n", 1)
+                return line.decode() + "\n"
+            if ended:
+                line, self._pending = self._pending, b""
+                return line.decode()
+            time.sleep(0.02)
+
+    def rest(self) -> str:
+        text = (self._pending + self._file.read()).decode()
+        self._pending = b""
+        self._file.close()
+        return text
 
 
 #: what a run prints to a non-terminal stderr before it fails mid-run: the budget line and the progress trail
@@ -105,27 +273,86 @@ def assert_merged_exactly(base: Path, ft: Path, out: Path, rule: str = "entropy"
     return report
 
 
-def run_here(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """The CLI's own `main` in this process, for refusals that stop before any work: the same code path and
-    output as `run`, without a new interpreter's start-up (seconds, mostly torch's import)."""
+
+
+def startup_warning_filters() -> list:
+    """The warning filters a new interpreter starts with (pytest sets its own inside each test): CPython's
+    default filters (the `warnings` module's docs), then any -W options and PYTHONWARNINGS, as Python adds them."""
+    with warnings.catch_warnings():
+        warnings.resetwarnings()
+        for category in (ResourceWarning, ImportWarning, PendingDeprecationWarning, DeprecationWarning):
+            warnings.simplefilter("ignore", category)
+        warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+        for option in sys.warnoptions:
+            warnings._setoption(option)  # what Python's start-up does with each
+        return list(warnings.filters)
+
+
+def run_here(*args: str | Path, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The CLI's own `main` in this process: the same code path, exit code and output as a new interpreter,
+    without its start-up (seconds, mostly torch's import).
+
+    What a new process would not inherit from this one is set as it would be and put back afterwards: the
+    environment and working folder given, warnings shown as a fresh interpreter shows them (pytest records
+    them inside a test), logging, torch's thread count and the BLAS thread limit a merge sets.
+    """
     import contextlib
     import io
+    import logging
+
+    import torch
 
     from streamsoup.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    old = Path.cwd()
+    old_cwd, old_env, threads = Path.cwd(), dict(os.environ), torch.get_num_threads()
+    root = logging.getLogger()
+    old_handlers, old_level = root.handlers[:], root.level
+    streams = stderr_handlers()
     try:
+        for handler in streams:  # made with the stderr of their import (dask's): here, the run's stderr
+            handler.setStream(err)
+        os.environ.update(env or {})
         if cwd is not None:
             os.chdir(cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            warnings.filters[:] = startup_warning_filters()
+            logging.captureWarnings(False)  # main() routes warnings to its log, as it does in a new process
             try:
                 code = main([str(a) for a in args])
             except SystemExit as exc:  # argparse refuses bad flags by exiting, as the CLI does
                 code = int(exc.code or 0)
+            finally:
+                logging.captureWarnings(False)
     finally:
-        os.chdir(old)
+        os.chdir(old_cwd)
+        os.environ.clear()
+        os.environ.update(old_env)
+        root.handlers[:], root.level = old_handlers, old_level
+        for handler, stream in streams.items():
+            handler.setStream(stream)
+        _restore_threads(threads)
     return subprocess.CompletedProcess(["streamsoup", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+def stderr_handlers() -> dict:
+    """Libraries' own log handlers writing to a stream (dask's, made at its import), with that stream: in a new
+    process they write to its stderr. Not files, not pytest's."""
+    import logging
+
+    handlers = {}
+    for logger in logging.root.manager.loggerDict.values():
+        for handler in getattr(logger, "handlers", []):
+            if type(handler) is logging.StreamHandler:
+                handlers[handler] = handler.stream
+    return handlers
+
+
+def _restore_threads(threads: int) -> None:
+    """torch's threads and the BLAS limit back to this process's own (a merge sets its lanes' threads)."""
+    from streamsoup.numerics.hostlinalg import set_threads
+
+    set_threads(threads)
 
 
 def edited_adapter(adapter: Path, tmp_path: Path, **changes) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 import make_adapters
 import pytest
 import torch
-from conftest import load_folder, raw_bytes
+from conftest import load_folder, made_once, paths, raw_bytes
 from helpers import assert_one_line_error, edited_adapter, report_rows, run
 from reference import assert_within_rounding, monosoup_reference
 from test_card import card_parts
@@ -37,7 +37,8 @@ def adapters(tmp_path_factory):
 
     def get(arch: str, variant: str) -> tuple[Path, Path]:
         if (arch, variant) not in made:
-            made[arch, variant] = make_adapters.make(tmp_path_factory.mktemp(f"{arch}-{variant}"), arch, variant)
+            make = lambda folder: [str(p) for p in make_adapters.make(folder, arch, variant)]  # noqa: E731
+            made[arch, variant] = paths(*made_once(tmp_path_factory, f"adapter-{arch}-{variant}", make))
         return made[arch, variant]
 
     return get
@@ -227,6 +228,7 @@ def hub_cache(cache: Path, repo: str, folder: Path, ref: str = "main") -> str:
     return commit
 
 
+@pytest.mark.slow
 def test_hub_repo_ids_from_the_cache_offline(adapters, tmp_path):
     base, adapter = adapters("llama", "plain")
     cache = tmp_path / "hub"

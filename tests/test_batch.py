@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from helpers import CLI, PROGRESS, STAMP, assert_one_line_error, run, tree_digest
+from helpers import CLI, PROGRESS, STAMP, assert_one_line_error, run, run_process, tree_digest
 
 LINE = re.compile(STAMP + r"merging: (\d+)/(\d+) tensors, [\d.]+ of [\d.]+ \w+, \d+:\d\d:\d\d elapsed, ETA (\S+)$")
 
@@ -51,6 +51,7 @@ def test_another_fine_tune_of_the_same_architecture_is_a_different_merge(awkward
     assert_one_line_error(proc, 2, "different merge", "FINETUNED shard", "changed")
 
 
+@pytest.mark.slow
 def test_progress_in_a_batch_log(awkward_pair, tmp_path):
     """stderr to a file: plain N/M lines; after a kill, the resumed run says what was already done."""
     base, ft = awkward_pair
@@ -108,7 +109,7 @@ def test_no_dask_warnings_when_its_port_is_busy(awkward_pair, tmp_path):
     except OSError:
         pass  # already busy: so much the better
     try:
-        proc = run("merge", *awkward_pair, tmp_path / "out")
+        proc = run_process("merge", *awkward_pair, tmp_path / "out")  # a new interpreter, to its shutdown
         assert proc.returncode == 0
         assert "Warning" not in proc.stderr and "warn" not in proc.stderr and "site-packages" not in proc.stderr
         assert all(PROGRESS.match(line) for line in proc.stderr.splitlines()), proc.stderr
@@ -124,6 +125,7 @@ def test_home_is_not_touched_by_default(awkward_pair, tmp_path):
     assert os.path.isdir(out)
 
 
+@pytest.mark.slow
 def test_thousands_of_small_tensors_end_silently(tmp_path):
     """3,000 tiny tensors (small ones share tasks, commits are batched): exit 0, exact, and with -q nothing on
     stderr, no asyncio or dask noise after the success."""
@@ -131,6 +133,6 @@ def test_thousands_of_small_tensors_end_silently(tmp_path):
     from many_tensors import write_pair
 
     base, ft = write_pair(tmp_path, 3000)
-    proc = run("merge", base, ft, tmp_path / "out", "-q")
+    proc = run_process("merge", base, ft, tmp_path / "out", "-q")  # a new interpreter, to its shutdown
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert_merged_exactly(base, ft, tmp_path / "out")

@@ -109,6 +109,7 @@ def test_usage_errors_are_one_line():
     assert_one_line_error(run("merge", "only-one"), 2, "required")
 
 
+@pytest.mark.slow
 def test_a_pip_user_gets_the_demo_and_the_example_configs_from_the_wheel(tmp_path):
     """Built as a wheel and installed alone (no repository beside it): `streamsoup demo` writes a pair that merges."""
     root = Path(__file__).resolve().parents[1]
@@ -165,6 +166,7 @@ def test_a_local_merge_listens_on_loopback_only(awkward_pair, tmp_path):
     assert all(ip in ("127.0.0.1", "::1") for ip, _ in listening), listening
 
 
+@pytest.mark.slow
 def test_dashboard_only_when_asked_on_the_address_given(big_pair, tmp_path):
     """--dashboard ADDR: dask's dashboard served there (port 0: a free one), its URL printed, and it answers;
     with a cluster it is refused (the user's scheduler serves its own)."""

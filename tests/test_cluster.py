@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import made_once
 from helpers import assert_merged_exactly, assert_one_line_error, run, start, tree_digest
 
 from streamsoup.io.state import STATE_NAME, RunState
@@ -93,20 +94,16 @@ def cluster(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def medium_pair(tmp_path_factory):
-    import make_checkpoints
-
-    return make_checkpoints.make_pair(tmp_path_factory.mktemp("medium"), "medium", seed=5)
-
-
-@pytest.fixture(scope="session")
 def medium_local(medium_pair, tmp_path_factory):
-    out = tmp_path_factory.mktemp("medium-local") / "out"
-    # the workers run torch on one thread each: the same configuration locally gives the same bytes
-    assert run("merge", *medium_pair, out, "--devices", "cpu", "--threads", "1", "-q").returncode == 0
-    return tree_digest(out)
+    def merge(folder: Path) -> dict[str, str]:
+        # the workers run torch on one thread each: the same configuration locally gives the same bytes
+        assert run("merge", *medium_pair, folder / "out", "--devices", "cpu", "--threads", "1", "-q").returncode == 0
+        return tree_digest(folder / "out")
+
+    return made_once(tmp_path_factory, "medium-local", merge)
 
 
+@pytest.mark.slow
 def test_plain_cluster_merge_matches_local(awkward_pair, cluster, tmp_path):
     """Workers that declare nothing get streamsoup's resources from what they are; same bytes as a local run."""
     local, remote = tmp_path / "local", tmp_path / "remote"
@@ -133,6 +130,7 @@ def _wait_commits(partial: Path, n: int, proc: subprocess.Popen, timeout: float 
     raise AssertionError("the merge made no progress")
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_merge(medium_pair, medium_local, cluster, tmp_path):
     """One worker (and its nanny) killed for good mid-run, the cluster named by its scheduler file."""
     out = tmp_path / "out"
@@ -144,6 +142,7 @@ def test_worker_killed_mid_merge(medium_pair, medium_local, cluster, tmp_path):
     assert tree_digest(out) == medium_local
 
 
+@pytest.mark.slow
 def test_restarted_worker_rejoins_and_finishes(medium_pair, medium_local, cluster, tmp_path):
     """w1 is killed for good and w0's worker process crashes: its nanny restarts it without resources, the
     plugin restores them, and the tasks stranded in no-worker meanwhile are resubmitted: w0 alone finishes."""
@@ -159,6 +158,7 @@ def test_restarted_worker_rejoins_and_finishes(medium_pair, medium_local, cluste
     assert re.search(r"Z streamsoup: warning: dask worker tcp://\S+ left the cluster", err), err  # a batch log says so
 
 
+@pytest.mark.slow
 def test_cluster_gone_then_resume_locally(medium_pair, medium_local, cluster, tmp_path):
     out = tmp_path / "out"
     proc = start("merge", *medium_pair, out, "--scheduler", cluster.address, "-q")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import zarr
+from conftest import made_once, paths
 from helpers import assert_one_line_error, edited_adapter, report_rows, run, run_here, start, tree_digest
 from test_bad_input import small_disk
 
@@ -23,14 +24,6 @@ from streamsoup.io.state import BATCHES, STATE_NAME, RunState
 from streamsoup.run import driver as api
 
 ARGS = ("--shard-size", "100KB", "-q")
-
-
-@pytest.fixture(scope="session")
-def reference(awkward_pair, tmp_path_factory) -> tuple[Path, Path, Path, dict[str, str]]:
-    base, ft = awkward_pair
-    out = tmp_path_factory.mktemp("safety-ref") / "out"
-    assert run("merge", base, ft, out, *ARGS).returncode == 0
-    return base, ft, out, tree_digest(out)
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
@@ -226,7 +219,8 @@ def test_damaged_state_root_is_started_over(reference, tmp_path):
 def plain_adapter(tmp_path_factory) -> tuple[Path, Path]:
     import make_adapters
 
-    return make_adapters.make(tmp_path_factory.mktemp("safety-adapter"), "llama", "plain")
+    make = lambda folder: [str(p) for p in make_adapters.make(folder, "llama", "plain")]  # noqa: E731
+    return paths(*made_once(tmp_path_factory, "adapter-llama-plain", make))  # the one test_adapters makes
 
 
 @pytest.mark.parametrize("save", ["model", "adapter"])
@@ -356,11 +350,10 @@ def test_publish_never_replaces_an_existing_out(tmp_path):
     assert writer.publish(tmp_path / "a", tmp_path / "c") is True and (tmp_path / "c" / "x").exists()
 
 
-def test_partial_removed_mid_run_is_a_clear_error(tmp_path_factory):
-    import make_checkpoints
-
-    root = tmp_path_factory.mktemp("vanish")
-    base, ft = make_checkpoints.make_pair(root, "medium", seed=5)
+@pytest.mark.slow
+def test_partial_removed_mid_run_is_a_clear_error(medium_pair, tmp_path):
+    base, ft = medium_pair
+    root = tmp_path
     out, partial = root / "out", root / "out.partial"
     proc = start("merge", base, ft, out, "-q")
     deadline = time.time() + 120
@@ -416,6 +409,7 @@ def test_thread_counts_in_a_config_are_bounded(awkward_pair, tmp_path, text):
     assert_one_line_error(proc, 2, "--" + text.split(":")[0])
 
 
+@pytest.mark.slow
 def test_a_shard_size_that_would_write_thousands_of_files_is_refused(tmp_path):
     from safetensors.torch import save_file
 

@@ -6,6 +6,7 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import CLI, report_rows
 
@@ -16,6 +17,8 @@ from peak_rss import measure  # noqa: E402
 from streamsoup.io.layout import TensorSpec  # noqa: E402
 
 MAX_RAM = 640 * 2**20
+
+pytestmark = [pytest.mark.serial, pytest.mark.slow]  # peak RSS sampled every 20 ms: nothing else runs meanwhile
 
 
 def write_pair(root: Path, n_small: int, seed: int) -> tuple[Path, Path]:

@@ -252,6 +252,7 @@ def test_a_fine_tune_of_views_merges_to_the_bytes_of_its_contiguous_twin(bin_pai
     assert_exact(base, ft, tmp_path / "views")
 
 
+@pytest.mark.slow
 def test_views_bigger_than_the_budget_are_streamed_exactly(big_pair, tmp_path):
     """Transposed, column-sliced and permuted storages, read in row and column blocks under --max-ram."""
     from helpers import assert_merged_exactly, report_rows

@@ -42,6 +42,7 @@ def test_plan_70b_in_seconds_within_budget(sparse_70b, max_ram, lanes):
         assert plan["streamed"] >= 2
 
 
+@pytest.mark.slow
 def test_plan_text_and_too_small_budget(sparse_70b):
     proc = run("plan", *sparse_70b, "--max-ram", "8GiB", "--devices", "cpu")
     assert proc.returncode == 0, proc.stderr
@@ -51,6 +52,7 @@ def test_plan_text_and_too_small_budget(sparse_70b):
     assert small.returncode == 2 and "model.embed_tokens.weight" in small.stderr and "--max-ram" in small.stderr
 
 
+@pytest.mark.serial  # the estimate calibrates this machine's speed: other tests beside it slow it
 def test_a_big_merge_says_its_estimate_and_a_small_one_does_not(sparse_70b, awkward_pair, tmp_path):
     """A merge writing 1 GiB or more calibrates and says plan's estimate at the start and beside the real time
     at the end; a small one skips the ~3 s calibration. The estimate counts this process's start-up."""

@@ -305,6 +305,7 @@ def test_experts_saved_one_matrix_each_merge_exactly(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"], info
 
 
+@pytest.mark.slow
 def test_fp8_streamed_in_row_blocks_gives_the_in_memory_bytes(tmp_path):
     """A decoded matrix too big for the budget is read, decoded and merged in row blocks: the same bytes."""
     base, ft = tmp_path / "base", tmp_path / "ft"

@@ -240,6 +240,7 @@ def test_module_kinds_of_real_architectures(arch):
     assert {locate(n).layer for n in layered} == {0, 1}
 
 
+@pytest.mark.slow
 def test_api_returns_what_the_cli_prints(merged, awkward_pair, tmp_path):
     assert str(streamsoup.status(merged)) == run("status", merged).stdout.rstrip("\n")
     assert streamsoup.status(merged).as_dict() == json.loads(run("status", merged, "--json").stdout)

@@ -16,16 +16,6 @@ from helpers import assert_one_line_error, report_rows, run, start, tree_digest
 from streamsoup.io.state import STATE_NAME, RunLock, RunState
 
 
-@pytest.fixture(scope="session")
-def reference(awkward_pair, tmp_path_factory) -> tuple[Path, Path, Path, dict[str, str]]:
-    """An uninterrupted merge of the awkward pair, and its digest."""
-    base, ft = awkward_pair
-    out = tmp_path_factory.mktemp("ref") / "out"
-    proc = run("merge", base, ft, out, "--shard-size", "100KB", "-q")
-    assert proc.returncode == 0, proc.stderr
-    return base, ft, out, tree_digest(out)
-
-
 def committed_names(partial: Path) -> set[str]:
     """Tensors committed so far (none when a kill came before the state was made)."""
     if not (partial / STATE_NAME).exists():
@@ -67,14 +57,11 @@ def _wait_for_commits(partial: Path, n: int, proc: subprocess.Popen, timeout: fl
         time.sleep(0.05)
 
 
-def test_sigkill_at_random_moments(tmp_path_factory):
+@pytest.mark.slow
+def test_sigkill_at_random_moments(medium_pair, medium_reference, tmp_path):
     """SIGKILL the process tree at random instants, several times, then finish: same bytes."""
-    import make_checkpoints
-
-    root = tmp_path_factory.mktemp("killpair")
-    base, ft = make_checkpoints.make_pair(root, "medium", seed=3)
-    ref = root / "ref"
-    assert run("merge", base, ft, ref, "-q").returncode == 0
+    base, ft = medium_pair
+    root = tmp_path
     out = root / "out"
     rng = random.Random(1234)
     kills = 0
@@ -94,7 +81,7 @@ def test_sigkill_at_random_moments(tmp_path_factory):
     before = set() if published else committed_names(root / "out.partial")
     proc = run("merge", base, ft, out, "-q")
     assert proc.returncode == 0, proc.stderr
-    assert tree_digest(out) == tree_digest(ref)
+    assert tree_digest(out) == medium_reference
     assert not (out / STATE_NAME).exists() and not (root / "out.partial").exists()
     if published:  # the last kill came after the publish: nothing was recomputed by the rerun
         return
@@ -162,12 +149,11 @@ def test_second_merge_on_same_out_is_refused(awkward_pair, tmp_path):
         lock.release()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signals_stop_cleanly_and_resume(tmp_path_factory, sig):
-    import make_checkpoints
-
-    root = tmp_path_factory.mktemp(f"sig{int(sig)}")
-    base, ft = make_checkpoints.make_pair(root, "medium", seed=4)
+def test_signals_stop_cleanly_and_resume(medium_pair, tmp_path, sig):
+    base, ft = medium_pair
+    root = tmp_path
     out = root / "out"
     proc = start("merge", base, ft, out, "-q")
     _wait_for_commits(root / "out.partial", 3, proc)
@@ -235,6 +221,7 @@ def many_tensors(tmp_path_factory) -> tuple[Path, Path]:
     return root / "base", root / "ft"
 
 
+@pytest.mark.slow
 def test_batched_commits_resume_exactly_and_a_damaged_batch_is_redone(many_tensors, tmp_path):
     from streamsoup.io.state import BATCHES, STATE_NAME
 

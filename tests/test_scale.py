@@ -6,6 +6,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from conftest import made_once
 from helpers import assert_merged_exactly, report_rows, run, tree_digest
 
 from streamsoup.io.state import STATE_NAME
@@ -15,12 +16,16 @@ BUDGET = "450MB"  # leaves ~100 MiB for tasks after streamsoup's own ~260 MiB an
 
 @pytest.fixture(scope="session")
 def streamed_reference(big_pair, tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("streamref") / "out"
-    proc = run("merge", *big_pair, out, "--max-ram", BUDGET, "--devices", "cpu", "-q")
-    assert proc.returncode == 0, proc.stderr
-    return out, tree_digest(out)
+    def merge(folder: Path) -> list:
+        proc = run("merge", *big_pair, folder / "out", "--max-ram", BUDGET, "--devices", "cpu", "-q")
+        assert proc.returncode == 0, proc.stderr
+        return [str(folder / "out"), tree_digest(folder / "out")]
+
+    out, digest = made_once(tmp_path_factory, "streamed-reference", merge)
+    return Path(out), digest
 
 
+@pytest.mark.slow
 def test_streamed_tensors_are_exact(big_pair, streamed_reference):
     out, _ = streamed_reference
     rows = report_rows(out)
@@ -39,6 +44,7 @@ def test_streamed_equals_in_memory_bytes(big_pair, streamed_reference, tmp_path)
     assert tree_digest(out)["model.safetensors"] == digest["model.safetensors"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["gram:2", "block:2", "block:4"])
 def test_kill_mid_tensor_then_resume(big_pair, streamed_reference, tmp_path, phase):
     """SIGKILL inside a streamed tensor (Gram pass, or projection pass), rerun: it resumes mid-tensor."""
@@ -66,6 +72,7 @@ def _partial_group(tmp_path: Path):
     return next((key, g["partial"]) for key, g in tensors.groups() if "partial" in g)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["gram:2", "block:3"])
 def test_damaged_mid_tensor_progress_is_not_trusted(big_pair, streamed_reference, tmp_path, phase):
     """After a kill mid-tensor: a Gram chunk deleted, or a byte flipped in rows already written. The rerun
@@ -96,6 +103,7 @@ def test_damaged_mid_tensor_progress_is_not_trusted(big_pair, streamed_reference
     assert tree_digest(out) == digest
 
 
+@pytest.mark.slow
 def test_device_lanes_give_the_same_bytes(big_pair, streamed_reference, tmp_path):
     """Two simulated device lanes (the GPU code path, on the CPU) against CPU lanes of one thread: same bytes."""
     _, digest = streamed_reference

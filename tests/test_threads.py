@@ -43,6 +43,7 @@ def test_threads_share_the_free_cores_between_the_lanes():
     assert usable_cores() == len(os.sched_getaffinity(0))
 
 
+@pytest.mark.serial  # the load of the machine is what it measures
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs a second core for the neighbour")
 def test_a_busy_neighbour_is_seen_and_said_with_the_faster_settings(neighbour, awkward_pair, tmp_path):
     busy_cores()  # the first look measures from the last one (here: the import, before the neighbour began)
@@ -91,3 +92,35 @@ def test_openblas_threads_sleep_when_idle_unless_the_environment_says(given):
         env["OPENBLAS_THREAD_TIMEOUT"] = given
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.strip() == (given or "4")
+
+
+def _look_while_busy(queue) -> None:
+    """In a process forked after the import: look at the load while a thread of its own keeps a core busy."""
+    import threading
+
+    done = threading.Event()
+
+    def spin() -> None:
+        while not done.is_set():
+            pass
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
+    busy_cores()  # the window starts here
+    queue.put(busy_cores())
+    done.set()
+
+
+@pytest.mark.serial  # the load of the machine is what it measures
+def test_a_process_forked_after_the_import_does_not_count_itself_as_a_neighbour():
+    """The load is measured from this process's own CPU time: a fork (a forkserver, a forking dask worker) must
+    not measure its parent's instead and count its own work as another process's."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_look_while_busy, args=(queue,))
+    child.start()
+    busy = queue.get(timeout=60)
+    child.join()
+    assert busy == 0, "the process's own busy core was counted as another process's"

@@ -6,9 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_bench_adapter_sparse_plans_a_7b_adapter(tmp_path):
     """Headers over holes: the base, the adapter and the dense pair are written, and `plan` is asked of all three."""
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_adapter.py"), str(tmp_path), "--preset",

@@ -100,6 +100,8 @@ def busy_cores() -> int:
     with a neighbour finishes last and the whole region waits for it, so threads beyond the free cores
     make the merge slower, not faster.
     """
+    if _last_look.me.pid != os.getpid():  # forked after the import: the mark measured the parent
+        _last_look.me, _last_look.at = psutil.Process(), -math.inf
     waited = time.monotonic() - _last_look.at
     if waited > LOAD_WINDOW_S:
         _last_look.me.cpu_percent(None)
