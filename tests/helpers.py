@@ -365,3 +365,28 @@ def edited_adapter(adapter: Path, tmp_path: Path, **changes) -> Path:
     config.update(changes)
     (copy / "adapter_config.json").write_text(json.dumps(config))
     return copy
+
+
+def run_tool_here(words: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`python tools/X.py ARGS` as its command line runs it (its `__main__`, argv as typed, in `cwd`), in this
+    process: the tools are scripts run for their files and numbers, not for their process."""
+    import contextlib
+    import io
+    import os
+    import runpy
+
+    script, argv = words[1], words[1:]
+    old_argv, old_cwd, out, err = sys.argv, Path.cwd(), io.StringIO(), io.StringIO()
+    try:
+        os.chdir(cwd)
+        sys.argv = argv
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(script, run_name="__main__")
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = old_argv
+        os.chdir(old_cwd)
+    return subprocess.CompletedProcess(words, code, out.getvalue(), err.getvalue())

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import run
+from helpers import run, run_tool_here
 
 from streamsoup.cli import build_parser
 
@@ -62,31 +62,6 @@ def test_every_streamsoup_command_parses(command):
     if "..." in argv or "[" in command:  # a synopsis line, not a command
         argv = [w for w in argv if not w.startswith("[") and w != "..." and not w.endswith("]")]
     build_parser().parse_args(argv)
-
-
-def run_tool_here(words: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """`.venv/bin/python tools/X.py ARGS` as its command line runs it (its `__main__`, argv as typed), in this
-    process: the tools are scripts run for their files, not for their process."""
-    import contextlib
-    import io
-    import os
-    import runpy
-
-    script, argv = words[1], words[1:]
-    old_argv, old_cwd, out, err = sys.argv, Path.cwd(), io.StringIO(), io.StringIO()
-    try:
-        os.chdir(cwd)
-        sys.argv = argv
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                runpy.run_path(script, run_name="__main__")
-                code = 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = old_argv
-        os.chdir(old_cwd)
-    return subprocess.CompletedProcess(words, code, out.getvalue(), err.getvalue())
 
 
 def run_python_here(block: str, cwd: Path) -> None:

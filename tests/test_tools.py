@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 from conftest import ROOT
+from helpers import run_tool_here
 
 
 @pytest.mark.slow
 def test_bench_adapter_sparse_plans_a_7b_adapter(tmp_path):
     """Headers over holes: the base, the adapter and the dense pair are written, and `plan` is asked of all three."""
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_adapter.py"), str(tmp_path), "--preset",
-                           "llama2-7b", "--sparse"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = run_tool_here(["python", str(ROOT / "tools" / "bench_adapter.py"), str(tmp_path), "--preset", "llama2-7b",
+                          "--sparse"], tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     results = json.loads((tmp_path / "bench-adapter.json").read_text())
     assert results["base_bytes"] > 13 * 10**9  # the 7B base's declared size, written as holes
