@@ -81,7 +81,7 @@ def run_forked(*args: str | Path, env: dict | None = None, timeout: int = 300, c
     start-up. Not its shutdown: the process ends with os._exit once the command returns (run_process)."""
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="cli-") as folder:
+    with tempfile.TemporaryDirectory(prefix="streamsoup-test-cli-") as folder:
         out, err = Path(folder) / "stdout", Path(folder) / "stderr"
         child = forkserver().Process(target=cli_child, args=([str(a) for a in args], {**os.environ, **(env or {})},
                                                                cwd, out, err))  # fmt: skip
@@ -129,10 +129,13 @@ class ForkedCLI:
     subprocess.Popen (pid, poll, wait, communicate, send_signal, returncode, stderr.readline)."""
 
     def __init__(self, argv: list[str], env: dict) -> None:
+        import shutil
         import tempfile
+        import weakref
 
         self.args = ["streamsoup", *argv]
-        self._folder = Path(tempfile.mkdtemp(prefix="cli-"))
+        self._folder = Path(tempfile.mkdtemp(prefix="streamsoup-test-cli-"))
+        weakref.finalize(self, shutil.rmtree, self._folder, True)  # also when a test kills it and never reads
         self._out, err = self._folder / "stdout", self._folder / "stderr"
         self._out.touch()
         err.touch()
@@ -159,12 +162,8 @@ class ForkedCLI:
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         """Wait for the end; stdout, and what stderr.readline has not yet returned."""
-        import shutil
-
         self.wait(timeout)
-        out, err = self._out.read_text(), self.stderr.rest()
-        shutil.rmtree(self._folder, ignore_errors=True)
-        return out, err
+        return self._out.read_text(), self.stderr.rest()
 
 
 class _Lines:
