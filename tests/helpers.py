@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,8 +26,16 @@ PROCESS_ONLY_FLAGS = ("--max-ram",)
 
 
 def needs_own_process(args: tuple, env: dict | None) -> bool:
-    return any(str(a).split("=")[0] in PROCESS_ONLY_FLAGS for a in args) or any(
-        key.startswith(PROCESS_ONLY_ENV) for key in env or {})  # fmt: skip
+    """A flag (or an abbreviation argparse accepts, or a --config file's key) or an environment variable, given
+    here or already set, that this process cannot take (PROCESS_ONLY_ENV, PROCESS_ONLY_FLAGS)."""
+    words = [str(a) for a in args]
+    flags = [w.split("=")[0] for w in words if w.startswith("--")]
+    if any(len(f) > 4 and flag.startswith(f) for f in flags for flag in PROCESS_ONLY_FLAGS):
+        return True
+    configs = [Path(words[i + 1]) for i, w in enumerate(words[:-1]) if w == "--config"]
+    if any(c.is_file() and re.search(r"max[-_]ram", c.read_text(errors="replace")) for c in configs):
+        return True
+    return any(key.startswith(PROCESS_ONLY_ENV) for key in {**os.environ, **(env or {})})
 
 
 def run(*args: str | Path, env: dict | None = None, timeout: int = 300, cwd: Path | None = None
@@ -83,14 +92,19 @@ def run_forked(*args: str | Path, env: dict | None = None, timeout: int = 300, c
 
     with tempfile.TemporaryDirectory(prefix="streamsoup-test-cli-") as folder:
         out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+        out.touch()
+        err.touch()
         child = forkserver().Process(target=cli_child, args=([str(a) for a in args], {**os.environ, **(env or {})},
-                                                               cwd, out, err))  # fmt: skip
+                                                               cwd, out, err), daemon=True)  # fmt: skip
         child.start()
-        child.join(timeout)
-        if child.exitcode is None:
-            child.kill()
-            child.join()
-            raise subprocess.TimeoutExpired(["streamsoup", *map(str, args)], timeout, out.read_text(), err.read_text())
+        try:
+            child.join(timeout)
+        finally:  # a timeout, pytest-timeout or ^C: the process goes too, as subprocess.run's does
+            if child.exitcode is None:
+                child.kill()
+                child.join()
+                raise subprocess.TimeoutExpired(["streamsoup", *map(str, args)], timeout, out.read_text(),
+                                                err.read_text())  # fmt: skip
         return subprocess.CompletedProcess(["streamsoup", *map(str, args)], child.exitcode, out.read_text(),
                                            err.read_text())  # fmt: skip
 
@@ -98,11 +112,11 @@ def run_forked(*args: str | Path, env: dict | None = None, timeout: int = 300, c
 def cli_child(argv: list[str], env: dict, cwd: Path | None, out: Path, err: Path, new_session: bool = False) -> None:
     """In the forked process: the environment, folder and standard streams `python -m streamsoup.cli` would
     have (stdout block-buffered, stderr line-buffered, both files), then the command line's own entry."""
+    if new_session:
+        os.setsid()
     import cli_server
 
     cli_server.map_parents_pages()  # its RSS: a new interpreter's (cli_server's docstring)
-    if new_session:
-        os.setsid()
     os.environ.clear()
     os.environ.update(env)
     if cwd is not None:
@@ -139,7 +153,7 @@ class ForkedCLI:
         self._out, err = self._folder / "stdout", self._folder / "stderr"
         self._out.touch()
         err.touch()
-        self._child = forkserver().Process(target=cli_child, args=(argv, env, None, self._out, err, True))
+        self._child = forkserver().Process(target=cli_child, args=(argv, env, None, self._out, err, True), daemon=True)
         self._child.start()
         self.pid = self._child.pid
         self.stderr = _Lines(err, self.poll)
@@ -158,7 +172,10 @@ class ForkedCLI:
         return self._child.exitcode
 
     def send_signal(self, sig: int) -> None:
-        os.kill(self.pid, sig)
+        """As Popen's: nothing once the process has ended (its server reaps it at once)."""
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         """Wait for the end; stdout, and what stderr.readline has not yet returned."""
@@ -307,6 +324,7 @@ def run_here(*args: str | Path, env: dict | None = None, cwd: Path | None = None
     old_cwd, old_env, threads = Path.cwd(), dict(os.environ), torch.get_num_threads()
     root = logging.getLogger()
     old_handlers, old_level = root.handlers[:], root.level
+    levels = {name: lg.level for name, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
     streams = stderr_handlers()
     try:
         for handler in streams:  # made with the stderr of their import (dask's): here, the run's stderr
@@ -328,6 +346,8 @@ def run_here(*args: str | Path, env: dict | None = None, cwd: Path | None = None
         os.environ.clear()
         os.environ.update(old_env)
         root.handlers[:], root.level = old_handlers, old_level
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
         for handler, stream in streams.items():
             handler.setStream(stream)
         _restore_threads(threads)
@@ -374,8 +394,11 @@ def run_tool_here(words: list[str], cwd: Path) -> subprocess.CompletedProcess:
     import os
     import runpy
 
+    import torch
+
     script, argv = words[1], words[1:]
     old_argv, old_cwd, out, err = sys.argv, Path.cwd(), io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
     try:
         os.chdir(cwd)
         sys.argv = argv
@@ -388,4 +411,5 @@ def run_tool_here(words: list[str], cwd: Path) -> subprocess.CompletedProcess:
     finally:
         sys.argv = old_argv
         os.chdir(old_cwd)
+        _restore_threads(threads)
     return subprocess.CompletedProcess(words, code, out.getvalue(), err.getvalue())

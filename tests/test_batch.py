@@ -119,7 +119,8 @@ def test_no_dask_warnings_when_its_port_is_busy(awkward_pair, tmp_path):
 
 def test_home_is_not_touched_by_default(awkward_pair, tmp_path):
     out = tmp_path / "out"
-    assert run("merge", *awkward_pair, out, "-q", env={"HOME": str(tmp_path / "nohome")}).returncode == 0
+    proc = run_process("merge", *awkward_pair, out, "-q", env={"HOME": str(tmp_path / "nohome")})  # imports too
+    assert proc.returncode == 0, proc.stderr
     assert not (tmp_path / "nohome").exists()
     assert tree_digest(out)
     assert os.path.isdir(out)

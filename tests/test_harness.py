@@ -48,3 +48,20 @@ def test_a_fault_point_kills_a_forked_process_and_a_started_one_can_be_signalled
     out, err = proc.communicate(timeout=120)
     assert proc.returncode in (0, 130), err  # done before the signal, or stopped by it
     assert "Traceback" not in err
+
+
+def test_every_command_runs_in_a_new_interpreter_as_in_this_process(reference, tmp_path):
+    """What the pytest process has imported (test helpers, tools, safetensors' submodules) must not be what
+    makes a command work: each command once in a new interpreter, its output the in-process one's."""
+    base, ft, out, _ = reference
+    for args in (("status", out), ("status", out, "--json"), ("verify", out, "-q"), ("report", out),
+                 ("report", out, "--json")):  # fmt: skip
+        new, here = run_process(*args), run_here(*args)
+        assert new.returncode == here.returncode == 0, (args, new.stderr)
+        assert new.stdout == here.stdout, args
+    drawn = run_process("report", out, "--png", tmp_path / "r.png")
+    assert drawn.returncode == 0 and (tmp_path / "r.png").stat().st_size > 0, drawn.stderr
+    planned = run_process("plan", base, ft, "--devices", "cpu")
+    assert planned.returncode == 0 and "tensors" in planned.stdout, planned.stderr
+    demo = run_process("demo", tmp_path / "demo", "--preset", "tiny")
+    assert demo.returncode == 0 and (tmp_path / "demo" / "finetuned").is_dir(), demo.stderr

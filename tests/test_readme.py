@@ -68,12 +68,15 @@ def run_python_here(block: str, cwd: Path) -> None:
     """A README Python block, as `python -c BLOCK` runs it in `cwd`: its own globals, here in this process."""
     import os
 
-    old_cwd = Path.cwd()
+    import torch
+
+    old_cwd, threads = Path.cwd(), torch.get_num_threads()
     try:
         os.chdir(cwd)
         exec(compile(block, "<README python block>", "exec"), {"__name__": "__main__"})
     finally:
         os.chdir(old_cwd)
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

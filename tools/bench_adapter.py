@@ -113,11 +113,11 @@ def measured(cmd: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def plan_seconds(base: Path, finetuned: Path, **options) -> float:
-    """`streamsoup plan`'s estimate of the merge, through the API (the same estimate, no new interpreter)."""
-    import streamsoup
-
-    return streamsoup.plan(base, finetuned, **options).as_dict()["estimate"]["seconds"]
+def plan_seconds(base: Path, finetuned: Path, *extra: str) -> tuple[float, str]:
+    proc = subprocess.run([sys.executable, "-m", "streamsoup.cli", "plan", str(base), str(finetuned), "--json",
+                           *extra], capture_output=True, text=True, check=True)  # fmt: skip
+    summary = json.loads(proc.stdout)
+    return summary["estimate"]["seconds"], proc.stdout
 
 
 def main() -> None:
@@ -137,9 +137,9 @@ def main() -> None:
                                         base_shard_size=mc.HF_SHARD_SIZE, ft_shard_size=mc.HF_SHARD_SIZE)  # fmt: skip
     results: dict = {"preset": a.preset, "rank": a.rank, "base_bytes": sum(f.stat().st_size
                      for f in base.glob("*.safetensors"))}  # fmt: skip
-    results["plan_adapter_model_s"] = plan_seconds(base, adapter)
-    results["plan_adapter_adapter_s"] = plan_seconds(base, adapter, save="adapter")
-    results["plan_dense_s"] = plan_seconds(dense_base, dense_ft)
+    results["plan_adapter_model_s"], _ = plan_seconds(base, adapter)
+    results["plan_adapter_adapter_s"], _ = plan_seconds(base, adapter, "--save", "adapter")
+    results["plan_dense_s"], _ = plan_seconds(dense_base, dense_ft)
     if not a.sparse:
         cold_cache()
         results["io_floor_s"] = io_floor(base, a.dir / "scratch")
