@@ -88,25 +88,14 @@ def run_forked(*args: str | Path, env: dict | None = None, timeout: int = 300, c
     forkserver): its own pid, environment, signals, exit code (-9 when a fault point SIGKILLs it) and
     stdout/stderr at the file-descriptor level, and the RSS of a new interpreter (cli_server), without its
     start-up. Not its shutdown: the process ends with os._exit once the command returns (run_process)."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="streamsoup-test-cli-") as folder:
-        out, err = Path(folder) / "stdout", Path(folder) / "stderr"
-        out.touch()
-        err.touch()
-        child = forkserver().Process(target=cli_child, args=([str(a) for a in args], {**os.environ, **(env or {})},
-                                                               cwd, out, err), daemon=True)  # fmt: skip
-        child.start()
-        try:
-            child.join(timeout)
-        finally:  # a timeout, pytest-timeout or ^C: the process goes too, as subprocess.run's does
-            if child.exitcode is None:
-                child.kill()
-                child.join()
-                raise subprocess.TimeoutExpired(["streamsoup", *map(str, args)], timeout, out.read_text(),
-                                                err.read_text())  # fmt: skip
-        return subprocess.CompletedProcess(["streamsoup", *map(str, args)], child.exitcode, out.read_text(),
-                                           err.read_text())  # fmt: skip
+    proc = ForkedCLI([str(a) for a in args], {**os.environ, **(env or {})}, cwd=cwd)
+    try:
+        proc.wait(timeout)
+    finally:  # a timeout, pytest-timeout or ^C: the process goes too, as subprocess.run's does
+        if proc.poll() is None:
+            proc.kill()
+    out, err = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def cli_child(argv: list[str], env: dict, cwd: Path | None, out: Path, err: Path, new_session: bool = False) -> None:
@@ -135,14 +124,14 @@ def cli_child(argv: list[str], env: dict, cwd: Path | None, out: Path, err: Path
 
 def start(*args: str | Path, env: dict | None = None) -> ForkedCLI:
     """The CLI running in a session of its own (its process group), so the test can signal or kill the whole tree."""
-    return ForkedCLI([str(a) for a in args], {**os.environ, **(env or {})})
+    return ForkedCLI([str(a) for a in args], {**os.environ, **(env or {})}, new_session=True)
 
 
 class ForkedCLI:
-    """A CLI process forked as run_forked forks it, in a session of its own, still running: what the tests use of
-    subprocess.Popen (pid, poll, wait, communicate, send_signal, returncode, stderr.readline)."""
+    """A CLI process forked from the server of `forkserver` (see run_forked), still running: what the tests use
+    of subprocess.Popen (pid, poll, wait, communicate, send_signal, kill, returncode, stderr.readline)."""
 
-    def __init__(self, argv: list[str], env: dict) -> None:
+    def __init__(self, argv: list[str], env: dict, cwd: Path | None = None, new_session: bool = False) -> None:
         import shutil
         import tempfile
         import weakref
@@ -153,7 +142,8 @@ class ForkedCLI:
         self._out, err = self._folder / "stdout", self._folder / "stderr"
         self._out.touch()
         err.touch()
-        self._child = forkserver().Process(target=cli_child, args=(argv, env, None, self._out, err, True), daemon=True)
+        self._child = forkserver().Process(target=cli_child, args=(argv, env, cwd, self._out, err, new_session),
+                                           daemon=True)  # fmt: skip
         self._child.start()
         self.pid = self._child.pid
         self.stderr = _Lines(err, self.poll)
@@ -176,6 +166,10 @@ class ForkedCLI:
         if self.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self._child.kill()
+        self._child.join()
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         """Wait for the end; stdout, and what stderr.readline has not yet returned."""
@@ -289,8 +283,6 @@ def assert_merged_exactly(base: Path, ft: Path, out: Path, rule: str = "entropy"
     return report
 
 
-
-
 def startup_warning_filters() -> list:
     """The warning filters a new interpreter starts with (pytest sets its own inside each test): CPython's
     default filters (the `warnings` module's docs), then any -W options and PYTHONWARNINGS, as Python adds them."""
@@ -312,7 +304,6 @@ def run_here(*args: str | Path, env: dict | None = None, cwd: Path | None = None
     environment and working folder given, warnings shown as a fresh interpreter shows them (pytest records
     them inside a test), logging, torch's thread count and the BLAS thread limit a merge sets.
     """
-    import contextlib
     import io
     import logging
 
@@ -350,7 +341,7 @@ def run_here(*args: str | Path, env: dict | None = None, cwd: Path | None = None
             logging.getLogger(name).setLevel(level)
         for handler, stream in streams.items():
             handler.setStream(stream)
-        _restore_threads(threads)
+        restore_threads(threads)
     return subprocess.CompletedProcess(["streamsoup", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
@@ -367,8 +358,8 @@ def stderr_handlers() -> dict:
     return handlers
 
 
-def _restore_threads(threads: int) -> None:
-    """torch's threads and the BLAS limit back to this process's own (a merge sets its lanes' threads)."""
+def restore_threads(threads: int) -> None:
+    """torch's threads and the BLAS limit back to this process's own (a merge or plan sets its lanes' threads)."""
     from streamsoup.numerics.hostlinalg import set_threads
 
     set_threads(threads)
@@ -389,9 +380,7 @@ def edited_adapter(adapter: Path, tmp_path: Path, **changes) -> Path:
 def run_tool_here(words: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """`python tools/X.py ARGS` as its command line runs it (its `__main__`, argv as typed, in `cwd`), in this
     process: the tools are scripts run for their files and numbers, not for their process."""
-    import contextlib
     import io
-    import os
     import runpy
 
     import torch
@@ -411,5 +400,5 @@ def run_tool_here(words: list[str], cwd: Path) -> subprocess.CompletedProcess:
     finally:
         sys.argv = old_argv
         os.chdir(old_cwd)
-        _restore_threads(threads)
+        restore_threads(threads)
     return subprocess.CompletedProcess(words, code, out.getvalue(), err.getvalue())

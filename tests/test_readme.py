@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import run, run_tool_here
+from helpers import restore_threads, run, run_tool_here
 
 from streamsoup.cli import build_parser
 
@@ -76,7 +76,7 @@ def run_python_here(block: str, cwd: Path) -> None:
         exec(compile(block, "<README python block>", "exec"), {"__name__": "__main__"})
     finally:
         os.chdir(old_cwd)
-        torch.set_num_threads(threads)
+        restore_threads(threads)
 
 
 @pytest.mark.slow
