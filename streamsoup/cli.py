@@ -18,7 +18,7 @@ from ._version import __version__
 from .api import demo, merge, plan, report, status, verify
 from .errors import Interrupted, OptionError, StreamsoupError
 from .options import MergeOptions, flag_name, utc_stamp
-from .run.signals import MESSAGE
+from .run.signals import MESSAGE, terminate_as_interrupt
 from .synthetic import PRESETS
 
 
@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
-        return COMMANDS[args.command](args)
+        with terminate_as_interrupt():
+            return COMMANDS[args.command](args)
     except Interrupted as exc:
         sys.stderr.write(f"streamsoup: {exc}\n")
         sys.stderr.flush()

@@ -156,6 +156,30 @@ def big_pair(tmp_path_factory) -> tuple[Path, Path]:
     return paths(*made_once(tmp_path_factory, "big", make))
 
 
+@pytest.fixture(scope="session")
+def big_expected(big_pair, tmp_path_factory) -> dict:
+    """The float64 reference of big_pair (~13 s of SVDs), computed once for the tests that check merges of it."""
+    import numpy as np
+    from helpers import expected_merge
+    from reference import Expected
+
+    def make(folder: Path) -> dict:
+        scalars = {}
+        for name, exp in expected_merge(*big_pair).items():
+            scalars[name] = None if exp is None else {**vars(exp), "values": exp.values is not None}
+            if exp is not None and exp.values is not None:
+                np.save(folder / f"{name}.npy", exp.values)
+        return {"folder": str(folder), "scalars": scalars}
+
+    made = made_once(tmp_path_factory, "big-expected", make)
+    folder = Path(made["folder"])
+
+    def load(name: str, scalars: dict) -> Expected:
+        return Expected(**{**scalars, "values": np.load(folder / f"{name}.npy") if scalars["values"] else None})
+
+    return {name: None if s is None else load(name, s) for name, s in made["scalars"].items()}
+
+
 #: after a failed run pytest keeps its temp folders for debugging: keep logs and reports, not weights
 LARGE = 4 * 2**20
 
@@ -165,7 +189,7 @@ def pytest_sessionfinish(session, exitstatus):
     if factory is None or exitstatus == 0:
         return
     base = factory.getbasetemp()
-    for path in base.rglob("*.safetensors"):
+    for path in [*base.rglob("*.safetensors"), *base.rglob("*.npy")]:
         try:
             if path.is_file() and not path.is_symlink() and path.stat().st_size > LARGE:
                 path.unlink()

@@ -257,21 +257,37 @@ def report_rows(out: Path) -> dict[str, dict]:
     return {r["name"]: r for r in json.loads((out / REPORT).read_text())["tensors"]}
 
 
-def assert_merged_exactly(base: Path, ft: Path, out: Path, rule: str = "entropy", energy: float = 0.8) -> dict:
-    """Every output tensor against the float64 reference; copies byte-identical. Returns the report."""
+def folder_of(path: Path) -> Path:
+    return path if path.is_dir() else path.parent
+
+
+def expected_merge(base: Path, ft: Path, rule: str = "entropy", energy: float = 0.8) -> dict:
+    """name -> the float64 reference's Expected for every tensor of FT (None where BASE lacks it)."""
+    from conftest import load_folder
+    from reference import monosoup_reference
+
+    b, f = load_folder(folder_of(base)), load_folder(folder_of(ft))
+    return {name: monosoup_reference(b[name], w1, rule, energy) if name in b else None for name, w1 in f.items()}
+
+
+def assert_merged_exactly(
+    base: Path, ft: Path, out: Path, rule: str = "entropy", energy: float = 0.8, expected: dict | None = None
+) -> dict:
+    """Every output tensor against the float64 reference (`expected_merge`, or the same computed once and
+    passed in); copies byte-identical. Returns the report."""
     import pytest
     from conftest import load_folder, raw_bytes
-    from reference import assert_within_rounding, monosoup_reference
+    from reference import assert_within_rounding
 
-    folder = lambda p: p if p.is_dir() else p.parent  # noqa: E731
-    b, f, o = load_folder(folder(base)), load_folder(folder(ft)), load_folder(out)
-    f_raw, o_raw = raw_bytes(folder(ft)), raw_bytes(out)
+    expected = expected_merge(base, ft, rule, energy) if expected is None else expected
+    f, o = load_folder(folder_of(ft)), load_folder(out)
+    f_raw, o_raw = raw_bytes(folder_of(ft)), raw_bytes(out)
     report = json.loads((out / REPORT).read_text())
     rows = {r["name"]: r for r in report["tensors"]}
-    assert set(o) == set(f) == set(rows)
+    assert set(o) == set(f) == set(rows) == set(expected)
     for name, w1 in f.items():
         assert o[name].dtype == w1.dtype and o[name].shape == w1.shape, name
-        exp = monosoup_reference(b[name], w1, rule, energy) if name in b else None
+        exp = expected[name]
         if exp is not None and exp.edited:
             assert rows[name]["action"] == "edit", name
             assert rows[name]["k"] == exp.k and rows[name]["rank"] == exp.rank, name

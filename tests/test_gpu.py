@@ -21,7 +21,7 @@ def test_gpu_merge_is_exact(awkward_pair, tmp_path, spectral):
     assert {r["device"] for r in report_rows(out).values() if r["action"] == "edit"} == {"cuda:0"}
 
 
-def test_gpu_streamed_is_exact(big_pair, tmp_path):
+def test_gpu_streamed_is_exact(big_pair, big_expected, tmp_path):
     """Tensors over the host budget stream row blocks through the GPU."""
     import json
 
@@ -33,11 +33,11 @@ def test_gpu_streamed_is_exact(big_pair, tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = report_rows(out)
     assert any(r["blocks"] > 1 for r in rows.values())
-    assert_merged_exactly(*big_pair, out)
+    assert_merged_exactly(*big_pair, out, expected=big_expected)
 
 
-def test_gpu_and_cpu_lanes_together(big_pair, tmp_path):
+def test_gpu_and_cpu_lanes_together(big_pair, big_expected, tmp_path):
     out = tmp_path / "out"
     proc = run("merge", *big_pair, out, "--devices", "auto", "--lanes", "2", "-q")
     assert proc.returncode == 0, proc.stderr
-    assert_merged_exactly(*big_pair, out)
+    assert_merged_exactly(*big_pair, out, expected=big_expected)

@@ -21,6 +21,27 @@ MAX_RAM = 640 * 2**20
 pytestmark = [pytest.mark.serial, pytest.mark.slow]  # peak RSS sampled every 20 ms: nothing else runs meanwhile
 
 
+class Noise:
+    """Random 262144 x 64 blocks at the cost of a copy: a few drawn once, each use rolled by another offset.
+
+    The peak RSS under test depends on shapes and dtypes, not values; drawing every block cost ~30 s.
+    """
+
+    def __init__(self, seed: int, drawn: int = 3):
+        g = torch.Generator().manual_seed(seed)
+        self.pool = [0.02 * torch.randn(262144, 64, generator=g) for _ in range(drawn)]
+        self.used = 0
+
+    def block(self) -> torch.Tensor:
+        self.used += 1
+        return self.pool[self.used % len(self.pool)].roll(self.used, 0)
+
+    def tensor(self, *shape: int) -> torch.Tensor:
+        """Whole blocks, laid end to end in `shape` (a multiple of a block)."""
+        blocks = math.prod(shape) // (262144 * 64)
+        return torch.cat([self.block().reshape(-1) for _ in range(blocks)]).reshape(shape)
+
+
 def write_pair(root: Path, n_small: int, seed: int) -> tuple[Path, Path]:
     """`n_small` 32 MiB tensors and two 256 MiB ones; the base is all zeros (sparse), the fine-tune random."""
     specs = [TensorSpec(f"layers.{i}.weight", "BF16", (262144, 64)) for i in range(n_small)]
@@ -28,10 +49,10 @@ def write_pair(root: Path, n_small: int, seed: int) -> tuple[Path, Path]:
     base = Writer(root / "base", specs, 1 << 30, with_index=True)
     base.close()
     ft = Writer(root / "ft", specs, 1 << 30, with_index=True)
-    g = torch.Generator().manual_seed(seed)
+    noise = Noise(seed)
     for spec in specs:
         for start in range(0, spec.shape[0], 262144):
-            ft.write(spec.name, "BF16", start, 0.02 * torch.randn(262144, 64, generator=g))
+            ft.write(spec.name, "BF16", start, noise.block())
     ft.close()
     return root / "base", root / "ft"
 
@@ -61,10 +82,10 @@ def test_peak_rss_stays_under_budget_and_does_not_grow(tmp_path):
 
 def write_bin_pair(root: Path, n_small: int) -> tuple[Path, Path]:
     """The same shapes as torch.save shards (.bin, no index); the big tensors stored transposed: views."""
-    g = torch.Generator().manual_seed(n_small)
+    noise = Noise(n_small)
     for side in ("base", "ft"):
         (root / side).mkdir(parents=True)
-        make = (lambda *s: torch.zeros(s)) if side == "base" else (lambda *s: 0.02 * torch.randn(s, generator=g))
+        make = (lambda *s: torch.zeros(s)) if side == "base" else noise.tensor
         for first in range(0, n_small, 8):
             names = [f"layers.{i}.weight" for i in range(first, min(first + 8, n_small))]
             part = {name: make(262144, 64).to(torch.bfloat16) for name in names}

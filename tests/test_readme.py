@@ -49,6 +49,13 @@ def test_readme_has_commands():
     assert not [c for c in commands if c.startswith("python ")], "bare python: use .venv/bin/python"
 
 
+def test_ci_runs_the_readme_test_command_verbatim():
+    tests = [line for line in code_lines() if "-m pytest" in line]
+    assert len(tests) == 1, tests
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert tests[0] in ci, "the README's test command must be a line of .ci/run, as written"
+
+
 def _argv(command: str) -> list[str]:
     words = shlex.split(command)
     if words[0].endswith("streamsoup"):

@@ -170,6 +170,18 @@ def test_signals_stop_cleanly_and_resume(medium_pair, tmp_path, sig):
     assert run("verify", out, "-q").returncode == 0
 
 
+def test_sigterm_before_a_merge_guards_its_commits_is_an_interrupt_too(awkward_pair, tmp_path):
+    """SIGTERM while a command plans or calibrates (no merge guard yet) stops it as Ctrl-C does: one line,
+    exit 130; not the default action's silent death by signal 15."""
+    proc = start("plan", *awkward_pair, "--devices", "cpu")
+    time.sleep(1.0)  # plan calibrates this machine for seconds
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert err.strip().splitlines() == ["streamsoup: interrupted — rerun the same command to resume"], err
+    assert out == ""
+
+
 def test_status_and_verify(reference, tmp_path):
     base, ft, _, _ = reference
     out = tmp_path / "out"

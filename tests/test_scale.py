@@ -26,13 +26,13 @@ def streamed_reference(big_pair, tmp_path_factory) -> tuple[Path, dict]:
 
 
 @pytest.mark.slow
-def test_streamed_tensors_are_exact(big_pair, streamed_reference):
+def test_streamed_tensors_are_exact(big_pair, big_expected, streamed_reference):
     out, _ = streamed_reference
     rows = report_rows(out)
     for name in ("tall.weight", "wide.weight", "conv.weight", "f32.weight"):
         assert rows[name]["blocks"] > 1, f"{name} should have been streamed"
     assert rows["small.weight"]["blocks"] == 0
-    assert_merged_exactly(*big_pair, out)
+    assert_merged_exactly(*big_pair, out, expected=big_expected)
 
 
 def test_streamed_equals_in_memory_bytes(big_pair, streamed_reference, tmp_path):
