@@ -64,18 +64,19 @@ def verify(out: str | Path, *, progress: bool = False) -> VerifyResult:
     return verify_output(out, progress=progress)
 
 
-def report(out: str | Path, *, png: str | Path | None = None) -> RunReport:
+def report(out: str | Path, *, png: str | Path | None = None, force: bool = False) -> RunReport:
     """What MonoSoup did to OUT (finished, or the OUT.partial / --work-dir of an unfinished run).
 
     ``str()`` is the terminal summary of `streamsoup report`, ``.as_dict()`` its ``--json``;
-    `png` (or ``.save_png(path)``) draws the figure (needs matplotlib: ``streamsoup[report]``).
+    `png` (or ``.save_png(path)``) draws the figure (needs matplotlib: ``streamsoup[report]``) into a new
+    file; ``force=True`` lets it replace an existing one.
     """
     if png is not None:
         require_matplotlib()
-        check_png_path(expand_path(png).absolute())
+        check_png_path(expand_path(png).absolute(), force)
     result = read_run(out)
     if png is not None:
-        result.save_png(png)
+        result.save_png(png, force)
     return result
 
 

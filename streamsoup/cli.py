@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     re_.add_argument("out", metavar="OUT", help=OUT_HELP + ", or the --work-dir of that run")
     re_.add_argument("--json", action="store_true", help="machine-readable output (the report's structure)")
     re_.add_argument("--png", metavar="FILE", help="also draw one figure into FILE (needs matplotlib: "
-                     "pip install 'streamsoup[report]')")  # fmt: skip
+                     "pip install 'streamsoup[report]'); never replaces an existing file without --force")  # fmt: skip
+    re_.add_argument("--force", action="store_true", help="let --png replace an existing FILE")
     de = sub.add_parser("demo", help="write a small demo pair and the example configs into DIR",
                         description="Write a small Llama-shaped pair (DIR/base, DIR/finetuned: bf16 shards with an "
                         "index, config and tokenizer files, plus the awkward tensors real pairs have) and the example "
@@ -152,13 +153,15 @@ def _verify(args: argparse.Namespace) -> int:
     result = verify(args.out, progress=not args.quiet)
     print(result)
     if not result.ok:
-        sys.stderr.write(f"streamsoup: error: {len(result.problems)} problem(s) in {args.out}; rerun the merge\n")
+        sys.stderr.write(f"streamsoup: error: {len(result.problems)} problem(s) in {args.out}; its bytes are not "
+                         f"what the merge wrote: to write it again: {result.repair}\n")  # fmt: skip
         return 1
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    _show(report(args.out, png=args.png), args.json)  # report() checks for matplotlib before reading anything
+    # report() checks for matplotlib and the figure's file before reading anything
+    _show(report(args.out, png=args.png, force=args.force), args.json)
     if args.png:
         sys.stdout.flush()
         sys.stderr.write(f"streamsoup: figure written to {args.png}\n")

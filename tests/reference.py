@@ -12,8 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-EPS = 1e-12
-
 
 @dataclass
 class Expected:
@@ -40,20 +38,20 @@ def monosoup_reference(
     a0 = to_f64(w0).reshape(shape[0], -1)
     dw = to_f64(w1).reshape(shape[0], -1) - a0
     dnorm, n0 = np.linalg.norm(dw), np.linalg.norm(a0)
-    significant = dnorm >= EPS if n0 < EPS else dnorm / (n0 + EPS) >= min_rel_update
-    if not significant or dnorm**2 < EPS:
+    # the package's edit threshold (relative; any update of an all-zero W0); the paper's formulas have no epsilon
+    if dnorm == 0 or (n0 > 0 and dnorm / n0 < min_rel_update):
         return Expected(False, None, dw_norm=dnorm)
     u, s, vt = np.linalg.svd(dw, full_matrices=False)
     r = len(s)
     if rule == "entropy":
         p = s / s.sum()
-        h = -np.sum(p * np.log(p + EPS))
+        h = -np.sum(p[p > 0] * np.log(p[p > 0]))  # 0 log 0 = 0
         k = min(max(math.ceil(math.exp(h)), 1), r)
     else:
         cum = np.cumsum(s**2) / np.sum(s**2)
         k = min(int(np.argmax(cum >= energy)) + 1, r)
-    p_k = np.sum(s[:k] ** 2) / (np.sum(s**2) + EPS)
-    rho = 0.0 if k == r else (s[k] / (s[0] + EPS)) ** 2
+    p_k = np.sum(s[:k] ** 2) / np.sum(s**2)
+    rho = 0.0 if k == r else (s[k] / s[0]) ** 2
     lam_low = rho + (1 - rho) * math.sqrt(min(max(1 - p_k, 0.0), 1.0))
     lam_high = min(max(1 - lam_low, 0.0), 1.0)
     lam_low = min(max(lam_low, 0.0), 1.0)

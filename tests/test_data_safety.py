@@ -65,6 +65,62 @@ def test_work_dir_dot_keeps_the_folder_and_the_inputs(reference, tmp_path):
     assert {k: v for k, v in after.items() if not k.startswith("out/")} == before
 
 
+@pytest.mark.parametrize("restart", ["--fresh", "damaged zarr.json"])
+def test_files_a_user_put_into_a_work_dir_streamsoup_made_are_kept(reference, tmp_path, restart):
+    """A --work-dir streamsoup made, into which the user then put files: starting over (--fresh, or a state that
+    does not read) removes only what streamsoup wrote; the user's files stay, and one line says so."""
+    base, ft, _, digest = reference
+    work, out = tmp_path / "wd", tmp_path / "out"
+    killed = run("merge", base, ft, out, *ARGS, "--work-dir", work, env={"STREAMSOUP_FAULT": "commit:4"})
+    assert killed.returncode == -signal.SIGKILL and (work / "zarr.json").exists()
+    (work / "notes.txt").write_text("mine")
+    (work / "mydata").mkdir()
+    (work / "mydata" / "x").write_text("also mine")
+    if restart == "--fresh":
+        extra = ("--fresh",)
+    else:
+        extra = ()
+        (work / "zarr.json").write_text("{ not json")
+    proc = run("merge", base, ft, out, "--shard-size", "100KB", "--work-dir", work, *extra)
+    assert proc.returncode == 0, proc.stderr
+    assert tree_digest(out) == digest
+    assert (work / "notes.txt").read_text() == "mine" and (work / "mydata" / "x").read_text() == "also mine"
+    assert sorted(p.name for p in work.iterdir()) == ["mydata", "notes.txt"]  # streamsoup's state is gone
+    said = [line for line in proc.stderr.splitlines() if "notes.txt" in line]
+    assert len(said) >= 1 and all("mydata" in line for line in said), proc.stderr
+
+
+def test_files_a_user_put_into_an_out_partial_are_never_deleted(reference, tmp_path):
+    """OUT.partial becomes OUT: a user's file in it is neither deleted by --fresh nor published; one line."""
+    base, ft, _, _ = reference
+    out = tmp_path / "out"
+    partial = tmp_path / "out.partial"
+    killed = run("merge", base, ft, out, *ARGS, env={"STREAMSOUP_FAULT": "commit:4"})
+    assert killed.returncode == -signal.SIGKILL
+    (partial / "notes.txt").write_text("mine")
+    files = lambda: {k: v for k, v in tree_digest(partial).items() if k != ".streamsoup.lock"}  # noqa: E731
+    before = files()  # the lock names its holder: the rerun that takes it rewrites it
+    proc = run("merge", base, ft, out, *ARGS, "--fresh")
+    assert_one_line_error(proc, 2, str(partial), "notes.txt", "did not write")
+    assert files() == before and not out.exists()
+
+
+@pytest.mark.parametrize("where", ["OUT", "inside OUT", "OUT.partial", "inside FINETUNED", "BASE"])
+def test_a_work_dir_in_out_or_in_an_input_is_refused_up_front(pair, tmp_path, where):
+    """The state would be published with OUT, or be written into an input (whose files the run binds): refused
+    before anything is computed or written."""
+    base, ft = pair
+    out = tmp_path / "out"
+    work = {"OUT": out, "inside OUT": out / "state", "OUT.partial": tmp_path / "out.partial",
+            "inside FINETUNED": ft / "state", "BASE": base}[where]  # fmt: skip
+    inputs = tree_digest(base), tree_digest(ft)
+    proc = run("merge", base, ft, out, "--work-dir", work)
+    assert_one_line_error(proc, 2, "--work-dir", str(work))
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+    assert where == "BASE" or not work.exists()
+    assert (tree_digest(base), tree_digest(ft)) == inputs
+
+
 def test_foreign_or_symlinked_partial_is_refused(awkward_pair, tmp_path):
     base, ft = awkward_pair
     mine = tmp_path / "O.partial"

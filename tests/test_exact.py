@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import assert_merged_exactly
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import streamsoup
@@ -97,3 +101,79 @@ def test_full_rank_k_equals_r(tmp_path):
     )
     row = report["tensors"][0]
     assert row["k"] == row["rank"] == 48 and row["rho"] == 0.0
+    assert row["P_k"] == 1.0 and row["lambda_low"] == 0.0 and row["lambda_high"] == 1.0  # no epsilon left over
+
+
+def scaled_pair(folder: Path, scales: list[float], w0_scale: float, dtype: torch.dtype) -> tuple[Path, Path]:
+    """One tensor per scale c: W1 = W0 + c * D, one D (low rank plus noise) and one W0 for all."""
+    g = torch.Generator().manual_seed(21)
+    d = torch.randn(64, 6, generator=g) @ torch.randn(6, 40, generator=g) + 0.1 * torch.randn(64, 40, generator=g)
+    w0 = w0_scale * torch.randn(64, 40, generator=g)
+    base = {f"s{i}.weight": w0.to(dtype).clone() for i in range(len(scales))}
+    ft = {f"s{i}.weight": (w0.double() + c * d.double()).to(dtype) for i, c in enumerate(scales)}
+    for name, tensors in (("base", base), ("ft", ft)):
+        (folder / name).mkdir(parents=True)
+        save_file(tensors, folder / name / "model.safetensors")
+    return folder / "base", folder / "ft"
+
+
+DECISIONS = ("action", "k", "rank", "P_k", "rho", "lambda_high", "lambda_low")
+
+
+@pytest.mark.parametrize("rule", ["entropy", "energy"])
+def test_decisions_do_not_depend_on_the_scale_of_the_update(tmp_path, rule):
+    """MonoSoup decides from ratios of singular values: c * dW gets the k, P_k, rho and lambdas of dW for every
+    c > 0 (exactly for powers of two, which scale a float without rounding), tiny fp32 updates and zero-initialised
+    layers (W0 = 0) included; an absolute epsilon (1e-12 on sum s^2 and s_1) made them depend on c."""
+    powers = [2.0**j for j in range(-30, 14, 3)]  # 9e-10 .. 8192: ||dW||^2 from ~1e-15 to ~1e11
+    base, ft = scaled_pair(tmp_path / "zero", powers, 0.0, torch.float32)  # W1 = c * D: exact in fp32
+    rows = check_merge(base, ft, tmp_path / "zero" / "out", rule, 0.8)["tensors"]
+    first = {key: rows[0][key] for key in DECISIONS}
+    assert first["action"] == "edit" and 1 < first["k"] < first["rank"], first
+    for row in rows:
+        assert {key: row[key] for key in DECISIONS} == first, row["name"]
+    # any c: W1 = c * D rounded once into fp32 (W0 = 0), or W0 + c * D in float64 (W0 != 0: c stops where
+    # ||dW|| / ||W0|| reaches the fine-tune range, above it BASE is refused as unrelated)
+    groups = (("decades", [10.0**j for j in range(-8, 5)], 0.0, torch.float32),
+              ("dense", [10.0**j for j in range(-8, -2)], 0.02, torch.float64))  # fmt: skip
+    for group, scales, w0_scale, dtype in groups:
+        base, ft = scaled_pair(tmp_path / group, scales, w0_scale, dtype)
+        rows = check_merge(base, ft, tmp_path / group / "out", rule, 0.8)["tensors"]
+        for row in rows:
+            assert row["action"] == "edit" and (row["k"], row["rank"]) == (first["k"], first["rank"]), row["name"]
+            for key in ("P_k", "rho", "lambda_high", "lambda_low"):
+                assert row[key] == pytest.approx(first[key], abs=1e-6), (group, row["name"], key)
+
+
+SPECTRA = st.lists(st.floats(min_value=1e-6, max_value=1.0, allow_nan=False, allow_infinity=False), min_size=1,
+                   max_size=48).map(lambda v: torch.tensor(sorted(v, reverse=True), dtype=torch.float64))  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(SPECTRA, st.integers(min_value=-60, max_value=60), st.sampled_from(["entropy", "energy"]))
+def test_coefficients_of_a_spectrum_scaled_by_a_power_of_two_are_identical(s, j, rule):
+    """The property the merge test above checks end to end, over many spectra: 2^j scales every singular value
+    without rounding, so every decision must be bit-identical (1e-18 .. 1e18 times the update)."""
+    from streamsoup.numerics.monosoup import coefficients
+
+    assert coefficients(s * 2.0**j, rule) == coefficients(s, rule)
+
+
+@settings(max_examples=400, deadline=None)
+@given(SPECTRA, st.floats(min_value=1e-8, max_value=1e4), st.sampled_from(["entropy", "energy"]))
+def test_coefficients_of_a_scaled_spectrum_agree_within_rounding(s, c, rule):
+    """Any c > 0: the same k (unless exp(H), or the energy share, sits within rounding of its threshold) and the
+    same P_k, rho and lambdas within a few float64 roundings."""
+    from streamsoup.numerics.monosoup import coefficients
+
+    a, b = coefficients(s, rule), coefficients(s * c, rule)
+    p = (s / s.sum()).numpy()
+    exp_h = math.exp(-float((p * np.log(p)).sum()))
+    share = (np.cumsum(s.numpy() ** 2) / float((s**2).sum())).tolist()
+    near = abs(exp_h - round(exp_h)) < 1e-9 if rule == "entropy" else min(abs(x - 0.8) for x in share) < 1e-12
+    assert a.k == b.k or near, (a, b)
+    if a.k == b.k:
+        for key in ("p_k", "rho"):
+            assert getattr(b, key) == pytest.approx(getattr(a, key), rel=1e-12, abs=1e-300), key
+        for key in ("lambda_high", "lambda_low"):  # sqrt(1 - P_k) near 0 turns 1e-15 into up to 3e-8
+            assert getattr(b, key) == pytest.approx(getattr(a, key), abs=5e-8), key

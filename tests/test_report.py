@@ -20,6 +20,7 @@ import pytest
 from helpers import REPORT, assert_one_line_error, run
 
 import streamsoup
+from streamsoup.errors import UsageError
 from streamsoup.reporting import RunReport
 from streamsoup.reporting.kinds import locate
 
@@ -277,6 +278,26 @@ def test_png_without_matplotlib_is_one_line(merged, tmp_path):
     assert_one_line_error(proc, 2, "--png needs matplotlib", "pip install 'streamsoup[report]'")
     assert proc.stdout == "" and not (tmp_path / "x.png").exists()
     assert run("report", merged).returncode == 0  # the text needs no matplotlib
+
+
+def test_png_never_replaces_a_file_unless_forced(merged, tmp_path):
+    """`--png OUT/model.safetensors` must not destroy the model: an existing file is refused (one line, exit 2,
+    its bytes untouched) unless --force, which replaces it whole (the figure is written beside it, then renamed)."""
+    shard = sorted(merged.glob("*.safetensors"))[0]
+    before = shard.read_bytes()
+    assert_one_line_error(run("report", merged, "--png", shard), 2, "already exists", "--force")
+    assert shard.read_bytes() == before and run("verify", merged, "-q").returncode == 0
+    mine = tmp_path / "figure.png"
+    mine.write_bytes(b"a user's file")
+    assert_one_line_error(run("report", merged, "--png", mine), 2, str(mine), "already exists")
+    assert mine.read_bytes() == b"a user's file"
+    with pytest.raises(UsageError, match="already exists"):
+        streamsoup.report(merged, png=mine)
+    forced = run("report", merged, "--png", mine, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert_png(mine)
+    streamsoup.report(merged, png=mine, force=True)
+    assert_png(mine)
 
 
 def test_report_errors_are_one_line(tmp_path, merged):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -144,7 +145,9 @@ def test_second_merge_on_same_out_is_refused(awkward_pair, tmp_path):
     try:
         proc = run("merge", base, ft, tmp_path / "out")
         assert_one_line_error(proc, 2, "another streamsoup merge", f"pid {os.getpid()}")
-        assert "running" in run("status", tmp_path / "out").stdout or True
+        status = run("status", tmp_path / "out")
+        assert status.returncode == 0 and status.stdout.startswith("running (") and f"pid {os.getpid()}" in \
+            status.stdout, status  # fmt: skip
     finally:
         lock.release()
 
@@ -203,6 +206,15 @@ def test_status_and_verify(reference, tmp_path):
     shard.write_bytes(bytes(data))
     bad = run("verify", out, "-q")
     assert bad.returncode == 1 and "MISMATCH" in bad.stdout and "checksum mismatch" in bad.stdout
+    # the one line says how to repair, as a command that does: move OUT aside, merge again with its options
+    assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr, bad.stderr
+    move, merge = bad.stderr.strip().split("write it again: ", 1)[1].split(" && ")
+    assert shlex.split(move) == ["mv", str(out), f"{out}.damaged"], move
+    os.rename(*shlex.split(move)[1:])
+    words = shlex.split(merge)
+    assert words[:2] == ["streamsoup", "merge"] and "--shard-size" in words, merge
+    assert run(*words[1:], "-q").returncode == 0
+    assert run("verify", out, "-q").returncode == 0 and tree_digest(out) == reference[3]
     assert_one_line_error(run("status", tmp_path / "nothing"), 2, "no merge at")
 
 

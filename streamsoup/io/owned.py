@@ -2,9 +2,9 @@
 
 A folder is ours when it is a real directory (never a symlink) holding the marker file that
 `create` wrote when it made it, naming the run's identity (the absolute OUT path) and its role
-("partial" for OUT.partial, "state" for a resume state). `remove` deletes a folder only when it is
-ours and holds nothing but the names its role writes: a user's folder, or one a user put files
-into, is never deleted, whatever a pointer file or an option says.
+("partial" for OUT.partial, "state" for a resume state). `clear` and `remove` delete only the
+entries its role writes in a folder that is ours: a user's folder is never touched, and files a
+user put into one of ours stay (with the folder), whatever a pointer file or an option says.
 """
 
 from __future__ import annotations
@@ -62,19 +62,27 @@ def strangers(path: Path, expected: Callable[[str], bool]) -> list[str]:
     return sorted(e for e in os.listdir(path) if e != MARKER and not expected(e))
 
 
-def remove(path: Path, out: Path, role: str, expected: Callable[[str], bool]) -> bool:
-    """Delete `path` if it is ours and holds only what its role writes; False (nothing touched) otherwise."""
-    if not owned(path, out, role) or strangers(path, expected):
-        return False
+def remove(path: Path, out: Path, role: str, expected: Callable[[str], bool]) -> list[str] | None:
+    """Delete a folder that is ours. When it also holds entries its role does not write (a user's), only what
+    streamsoup wrote goes, marker included: the folder and those entries stay, and are returned.
+    None: the folder is not ours, nothing was touched."""
+    if not owned(path, out, role):
+        return None
+    kept = clear(path, out, role, expected)
+    if kept:
+        (path / MARKER).unlink()  # it holds a user's files now: never ours to delete again
+        return kept
     shutil.rmtree(path)  # rmtree unlinks symlinks inside, never follows them
-    return True
+    return []
 
 
-def clear(path: Path, out: Path, role: str, keep: tuple[str, ...] = ()) -> None:
-    """Empty a folder that is ours (the marker and `keep` stay): start its work over."""
+def clear(path: Path, out: Path, role: str, expected: Callable[[str], bool]) -> list[str]:
+    """Empty a folder that is ours of what its role writes (its marker stays): start its work over. Entries the
+    role does not write are a user's: kept, and returned so that the caller says so."""
     assert owned(path, out, role), path
     for entry in os.listdir(path):
-        if entry == MARKER or entry in keep:
+        if entry == MARKER or not expected(entry):
             continue
         full = path / entry
         shutil.rmtree(full) if is_dir(full) else full.unlink()
+    return strangers(path, expected)

@@ -52,6 +52,16 @@ STATE_ENTRIES = ("zarr.json", "tensors", "batches")
 BATCHES = "batches"
 
 
+def is_state_entry(name: str) -> bool:
+    return name in STATE_ENTRIES
+
+
+def kept_line(folder: Path, kept: list[str], done: str) -> str:
+    """The one line that says a user's files were left where streamsoup cleaned up."""
+    shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
+    return f"{done}; kept {folder} and what streamsoup did not write in it: {shown}"
+
+
 class StateDamaged(Exception):
     """A record of the state did not verify; its work is redone."""
 
@@ -186,8 +196,9 @@ class RunState:
                     f"merge ({changes}); rerun it with its original inputs and options, or add --fresh to discard it"
                 )
             if old is None:
-                log.warning("the resume state %s is unreadable (damaged); everything is recomputed", path)
-                owned.clear(path, out, "state")
+                kept = owned.clear(path, out, "state", is_state_entry)
+                done = f"the resume state {path} is unreadable (damaged); everything is recomputed"
+                log.warning(kept_line(path, kept, done) if kept else done)
         else:
             owned.create(path, out, "state")
         group = zarr.open_group(str(path), mode="a")

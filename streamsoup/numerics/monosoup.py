@@ -17,8 +17,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-EPS = 1e-12
-
 
 @dataclass(frozen=True)
 class Coefficients:
@@ -36,20 +34,22 @@ class Coefficients:
 
 
 def relative_update(dw_norm: float, w0_norm: float) -> float:
-    return dw_norm / (w0_norm + EPS)
+    """||dW|| / ||W0||: infinite for an update of an all-zero W0 (a layer trained from zero), 0 for no update."""
+    if dw_norm == 0:
+        return 0.0
+    return math.inf if w0_norm == 0 else dw_norm / w0_norm
 
 
 def update_is_significant(dw_norm: float, w0_norm: float, min_rel_update: float) -> bool:
-    """The edit threshold (docs/DESIGN.md, "The math"): relative to ||W0||, absolute when W0 is ~0."""
-    if w0_norm < EPS:
-        return dw_norm >= EPS
-    return relative_update(dw_norm, w0_norm) >= min_rel_update
+    """The edit threshold (docs/DESIGN.md, "The math"): relative to ||W0||, so the same at every scale; any
+    update of an all-zero W0 counts, no update never does."""
+    return dw_norm > 0 and relative_update(dw_norm, w0_norm) >= min_rel_update
 
 
 def entropy_rank(s: torch.Tensor) -> int:
-    """k = ceil(exp(H)) of the normalised singular values, clamped to [1, r]."""
+    """k = ceil(exp(H)) of the normalised singular values (0 log 0 = 0, as the entropy has it), clamped to [1, r]."""
     p = s / s.sum()
-    h = float(-(p * torch.log(p + EPS)).sum())
+    h = float(-torch.special.xlogy(p, p).sum())
     return min(max(math.ceil(math.exp(h)), 1), s.numel())
 
 
@@ -72,11 +72,14 @@ def choose_rank(s: torch.Tensor, rule: str, energy: float) -> int:
 def coefficients(s: torch.Tensor, rule: str = "entropy", energy: float = 0.8) -> Coefficients:
     """MonoSoup's layer-wise, data-free coefficients from the descending float64 spectrum `s`."""
     s = s.to(torch.float64)
+    if not s.numel() or not s[0] > 0:
+        raise ValueError("an all-zero spectrum has no MonoSoup coefficients (the update is copied, not edited)")
+    s = s / s[0]  # the paper's ratios, free of the update's scale (no s^2 underflows or overflows)
     r = s.numel()
     k = choose_rank(s, rule, energy)
     s2 = s.square()
-    p_k = float(s2[:k].sum() / (s2.sum() + EPS))
-    rho = 0.0 if k == r else float((s[k] / (s[0] + EPS)) ** 2)
+    p_k = float(s2[:k].sum() / s2.sum())
+    rho = 0.0 if k == r else float(s[k] ** 2)
     lam_low = rho + (1.0 - rho) * math.sqrt(min(max(1.0 - p_k, 0.0), 1.0))
     lam_high = 1.0 - lam_low
     clamp = lambda x: min(max(x, 0.0), 1.0)  # noqa: E731

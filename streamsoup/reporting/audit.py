@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from ..errors import InputError, UsageError
 from ..io import rawio, writer
 from ..io.checkpoint import Checkpoint
 from ..io.state import RunLock, RunState, find_state
-from ..options import expand_path, format_size
+from ..options import MergeOptions, expand_path, format_size
 from .record import REPORT_NAME
 
 
@@ -51,8 +52,13 @@ def run_status(out: str | Path) -> RunStatus:
                              f"{partial.name} of an interrupted run beside it)")  # fmt: skip
         raise UsageError(f"no merge at {out}: neither {out.name} nor {partial.name} exists")
     state_path = find_state(partial)
+    holder = RunLock.holder(partial)
     if not state_path.exists():
-        raise UsageError(f"{partial} has no progress recorded yet (the run stopped before its first tensor)")
+        if not holder:
+            raise UsageError(f"{partial} has no progress recorded yet (the run stopped before its first tensor)")
+        return RunStatus({"state": "running", "holder": holder, "out": str(out), "tensors_done": 0,
+                          "tensors_total": None, "bytes_done": 0, "bytes_total": None, "remaining": [],
+                          "attempts": 0, "seconds": 0.0, "last_commit_age_s": None})  # planning: no state yet
     state = RunState.read(state_path)
     markers = state.committed()
     ckpt = _output_shards(partial)
@@ -60,7 +66,6 @@ def run_status(out: str | Path) -> RunStatus:
     total = len(ckpt) if ckpt is not None else None
     finished = finished_outputs([m.row for m in markers.values()])
     remaining = [n for n in (ckpt or {}) if n not in finished]
-    holder = RunLock.holder(partial)
     return RunStatus({
         "state": "running" if holder else "interrupted",
         "holder": holder,
@@ -134,6 +139,8 @@ class VerifyResult:
     tensors: int = 0
     bytes: int = 0
     problems: list[str] = field(default_factory=list)
+    #: the commands that write OUT again (move it aside, the same merge): what to do when it is not ok
+    repair: str = ""
 
     @property
     def ok(self) -> bool:
@@ -153,7 +160,8 @@ def verify_output(out: str | Path, progress: bool = False) -> VerifyResult:
         raise UsageError(f"{out} is not a finished streamsoup output (no {REPORT_NAME})")
     document = json.loads(report_path.read_text())
     rows = document["tensors"]
-    result = VerifyResult(out)
+    move = shlex.join(["mv", str(out), f"{out}.damaged"])
+    result = VerifyResult(out, repair=f"{move} && {merge_command(document, out)}")
     try:  # every shard parsed and bounded as a loader would: header, offsets, file size exactly
         ckpt = Checkpoint.from_path(out, "OUT")
     except InputError as exc:
@@ -188,6 +196,21 @@ def verify_output(out: str | Path, progress: bool = False) -> VerifyResult:
             bar.update(nbytes)
     result.tensors = len(listed & set(ckpt))
     return result
+
+
+def merge_command(document: dict[str, Any], out: Path) -> str:
+    """The `streamsoup merge` that writes OUT again: its inputs and every option that changes the bytes and is
+    not the default (the others only change how fast)."""
+    defaults = MergeOptions()
+    recorded = document.get("options") or {}
+    words = ["streamsoup", "merge", str(document["base"]), str(document["finetuned"]), str(out)]
+    for f in fields(MergeOptions):
+        value = recorded.get(f.name, getattr(defaults, f.name))
+        if not f.metadata["output"] or value == getattr(defaults, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        words += [flag] if value is True else [flag, str(value)]
+    return shlex.join(words)
 
 
 def _check_shards(ckpt: Checkpoint, recorded: dict[str, Any] | None, result: VerifyResult) -> None:

@@ -7,6 +7,7 @@ fails with one line saying so. The figure is drawn on a bare `Figure` (no pyplot
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -68,17 +69,21 @@ def require_matplotlib() -> None:
                          "(or pip install matplotlib)") from None  # fmt: skip
 
 
-def check_png_path(path: Path) -> None:
-    """The figure's file must be a new or existing file in an existing folder (no folder is made for it)."""
+def check_png_path(path: Path, force: bool = False) -> None:
+    """The figure's file must be new (or, with `force`, an existing file) in an existing folder (no folder is
+    made for it): `--png OUT/model.safetensors` must not destroy a model."""
     if path.is_dir():
         raise UsageError(f"--png {path} is a folder; give the figure a file name, e.g. {path / 'report.png'}")
+    if os.path.lexists(path) and not force:
+        raise UsageError(f"--png {path} already exists; streamsoup does not replace a file: choose a new name, "
+                         "or add --force to replace it")  # fmt: skip
     if not path.parent.is_dir():
         raise UsageError(f"--png {path}: the folder {path.parent} does not exist; create it first")
     if not os.access(path.parent, os.W_OK):
         raise UsageError(f"--png {path}: cannot write into {path.parent}")
 
 
-def save_figure(doc: dict[str, Any], spectra: dict[str, np.ndarray], path: Path) -> Path:
+def save_figure(doc: dict[str, Any], spectra: dict[str, np.ndarray], path: Path, force: bool = False) -> Path:
     require_matplotlib()
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
@@ -137,14 +142,23 @@ def save_figure(doc: dict[str, Any], spectra: dict[str, np.ndarray], path: Path)
     fig.suptitle(f"MonoSoup on {_name(doc['inputs']['finetuned'])} (base {_name(doc['inputs']['base'])}), "
                  f"{rule} rank rule{state}\n"
                  "lambda_low = rho + (1 - rho) sqrt(1 - P_k), lambda_high = 1 - lambda_low", fontsize=12)  # fmt: skip
-    check_png_path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    check_png_path(path, force)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # a name no one has
+    tmp = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
-        fig.savefig(tmp, format="png")
-        tmp.replace(path)
+        os.fchmod(fd, 0o666 & ~umask)  # a file as any other program would create it, not mkstemp's 0600
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png")
+        if force:
+            tmp.replace(path)
+        else:
+            os.link(tmp, path)  # FileExistsError if a file appeared meanwhile: never replaced
+    except FileExistsError:
+        raise UsageError(f"--png {path} appeared while the figure was drawn; it was left as it is") from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     return path
 
 

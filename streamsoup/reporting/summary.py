@@ -110,7 +110,7 @@ def outliers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             found.append((r, f"lambda_low {r['lambda_low']:.3f}: the low-energy part is dropped"))
     found += [(o["row"], o["why"]) for o in _robust_outliers(edited)]
     for r in rows:
-        if r["action"] != EDIT and ("--min-rel-update" in r["reason"] or "NaN" in r["reason"]):
+        if r["action"] != EDIT and any(why in r["reason"] for why in ("--min-rel-update", "NaN", "no update")):
             found.append((r, f"not edited: {r['reason']}"))
     found.sort(key=lambda item: order[item[0]["name"]])
     return [{"name": r["name"], "kind": r["kind"], "layer": r["layer"], "why": why} for r, why in found]

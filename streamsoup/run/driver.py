@@ -24,7 +24,7 @@ from .._version import __version__
 from ..errors import Interrupted, OptionError, RunError, UsageError
 from ..faults import fault_point
 from ..io import owned, writer
-from ..io.state import LOCK_NAME, POINTER_NAME, STATE_NAME, Commit, RunLock, RunState
+from ..io.state import LOCK_NAME, POINTER_NAME, STATE_NAME, Commit, RunLock, RunState, is_state_entry, kept_line
 from ..options import MergeOptions, format_duration, format_size
 from ..planning.budget import Budget, machine_info, usable_cores
 from ..planning.planner import MergePlan, plan_merge
@@ -56,7 +56,7 @@ from .commits import CommitBatch
 from .executor import run_graph
 from .graph import Member, build_graph
 from .progress import Progress
-from .publish import cleanup, existing_output, finish, plan_side_files, published_meanwhile
+from .publish import cleanup, existing_output, finish, partial_entry, plan_side_files, published_meanwhile
 from .signals import MESSAGE, InterruptGuard
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def run_merge(base: str | Path, finetuned: str | Path, out: Path, opts: MergeOpt
     fingerprint = run_fingerprint(plan)
     if out.exists():
         return existing_output(out, fingerprint)
-    check_output(out, plan)
+    check_output(out, plan, opts.work_dir)
     plan_side_files(plan)  # an unreadable or outside side file is found now, not after all the compute
     if plan.adapter is not None:
         check_adapter_trained(plan.adapter.root, [j.lora for j in plan.jobs if j.lora is not None])
@@ -175,7 +175,7 @@ def _locked_run(run: Attempt) -> MergeSummary:
             if out.exists():  # another merge of this OUT published while this one planned
                 return published_meanwhile(partial, out, fingerprint)
             if run.request.fresh or not owned.owned(state_path, out, "state"):
-                discard(partial, state_path, out)  # bytes without a state are not trusted
+                discard(plan, partial, state_path, out)  # bytes without a state are not trusted
             state = RunState.open(state_path, out, fingerprint, run_head(plan, fingerprint, out), run.machine)
             if opts.work_dir:
                 (partial / POINTER_NAME).write_text(str(state_path) + "\n")
@@ -277,20 +277,45 @@ def run_fingerprint(plan: MergePlan) -> dict[str, Any]:
     }
 
 
-def check_output(out: Path, plan: MergePlan) -> None:
-    """OUT must not sit inside either input (we never write into an input)."""
-    target = out.resolve()
-    for role, ckpt in (("BASE", plan.base), ("FINETUNED", plan.adapter or plan.finetuned)):
-        root = ckpt.root.resolve()
-        if target == root or (root.is_dir() and root in target.parents):
-            raise UsageError(f"OUT {out} is inside {role} {ckpt.root}; write the merged model elsewhere")
+def inside(path: Path, folder: Path) -> bool:
+    """`path` is `folder` or below it, links resolved (neither needs to exist)."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
 
 
-def discard(partial: Path, state_path: Path, out: Path) -> None:
-    """Empty OUT.partial (keeping our lock) and the state: start over. Only folders streamsoup made are touched."""
-    owned.clear(partial, out, "partial", keep=(LOCK_NAME,))
+def check_output(out: Path, plan: MergePlan, work_dir: str) -> None:
+    """OUT and --work-dir must not sit inside either input (we never write into an input), and the state not
+    inside OUT or OUT.partial (it would be published with the model)."""
+    inputs = [(role, c.root) for role, c in (("BASE", plan.base), ("FINETUNED", plan.adapter or plan.finetuned))]
+    for role, root in inputs:
+        if out.resolve() == root.resolve() or (root.is_dir() and inside(out, root)):
+            raise UsageError(f"OUT {out} is inside {role} {root}; write the merged model elsewhere")
+    if not work_dir:
+        return
+    work = Path(work_dir).absolute()
+    for what, folder in (("OUT", out), ("OUT.partial", writer.partial_dir(out))):
+        if inside(work, folder):
+            raise OptionError("work_dir", f"{work_dir} is inside {what} {folder}: the resume state would be "
+                              "published with the model; choose a folder outside it")  # fmt: skip
+    for role, root in inputs:
+        if root.is_dir() and inside(work, root):
+            raise OptionError("work_dir", f"{work_dir} is inside {role} {root}; streamsoup never writes into an "
+                              "input: choose a folder outside it")  # fmt: skip
+
+
+def discard(plan: MergePlan, partial: Path, state_path: Path, out: Path) -> None:
+    """Empty OUT.partial (keeping our lock) and the state: start over. Only what streamsoup wrote, in folders it
+    made, is removed; OUT.partial holding anything else (it would be published) is refused, untouched."""
+    ours = partial_entry(plan)
+    foreign = owned.strangers(partial, ours)
+    if foreign:
+        raise UsageError(f"{partial} holds {', '.join(foreign[:5])}, which streamsoup did not write; it becomes OUT "
+                         "when the merge is done: move that out of it, then rerun")  # fmt: skip
+    owned.clear(partial, out, "partial", lambda name: name != LOCK_NAME and ours(name))
     if state_path.parent != partial and owned.owned(state_path, out, "state"):
-        owned.clear(state_path, out, "state")
+        kept = owned.clear(state_path, out, "state", is_state_entry)
+        if kept:
+            log.warning(kept_line(state_path, kept, f"the resume state of {out} was started over"))
 
 
 def check_space(plan: MergePlan, runs: dict[str, Execution], budget: Budget, partial: Path, state_path: Path,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
@@ -45,7 +46,11 @@ def check_capacity(tasks: list[GraphTask], offers: dict[str, dict[str, float]]) 
 
 @dataclass
 class GraphRun:
-    """The futures of one graph run; a resubmitted task gets a new key, its old future is ignored."""
+    """The futures of one graph run; a resubmitted task gets a new key, its old future is ignored.
+
+    Every dask key carries this run's own token: a scheduler hands a client the result of any task with the
+    key it asks for, so two merges on one cluster (two users of a lab's cluster) must never share a key.
+    """
 
     client: Client
     watch: bool
@@ -59,8 +64,10 @@ class GraphRun:
         self.stranded_since: float | None = None
         self.last_watch = time.monotonic()
         self.workers: set[str] | None = None  # the cluster's workers at the last look
+        self.token = uuid.uuid4().hex
 
-    def submit(self, task: GraphTask, key: str) -> Future:
+    def submit(self, task: GraphTask, attempt: str = "") -> Future:
+        key = f"{task.key}{attempt}-{self.token}"
         func, *args = task.call
         fut = self.client.submit(func, *args, key=key, priority=task.priority, resources=task.resources, pure=False)
         self.tasks[key], self.futures[key] = task, fut
@@ -109,7 +116,7 @@ class GraphRun:
             self.client.cancel([self.futures.pop(key)])
             self.resubmits += 1
             moved += 1
-            self.submit(task, f"{task.key}-r{self.resubmits}")
+            self.submit(task, f"-r{self.resubmits}")
         if moved:
             log.warning("%d task(s) stranded when their worker left were resubmitted", moved)
         if not waiting:
@@ -146,7 +153,7 @@ def run_graph(
     check_capacity(tasks, offers)
     graph = GraphRun(client, watch, tick)
     for task in sorted(tasks, key=lambda t: -t.priority):  # the first to arrive may start before the rest do
-        graph.submit(task, task.key)
+        graph.submit(task)
     graph.rescue()  # the first look: the workers there at the start
     try:
         while graph.tasks:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,9 @@ from ..faults import fault_point
 from ..io import owned, writer
 from ..io.checkpoint import INDEX_NAME
 from ..io.sidefiles import SideFile, copy_side_files, side_file, side_files
-from ..io.state import LOCK_NAME, POINTER_NAME, STATE_ENTRIES, STATE_NAME, RunState, describe_changes
+from ..io.state import LOCK_NAME, POINTER_NAME, STATE_NAME, RunState, describe_changes, is_state_entry, kept_line
 from ..planning.planner import MergePlan
-from ..reporting import REPORT_NAME, MergeSummary, write_report, write_spectra
+from ..reporting import REPORT_NAME, SPECTRA_NAME, MergeSummary, write_report, write_spectra
 from ..reporting.card import CARD_NAME, CardSource, model_card, read_config
 from ..reporting.record import Outcome, assemble
 from ..sources.adapter import ADAPTER_CONFIG
@@ -94,17 +95,25 @@ def cleanup(out: Path, external_state: Path | None) -> None:
     A state folder is removed only when streamsoup made it for this OUT and it holds nothing else.
     """
     for state in (external_state, out / STATE_NAME):
-        if state is not None and os.path.lexists(state) and not owned.remove(state, out, "state", is_state_entry):
-            log.warning("left %s in place: it is not a resume state streamsoup made for %s (or it holds other "
-                        "files)", state, out)  # fmt: skip
+        if state is None or not os.path.lexists(state):
+            continue
+        kept = owned.remove(state, out, "state", is_state_entry)
+        if kept is None:
+            log.warning("left %s in place: it is not a resume state streamsoup made for %s", state, out)
+        elif kept:
+            log.warning(kept_line(state, kept, f"removed the resume state of {out}"))
     for name in (POINTER_NAME, LOCK_NAME, owned.MARKER):
         path = out / name
         if os.path.lexists(path) and not owned.is_dir(path):
             path.unlink()
 
 
-def is_state_entry(name: str) -> bool:
-    return name in STATE_ENTRIES
+def partial_entry(plan: MergePlan) -> Callable[[str], bool]:
+    """The names streamsoup writes into OUT.partial (shards of any plan: --fresh may follow another plan's);
+    anything else is a user's, which would be published with OUT."""
+    names = {LOCK_NAME, POINTER_NAME, STATE_NAME, REPORT_NAME, SPECTRA_NAME, CARD_NAME, ADAPTER_CONFIG, INDEX_NAME,
+             "config.json", *(f.rel.parts[0] for f in plan_side_files(plan))}  # fmt: skip
+    return lambda name: name.removesuffix(".tmp") in names or name.endswith(".safetensors")
 
 
 def existing_output(out: Path, fingerprint: dict[str, Any]) -> MergeSummary:

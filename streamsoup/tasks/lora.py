@@ -20,7 +20,7 @@ from ..io import writer
 from ..io.checkpoint import matrix_shape, read_block, read_tensor
 from ..io.dtypes import torch_dtype
 from ..numerics.lowrank import LowRankSVD, factors, finite, lowrank_svd, reweighed_factors, row_blocks, weights
-from ..numerics.monosoup import EPS, Coefficients, coefficients
+from ..numerics.monosoup import Coefficients, coefficients
 from ..options import MergeOptions
 from ..planning.planner import TensorJob
 from .dense import merge_dense
@@ -45,7 +45,7 @@ def merge_lowrank(job: TensorJob, options: MergeOptions, ctx: TaskContext, watch
     m, n = matrix_shape(job.base.shape)
     spectrum = svd.padded(min(m, n))
     dw_sq = float(spectrum.square().sum())
-    coef = coefficients(spectrum, options.rank_rule, options.energy) if dw_sq >= EPS else None
+    coef = coefficients(spectrum, options.rank_rule, options.energy) if dw_sq > 0 else None
     if job.factors_out:
         return _write_factors(job, options, folder, svd, coef, watch)
     if update.base_copy is not None and not _same_values(job):

@@ -10,13 +10,13 @@ import math
 
 from ..errors import InputError, RunError, nonfinite
 from ..io.checkpoint import TensorRef
-from ..numerics.monosoup import EPS, relative_update, update_is_significant
+from ..numerics.monosoup import relative_update, update_is_significant
 from ..options import MergeOptions
 from ..planning.planner import TensorJob
 from ..sources.adapter import ADAPTER_CONFIG
 
 NONFINITE_COPIED = "NaN or Inf in BASE or FINETUNED: the fine-tune's tensor copied unchanged (--allow-nonfinite)"
-BELOW_EPS = "update energy below eps: the fine-tune's values are kept"
+NO_UPDATE = "no update (FINETUNED equals BASE here): the fine-tune's values are kept"
 #: what to do about NaN/Inf in a tensor MonoSoup was to edit
 FIX_OR_COPY = ("MonoSoup cannot edit it: fix the checkpoint, or rerun with --allow-nonfinite to copy the fine-tune's "
                "values unchanged")  # fmt: skip
@@ -26,10 +26,10 @@ def skip_reason(dw_sq: float, w0_sq: float, options: MergeOptions) -> tuple[str,
     """Why an edit candidate with finite sums is copied after all ("" when it is edited), and its relative update."""
     dw_norm, w0_norm = math.sqrt(dw_sq), math.sqrt(w0_sq)
     rel = relative_update(dw_norm, w0_norm)
+    if not dw_sq > 0:
+        return NO_UPDATE, rel
     if not update_is_significant(dw_norm, w0_norm, options.min_rel_update):
         return f"relative update {rel:.3g} below --min-rel-update {options.min_rel_update:g}", rel
-    if dw_sq < EPS:
-        return BELOW_EPS, rel
     return "", rel
 
 
