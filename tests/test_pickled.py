@@ -355,3 +355,86 @@ def test_an_index_may_name_only_files_of_its_own_folder(bin_pair, tmp_path, targ
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(names, target)}))
     proc = run_here("merge", base_dir, folder, tmp_path / "out")
     assert_one_line_error(proc, 2, "pytorch_model.bin.index.json", repr(target), "not a file of")
+
+
+class _StorageId:
+    def __init__(self, key: str, numel: int, kind: type = torch.FloatStorage) -> None:
+        self.key, self.numel, self.kind = key, numel, kind
+
+
+class _TensorOf:
+    """Pickles as torch.save pickles a tensor: _rebuild_tensor_v2 over a persistent storage id."""
+
+    def __init__(self, storage: _StorageId, shape: tuple[int, ...]) -> None:
+        self.storage, self.shape = storage, shape
+
+    def __reduce__(self):
+        stride = tuple(int(np.prod(self.shape[i + 1 :])) for i in range(len(self.shape)))
+        return torch._utils._rebuild_tensor_v2, (self.storage, 0, self.shape, stride, False, collections.OrderedDict())
+
+
+class _TorchPickler(__import__("pickle").Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _StorageId):
+            return ("storage", obj.kind, obj.key, "cpu", obj.numel)
+        return None
+
+
+def crafted_bin(path: Path, tensors: dict[str, _TensorOf], storages: dict[str, bytes],
+                pickle_bytes: bytes = b"") -> Path:  # fmt: skip
+    """A torch.save zip written by hand: the pickle says what the test wants, the storages hold what they hold."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    _TorchPickler(buf, protocol=2).dump(collections.OrderedDict(tensors))
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", pickle_bytes or buf.getvalue())
+        for key, data in storages.items():
+            z.writestr(f"archive/data/{key}", data)
+        z.writestr("archive/version", "3\n")
+    return path
+
+
+def test_a_storage_larger_than_its_zip_entry_is_refused(tmp_path):
+    """The pickle's storage sizes are claims: a storage that runs past its zip entry would read the next entry's
+    header and another tensor's bytes (torch.load refuses the file), past the end of the file an internal error."""
+    a, b = torch.arange(16, dtype=torch.float32), torch.arange(16, 32, dtype=torch.float32)
+    save_file({"a": torch.ones(8, 5), "b": torch.ones(4, 4)}, tmp_path / "base.safetensors")
+    data = {"0": a.numpy().tobytes(), "1": b.numpy().tobytes()}
+    t = lambda key, numel, shape: _TensorOf(_StorageId(key, numel), shape)  # noqa: E731
+    cases = {
+        "into the next entry": {"a": t("0", 40, (8, 5)), "b": t("1", 16, (4, 4))},
+        "past the end": {"a": t("0", 16, (4, 4)), "b": t("1", 4096, (64, 64))},
+    }
+    for case, tensors in cases.items():
+        ft = crafted_bin(tmp_path / f"{case.replace(' ', '-')}.bin", tensors, data)
+        with pytest.raises(RuntimeError):  # the control: torch itself refuses it
+            torch.load(ft, weights_only=True)
+        for command in ("plan", "merge"):
+            extra = [tmp_path / "out"] if command == "merge" else []
+            proc = run_here(command, tmp_path / "base.safetensors", ft, *extra)
+            assert_one_line_error(proc, 2, ft.name, "storage", "corrupt")
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_pickle_cannot_change_how_later_files_are_read(tmp_path):
+    """A BUILD on torch.HalfStorage in one file must not make the reader take fp16 storages as bf16 afterwards."""
+    # GLOBAL torch.HalfStorage, BUILD {"dtype": "BF16"} on it, POP; the result: {"a": 1}
+    evil = (b"\x80\x02ctorch\nHalfStorage\n}X\x05\x00\x00\x00dtypeX\x04\x00\x00\x00BF16sb0"
+            b"}X\x01\x00\x00\x00aK\x01s.")  # fmt: skip
+    crafted = crafted_bin(tmp_path / "evil.bin", {}, {}, pickle_bytes=evil)
+    assert_one_line_error(run_here("plan", crafted, crafted), 2, "evil.bin")
+    half = torch.linspace(-2, 2, 64, dtype=torch.float16).reshape(8, 8)
+    torch.save({"w": half}, tmp_path / "half.bin")
+    ckpt = open_checkpoint(tmp_path / "half.bin", "FINETUNED")
+    assert ckpt["w"].dtype == "F16" and torch.equal(read_tensor(ckpt["w"]), half)
+
+
+def test_a_tensor_named_like_safetensors_metadata_is_refused(tmp_path):
+    """`__metadata__` is the one name a safetensors header reserves: an OUT holding it would not load."""
+    torch.save({"__metadata__": torch.ones(4, 4), "w": torch.ones(4, 4)}, tmp_path / "base.bin")
+    torch.save({"__metadata__": torch.ones(4, 4) * 2, "w": torch.ones(4, 4) * 1.01}, tmp_path / "ft.bin")
+    proc = run_here("merge", tmp_path / "base.bin", tmp_path / "ft.bin", tmp_path / "out")
+    assert_one_line_error(proc, 2, "__metadata__", "rename")
+    assert not (tmp_path / "out").exists()

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 SUFFIXES = (".bin", ".pt", ".pth")
 INDEX_NAME = "pytorch_model.bin.index.json"
 #: keys under which training scripts keep the state dict beside other entries (epoch, optimizer, ...)
+#: the header key safetensors keeps for metadata: no tensor may carry that name into OUT
+RESERVED_NAME = "__metadata__"
 STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
 #: torch's legacy (pre-1.6) files start with a pickled magic number
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -55,9 +57,15 @@ class UnsafePickle(InputError):
     """The pickle asks for a global a state dict never needs: loading it could run code."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StorageType:
+    """What a storage class global stands for; slotted and frozen: a pickle's BUILD on it fails instead of
+    rewriting, for every later file this process reads, what torch.HalfStorage means."""
+
     dtype: str | None  # None: an UntypedStorage, whose dtype the tensor names
+
+    def __setstate__(self, state: object) -> None:  # what BUILD calls (a slotted dataclass's own would set it)
+        raise pickle.UnpicklingError("a BUILD on a storage type: a state dict never does that")
 
 
 @dataclass(frozen=True)
@@ -174,8 +182,8 @@ def read_pickle_shard(path: Path) -> tuple[ShardHeader, list[str]]:
         entries = {i.filename: i for i in archive.infolist()}
         with open(path, "rb") as f:
             keys = {t.storage.key for t in tensors.values()}
-            starts = {key: _entry_start(f, path, entries, prefix, key) for key in keys}
-    refs = [_ref(path, name, t, starts[t.storage.key]) for name, t in tensors.items()]
+            spans = {key: _entry_span(f, path, entries, prefix, key, info.st_size) for key in keys}
+    refs = [_ref(path, name, t, *spans[t.storage.key]) for name, t in tensors.items()]
     refs.sort(key=lambda r: (r.offset, r.name))
     digest = hashlib.sha256(raw).hexdigest()
     return ShardHeader(str(path), info.st_size, digest, refs[0].offset if refs else 0, {}, tuple(refs)), ignored
@@ -205,10 +213,13 @@ def _named(d: dict, path: Path) -> dict[str, PickledTensor]:
     bad = next((k for k in d if not isinstance(k, str)), None)
     if bad is not None:
         raise InputError(f"{path}: a tensor is named {bad!r}, not by a string; the file is not a state dict")
+    if RESERVED_NAME in d:
+        raise InputError(f"{path}: a tensor is named {RESERVED_NAME!r}, the one name a safetensors header reserves "
+                         "(an OUT holding it would not load); rename it in the state dict and save again")  # fmt: skip
     return dict(d)
 
 
-def _ref(path: Path, name: str, t: PickledTensor, start: int) -> TensorRef:
+def _ref(path: Path, name: str, t: PickledTensor, start: int, entry_bytes: int) -> TensorRef:
     where = f"{path}: tensor {name!r}"
     item = ITEM_SIZE.get(t.dtype)
     if item is None:
@@ -220,6 +231,9 @@ def _ref(path: Path, name: str, t: PickledTensor, start: int) -> TensorRef:
         raise InputError(f"{where}: malformed shape, stride or offset; the file is corrupt")
     numel = math.prod(t.shape)
     storage_elems = t.storage.numel if t.storage.dtype is not None else t.storage.numel // item
+    if storage_elems * item > entry_bytes:  # the pickle's claim against the zip entry that holds the bytes
+        raise InputError(f"{where}: its storage {t.storage.key!r} is said to hold {storage_elems * item} bytes, "
+                         f"its entry in the file holds {entry_bytes}; the file is corrupt")  # fmt: skip
     stride = None if t.contiguous else t.stride
     last = t.offset + sum((d - 1) * x for d, x in zip(t.shape, t.stride, strict=True)) if numel else t.offset - 1
     if last >= storage_elems:
@@ -227,8 +241,10 @@ def _ref(path: Path, name: str, t: PickledTensor, start: int) -> TensorRef:
     return TensorRef(name, str(path), t.dtype, t.shape, start + t.offset * item, numel * item, stride)
 
 
-def _entry_start(f: io.BufferedReader, path: Path, entries: dict[str, zipfile.ZipInfo], prefix: str, key: str) -> int:
-    """Where a storage's bytes begin in the file: after its zip entry's local header."""
+def _entry_span(f: io.BufferedReader, path: Path, entries: dict[str, zipfile.ZipInfo], prefix: str, key: str,
+                file_size: int) -> tuple[int, int]:  # fmt: skip
+    """Where a storage's bytes begin in the file (after its zip entry's local header), and how many its entry
+    holds, which must end inside the file."""
     info = entries.get(f"{prefix}data/{key}")
     if info is None:
         raise InputError(f"{path}: storage {key!r} named by the pickle is missing; the file is corrupt")
@@ -240,7 +256,10 @@ def _entry_start(f: io.BufferedReader, path: Path, entries: dict[str, zipfile.Zi
     if len(local) < 30 or local[:4] != b"PK\x03\x04":
         raise InputError(f"{path}: storage {key!r} has a broken zip header; the file is corrupt")
     name_len, extra_len = struct.unpack("<HH", local[26:30])
-    return info.header_offset + 30 + name_len + extra_len
+    start = info.header_offset + 30 + name_len + extra_len
+    if start + info.file_size > file_size:
+        raise InputError(f"{path}: storage {key!r} ends past the end of the file; the file is corrupt (truncated?)")
+    return start, info.file_size
 
 
 def _not_zip(path: Path) -> InputError:
