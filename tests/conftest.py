@@ -202,15 +202,3 @@ def pytest_collection_modifyitems(config, items):
     --maxschedchunk 1`), the long ones start at once on every worker instead of ending the run on one."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
-
-def pytest_configure(config):
-    """On a pytest-xdist worker the tests' own numerics (float64 references, generated pairs) run on one thread:
-    three workers share two cores, where idle OpenMP and BLAS threads spinning take the cores the other workers
-    need. A command run in this process still sets its lanes' threads (helpers.run_here restores these after)."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        from threadpoolctl import threadpool_limits
-
-        from streamsoup.numerics.hostlinalg import set_threads
-
-        threadpool_limits(1)
-        set_threads(1)
