@@ -254,3 +254,30 @@ def test_hub_repo_ids_from_the_cache_offline(adapters, tmp_path):
     bad_rev = run("merge", "tiny-org/llama-base", "tiny-org/llama-lora@v9", tmp_path / "o", env=env)
     assert_one_line_error(bad_rev, 2, "FINETUNED tiny-org/llama-lora@v9", "not in the Hugging Face cache")
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_adapter_keys_that_carry_the_adapter_name_merge_as_without_it(adapters, tmp_path):
+    """A PeftModel's own state_dict names the adapter in every key (`...lora_A.default.weight`): read as the same
+    adapter (the same bytes), not as full tensors copied into OUT; two adapter names in one file are refused."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    base, adapter = adapters("llama", "dora")
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    named_key = lambda key, name: re.sub(  # noqa: E731
+        r"\.(lora_A|lora_B|lora_magnitude_vector)(\.weight|\.bias)?$", rf".\1.{name}\2", key)
+    named = tmp_path / "named"
+    shutil.copytree(adapter, named)
+    renamed = {named_key(k, "default"): v for k, v in tensors.items()}
+    assert sum(k != named_key(k, "x") for k in tensors) >= 4 and set(renamed) != set(tensors)
+    save_file(renamed, named / "adapter_model.safetensors")
+    plain, from_named = tmp_path / "plain", tmp_path / "from-named"
+    assert run("merge", base, adapter, plain, "-q").returncode == 0
+    proc = run("merge", base, named, from_named, "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert raw_bytes(from_named) == raw_bytes(plain)
+    assert report_rows(from_named).keys() == report_rows(plain).keys()
+    first = next(k for k in tensors if k != named_key(k, "x"))
+    save_file({**renamed, named_key(first, "other"): tensors[first].clone()}, named / "adapter_model.safetensors")
+    assert_one_line_error(run("merge", base, named, tmp_path / "two", "-q"), 2, "'default'", "'other'")

@@ -39,6 +39,9 @@ PARTS = {
     ".lora_magnitude_vector.weight": "magnitude",
     ".base_layer.weight": "base_copy",
 }
+#: a LoRA part whose key carries the adapter's name (`lora_A.default.weight`, a PeftModel's own state_dict)
+NAMED_PART = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)\.([^.]+)"
+                        r"(\.weight|\.bias)?$")  # fmt: skip
 #: config keys that change the weights in ways streamsoup does not model: refused when set
 UNSUPPORTED = {
     "target_parameters": "LoRA on bare parameters (e.g. MoE experts)",
@@ -180,11 +183,20 @@ class Adapter:
         return {**self.weights.fingerprint(), ADAPTER_CONFIG: {"sha256": digest}}
 
     def modules(self) -> tuple[dict[str, Module], dict[str, TensorRef]]:
-        """(module name -> its LoRA tensors, model tensor name -> full tensor saved in the adapter)."""
+        """(module name -> its LoRA tensors, model tensor name -> full tensor saved in the adapter).
+
+        A PeftModel's own state_dict names the adapter in each key (`lora_A.default.weight`): that name is
+        dropped, as peft's loader does; keys naming two adapters are refused (which one is meant?).
+        """
         modules: dict[str, Module] = {}
         full: dict[str, TensorRef] = {}
+        names: set[str] = set()
         for key, ref in self.weights.items():
             name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+            named = NAMED_PART.search(name)
+            if named is not None and named.group(2) not in ("weight", "bias"):
+                names.add(named.group(2))
+                name = name[: named.start()] + f".{named.group(1)}{named.group(3) or ''}"
             for suffix, part in PARTS.items():
                 if name.endswith(suffix):
                     module = name[: -len(suffix)]
@@ -193,6 +205,10 @@ class Adapter:
             else:
                 name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
                 full[name] = ref
+        if len(names) > 1:
+            raise InputError(f"FINETUNED {self.root}: its weights name {len(names)} adapters "
+                             f"({', '.join(map(repr, sorted(names)))}); save the one to merge alone, e.g. "
+                             "PeftModel.save_pretrained, which writes one adapter per folder")  # fmt: skip
         return modules, full
 
     def scaling(self, module: str, rank: int) -> float:
