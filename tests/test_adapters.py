@@ -281,3 +281,37 @@ def test_adapter_keys_that_carry_the_adapter_name_merge_as_without_it(adapters, 
     first = next(k for k in tensors if k != named_key(k, "x"))
     save_file({**renamed, named_key(first, "other"): tensors[first].clone()}, named / "adapter_model.safetensors")
     assert_one_line_error(run("merge", base, named, tmp_path / "two", "-q"), 2, "'default'", "'other'")
+
+
+@pytest.mark.parametrize("arch,variant,part", [("qwen2", "lora_bias", "lora_B.bias"),
+                                               ("llama", "dora", "lora_magnitude_vector")])  # fmt: skip
+def test_adapter_tensors_of_the_wrong_shape_are_refused(adapters, tmp_path, arch, variant, part):
+    """A lora_B.bias or DoRA magnitude that does not have BASE's output size would be broadcast (a [1] bias adds
+    its value to every element of the base bias): refused before any work, naming the module."""
+    from safetensors.torch import load_file, save_file
+
+    base, adapter = adapters(arch, variant)
+    broken = tmp_path / "broken"
+    shutil.copytree(adapter, broken)
+    tensors = load_file(broken / "adapter_model.safetensors")
+    key = next(k for k in sorted(tensors) if f".{part}" in k)
+    tensors[key] = tensors[key].reshape(-1)[:1].clone()
+    save_file(tensors, broken / "adapter_model.safetensors")
+    for command in ("plan", "merge"):
+        extra = [tmp_path / "out"] if command == "merge" else []
+        proc = run(command, base, broken, *extra)
+        assert_one_line_error(proc, 2, key.split(f".{part}")[0].removeprefix("base_model.model."), "[1]")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_with_no_lora_update_is_refused(adapters, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base, adapter = adapters("llama", "plain")
+    empty = tmp_path / "empty"
+    shutil.copytree(adapter, empty)
+    tensors = load_file(empty / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if "lora_" not in k} or {"unrelated": torch.zeros(1)},
+              empty / "adapter_model.safetensors")  # fmt: skip
+    assert_one_line_error(run("merge", base, empty, tmp_path / "out"), 2, "no LoRA")
+    assert not (tmp_path / "out").exists()

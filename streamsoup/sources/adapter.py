@@ -271,6 +271,9 @@ def resolve(adapter: Adapter, base: Checkpoint) -> AdapterTensors:
         update = LoraUpdate(module.name, a, b, adapter.scaling(module.name, a.shape[0]), transposed,
                             parts.get("magnitude"), parts.get("base_copy"))  # fmt: skip
         _check_shapes(adapter, base, update, w0)
+        if update.magnitude is not None:  # DoRA: one norm per output feature
+            _check_vector(adapter, base, module.name, "lora_magnitude_vector", update.magnitude,
+                          (matrix_shape(w0.shape)[1 if transposed else 0],))  # fmt: skip
         updates[weight] = update
         keys[weight] = tuple(r.name for r in (a, b, parts.get("bias")) if r is not None)
         if "bias" in parts:
@@ -278,8 +281,20 @@ def resolve(adapter: Adapter, base: Checkpoint) -> AdapterTensors:
             if bias is None:
                 raise _wrong_base(adapter, base, f"lora_bias of {module.name!r} needs a base bias "
                                                  f"{module.name + '.bias'!r}, which BASE lacks")  # fmt: skip
+            _check_vector(adapter, base, module.name, "lora_B.bias", parts["bias"], tuple(base[bias].shape))
             biases[bias] = BiasUpdate(parts["bias"], update.scale)
+    if not updates:
+        raise InputError(f"FINETUNED {adapter.root}: a PEFT adapter with no LoRA update (no lora_A / lora_B pair "
+                         "in its weights) changes nothing; pass the adapter that was trained")  # fmt: skip
     return AdapterTensors(updates, biases, out_full, keys)
+
+
+def _check_vector(adapter: Adapter, base: Checkpoint, module: str, part: str, ref: TensorRef,
+                  want: tuple[int, ...]) -> None:  # fmt: skip
+    """A per-output vector of the adapter must have BASE's size: torch would broadcast a [1] one silently."""
+    if tuple(ref.shape) != want:
+        raise _wrong_base(adapter, base, f"module {module!r}: its {part} is {list(ref.shape)}, BASE's output size "
+                                         f"is {list(want)}")  # fmt: skip
 
 
 def _transposed(adapter: Adapter, module: str, w0: TensorRef, a: TensorRef, b: TensorRef) -> bool:
