@@ -90,19 +90,30 @@ def test_files_a_user_put_into_a_work_dir_streamsoup_made_are_kept(reference, tm
     assert len(said) >= 1 and all("mydata" in line for line in said), proc.stderr
 
 
-def test_files_a_user_put_into_an_out_partial_are_never_deleted(reference, tmp_path):
-    """OUT.partial becomes OUT: a user's file in it is neither deleted by --fresh nor published; one line."""
+@pytest.mark.parametrize("rerun", [(), ("--fresh",)], ids=["resume", "fresh"])
+@pytest.mark.parametrize("planted", ["notes.txt", "symlink"])
+def test_files_a_user_put_into_an_out_partial_are_never_deleted(reference, tmp_path, rerun, planted):
+    """OUT.partial becomes OUT: a user's file in it (or a symlink a write would follow) is neither deleted nor
+    published nor written through, on a resume as on --fresh; one line."""
     base, ft, _, _ = reference
     out = tmp_path / "out"
     partial = tmp_path / "out.partial"
     killed = run("merge", base, ft, out, *ARGS, env={"STREAMSOUP_FAULT": "commit:4"})
     assert killed.returncode == -signal.SIGKILL
-    (partial / "notes.txt").write_text("mine")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    if planted == "symlink":  # a shard's own name, pointing at the user's file: O_TRUNC would go through it
+        name = sorted(p.name for p in partial.glob("*.safetensors"))[0]
+        (partial / name).unlink()
+        (partial / name).symlink_to(victim)
+    else:
+        name = "notes.txt"
+        (partial / name).write_text("mine")
     files = lambda: {k: v for k, v in tree_digest(partial).items() if k != ".streamsoup.lock"}  # noqa: E731
     before = files()  # the lock names its holder: the rerun that takes it rewrites it
-    proc = run("merge", base, ft, out, *ARGS, "--fresh")
-    assert_one_line_error(proc, 2, str(partial), "notes.txt", "did not write")
-    assert files() == before and not out.exists()
+    proc = run("merge", base, ft, out, *ARGS, *rerun)
+    assert_one_line_error(proc, 2, str(partial), name, "did not write")
+    assert files() == before and not out.exists() and victim.read_text() == "precious"
 
 
 @pytest.mark.parametrize("where", ["OUT", "inside OUT", "OUT.partial", "inside FINETUNED", "BASE"])

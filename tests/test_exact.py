@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import zlib
 from pathlib import Path
@@ -128,6 +129,9 @@ def test_decisions_do_not_depend_on_the_scale_of_the_update(tmp_path, rule):
     powers = [2.0**j for j in range(-30, 14, 3)]  # 9e-10 .. 8192: ||dW||^2 from ~1e-15 to ~1e11
     base, ft = scaled_pair(tmp_path / "zero", powers, 0.0, torch.float32)  # W1 = c * D: exact in fp32
     rows = check_merge(base, ft, tmp_path / "zero" / "out", rule, 0.8)["tensors"]
+    strict = json.loads((tmp_path / "zero" / "out" / "streamsoup_report.json").read_text(),
+                        parse_constant=lambda c: pytest.fail(f"the report holds {c}: not JSON"))  # fmt: skip
+    assert all(r["rel_update"] is None for r in strict["tensors"])  # W0 = 0: no ratio (JSON has no Infinity)
     first = {key: rows[0][key] for key in DECISIONS}
     assert first["action"] == "edit" and 1 < first["k"] < first["rank"], first
     for row in rows:

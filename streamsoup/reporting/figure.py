@@ -7,7 +7,7 @@ fails with one line saying so. The figure is drawn on a bare `Figure` (no pyplot
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -143,23 +143,31 @@ def save_figure(doc: dict[str, Any], spectra: dict[str, np.ndarray], path: Path,
                  f"{rule} rank rule{state}\n"
                  "lambda_low = rho + (1 - rho) sqrt(1 - P_k), lambda_high = 1 - lambda_low", fontsize=12)  # fmt: skip
     check_png_path(path, force)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # a name no one has
-    tmp = Path(name)
-    umask = os.umask(0)
-    os.umask(umask)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # a name no one has
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to any new file
     try:
-        os.fchmod(fd, 0o666 & ~umask)  # a file as any other program would create it, not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png")
         if force:
             tmp.replace(path)
         else:
-            os.link(tmp, path)  # FileExistsError if a file appeared meanwhile: never replaced
-    except FileExistsError:
-        raise UsageError(f"--png {path} appeared while the figure was drawn; it was left as it is") from None
+            _publish_new(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _publish_new(tmp: Path, path: Path) -> None:
+    """`tmp` becomes `path` only if no file took that name meanwhile: a hard link cannot replace one (a rename
+    where the filesystem has no hard links, after one more look)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise UsageError(f"--png {path} appeared while the figure was drawn; it was left as it is") from None
+    except OSError:
+        if os.path.lexists(path):
+            raise UsageError(f"--png {path} appeared while the figure was drawn; it was left as it is") from None
+        tmp.replace(path)
 
 
 def _panel_text(doc: dict[str, Any]) -> str:

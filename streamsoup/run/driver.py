@@ -174,6 +174,7 @@ def _locked_run(run: Attempt) -> MergeSummary:
         with RunLock(partial) as lock, InterruptGuard() as guard:
             if out.exists():  # another merge of this OUT published while this one planned
                 return published_meanwhile(partial, out, fingerprint)
+            check_partial_entries(plan, partial)  # every run, a resumed one too: OUT.partial becomes OUT
             if run.request.fresh or not owned.owned(state_path, out, "state"):
                 discard(plan, partial, state_path, out)  # bytes without a state are not trusted
             state = RunState.open(state_path, out, fingerprint, run_head(plan, fingerprint, out), run.machine)
@@ -303,14 +304,22 @@ def check_output(out: Path, plan: MergePlan, work_dir: str) -> None:
                               "input: choose a folder outside it")  # fmt: skip
 
 
-def discard(plan: MergePlan, partial: Path, state_path: Path, out: Path) -> None:
-    """Empty OUT.partial (keeping our lock) and the state: start over. Only what streamsoup wrote, in folders it
-    made, is removed; OUT.partial holding anything else (it would be published) is refused, untouched."""
+def check_partial_entries(plan: MergePlan, partial: Path) -> None:
+    """OUT.partial becomes OUT: anything in it that streamsoup does not write (a user's file, a symlink that a
+    write would follow) is refused before any work, untouched."""
     ours = partial_entry(plan)
     foreign = owned.strangers(partial, ours)
+    foreign += [e for e in os.listdir(partial) if e not in foreign and os.path.islink(partial / e)]
     if foreign:
-        raise UsageError(f"{partial} holds {', '.join(foreign[:5])}, which streamsoup did not write; it becomes OUT "
+        shown = ", ".join(sorted(foreign)[:5])
+        raise UsageError(f"{partial} holds {shown}, which streamsoup did not write (or a symlink); it becomes OUT "
                          "when the merge is done: move that out of it, then rerun")  # fmt: skip
+
+
+def discard(plan: MergePlan, partial: Path, state_path: Path, out: Path) -> None:
+    """Empty OUT.partial (keeping our lock) and the state: start over. Only what streamsoup wrote, in folders it
+    made, is removed (check_partial_entries refused anything else first)."""
+    ours = partial_entry(plan)
     owned.clear(partial, out, "partial", lambda name: name != LOCK_NAME and ours(name))
     if state_path.parent != partial and owned.owned(state_path, out, "state"):
         kept = owned.clear(state_path, out, "state", is_state_entry)

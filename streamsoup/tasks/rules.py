@@ -22,15 +22,16 @@ FIX_OR_COPY = ("MonoSoup cannot edit it: fix the checkpoint, or rerun with --all
                "values unchanged")  # fmt: skip
 
 
-def skip_reason(dw_sq: float, w0_sq: float, options: MergeOptions) -> tuple[str, float]:
+def skip_reason(dw_sq: float, w0_sq: float, options: MergeOptions) -> tuple[str, float | None]:
     """Why an edit candidate with finite sums is copied after all ("" when it is edited), and its relative update."""
     dw_norm, w0_norm = math.sqrt(dw_sq), math.sqrt(w0_sq)
     rel = relative_update(dw_norm, w0_norm)
+    shown = rel if math.isfinite(rel) else None  # a zero W0: no ratio to report (and JSON has no Infinity)
     if not dw_sq > 0:
-        return NO_UPDATE, rel
+        return NO_UPDATE, shown
     if not update_is_significant(dw_norm, w0_norm, options.min_rel_update):
-        return f"relative update {rel:.3g} below --min-rel-update {options.min_rel_update:g}", rel
-    return "", rel
+        return f"relative update {rel:.3g} below --min-rel-update {options.min_rel_update:g}", shown
+    return "", shown
 
 
 def cannot_edit(ref: TensorRef, job: TensorJob) -> InputError:
