@@ -315,3 +315,24 @@ def test_an_adapter_with_no_lora_update_is_refused(adapters, tmp_path):
               empty / "adapter_model.safetensors")  # fmt: skip
     assert_one_line_error(run("merge", base, empty, tmp_path / "out"), 2, "no LoRA")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_rank_above_the_matrix_size_merges_exactly(tmp_path):
+    """peft accepts r above min(m, n) (here r = 96 on 64 x 64 and 64 x 96 matrices): the merge is exact, in both
+    OUT forms, instead of a mid-run error."""
+    from peft import LoraConfig, get_peft_model
+
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path / "base")
+    lora = LoraConfig(r=96, lora_alpha=16, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(tmp_path / "adapter")
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    proc = run("merge", base, adapter, tmp_path / "out", "-q")
+    assert proc.returncode == 0, proc.stderr
+    rows = check_against_reference(base, peft_merged(base, adapter), tmp_path / "out")
+    assert rows["model.layers.0.mlp.down_proj.weight"]["action"] == "edit"
+    again = run("merge", base, adapter, tmp_path / "as-adapter", "--save", "adapter", "-q")
+    assert again.returncode == 0, again.stderr

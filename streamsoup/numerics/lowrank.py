@@ -84,10 +84,11 @@ class LowRankSVD:
 
 
 def lowrank_svd(left: torch.Tensor, right: torch.Tensor) -> LowRankSVD:
-    """Exact thin SVD of left @ right from two QRs and the SVD of a small core."""
+    """Exact thin SVD of left @ right from two QRs and the SVD of a small core (not square when the rank is
+    above min(m, n), which peft allows: then only the thin SVD's factors fit)."""
     q_l, r_l = torch.linalg.qr(left)
     q_r, r_r = torch.linalg.qr(right.T)
-    u_c, s, vh_c = torch.linalg.svd(r_l @ r_r.T)
+    u_c, s, vh_c = torch.linalg.svd(r_l @ r_r.T, full_matrices=False)
     return LowRankSVD(q_l @ u_c, s, q_r @ vh_c.T)
 
 
