@@ -16,7 +16,7 @@ from ..errors import InputError, UsageError
 from ..io import rawio, writer
 from ..io.checkpoint import Checkpoint
 from ..io.state import RunLock, RunState, find_state
-from ..options import MergeOptions, expand_path, format_size
+from ..options import MergeOptions, expand_path, flag_name, format_size
 from .record import REPORT_NAME
 
 
@@ -208,8 +208,7 @@ def merge_command(document: dict[str, Any], out: Path) -> str:
         value = recorded.get(f.name, getattr(defaults, f.name))
         if not f.metadata["output"] or value == getattr(defaults, f.name):
             continue
-        flag = "--" + f.name.replace("_", "-")
-        words += [flag] if value is True else [flag, str(value)]
+        words += [flag_name(f.name)] if value is True else [flag_name(f.name), str(value)]
     return shlex.join(words)
 
 

@@ -162,10 +162,8 @@ def _publish_new(tmp: Path, path: Path) -> None:
     where the filesystem has no hard links, after one more look)."""
     try:
         os.link(tmp, path)
-    except FileExistsError:
-        raise UsageError(f"--png {path} appeared while the figure was drawn; it was left as it is") from None
-    except OSError:
-        if os.path.lexists(path):
+    except OSError as exc:
+        if isinstance(exc, FileExistsError) or os.path.lexists(path):
             raise UsageError(f"--png {path} appeared while the figure was drawn; it was left as it is") from None
         tmp.replace(path)
 

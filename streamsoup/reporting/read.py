@@ -14,7 +14,7 @@ from ..errors import UsageError
 from ..io import writer
 from ..io.state import RunLock, RunState, find_state
 from ..options import expand_path
-from .figure import check_png_path, save_figure
+from .figure import save_figure
 from .record import REPORT_NAME, SPECTRA_NAME, Outcome, assemble, read_spectra, short_digest
 from .summary import format_report
 
@@ -48,9 +48,7 @@ class RunReport:
     def save_png(self, path: str | Path, force: bool = False) -> Path:
         """One figure: k/rank and lambdas per layer and module kind, and a few spectra (needs matplotlib);
         an existing file is replaced only with `force`."""
-        path = expand_path(path).absolute()
-        check_png_path(path, force)
-        return save_figure(self.document, self.spectra, path, force)
+        return save_figure(self.document, self.spectra, expand_path(path).absolute(), force)
 
     def __str__(self) -> str:
         return format_report(self.document)

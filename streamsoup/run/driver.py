@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -174,9 +175,10 @@ def _locked_run(run: Attempt) -> MergeSummary:
         with RunLock(partial) as lock, InterruptGuard() as guard:
             if out.exists():  # another merge of this OUT published while this one planned
                 return published_meanwhile(partial, out, fingerprint)
-            check_partial_entries(plan, partial)  # every run, a resumed one too: OUT.partial becomes OUT
+            ours = partial_entry(plan)
+            check_partial_entries(partial, ours)  # every run, a resumed one too: OUT.partial becomes OUT
             if run.request.fresh or not owned.owned(state_path, out, "state"):
-                discard(plan, partial, state_path, out)  # bytes without a state are not trusted
+                discard(partial, ours, state_path, out)  # bytes without a state are not trusted
             state = RunState.open(state_path, out, fingerprint, run_head(plan, fingerprint, out), run.machine)
             if opts.work_dir:
                 (partial / POINTER_NAME).write_text(str(state_path) + "\n")
@@ -279,9 +281,9 @@ def run_fingerprint(plan: MergePlan) -> dict[str, Any]:
 
 
 def inside(path: Path, folder: Path) -> bool:
-    """`path` is `folder` or below it, links resolved (neither needs to exist)."""
+    """`path` is `folder` or below it (nothing is below a file), links resolved (neither needs to exist)."""
     path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
+    return path == folder or (not folder.is_file() and folder in path.parents)
 
 
 def check_output(out: Path, plan: MergePlan, work_dir: str) -> None:
@@ -289,7 +291,7 @@ def check_output(out: Path, plan: MergePlan, work_dir: str) -> None:
     inside OUT or OUT.partial (it would be published with the model)."""
     inputs = [(role, c.root) for role, c in (("BASE", plan.base), ("FINETUNED", plan.adapter or plan.finetuned))]
     for role, root in inputs:
-        if out.resolve() == root.resolve() or (root.is_dir() and inside(out, root)):
+        if inside(out, root):
             raise UsageError(f"OUT {out} is inside {role} {root}; write the merged model elsewhere")
     if not work_dir:
         return
@@ -299,15 +301,14 @@ def check_output(out: Path, plan: MergePlan, work_dir: str) -> None:
             raise OptionError("work_dir", f"{work_dir} is inside {what} {folder}: the resume state would be "
                               "published with the model; choose a folder outside it")  # fmt: skip
     for role, root in inputs:
-        if root.is_dir() and inside(work, root):
+        if inside(work, root):
             raise OptionError("work_dir", f"{work_dir} is inside {role} {root}; streamsoup never writes into an "
                               "input: choose a folder outside it")  # fmt: skip
 
 
-def check_partial_entries(plan: MergePlan, partial: Path) -> None:
-    """OUT.partial becomes OUT: anything in it that streamsoup does not write (a user's file, a symlink that a
-    write would follow) is refused before any work, untouched."""
-    ours = partial_entry(plan)
+def check_partial_entries(partial: Path, ours: Callable[[str], bool]) -> None:
+    """OUT.partial becomes OUT: anything in it that streamsoup does not write (`ours`: publish.partial_entry; a
+    user's file, a symlink that a write would follow) is refused before any work, untouched."""
     foreign = owned.strangers(partial, ours)
     foreign += [e for e in os.listdir(partial) if e not in foreign and os.path.islink(partial / e)]
     if foreign:
@@ -316,10 +317,9 @@ def check_partial_entries(plan: MergePlan, partial: Path) -> None:
                          "when the merge is done: move that out of it, then rerun")  # fmt: skip
 
 
-def discard(plan: MergePlan, partial: Path, state_path: Path, out: Path) -> None:
+def discard(partial: Path, ours: Callable[[str], bool], state_path: Path, out: Path) -> None:
     """Empty OUT.partial (keeping our lock) and the state: start over. Only what streamsoup wrote, in folders it
     made, is removed (check_partial_entries refused anything else first)."""
-    ours = partial_entry(plan)
     owned.clear(partial, out, "partial", lambda name: name != LOCK_NAME and ours(name))
     if state_path.parent != partial and owned.owned(state_path, out, "state"):
         kept = owned.clear(state_path, out, "state", is_state_entry)

@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 
 SUFFIXES = (".bin", ".pt", ".pth")
 INDEX_NAME = "pytorch_model.bin.index.json"
-#: keys under which training scripts keep the state dict beside other entries (epoch, optimizer, ...)
 #: the header key safetensors keeps for metadata: no tensor may carry that name into OUT
 RESERVED_NAME = "__metadata__"
+#: keys under which training scripts keep the state dict beside other entries (epoch, optimizer, ...)
 STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
 #: torch's legacy (pre-1.6) files start with a pickled magic number
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
