@@ -237,6 +237,39 @@ def poison(folder: Path, name: str, value: float, at: int = 17) -> None:
         f.write(raw)
 
 
+def rewrite_in_place(folder: Path, rows: float = 0.1, only_one_value: bool = False) -> list[str]:
+    """Rewrite the first `rows` of the rows of every float matrix of a safetensors folder in place (or, with
+    `only_one_value`, one value of the largest, 5% into it): the same header, size and file, as a re-export into
+    the same folder leaves them. Returns the tensors changed."""
+    import struct
+
+    import torch
+    from safetensors import safe_open
+
+    edits = []
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+            start = f.tell()
+        with safe_open(path, "pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                if t.dim() == 2 and t.numel() and t.dtype in (torch.float16, torch.bfloat16, torch.float32):
+                    edits.append((t.numel(), path, name, t.clone(), start + header[name]["data_offsets"][0]))
+    if only_one_value:
+        edits = [max(edits, key=lambda e: e[0])]
+    for numel, path, _name, t, offset in edits:
+        flat = t.reshape(-1)
+        first = numel // 20 if only_one_value else 0
+        count = 1 if only_one_value else max(1, int(t.shape[0] * rows)) * t.shape[1]
+        wiggle = 1 + 0.03 * torch.cos(torch.arange(count, dtype=torch.float64))  # a few percent, of full rank
+        new = (flat[first : first + count].to(torch.float64) * wiggle).to(t.dtype)
+        with open(path, "r+b") as f:
+            f.seek(offset + first * t.element_size())
+            f.write(new.view(torch.uint8).numpy().tobytes())
+    return [name for _, _, name, _, _ in edits]
+
+
 def tree_digest(folder: Path) -> dict[str, str]:
     """sha256 of every file under `folder` (the report's run-dependent fields left out)."""
     out = {}

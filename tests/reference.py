@@ -50,9 +50,9 @@ def monosoup_reference(
     else:
         cum = np.cumsum(s**2) / np.sum(s**2)
         k = min(int(np.argmax(cum >= energy)) + 1, r)
-    p_k = np.sum(s[:k] ** 2) / np.sum(s**2)
+    rest = np.sum(s[k:] ** 2) / np.sum(s**2)  # 1 - P_k, evaluated without cancelling two numbers near 1
     rho = 0.0 if k == r else (s[k] / s[0]) ** 2
-    lam_low = rho + (1 - rho) * math.sqrt(min(max(1 - p_k, 0.0), 1.0))
+    lam_low = rho + (1 - rho) * math.sqrt(min(max(rest, 0.0), 1.0))
     lam_high = min(max(1 - lam_low, 0.0), 1.0)
     lam_low = min(max(lam_low, 0.0), 1.0)
     high = (u[:, :k] * s[:k]) @ vt[:k]

@@ -283,6 +283,35 @@ def test_adapter_keys_that_carry_the_adapter_name_merge_as_without_it(adapters, 
     assert_one_line_error(run("merge", base, named, tmp_path / "two", "-q"), 2, "'default'", "'other'")
 
 
+def test_a_peft_models_whole_state_dict_is_refused_with_the_save_call(adapters, tmp_path):
+    """PeftModel.state_dict() holds, beside the adapter's named factors, the base's own tensors inside peft's
+    wrappers (`base_layer.weight`, `base_layer.bias`, `original_module.weight`) and every other tensor of the
+    model: they were written to OUT as extra tensors (an untied lm_head among them). One line says how to save
+    the adapter alone."""
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    base, adapter = adapters("qwen2", "modules_to_save")
+    model = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base, dtype="auto"), adapter)
+    whole = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    for kept in ("lora_", ".base_layer.bias", ".original_module.", ".modules_to_save."):  # each alone is refused too
+        dumped = tmp_path / f"dumped{kept.strip('._')}"
+        shutil.copytree(adapter, dumped)
+        part = {k: v for k, v in whole.items() if "lora_" in k or kept in k or "modules_to_save" in k}
+        save_file(part, dumped / "adapter_model.safetensors")
+        proc = run("merge", base, dumped, tmp_path / "out", "-q")
+        if kept in ("lora_", ".modules_to_save."):  # the named factors and trained copies: the adapter itself
+            assert proc.returncode == 0, proc.stderr
+            shutil.rmtree(tmp_path / "out")
+            continue
+        assert_one_line_error(proc, 2, "whole PeftModel's state_dict", kept.strip("."), "save_pretrained")
+    dumped = tmp_path / "dumped"
+    shutil.copytree(adapter, dumped)
+    save_file(whole, dumped / "adapter_model.safetensors")
+    assert_one_line_error(run("merge", base, dumped, tmp_path / "out", "-q"), 2, "whole PeftModel's state_dict")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("arch,variant,part", [("qwen2", "lora_bias", "lora_B.bias"),
                                                ("llama", "dora", "lora_magnitude_vector")])  # fmt: skip
 def test_adapter_tensors_of_the_wrong_shape_are_refused(adapters, tmp_path, arch, variant, part):

@@ -16,10 +16,21 @@ import pytest
 import torch
 import zarr
 from conftest import made_once, paths
-from helpers import assert_one_line_error, edited_adapter, report_rows, run, run_here, start, tree_digest
+from helpers import (
+    assert_merged_exactly,
+    assert_one_line_error,
+    edited_adapter,
+    report_rows,
+    rewrite_in_place,
+    run,
+    run_here,
+    start,
+    tree_digest,
+)
 from test_bad_input import small_disk
 
 import streamsoup
+from streamsoup.errors import InputError
 from streamsoup.io.state import BATCHES, STATE_NAME, RunState
 from streamsoup.run import driver as api
 
@@ -46,6 +57,16 @@ def test_existing_work_dir_is_never_deleted(reference, tmp_path):
     assert run("merge", base, ft, out, *ARGS, "--work-dir", work).returncode == 0
     assert tree_digest(out) == digest
     assert sorted(p.name for p in work.iterdir()) == ["keep"] and (work / "keep" / "f").read_text() == "x"
+
+
+def test_a_new_work_dir_that_will_hold_out_gets_a_state_subfolder(reference, tmp_path):
+    """--work-dir new with OUT new/m: `new` becomes OUT's folder (the user's), the state a subfolder of it that
+    goes once OUT is published (it was a refusal naming `new`, after leaving new/m.partial behind)."""
+    base, ft, _, digest = reference
+    work = tmp_path / "new"
+    proc = run("merge", base, ft, work / "m", *ARGS, "--work-dir", work)
+    assert proc.returncode == 0, proc.stderr
+    assert tree_digest(work / "m") == digest and sorted(p.name for p in work.iterdir()) == ["m"]
 
 
 def test_work_dir_dot_keeps_the_folder_and_the_inputs(reference, tmp_path):
@@ -91,7 +112,7 @@ def test_files_a_user_put_into_a_work_dir_streamsoup_made_are_kept(reference, tm
 
 
 @pytest.mark.parametrize("rerun", [(), ("--fresh",)], ids=["resume", "fresh"])
-@pytest.mark.parametrize("planted", ["notes.txt", "symlink"])
+@pytest.mark.parametrize("planted", ["notes.txt", "symlink", "mine.safetensors", ".streamsoup-state.zarr/notes.txt"])
 def test_files_a_user_put_into_an_out_partial_are_never_deleted(reference, tmp_path, rerun, planted):
     """OUT.partial becomes OUT: a user's file in it (or a symlink a write would follow) is neither deleted nor
     published nor written through, on a resume as on --fresh; one line."""
@@ -106,14 +127,32 @@ def test_files_a_user_put_into_an_out_partial_are_never_deleted(reference, tmp_p
         name = sorted(p.name for p in partial.glob("*.safetensors"))[0]
         (partial / name).unlink()
         (partial / name).symlink_to(victim)
-    else:
-        name = "notes.txt"
-        (partial / name).write_text("mine")
+    else:  # a file of the user's: any name, a shard-like one, or inside a folder streamsoup made there
+        name = planted.split("/")[0]
+        (partial / planted).write_text("mine")
     files = lambda: {k: v for k, v in tree_digest(partial).items() if k != ".streamsoup.lock"}  # noqa: E731
     before = files()  # the lock names its holder: the rerun that takes it rewrites it
     proc = run("merge", base, ft, out, *ARGS, *rerun)
     assert_one_line_error(proc, 2, str(partial), name, "did not write")
     assert files() == before and not out.exists() and victim.read_text() == "precious"
+
+
+def test_a_users_file_in_a_side_folder_of_out_partial_is_kept(pair, tmp_path):
+    """FINETUNED's side files in a folder (`original/params.json`) go to OUT.partial/original/: a file of the
+    user's put in there is not streamsoup's, so --fresh keeps it and the run refuses to publish it."""
+    base, ft = pair
+    (ft / "original").mkdir()
+    (ft / "original" / "params.json").write_text("{}")
+    out, partial = tmp_path / "out", tmp_path / "out.partial"
+    assert run("merge", base, ft, out, *ARGS, env={"STREAMSOUP_FAULT": "commit:4"}).returncode == -signal.SIGKILL
+    (partial / "original").mkdir()
+    (partial / "original" / "params.json").write_text("{}")  # as a killed copy of the side files leaves it
+    (partial / "original" / "mine.txt").write_text("mine")
+    assert_one_line_error(run("merge", base, ft, out, *ARGS, "--fresh"), 2, "original", "did not write")
+    assert (partial / "original" / "mine.txt").read_text() == "mine" and not out.exists()
+    (partial / "original" / "mine.txt").unlink()  # only the side file left: streamsoup's, replaced by the run
+    assert run("merge", base, ft, out, *ARGS).returncode == 0
+    assert (out / "original" / "params.json").read_text() == "{}"
 
 
 @pytest.mark.parametrize("where", ["OUT", "inside OUT", "OUT.partial", "inside FINETUNED", "BASE"])
@@ -162,6 +201,80 @@ def test_work_dir_pointer_in_out_is_not_trusted(reference, tmp_path):
     assert (victim / "data").read_text() == "precious"
     assert "left" in proc.stderr and str(victim) in proc.stderr
     assert not (out / ".streamsoup-workdir").exists() and tree_digest(out) == digest
+
+
+# --- round two, 4: inputs bound by identity, checked at resume and before publishing -------------------------
+
+
+@pytest.mark.parametrize("change", ["first tenth of the rows", "one unsampled value, mtime set back"])
+def test_an_input_rewritten_between_two_runs_is_refused_by_name(pair, tmp_path, change):
+    base, ft = pair
+    out = tmp_path / "out"
+    killed = run("merge", base, ft, out, *ARGS, env={"STREAMSOUP_FAULT": "commit:4"})
+    assert killed.returncode == -signal.SIGKILL
+    times = {p: p.stat() for p in ft.glob("*.safetensors")}
+    changed = rewrite_in_place(ft, only_one_value=change.startswith("one"))
+    if "mtime set back" in change:  # a copy with -p, or a tool keeping times: the ctime still moves
+        for p, st in times.items():
+            os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert all(p.stat().st_mtime_ns == st.st_mtime_ns for p, st in times.items())
+    proc = run("merge", base, ft, out, *ARGS)
+    assert_one_line_error(proc, 2, "FINETUNED", "--fresh")
+    assert str(ft) in proc.stderr or any(p.name in proc.stderr for p in times), proc.stderr
+    assert not out.exists()
+    assert run("merge", base, ft, out, *ARGS, "--fresh").returncode == 0
+    report = assert_merged_exactly(base, ft, out)  # every tensor from the new contents, none from the old
+    assert {r["attempt"] for r in report["tensors"]} == {1} and changed
+
+
+def test_an_input_changed_during_the_run_is_never_published(pair, tmp_path, monkeypatch):
+    base, ft = pair
+    out = tmp_path / "out"
+    execute = api.execute
+
+    def execute_then_rewrite(*args, **kwargs):
+        results = execute(*args, **kwargs)
+        rewrite_in_place(ft)  # the tensors were read before this: OUT.partial holds the old contents' merge
+        return results
+
+    monkeypatch.setattr(api, "execute", execute_then_rewrite)
+    with pytest.raises(InputError, match=f"FINETUNED file {ft}/.* during this merge.*--fresh"):
+        streamsoup.merge(base, ft, out, shard_size="100KB")
+    monkeypatch.undo()
+    assert not out.exists() and (tmp_path / "out.partial").exists()
+    assert_one_line_error(run("merge", base, ft, out, *ARGS), 2, "FINETUNED shard model-00001", "--fresh")
+    assert run("merge", base, ft, out, *ARGS, "--fresh").returncode == 0
+    assert_merged_exactly(base, ft, out)
+    rewrite_in_place(ft, rows=0.01)  # OUT now holds another contents' merge: not "already complete"
+    assert_one_line_error(run("merge", base, ft, out, *ARGS), 2, "already holds a different merge", "FINETUNED")
+
+
+# --- round two, 6: BASE checked on decoded values, whatever its dtype or layout; data holes refused ----------
+
+
+def holes(folder: Path) -> None:
+    """Every shard's data replaced by holes (reads as zeros), its header and size intact: a download that
+    allocated the files and stopped."""
+    for shard in folder.glob("*.safetensors"):
+        size = shard.stat().st_size
+        with open(shard, "r+b") as f:
+            keep = 8 + struct.unpack("<Q", f.read(8))[0]
+            f.truncate(keep)
+            f.truncate(size)
+
+
+@pytest.mark.parametrize("role", ["BASE", "FINETUNED", "adapter's BASE"])
+def test_a_checkpoint_of_zeros_with_intact_headers_is_refused_by_name(pair, plain_adapter, tmp_path, role):
+    base, ft = pair
+    if role == "adapter's BASE":
+        base, ft = tmp_path / "abase", plain_adapter[1]
+        shutil.copytree(plain_adapter[0], base)
+    target = ft if role == "FINETUNED" else base
+    holes(target)
+    out = tmp_path / "out"
+    assert_one_line_error(run("merge", base, ft, out), 2, f"{role.split()[-1]} {target}", "only zeros",
+                          "re-download")  # fmt: skip
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
 
 
 # --- 4 and 7: state that does not verify is recomputed, never trusted -------------------------------------

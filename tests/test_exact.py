@@ -95,12 +95,13 @@ def test_full_rank_k_equals_r(tmp_path):
     w0 = torch.zeros(48, 48, dtype=torch.float32)
     (tmp_path / "b").mkdir()
     (tmp_path / "f").mkdir()
-    save_file({"w": w0}, tmp_path / "b" / "b.safetensors")
-    save_file({"w": (w0 + 0.01 * q).float()}, tmp_path / "f" / "f.safetensors")
+    anchor = torch.randn(8, 8)  # a zero-initialised layer beside a trained one (an all-zero file is refused)
+    save_file({"w": w0, "anchor": anchor}, tmp_path / "b" / "b.safetensors")
+    save_file({"w": (w0 + 0.01 * q).float(), "anchor": 1.01 * anchor}, tmp_path / "f" / "f.safetensors")
     report = check_merge(
         tmp_path / "b" / "b.safetensors", tmp_path / "f" / "f.safetensors", tmp_path / "out", "entropy", 0.8
     )
-    row = report["tensors"][0]
+    row = next(r for r in report["tensors"] if r["name"] == "w")
     assert row["k"] == row["rank"] == 48 and row["rho"] == 0.0
     assert row["P_k"] == 1.0 and row["lambda_low"] == 0.0 and row["lambda_high"] == 1.0  # no epsilon left over
 
@@ -110,8 +111,10 @@ def scaled_pair(folder: Path, scales: list[float], w0_scale: float, dtype: torch
     g = torch.Generator().manual_seed(21)
     d = torch.randn(64, 6, generator=g) @ torch.randn(6, 40, generator=g) + 0.1 * torch.randn(64, 40, generator=g)
     w0 = w0_scale * torch.randn(64, 40, generator=g)
-    base = {f"s{i}.weight": w0.to(dtype).clone() for i in range(len(scales))}
+    anchor = torch.randn(16, 16, generator=g).to(dtype)  # W0 = 0 is a layer of a model, not all of it
+    base = {f"s{i}.weight": w0.to(dtype).clone() for i in range(len(scales))} | {"anchor": anchor}
     ft = {f"s{i}.weight": (w0.double() + c * d.double()).to(dtype) for i, c in enumerate(scales)}
+    ft["anchor"] = 1.01 * anchor
     for name, tensors in (("base", base), ("ft", ft)):
         (folder / name).mkdir(parents=True)
         save_file(tensors, folder / name / "model.safetensors")
@@ -121,6 +124,33 @@ def scaled_pair(folder: Path, scales: list[float], w0_scale: float, dtype: torch
 DECISIONS = ("action", "k", "rank", "P_k", "rho", "lambda_high", "lambda_low")
 
 
+def scaled_rows(report: dict) -> list[dict]:
+    """The report's rows of the scaled tensors (not the anchor), in order."""
+    return [r for r in report["tensors"] if r["name"] != "anchor"]
+
+
+def test_an_update_of_exact_low_rank_has_no_low_part(tmp_path):
+    """A fine-tune that moved 6 rows of a matrix leaves dW of rank 6 exactly: its SVD's tail is zero, so with
+    k = 6, P_k = 1 and lambda_low = 0, the fine-tune's rows kept as they are. The Gram's eigenvalues carry
+    rounding of ~1e-16 of the largest; read as a tail they gave lambda_low ~1e-8 from sqrt(1 - P_k)."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.linalg.qr(torch.randn(48, 48, generator=g, dtype=torch.float64))[0]
+    w0 = torch.randn(96, 48, generator=g)
+    for scale in (1e-3, 0.05, 40.0):
+        folder = tmp_path / f"s{scale}"
+        w1 = w0.clone()
+        steps = torch.linspace(1.0, 0.5, 6, dtype=torch.float64)[:, None]  # singular values 1 .. 0.5: exp(H) 5.9
+        w1[:6] = (w0[:6].double() + scale * steps * q[:6]).float()
+        (folder / "b").mkdir(parents=True)
+        (folder / "f").mkdir()
+        save_file({"w": w0}, folder / "b" / "b.safetensors")
+        save_file({"w": w1}, folder / "f" / "f.safetensors")
+        row = check_merge(folder / "b" / "b.safetensors", folder / "f" / "f.safetensors", folder / "out", "entropy",
+                          0.8)["tensors"][0]  # fmt: skip
+        assert (row["k"], row["rank"]) == (6, 48), (scale, row)
+        assert (row["rho"], row["P_k"], row["lambda_low"], row["lambda_high"]) == (0.0, 1.0, 0.0, 1.0), (scale, row)
+
+
 @pytest.mark.parametrize("rule", ["entropy", "energy"])
 def test_decisions_do_not_depend_on_the_scale_of_the_update(tmp_path, rule):
     """MonoSoup decides from ratios of singular values: c * dW gets the k, P_k, rho and lambdas of dW for every
@@ -128,10 +158,10 @@ def test_decisions_do_not_depend_on_the_scale_of_the_update(tmp_path, rule):
     layers (W0 = 0) included; an absolute epsilon (1e-12 on sum s^2 and s_1) made them depend on c."""
     powers = [2.0**j for j in range(-30, 14, 3)]  # 9e-10 .. 8192: ||dW||^2 from ~1e-15 to ~1e11
     base, ft = scaled_pair(tmp_path / "zero", powers, 0.0, torch.float32)  # W1 = c * D: exact in fp32
-    rows = check_merge(base, ft, tmp_path / "zero" / "out", rule, 0.8)["tensors"]
+    rows = scaled_rows(check_merge(base, ft, tmp_path / "zero" / "out", rule, 0.8))
     strict = json.loads((tmp_path / "zero" / "out" / "streamsoup_report.json").read_text(),
                         parse_constant=lambda c: pytest.fail(f"the report holds {c}: not JSON"))  # fmt: skip
-    assert all(r["rel_update"] is None for r in strict["tensors"])  # W0 = 0: no ratio (JSON has no Infinity)
+    assert all(r["rel_update"] is None for r in scaled_rows(strict))  # W0 = 0: no ratio (JSON has no Infinity)
     first = {key: rows[0][key] for key in DECISIONS}
     assert first["action"] == "edit" and 1 < first["k"] < first["rank"], first
     for row in rows:
@@ -142,7 +172,7 @@ def test_decisions_do_not_depend_on_the_scale_of_the_update(tmp_path, rule):
               ("dense", [10.0**j for j in range(-8, -2)], 0.02, torch.float64))  # fmt: skip
     for group, scales, w0_scale, dtype in groups:
         base, ft = scaled_pair(tmp_path / group, scales, w0_scale, dtype)
-        rows = check_merge(base, ft, tmp_path / group / "out", rule, 0.8)["tensors"]
+        rows = scaled_rows(check_merge(base, ft, tmp_path / group / "out", rule, 0.8))
         for row in rows:
             assert row["action"] == "edit" and (row["k"], row["rank"]) == (first["k"], first["rank"]), row["name"]
             for key in ("P_k", "rho", "lambda_high", "lambda_low"):

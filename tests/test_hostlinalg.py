@@ -176,6 +176,10 @@ assert loaded and all(blas()[lib] == 1 for lib in loaded), blas()
 assert torch.get_num_threads() == 1
 set_threads(2)
 assert all(blas()[lib] == 2 for lib in loaded) and torch.get_num_threads() == 2, blas()
+from threadpoolctl import threadpool_limits
+threadpool_limits(limits=3, user_api="blas")  # something else in the process changes OpenBLAS's global count
+set_threads(2)  # the count asked for last time: it holds again all the same
+assert all(blas()[lib] == 2 for lib in loaded), blas()
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

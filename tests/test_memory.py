@@ -43,16 +43,18 @@ class Noise:
 
 
 def write_pair(root: Path, n_small: int, seed: int) -> tuple[Path, Path]:
-    """`n_small` 32 MiB tensors and two 256 MiB ones; the base is all zeros (sparse), the fine-tune random."""
+    """`n_small` 32 MiB tensors and two 256 MiB ones; the base random, the fine-tune 1% away from it."""
     specs = [TensorSpec(f"layers.{i}.weight", "BF16", (262144, 64)) for i in range(n_small)]
     specs += [TensorSpec(f"big.{i}.weight", "BF16", (2097152, 64)) for i in range(2)]
     base = Writer(root / "base", specs, 1 << 30, with_index=True)
-    base.close()
     ft = Writer(root / "ft", specs, 1 << 30, with_index=True)
     noise = Noise(seed)
     for spec in specs:
         for start in range(0, spec.shape[0], 262144):
-            ft.write(spec.name, "BF16", start, noise.block())
+            block = noise.block()
+            base.write(spec.name, "BF16", start, block)
+            ft.write(spec.name, "BF16", start, block * 1.01)
+    base.close()
     ft.close()
     return root / "base", root / "ft"
 
@@ -85,13 +87,16 @@ def write_bin_pair(root: Path, n_small: int) -> tuple[Path, Path]:
     noise = Noise(n_small)
     for side in ("base", "ft"):
         (root / side).mkdir(parents=True)
-        make = (lambda *s: torch.zeros(s)) if side == "base" else noise.tensor
-        for first in range(0, n_small, 8):
-            names = [f"layers.{i}.weight" for i in range(first, min(first + 8, n_small))]
-            part = {name: make(262144, 64).to(torch.bfloat16) for name in names}
-            torch.save(part, root / side / f"part-{first:03d}.bin")
-        for i in range(2):
-            torch.save({f"big.{i}.weight": make(64, 2097152).to(torch.bfloat16).T}, root / side / f"big-{i}.bin")
+    for first in range(0, n_small, 8):  # the base random, the fine-tune 1% away from it
+        names = [f"layers.{i}.weight" for i in range(first, min(first + 8, n_small))]
+        part = {name: noise.tensor(262144, 64) for name in names}
+        for side, factor in (("base", 1.0), ("ft", 1.01)):
+            shard = {n: (factor * t).to(torch.bfloat16) for n, t in part.items()}
+            torch.save(shard, root / side / f"part-{first:03d}.bin")
+    for i in range(2):
+        big = noise.tensor(64, 2097152)
+        for side, factor in (("base", 1.0), ("ft", 1.01)):
+            torch.save({f"big.{i}.weight": (factor * big).to(torch.bfloat16).T}, root / side / f"big-{i}.bin")
     return root / "base", root / "ft"
 
 

@@ -418,6 +418,38 @@ def test_a_storage_larger_than_its_zip_entry_is_refused(tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+def test_a_zip_entry_pointing_at_another_entrys_bytes_is_refused(tmp_path):
+    """The zip's central directory says where each storage's local header is: one crafted to point at another
+    entry (same size) would read that entry's bytes as this tensor's, with exit 0, as torch.load does. The local
+    header names its entry (zipfile checks it), and no two storages may share bytes."""
+    import struct as st
+
+    a, b = torch.arange(16, dtype=torch.float32), torch.arange(16, 32, dtype=torch.float32)
+    save_file({"a": torch.ones(4, 4), "b": torch.ones(4, 4)}, tmp_path / "base.safetensors")
+    t = lambda key: _TensorOf(_StorageId(key, 16), (4, 4))  # noqa: E731
+    ft = crafted_bin(tmp_path / "ft.bin", {"a": t("0"), "b": t("1")}, {"0": a.numpy().tobytes(),
+                                                                         "1": b.numpy().tobytes()})  # fmt: skip
+    raw = bytearray(ft.read_bytes())
+    central = {}  # entry name -> offset of its central directory record
+    at = raw.find(b"PK\x01\x02")
+    while at >= 0:
+        name_len = st.unpack("<H", raw[at + 28 : at + 30])[0]
+        central[bytes(raw[at + 46 : at + 46 + name_len]).decode()] = at
+        at = raw.find(b"PK\x01\x02", at + 46)
+    first = raw[central["archive/data/0"] + 42 : central["archive/data/0"] + 46]
+    raw[central["archive/data/1"] + 42 : central["archive/data/1"] + 46] = first  # data/1's header := data/0's
+    ft.write_bytes(bytes(raw))
+    import zipfile
+
+    with pytest.raises(zipfile.BadZipFile, match="differ"):  # the control: the zip format's own reader refuses it
+        zipfile.ZipFile(ft).read("archive/data/1")
+    assert torch.equal(torch.load(ft, weights_only=True)["b"], a.reshape(4, 4))  # torch reads a's bytes as b
+    for command in ("plan", "merge"):
+        extra = [tmp_path / "out"] if command == "merge" else []
+        assert_one_line_error(run_here(command, tmp_path / "base.safetensors", ft, *extra), 2, "ft.bin", "corrupt")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_pickle_cannot_change_how_later_files_are_read(tmp_path):
     """A BUILD on torch.HalfStorage in one file must not make the reader take fp16 storages as bf16 afterwards."""
     # GLOBAL torch.HalfStorage, BUILD {"dtype": "BF16"} on it, POP; the result: {"a": 1}

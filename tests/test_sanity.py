@@ -194,19 +194,40 @@ def test_an_unrelated_base_of_the_same_shapes_is_refused_and_a_big_update_is_not
     sizes = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
 
-    def saved(kind: str, seed: int, folder: Path) -> Path:
+    def saved(kind: str, seed: int, folder: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
         torch.manual_seed(seed)
         config = transformers.Qwen2Config(**sizes) if kind == "qwen2" else transformers.LlamaConfig(**sizes)
         net = (transformers.Qwen2ForCausalLM if kind == "qwen2" else transformers.LlamaForCausalLM)(config)
-        net.to(torch.bfloat16).save_pretrained(folder)
+        net.to(dtype).save_pretrained(folder)
         return folder
 
+    def as_views(folder: Path) -> Path:
+        """The same model as one torch.save file whose matrices are transposed views (a strided layout)."""
+        views = folder.with_name(folder.name + "-views")
+        views.mkdir()
+        tensors = load_file(folder / "model.safetensors")
+        state = {n: t.T.contiguous().T if t.dim() == 2 else t for n, t in tensors.items()}
+        torch.save(state, views / "pytorch_model.bin")
+        shutil.copy(folder / "config.json", views)
+        return views
+
     ft = saved("llama", 0, tmp_path / "ft")
-    for kind, seed, needles in (("llama", 1, ()), ("qwen2", 0, ("model_type 'qwen2' vs 'llama'",))):
-        other = saved(kind, seed, tmp_path / f"{kind}-{seed}")
+    # the check reads decoded values: a BASE in another dtype or layout than the fine-tune is held to it too
+    others = [(saved("llama", 1, tmp_path / "llama-1"), ()), (saved("qwen2", 0, tmp_path / "qwen2-0"),
+              ("model_type 'qwen2' vs 'llama'",)), (saved("llama", 1, tmp_path / "f32", torch.float32), ()),
+              (saved("llama", 1, tmp_path / "f16", torch.float16), ())]  # fmt: skip
+    others.append((as_views(others[2][0]), ()))
+    for other, needles in others:
         proc = run("merge", other, ft, tmp_path / "out")
-        assert_one_line_error(proc, 2, "does not look like", "median relative update", "1.4", *needles)
+        assert_one_line_error(proc, 2, "does not look like", "median relative update", "1.4", *needles, other.name)
         assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    # and the fine-tune's own values in fp32, or as views, are the same values: nothing to merge
+    (tmp_path / "ft32").mkdir()
+    upcast = {n: t.float() for n, t in load_file(ft / "model.safetensors").items()}
+    save_file(upcast, tmp_path / "ft32" / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(ft / "config.json", tmp_path / "ft32")
+    for same in (tmp_path / "ft32", as_views(tmp_path / "ft32")):
+        assert_one_line_error(run("merge", same, ft, tmp_path / "out"), 2, "hold the same values")
     big = tmp_path / "big"
     shutil.copytree(ft, big)
     tensors = load_file(ft / "model.safetensors")

@@ -23,12 +23,14 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from . import quantized, rawio, strided
+from . import binding, quantized, rawio, strided
 from .dtypes import item_size, torch_dtype
 
 INDEX_NAME = "model.safetensors.index.json"
-#: bytes taken from the middle of every tensor for a checkpoint's content fingerprint
+#: bytes of each sampled span of a tensor for a checkpoint's content fingerprint
 FINGERPRINT_SAMPLE = 64
+#: spans sampled per tensor, spread from its first byte to its last: a rewrite of any tenth of it is seen
+FINGERPRINT_SPANS = 11
 #: a header larger than this is corrupt, not a model (safetensors itself caps it at 100 MB)
 MAX_HEADER = 100 * 1024 * 1024
 #: the largest dimension or offset a loader (safetensors, torch) can represent
@@ -253,10 +255,11 @@ class Checkpoint(Mapping[str, TensorRef]):
         return [s.path for s in self.shards]
 
     def fingerprint(self) -> dict[str, dict[str, object]]:
-        """Shard name -> size, header hash and a crc32c of a few bytes from the middle of every tensor.
+        """Shard name -> size, header hash and a crc32c of spans spread over every tensor.
 
         Headers alone do not tell two fine-tunes of one architecture apart (same names, shapes,
-        offsets); the sampled bytes do, for the price of one tiny read per tensor.
+        offsets); the sampled bytes do, for the price of a few tiny reads per tensor. What binds a
+        run to its files is their identity (`binding`); this is what the report records of them.
         """
         return {
             Path(s.path).name: {"size": s.size, "header_sha256": s.header_sha256, "sample_crc32c": sample_crc(s)}
@@ -264,13 +267,22 @@ class Checkpoint(Mapping[str, TensorRef]):
         }
 
 
+    def binding(self) -> dict[str, dict[str, int]]:
+        """Every file read, by identity (io/binding.py)."""
+        return binding.bind(self.files)
+
+
 def sample_crc(shard: ShardHeader) -> int:
+    """crc32c of FINGERPRINT_SPANS spans per tensor, the first at its start, the last at its end."""
     fd = os.open(shard.path, os.O_RDONLY)
     try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # a 64-byte read must not pull in a readahead window
         crc = 0
         for ref in shard.tensors:
             n = min(ref.span, FINGERPRINT_SAMPLE)
-            crc = rawio.crc_of(memoryview(os.pread(fd, n, ref.offset + (ref.span - n) // 2)), crc)
+            starts = dict.fromkeys((ref.span - n) * i // (FINGERPRINT_SPANS - 1) for i in range(FINGERPRINT_SPANS))
+            for start in starts:
+                crc = rawio.crc_of(memoryview(os.pread(fd, n, ref.offset + start)), crc)
         return crc
     finally:
         os.close(fd)

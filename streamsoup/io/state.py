@@ -39,8 +39,9 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from ..errors import RunError, UsageError
+from ..errors import InputError, RunError, UsageError
 from . import owned, rawio
+from .binding import changed_files
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,16 @@ def describe_changes(old: dict, new: dict) -> list[str]:
     return changes
 
 
+def check_bound(old: object, new: dict[str, Any], when: str) -> None:
+    """Refuse a run whose input files are not the ones bound (`when` they changed), naming them."""
+    changed = changed_files(old, new)
+    if changed:
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise InputError(f"{'; '.join(changed[:3])}{more} {when}: the tensors done so far read the old contents "
+                         "and are not mixed with the new; rerun with --fresh to merge the files as they are now, "
+                         "or put the original files back")  # fmt: skip
+
+
 class RunState:
     """Read and commit the durable progress of one merge."""
 
@@ -171,8 +182,9 @@ class RunState:
 
     @classmethod
     def open(cls, path: Path, out: Path, fingerprint: dict[str, Any], head: dict[str, Any] | None = None,
-             machine: dict[str, Any] | None = None) -> RunState:  # fmt: skip
-        """Open the state of an interrupted run, or start a new one; refuse a different run's state.
+             machine: dict[str, Any] | None = None, binding: dict[str, Any] | None = None) -> RunState:  # fmt: skip
+        """Open the state of an interrupted run, or start a new one; refuse a different run's state, or the same
+        run's whose input files are not the ones it read (`binding`: role -> io/binding.py's path -> identity).
 
         `head` (inputs, options, planned tensors) and each attempt's `machine` let `streamsoup report`
         describe an interrupted run. The folder is made here and marked as this run's (owned.py).
@@ -195,6 +207,8 @@ class RunState:
                     f"{path.parent if path.name == STATE_NAME else path} holds an interrupted run of a different "
                     f"merge ({changes}); rerun it with its original inputs and options, or add --fresh to discard it"
                 )
+            if old is not None and binding is not None:
+                check_bound(group.attrs.get("binding"), binding, "since this merge started")
             if old is None:
                 kept = owned.clear(path, out, "state", is_state_entry)
                 done = f"the resume state {path} is unreadable (damaged); everything is recomputed"
@@ -204,7 +218,8 @@ class RunState:
         group = zarr.open_group(str(path), mode="a")
         if "fingerprint" not in group.attrs:
             group.create_group("tensors", overwrite=True)
-            group.attrs.put({"fingerprint": fingerprint, "runs": [], "run_id": uuid.uuid4().hex})
+            group.attrs.put({"fingerprint": fingerprint, "binding": binding or {}, "runs": [],
+                             "run_id": uuid.uuid4().hex})
         runs = list(group.attrs.get("runs", []))
         runs.append({"started_at": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
                      "machine": machine or {}})  # fmt: skip

@@ -32,13 +32,17 @@ _load_lock = threading.Lock()
 
 
 def set_threads(threads: int) -> None:
-    """torch's threads and scipy's BLAS threads alike: the lanes share the cores, both libraries run in them."""
+    """torch's threads and scipy's BLAS threads alike: the lanes share the cores, both libraries run in them.
+
+    The BLAS count is read back and set whenever it differs, not only when `threads` does: OpenBLAS's count is
+    global to the process, anything else in it (threadpoolctl in a user's code, a test) may change it, and a
+    Gram's bits depend on it (docs/guarantees.md, "Same bytes")."""
     global _threads
     torch.set_num_threads(threads)
-    if threads != _threads:
-        _threads = threads
-        if "blas" in _loaded:
-            _loaded["blas"].limit(limits=threads, user_api="blas")
+    _threads = threads
+    blas = _loaded.get("blas")
+    if blas is not None and threads > 0 and any(lib.num_threads != threads for lib in blas.lib_controllers):
+        blas.limit(limits=threads, user_api="blas")
 
 
 #: OpenBLAS's spin before an idle thread sleeps, as 2^N cycles (4, its least: no spin)
@@ -59,7 +63,7 @@ def _routines() -> dict:
             from scipy.linalg import cython_blas, cython_lapack
             from threadpoolctl import ThreadpoolController
 
-            _loaded["blas"] = ThreadpoolController()  # finds the OpenBLAS that scipy just loaded
+            _loaded["blas"] = ThreadpoolController().select(user_api="blas")  # with the OpenBLAS scipy just loaded
             if _threads:
                 _loaded["blas"].limit(limits=_threads, user_api="blas")
             modules = {"cython_blas": cython_blas, "cython_lapack": cython_lapack}

@@ -78,9 +78,11 @@ def coefficients(s: torch.Tensor, rule: str = "entropy", energy: float = 0.8) ->
     r = s.numel()
     k = choose_rank(s, rule, energy)
     s2 = s.square()
-    p_k = float(s2[:k].sum() / s2.sum())
+    head, tail = float(s2[:k].sum()), float(s2[k:].sum())
+    p_k = head / (head + tail)
     rho = 0.0 if k == r else float(s[k] ** 2)
-    lam_low = rho + (1.0 - rho) * math.sqrt(min(max(1.0 - p_k, 0.0), 1.0))
+    # 1 - P_k as the tail's own share: exact 0 for an update of rank k, and no cancellation near P_k = 1
+    lam_low = rho + (1.0 - rho) * math.sqrt(min(tail / (head + tail), 1.0))
     lam_high = 1.0 - lam_low
     clamp = lambda x: min(max(x, 0.0), 1.0)  # noqa: E731
     return Coefficients(k=k, rank=r, p_k=p_k, rho=rho, lambda_high=clamp(lam_high), lambda_low=clamp(lam_low))

@@ -279,7 +279,7 @@ class GramEigen:
             self._host = None
             evals, self._evecs = torch.linalg.eigh(gram, UPLO="U")  # the Gram's convention: upper triangle
         self.r = evals.numel()
-        self.s = evals.flip(0).clamp_min(0.0).sqrt().cpu()
+        self.s = evals.flip(0).where(evals.flip(0) > noise_floor(evals), 0.0).sqrt().cpu()
 
     def keep_needed(self, k: int) -> Spectrum:
         """The Spectrum with only the eigenvectors the split at k needs, in descending order of s."""
@@ -290,6 +290,16 @@ class GramEigen:
         else:
             cols = self._evecs[:, lo:hi]
         return Spectrum(self.s, cols.flip(1).contiguous(), "gram", side)
+
+
+def noise_floor(evals: torch.Tensor) -> float:
+    """The Gram's eigenvalues at or below this are rounding, not directions: forming X^T X and solving it in
+    float64 leaves each eigenvalue off by about c * eps * the largest. An update of exact rank k (rows a
+    fine-tune never touched) then has a tail of exact zeros, as its SVD has, so P_k = 1 and lambda_low = 0
+    instead of ~1e-8 from sqrt(1 - P_k) of noise. Relative to the largest: the same for c * dW, any c > 0."""
+    if evals.numel() == 0:
+        return 0.0
+    return float(evals.max()) * evals.numel() * torch.finfo(torch.float64).eps
 
 
 def eigh_spectrum(gram: torch.Tensor) -> GramEigen:

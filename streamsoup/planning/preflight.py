@@ -22,17 +22,19 @@ import torch
 
 from ..errors import InputError, OptionError, UsageError
 from ..io.checkpoint import Checkpoint, TensorRef, matrix_shape, read_block
-from ..io.dtypes import is_float, torch_dtype
+from ..io.dtypes import is_float
 from ..io.layout import ShardLayout
 from ..io.sidefiles import side_files
 from ..options import format_size
 from ..sources.adapter import ADAPTER_CONFIG
 
 ADAPTER_KEYS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-#: bytes compared per sampled span (three spans per matrix: start, middle, end)
-SAMPLE_BYTES = 4096
+#: values compared per sampled span (three spans of whole rows per matrix: first, middle, last; one row at least)
+SAMPLE_ELEMENTS = 2048
 #: matrices sampled for the relatedness of BASE and FINETUNED, spread over the model
 SAMPLED_MATRICES = 64
+#: matrices of each shard sampled for data that is all zeros
+SAMPLED_PER_SHARD = 8
 #: a median relative update above this means BASE is not the fine-tune's base (measured: docs/guarantees.md)
 UNRELATED_REL_UPDATE = 1.0
 #: the report's row of one tensor, at most (a row is ~600 bytes of JSON)
@@ -118,16 +120,15 @@ def check_pairing(base: Checkpoint, finetuned: Checkpoint, edits: int) -> str | 
     return None
 
 
-def _sample_starts(ref: TensorRef) -> list[int]:
-    """Offsets of the sampled spans of a tensor: its start, middle and end (8-byte aligned)."""
-    last = max(ref.span - SAMPLE_BYTES, 0)
-    return sorted({0, last // 2 // 8 * 8, last // 8 * 8})
-
-
-def _span(ref: TensorRef, start: int) -> bytes:
-    with open(ref.path, "rb") as f:
-        f.seek(ref.offset + start)
-        return f.read(min(SAMPLE_BYTES, ref.span - start))
+def sampled_values(ref: TensorRef) -> torch.Tensor:
+    """float64 values of three spans of rows of a matrix (its first, middle and last), decoded from any dtype,
+    layout (a torch.save view) or encoding (FP8, MXFP4): the same elements for two tensors of one shape."""
+    m, n = matrix_shape(ref.shape)
+    if m * n == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    rows = max(1, min(m, SAMPLE_ELEMENTS // n))
+    starts = sorted({0, (m - rows) // 2, m - rows})
+    return torch.cat([read_block(ref, s, s + rows, False).reshape(-1).to(torch.float64) for s in starts])
 
 
 #: a (base, fine-tune) pair of matrices to be edited
@@ -135,16 +136,11 @@ Pair = tuple[TensorRef, TensorRef]
 
 
 def check_values_differ(base: Checkpoint, finetuned: Checkpoint, pairs: list[Pair]) -> None:
-    """Refuse BASE == FINETUNED in value (a copy of the base passed twice): sampled spans of every matrix.
-
-    Stops at the first difference, so a real pair costs two small reads.
-    """
+    """Refuse BASE == FINETUNED in value (a copy of the base passed twice, or saved in another dtype): sampled
+    values of every matrix. Stops at the first difference, so a real pair costs two small reads."""
     for b, f in pairs:
-        if b.dtype != f.dtype or b.decoded != f.decoded:
+        if not torch.equal(sampled_values(b), sampled_values(f)):
             return
-        for start in _sample_starts(f):
-            if _span(b, start) != _span(f, start):
-                return
     if pairs:
         raise InputError(
             f"BASE {base.root} and FINETUNED {finetuned.root} hold the same values (every one of their "
@@ -152,33 +148,33 @@ def check_values_differ(base: Checkpoint, finetuned: Checkpoint, pairs: list[Pai
         )
 
 
+def spread(items: list, count: int = SAMPLED_MATRICES) -> list:
+    """At most `count` of `items`, spread over all of them (a model's first layers are not all of it)."""
+    return items[:: max(1, len(items) // count)][:count]
+
+
+def check_not_blank(ckpt: Checkpoint, refs: list[TensorRef], role: str) -> None:
+    """Refuse a shard whose sampled matrices hold only zeros: its header is intact but its data is not there (a
+    download that stopped, a sparse file's holes). One zero-initialised layer is fine; a whole shard of them is
+    a broken file."""
+    by_file: dict[str, list[TensorRef]] = {}
+    for ref in refs:
+        by_file.setdefault(ref.path, []).append(ref)
+    for path, mine in by_file.items():
+        picks = spread(mine, SAMPLED_PER_SHARD)
+        if not any(bool(sampled_values(r).any()) for r in picks):
+            where = f"{role} {ckpt.root}" if Path(path) == ckpt.root else f"{role} {ckpt.root}: shard {path}"
+            raise InputError(f"{where} holds only zeros where sampled ({len(picks)} matrices): its header is "
+                             "intact but its data is missing (a download that did not finish, a file with holes); "
+                             "re-download or re-save it")  # fmt: skip
+
+
 def sampled_rel_update(base: TensorRef, finetuned: TensorRef) -> float | None:
-    """||W1 - W0|| / ||W0|| over the sampled spans of one matrix; None where spans cannot be compared
-    (other dtypes, a view's storage, a zero W0)."""
-    if base.decoded or finetuned.decoded:
-        return _decoded_rel_update(base, finetuned)
-    if base.dtype != finetuned.dtype or not is_float(base.dtype) or base.stride is not None \
-            or finetuned.stride is not None:  # fmt: skip
-        return None
-    dtype, num, den = torch_dtype(base.dtype), 0.0, 0.0
-    for start in _sample_starts(finetuned):
-        w0 = torch.frombuffer(bytearray(_span(base, start)), dtype=dtype).to(torch.float64)
-        w1 = torch.frombuffer(bytearray(_span(finetuned, start)), dtype=dtype).to(torch.float64)
-        num += float(((w1 - w0) ** 2).sum())
-        den += float((w0**2).sum())
-    return math.sqrt(num / den) if den > 0 and math.isfinite(num) else None
-
-
-def _decoded_rel_update(base: TensorRef, finetuned: TensorRef) -> float | None:
-    """The same over the first rows of a quantized side's matrix, decoded (its stored bytes are no weights)."""
-    if base.stride is not None or finetuned.stride is not None:
-        return None
-    m, n = matrix_shape(finetuned.shape)
-    rows = max(1, min(m, SAMPLE_BYTES // max(n, 1)))
-    w0, w1 = read_block(base, 0, rows, False).to(torch.float64), read_block(finetuned, 0, rows, False).to(torch.float64)
-    den = float((w0**2).sum())
-    num = float(((w1 - w0) ** 2).sum())
-    return math.sqrt(num / den) if den > 0 and math.isfinite(num) else None
+    """||W1 - W0|| / ||W0|| over the sampled values of one matrix (any dtype or layout on either side); None
+    where W0 is zero there or a value is not finite."""
+    w0, w1 = sampled_values(base), sampled_values(finetuned)
+    den, num = float((w0**2).sum()), float(((w1 - w0) ** 2).sum())
+    return math.sqrt(num / den) if den > 0 and math.isfinite(num) and math.isfinite(den) else None
 
 
 def check_related(base: Checkpoint, finetuned: Checkpoint, pairs: list[Pair]) -> None:
@@ -187,8 +183,7 @@ def check_related(base: Checkpoint, finetuned: Checkpoint, pairs: list[Pair]) ->
     A fine-tune moves its matrices by a few percent; two independent initialisations differ by about
     sqrt(2) of their norm (docs/guarantees.md has the measurements behind UNRELATED_REL_UPDATE).
     """
-    picks = pairs[:: max(1, len(pairs) // SAMPLED_MATRICES)][:SAMPLED_MATRICES]
-    rels = [r for b, f in picks if (r := sampled_rel_update(b, f)) is not None]
+    rels = [r for b, f in spread(pairs) if (r := sampled_rel_update(b, f)) is not None]
     if len(rels) < 3:
         return
     median = statistics.median(rels)
@@ -207,9 +202,8 @@ def check_related(base: Checkpoint, finetuned: Checkpoint, pairs: list[Pair]) ->
 def check_adapter_trained(root: Path, updates: list) -> None:
     """Refuse an adapter whose every lora_B is zero where sampled (peft starts B at 0): it changes nothing."""
     for update in updates:
-        for start in _sample_starts(update.b):
-            if any(_span(update.b, start)):
-                return
+        if sampled_values(update.b).any():
+            return
     if updates:
         raise InputError(f"FINETUNED {root}: every lora_B of the adapter is zero where sampled ({len(updates)} "
                          "modules): an untrained adapter (peft initialises B to 0) changes nothing; pass the "

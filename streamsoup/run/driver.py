@@ -22,16 +22,28 @@ from typing import Any
 from distributed import Client
 
 from .._version import __version__
-from ..errors import Interrupted, OptionError, RunError, UsageError
+from ..errors import InputError, Interrupted, OptionError, RunError, UsageError
 from ..faults import fault_point
 from ..io import owned, writer
-from ..io.state import LOCK_NAME, POINTER_NAME, STATE_NAME, Commit, RunLock, RunState, is_state_entry, kept_line
+from ..io.state import (
+    LOCK_NAME,
+    POINTER_NAME,
+    STATE_NAME,
+    Commit,
+    RunLock,
+    RunState,
+    check_bound,
+    describe_changes,
+    is_state_entry,
+    kept_line,
+)
 from ..options import MergeOptions, format_duration, format_size
 from ..planning.budget import Budget, machine_info, usable_cores
 from ..planning.planner import MergePlan, plan_merge
 from ..planning.preflight import (
     check_adapter_trained,
     check_disk_space,
+    check_not_blank,
     check_related,
     check_values_differ,
     output_needs,
@@ -70,6 +82,7 @@ class Request:
     plan: MergePlan
     out: Path
     fingerprint: dict[str, Any]
+    binding: dict[str, Any]  # role -> input file -> identity (io/binding.py)
     fresh: bool
     progress: bool
     start: float
@@ -111,15 +124,18 @@ def run_merge(base: str | Path, finetuned: str | Path, out: Path, opts: MergeOpt
     check_output(out, plan, opts.work_dir)
     plan_side_files(plan)  # an unreadable or outside side file is found now, not after all the compute
     if plan.adapter is not None:
+        check_not_blank(plan.base, [j.base for j in plan.jobs if j.lora is not None], "BASE")
         check_adapter_trained(plan.adapter.root, [j.lora for j in plan.jobs if j.lora is not None])
     else:
         pairs = [(j.base, j.finetuned) for j in plan.edits if j.base is not None]
+        check_not_blank(plan.base, [b for b, _ in pairs], "BASE")
+        check_not_blank(plan.finetuned, [f for _, f in pairs], "FINETUNED")
         check_values_differ(plan.base, plan.finetuned, pairs)
         check_related(plan.base, plan.finetuned, pairs)
     for warning in plan.warnings:  # after the refusals: a refused merge says one line
         log.warning(warning)
     try:
-        return _attempt(Request(plan, out, fingerprint, fresh, progress, start), opts)
+        return _attempt(Request(plan, out, fingerprint, run_binding(plan), fresh, progress, start), opts)
     except OSError as exc:
         raise io_failure(exc, out) from exc
 
@@ -175,17 +191,19 @@ def _locked_run(run: Attempt) -> MergeSummary:
         with RunLock(partial) as lock, InterruptGuard() as guard:
             if out.exists():  # another merge of this OUT published while this one planned
                 return published_meanwhile(partial, out, fingerprint)
-            ours = partial_entry(plan)
+            ours = partial_entry(plan, partial)
             check_partial_entries(partial, ours)  # every run, a resumed one too: OUT.partial becomes OUT
             if run.request.fresh or not owned.owned(state_path, out, "state"):
                 discard(partial, ours, state_path, out)  # bytes without a state are not trusted
-            state = RunState.open(state_path, out, fingerprint, run_head(plan, fingerprint, out), run.machine)
+            state = RunState.open(state_path, out, fingerprint, run_head(plan, fingerprint, out), run.machine,
+                                  run.request.binding)  # fmt: skip
             if opts.work_dir:
                 (partial / POINTER_NAME).write_text(str(state_path) + "\n")
             resumed = len(state.committed())
             log.info("planned %d tensors (%d to edit), %d already done", len(plan.jobs), len(plan.edits), resumed)
             writer.preallocate(plan.layout, partial)
             results = execute(run, state, guard)
+            check_unchanged(run.request)
             with guard.critical():
                 if not finish(plan, partial, out, results, state):
                     return published_meanwhile(partial, out, fingerprint)
@@ -237,15 +255,15 @@ def state_location(work_dir: str, out: Path, partial: Path) -> Path:
     """Where the resume state lives: inside OUT.partial, or under --work-dir.
 
     --work-dir is the state folder itself when streamsoup makes it (absent) or made it for this OUT
-    (a rerun); an existing folder of the user's gets a subfolder of its own, so nothing of theirs is
-    ever touched, and only that subfolder is removed once OUT is published.
+    (a rerun); an existing folder of the user's, or one that will hold OUT, gets a subfolder of its own,
+    so nothing of theirs is ever touched, and only that subfolder is removed once OUT is published.
     """
     if not work_dir:
         return partial / STATE_NAME
     root = Path(work_dir).absolute()
-    if not os.path.lexists(root) or owned.owned(root, out, "state"):
+    if owned.owned(root, out, "state") or not (os.path.lexists(root) or inside(out, root)):
         return root
-    if not owned.is_dir(root.resolve()):
+    if os.path.lexists(root) and not owned.is_dir(root.resolve()):
         raise OptionError("work_dir", f"{root} exists and is not a folder; give a folder (new or existing)")
     digest = hashlib.sha256(str(out).encode()).hexdigest()[:8]
     return root / f"streamsoup-state-{out.name}-{digest}"
@@ -278,6 +296,20 @@ def run_fingerprint(plan: MergePlan) -> dict[str, Any]:
         "base": plan.base.fingerprint(),
         "finetuned": (plan.adapter or plan.finetuned).fingerprint(),
     }
+
+
+def run_binding(plan: MergePlan) -> dict[str, Any]:
+    """Every input file by identity: a run reads from these files only (io/binding.py)."""
+    return {"base": plan.base.binding(), "finetuned": (plan.adapter or plan.finetuned).binding()}
+
+
+def check_unchanged(request: Request) -> None:
+    """Just before publishing: every input is still the file the run read, with the contents it sampled."""
+    check_bound(request.binding, run_binding(request.plan), "during this merge")
+    if run_fingerprint(request.plan) != request.fingerprint:
+        changes = "; ".join(describe_changes(request.fingerprint, run_fingerprint(request.plan)))
+        raise InputError(f"the inputs changed during this merge ({changes}): nothing was published; rerun with "
+                         "--fresh to merge the files as they are now")  # fmt: skip
 
 
 def inside(path: Path, folder: Path) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -108,12 +109,43 @@ def cleanup(out: Path, external_state: Path | None) -> None:
             path.unlink()
 
 
-def partial_entry(plan: MergePlan) -> Callable[[str], bool]:
-    """The names streamsoup writes into OUT.partial (shards of any plan: --fresh may follow another plan's);
-    anything else is a user's, which would be published with OUT."""
-    names = {LOCK_NAME, POINTER_NAME, STATE_NAME, REPORT_NAME, SPECTRA_NAME, CARD_NAME, ADAPTER_CONFIG, INDEX_NAME,
-             "config.json", *(f.rel.parts[0] for f in plan_side_files(plan))}  # fmt: skip
-    return lambda name: name.removesuffix(".tmp") in names or name.endswith(".safetensors")
+#: the output shards a merge writes, of any plan (--fresh may follow an attempt with another shard count)
+SHARD_NAME = re.compile(r"(model|adapter_model)(-\d{5}-of-\d{5})?\.safetensors")
+
+
+def partial_entry(plan: MergePlan, partial: Path) -> Callable[[str], bool]:
+    """Whether an entry of OUT.partial is one streamsoup writes there, all of it: a folder (the state, a side
+    file's folder) only while it holds nothing else. Anything else is a user's, which would be published with
+    OUT, or deleted by --fresh."""
+    sides = plan_side_files(plan)
+    files = {LOCK_NAME, POINTER_NAME, REPORT_NAME, SPECTRA_NAME, CARD_NAME, ADAPTER_CONFIG, INDEX_NAME, "config.json",
+             *(str(f.rel) for f in sides if len(f.rel.parts) == 1)}  # fmt: skip
+    nested = {f.rel for f in sides if len(f.rel.parts) > 1}
+
+    def ours(name: str) -> bool:
+        path = partial / name
+        if owned.is_dir(path):
+            if name == STATE_NAME:
+                return not owned.strangers(path, is_state_entry)
+            return any(rel.parts[0] == name for rel in nested) and only_side_files(path, partial, nested)
+        if os.path.islink(path):
+            return False
+        bare = name.removesuffix(".tmp")
+        return bare in files or SHARD_NAME.fullmatch(bare) is not None
+
+    return ours
+
+
+def only_side_files(folder: Path, partial: Path, nested: set[Path]) -> bool:
+    """Every file under `folder` is one of the side files copied there (no link, nothing else)."""
+    for root, dirs, names in os.walk(folder):
+        if any(os.path.islink(os.path.join(root, d)) for d in dirs):
+            return False
+        for name in names:
+            path = Path(root, name)
+            if os.path.islink(path) or path.relative_to(partial) not in nested:
+                return False
+    return True
 
 
 def existing_output(out: Path, fingerprint: dict[str, Any]) -> MergeSummary:

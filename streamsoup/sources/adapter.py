@@ -22,6 +22,7 @@ from pathlib import Path
 import regex
 
 from ..errors import InputError
+from ..io.binding import bind
 from ..io.checkpoint import Checkpoint, TensorRef, matrix_shape
 from ..numerics.lowrank import BiasUpdate, LoraUpdate
 
@@ -182,6 +183,10 @@ class Adapter:
         digest = hashlib.sha256((self.root / ADAPTER_CONFIG).read_bytes()).hexdigest()
         return {**self.weights.fingerprint(), ADAPTER_CONFIG: {"sha256": digest}}
 
+    def binding(self) -> dict[str, dict[str, int]]:
+        """The weights' files and the config, by identity (io/binding.py)."""
+        return {**self.weights.binding(), **bind([str(self.root / ADAPTER_CONFIG)])}
+
     def modules(self) -> tuple[dict[str, Module], dict[str, TensorRef]]:
         """(module name -> its LoRA tensors, model tensor name -> full tensor saved in the adapter).
 
@@ -242,9 +247,25 @@ def base_name(base: Checkpoint, name: str) -> str | None:
     return rest if rest and rest in base else None
 
 
+def check_not_whole_model(adapter: Adapter, modules: dict[str, Module], full: dict[str, TensorRef]) -> None:
+    """A PeftModel's whole state_dict saved as the adapter holds the base model's own tensors inside peft's
+    wrappers (`base_layer.weight` beside lora_A, `base_layer.bias`, `original_module.*`) and every other tensor
+    of the model: none of them is the adapter's, and OUT would get them as extra tensors. Refused, with the
+    save call that writes the adapter alone."""
+    wrapped = [f"{m.name}.base_layer.weight" for m in modules.values() if {"a", "base_copy"} <= m.parts.keys()]
+    wrapped += [n for n in full if n.endswith(".base_layer.bias") or ".original_module." in n]
+    inside = wrapped[0] if wrapped else None
+    if inside is not None:
+        raise InputError(f"FINETUNED {adapter.root}: its weights are a whole PeftModel's state_dict (they hold the "
+                         f"base model's own {inside!r}), not an adapter; save the adapter alone with "
+                         "model.save_pretrained(DIR) and pass DIR, or pass the merged model (merge_and_unload, "
+                         "then save_pretrained)")  # fmt: skip
+
+
 def resolve(adapter: Adapter, base: Checkpoint) -> AdapterTensors:
     """Pair every adapter module with its BASE tensor; anything that does not fit is refused by name."""
     modules, full = adapter.modules()
+    check_not_whole_model(adapter, modules, full)
     updates, biases, keys = {}, {}, {}
     out_full: dict[str, TensorRef] = {}
     for name, ref in full.items():

@@ -183,6 +183,10 @@ def read_pickle_shard(path: Path) -> tuple[ShardHeader, list[str]]:
         with open(path, "rb") as f:
             keys = {t.storage.key for t in tensors.values()}
             spans = {key: _entry_span(f, path, entries, prefix, key, info.st_size) for key in keys}
+        ordered = sorted(spans.items(), key=lambda item: item[1])
+        for (k0, (s0, n0)), (k1, (s1, _)) in zip(ordered, ordered[1:], strict=False):
+            if s1 < s0 + n0:
+                raise InputError(f"{path}: storages {k0!r} and {k1!r} share bytes in the file; the file is corrupt")
     refs = [_ref(path, name, t, *spans[t.storage.key]) for name, t in tensors.items()]
     refs.sort(key=lambda r: (r.offset, r.name))
     digest = hashlib.sha256(raw).hexdigest()
@@ -256,6 +260,10 @@ def _entry_span(f: io.BufferedReader, path: Path, entries: dict[str, zipfile.Zip
     if len(local) < 30 or local[:4] != b"PK\x03\x04":
         raise InputError(f"{path}: storage {key!r} has a broken zip header; the file is corrupt")
     name_len, extra_len = struct.unpack("<HH", local[26:30])
+    encoding = "utf-8" if info.flag_bits & 0x800 else "cp437"  # the zip's own rule for the names it stores
+    if f.read(name_len) != info.orig_filename.encode(encoding, errors="replace"):
+        raise InputError(f"{path}: storage {key!r}: its zip entry points at another entry's bytes; the file is "
+                         "corrupt")  # fmt: skip
     start = info.header_offset + 30 + name_len + extra_len
     if start + info.file_size > file_size:
         raise InputError(f"{path}: storage {key!r} ends past the end of the file; the file is corrupt (truncated?)")
