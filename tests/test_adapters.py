@@ -283,32 +283,36 @@ def test_adapter_keys_that_carry_the_adapter_name_merge_as_without_it(adapters, 
     assert_one_line_error(run("merge", base, named, tmp_path / "two", "-q"), 2, "'default'", "'other'")
 
 
-def test_a_peft_models_whole_state_dict_is_refused_with_the_save_call(adapters, tmp_path):
+def test_a_peft_models_whole_state_dict_is_refused_and_peft_wrappers_copies_are_not_written(adapters, tmp_path):
     """PeftModel.state_dict() holds, beside the adapter's named factors, the base's own tensors inside peft's
     wrappers (`base_layer.weight`, `base_layer.bias`, `original_module.weight`) and every other tensor of the
-    model: they were written to OUT as extra tensors (an untied lm_head among them). One line says how to save
-    the adapter alone."""
+    model: they were written to OUT as extra tensors (an untied lm_head among them). The whole dump is refused
+    with the save call that writes the adapter alone; the wrappers' copies of base tensors that peft itself saves
+    (`original_module.*` with modules_to_save of a resized vocabulary) are read past, as peft's loader does."""
     from peft import PeftModel
     from safetensors.torch import save_file
 
     base, adapter = adapters("qwen2", "modules_to_save")
-    model = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base, dtype="auto"), adapter)
+    net = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)  # the adapter's own dtype
+    model = PeftModel.from_pretrained(net, adapter)
     whole = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    for kept in ("lora_", ".base_layer.bias", ".original_module.", ".modules_to_save."):  # each alone is refused too
-        dumped = tmp_path / f"dumped{kept.strip('._')}"
+    assert any(k.endswith(".base_layer.bias") for k in whole) and any(".original_module." in k for k in whole)
+    plain = tmp_path / "plain"
+    assert run("merge", base, adapter, plain, "-q").returncode == 0
+    for extra in (".base_layer.bias", ".original_module."):  # the factors, trained copies, and these: the adapter
+        dumped = tmp_path / f"dumped{extra.strip('._')}"
         shutil.copytree(adapter, dumped)
-        part = {k: v for k, v in whole.items() if "lora_" in k or kept in k or "modules_to_save" in k}
+        part = {k: v for k, v in whole.items() if "lora_" in k or "modules_to_save" in k or extra in k}
+        assert len(part) > sum("lora_" in k or "modules_to_save" in k for k in whole)
         save_file(part, dumped / "adapter_model.safetensors")
-        proc = run("merge", base, dumped, tmp_path / "out", "-q")
-        if kept in ("lora_", ".modules_to_save."):  # the named factors and trained copies: the adapter itself
-            assert proc.returncode == 0, proc.stderr
-            shutil.rmtree(tmp_path / "out")
-            continue
-        assert_one_line_error(proc, 2, "whole PeftModel's state_dict", kept.strip("."), "save_pretrained")
+        proc = run("merge", base, dumped, tmp_path / extra.strip("._"), "-q")
+        assert proc.returncode == 0, proc.stderr
+        assert raw_bytes(tmp_path / extra.strip("._")) == raw_bytes(plain)  # no extra tensor, the same bytes
     dumped = tmp_path / "dumped"
     shutil.copytree(adapter, dumped)
     save_file(whole, dumped / "adapter_model.safetensors")
-    assert_one_line_error(run("merge", base, dumped, tmp_path / "out", "-q"), 2, "whole PeftModel's state_dict")
+    proc = run("merge", base, dumped, tmp_path / "out", "-q")
+    assert_one_line_error(proc, 2, "whole PeftModel's state_dict", "base_layer.weight", "save_pretrained")
     assert not (tmp_path / "out").exists()
 
 
@@ -365,3 +369,26 @@ def test_an_adapter_rank_above_the_matrix_size_merges_exactly(tmp_path):
     assert rows["model.layers.0.mlp.down_proj.weight"]["action"] == "edit"
     again = run("merge", base, adapter, tmp_path / "as-adapter", "--save", "adapter", "-q")
     assert again.returncode == 0, again.stderr
+
+
+def test_a_lora_on_lm_head_saved_with_its_base_layer_merges_exactly(tmp_path):
+    """peft saves `lm_head.base_layer.weight` beside a LoRA on lm_head (save_embedding_layers): that is the
+    adapter's own save, merged as peft merges it, not a whole state_dict."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors import safe_open
+
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path / "base")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(tmp_path / "adapter")
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+        assert any(k.endswith("lm_head.base_layer.weight") for k in f.keys())
+    proc = run("merge", base, adapter, tmp_path / "out", "-q")
+    assert proc.returncode == 0, proc.stderr
+    rows = check_against_reference(base, peft_merged(base, adapter), tmp_path / "out")
+    assert rows["lm_head.weight"]["action"] == "edit"

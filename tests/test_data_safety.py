@@ -206,14 +206,18 @@ def test_work_dir_pointer_in_out_is_not_trusted(reference, tmp_path):
 # --- round two, 4: inputs bound by identity, checked at resume and before publishing -------------------------
 
 
-@pytest.mark.parametrize("change", ["first tenth of the rows", "one unsampled value, mtime set back"])
+@pytest.mark.parametrize("change", ["first tenth of the rows", "one unsampled value, mtime set back",
+                                    "config.json edited"])  # fmt: skip
 def test_an_input_rewritten_between_two_runs_is_refused_by_name(pair, tmp_path, change):
     base, ft = pair
     out = tmp_path / "out"
     killed = run("merge", base, ft, out, *ARGS, env={"STREAMSOUP_FAULT": "commit:4"})
     assert killed.returncode == -signal.SIGKILL
     times = {p: p.stat() for p in ft.glob("*.safetensors")}
-    changed = rewrite_in_place(ft, only_one_value=change.startswith("one"))
+    if change == "config.json edited":  # it says how tensors are split and decoded: bound like a shard
+        (ft / "config.json").write_text((ft / "config.json").read_text().replace("}", ', "note": 1}', 1))
+        times = {ft / "config.json": None}
+    changed = [] if change == "config.json edited" else rewrite_in_place(ft, only_one_value=change.startswith("one"))
     if "mtime set back" in change:  # a copy with -p, or a tool keeping times: the ctime still moves
         for p, st in times.items():
             os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -224,7 +228,66 @@ def test_an_input_rewritten_between_two_runs_is_refused_by_name(pair, tmp_path, 
     assert not out.exists()
     assert run("merge", base, ft, out, *ARGS, "--fresh").returncode == 0
     report = assert_merged_exactly(base, ft, out)  # every tensor from the new contents, none from the old
-    assert {r["attempt"] for r in report["tensors"]} == {1} and changed
+    assert {r["attempt"] for r in report["tensors"]} == {1} and (changed or change == "config.json edited")
+
+
+def test_a_resume_through_another_path_to_the_same_files_goes_on(reference, tmp_path):
+    """The inputs are bound by name in their folder and identity: the same files reached through a symlink (or
+    `~` against `/home/...`) are the same inputs, and the rerun resumes to the same bytes."""
+    base, ft, _, digest = reference
+    out = tmp_path / "out"
+    assert run("merge", base, ft, out, *ARGS, env={"STREAMSOUP_FAULT": "commit:4"}).returncode == -signal.SIGKILL
+    (tmp_path / "alias").symlink_to(base.parent)
+    proc = run("merge", tmp_path / "alias" / base.name, tmp_path / "alias" / ft.name, out, *ARGS)
+    assert proc.returncode == 0, proc.stderr
+    card = "README.md"  # the model card names the inputs as this command gave them
+    assert {k: v for k, v in tree_digest(out).items() if k != card} == {k: v for k, v in digest.items() if k != card}
+    rows = report_rows(out)
+    assert sum(r["attempt"] == 1 for r in rows.values()) == 3  # the first attempt's tensors were kept
+
+
+def test_a_zarr_temporary_file_in_the_state_is_the_states(reference, tmp_path):
+    """zarr writes zarr.json through `zarr.<uuid hex>.partial`: a kill in between leaves it in the state, which is
+    still streamsoup's (it was refused as a user's file, blocking the resume and --fresh alike)."""
+    base, ft, _, digest = reference
+    out = tmp_path / "out"
+    assert run("merge", base, ft, out, *ARGS, env={"STREAMSOUP_FAULT": "commit:4"}).returncode == -signal.SIGKILL
+    (tmp_path / "out.partial" / STATE_NAME / f"zarr.{'0' * 31}a.partial").write_text("{")
+    proc = run("merge", base, ft, out, *ARGS)
+    assert proc.returncode == 0, proc.stderr
+    assert tree_digest(out) == digest
+
+
+def test_an_input_replaced_while_the_merge_plans_is_never_published(pair, tmp_path, monkeypatch):
+    """A fine-tune re-exported just after streamsoup read its headers (a large model's planning takes a while):
+    the identity taken before the headers were read binds the run, so the publish check sees the new file."""
+    base, ft = pair
+    fingerprint = api.run_fingerprint
+
+    def replace_then_fingerprint(plan):  # a new file of the same layout, other values, renamed over the old one
+        staging = tmp_path / "staging"
+        staging.mkdir()
+        for shard in ft.glob("*.safetensors"):
+            shutil.copy(shard, staging)
+        rewrite_in_place(staging)
+        for shard in staging.iterdir():
+            os.replace(shard, ft / shard.name)
+        return fingerprint(plan)
+
+    monkeypatch.setattr(api, "run_fingerprint", replace_then_fingerprint)
+    with pytest.raises(InputError, match="FINETUNED file .* was modified or replaced .* during this merge"):
+        streamsoup.merge(base, ft, tmp_path / "out", shard_size="100KB")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_input_removed_during_the_run_is_named_not_an_io_error(pair, tmp_path, monkeypatch):
+    base, ft = pair
+    execute = api.execute
+    gone = sorted(ft.glob("*.safetensors"))[-1]
+    monkeypatch.setattr(api, "execute", lambda *a, **k: (execute(*a, **k), gone.unlink())[0])
+    with pytest.raises(InputError, match=f"FINETUNED file {gone} was removed during this merge"):
+        streamsoup.merge(base, ft, tmp_path / "out", shard_size="100KB")
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_input_changed_during_the_run_is_never_published(pair, tmp_path, monkeypatch):

@@ -4,50 +4,62 @@ A merge reads its inputs over hours and may be resumed days later. Its content f
 bytes; the identity below changes with any write through the filesystem (mtime and ctime; ctime
 cannot be set back by a user), with a replacement (inode) and with a resize, so a run refuses to
 mix tensors of an input's old and new contents: at resume, and again just before it publishes.
+Each identity is taken before the file is first read, so a change while it is read counts too.
+
+A binding: role -> {"folder": the input's folder, "files": {name in that folder: identity, or None
+when the file is gone}}. Names, not paths: the same files reached through another path (a symlink,
+`~` against `/home/...`) are the same inputs.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 #: the stat fields that bind a file; a change in any of them means its contents may have changed
 IDENTITY_FIELDS = ("size", "mtime_ns", "ctime_ns", "inode", "device")
 
 
-def file_identity(path: str) -> dict[str, int]:
-    """The identity of one input file (a symlink's target: what is read)."""
-    info = os.stat(path)
+def identity_of(info: os.stat_result) -> dict[str, int]:
     return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "ctime_ns": info.st_ctime_ns,
             "inode": info.st_ino, "device": info.st_dev}  # fmt: skip
 
 
-def bind(paths: Iterable[str]) -> dict[str, dict[str, int]]:
-    """Path -> identity for every file an input is read from."""
-    return {os.path.abspath(path): file_identity(path) for path in paths}
+def file_identity(path: str | Path) -> dict[str, int] | None:
+    """The identity of one input file now (a symlink's target: what is read); None when it is gone."""
+    try:
+        return identity_of(os.stat(path))
+    except FileNotFoundError:
+        return None
 
 
-def same_file(old: object, new: dict[str, int]) -> bool:
+def same_file(old: object, new: dict[str, int] | None) -> bool:
     """One file is still the one bound. Only the device may differ: a remount after a crash renumbers it
     (NFS, btrfs), while the inode and both times, to the nanosecond, stay those of the same file."""
-    if not isinstance(old, dict):
+    if not isinstance(old, dict) or new is None:
         return False
     return all(old.get(field) == new[field] for field in IDENTITY_FIELDS if field != "device")
 
 
-def changed_files(old: object, new: dict[str, dict[str, dict[str, int]]]) -> list[str]:
+def changed_files(old: object, new: dict[str, Any]) -> list[str]:
     """'ROLE file PATH (what changed)' for every bound file that is gone, new, or not the same file now."""
     old = old if isinstance(old, dict) else {}
     lines = []
-    for role, files in new.items():
-        before = old.get(role) if isinstance(old.get(role), dict) else {}
-        for path in sorted(set(before) | set(files)):
-            if path not in files:
+    for role, side in new.items():
+        before = old.get(role, {}).get("files", {}) if isinstance(old.get(role), dict) else {}
+        files = side["files"]
+        for name in sorted(set(before) | set(files)):
+            path = Path(side["folder"], name)
+            now = files.get(name)
+            if name not in files:
                 lines.append(f"{role.upper()} file {path} is no longer read")
-            elif path not in before:
+            elif now is None:
+                lines.append(f"{role.upper()} file {path} was removed")
+            elif name not in before:
                 lines.append(f"{role.upper()} file {path} is new")
-            elif not same_file(before[path], files[path]):
-                was = before[path] if isinstance(before[path], dict) else {}
-                fields = [f for f in IDENTITY_FIELDS if f != "device" and was.get(f) != files[path][f]]
+            elif not same_file(before[name], now):
+                was = before[name] if isinstance(before[name], dict) else {}
+                fields = [f for f in IDENTITY_FIELDS if f != "device" and was.get(f) != now[f]]
                 lines.append(f"{role.upper()} file {path} was modified or replaced ({', '.join(fields)} changed)")
     return lines

@@ -16,6 +16,7 @@ import stat
 import struct
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -96,13 +97,15 @@ class ShardHeader:
     data_start: int
     metadata: dict[str, str]
     tensors: tuple[TensorRef, ...]  # in file-offset order
+    identity: dict[str, int]  # the file's, taken before it was read (io/binding.py)
 
 
 def read_header(path: str | Path) -> ShardHeader:
     """Parse and validate one safetensors header without touching tensor data."""
     path = str(path)
     try:
-        size = regular_file(path).st_size
+        info = regular_file(path)
+        size = info.st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -146,7 +149,8 @@ def read_header(path: str | Path) -> ShardHeader:
         raise InputError(f"{path}: file is truncated ({size} bytes, header needs {end}); re-download this shard")
     if end < size:  # safetensors refuses such a file too (its data must end where the file does)
         raise InputError(f"{path}: {size - end} byte(s) after the last tensor's data; the file is corrupt")
-    return ShardHeader(path, size, hashlib.sha256(raw).hexdigest(), data_start, dict(metadata), tuple(refs))
+    return ShardHeader(path, size, hashlib.sha256(raw).hexdigest(), data_start, dict(metadata), tuple(refs),
+                       binding.identity_of(info))  # fmt: skip
 
 
 class DuplicateKey(ValueError):
@@ -192,10 +196,14 @@ def _tensor_ref(path: str, name: str, entry: object, data_start: int) -> TensorR
 class Checkpoint(Mapping[str, TensorRef]):
     """A read-only mapping name -> TensorRef over every shard of a checkpoint, in file order."""
 
-    def __init__(self, root: Path, shards: list[ShardHeader], refs: dict[str, TensorRef] | None = None) -> None:
-        """`refs`: the tensors as read (quantized weights decoded, their scales left out) when not the shards'."""
+    def __init__(self, root: Path, shards: list[ShardHeader], refs: dict[str, TensorRef] | None = None,
+                 config_identity: dict[str, int] | None = None) -> None:  # fmt: skip
+        """`refs`: the tensors as read (quantized weights decoded, their scales left out) when not the shards'.
+        `config_identity`: its config.json's, when this wraps a checkpoint opened before (taken at the first open,
+        before the planner read it)."""
         self.root = root
         self.shards = shards
+        self.config_identity = config_identity or binding.file_identity(self.config_path)
         self._refs: dict[str, TensorRef] = {}
         if refs is not None:
             self._refs = dict(refs)
@@ -254,6 +262,15 @@ class Checkpoint(Mapping[str, TensorRef]):
     def files(self) -> list[str]:
         return [s.path for s in self.shards]
 
+    @property
+    def folder(self) -> Path:
+        return self.root if self.root.is_dir() else self.root.parent
+
+    @property
+    def config_path(self) -> Path:
+        """The config.json that describes the weights (expert counts, FP8 blocks): the folder's."""
+        return self.folder / "config.json"
+
     def fingerprint(self) -> dict[str, dict[str, object]]:
         """Shard name -> size, header hash and a crc32c of spans spread over every tensor.
 
@@ -261,22 +278,35 @@ class Checkpoint(Mapping[str, TensorRef]):
         offsets); the sampled bytes do, for the price of a few tiny reads per tensor. What binds a
         run to its files is their identity (`binding`); this is what the report records of them.
         """
-        return {
-            Path(s.path).name: {"size": s.size, "header_sha256": s.header_sha256, "sample_crc32c": sample_crc(s)}
-            for s in self.shards
+        with ThreadPoolExecutor(min(16, len(self.shards) or 1)) as pool:  # a read waits on the disk, not the GIL
+            samples = list(pool.map(sample_crc, self.shards))
+        prints: dict[str, dict[str, object]] = {
+            Path(s.path).name: {"size": s.size, "header_sha256": s.header_sha256, "sample_crc32c": crc}
+            for s, crc in zip(self.shards, samples, strict=True)
         }
+        if self.config_identity is not None:  # it decides how tensors are split and decoded
+            try:
+                prints["config.json"] = {"sha256": hashlib.sha256(self.config_path.read_bytes()).hexdigest()}
+            except OSError:
+                prints["config.json"] = {"sha256": None}
+        return prints
 
 
-    def binding(self) -> dict[str, dict[str, int]]:
-        """Every file read, by identity (io/binding.py)."""
-        return binding.bind(self.files)
+    def binding(self, now: bool = False) -> dict[str, object]:
+        """Every file read (the shards, config.json), by identity as taken before it was read, or `now`."""
+        files = {Path(s.path).name: binding.file_identity(s.path) if now else s.identity for s in self.shards}
+        config = binding.file_identity(self.config_path) if now else self.config_identity
+        if config is not None or self.config_identity is not None:
+            files["config.json"] = config
+        return {"folder": str(self.folder.absolute()), "files": files}
 
 
 def sample_crc(shard: ShardHeader) -> int:
     """crc32c of FINGERPRINT_SPANS spans per tensor, the first at its start, the last at its end."""
     fd = os.open(shard.path, os.O_RDONLY)
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # a 64-byte read must not pull in a readahead window
+        if hasattr(os, "posix_fadvise"):  # a 64-byte read must not pull in a readahead window
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         crc = 0
         for ref in shard.tensors:
             n = min(ref.span, FINGERPRINT_SAMPLE)

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import time
@@ -53,8 +54,12 @@ STATE_ENTRIES = ("zarr.json", "tensors", "batches")
 BATCHES = "batches"
 
 
+#: zarr's temporary name for a zarr.json being written (LocalStore: the suffix replaced by .<uuid4 hex>.partial)
+ZARR_TEMP = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
+
+
 def is_state_entry(name: str) -> bool:
-    return name in STATE_ENTRIES
+    return name in STATE_ENTRIES or ZARR_TEMP.fullmatch(name) is not None
 
 
 def kept_line(folder: Path, kept: list[str], done: str) -> str:
@@ -150,12 +155,13 @@ def describe_changes(old: dict, new: dict) -> list[str]:
     for role in ("base", "finetuned"):
         before, after = old.get(role, {}), new.get(role, {})
         for name in sorted(set(before) | set(after)):
+            kind = "shard" if name.endswith((".safetensors", ".bin", ".pt", ".pth")) else "file"
             if name not in after:
-                changes.append(f"{role.upper()} shard {name} is gone")
+                changes.append(f"{role.upper()} {kind} {name} is gone")
             elif name not in before:
-                changes.append(f"{role.upper()} has a new shard {name}")
+                changes.append(f"{role.upper()} has a new {kind} {name}")
             elif before[name] != after[name]:
-                changes.append(f"{role.upper()} shard {name} changed")
+                changes.append(f"{role.upper()} {kind} {name} changed")
     return changes
 
 
@@ -184,7 +190,7 @@ class RunState:
     def open(cls, path: Path, out: Path, fingerprint: dict[str, Any], head: dict[str, Any] | None = None,
              machine: dict[str, Any] | None = None, binding: dict[str, Any] | None = None) -> RunState:  # fmt: skip
         """Open the state of an interrupted run, or start a new one; refuse a different run's state, or the same
-        run's whose input files are not the ones it read (`binding`: role -> io/binding.py's path -> identity).
+        run's whose input files are not the ones it read (`binding`: io/binding.py's).
 
         `head` (inputs, options, planned tensors) and each attempt's `machine` let `streamsoup report`
         describe an interrupted run. The folder is made here and marked as this run's (owned.py).

@@ -195,7 +195,7 @@ def without_ddp_prefix(base: Checkpoint, ft: Checkpoint) -> tuple[Checkpoint, Ch
     for role, side, other in (("FINETUNED", ft, base), ("BASE", base, ft)):
         if side and all(n.startswith(DDP_PREFIX) for n in side) and not any(n.startswith(DDP_PREFIX) for n in other):
             refs = {n[len(DDP_PREFIX):]: replace(r, name=n[len(DDP_PREFIX):]) for n, r in side.items()}
-            plain = Checkpoint(side.root, side.shards, refs)
+            plain = Checkpoint(side.root, side.shards, refs, side.config_identity)
             note = (f"every tensor name of {role} starts with DDP's {DDP_PREFIX!r} and none of the other's does: "
                     f"paired without it{', and OUT uses the names without it' if role == 'FINETUNED' else ''}")
             return (base, plain, note) if role == "FINETUNED" else (plain, ft, note)

@@ -87,7 +87,7 @@ def decode(ckpt: Checkpoint, role: str) -> Decoded:
     consumed.update(n for n in ckpt if n.endswith(ACTIVATION_SCALES))
     for name in consumed:
         refs.pop(name, None)
-    decoded = Checkpoint(ckpt.root, ckpt.shards, refs)
+    decoded = Checkpoint(ckpt.root, ckpt.shards, refs, ckpt.config_identity)
     _refuse_leftovers(decoded, role)
     words = ", ".join(dict.fromkeys(formats)) or f"config.json quant_method {method!r}"
     return Decoded(decoded, words, frozenset(consumed))

@@ -22,7 +22,7 @@ from pathlib import Path
 import regex
 
 from ..errors import InputError
-from ..io.binding import bind
+from ..io.binding import file_identity
 from ..io.checkpoint import Checkpoint, TensorRef, matrix_shape
 from ..numerics.lowrank import BiasUpdate, LoraUpdate
 
@@ -43,6 +43,10 @@ PARTS = {
 #: a LoRA part whose key carries the adapter's name (`lora_A.default.weight`, a PeftModel's own state_dict)
 NAMED_PART = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)\.([^.]+)"
                         r"(\.weight|\.bias)?$")  # fmt: skip
+#: the base model's own tensors inside peft's wrappers, which peft's loader skips: never written to OUT
+BASE_OWN = re.compile(r"\.original_module\.|\.base_layer\.bias$")
+#: the layers peft saves whole beside their LoRA (`save_embedding_layers`), base_layer.weight included
+EMBEDDING_LAYERS = ("embed_tokens", "lm_head")
 #: config keys that change the weights in ways streamsoup does not model: refused when set
 UNSUPPORTED = {
     "target_parameters": "LoRA on bare parameters (e.g. MoE experts)",
@@ -108,9 +112,11 @@ class Adapter:
     root: Path
     config: dict
     weights: Checkpoint
+    config_identity: dict[str, int] | None = None  # adapter_config.json's, taken before it was read
 
     @classmethod
     def open(cls, folder: Path, role: str = "FINETUNED") -> Adapter:
+        identity = file_identity(folder / ADAPTER_CONFIG)
         try:
             config = json.loads((folder / ADAPTER_CONFIG).read_text())
             if not isinstance(config, dict):
@@ -121,7 +127,7 @@ class Adapter:
             found = ", ".join(sorted(p.name for p in folder.iterdir() if p.name.startswith("adapter_model")))
             hint = f" (found {found}: convert it with peft to safetensors)" if found else ""
             raise InputError(f"{role} {folder} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}{hint}")
-        adapter = cls(folder, config, Checkpoint.from_path(folder / ADAPTER_WEIGHTS, role))
+        adapter = cls(folder, config, Checkpoint.from_path(folder / ADAPTER_WEIGHTS, role), identity)
         adapter.check_config()
         return adapter
 
@@ -183,9 +189,11 @@ class Adapter:
         digest = hashlib.sha256((self.root / ADAPTER_CONFIG).read_bytes()).hexdigest()
         return {**self.weights.fingerprint(), ADAPTER_CONFIG: {"sha256": digest}}
 
-    def binding(self) -> dict[str, dict[str, int]]:
-        """The weights' files and the config, by identity (io/binding.py)."""
-        return {**self.weights.binding(), **bind([str(self.root / ADAPTER_CONFIG)])}
+    def binding(self, now: bool = False) -> dict[str, object]:
+        """The weights' file and the config, by identity as taken before they were read, or `now`."""
+        bound = self.weights.binding(now)
+        config = file_identity(self.root / ADAPTER_CONFIG) if now else self.config_identity
+        return {**bound, "files": {**bound["files"], ADAPTER_CONFIG: config}}
 
     def modules(self) -> tuple[dict[str, Module], dict[str, TensorRef]]:
         """(module name -> its LoRA tensors, model tensor name -> full tensor saved in the adapter).
@@ -208,6 +216,8 @@ class Adapter:
                     modules.setdefault(module, Module(module)).parts[part] = ref
                     break
             else:
+                if BASE_OWN.search(name):  # the base's own tensor inside a peft wrapper: not the adapter's
+                    continue
                 name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
                 full[name] = ref
         if len(names) > 1:
@@ -247,14 +257,14 @@ def base_name(base: Checkpoint, name: str) -> str | None:
     return rest if rest and rest in base else None
 
 
-def check_not_whole_model(adapter: Adapter, modules: dict[str, Module], full: dict[str, TensorRef]) -> None:
-    """A PeftModel's whole state_dict saved as the adapter holds the base model's own tensors inside peft's
-    wrappers (`base_layer.weight` beside lora_A, `base_layer.bias`, `original_module.*`) and every other tensor
-    of the model: none of them is the adapter's, and OUT would get them as extra tensors. Refused, with the
-    save call that writes the adapter alone."""
-    wrapped = [f"{m.name}.base_layer.weight" for m in modules.values() if {"a", "base_copy"} <= m.parts.keys()]
-    wrapped += [n for n in full if n.endswith(".base_layer.bias") or ".original_module." in n]
-    inside = wrapped[0] if wrapped else None
+def check_not_whole_model(adapter: Adapter, modules: dict[str, Module]) -> None:
+    """A PeftModel's whole state_dict saved as the adapter holds the base's weight inside every LoRA-wrapped layer
+    (`q_proj.base_layer.weight` beside its lora_A) and every other tensor of the model: none of them is the
+    adapter's, and OUT would get them as extra tensors. peft itself saves a base layer only for the embedding
+    layers it saves whole. Refused, with the save call that writes the adapter alone."""
+    inside = next((f"{m.name}.base_layer.weight" for m in modules.values()
+                   if {"a", "base_copy"} <= m.parts.keys() and m.name.rsplit(".", 1)[-1] not in EMBEDDING_LAYERS),
+                  None)  # fmt: skip
     if inside is not None:
         raise InputError(f"FINETUNED {adapter.root}: its weights are a whole PeftModel's state_dict (they hold the "
                          f"base model's own {inside!r}), not an adapter; save the adapter alone with "
@@ -265,7 +275,7 @@ def check_not_whole_model(adapter: Adapter, modules: dict[str, Module], full: di
 def resolve(adapter: Adapter, base: Checkpoint) -> AdapterTensors:
     """Pair every adapter module with its BASE tensor; anything that does not fit is refused by name."""
     modules, full = adapter.modules()
-    check_not_whole_model(adapter, modules, full)
+    check_not_whole_model(adapter, modules)
     updates, biases, keys = {}, {}, {}
     out_full: dict[str, TensorRef] = {}
     for name, ref in full.items():

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..io.binding import identity_of
 from ..io.checkpoint import MAX_DIM, MAX_HEADER, Checkpoint, ShardHeader, TensorRef, index_files, regular_file
 from ..io.dtypes import ITEM_SIZE
 
@@ -190,7 +191,8 @@ def read_pickle_shard(path: Path) -> tuple[ShardHeader, list[str]]:
     refs = [_ref(path, name, t, *spans[t.storage.key]) for name, t in tensors.items()]
     refs.sort(key=lambda r: (r.offset, r.name))
     digest = hashlib.sha256(raw).hexdigest()
-    return ShardHeader(str(path), info.st_size, digest, refs[0].offset if refs else 0, {}, tuple(refs)), ignored
+    return ShardHeader(str(path), info.st_size, digest, refs[0].offset if refs else 0, {}, tuple(refs),
+                       identity_of(info)), ignored  # fmt: skip
 
 
 def state_dict(obj: Any, path: Path) -> tuple[dict[str, PickledTensor], list[str]]:
