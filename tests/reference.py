@@ -27,6 +27,18 @@ def to_f64(t: torch.Tensor) -> np.ndarray:
     return t.to(torch.float64).numpy()
 
 
+def svd_of(dw: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    """The singular values of dW and the singular vectors of its small side ("right": V^T's rows; "left": U's
+    columns), from an SVD of the R of a QR of its long side: dW = QR shares R's singular values and right vectors
+    (LAPACK's own first step for a tall matrix; numpy's SVD of a wide one is several times slower than this)."""
+    m, n = dw.shape
+    if m >= n:
+        _, s, vt = np.linalg.svd(np.linalg.qr(dw, mode="r"))
+        return s, vt, "right"
+    u, s, _ = np.linalg.svd(np.linalg.qr(dw.T, mode="r").T)  # dW = R^T Q^T: dW's left vectors are R^T's
+    return s, u, "left"
+
+
 def monosoup_reference(
     w0: torch.Tensor, w1: torch.Tensor, rule: str = "entropy", energy: float = 0.8, min_rel_update: float = 1e-6
 ) -> Expected:
@@ -41,7 +53,7 @@ def monosoup_reference(
     # the package's edit threshold (relative; any update of an all-zero W0); the paper's formulas have no epsilon
     if dnorm == 0 or (n0 > 0 and dnorm / n0 < min_rel_update):
         return Expected(False, None, dw_norm=dnorm)
-    u, s, vt = np.linalg.svd(dw, full_matrices=False)
+    s, vectors, side = svd_of(dw)
     r = len(s)
     if rule == "entropy":
         p = s / s.sum()
@@ -55,7 +67,8 @@ def monosoup_reference(
     lam_low = rho + (1 - rho) * math.sqrt(min(max(rest, 0.0), 1.0))
     lam_high = min(max(1 - lam_low, 0.0), 1.0)
     lam_low = min(max(lam_low, 0.0), 1.0)
-    high = (u[:, :k] * s[:k]) @ vt[:k]
+    v = vectors[:, :k] if side == "left" else vectors[:k].T  # the top-k singular vectors of the small side
+    high = v @ (v.T @ dw) if side == "left" else (dw @ v) @ v.T  # U_k S_k V_k^T = U_k U_k^T dW = dW V_k V_k^T
     w = a0 + lam_high * high + lam_low * (dw - high)
     return Expected(True, w.reshape(shape), k=k, rank=r, lambda_high=lam_high, dw_norm=dnorm)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import made_once
-from helpers import assert_merged_exactly, assert_one_line_error, run, start, tree_digest
+from helpers import assert_merged_exactly, assert_one_line_error, report_rows, run, start, tree_digest
 
 from streamsoup.io.state import STATE_NAME, RunState
 
@@ -121,20 +121,21 @@ def test_plain_cluster_merge_matches_local(awkward_pair, cluster, tmp_path):
 @pytest.mark.slow
 def test_two_merges_at_once_on_one_cluster_are_each_exact(medium_pair, medium_local, cluster, tmp_path):
     """Two users of one cluster merge at the same time, with tasks of the same names (the same model's tensors;
-    here the reverse update, BASE and FINETUNED swapped): each gets its own bytes. dask hands a client the result
-    of any task with the key it asks for, so keys shared between merges mixed their results."""
-    base, ft = medium_pair
-    local = tmp_path / "reverse-local"
-    assert run("merge", ft, base, local, "--devices", "cpu", "--threads", "1", "-q").returncode == 0
-    forward, reverse = tmp_path / "forward", tmp_path / "reverse"
-    first = start("merge", base, ft, forward, "--scheduler", cluster.address, "-q")
+    the second asks every update to be copied, `--min-rel-update 1e9`, so its right bytes are the fine-tune's
+    own): each gets its own bytes. dask hands a client the result of any task with the key it asks for, so keys
+    shared between merges mixed their results."""
+    from conftest import raw_bytes
+
+    forward, copied = tmp_path / "forward", tmp_path / "copied"
+    first = start("merge", *medium_pair, forward, "--scheduler", cluster.address, "-q")
     _wait_commits(tmp_path / "forward.partial", 2, first)  # the first merge's other tasks wait on the cluster
-    second = run("merge", ft, base, reverse, "--scheduler", cluster.address, "-q")
+    second = run("merge", *medium_pair, copied, "--min-rel-update", "1e9", "--scheduler", cluster.address, "-q")
     assert second.returncode == 0, second.stderr
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     assert tree_digest(forward) == medium_local
-    assert tree_digest(reverse) == tree_digest(local)
+    assert raw_bytes(copied) == raw_bytes(medium_pair[1])  # every tensor the fine-tune's, none the first's edit
+    assert {r["action"] for r in report_rows(copied).values()} == {"copy"}
 
 
 def _wait_commits(partial: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:

@@ -19,7 +19,7 @@ import torch
 from ..errors import AS_IS, RunError, nonfinite
 from . import rawio
 from .checkpoint import TensorRef, read_raw_block
-from .dtypes import has_nonfinite
+from .dtypes import has_nonfinite, tensor_has_nonfinite
 from .layout import Placement, ShardLayout
 
 
@@ -230,22 +230,14 @@ def block_crc(folder: Path, placement: Placement, shape: tuple[int, int], start:
         os.close(fd)
 
 
-#: elements checked for NaN/Inf at a time (a bool mask of 4 MiB)
-FINITE_CHUNK = 1 << 22
-
-
 class NonFiniteOutput(RunError):
     """A tensor about to be written holds NaN or Inf (the task names the tensor and the cause)."""
 
 
 def check_finite(tensor: torch.Tensor) -> None:
     """No output tensor may hold NaN/Inf, except a copy that --allow-nonfinite lets through unchecked."""
-    if not tensor.is_floating_point():
-        return
-    flat = tensor.reshape(-1)  # a view when the tensor is contiguous
-    for start in range(0, flat.numel(), FINITE_CHUNK):  # bounded scratch: never a mask of the whole tensor
-        if not bool(torch.isfinite(flat[start : start + FINITE_CHUNK]).all()):
-            raise NonFiniteOutput("the values to write contain NaN or Inf")
+    if tensor_has_nonfinite(tensor):
+        raise NonFiniteOutput("the values to write contain NaN or Inf")
 
 
 class SlotWriter:

@@ -19,7 +19,7 @@ from ..errors import AS_IS, InputError, nonfinite
 from ..faults import fault_point
 from ..io import writer
 from ..io.checkpoint import matrix_shape, read_block, read_tensor
-from ..io.dtypes import torch_dtype
+from ..io.dtypes import tensor_has_nonfinite, torch_dtype
 from ..io.state import PartialTensor, StateDamaged
 from ..numerics.lowrank import materialize, row_blocks
 from ..numerics.monosoup import Coefficients, coefficients, reweigh
@@ -84,7 +84,7 @@ def _write_fine_tune(job: TensorJob, folder: Path, w1: torch.Tensor, check_finit
     if job.lora is None and job.out_dtype == job.finetuned.dtype and not job.finetuned.decoded:
         return writer.copy_tensor(job.finetuned, folder, job.placement, check_finite)
     out = w1.to(torch_dtype(job.out_dtype))
-    if check_finite and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+    if check_finite and tensor_has_nonfinite(out):
         raise _output_as_is(job)
     return writer.write_tensor(folder, job.placement, out, finite=check_finite)
 
@@ -99,7 +99,7 @@ def copy_fine_tune(job: TensorJob, folder: Path, check_finite: bool) -> int:
     try:
         for row, stop in row_blocks(*matrix_shape(ref.shape)):
             block = read_block(ref, row, stop, False)
-            if check_finite and not bool(torch.isfinite(block).all()):
+            if check_finite and tensor_has_nonfinite(block):
                 raise _output_as_is(job)
             slot.write(block.to(torch_dtype(job.out_dtype)))
         return slot.close()
