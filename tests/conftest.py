@@ -197,6 +197,23 @@ def pytest_sessionfinish(session, exitstatus):
             pass
 
 
+def pytest_configure(config):
+    """The tests' own cache of calibrations (reporting/ratecache.py), not the user's, shared by the commands one
+    pytest process runs (and the processes it forks): a plan measures this machine once per worker."""
+    import tempfile
+
+    if "STREAMSOUP_CACHE_DIR" not in os.environ:
+        config._streamsoup_cache = tempfile.mkdtemp(prefix="streamsoup-test-cache-")
+        os.environ["STREAMSOUP_CACHE_DIR"] = config._streamsoup_cache
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_streamsoup_cache", None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop("STREAMSOUP_CACHE_DIR", None)
+
+
 def pytest_collection_modifyitems(config, items):
     """Slow tests first, the rest in file order: with pytest-xdist handing out one test at a time (`--dist load
     --maxschedchunk 1`), the long ones start at once on every worker instead of ending the run on one."""

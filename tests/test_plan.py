@@ -102,3 +102,29 @@ def test_tasks_run_longest_first_whatever_the_plan_order(sparse_70b, tmp_path):
     names = [t.members[0].name for t in order]
     assert plan.jobs[-1].name == "lm_head.weight" and names.index("lm_head.weight") < len(names) // 10
     assert cost[order[-1].key] < cost[order[0].key] // 1000, "copies of small tensors come last"
+
+
+def test_a_calibration_is_reused_for_minutes_for_the_same_lanes_only(awkward_pair, tmp_path):
+    """`plan` asked again (options being tuned) reuses this machine's calibration of the last minutes, and says
+    so; other lanes, an expired or a damaged cache entry are measured again."""
+    from streamsoup.reporting.ratecache import CACHE_FILE, REUSE_S
+
+    cache = tmp_path / "cache"
+    env = {"STREAMSOUP_CACHE_DIR": str(cache)}
+    plan = lambda *extra: run("plan", *awkward_pair, "--devices", "cpu", *extra, env=env)  # noqa: E731
+    calibration = lambda proc: next(line for line in proc.stdout.splitlines() if line.startswith("calibration"))  # noqa: E731
+    first = plan()
+    assert first.returncode == 0 and "reused" not in calibration(first), first.stdout
+    again = plan()
+    assert "ago, reused" in calibration(again)
+    assert calibration(again).split(" (")[0] == calibration(first).split(" (")[0]  # the same rates
+    assert "reused" not in calibration(plan("--threads", "2")), "other lanes: measured"
+    entries = json.loads((cache / CACHE_FILE).read_text())
+    for entry in entries.values():
+        entry["at"] -= REUSE_S + 1
+    (cache / CACHE_FILE).write_text(json.dumps(entries))
+    assert "reused" not in calibration(plan()), "expired: measured"
+    (cache / CACHE_FILE).write_text("{not json")
+    damaged = plan()
+    assert damaged.returncode == 0 and "reused" not in calibration(damaged)
+    assert "reused" in calibration(plan())

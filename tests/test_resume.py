@@ -176,8 +176,8 @@ def test_signals_stop_cleanly_and_resume(medium_pair, tmp_path, sig):
 def test_sigterm_before_a_merge_guards_its_commits_is_an_interrupt_too(awkward_pair, tmp_path):
     """SIGTERM while a command plans or calibrates (no merge guard yet) stops it as Ctrl-C does: one line,
     exit 130; not the default action's silent death by signal 15."""
-    proc = start("plan", *awkward_pair, "--devices", "cpu")
-    time.sleep(1.0)  # plan calibrates this machine for seconds
+    proc = start("plan", *awkward_pair, "--devices", "cpu", env={"STREAMSOUP_CACHE_DIR": str(tmp_path / "cache")})
+    time.sleep(1.0)  # plan calibrates this machine for seconds (an empty cache: it measures)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, (proc.returncode, err)

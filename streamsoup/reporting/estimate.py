@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -35,6 +36,7 @@ from ..planning.budget import Budget
 from ..planning.planner import COPY, MergePlan, TensorJob, plan_merge
 from ..planning.schedule import Execution, edit_matrix, gemm_flops, groupable, local_schedule
 from ..tasks.devices import configure_process
+from . import ratecache
 from .record import describe_inputs
 from .summary import annotate, module_stats
 
@@ -64,6 +66,8 @@ class Rates:
     convert_bps: float = float("inf")  # 16-bit bytes read -> float64, per second (the CPU cost of reading)
     checksum_bps: float = float("inf")  # crc32c of bytes written, per second
     startup_s: float = 0.0  # this command's start-up (interpreter, imports); 0 inside a running program
+    measured_at: float = 0.0  # when (epoch seconds)
+    reused: bool = False  # measured by an earlier command minutes ago (reporting/ratecache.py)
 
 
 def _time(fn, repeat: int = 2) -> float:
@@ -131,13 +135,38 @@ def startup_seconds() -> float:
 
 
 def calibrate(budget: Budget, scratch_dir: Path) -> Rates:
-    """Rates of one lane: torch runs with the thread count each lane will have."""
+    """Rates of one lane: torch runs with the thread count each lane will have; a calibration of the same
+    machine, lanes and scratch filesystem from the last minutes is reused (reporting/ratecache.py)."""
     startup = startup_seconds()
+    scratch_dir.mkdir(parents=True, exist_ok=True)
+    key = ratecache.key_of({"host": socket.gethostname(), "cpus": os.cpu_count(), "cpu": cpu_model(),
+                            "threads": budget.lanes.threads, "devices": budget.lanes.devices,
+                            "busy": budget.lanes.busy_cores, "scratch": os.stat(scratch_dir).st_dev,
+                            "torch": torch.__version__, "streamsoup": __version__})  # fmt: skip
+    cached = ratecache.load(key)
+    if cached is not None and set(cached[0]) == RATE_FIELDS:
+        rates, at = cached
+        return Rates(**rates, startup_s=startup, measured_at=at, reused=True)
     set_threads(budget.lanes.threads)
     cpu = _compute_rates("cpu")
     gpus = [d for d in budget.lanes.devices if d.startswith("cuda")]
     dev = _compute_rates(gpus[0]) if gpus else cpu
-    return Rates(*cpu, *dev, *_io_rates(scratch_dir), *_byte_rates(), startup_s=startup)
+    rates = Rates(*cpu, *dev, *_io_rates(scratch_dir), *_byte_rates(), startup_s=startup, measured_at=time.time())
+    ratecache.store(key, {k: v for k, v in asdict(rates).items() if k in RATE_FIELDS})
+    return rates
+
+
+#: what a calibration measures (and the cache keeps): not the command's start-up, nor when or by whom
+RATE_FIELDS = {f for f in Rates.__dataclass_fields__} - {"startup_s", "measured_at", "reused"}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), '' elsewhere: two machines of one host name are not one machine."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
 
 
 def disk_seconds(job, run: Execution, rates: Rates) -> float:
@@ -309,6 +338,7 @@ def format_plan(s: PlanSummary) -> str:
         f"calibration  float64 {r['cpu_gflops']:.1f} GFLOP/s CPU"
         + (f", {r['device_gflops']:.1f} GFLOP/s device" if r["device_gflops"] != r["cpu_gflops"] else "")
         + f"; read {format_size(r['read_bps'])}/s, write {format_size(r['write_bps'])}/s"
+        + (f" (measured {format_duration(time.time() - r['measured_at'])} ago, reused)" if r["reused"] else "")
     )
     for lane in s.lanes:
         lines.append(f"lane {lane['lane']:<8} {lane['tensors']:>5} tensors  ~{format_duration(lane['seconds'])}")
