@@ -104,10 +104,10 @@ def test_tasks_run_longest_first_whatever_the_plan_order(sparse_70b, tmp_path):
     assert cost[order[-1].key] < cost[order[0].key] // 1000, "copies of small tensors come last"
 
 
-def test_a_calibration_is_reused_for_minutes_for_the_same_lanes_only(awkward_pair, tmp_path):
+def test_a_calibration_is_reused_for_minutes_for_the_same_lanes_only(awkward_pair, tmp_path, monkeypatch):
     """`plan` asked again (options being tuned) reuses this machine's calibration of the last minutes, and says
-    so; other lanes, an expired or a damaged cache entry are measured again."""
-    from streamsoup.reporting.ratecache import CACHE_FILE, REUSE_S
+    so; other lanes are measured again, and so is an entry that expired or a cache file that is damaged."""
+    from streamsoup.reporting import ratecache
 
     cache = tmp_path / "cache"
     env = {"STREAMSOUP_CACHE_DIR": str(cache)}
@@ -119,12 +119,14 @@ def test_a_calibration_is_reused_for_minutes_for_the_same_lanes_only(awkward_pai
     assert "ago, reused" in calibration(again)
     assert calibration(again).split(" (")[0] == calibration(first).split(" (")[0]  # the same rates
     assert "reused" not in calibration(plan("--threads", "2")), "other lanes: measured"
-    entries = json.loads((cache / CACHE_FILE).read_text())
-    for entry in entries.values():
-        entry["at"] -= REUSE_S + 1
-    (cache / CACHE_FILE).write_text(json.dumps(entries))
-    assert "reused" not in calibration(plan()), "expired: measured"
-    (cache / CACHE_FILE).write_text("{not json")
-    damaged = plan()
-    assert damaged.returncode == 0 and "reused" not in calibration(damaged)
-    assert "reused" in calibration(plan())
+    monkeypatch.setenv("STREAMSOUP_CACHE_DIR", str(tmp_path / "unit"))
+    ratecache.store("k", {"cpu_gflops": 10.0})
+    assert ratecache.load("k") == ({"cpu_gflops": 10.0}, pytest.approx(time.time(), abs=60))
+    entries = json.loads((tmp_path / "unit" / ratecache.CACHE_FILE).read_text())
+    entries["k"]["at"] -= ratecache.REUSE_S + 1
+    (tmp_path / "unit" / ratecache.CACHE_FILE).write_text(json.dumps(entries))
+    assert ratecache.load("k") is None, "expired: measured again"
+    (tmp_path / "unit" / ratecache.CACHE_FILE).write_text("{not json")
+    assert ratecache.load("k") is None
+    ratecache.store("k", {"cpu_gflops": 0.0})  # a rate that cannot be: measured again
+    assert ratecache.load("k") is None
