@@ -350,19 +350,26 @@ def test_an_adapter_with_no_lora_update_is_refused(adapters, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def tiny_llama_with(lora, folder: Path, **config) -> tuple[Path, Path]:
+    """A one-layer Llama built from a config (BASE) and `lora` on it, its weights random (FINETUNED)."""
+    from peft import get_peft_model
+
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, **config)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(folder / "base")
+    get_peft_model(model, lora).save_pretrained(folder / "adapter")
+    return folder / "base", folder / "adapter"
+
+
 def test_an_adapter_rank_above_the_matrix_size_merges_exactly(tmp_path):
     """peft accepts r above min(m, n) (here r = 96 on 64 x 64 and 64 x 96 matrices): the merge is exact, in both
     OUT forms, instead of a mid-run error."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    model.save_pretrained(tmp_path / "base")
     lora = LoraConfig(r=96, lora_alpha=16, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
-    get_peft_model(model, lora).save_pretrained(tmp_path / "adapter")
-    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    base, adapter = tiny_llama_with(lora, tmp_path)
     proc = run("merge", base, adapter, tmp_path / "out", "-q")
     assert proc.returncode == 0, proc.stderr
     rows = check_against_reference(base, peft_merged(base, adapter), tmp_path / "out")
@@ -374,18 +381,11 @@ def test_an_adapter_rank_above_the_matrix_size_merges_exactly(tmp_path):
 def test_a_lora_on_lm_head_saved_with_its_base_layer_merges_exactly(tmp_path):
     """peft saves `lm_head.base_layer.weight` beside a LoRA on lm_head (save_embedding_layers): that is the
     adapter's own save, merged as peft merges it, not a whole state_dict."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from safetensors import safe_open
 
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2,
-                                      tie_word_embeddings=False)  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    model.save_pretrained(tmp_path / "base")
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
-    get_peft_model(model, lora).save_pretrained(tmp_path / "adapter")
-    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    base, adapter = tiny_llama_with(lora, tmp_path, tie_word_embeddings=False)
     with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
         assert any(k.endswith("lm_head.base_layer.weight") for k in f.keys())
     proc = run("merge", base, adapter, tmp_path / "out", "-q")
