@@ -141,7 +141,7 @@ def calibrate(budget: Budget, scratch_dir: Path) -> Rates:
     scratch_dir.mkdir(parents=True, exist_ok=True)
     key = ratecache.key_of({"host": socket.gethostname(), "cpus": os.cpu_count(), "cpu": cpu_model(),
                             "threads": budget.lanes.threads, "devices": budget.lanes.devices,
-                            "busy": budget.lanes.busy_cores, "scratch": os.stat(scratch_dir).st_dev,
+                            "scratch": os.stat(scratch_dir).st_dev,
                             "torch": torch.__version__, "streamsoup": __version__})  # fmt: skip
     cached = ratecache.load(key)
     if cached is not None and set(cached[0]) == RATE_FIELDS:

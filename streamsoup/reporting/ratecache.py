@@ -2,8 +2,9 @@
 merge started right after its plan, does not measure the same machine again (~3 s each time).
 
 One small JSON file in the user's cache folder (``$STREAMSOUP_CACHE_DIR``, else ``$XDG_CACHE_HOME/streamsoup``
-or ``~/.cache/streamsoup``), keyed by everything a rate depends on: the host and its CPUs, the threads per lane
-and the devices, the cores other processes keep busy, the scratch filesystem, torch's and streamsoup's versions.
+or ``~/.cache/streamsoup``), keyed by what a rate depends on: the host and its CPUs, the threads per lane and the
+devices, the scratch filesystem, torch's and streamsoup's versions. Not the load of the moment: it changes from
+one minute to the next, and REUSE_S bounds how old the machine's picture can be.
 A cache that cannot be read or written is only a cache: the machine is measured.
 """
 
