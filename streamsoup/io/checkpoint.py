@@ -291,7 +291,6 @@ class Checkpoint(Mapping[str, TensorRef]):
                 prints["config.json"] = {"sha256": None}
         return prints
 
-
     def binding(self, now: bool = False) -> dict[str, object]:
         """Every file read (the shards, config.json), by identity as taken before it was read, or `now`."""
         files = {Path(s.path).name: binding.file_identity(s.path) if now else s.identity for s in self.shards}

@@ -100,7 +100,6 @@ def _io_rates(scratch_dir: Path) -> tuple[float, float]:
     multi-GB output is written at the sustained rate.
     """
     data = np.random.default_rng(0).integers(0, 255, CALIBRATION_BYTES, dtype=np.uint8)
-    scratch_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=scratch_dir, prefix=".streamsoup-calibration-") as f:
         write_bps = float("inf")
         for chunk in range(WRITE_CHUNKS):

@@ -335,10 +335,9 @@ def check_output(out: Path, plan: MergePlan, work_dir: str) -> None:
 
 
 def check_partial_entries(partial: Path, ours: Callable[[str], bool]) -> None:
-    """OUT.partial becomes OUT: anything in it that streamsoup does not write (`ours`: publish.partial_entry; a
-    user's file, a symlink that a write would follow) is refused before any work, untouched."""
+    """OUT.partial becomes OUT: anything in it that streamsoup does not write (`ours`: publish.partial_entry, which
+    takes no symlink, as a write would follow it, for its own) is refused before any work, untouched."""
     foreign = owned.strangers(partial, ours)
-    foreign += [e for e in os.listdir(partial) if e not in foreign and os.path.islink(partial / e)]
     if foreign:
         shown = ", ".join(sorted(foreign)[:5])
         raise UsageError(f"{partial} holds {shown}, which streamsoup did not write (or a symlink); it becomes OUT "
