@@ -203,9 +203,11 @@ class Writer:
         offset = place.offset + row_start * (data.nbytes // max(block.shape[0], 1))
         rawio.pwrite_all(self.fds[place.file], memoryview(data), offset)
 
-    def close(self) -> None:
+    def close(self, sync: bool = True) -> None:
+        """`sync=False` leaves the bytes to the page cache: for inputs that need not survive a crash."""
         for fd in self.fds.values():
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
             os.close(fd)
 
 

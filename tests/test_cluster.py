@@ -184,8 +184,10 @@ def test_cluster_gone_then_resume_locally(medium_pair, medium_local, cluster, tm
     proc = start("merge", *medium_pair, out, "--scheduler", cluster.address, "-q")
     _wait_commits(tmp_path / "out.partial", 4, proc)
     cluster.shutdown()
+    gone = time.monotonic()
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err
+    assert time.monotonic() - gone < 10, "said at once, not after dask's reconnect timeout (20 s)"
     assert "lost the dask cluster" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and len(RunState.read(tmp_path / "out.partial" / STATE_NAME).committed()) >= 4
     proc2 = run("merge", *medium_pair, out, "--devices", "cpu", "--threads", "1", "-q")

@@ -229,10 +229,11 @@ def cluster_client(opts: MergeOptions) -> Iterator[Client]:
         client.register_plugin(LaneResources(), name=PLUGIN_NAME)
         yield client
     finally:
-        try:
-            client.unregister_worker_plugin(PLUGIN_NAME)
-        except Exception:  # the cluster may be gone: nothing to clean
-            pass
+        if client.status == "running":  # else the scheduler is gone (a call would wait out the timeout)
+            try:
+                client.unregister_worker_plugin(PLUGIN_NAME)
+            except Exception:  # the cluster may be gone: nothing to clean
+                pass
         client.close()
 
 

@@ -98,8 +98,8 @@ class GraphRun:
     def rescue(self) -> None:
         """Resubmit tasks stranded in no-worker that some worker can run now; stop if none can for long."""
         self.last_watch = time.monotonic()
-        if not self.watch or not self.tasks:
-            return
+        if not self.watch or not self.tasks or self.client.status != "running":
+            return  # a client reconnecting waits its whole timeout in any call: the cancelled futures say why
         try:
             seen = self.client.run_on_scheduler(no_worker_tasks, keys=list(self.tasks))
         except Exception:  # the scheduler is gone: the futures' cancellation says so
