@@ -201,8 +201,9 @@ class MergeOptions:
         if self.dashboard and (self.scheduler or self.scheduler_file):
             raise OptionError("dashboard", "is for a local merge: a cluster's scheduler serves its own dashboard "
                               "(dask scheduler --dashboard-address)")  # fmt: skip
-        if self.dashboard and not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[\w.-]*):\d{1,5}", self.dashboard):
-            raise OptionError("dashboard", f"must be host:port, e.g. {DASHBOARD}, got {self.dashboard!r}")
+        if self.dashboard and not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[\w.-]+):\d{1,5}", self.dashboard):
+            raise OptionError("dashboard", f"must be host:port, e.g. {DASHBOARD} (a host is needed: without one dask "
+                              f"listens on every interface; 0.0.0.0:PORT says so), got {self.dashboard!r}")
         if self.dashboard and importlib.util.find_spec("bokeh") is None:
             raise OptionError("dashboard", "needs bokeh, which is not installed: pip install 'streamsoup[dashboard]'")
         if self.scheduler and self.scheduler_file:
@@ -272,10 +273,27 @@ class YamlAlias(ValueError):
     """A YAML text with an alias: refused, since nested aliases expand exponentially."""
 
 
+class YamlTooDeep(ValueError):
+    """A YAML text nested deeper than YAML_MAX_DEPTH: refused, since yaml's loader recurses that deep."""
+
+
+#: nesting of mappings and sequences in a YAML text (an options file or a card's front matter nests 1 to 3 deep)
+YAML_MAX_DEPTH = 64
+
+
 def yaml_without_aliases(text: str) -> Any:
-    """yaml.safe_load, refusing anchors and aliases (YamlAlias); a YAML error is yaml.YAMLError."""
-    if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
-        raise YamlAlias("a YAML alias")
+    """yaml.safe_load, refusing anchors and aliases (YamlAlias) and deep nesting (YamlTooDeep), both seen in one
+    pass over the parser's events (which does not recurse); a YAML error is yaml.YAMLError."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            raise YamlAlias("a YAML alias")
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > YAML_MAX_DEPTH:
+                raise YamlTooDeep(f"nests deeper than {YAML_MAX_DEPTH} levels")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
     return yaml.safe_load(text)
 
 
@@ -289,6 +307,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
         data = yaml_without_aliases(path.read_text())
     except YamlAlias:
         raise UsageError(f"--config {path} uses a YAML alias (*name); write each value out instead") from None
+    except YamlTooDeep as exc:
+        raise UsageError(f"--config {path} {exc}; an options file is a flat mapping of option: value") from None
     except OSError as exc:
         raise UsageError(f"cannot read --config {path}: {exc.strerror}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:

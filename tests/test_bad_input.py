@@ -68,6 +68,31 @@ def inf_in_base(base: Path, ft: Path) -> str:
     return "model.layers.1.self_attn.o_proj.weight"
 
 
+def config_nested_deep(base: Path, ft: Path) -> str:
+    (ft / "config.json").write_text("[" * 100_000 + "]" * 100_000)  # 200 KB: a RecursionError at the card, once
+    return "config.json"
+
+
+def config_of_megabytes(base: Path, ft: Path) -> str:
+    (ft / "config.json").write_text(json.dumps({"model_type": "llama", "pad": "x" * (5 << 20)}))
+    return "config.json"
+
+
+def index_nested_deep(base: Path, ft: Path) -> str:
+    (ft / "model.safetensors.index.json").write_text('{"weight_map": ' + "[" * 50_000 + "]" * 50_000 + "}")
+    return "model.safetensors.index.json"
+
+
+def weight_beside_its_mxfp4_encoding(base: Path, ft: Path) -> str:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"model.layers.0.mlp.down_proj.weight_blocks": torch.zeros(1, 4, 2, 16, dtype=torch.uint8),
+               "model.layers.0.mlp.down_proj.weight_scales": torch.full((1, 4, 2), 127, dtype=torch.uint8)},
+              base / "zz-extra.safetensors")  # fmt: skip
+    return "'model.layers.0.mlp.down_proj.weight_blocks'"
+
+
 CASES = {
     "corrupt header": (corrupt_header, 2),
     "truncated file": (truncate_file, 2),
@@ -77,6 +102,10 @@ CASES = {
     "unreadable file": (unreadable_file, 2),
     "NaN in an edited tensor": (nan_in_edited, 2),
     "Inf in the base": (inf_in_base, 2),
+    "config.json nested 100,000 deep": (config_nested_deep, 2),
+    "config.json of 5 MiB": (config_of_megabytes, 2),
+    "index nested 50,000 deep": (index_nested_deep, 2),
+    "a weight beside its own MXFP4 encoding": (weight_beside_its_mxfp4_encoding, 2),
 }
 
 
@@ -173,3 +202,64 @@ def test_disk_filled_after_a_kill_keeps_state_then_resumes(awkward_pair, tmp_pat
         ref = tmp_path / "ref"
         assert run("merge", base, ft, ref, "--shard-size", "100KB", "-q").returncode == 0
         assert tree_digest(out) == tree_digest(ref)
+
+
+REPORT_DAMAGE = {
+    "truncated": lambda text: text[: len(text) // 2],
+    "a list": lambda text: "[]",
+    "no summary": lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "summary"}),
+    "a row without its checksum": lambda text: json.dumps(
+        {**json.loads(text), "tensors": [{"name": "x"}, *json.loads(text)["tensors"][1:]]}),
+    "a count that is text": lambda text: json.dumps(
+        {**json.loads(text), "summary": {**json.loads(text)["summary"], "tensors": "many"}}),
+    "nested 100,000 deep": lambda text: "[" * 100_000 + "]" * 100_000,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", sorted(REPORT_DAMAGE))
+def test_a_damaged_report_is_one_line_for_every_command(reference, tmp_path, damage):
+    """verify, status, report and a merge into that OUT again: exit 2, the report named, no traceback."""
+    import shutil
+
+    base, ft, done, _ = reference
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    report = out / "streamsoup_report.json"
+    report.write_text(REPORT_DAMAGE[damage](report.read_text()))
+    for command in (("verify", out), ("status", out), ("report", out)):
+        assert_one_line_error(run(*command), 2, str(report), "damaged")
+    again = run("merge", base, ft, out, "--shard-size", "100KB")
+    assert_one_line_error(again, 2, str(out), "never overwrites")
+
+
+def test_a_report_row_of_the_wrong_shape_is_one_line_for_report(reference, tmp_path):
+    """`report` formats every row: a field it computes with, of the wrong type, names the damaged report."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(reference[2], out)
+    report = out / "streamsoup_report.json"
+    doc = json.loads(report.read_text())
+    doc["tensors"][0]["shape"] = 7
+    report.write_text(json.dumps(doc))
+    assert_one_line_error(run("report", out), 2, str(report), "damaged", "wrong type")
+
+
+def test_yaml_nested_deep_is_refused_in_a_config_and_ignored_in_a_card(pair, tmp_path):
+    """An options file nested 10,000 deep is one line; a fine-tune's README whose front matter is (read at the very
+    end, for the model card) is kept as text: the merge finishes."""
+    base, ft = pair
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("rank-rule: " + "[" * 10_000 + "]" * 10_000 + "\n")
+    assert_one_line_error(run("merge", base, ft, tmp_path / "o", "--config", deep), 2, str(deep), "nests deeper")
+    (ft / "README.md").write_text("---\nlicense: " + "[" * 10_000 + "]" * 10_000 + "\n---\nmy model\n")
+    proc = run("merge", base, ft, tmp_path / "out", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert "my model" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_a_dashboard_without_a_host_is_refused(pair, tmp_path):
+    """`--dashboard :0` would listen on every interface (dask's reading of an empty host)."""
+    proc = run("merge", *pair, tmp_path / "out", "--dashboard", ":0")
+    assert_one_line_error(proc, 2, "--dashboard", "a host is needed")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -11,6 +11,7 @@ import struct
 import zipfile
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -130,3 +131,40 @@ def test_mutated_torch_save_pickles_are_read_or_refused(tmp_path, data):
         return
     for ref in shard.tensors:
         assert ref.offset + ref.span <= shard.size
+
+
+def _depth(value) -> int:
+    """Nesting of lists and dicts, written here from the definition (not the package's bracket count)."""
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+#: strings full of what a bracket counter could mistake for structure
+TRICKY_TEXT = st.text(alphabet='[]{}"\\\n ab', max_size=8)
+NESTED = st.recursive(st.none() | st.integers() | TRICKY_TEXT,
+                      lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TRICKY_TEXT, inner, max_size=3),
+                      max_leaves=40)  # fmt: skip
+
+
+@FUZZ
+@given(value=NESTED, ascii_only=st.booleans(), indent=st.sampled_from([None, 1]))
+def test_json_nesting_is_measured_before_parsing_exactly(tmp_path, value, ascii_only, indent):
+    """The depth streamsoup measures before it parses a JSON file is the document's depth, for any strings in it;
+    past the limit the file is refused as nested too deep, never parsed."""
+    from streamsoup.io.jsonfile import MAX_DEPTH, JsonFileError, nesting, read_json
+
+    text = json.dumps(value, ensure_ascii=ascii_only, indent=indent)
+    assert nesting(text) == _depth(value)
+    wrap = MAX_DEPTH - _depth(value)  # lists around it: the document exactly as deep as allowed
+    expected = value
+    for _ in range(wrap):
+        expected = [expected]
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * wrap + text + "]" * wrap)
+    assert read_json(deep, 1 << 20) == expected
+    deep.write_text("[" * (wrap + 1) + text + "]" * (wrap + 1))
+    with pytest.raises(JsonFileError, match="nests"):
+        read_json(deep, 1 << 20)

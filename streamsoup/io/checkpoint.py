@@ -26,6 +26,7 @@ import torch
 from ..errors import InputError
 from . import binding, quantized, rawio, strided
 from .dtypes import item_size, torch_dtype
+from .jsonfile import INDEX_LIMIT, JsonFileError, read_json
 
 INDEX_NAME = "model.safetensors.index.json"
 #: bytes of each sampled span of a tensor for a checkpoint's content fingerprint
@@ -239,8 +240,7 @@ class Checkpoint(Mapping[str, TensorRef]):
 
     def check_index(self, index: Path) -> None:
         """Every name of the index's weight_map is held by the shard it names."""
-        weight_map = json.loads(index.read_text())["weight_map"]
-        for name, file in weight_map.items():
+        for name, file in read_weight_map(index).items():
             ref = self._refs.get(name)
             if ref is None or Path(ref.path).name != file:
                 raise InputError(f"{index}: tensor {name!r} is mapped to {file} but that shard does not hold it")
@@ -317,13 +317,24 @@ def sample_crc(shard: ShardHeader) -> int:
         os.close(fd)
 
 
+def read_weight_map(index: Path) -> dict[str, str]:
+    """An index's weight_map (tensor name -> shard file name), read within bounds (io/jsonfile)."""
+    try:
+        weight_map = read_json(index, INDEX_LIMIT)["weight_map"]
+    except OSError as exc:
+        raise InputError(f"{index}: cannot read it ({exc.strerror})") from None
+    except JsonFileError as exc:
+        raise InputError(f"{index} {exc}; download the checkpoint again") from None
+    except (KeyError, TypeError):
+        raise InputError(f"{index}: not a valid index (needs a 'weight_map' object)") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise InputError(f"{index}: not a valid index (its 'weight_map' must map names to shard files)")
+    return weight_map
+
+
 def index_files(index: Path) -> list[str]:
     """The shard files an index's weight_map names: plain names of files in the index's own folder."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = list(dict.fromkeys(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise InputError(f"{index}: not a valid index (needs a 'weight_map' object)") from None
+    files = list(dict.fromkeys(read_weight_map(index).values()))
     for file in files:
         if not isinstance(file, str) or Path(file).name != file or not (index.parent / file).is_file():
             raise InputError(f"{index}: names shard {file!r}, which is not a file of {index.parent}")

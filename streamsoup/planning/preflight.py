@@ -9,7 +9,6 @@ matrix, stopping at the first difference), and room on OUT's and the state's fil
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -23,6 +22,7 @@ import torch
 from ..errors import InputError, OptionError, UsageError
 from ..io.checkpoint import Checkpoint, TensorRef, matrix_shape, read_block
 from ..io.dtypes import is_float
+from ..io.jsonfile import CONFIG_LIMIT, JsonFileError, read_json
 from ..io.layout import ShardLayout
 from ..io.sidefiles import side_files
 from ..options import format_size
@@ -69,12 +69,19 @@ def _file_ids(ckpt: Checkpoint) -> set[tuple[int, int]]:
 
 
 def model_config(ckpt: Checkpoint) -> dict:
-    """The checkpoint's config.json (beside a single file: its folder's), {} when there is none or it is no map."""
+    """The checkpoint's config.json (beside a single file: its folder's), {} when there is none or it is no map.
+
+    One that cannot be parsed (too large, too deep, not JSON) is refused here, at plan time: it would be copied
+    into OUT, where it breaks `from_pretrained`, and the model card reads it at the very end."""
     folder = ckpt.root if ckpt.root.is_dir() else ckpt.root.parent
+    path = folder / "config.json"
     try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError, RecursionError):
+        config = read_json(path, CONFIG_LIMIT)
+    except OSError:
         return {}
+    except JsonFileError as exc:
+        raise InputError(f"{path} {exc}; a model's config.json is a small JSON object: fix it, or download the "
+                         "model again") from None  # fmt: skip
     return config if isinstance(config, dict) else {}
 
 

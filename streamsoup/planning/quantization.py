@@ -126,6 +126,9 @@ def _mxfp4(ckpt: Checkpoint, ref: TensorRef, role: str) -> TensorRef:
     """gpt-oss's experts: `P_blocks` [experts, out, in/32, 16] and `P_scales` [experts, out, in/32] are the
     weight `P` [experts, in, out] (transformers' dequantization transposes each expert)."""
     name = ref.name[: -len(MX_BLOCKS)]
+    if name in ckpt:  # the decoded weight would replace it: one of the two would be dropped unsaid
+        raise InputError(f"{role} {ckpt.root}: holds both {name!r} and its MXFP4 encoding {ref.name!r}, so which "
+                         "is the weight is ambiguous: save the checkpoint with one of them")  # fmt: skip
     scales = ckpt.get(name + MX_SCALES)
     shape = ref.shape
     if (scales is None or scales.dtype != "U8" or len(shape) != 4 or shape[-1] != quantized.MX_BYTES

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import time
@@ -17,7 +16,7 @@ from ..io import rawio, writer
 from ..io.checkpoint import Checkpoint
 from ..io.state import RunLock, RunState, find_state
 from ..options import MergeOptions, expand_path, flag_name, format_size
-from .record import REPORT_NAME
+from .record import REPORT_NAME, read_report
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ def run_status(out: str | Path) -> RunStatus:
         out = out.with_name(out.name[: -len(".partial")])  # OUT.partial names its OUT, as `report` takes it
     partial = writer.partial_dir(out)
     if (out / REPORT_NAME).exists():
-        summary = json.loads((out / REPORT_NAME).read_text())["summary"]
+        summary = read_report(out)["summary"]
         return RunStatus({"state": "complete", "out": str(out), **summary})
     if not partial.exists():
         if out.exists():
@@ -158,7 +157,7 @@ def verify_output(out: str | Path, progress: bool = False) -> VerifyResult:
     report_path = out / REPORT_NAME
     if not report_path.exists():
         raise UsageError(f"{out} is not a finished streamsoup output (no {REPORT_NAME})")
-    document = json.loads(report_path.read_text())
+    document = read_report(out)
     rows = document["tensors"]
     move = shlex.join(["mv", str(out), f"{out}.damaged"])
     result = VerifyResult(out, repair=f"{move} && {merge_command(document, out)}")

@@ -8,14 +8,14 @@ under its own heading, so nothing the fine-tune's authors wrote is lost or silen
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..options import YamlAlias, yaml_without_aliases
+from ..io.jsonfile import CONFIG_LIMIT, JsonFileError, read_json
+from ..options import YamlAlias, YamlTooDeep, yaml_without_aliases
 from .summary import format_spread
 
 CARD_NAME = "README.md"
@@ -47,7 +47,7 @@ def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
         return {}, text
     try:
         meta = yaml_without_aliases(text[3:end])
-    except (yaml.YAMLError, YamlAlias):
+    except (yaml.YAMLError, YamlAlias, YamlTooDeep):
         return {}, text
     if not isinstance(meta, dict):
         return {}, text
@@ -134,7 +134,7 @@ def loading(source: CardSource, base: str) -> list[str]:
 def read_config(folder: Path) -> dict[str, Any] | None:
     """OUT's config.json as a dict (None when absent or not a JSON object)."""
     try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
+        config = read_json(folder / "config.json", CONFIG_LIMIT)
+    except (OSError, JsonFileError):
         return None
     return config if isinstance(config, dict) else None

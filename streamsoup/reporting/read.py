@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -15,7 +14,16 @@ from ..io import writer
 from ..io.state import RunLock, RunState, find_state
 from ..options import expand_path
 from .figure import save_figure
-from .record import REPORT_NAME, SPECTRA_NAME, Outcome, assemble, read_spectra, short_digest
+from .record import (
+    REPORT_NAME,
+    SPECTRA_NAME,
+    Outcome,
+    assemble,
+    read_report,
+    read_spectra,
+    report_damaged,
+    short_digest,
+)
 from .summary import format_report
 
 
@@ -73,10 +81,17 @@ def read_run(path: str | Path) -> RunReport:
 
 
 def _finished(out: Path) -> RunReport:
-    try:
-        doc = json.loads((out / REPORT_NAME).read_text())
-    except ValueError as exc:
-        raise UsageError(f"{out / REPORT_NAME} is not valid JSON ({exc}); rerun the merge into a new folder") from None
+    doc = read_report(out)
+    try:  # the rows and fields beyond what read_report checks, as the summary formats them
+        document = _rebuilt(doc, out)
+        format_report(document)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise report_damaged(out / REPORT_NAME, f"a field is missing or of the wrong type: {exc!r}"[:200]) from None
+    return RunReport(document, read_spectra(out / SPECTRA_NAME))
+
+
+def _rebuilt(doc: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The document `report` shows, assembled again from a finished report as from a state."""
     head = {
         "inputs": doc.get("inputs") or _inputs_of_old_report(doc),
         "options": doc["options"],
@@ -90,7 +105,7 @@ def _finished(out: Path) -> RunReport:
                       doc.get("fingerprint"))  # fmt: skip
     document = assemble(head, runs, doc["tensors"], outcome)
     document["streamsoup"] = doc["streamsoup"]  # the version that made OUT, not the one reading it
-    return RunReport(document, read_spectra(out / SPECTRA_NAME))
+    return document
 
 
 def _from_state(state_path: Path, partial: Path | None, out: Path | None) -> RunReport:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import zipfile
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ from typing import Any
 import numpy as np
 
 from .._version import __version__
+from ..errors import InputError
 from ..io import writer
+from ..io.jsonfile import REPORT_LIMIT, JsonFileError, read_json
 from ..options import format_duration, format_size
 from ..planning.planner import MergePlan
 from .summary import build_document
@@ -50,7 +53,7 @@ class MergeSummary:
     @classmethod
     def from_report(cls, out: Path, already_complete: bool = False) -> MergeSummary:
         """The summary of a finished merge, read back from its report."""
-        s = json.loads((out / REPORT_NAME).read_text())["summary"]
+        s = read_report(out)["summary"]
         return cls(
             out,
             s["tensors"],
@@ -161,6 +164,66 @@ def assemble(head: dict, runs: list[dict], rows: list[dict], outcome: Outcome) -
         doc["fingerprint"] = fingerprint
     rows = [{k: v for k, v in r.items() if k != "committed_at"} for r in rows]
     return build_document(doc, rows, head["jobs"], head["dropped"], head["output_bytes"], seconds)
+
+
+def read_report(out: Path) -> dict[str, Any]:
+    """OUT's report, parsed within bounds and checked for what `merge`, `verify`, `status` and `report` read
+    from it: a damaged one (truncated, edited, another program's) is one line, never a KeyError in a reader.
+    OSError as is."""
+    path = out / REPORT_NAME
+    try:
+        doc = read_json(path, REPORT_LIMIT)
+    except JsonFileError as exc:
+        raise report_damaged(path, str(exc)) from None
+    problem = report_problem(doc)
+    if problem:
+        raise report_damaged(path, problem)
+    return doc
+
+
+def report_damaged(path: Path, problem: str) -> InputError:
+    """The one wording for a report streamsoup cannot read."""
+    return InputError(f"{path} is damaged ({problem}); OUT cannot be checked or described without it: restore it "
+                      "from a copy, or merge again into a new folder")  # fmt: skip
+
+
+def report_problem(doc: Any) -> str | None:
+    """What a report lacks of the structure its readers take (the fields every merge has written since 0.4)."""
+    if not isinstance(doc, dict):
+        return "not a JSON object"
+    for key, kind in (("streamsoup", str), ("base", str), ("finetuned", str), ("options", dict), ("summary", dict),
+                      ("tensors", list)):  # fmt: skip
+        if not isinstance(doc.get(key), kind):
+            return f"no {key!r} {'text' if kind is str else 'object' if kind is dict else 'list'}"
+    for key in ("tensors", "edited", "copied", "dropped", "output_bytes"):
+        if not _count(doc["summary"].get(key)):
+            return f"summary.{key} is not a count"
+    if not _number(doc["summary"].get("seconds")):
+        return "summary.seconds is not a number"
+    for i, row in enumerate(doc["tensors"]):
+        if not isinstance(row, dict) or not isinstance(row.get("name"), str):
+            return f"tensors[{i}] has no name"
+        if not _count(row.get("crc32c")):
+            return f"tensors[{i}] ({row['name']}) has no crc32c"
+        outputs, expert = row.get("outputs"), row.get("expert")
+        if outputs is not None and not (isinstance(outputs, list) and outputs and
+                                        all(isinstance(o, str) for o in outputs)):  # fmt: skip
+            return f"tensors[{i}] ({row['name']}) has outputs that are not a list of names"
+        if expert is not None and not (isinstance(expert, list) and len(expert) == 2 and all(map(_count, expert))
+                                       and expert[0] < expert[1]):  # fmt: skip
+            return f"tensors[{i}] ({row['name']}) has an expert that is not [index, count]"
+    for key, kind in (("inputs", dict), ("run", dict), ("fingerprint", dict), ("shards", dict), ("dropped", list)):
+        if key in doc and doc[key] is not None and not isinstance(doc[key], kind):
+            return f"{key!r} is not {'an object' if kind is dict else 'a list'}"
+    return None
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def write_report(folder: Path, report: dict) -> Path:

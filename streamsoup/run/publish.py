@@ -3,7 +3,6 @@ appear, and the cleanup of a published OUT (also what a rerun finds after a kill
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -12,14 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import RunError, UsageError
+from ..errors import InputError, RunError, UsageError
 from ..faults import fault_point
 from ..io import owned, writer
 from ..io.checkpoint import INDEX_NAME
 from ..io.sidefiles import SideFile, copy_side_files, side_file, side_files
 from ..io.state import LOCK_NAME, POINTER_NAME, STATE_NAME, RunState, describe_changes, is_state_entry, kept_line
 from ..planning.planner import MergePlan
-from ..reporting import REPORT_NAME, SPECTRA_NAME, MergeSummary, write_report, write_spectra
+from ..reporting import REPORT_NAME, SPECTRA_NAME, MergeSummary, read_report, write_report, write_spectra
 from ..reporting.card import CARD_NAME, CardSource, model_card, read_config
 from ..reporting.record import Outcome, assemble
 from ..sources.adapter import ADAPTER_CONFIG
@@ -152,8 +151,8 @@ def existing_output(out: Path, fingerprint: dict[str, Any]) -> MergeSummary:
     """OUT exists. The same merge (its report records the fingerprint): nothing to do, or only the cleanup a
     kill after the publish rename left. Anything else is refused: streamsoup never overwrites."""
     try:
-        recorded = json.loads((out / REPORT_NAME).read_text()).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
+        recorded = read_report(out).get("fingerprint")
+    except (OSError, InputError):  # no report, or one streamsoup cannot read: not an output to trust
         recorded = None
     if not isinstance(recorded, dict):
         raise UsageError(f"OUT {out} already exists and is not a streamsoup output; streamsoup never overwrites: "

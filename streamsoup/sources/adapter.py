@@ -13,7 +13,6 @@ Whatever else in the config would change the weights is refused by name, never i
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import regex
 from ..errors import InputError
 from ..io.binding import file_identity
 from ..io.checkpoint import Checkpoint, TensorRef, matrix_shape
+from ..io.jsonfile import CONFIG_LIMIT, JsonFileError, read_json
 from ..numerics.lowrank import BiasUpdate, LoraUpdate
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -118,11 +118,14 @@ class Adapter:
     def open(cls, folder: Path, role: str = "FINETUNED") -> Adapter:
         identity = file_identity(folder / ADAPTER_CONFIG)
         try:
-            config = json.loads((folder / ADAPTER_CONFIG).read_text())
-            if not isinstance(config, dict):
-                raise ValueError
-        except (OSError, ValueError):
-            raise InputError(f"{role} {folder}: {ADAPTER_CONFIG} is not a readable JSON object") from None
+            config = read_json(folder / ADAPTER_CONFIG, CONFIG_LIMIT)
+        except OSError as exc:
+            raise InputError(f"{role} {folder}: cannot read {ADAPTER_CONFIG} ({exc.strerror})") from None
+        except JsonFileError as exc:
+            raise InputError(f"{role} {folder}: {ADAPTER_CONFIG} {exc}; save the adapter again with peft") from None
+        if not isinstance(config, dict):
+            raise InputError(f"{role} {folder}: {ADAPTER_CONFIG} is not a JSON object; save the adapter again with "
+                             "peft")  # fmt: skip
         if not (folder / ADAPTER_WEIGHTS).is_file():
             found = ", ".join(sorted(p.name for p in folder.iterdir() if p.name.startswith("adapter_model")))
             hint = f" (found {found}: convert it with peft to safetensors)" if found else ""

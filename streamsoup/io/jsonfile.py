@@ -1,0 +1,72 @@
+"""The JSON files streamsoup parses (a model's config.json, an adapter's config, a shard index, its own report):
+bounded in size and depth, so a crafted or damaged file is one line naming it, never a RecursionError, a
+traceback deep in a reader, or gigabytes of Python objects from a file of megabytes.
+
+Parsed JSON takes up to ~30 times its size in Python objects; the limits keep the worst case well inside the
+smallest --max-ram while passing every real file (the largest configs are ~1 MiB, DeepSeek-V3's index ~9 MiB).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: a config.json, adapter_config.json or generation config
+CONFIG_LIMIT = 4 << 20
+#: a shard index (model.safetensors.index.json): one entry per tensor
+INDEX_LIMIT = 64 << 20
+#: streamsoup_report.json: one row per tensor (~600 bytes each)
+REPORT_LIMIT = 256 << 20
+#: nesting of objects and arrays; real files nest 2 to 5 deep
+MAX_DEPTH = 64
+
+
+class JsonFileError(ValueError):
+    """What is wrong with the file, in words that follow its path ("is not valid JSON (...)")."""
+
+
+def read_json(path: Path, limit: int) -> Any:
+    """The parsed file; JsonFileError when it is too large, not UTF-8, not JSON or nested too deep. OSError as is."""
+    size = os.stat(path).st_size
+    if size > limit:
+        raise JsonFileError(f"is {_mib(size)}, larger than any such file ({_mib(limit)} at most)")
+    with open(path, "rb") as f:
+        raw = f.read(limit + 1)
+    if len(raw) > limit:  # it grew since the stat
+        raise JsonFileError(f"is larger than any such file ({_mib(limit)} at most)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise JsonFileError(f"is not UTF-8 text (byte {exc.start})") from None
+    depth = nesting(text)
+    if depth > MAX_DEPTH:
+        raise JsonFileError(f"nests {depth} levels deep, deeper than any such file ({MAX_DEPTH} at most)")
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise JsonFileError(f"is not valid JSON ({exc})") from None
+
+
+def nesting(text: str) -> int:
+    """The deepest nesting of [ and { outside strings: measured before parsing, which would recurse that deep."""
+    unescaped = _ESCAPES.sub("", text)  # then a string is "..." with no quote inside
+    brackets = _BRACKETS.sub("", _STRINGS.sub("", unescaped)).encode()
+    if not brackets:
+        return 0
+    steps = np.where(np.isin(np.frombuffer(brackets, np.uint8), _OPENING), 1, -1)
+    return int(np.cumsum(steps).max())
+
+
+_ESCAPES = re.compile(r"\\.", re.DOTALL)
+_STRINGS = re.compile(r'"[^"]*"')
+_BRACKETS = re.compile(r"[^\[\]{}]+")
+_OPENING = np.frombuffer(b"[{", np.uint8)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"
