@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import time
 from pathlib import Path
 
 import make_adapters
@@ -254,6 +255,21 @@ def test_hub_repo_ids_from_the_cache_offline(adapters, tmp_path):
     bad_rev = run("merge", "tiny-org/llama-base", "tiny-org/llama-lora@v9", tmp_path / "o", env=env)
     assert_one_line_error(bad_rev, 2, "FINETUNED tiny-org/llama-lora@v9", "not in the Hugging Face cache")
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_a_mistyped_path_is_not_sent_to_the_hub_and_an_unreachable_hub_is_said_at_once(awkward_pair, tmp_path):
+    """`demo/finetunedd` beside a folder demo/ is a missing path (nothing asked of the Hub, which would get the name);
+    a repo id with the Hub unreachable (a closed port here) is one line within seconds, not ~25 s of retries and
+    "internal error: ConnectError"."""
+    (tmp_path / "demo").mkdir()
+    shutil.copytree(awkward_pair[0], tmp_path / "demo" / "base")
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    typo = run("plan", "demo/base", "demo/finetunedd", env=env, cwd=tmp_path)
+    assert_one_line_error(typo, 2, "FINETUNED demo/finetunedd does not exist", "not a Hugging Face repo id")
+    t0 = time.monotonic()
+    remote = run("plan", "demo/base", "tiny-org/not-cached", env=env, cwd=tmp_path)
+    assert_one_line_error(remote, 2, "FINETUNED tiny-org/not-cached", "the Hub cannot be reached", "127.0.0.1:1")
+    assert time.monotonic() - t0 < 10
 
 
 def test_adapter_keys_that_carry_the_adapter_name_merge_as_without_it(adapters, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..errors import InputError
 from ..io.checkpoint import Checkpoint
 from ..options import expand_path
 from .adapter import ADAPTER_CONFIG, Adapter, is_adapter
@@ -24,6 +25,9 @@ def local_path(spec: str | os.PathLike, role: str) -> Path:
     """A path as given (with ~ and $VARS), or the cached snapshot of a repo id when no such path exists."""
     path = expand_path(spec)
     if isinstance(spec, str) and not path.exists() and parse_repo_id(spec) is not None:
+        if path.parent.is_dir():  # `demo/finetunedd` beside a folder demo/: a mistyped path, not a repo to ask for
+            raise InputError(f"{role} {spec} does not exist ({path.parent}/ is a folder here, so this names a path "
+                             "in it, not a Hugging Face repo id)")  # fmt: skip
         return resolve_repo(spec, role)
     return path
 

@@ -8,8 +8,11 @@ tokenizer files.
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ..errors import InputError
 
@@ -48,6 +51,10 @@ def resolve_repo(spec: str, role: str) -> Path:
             raise InputError(f"{role} {shown} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
                              "HF_HUB_OFFLINE=1 forbids downloading it; download it first or unset "
                              "HF_HUB_OFFLINE") from None  # fmt: skip
+    unreachable = endpoint_unreachable(constants.ENDPOINT)
+    if unreachable:
+        raise InputError(f"{role} {shown} is not in the Hugging Face cache and the Hub cannot be reached "
+                         f"({unreachable}); check the network, or download it first") from None  # fmt: skip
     try:
         files = HfApi().list_repo_files(repo, revision=revision)
         wanted = NEEDED if any(f.endswith(".safetensors") for f in files) else NEEDED + PICKLED
@@ -61,7 +68,37 @@ def resolve_repo(spec: str, role: str) -> Path:
     except RepositoryNotFoundError:
         raise InputError(f"{role} {shown}: no such repo on the Hugging Face Hub (or it is private: log in with "
                          "hf auth login or set HF_TOKEN)") from None  # fmt: skip
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:
+        if not isinstance(exc, HfHubHTTPError | LocalEntryNotFoundError | OSError) and not from_http_stack(exc):
+            raise
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{role} {shown} could not be fetched from the Hugging Face Hub ({first}); check the "
                          "network, or set HF_HUB_OFFLINE=1 to use the cache only") from None  # fmt: skip
+
+
+#: the HTTP libraries huggingface_hub has used (its errors are theirs, not its own, when the network fails)
+HTTP_STACKS = {"httpx", "httpx2", "httpcore", "requests", "urllib3", "h11", "h2"}
+PROXY_VARS = ("https_proxy", "http_proxy", "all_proxy")
+
+
+def from_http_stack(exc: BaseException) -> bool:
+    """An exception of the HTTP client under huggingface_hub (a refused or reset connection, a timeout)."""
+    return any(cls.__module__.split(".")[0] in HTTP_STACKS for cls in type(exc).__mro__)
+
+
+def endpoint_unreachable(endpoint: str, timeout: float = 5.0) -> str:
+    """Why the Hub's endpoint surely cannot be reached (a connection to it fails), at once; "" when it may be.
+
+    huggingface_hub retries a failed connection for ~25 s before it gives up. Behind a proxy the endpoint is
+    reached through it, so nothing is said here."""
+    if any(os.environ.get(v) or os.environ.get(v.upper()) for v in PROXY_VARS):
+        return ""
+    url = urlsplit(endpoint)
+    if not url.hostname:
+        return ""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{url.hostname}:{port}: {exc.strerror or exc}"
+    return ""
