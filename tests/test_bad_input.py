@@ -263,3 +263,17 @@ def test_a_dashboard_without_a_host_is_refused(pair, tmp_path):
     proc = run("merge", *pair, tmp_path / "out", "--dashboard", ":0")
     assert_one_line_error(proc, 2, "--dashboard", "a host is needed")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_a_path_that_is_not_utf8_is_merged_and_shown_escaped(awkward_pair, tmp_path):
+    """A fine-tune folder whose name holds a byte that is not UTF-8 (Linux allows any): the merge finishes and the
+    model card shows the byte as \\xff, instead of failing to write README.md after all the work."""
+    import os
+    import shutil
+
+    ft = Path(os.fsdecode(bytes(tmp_path) + b"/ft\xff"))
+    shutil.copytree(awkward_pair[1], ft)
+    proc = run("merge", awkward_pair[0], ft, tmp_path / "out", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert "ft\\xff" in (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    assert run("verify", tmp_path / "out", "-q").returncode == 0

@@ -83,7 +83,7 @@ def model_card(doc: dict[str, Any], source: CardSource) -> str:
     lines = [
         "---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
         f"# MonoSoup of {Path(ft).name}", "",
-        f"[MonoSoup]({PAPER}) (Hazimeh, Abdollahpoorrostam, Dimitriadis, Frossard, 2026, *Model soups need only "
+        f"[MonoSoup]({PAPER}) (Abdollahpoorrostam, Dimitriadis, Hazimeh, Frossard, ICML 2026, *Model soups need only "
         f"one ingredient*) applied by streamsoup {doc['streamsoup']} to the fine-tune `{ft}`{ft_kind} of `{base}`. "
         "Each weight matrix's fine-tuning update was split by its singular value decomposition into high-energy "
         "and low-energy directions, re-weighed with the paper's data-free, layer-wise coefficients, and added "
@@ -113,7 +113,12 @@ def model_card(doc: dict[str, Any], source: CardSource) -> str:
     if source.finetuned_card is not None:
         lines += [FOLDED_HEADING, "", "Kept as the fine-tune shipped it (its front matter is merged into the "
                   "one above):", "", body.strip(), ""]  # fmt: skip
-    return "\n".join(lines)
+    return shown("\n".join(lines))
+
+
+def shown(text: str) -> str:
+    """UTF-8 text for a file: a path's bytes that are not UTF-8 (Python keeps them as surrogates) as \\xNN."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def loading(source: CardSource, base: str) -> list[str]:
