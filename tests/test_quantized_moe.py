@@ -326,6 +326,25 @@ def test_fp8_streamed_in_row_blocks_gives_the_in_memory_bytes(tmp_path):
     assert_like_reference(w0, load_folder(ft), roomy)
 
 
+def test_decoded_values_beyond_the_output_dtype_are_named_as_such(tmp_path):
+    """An FP8 fine-tune whose scale makes a copied tensor's decoded values exceed bf16 (a tensor BASE lacks): said as
+    what happened (the decoded values do not fit), not as an edit that overflowed."""
+    base, ft = save_pair(tmp_path, tiny_llama())
+    fp8_quantized(ft)
+    name = "model.layers.0.mlp.down_proj.weight"
+    tensors = load_file(ft / "model.safetensors")
+    tensors[name + "_scale_inv"] = torch.full_like(tensors[name + "_scale_inv"], 1e37)  # 448 * 1e37 > bf16 max
+    save_file(tensors, ft / "model.safetensors", metadata={"format": "pt"})
+    kept = {k: v for k, v in load_file(base / "model.safetensors").items() if k != name}  # copied: not in BASE
+    save_file(kept, base / "model.safetensors", metadata={"format": "pt"})
+    proc = run("merge", base, ft, tmp_path / "out", "-q")
+    error = proc.stderr.strip().splitlines()[-1]  # after the warning that FINETUNED is decoded
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert error.startswith("streamsoup: error: ") and repr(name) in error and "decoded from fp8" in error
+    assert "do not fit BF16" in error and "edited" not in error, error
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_fp8_base_of_another_model_is_refused(tmp_path):
     """The unrelated-base check samples a quantized side decoded: another seed's FP8 base is refused."""
     base, ft = save_pair(tmp_path, tiny_llama())

@@ -38,7 +38,7 @@ from ..options import MergeOptions
 from ..planning.planner import TensorJob
 from ..planning.schedule import Execution
 from .result import Edit, Stopwatch, TaskContext, TensorResult, copied, edited
-from .rules import NONFINITE_COPIED, cannot_edit, skip_reason
+from .rules import NONFINITE_COPIED, cannot_edit, nonfinite_copy, skip_reason
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,9 @@ def copy_fine_tune(job: TensorJob, folder: Path, check_finite: bool) -> int:
                 raise _output_as_is(job)
             slot.write(block.to(torch_dtype(job.out_dtype)))
         return slot.close()
+    except writer.NonFiniteOutput:
+        slot.abort()
+        raise nonfinite_copy(job) from None
     except BaseException:
         slot.abort()
         raise

@@ -39,6 +39,14 @@ def cannot_edit(ref: TensorRef, job: TensorJob) -> InputError:
     return nonfinite(ref.path, f"tensor {job.name!r} contains", FIX_OR_COPY)
 
 
+def nonfinite_copy(job: TensorJob) -> RunError:
+    """A copy that is not the stored bytes (decoded from FP8/MXFP4, or cast) whose values do not fit the output."""
+    ref = job.finetuned
+    source = f"decoded from {ref.encoding}" if ref.decoded else f"cast from {ref.dtype}"
+    return RunError(f"tensor {job.name!r}: the fine-tune's values {source} do not fit {job.out_dtype} (NaN or Inf "
+                    "once written): check the checkpoint's scales; nothing was published")  # fmt: skip
+
+
 def nonfinite_edit(job: TensorJob) -> RunError:
     """An edit of finite inputs that gives NaN/Inf: name the tensor and what made it overflow."""
     if job.lora is not None:
