@@ -470,3 +470,18 @@ def test_a_tensor_named_like_safetensors_metadata_is_refused(tmp_path):
     proc = run_here("merge", tmp_path / "base.bin", tmp_path / "ft.bin", tmp_path / "out")
     assert_one_line_error(proc, 2, "__metadata__", "rename")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_expanded_view_is_refused_not_budgeted(bin_pair, tmp_path):
+    """A tensor of 2^40 elements over a storage of one (torch.save keeps an expanded view as it is: a small file)
+    is refused as a view, at plan time, instead of asking for 32 TiB of --max-ram."""
+    base_dir, _, _, ft = bin_pair
+    name = next(n for n, t in ft.items() if t.dim() == 2)
+    views = {**ft, name: torch.zeros(1, dtype=ft[name].dtype).expand(2**20, 2**20)}
+    torch.save(views, tmp_path / "expanded.pt")
+    assert (tmp_path / "expanded.pt").stat().st_size < sum(t.nbytes for t in ft.values()) + 10_000
+    plan = run_here("plan", base_dir, tmp_path / "expanded.pt")
+    merge = run_here("merge", base_dir, tmp_path / "expanded.pt", tmp_path / "out")
+    for proc in (plan, merge):
+        assert_one_line_error(proc, 2, repr(name), "expanded or overlapping view")
+    assert not (tmp_path / "out").exists()

@@ -237,6 +237,9 @@ def _ref(path: Path, name: str, t: PickledTensor, start: int, entry_bytes: int) 
         raise InputError(f"{where}: malformed shape, stride or offset; the file is corrupt")
     numel = math.prod(t.shape)
     storage_elems = t.storage.numel if t.storage.dtype is not None else t.storage.numel // item
+    if numel > storage_elems:  # some element is used twice: a broadcast (stride 0) or overlapping view
+        raise InputError(f"{where}: {list(t.shape)} is {numel} elements over a storage of {storage_elems}: an "
+                         "expanded or overlapping view, not a weight; re-save it as its own tensor (.contiguous())")
     if storage_elems * item > entry_bytes:  # the pickle's claim against the zip entry that holds the bytes
         raise InputError(f"{where}: its storage {t.storage.key!r} is said to hold {storage_elems * item} bytes, "
                          f"its entry in the file holds {entry_bytes}; the file is corrupt")  # fmt: skip
