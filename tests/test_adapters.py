@@ -408,3 +408,52 @@ def test_a_lora_on_lm_head_saved_with_its_base_layer_merges_exactly(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = check_against_reference(base, peft_merged(base, adapter), tmp_path / "out")
     assert rows["lm_head.weight"]["action"] == "edit"
+
+
+def _retyped(key_end: str, make) -> callable:
+    """A damage: the first tensor whose key ends with `key_end` replaced by `make(tensor)`."""
+
+    def damage(tensors: dict[str, torch.Tensor]) -> str:
+        key = next(k for k in sorted(tensors) if k.endswith(key_end))
+        tensors[key] = make(tensors[key])
+        return key.rsplit(".lora_", 1)[0].removeprefix("base_model.model.")  # the module's name
+
+    return damage
+
+
+def _on_a_vector(tensors: dict[str, torch.Tensor]) -> str:
+    """The q_proj module's factors renamed onto the model's final norm, a 1-D BASE tensor."""
+    key = next(k for k in sorted(tensors) if k.endswith("q_proj.lora_A.weight"))
+    module = key.removesuffix(".lora_A.weight")
+    for part in ("lora_A.weight", "lora_B.weight"):
+        tensors[f"base_model.model.model.norm.{part}"] = tensors.pop(f"{module}.{part}")
+    return "model.norm"
+
+
+ADAPTER_DAMAGE = {
+    "a 0-D lora_A": ("plain", _retyped("lora_A.weight", lambda t: t[0, 0].clone()), "not a matrix"),
+    "a 1-D lora_B": ("plain", _retyped("lora_B.weight", lambda t: t[:, 0].clone()), "not a matrix"),
+    "an I32 lora_B": ("plain", _retyped("lora_B.weight", lambda t: t.to(torch.int32)), "I32, not floating point"),
+    "a BOOL lora_A": ("plain", _retyped("lora_A.weight", lambda t: t > 0), "BOOL, not floating point"),
+    "a LoRA on a 1-D base tensor": ("plain", _on_a_vector, "not a matrix"),
+    "a DoRA magnitude of the wrong length": ("dora", _retyped("lora_magnitude_vector", lambda t: t[:-1].clone()),
+                                             "lora_magnitude_vector"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(ADAPTER_DAMAGE))
+def test_a_malformed_adapter_is_refused_at_plan_time(adapters, tmp_path, case):
+    """Factors that are not matrices or not floating point, a LoRA on a vector, a DoRA magnitude of another length:
+    one line naming the module, from `plan` as from `merge`, before any compute."""
+    from safetensors.torch import load_file, save_file
+
+    variant, damage, words = ADAPTER_DAMAGE[case]
+    base, adapter = adapters("llama", variant)
+    broken = tmp_path / "adapter"
+    shutil.copytree(adapter, broken)
+    tensors = load_file(broken / "adapter_model.safetensors")
+    module = damage(tensors)
+    save_file(tensors, broken / "adapter_model.safetensors")
+    for args in (("plan", base, broken), ("merge", base, broken, tmp_path / "out")):
+        assert_one_line_error(run(*args), 2, repr(module), words)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -23,6 +23,7 @@ import regex
 from ..errors import InputError
 from ..io.binding import file_identity
 from ..io.checkpoint import Checkpoint, TensorRef, matrix_shape
+from ..io.dtypes import is_float
 from ..io.jsonfile import CONFIG_LIMIT, JsonFileError, read_json
 from ..numerics.lowrank import BiasUpdate, LoraUpdate
 
@@ -299,6 +300,7 @@ def resolve(adapter: Adapter, base: Checkpoint) -> AdapterTensors:
             raise _wrong_base(adapter, base, f"the adapter targets {module.name!r} but BASE has no tensor "
                                              f"{module.name + '.weight'!r}")  # fmt: skip
         w0 = base[weight]
+        _check_parts(adapter, base, module.name, parts, w0)
         transposed = embedding or _transposed(adapter, module.name, w0, a, b)
         if "magnitude" in parts and (embedding or len(w0.shape) != 2):
             raise _fail(adapter.root, f"DoRA on {'an embedding' if embedding else 'a convolution'} ({module.name})")
@@ -321,6 +323,26 @@ def resolve(adapter: Adapter, base: Checkpoint) -> AdapterTensors:
         raise InputError(f"FINETUNED {adapter.root}: a PEFT adapter with no LoRA update (no lora_A / lora_B pair "
                          "in its weights) changes nothing; pass the adapter that was trained")  # fmt: skip
     return AdapterTensors(updates, biases, out_full, keys)
+
+
+#: a module's parts as peft names them in the adapter file
+PART_NAMES = {"a": "lora_A", "b": "lora_B", "a_emb": "lora_embedding_A", "b_emb": "lora_embedding_B",
+              "magnitude": "lora_magnitude_vector", "bias": "lora_B.bias", "base_copy": "base_layer"}
+
+
+def _check_parts(adapter: Adapter, base: Checkpoint, module: str, parts: dict[str, TensorRef], w0: TensorRef) -> None:
+    """What the arithmetic takes for granted, checked before any shape is indexed: floating-point parts, factors
+    that are matrices, a BASE weight that is one."""
+    for part, ref in parts.items():
+        if not is_float(ref.dtype):
+            raise InputError(f"FINETUNED {adapter.root}: module {module!r}: its {PART_NAMES[part]} is {ref.dtype}, "
+                             "not floating point; the adapter file is corrupt")  # fmt: skip
+        if part in ("a", "b", "a_emb", "b_emb") and len(ref.shape) < 2:
+            raise InputError(f"FINETUNED {adapter.root}: module {module!r}: its {PART_NAMES[part]} is "
+                             f"{list(ref.shape)}, not a matrix; the adapter file is corrupt")  # fmt: skip
+    if len(w0.shape) < 2:
+        raise _wrong_base(adapter, base, f"the adapter updates {module!r}, whose BASE tensor {w0.name!r} is "
+                                         f"{list(w0.shape)}, not a matrix")  # fmt: skip
 
 
 def _check_vector(adapter: Adapter, base: Checkpoint, module: str, part: str, ref: TensorRef,
