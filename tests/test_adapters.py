@@ -457,3 +457,19 @@ def test_a_malformed_adapter_is_refused_at_plan_time(adapters, tmp_path, case):
     for args in (("plan", base, broken), ("merge", base, broken, tmp_path / "out")):
         assert_one_line_error(run(*args), 2, repr(module), words)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_many_slow_patterns_are_bounded_in_all_not_only_each(adapters, tmp_path):
+    """200 rank_pattern keys of ~0.1 s per match each (under the 1 s limit of one match) against every module
+    would take minutes: refused once the whole config has taken 10 s, at plan time."""
+    base, adapter = adapters("llama", "plain")
+    slow = tmp_path / "adapter"
+    shutil.copytree(adapter, slow)
+    config = json.loads((slow / "adapter_config.json").read_text())
+    # each backtracks through ~30^5 splits of a module name and never matches; (?#...) makes the keys distinct
+    config["rank_pattern"] = {f"(.*?){{5}}(?!)(?#{i})": 4 for i in range(200)}
+    (slow / "adapter_config.json").write_text(json.dumps(config))
+    t0 = time.monotonic()
+    proc = run("plan", base, slow)
+    assert_one_line_error(proc, 2, "rank_pattern", "take more than 10 s in all")
+    assert time.monotonic() - t0 < 30

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,22 +83,37 @@ def _fail(root: Path, what: str) -> InputError:
 
 #: seconds one rank_pattern / alpha_pattern key may take to match one module name
 PATTERN_SECONDS = 1.0
+#: seconds all of an adapter's pattern keys may take to match all its modules (keys of a fraction of the
+#: limit each, by the thousand, would otherwise add up to hours)
+PATTERNS_SECONDS = 10.0
 
 
-def pattern_key(patterns: dict, module: str) -> str | None:
+def pattern_key(patterns: dict, module: str, deadline: float) -> str | None:
     """peft's get_pattern_key: the first pattern whose regex matches the end of the module name.
 
-    Matched with `regex` (re's syntax) under a time limit: a key like ``(([a-z]+)+)+Z`` backtracks
-    exponentially and is refused by name instead of hanging the run.
+    Matched with `regex` (re's syntax) under a time limit per match and a `deadline` (time.monotonic()) for the
+    whole config: a key like ``(([a-z]+)+)+Z`` backtracks exponentially and is refused by name instead of hanging
+    the run.
     """
     for key in patterns:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _patterns_too_slow(len(patterns))
         try:
-            if regex.match(rf"(.*\.)?({key})$", module, timeout=PATTERN_SECONDS):
+            if regex.match(rf"(.*\.)?({key})$", module, timeout=min(PATTERN_SECONDS, left)):
                 return key
         except TimeoutError:
+            if left < PATTERN_SECONDS:
+                raise _patterns_too_slow(len(patterns)) from None
             raise InputError(f"FINETUNED {ADAPTER_CONFIG}: the pattern {key!r} takes more than {PATTERN_SECONDS:g} "
                              f"s to match {module!r} (catastrophic backtracking); simplify it") from None
     return None
+
+
+def _patterns_too_slow(count: int) -> InputError:
+    return InputError(f"FINETUNED {ADAPTER_CONFIG}: its rank_pattern / alpha_pattern keys ({count} in one of them) "
+                      f"take more than {PATTERNS_SECONDS:g} s in all to match the adapter's modules; use fewer or "
+                      "simpler patterns")  # fmt: skip
 
 
 @dataclass
@@ -230,11 +246,12 @@ class Adapter:
                              "PeftModel.save_pretrained, which writes one adapter per folder")  # fmt: skip
         return modules, full
 
-    def scaling(self, module: str, rank: int) -> float:
-        """alpha / r (alpha / sqrt(r) with rslora), per module through rank_pattern / alpha_pattern."""
+    def scaling(self, module: str, rank: int, deadline: float) -> float:
+        """alpha / r (alpha / sqrt(r) with rslora), per module through rank_pattern / alpha_pattern, matched before
+        `deadline` (pattern_key)."""
         c = self.config
         ranks, alphas = c.get("rank_pattern") or {}, c.get("alpha_pattern") or {}
-        r_key, a_key = pattern_key(ranks, module), pattern_key(alphas, module)
+        r_key, a_key = pattern_key(ranks, module, deadline), pattern_key(alphas, module, deadline)
         r = ranks[r_key] if r_key is not None else c.get("r", 8)
         alpha = alphas[a_key] if a_key is not None else c.get("lora_alpha", 8)
         if r != rank:
@@ -282,6 +299,7 @@ def resolve(adapter: Adapter, base: Checkpoint) -> AdapterTensors:
     check_not_whole_model(adapter, modules)
     updates, biases, keys = {}, {}, {}
     out_full: dict[str, TensorRef] = {}
+    deadline = time.monotonic() + PATTERNS_SECONDS
     for name, ref in full.items():
         out_full[base_name(base, name) or name] = ref
     for module in modules.values():
@@ -304,7 +322,7 @@ def resolve(adapter: Adapter, base: Checkpoint) -> AdapterTensors:
         transposed = embedding or _transposed(adapter, module.name, w0, a, b)
         if "magnitude" in parts and (embedding or len(w0.shape) != 2):
             raise _fail(adapter.root, f"DoRA on {'an embedding' if embedding else 'a convolution'} ({module.name})")
-        update = LoraUpdate(module.name, a, b, adapter.scaling(module.name, a.shape[0]), transposed,
+        update = LoraUpdate(module.name, a, b, adapter.scaling(module.name, a.shape[0], deadline), transposed,
                             parts.get("magnitude"), parts.get("base_copy"))  # fmt: skip
         _check_shapes(adapter, base, update, w0)
         if update.magnitude is not None:  # DoRA: one norm per output feature
