@@ -168,3 +168,31 @@ def test_json_nesting_is_measured_before_parsing_exactly(tmp_path, value, ascii_
     deep.write_text("[" * (wrap + 1) + text + "]" * (wrap + 1))
     with pytest.raises(JsonFileError, match="nests"):
         read_json(deep, 1 << 20)
+
+
+PICKLED_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.floats() | st.text(max_size=6)
+    | st.binary(max_size=6),
+    lambda inner: st.lists(inner, max_size=4) | st.tuples(inner, inner) | st.dictionaries(st.text(max_size=4), inner,
+                                                                                          max_size=4)
+    | st.frozensets(st.integers(), max_size=3),
+    max_leaves=30,
+)  # fmt: skip
+
+
+@FUZZ
+@given(value=PICKLED_VALUES, protocol=st.integers(min_value=0, max_value=5), shared=st.booleans())
+def test_pickle_shapes_pass_what_python_pickles_and_refuse_nesting_past_the_limit(value, protocol, shared):
+    """Whatever plain values pickle writes, in every protocol (memo references included: `shared`), the opcodes
+    run on sizes accept them; the same value 65 levels down is refused, never unpickled."""
+    import pickle
+
+    from streamsoup.sources.pickleshape import MAX_DEPTH, PickleShapeError, check_pickle_shape
+
+    value = [value, value] if shared else value
+    check_pickle_shape(pickle.dumps(value, protocol=protocol))
+    deep = value
+    for _ in range(MAX_DEPTH + 1):
+        deep = [deep]
+    with pytest.raises(PickleShapeError, match="nested deeper"):
+        check_pickle_shape(pickle.dumps(deep, protocol=protocol))

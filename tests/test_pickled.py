@@ -5,6 +5,8 @@ from __future__ import annotations
 import collections
 import json
 import os
+import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -483,5 +485,43 @@ def test_an_expanded_view_is_refused_not_budgeted(bin_pair, tmp_path):
     plan = run_here("plan", base_dir, tmp_path / "expanded.pt")
     merge = run_here("merge", base_dir, tmp_path / "expanded.pt", tmp_path / "out")
     for proc in (plan, merge):
-        assert_one_line_error(proc, 2, repr(name), "expanded or overlapping view")
+        assert_one_line_error(proc, 2, repr(name), "expanded or overlapping view", "corrupt or crafted")
     assert not (tmp_path / "out").exists()
+
+
+def _dag_key(levels: int) -> bytes:
+    """A dict whose key is (t, t) of (t, t) ... `levels` deep: one leaf, shared, 2^levels paths to hash."""
+    ops = [b"\x80\x02}", b"K\x00\x85q\x00"]  # PROTO 2, EMPTY_DICT; (0,) memoized as 0
+    ops += [bytes([0x68, i, 0x68, i, 0x86, 0x71, i + 1]) for i in range(levels)]  # BINGET i twice, TUPLE2, BINPUT
+    return b"".join(ops) + b"K\x01s."  # SETITEM key -> 1, STOP
+
+
+def _nested_key(depth: int) -> bytes:
+    return b"\x80\x02}K\x00" + b"\x85" * depth + b"K\x01s."  # ((((0,),),),...) as a key
+
+
+def _int_as_storage() -> bytes:
+    rebuild = b"ctorch._utils\n_rebuild_tensor_v2\n"
+    return b"\x80\x02}X\x01\x00\x00\x00w" + rebuild + b"(K\x05K\x00K\x02\x85K\x01\x85tRs."
+
+
+CRAFTED_PICKLES = {
+    "a key 64 levels of shared tuples (2^64 to hash)": (_dag_key(64), zipfile.ZIP_STORED, "shared parts counted"),
+    "a key of a million nested tuples": (_nested_key(1_000_000), zipfile.ZIP_STORED, "nested deeper than 64"),
+    "a tensor rebuilt from an int": (_int_as_storage(), zipfile.ZIP_STORED, "rebuilt from a int, not a storage"),
+    "a compressed pickle": (_nested_key(10), zipfile.ZIP_DEFLATED, "compressed"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED_PICKLES))
+def test_a_crafted_pickle_is_one_line_in_seconds(bin_pair, tmp_path, case):
+    """Pickles of a few hundred bytes that hashed for ever, crashed the interpreter or met a type they did not
+    expect: refused by name, before anything is unpickled."""
+    data, compression, words = CRAFTED_PICKLES[case]
+    crafted = tmp_path / "crafted.pt"
+    with zipfile.ZipFile(crafted, "w", compression) as archive:
+        archive.writestr("archive/data.pkl", data)
+    t0 = time.monotonic()
+    proc = run_here("plan", bin_pair[0], crafted)
+    assert_one_line_error(proc, 2, str(crafted), words)
+    assert time.monotonic() - t0 < 10

@@ -17,6 +17,7 @@ import io
 import logging
 import math
 import pickle
+import reprlib
 import struct
 import zipfile
 from collections import OrderedDict
@@ -26,13 +27,31 @@ from typing import Any
 
 from ..errors import InputError
 from ..io.binding import identity_of
-from ..io.checkpoint import MAX_DIM, MAX_HEADER, Checkpoint, ShardHeader, TensorRef, index_files, regular_file
+from ..io.checkpoint import MAX_DIM, Checkpoint, ShardHeader, TensorRef, index_files, regular_file
 from ..io.dtypes import ITEM_SIZE
+from .pickleshape import PickleShapeError, check_pickle_shape
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".bin", ".pt", ".pth")
 INDEX_NAME = "pytorch_model.bin.index.json"
+#: a data.pkl's size: a state dict's pickle takes ~150 bytes per tensor (a 90,000-tensor shard: ~14 MiB)
+MAX_PICKLE = 32 << 20
+#: the bytes a view that reuses its storage's elements (expand, stride 0) may stand for: small views of this kind
+#: are read as they are; a [2^20, 2^20] one over a storage of one element is a crafted file, not a weight
+MAX_EXPANDED = 1 << 30
+
+
+def _short_repr() -> reprlib.Repr:
+    """What a message shows of a value from a pickle: bounded in depth, items and length, however large the value
+    (Python 3.11's Repr takes no arguments)."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother, short.maxlong = 3, 60, 60, 40
+    short.maxtuple = short.maxlist = short.maxdict = short.maxset = short.maxfrozenset = 4
+    return short
+
+
+SHORT = _short_repr()
 #: the header key safetensors keeps for metadata: no tensor may carry that name into OUT
 RESERVED_NAME = "__metadata__"
 #: keys under which training scripts keep the state dict beside other entries (epoch, optimizer, ...)
@@ -95,18 +114,31 @@ class PickledTensor:
         return all(s == e for s, e, d in zip(self.stride, reversed(expected), self.shape, strict=True) if d != 1)
 
 
-def _rebuild_v2(storage: Storage, offset: int, shape: tuple, stride: tuple, *_: Any) -> PickledTensor:
-    if storage.dtype is None:
-        raise pickle.UnpicklingError("an untyped storage without a dtype")
-    return PickledTensor(storage, storage.dtype, offset, tuple(shape), tuple(stride))
-
-
-def _rebuild_v3(storage: Storage, offset: int, shape: tuple, stride: tuple, _grad: bool, _hooks: Any,
-                dtype: str, *_: Any) -> PickledTensor:  # fmt: skip
+def _tensor(storage: Any, dtype: Any, offset: Any, shape: Any, stride: Any) -> PickledTensor:
+    """A tensor record, its arguments of the types torch pickles (a crafted pickle may put anything there)."""
+    if not isinstance(storage, Storage):
+        raise pickle.UnpicklingError(f"a tensor rebuilt from a {type(storage).__name__}, not a storage")
+    if not isinstance(dtype, str):
+        raise pickle.UnpicklingError(f"a tensor whose dtype is a {type(dtype).__name__}")
+    if not (isinstance(shape, tuple | list) and isinstance(stride, tuple | list)):
+        raise pickle.UnpicklingError("a tensor whose shape or stride is not a tuple")
     return PickledTensor(storage, dtype, offset, tuple(shape), tuple(stride))
 
 
-def _parameter(data: PickledTensor, *_: Any) -> PickledTensor:
+def _rebuild_v2(storage: Any, offset: Any, shape: Any, stride: Any, *_: Any) -> PickledTensor:
+    if isinstance(storage, Storage) and storage.dtype is None:
+        raise pickle.UnpicklingError("an untyped storage without a dtype")
+    return _tensor(storage, getattr(storage, "dtype", None), offset, shape, stride)
+
+
+def _rebuild_v3(storage: Any, offset: Any, shape: Any, stride: Any, _grad: Any, _hooks: Any, dtype: Any,
+                *_: Any) -> PickledTensor:  # fmt: skip
+    return _tensor(storage, dtype, offset, shape, stride)
+
+
+def _parameter(data: Any, *_: Any) -> PickledTensor:
+    if not isinstance(data, PickledTensor):
+        raise pickle.UnpicklingError(f"a parameter of a {type(data).__name__}, not of a tensor")
     return data
 
 
@@ -145,10 +177,11 @@ class _Unpickler(pickle.Unpickler):
                                "e.g. torch.save(model.state_dict(), path))") from None  # fmt: skip
 
     def persistent_load(self, pid: Any) -> Storage:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], StorageType)):
-            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], StorageType)
+                and isinstance(pid[2], str) and type(pid[4]) is int and pid[4] >= 0):  # fmt: skip
+            raise pickle.UnpicklingError(f"unexpected persistent id {SHORT.repr(pid)}")
         _, kind, key, _location, numel = pid
-        return Storage(str(key), kind.dtype, int(numel))
+        return Storage(key, kind.dtype, numel)
 
 
 def read_pickle_shard(path: Path) -> tuple[ShardHeader, list[str]]:
@@ -168,17 +201,31 @@ def read_pickle_shard(path: Path) -> tuple[ShardHeader, list[str]]:
         if len(pkl) != 1:
             raise InputError(f"{path}: a zip file but not a torch.save checkpoint (no single data.pkl)")
         prefix = pkl[0].filename[: -len("data.pkl")]
-        if pkl[0].file_size > MAX_HEADER:
-            raise InputError(f"{path}: its pickle is {pkl[0].file_size} bytes, more than a state dict's; the file is "
-                             "corrupt")  # fmt: skip
-        raw = archive.read(pkl[0])
+        if pkl[0].compress_type != zipfile.ZIP_STORED:
+            raise InputError(f"{path}: its pickle is compressed; torch.save never compresses: re-save it with "
+                             "torch.save")  # fmt: skip
+        if pkl[0].file_size > MAX_PICKLE:
+            raise InputError(f"{path}: its pickle is {pkl[0].file_size} bytes, more than a state dict's "
+                             f"({MAX_PICKLE >> 20} MiB at most); the file is corrupt")  # fmt: skip
+        with archive.open(pkl[0]) as member:
+            raw = member.read(MAX_PICKLE + 1)  # the zip header's size may lie
+        if len(raw) > MAX_PICKLE:
+            raise InputError(f"{path}: its pickle is more than {MAX_PICKLE >> 20} MiB; the file is corrupt")
+        try:
+            check_pickle_shape(raw)
+        except PickleShapeError as exc:
+            raise InputError(f"{path}: its pickle builds {exc}, which no state dict does; the file is corrupt or "
+                             "crafted") from None  # fmt: skip
+        except Exception as exc:  # malformed opcodes: the unpickler would fail on them too
+            raise InputError(f"{path}: its pickle cannot be read ({type(exc).__name__}: {SHORT.repr(str(exc))}); "
+                             "the file is corrupt") from None  # fmt: skip
         try:
             obj = _Unpickler(raw, path).load()
         except InputError:
             raise
         except Exception as exc:  # a truncated or garbled pickle: never a traceback
-            raise InputError(f"{path}: its pickle cannot be read ({type(exc).__name__}: {exc}); the file is "
-                             "corrupt") from None  # fmt: skip
+            raise InputError(f"{path}: its pickle cannot be read ({type(exc).__name__}: {SHORT.repr(str(exc))}); "
+                             "the file is corrupt") from None  # fmt: skip
         tensors, ignored = state_dict(obj, path)
         entries = {i.filename: i for i in archive.infolist()}
         with open(path, "rb") as f:
@@ -205,7 +252,7 @@ def state_dict(obj: Any, path: Path) -> tuple[dict[str, PickledTensor], list[str
                                                                                 for x in v.values())]  # fmt: skip
     usual = [k for k in nested if k in STATE_KEYS]
     loose = any(isinstance(v, PickledTensor) for v in obj.values())  # tensors beside other entries
-    keys = ", ".join(repr(k) for k in list(obj)[:8]) + (", ..." if len(obj) > 8 else "")
+    keys = ", ".join(SHORT.repr(k) for k in list(obj)[:8]) + (", ..." if len(obj) > 8 else "")
     if len(nested) == 1 and len(usual) == 1 and not loose:
         return _named(obj[usual[0]], path), [str(k) for k in obj if k != usual[0]]
     if not nested and not loose:
@@ -218,7 +265,7 @@ def state_dict(obj: Any, path: Path) -> tuple[dict[str, PickledTensor], list[str
 def _named(d: dict, path: Path) -> dict[str, PickledTensor]:
     bad = next((k for k in d if not isinstance(k, str)), None)
     if bad is not None:
-        raise InputError(f"{path}: a tensor is named {bad!r}, not by a string; the file is not a state dict")
+        raise InputError(f"{path}: a tensor is named {SHORT.repr(bad)}, not by a string; the file is not a state dict")
     if RESERVED_NAME in d:
         raise InputError(f"{path}: a tensor is named {RESERVED_NAME!r}, the one name a safetensors header reserves "
                          "(an OUT holding it would not load); rename it in the state dict and save again")  # fmt: skip
@@ -237,9 +284,10 @@ def _ref(path: Path, name: str, t: PickledTensor, start: int, entry_bytes: int) 
         raise InputError(f"{where}: malformed shape, stride or offset; the file is corrupt")
     numel = math.prod(t.shape)
     storage_elems = t.storage.numel if t.storage.dtype is not None else t.storage.numel // item
-    if numel > storage_elems:  # some element is used twice: a broadcast (stride 0) or overlapping view
-        raise InputError(f"{where}: {list(t.shape)} is {numel} elements over a storage of {storage_elems}: an "
-                         "expanded or overlapping view, not a weight; re-save it as its own tensor (.contiguous())")
+    if numel > storage_elems and numel * item > MAX_EXPANDED:  # a broadcast (stride 0) or overlapping view
+        raise InputError(f"{where}: {list(t.shape)} is an expanded or overlapping view of {numel * item} bytes over "
+                         f"a storage of {storage_elems * item}; no checkpoint stores a weight so: the file is corrupt "
+                         "or crafted (if it is yours, save the tensor with .contiguous())")  # fmt: skip
     if storage_elems * item > entry_bytes:  # the pickle's claim against the zip entry that holds the bytes
         raise InputError(f"{where}: its storage {t.storage.key!r} is said to hold {storage_elems * item} bytes, "
                          f"its entry in the file holds {entry_bytes}; the file is corrupt")  # fmt: skip
