@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 #: nodes of the tree any value unfolds to (a 70B state dict's pickle: ~15 nodes per tensor)
 MAX_NODES = 1 << 24
+#: objects the pickle creates (a state dict: ~17 per tensor; each costs its unpickler ~60 bytes or more)
+MAX_OBJECTS = 1 << 22
 #: nesting of any value (a state dict's: 4 to 6)
 MAX_DEPTH = 64
 #: nodes of a value that is hashed: a dict key or a set element (a state dict's keys are strings: 1)
@@ -65,7 +67,13 @@ def check_pickle_shape(data: bytes) -> None:
         del stack[at:]
         return items
 
-    def push(node: Node) -> None:
+    created = 0
+
+    def push(node: Node, fresh: bool = True) -> None:
+        nonlocal created
+        created += fresh
+        if created > MAX_OBJECTS:
+            raise PickleShapeError(f"more than {MAX_OBJECTS} objects")
         if node.size > MAX_NODES:
             raise PickleShapeError(f"a value of more than {MAX_NODES} parts (shared parts counted each time)")
         if node.depth > MAX_DEPTH:
@@ -93,13 +101,13 @@ def check_pickle_shape(data: bytes) -> None:
         elif name == "MEMOIZE":
             memo[len(memo)] = stack[-1]
         elif name in ("GET", "BINGET", "LONG_BINGET"):
-            push(memo[arg])
+            push(memo[arg], fresh=False)
         elif name == "MARK":
             marks.append(len(stack))
         elif name in ("POP", "POP_MARK"):
             since_mark() if name == "POP_MARK" else stack.pop()
         elif name == "DUP":
-            push(stack[-1])
+            push(stack[-1], fresh=False)
         elif name == "GLOBAL":
             push(Node(name=str(arg)))
         elif name == "STACK_GLOBAL":
@@ -121,18 +129,18 @@ def check_pickle_shape(data: bytes) -> None:
         elif name == "APPEND":
             item = stack.pop()
             stack[-1].add([item])
-            push(stack.pop())
+            push(stack.pop(), fresh=False)
         elif name in ("APPENDS", "ADDITEMS"):
             items = since_mark()
             if name == "ADDITEMS":
                 hashed(items)
             stack[-1].add(items)
-            push(stack.pop())
+            push(stack.pop(), fresh=False)
         elif name in ("SETITEM", "SETITEMS"):
             items = [stack.pop() for _ in range(2)][::-1] if name == "SETITEM" else since_mark()
             hashed(items[0::2])
             stack[-1].add(items)
-            push(stack.pop())
+            push(stack.pop(), fresh=False)
         elif name in ("REDUCE", "NEWOBJ"):
             args, func = stack.pop(), stack.pop()
             if func.name in HASHING:  # set(list), frozenset(list), OrderedDict(pairs): their items are hashed
@@ -144,7 +152,7 @@ def check_pickle_shape(data: bytes) -> None:
         elif name == "BUILD":
             state = stack.pop()
             stack[-1].add([state])
-            push(stack.pop())
+            push(stack.pop(), fresh=False)
         elif name == "BINPERSID":
             stack.pop()
             push(Node())
