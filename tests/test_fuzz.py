@@ -7,6 +7,7 @@ import functools
 import io
 import json
 import math
+import os
 import struct
 import zipfile
 from pathlib import Path
@@ -209,3 +210,47 @@ def test_a_pickle_of_more_objects_than_the_limit_is_refused_before_loading(monke
     pickleshape.check_pickle_shape(pickle.dumps([None] * 900, protocol=2))
     with pytest.raises(pickleshape.PickleShapeError, match="more than 1000 objects"):
         pickleshape.check_pickle_shape(pickle.dumps([None] * 1100, protocol=2))
+
+
+@pytest.fixture(scope="session")
+def plain_lora(tmp_path_factory) -> tuple[Path, Path]:
+    import make_adapters
+    from conftest import made_once, paths
+
+    make = lambda folder: [str(p) for p in make_adapters.make(folder, "llama", "plain")]  # noqa: E731
+    return paths(*made_once(tmp_path_factory, "adapter-llama-plain", make))  # the one test_adapters makes
+
+
+#: the keys of adapter_config.json that streamsoup reads or refuses
+ADAPTER_KEYS = ["r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "fan_in_fan_out", "target_modules",
+                "peft_type", "init_lora_weights", "lora_bias", "use_dora", "modules_to_save", "loftq_config",
+                "base_model_name_or_path", "layers_to_transform", "task_type"]  # fmt: skip
+#: each example plans in this process (~0.2 s); a longer hunt: STREAMSOUP_FUZZ_ADAPTERS=1000 pytest -k adapter_configs
+ADAPTER_EXAMPLES = int(os.environ.get("STREAMSOUP_FUZZ_ADAPTERS", "30"))
+PATTERNS = st.dictionaries(st.text(alphabet="abcdefghijklmnopqrstuvwxyz_.*+()[]|?0123456789\\", max_size=10),
+                           JSON_VALUES, max_size=3)  # fmt: skip
+
+
+@settings(max_examples=ADAPTER_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mutated_adapter_configs_plan_or_are_refused_in_one_line(plain_lora, tmp_path, data):
+    """Any value under any key of adapter_config.json (or a key removed): `plan` works or says in one line, exit 2,
+    what is wrong; never an internal error."""
+    import shutil
+    import tempfile
+
+    from helpers import assert_one_line_error, run_here
+
+    base, adapter = plain_lora
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    shutil.copy(adapter / "adapter_model.safetensors", folder)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    key = data.draw(st.sampled_from(ADAPTER_KEYS))
+    if data.draw(st.booleans()):
+        config.pop(key, None)
+    else:
+        config[key] = data.draw(PATTERNS if key.endswith("_pattern") else JSON_VALUES)
+    (folder / "adapter_config.json").write_text(json.dumps(config, allow_nan=True))
+    proc = run_here("plan", base, folder)
+    if proc.returncode != 0:
+        assert_one_line_error(proc, 2)
