@@ -473,3 +473,12 @@ def test_many_slow_patterns_are_bounded_in_all_not_only_each(adapters, tmp_path)
     proc = run("plan", base, slow)
     assert_one_line_error(proc, 2, "rank_pattern", "take more than 10 s in all")
     assert time.monotonic() - t0 < 30
+
+
+def test_an_adapter_config_nested_deep_is_one_line(adapters, tmp_path):
+    """adapter_config.json of 100,000 nested arrays (a RecursionError in the parser): named, at plan time."""
+    base, adapter = adapters("llama", "plain")
+    deep = tmp_path / "adapter"
+    shutil.copytree(adapter, deep)
+    (deep / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert_one_line_error(run("plan", base, deep), 2, "adapter_config.json nests 100000 levels deep")

@@ -496,6 +496,13 @@ def _dag_key(levels: int) -> bytes:
     return b"".join(ops) + b"K\x01s."  # SETITEM key -> 1, STOP
 
 
+def _dag_persistent_id(levels: int) -> bytes:
+    """The same shared tuples as a persistent id: repr'd into an error message, it grew to gigabytes."""
+    ops = [b"\x80\x02}X\x01\x00\x00\x00w", b"K\x00\x85q\x00"]  # {"w": ...}, (0,) memoized as 0
+    ops += [bytes([0x68, i, 0x68, i, 0x86, 0x71, i + 1]) for i in range(levels)]
+    return b"".join(ops) + b"Qs."  # BINPERSID of the DAG, SETITEM, STOP
+
+
 def _nested_key(depth: int) -> bytes:
     return b"\x80\x02}K\x00" + b"\x85" * depth + b"K\x01s."  # ((((0,),),),...) as a key
 
@@ -507,6 +514,7 @@ def _int_as_storage() -> bytes:
 
 CRAFTED_PICKLES = {
     "a key 64 levels of shared tuples (2^64 to hash)": (_dag_key(64), zipfile.ZIP_STORED, "shared parts counted"),
+    "a persistent id 64 levels of shared tuples": (_dag_persistent_id(64), zipfile.ZIP_STORED, "shared parts"),
     "a key of a million nested tuples": (_nested_key(1_000_000), zipfile.ZIP_STORED, "nested deeper than 64"),
     "a tensor rebuilt from an int": (_int_as_storage(), zipfile.ZIP_STORED, "rebuilt from a int, not a storage"),
     "a compressed pickle": (_nested_key(10), zipfile.ZIP_DEFLATED, "compressed"),
