@@ -311,8 +311,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise UsageError(f"--config {path} {exc}; an options file is a flat mapping of option: value") from None
     except OSError as exc:
         raise UsageError(f"cannot read --config {path}: {exc.strerror}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--config {path} is not valid YAML: {exc}".splitlines()[0]) from None
+    except (yaml.YAMLError, ValueError) as exc:  # UnicodeDecodeError; an int of more digits than Python converts
+        raise UsageError(f"--config {path} is not valid YAML: {exc}".splitlines()[0][:300]) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

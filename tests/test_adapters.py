@@ -270,6 +270,9 @@ def test_a_mistyped_path_is_not_sent_to_the_hub_and_an_unreachable_hub_is_said_a
     remote = run("plan", "demo/base", "tiny-org/not-cached", env=env, cwd=tmp_path)
     assert_one_line_error(remote, 2, "FINETUNED tiny-org/not-cached", "the Hub cannot be reached", "127.0.0.1:1")
     assert time.monotonic() - t0 < 10
+    for endpoint in ("https://host:99999", "https://[::1", "https://host..x"):  # malformed: one line too
+        bad = run("plan", "demo/base", "tiny-org/not-cached", env={**env, "HF_ENDPOINT": endpoint}, cwd=tmp_path)
+        assert_one_line_error(bad, 2, "FINETUNED tiny-org/not-cached")
 
 
 def test_adapter_keys_that_carry_the_adapter_name_merge_as_without_it(adapters, tmp_path):

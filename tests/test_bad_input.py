@@ -78,6 +78,14 @@ def config_of_megabytes(base: Path, ft: Path) -> str:
     return "config.json"
 
 
+def config_a_fifo(base: Path, ft: Path) -> str:
+    import os
+
+    (ft / "config.json").unlink()
+    os.mkfifo(ft / "config.json")  # a read would wait for a writer for ever
+    return "config.json"
+
+
 def index_nested_deep(base: Path, ft: Path) -> str:
     (ft / "model.safetensors.index.json").write_text('{"weight_map": ' + "[" * 50_000 + "]" * 50_000 + "}")
     return "model.safetensors.index.json"
@@ -104,6 +112,7 @@ CASES = {
     "Inf in the base": (inf_in_base, 2),
     "config.json nested 100,000 deep": (config_nested_deep, 2),
     "config.json of 5 MiB": (config_of_megabytes, 2),
+    "config.json that is a FIFO": (config_a_fifo, 2),
     "index nested 50,000 deep": (index_nested_deep, 2),
     "a weight beside its own MXFP4 encoding": (weight_beside_its_mxfp4_encoding, 2),
 }
@@ -213,6 +222,8 @@ REPORT_DAMAGE = {
     "a count that is text": lambda text: json.dumps(
         {**json.loads(text), "summary": {**json.loads(text)["summary"], "tensors": "many"}}),
     "nested 100,000 deep": lambda text: "[" * 100_000 + "]" * 100_000,
+    "a time of 400 digits": lambda text: text.replace('"seconds": ', '"seconds": 1' + "0" * 400 + ', "x": ', 1),
+    "a shard record that is a number": lambda text: json.dumps({**json.loads(text), "shards": {"a.safetensors": 5}}),
 }  # fmt: skip
 
 
@@ -246,16 +257,23 @@ def test_a_report_row_of_the_wrong_shape_is_one_line_for_report(reference, tmp_p
 
 
 def test_yaml_nested_deep_is_refused_in_a_config_and_ignored_in_a_card(pair, tmp_path):
-    """An options file nested 10,000 deep is one line; a fine-tune's README whose front matter is (read at the very
-    end, for the model card) is kept as text: the merge finishes."""
+    """An options file nested 10,000 deep, or with an int of 5,000 digits, is one line; a fine-tune's README whose
+    front matter is (read at the very end, for the model card) is kept as text: the merge finishes."""
+    import shutil
+
     base, ft = pair
     deep = tmp_path / "deep.yaml"
     deep.write_text("rank-rule: " + "[" * 10_000 + "]" * 10_000 + "\n")
     assert_one_line_error(run("merge", base, ft, tmp_path / "o", "--config", deep), 2, str(deep), "nests deeper")
-    (ft / "README.md").write_text("---\nlicense: " + "[" * 10_000 + "]" * 10_000 + "\n---\nmy model\n")
-    proc = run("merge", base, ft, tmp_path / "out", "-q")
-    assert proc.returncode == 0, proc.stderr
-    assert "my model" in (tmp_path / "out" / "README.md").read_text()
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("energy: 1" + "0" * 5000 + "\n")  # more digits than Python converts to an int
+    assert_one_line_error(run("merge", base, ft, tmp_path / "o", "--config", huge), 2, str(huge), "not valid YAML")
+    for front in ("license: " + "[" * 10_000 + "]" * 10_000, "license: 1" + "0" * 5000):
+        (ft / "README.md").write_text("---\n" + front + "\n---\nmy model\n")
+        proc = run("merge", base, ft, tmp_path / "out", "-q")
+        assert proc.returncode == 0, proc.stderr
+        assert "my model" in (tmp_path / "out" / "README.md").read_text()
+        shutil.rmtree(tmp_path / "out")
 
 
 def test_a_dashboard_without_a_host_is_refused(pair, tmp_path):

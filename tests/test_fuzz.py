@@ -152,13 +152,17 @@ NESTED = st.recursive(st.none() | st.integers() | TRICKY_TEXT,
 
 @FUZZ
 @given(value=NESTED, ascii_only=st.booleans(), indent=st.sampled_from([None, 1]))
-def test_json_nesting_is_measured_before_parsing_exactly(tmp_path, value, ascii_only, indent):
-    """The depth streamsoup measures before it parses a JSON file is the document's depth, for any strings in it;
-    past the limit the file is refused as nested too deep, never parsed."""
+def test_json_nesting_is_measured_before_parsing_exactly(tmp_path, monkeypatch, value, ascii_only, indent):
+    """The depth streamsoup measures before it parses a JSON file is the document's depth, for any strings in it,
+    however its brackets are cut into pieces; past the limit the file is refused as nested too deep, never parsed."""
+    from streamsoup.io import jsonfile
     from streamsoup.io.jsonfile import MAX_DEPTH, JsonFileError, nesting, read_json
 
     text = json.dumps(value, ensure_ascii=ascii_only, indent=indent)
     assert nesting(text) == _depth(value)
+    with monkeypatch.context() as m:
+        m.setattr(jsonfile, "NESTING_PIECE", 3)
+        assert nesting(text) == _depth(value)
     wrap = MAX_DEPTH - _depth(value)  # lists around it: the document exactly as deep as allowed
     expected = value
     for _ in range(wrap):

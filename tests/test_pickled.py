@@ -533,3 +533,37 @@ def test_a_crafted_pickle_is_one_line_in_seconds(bin_pair, tmp_path, case):
     proc = run_here("plan", bin_pair[0], crafted)
     assert_one_line_error(proc, 2, str(crafted), words)
     assert time.monotonic() - t0 < 10
+
+
+def _frame(body: bytes) -> bytes:
+    return b"\x80\x02}X\x01\x00\x00\x00w" + body + b"s."  # {"w": <body>}
+
+
+def _text(s: str) -> bytes:
+    return b"X" + len(s).to_bytes(4, "little") + s.encode()
+
+
+MORE_CRAFTED = {
+    "a BUILD that rewrites a storage after it was checked": (
+        _frame(b"(" + _text("storage") + b"ctorch\nFloatStorage\n" + _text("0") + _text("cpu") + b"K\x04tQ}"
+               + _text("key") + _text("x") + b"sb"), "a BUILD on a storage"),
+    "keys that share one hash": (
+        b"\x80\x02}(" + b"".join(b"\x8a\x09" + (k * (2**61 - 1)).to_bytes(9, "little") + b"K\x01"
+                                  for k in range(1, 4)) + b"u.", "61 bits or more"),
+    "a memo index far out of sequence (the unpickler sizes its memo by it)": (
+        b"\x80\x02Nr\x00\x00\x00\x040}.", "out of sequence"),
+    "bytes encoded with a quadratic codec": (
+        _frame(b"c_codecs\nencode\n" + _text("abc") + _text("punycode") + b"\x86R"), "encoded otherwise"),
+    "an OrderedDict made from items (lists that can grow after the check)": (
+        _frame(b"ccollections\nOrderedDict\n]](" + _text("a") + b"K\x01ea\x85R"), "OrderedDict made from items"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(MORE_CRAFTED))
+def test_a_crafted_pickle_of_the_second_review_is_one_line(bin_pair, tmp_path, case):
+    data, words = MORE_CRAFTED[case]
+    crafted = tmp_path / "crafted.pt"
+    with zipfile.ZipFile(crafted, "w") as archive:
+        archive.writestr("archive/data.pkl", data)
+        archive.writestr("archive/data/0", b"\0" * 16)
+    assert_one_line_error(run_here("plan", bin_pair[0], crafted), 2, str(crafted), words)

@@ -44,7 +44,7 @@ def run_status(out: str | Path) -> RunStatus:
     partial = writer.partial_dir(out)
     if (out / REPORT_NAME).exists():
         summary = read_report(out)["summary"]
-        return RunStatus({"state": "complete", "out": str(out), **summary})
+        return RunStatus({**summary, "state": "complete", "out": str(out)})
     if not partial.exists():
         if out.exists():
             raise UsageError(f"{out} is not a streamsoup output (it has no {REPORT_NAME}, and there is no "

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from ..io.jsonfile import CONFIG_LIMIT, JsonFileError, read_json
-from ..options import YamlAlias, YamlTooDeep, yaml_without_aliases
+from ..options import yaml_without_aliases
 from .summary import format_spread
 
 CARD_NAME = "README.md"
@@ -47,7 +47,7 @@ def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
         return {}, text
     try:
         meta = yaml_without_aliases(text[3:end])
-    except (yaml.YAMLError, YamlAlias, YamlTooDeep):
+    except (yaml.YAMLError, ValueError):  # YamlAlias, YamlTooDeep, an int of more digits than Python converts
         return {}, text
     if not isinstance(meta, dict):
         return {}, text

@@ -85,7 +85,7 @@ def _finished(out: Path) -> RunReport:
     try:  # the rows and fields beyond what read_report checks, as the summary formats them
         document = _rebuilt(doc, out)
         format_report(document)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
         raise report_damaged(out / REPORT_NAME, f"a field is missing or of the wrong type: {exc!r}"[:200]) from None
     return RunReport(document, read_spectra(out / SPECTRA_NAME))
 

@@ -203,6 +203,8 @@ def report_problem(doc: Any) -> str | None:
     for i, row in enumerate(doc["tensors"]):
         if not isinstance(row, dict) or not isinstance(row.get("name"), str):
             return f"tensors[{i}] has no name"
+        if len(row["name"]) > 1000:
+            return f"tensors[{i}] has a name of {len(row['name'])} characters"
         if not _count(row.get("crc32c")):
             return f"tensors[{i}] ({row['name']}) has no crc32c"
         outputs, expert = row.get("outputs"), row.get("expert")
@@ -215,15 +217,17 @@ def report_problem(doc: Any) -> str | None:
     for key, kind in (("inputs", dict), ("run", dict), ("fingerprint", dict), ("shards", dict), ("dropped", list)):
         if key in doc and doc[key] is not None and not isinstance(doc[key], kind):
             return f"{key!r} is not {'an object' if kind is dict else 'a list'}"
+    if any(not isinstance(s, dict) for s in (doc.get("shards") or {}).values()):
+        return "a shard of 'shards' is not an object"
     return None
 
 
 def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return _count(value) or isinstance(value, float) and math.isfinite(value)
 
 
 def write_report(folder: Path, report: dict) -> Path:

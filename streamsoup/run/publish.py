@@ -82,10 +82,18 @@ def plan_side_files(plan: MergePlan) -> list[SideFile]:
     ]
 
 
+#: the size of a fine-tune's README.md folded into OUT's card (its YAML front matter is parsed in pure Python)
+CARD_LIMIT = 1 << 20
+
+
 def finetuned_card(plan: MergePlan) -> str | None:
     """FINETUNED's (or the adapter's) README.md, held to the side-file rules; None when it has none."""
     root = (plan.adapter or plan.finetuned).root
     card = side_file(root, CARD_NAME) if root.is_dir() else None
+    if card is not None and card.size > CARD_LIMIT:
+        log.warning("FINETUNED %s is %.1f MiB, more than a model card; OUT's card does not fold it in",
+                    CARD_NAME, card.size / 2**20)  # fmt: skip
+        return None
     return card.path.read_text(errors="replace") if card is not None else None
 
 

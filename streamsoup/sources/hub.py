@@ -33,14 +33,18 @@ def parse_repo_id(spec: str) -> tuple[str, str | None] | None:
 
 def resolve_repo(spec: str, role: str) -> Path:
     """The local snapshot folder of a repo id: from the cache, else (when online) downloaded."""
-    from huggingface_hub import HfApi, constants, snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    try:
+        from huggingface_hub import HfApi, constants, snapshot_download
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ValueError as exc:  # it parses HF_ENDPOINT and friends when imported
+        raise InputError(f"{role} {spec} is read as a Hugging Face repo id, and huggingface_hub cannot start "
+                         f"({exc}); check HF_ENDPOINT") from None  # fmt: skip
 
     repo, revision = parse_repo_id(spec)  # type: ignore[misc]
     shown = f"{repo}@{revision}" if revision else repo
@@ -93,12 +97,17 @@ def endpoint_unreachable(endpoint: str, timeout: float = 5.0) -> str:
     reached through it, so nothing is said here."""
     if any(os.environ.get(v) or os.environ.get(v.upper()) for v in PROXY_VARS):
         return ""
-    url = urlsplit(endpoint)
-    if not url.hostname:
-        return ""
-    port = url.port or (443 if url.scheme == "https" else 80)
     try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
+        url = urlsplit(endpoint)
+        host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    except ValueError as exc:  # a malformed HF_ENDPOINT (a port out of range, an unclosed bracket)
+        return f"HF_ENDPOINT {endpoint!r:.100} is not a URL: {exc}"
+    if not host:
+        return ""
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
     except OSError as exc:
-        return f"{url.hostname}:{port}: {exc.strerror or exc}"
+        return f"{host}:{port}: {exc.strerror or exc}"
+    except UnicodeError as exc:  # a host name that IDNA cannot encode (an empty or 64-character label)
+        return f"{host!r:.100} is not a host name ({exc})"
     return ""

@@ -52,6 +52,14 @@ def _short_repr() -> reprlib.Repr:
 
 
 SHORT = _short_repr()
+
+
+def shown(value: Any) -> str:
+    """A value from a pickle, for a message: bounded, whatever it is (an int of 5,000 digits has no repr)."""
+    try:
+        return SHORT.repr(value)
+    except (ValueError, RecursionError, TypeError):
+        return f"a {type(value).__name__}"
 #: the header key safetensors keeps for metadata: no tensor may carry that name into OUT
 RESERVED_NAME = "__metadata__"
 #: keys under which training scripts keep the state dict beside other entries (epoch, optimizer, ...)
@@ -88,15 +96,24 @@ class StorageType:
         raise pickle.UnpicklingError("a BUILD on a storage type: a state dict never does that")
 
 
+class _Sealed:
+    """A record the pickle hands back: a BUILD on it (which would rewrite its fields after they were checked, and
+    after the pickle's shape was measured) is refused. Not slotted: dataclass(slots=True) would put its own
+    __setstate__ over this one."""
+
+    def __setstate__(self, state: object) -> None:
+        raise pickle.UnpicklingError(f"a BUILD on a {type(self).__name__.lower()}: a state dict never does that")
+
+
 @dataclass(frozen=True)
-class Storage:
+class Storage(_Sealed):
     key: str
     dtype: str | None
     numel: int
 
 
 @dataclass(frozen=True)
-class PickledTensor:
+class PickledTensor(_Sealed):
     """What the pickle says of one tensor: its storage, and where in it its elements are."""
 
     storage: Storage
@@ -142,8 +159,11 @@ def _parameter(data: Any, *_: Any) -> PickledTensor:
     return data
 
 
-def _encode(text: str, encoding: str = "latin1") -> bytes:
-    return text.encode(encoding)  # how protocol 2 pickles bytes
+def _encode(text: Any, encoding: Any = "latin1") -> bytes:
+    """How protocol 2 pickles bytes: latin1 (the one codec it writes; others may cost quadratic time)."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("bytes encoded otherwise than protocol 2 writes them")
+    return text.encode("latin1")
 
 
 SAFE_GLOBALS: dict[tuple[str, str], Any] = {
@@ -179,7 +199,7 @@ class _Unpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], StorageType)
                 and isinstance(pid[2], str) and type(pid[4]) is int and pid[4] >= 0):  # fmt: skip
-            raise pickle.UnpicklingError(f"unexpected persistent id {SHORT.repr(pid)}")
+            raise pickle.UnpicklingError(f"unexpected persistent id {shown(pid)}")
         _, kind, key, _location, numel = pid
         return Storage(key, kind.dtype, numel)
 
@@ -217,14 +237,14 @@ def read_pickle_shard(path: Path) -> tuple[ShardHeader, list[str]]:
             raise InputError(f"{path}: its pickle builds {exc}, which no state dict does; the file is corrupt or "
                              "crafted") from None  # fmt: skip
         except Exception as exc:  # malformed opcodes: the unpickler would fail on them too
-            raise InputError(f"{path}: its pickle cannot be read ({type(exc).__name__}: {SHORT.repr(str(exc))}); "
+            raise InputError(f"{path}: its pickle cannot be read ({type(exc).__name__}: {shown(str(exc))}); "
                              "the file is corrupt") from None  # fmt: skip
         try:
             obj = _Unpickler(raw, path).load()
         except InputError:
             raise
         except Exception as exc:  # a truncated or garbled pickle: never a traceback
-            raise InputError(f"{path}: its pickle cannot be read ({type(exc).__name__}: {SHORT.repr(str(exc))}); "
+            raise InputError(f"{path}: its pickle cannot be read ({type(exc).__name__}: {shown(str(exc))}); "
                              "the file is corrupt") from None  # fmt: skip
         tensors, ignored = state_dict(obj, path)
         entries = {i.filename: i for i in archive.infolist()}
@@ -252,9 +272,9 @@ def state_dict(obj: Any, path: Path) -> tuple[dict[str, PickledTensor], list[str
                                                                                 for x in v.values())]  # fmt: skip
     usual = [k for k in nested if k in STATE_KEYS]
     loose = any(isinstance(v, PickledTensor) for v in obj.values())  # tensors beside other entries
-    keys = ", ".join(SHORT.repr(k) for k in list(obj)[:8]) + (", ..." if len(obj) > 8 else "")
+    keys = ", ".join(shown(k) for k in list(obj)[:8]) + (", ..." if len(obj) > 8 else "")
     if len(nested) == 1 and len(usual) == 1 and not loose:
-        return _named(obj[usual[0]], path), [str(k) for k in obj if k != usual[0]]
+        return _named(obj[usual[0]], path), [k if isinstance(k, str) else shown(k) for k in obj if k != usual[0]]
     if not nested and not loose:
         raise InputError(f"{path}: holds no state dict, neither as itself nor under one of its keys ({keys}); "
                          "re-save the state dict alone, e.g. torch.save(model.state_dict(), path)")  # fmt: skip
@@ -265,7 +285,7 @@ def state_dict(obj: Any, path: Path) -> tuple[dict[str, PickledTensor], list[str
 def _named(d: dict, path: Path) -> dict[str, PickledTensor]:
     bad = next((k for k in d if not isinstance(k, str)), None)
     if bad is not None:
-        raise InputError(f"{path}: a tensor is named {SHORT.repr(bad)}, not by a string; the file is not a state dict")
+        raise InputError(f"{path}: a tensor is named {shown(bad)}, not by a string; the file is not a state dict")
     if RESERVED_NAME in d:
         raise InputError(f"{path}: a tensor is named {RESERVED_NAME!r}, the one name a safetensors header reserves "
                          "(an OUT holding it would not load); rename it in the state dict and save again")  # fmt: skip

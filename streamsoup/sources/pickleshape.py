@@ -37,14 +37,19 @@ class Node:
     name: str | None = None  # a string's value or a global's "module name", for STACK_GLOBAL and REDUCE
     widest: int = 0  # the size of its largest item (what set(list) would hash)
     small: tuple[Node, ...] = field(default=(), repr=False)  # a short tuple's items (the arguments of a call)
+    collides: bool = False  # holds an int of 61 bits or more: such ints can share one hash by the thousand
 
     def add(self, children: list[Node]) -> None:
         self.size = min(self.size + sum(c.size for c in children), MAX_NODES + 1)
         self.depth = max(self.depth, 1 + max((c.depth for c in children), default=0))
         self.widest = max(self.widest, max((c.size for c in children), default=0))
+        self.collides = self.collides or any(c.collides for c in children)
 
 
+#: calls that hash their arguments' items (set(list), frozenset(list)); OrderedDict(items) is refused outright
 HASHING = {"builtins set", "builtins frozenset", "collections OrderedDict"}
+#: Python hashes an int modulo this prime: larger ints are where colliding dict keys are made
+HASH_MODULUS = 2**61 - 1
 
 #: opcodes that push one leaf (a number, a string, bytes, None, a bool)
 LEAVES = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "STRING", "BINSTRING",
@@ -84,6 +89,17 @@ def check_pickle_shape(data: bytes) -> None:
         for n in nodes:
             if n.size > MAX_KEY_NODES:
                 raise PickleShapeError(f"a dict key or set element of more than {MAX_KEY_NODES} parts")
+            if n.collides:
+                raise PickleShapeError("a dict key or set element holding an integer of 61 bits or more (such keys "
+                                       "can be made to share one hash)")  # fmt: skip
+
+    def call(func: Node | str | None, args: list[Node]) -> Node:
+        name = func if isinstance(func, str) or func is None else func.name
+        if name == "collections OrderedDict" and args:  # its items' keys hashed; lists among them may grow later
+            raise PickleShapeError("an OrderedDict made from items (a state dict's is made empty, then filled)")
+        elif name in HASHING:  # set(list), frozenset(list): every item of the argument is hashed
+            hashed([Node(size=a.widest, collides=a.collides) if a.depth else a for a in args])
+        return container(args)
 
     def container(children: list[Node]) -> Node:
         node = Node(small=tuple(children) if len(children) <= 3 else ())
@@ -94,10 +110,13 @@ def check_pickle_shape(data: bytes) -> None:
         name = op.name
         if name in IGNORED:
             if name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                if arg > len(memo):  # a pickler numbers them in order; the unpickler sizes its memo by the index
+                    raise PickleShapeError(f"a memo index ({arg}) out of sequence")
                 memo[arg] = stack[-1]
             continue
         if name in LEAVES:
-            push(Node(name=arg if isinstance(arg, str) else None))
+            big = type(arg) is int and abs(arg) >= HASH_MODULUS
+            push(Node(name=arg if isinstance(arg, str) else None, collides=big))
         elif name == "MEMOIZE":
             memo[len(memo)] = stack[-1]
         elif name in ("GET", "BINGET", "LONG_BINGET"):
@@ -143,12 +162,10 @@ def check_pickle_shape(data: bytes) -> None:
             push(stack.pop(), fresh=False)
         elif name in ("REDUCE", "NEWOBJ"):
             args, func = stack.pop(), stack.pop()
-            if func.name in HASHING:  # set(list), frozenset(list), OrderedDict(pairs): their items are hashed
-                hashed([Node(size=a.widest) if a.depth else a for a in args.small])
-            push(container([args]))
+            push(call(func, list(args.small) if args.small or args.size == 1 else [args]))
         elif name == "NEWOBJ_EX":
-            kwargs, args, _cls = stack.pop(), stack.pop(), stack.pop()
-            push(container([args, kwargs]))
+            kwargs, args, cls = stack.pop(), stack.pop(), stack.pop()
+            push(call(cls, [*(args.small if args.small or args.size == 1 else [args]), kwargs]))
         elif name == "BUILD":
             state = stack.pop()
             stack[-1].add([state])
@@ -156,7 +173,10 @@ def check_pickle_shape(data: bytes) -> None:
         elif name == "BINPERSID":
             stack.pop()
             push(Node())
-        elif name in ("INST", "OBJ"):
-            push(container(since_mark()))
+        elif name == "INST":
+            push(call(str(arg), since_mark()))
+        elif name == "OBJ":
+            cls, *args = since_mark()
+            push(call(cls, args))
         else:
             raise ValueError(f"opcode {name}")
