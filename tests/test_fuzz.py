@@ -180,8 +180,8 @@ PICKLED_VALUES = st.recursive(
     | st.binary(max_size=6),
     lambda inner: st.lists(inner, max_size=4) | st.tuples(inner, inner) | st.dictionaries(st.text(max_size=4), inner,
                                                                                           max_size=4)
-    | st.frozensets(st.integers(), max_size=3),
-    max_leaves=30,
+    | st.frozensets(st.integers(min_value=-(2**61 - 2), max_value=2**61 - 2), max_size=3),  # hashed: no int of 61
+    max_leaves=30,  # bits or more (refused by design: such keys can share one hash; tests/test_pickled.py)
 )  # fmt: skip
 
 
