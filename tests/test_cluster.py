@@ -228,3 +228,19 @@ def test_a_task_must_fit_one_worker_not_the_sum_of_two():
     big = GraphTask("k", (Member("k", "lm_head.weight", 1),), (print,), 0, {"cpu": 1, "ram": 3000})
     with pytest.raises(RunError, match="lm_head.weight"):
         check_capacity([big], offers)
+
+
+def test_relative_paths_reach_workers_that_run_in_other_folders(awkward_pair, cluster, tmp_path):
+    """`cd job && streamsoup merge pair/base pair/ft out --scheduler ...`, the workers started elsewhere (as on any
+    cluster): the inputs' paths leave the client absolute. Was: "No such file or directory: 'pair/ft/...'"."""
+    import shutil
+
+    job = tmp_path / "job"
+    for side, src in zip(("base", "ft"), awkward_pair, strict=True):
+        shutil.copytree(src, job / "pair" / side)
+    assert Path.cwd() != job  # the workers run in the test's folder, not in job/
+    proc = run("merge", "pair/base", "pair/ft", "out", "--scheduler", cluster.address, "-q", cwd=job)
+    assert proc.returncode == 0, proc.stderr
+    local = run("merge", *awkward_pair, tmp_path / "local", "--devices", "cpu", "--threads", "1", "-q")
+    weights = lambda out: {k: v for k, v in tree_digest(out).items() if k.endswith(".safetensors")}  # noqa: E731
+    assert local.returncode == 0 and weights(job / "out") == weights(tmp_path / "local")  # the card names the paths

@@ -22,8 +22,9 @@ __all__ = ["Adapter", "ADAPTER_CONFIG", "local_path", "open_base", "open_finetun
 
 
 def local_path(spec: str | os.PathLike, role: str) -> Path:
-    """A path as given (with ~ and $VARS), or the cached snapshot of a repo id when no such path exists."""
-    path = expand_path(spec)
+    """A path as given (with ~ and $VARS), made absolute: the tensors' paths go to dask workers, which run in
+    folders of their own; or the cached snapshot of a repo id when no such path exists."""
+    path = expand_path(spec).absolute()
     if isinstance(spec, str) and not path.exists() and parse_repo_id(spec) is not None:
         if path.parent.is_dir():  # `demo/finetunedd` beside a folder demo/: a mistyped path, not a repo to ask for
             raise InputError(f"{role} {spec} does not exist ({path.parent}/ is a folder here, so this names a path "
