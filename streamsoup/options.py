@@ -11,7 +11,6 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +62,11 @@ def utc_stamp() -> str:
 
 
 def format_duration(seconds: float) -> str:
-    """'0:01:10': whole seconds, for progress lines and estimates alike."""
-    return str(timedelta(seconds=int(max(seconds, 0))))
+    """'0:01:10', '33:05:12': whole seconds, hours past a day counted on (timedelta says '1 day, 9:05:12'), for
+    progress lines and estimates alike."""
+    minutes, secs = divmod(int(max(seconds, 0)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 def format_size(n: float) -> str:

@@ -48,6 +48,11 @@ def test_plan_text_and_too_small_budget(sparse_70b):
     assert proc.returncode == 0, proc.stderr
     for word in ("562 to edit", "peak RAM", "estimate", "lane cpu0", "GFLOP/s"):
         assert word in proc.stdout
+    assert " day" not in proc.stdout, proc.stdout  # hours counted on: "33:05:12", not "1 day, 9:05:12"
+    from streamsoup.options import format_duration
+
+    assert [format_duration(s) for s in (0, 70, 86399, 119112, -5)] == ["0:00:00", "0:01:10", "23:59:59",
+                                                                       "33:05:12", "0:00:00"]  # fmt: skip
     small = run("plan", *sparse_70b, "--max-ram", "1GiB", "--devices", "cpu")
     assert small.returncode == 2 and "model.embed_tokens.weight" in small.stderr and "--max-ram" in small.stderr
 
