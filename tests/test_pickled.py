@@ -489,18 +489,21 @@ def test_an_expanded_view_is_refused_not_budgeted(bin_pair, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _dag_key(levels: int) -> bytes:
-    """A dict whose key is (t, t) of (t, t) ... `levels` deep: one leaf, shared, 2^levels paths to hash."""
-    ops = [b"\x80\x02}", b"K\x00\x85q\x00"]  # PROTO 2, EMPTY_DICT; (0,) memoized as 0
+def _dag(levels: int) -> bytes:
+    """(t, t) of (t, t) ... `levels` deep on the stack: one leaf, shared, 2^levels paths to walk."""
+    ops = [b"K\x00\x85q\x00"]  # (0,) memoized as 0
     ops += [bytes([0x68, i, 0x68, i, 0x86, 0x71, i + 1]) for i in range(levels)]  # BINGET i twice, TUPLE2, BINPUT
-    return b"".join(ops) + b"K\x01s."  # SETITEM key -> 1, STOP
+    return b"".join(ops)
+
+
+def _dag_key(levels: int) -> bytes:
+    """A dict whose key is the DAG: 2^levels paths to hash."""
+    return b"\x80\x02}" + _dag(levels) + b"K\x01s."  # PROTO 2, EMPTY_DICT, the key, 1, SETITEM, STOP
 
 
 def _dag_persistent_id(levels: int) -> bytes:
     """The same shared tuples as a persistent id: repr'd into an error message, it grew to gigabytes."""
-    ops = [b"\x80\x02}X\x01\x00\x00\x00w", b"K\x00\x85q\x00"]  # {"w": ...}, (0,) memoized as 0
-    ops += [bytes([0x68, i, 0x68, i, 0x86, 0x71, i + 1]) for i in range(levels)]
-    return b"".join(ops) + b"Qs."  # BINPERSID of the DAG, SETITEM, STOP
+    return b"\x80\x02}X\x01\x00\x00\x00w" + _dag(levels) + b"Qs."  # {"w": BINPERSID of the DAG}
 
 
 def _nested_key(depth: int) -> bytes:

@@ -228,19 +228,21 @@ class Checkpoint(Mapping[str, TensorRef]):
                 raise InputError(f"{role} {path} is not a .safetensors, .bin, .pt or .pth file, or a folder of them")
             return cls(path, [read_header(path)])
         index = path / INDEX_NAME
-        files = index_files(index) if index.exists() else sorted(p.name for p in path.glob("*.safetensors"))
+        weight_map = read_weight_map(index) if index.exists() else None  # read once: up to 64 MiB
+        files = index_files(index, weight_map) if weight_map is not None else \
+            sorted(p.name for p in path.glob("*.safetensors"))  # fmt: skip
         if not files:
             raise InputError(
                 f"{role} {path} has no *.safetensors, *.bin, *.pt or *.pth files (nor an index naming them)"
             )
         ckpt = cls(path, [read_header(path / f) for f in files])
-        if index.exists():
-            ckpt.check_index(index)
+        if weight_map is not None:
+            ckpt.check_index(index, weight_map)
         return ckpt
 
-    def check_index(self, index: Path) -> None:
-        """Every name of the index's weight_map is held by the shard it names."""
-        for name, file in read_weight_map(index).items():
+    def check_index(self, index: Path, weight_map: dict[str, str]) -> None:
+        """Every name of the index's weight_map (read_weight_map) is held by the shard it names."""
+        for name, file in weight_map.items():
             ref = self._refs.get(name)
             if ref is None or Path(ref.path).name != file:
                 raise InputError(f"{index}: tensor {name!r} is mapped to {file} but that shard does not hold it")
@@ -332,11 +334,11 @@ def read_weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def index_files(index: Path) -> list[str]:
-    """The shard files an index's weight_map names: plain names of files in the index's own folder."""
-    files = list(dict.fromkeys(read_weight_map(index).values()))
+def index_files(index: Path, weight_map: dict[str, str]) -> list[str]:
+    """The shard files an index's weight_map (read_weight_map) names: plain names of files in its own folder."""
+    files = list(dict.fromkeys(weight_map.values()))
     for file in files:
-        if not isinstance(file, str) or Path(file).name != file or not (index.parent / file).is_file():
+        if Path(file).name != file or not (index.parent / file).is_file():
             raise InputError(f"{index}: names shard {file!r}, which is not a file of {index.parent}")
     return sorted(files)
 

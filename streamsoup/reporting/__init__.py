@@ -9,14 +9,14 @@ figure.py   the PNG (matplotlib, an optional extra)
 
 from .read import RunReport, read_run
 from .record import (
-                     REPORT_NAME,
-                     SPECTRA_NAME,
-                     MergeSummary,
-                     describe_inputs,
-                     read_report,
-                     run_head,
-                     write_report,
-                     write_spectra,
+    REPORT_NAME,
+    SPECTRA_NAME,
+    MergeSummary,
+    describe_inputs,
+    read_report,
+    run_head,
+    write_report,
+    write_spectra,
 )
 
 __all__ = ["REPORT_NAME", "SPECTRA_NAME", "MergeSummary", "RunReport", "describe_inputs", "read_report", "read_run",

@@ -113,10 +113,10 @@ def model_card(doc: dict[str, Any], source: CardSource) -> str:
     if source.finetuned_card is not None:
         lines += [FOLDED_HEADING, "", "Kept as the fine-tune shipped it (its front matter is merged into the "
                   "one above):", "", body.strip(), ""]  # fmt: skip
-    return shown("\n".join(lines))
+    return utf8_text("\n".join(lines))
 
 
-def shown(text: str) -> str:
+def utf8_text(text: str) -> str:
     """UTF-8 text for a file: a path's bytes that are not UTF-8 (Python keeps them as surrogates) as \\xNN."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..io.binding import identity_of
-from ..io.checkpoint import MAX_DIM, Checkpoint, ShardHeader, TensorRef, index_files, regular_file
+from ..io.checkpoint import MAX_DIM, Checkpoint, ShardHeader, TensorRef, index_files, read_weight_map, regular_file
 from ..io.dtypes import ITEM_SIZE
 from .pickleshape import PickleShapeError, check_pickle_shape
 
@@ -40,6 +40,25 @@ MAX_PICKLE = 32 << 20
 #: the bytes a view that reuses its storage's elements (expand, stride 0) may stand for: small views of this kind
 #: are read as they are; a [2^20, 2^20] one over a storage of one element is a crafted file, not a weight
 MAX_EXPANDED = 1 << 30
+#: the header key safetensors keeps for metadata: no tensor may carry that name into OUT
+RESERVED_NAME = "__metadata__"
+#: keys under which training scripts keep the state dict beside other entries (epoch, optimizer, ...)
+STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
+#: torch's legacy (pre-1.6) files start with a pickled magic number
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+#: torch storage class name -> safetensors dtype name
+STORAGE_DTYPES = {
+    "DoubleStorage": "F64", "FloatStorage": "F32", "HalfStorage": "F16", "BFloat16Storage": "BF16",
+    "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16", "CharStorage": "I8",
+    "ByteStorage": "U8", "BoolStorage": "BOOL",
+    "ComplexFloatStorage": "C64", "ComplexDoubleStorage": "C128",  # known, so refused as a dtype, not as a global
+}  # fmt: skip
+#: torch dtype name (as `_rebuild_tensor_v3` pickles it) -> safetensors dtype name
+TORCH_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2", "uint16": "U16", "uint32": "U32", "uint64": "U64",
+}  # fmt: skip
 
 
 def _short_repr() -> reprlib.Repr:
@@ -60,25 +79,6 @@ def shown(value: Any) -> str:
         return SHORT.repr(value)
     except (ValueError, RecursionError, TypeError):
         return f"a {type(value).__name__}"
-#: the header key safetensors keeps for metadata: no tensor may carry that name into OUT
-RESERVED_NAME = "__metadata__"
-#: keys under which training scripts keep the state dict beside other entries (epoch, optimizer, ...)
-STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
-#: torch's legacy (pre-1.6) files start with a pickled magic number
-LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-#: torch storage class name -> safetensors dtype name
-STORAGE_DTYPES = {
-    "DoubleStorage": "F64", "FloatStorage": "F32", "HalfStorage": "F16", "BFloat16Storage": "BF16",
-    "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16", "CharStorage": "I8",
-    "ByteStorage": "U8", "BoolStorage": "BOOL",
-    "ComplexFloatStorage": "C64", "ComplexDoubleStorage": "C128",  # known, so refused as a dtype, not as a global
-}  # fmt: skip
-#: torch dtype name (as `_rebuild_tensor_v3` pickles it) -> safetensors dtype name
-TORCH_DTYPES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
-    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2", "uint16": "U16", "uint32": "U32", "uint64": "U64",
-}  # fmt: skip
 
 
 class UnsafePickle(InputError):
@@ -237,15 +237,13 @@ def read_pickle_shard(path: Path) -> tuple[ShardHeader, list[str]]:
             raise InputError(f"{path}: its pickle builds {exc}, which no state dict does; the file is corrupt or "
                              "crafted") from None  # fmt: skip
         except Exception as exc:  # malformed opcodes: the unpickler would fail on them too
-            raise InputError(f"{path}: its pickle cannot be read ({type(exc).__name__}: {shown(str(exc))}); "
-                             "the file is corrupt") from None  # fmt: skip
+            raise _unreadable(path, exc) from None
         try:
             obj = _Unpickler(raw, path).load()
         except InputError:
             raise
         except Exception as exc:  # a truncated or garbled pickle: never a traceback
-            raise InputError(f"{path}: its pickle cannot be read ({type(exc).__name__}: {shown(str(exc))}); "
-                             "the file is corrupt") from None  # fmt: skip
+            raise _unreadable(path, exc) from None
         tensors, ignored = state_dict(obj, path)
         entries = {i.filename: i for i in archive.infolist()}
         with open(path, "rb") as f:
@@ -260,6 +258,11 @@ def read_pickle_shard(path: Path) -> tuple[ShardHeader, list[str]]:
     digest = hashlib.sha256(raw).hexdigest()
     return ShardHeader(str(path), info.st_size, digest, refs[0].offset if refs else 0, {}, tuple(refs),
                        identity_of(info)), ignored  # fmt: skip
+
+
+def _unreadable(path: Path, exc: Exception) -> InputError:
+    return InputError(f"{path}: its pickle cannot be read ({type(exc).__name__}: {shown(str(exc))}); the file is "
+                      "corrupt")  # fmt: skip
 
 
 def state_dict(obj: Any, path: Path) -> tuple[dict[str, PickledTensor], list[str]]:
@@ -363,7 +366,7 @@ def pickle_files(folder: Path) -> list[str]:
     index = folder / INDEX_NAME
     if not index.exists():
         return sorted(p.name for p in folder.iterdir() if p.suffix in SUFFIXES and p.is_file())
-    return index_files(index)
+    return index_files(index, read_weight_map(index))
 
 
 def open_pickled(root: Path, files: list[Path]) -> Checkpoint:
@@ -377,5 +380,5 @@ def open_pickled(root: Path, files: list[Path]) -> Checkpoint:
         shards.append(shard)
     ckpt = Checkpoint(root, shards)
     if root.is_dir() and (root / INDEX_NAME).exists():
-        ckpt.check_index(root / INDEX_NAME)
+        ckpt.check_index(root / INDEX_NAME, read_weight_map(root / INDEX_NAME))
     return ckpt

@@ -46,8 +46,10 @@ class Node:
         self.collides = self.collides or any(c.collides for c in children)
 
 
-#: calls that hash their arguments' items (set(list), frozenset(list)); OrderedDict(items) is refused outright
-HASHING = {"builtins set", "builtins frozenset", "collections OrderedDict"}
+#: calls that hash their arguments' items: set(list), frozenset(list)
+HASHING = {"builtins set", "builtins frozenset"}
+#: made empty and filled by SETITEMS in a state dict; made from items, it would hash keys of lists filled later
+ORDERED_DICT = "collections OrderedDict"
 #: Python hashes an int modulo this prime: larger ints are where colliding dict keys are made
 HASH_MODULUS = 2**61 - 1
 
@@ -56,7 +58,7 @@ LEAVES = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "STRI
           "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8", "UNICODE",
           "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "FLOAT", "BINFLOAT", "NONE", "NEWTRUE", "NEWFALSE",
           "NEXT_BUFFER", "PERSID", "EXT1", "EXT2", "EXT4"}  # fmt: skip
-IGNORED = {"PROTO", "FRAME", "STOP", "PUT", "BINPUT", "LONG_BINPUT", "READONLY_BUFFER"}
+IGNORED = {"PROTO", "FRAME", "STOP", "READONLY_BUFFER"}
 
 
 def check_pickle_shape(data: bytes) -> None:
@@ -95,11 +97,15 @@ def check_pickle_shape(data: bytes) -> None:
 
     def call(func: Node | str | None, args: list[Node]) -> Node:
         name = func if isinstance(func, str) or func is None else func.name
-        if name == "collections OrderedDict" and args:  # its items' keys hashed; lists among them may grow later
+        if name == ORDERED_DICT and args:
             raise PickleShapeError("an OrderedDict made from items (a state dict's is made empty, then filled)")
-        elif name in HASHING:  # set(list), frozenset(list): every item of the argument is hashed
+        if name in HASHING:  # every item of the argument is hashed
             hashed([Node(size=a.widest, collides=a.collides) if a.depth else a for a in args])
         return container(args)
+
+    def arguments(args: Node) -> list[Node]:
+        """A call's arguments: the items of a short tuple (an empty one has none), else the tuple as one."""
+        return list(args.small) if args.small or args.size == 1 else [args]
 
     def container(children: list[Node]) -> Node:
         node = Node(small=tuple(children) if len(children) <= 3 else ())
@@ -108,13 +114,13 @@ def check_pickle_shape(data: bytes) -> None:
 
     for op, arg, _ in pickletools.genops(data):
         name = op.name
-        if name in IGNORED:
-            if name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                if arg > len(memo):  # a pickler numbers them in order; the unpickler sizes its memo by the index
-                    raise PickleShapeError(f"a memo index ({arg}) out of sequence")
-                memo[arg] = stack[-1]
+        if name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            if arg > len(memo):  # a pickler numbers them in order; the unpickler sizes its memo by the index
+                raise PickleShapeError(f"a memo index ({arg}) out of sequence")
+            memo[arg] = stack[-1]
+        elif name in IGNORED:
             continue
-        if name in LEAVES:
+        elif name in LEAVES:
             big = type(arg) is int and abs(arg) >= HASH_MODULUS
             push(Node(name=arg if isinstance(arg, str) else None, collides=big))
         elif name == "MEMOIZE":
@@ -162,10 +168,10 @@ def check_pickle_shape(data: bytes) -> None:
             push(stack.pop(), fresh=False)
         elif name in ("REDUCE", "NEWOBJ"):
             args, func = stack.pop(), stack.pop()
-            push(call(func, list(args.small) if args.small or args.size == 1 else [args]))
+            push(call(func, arguments(args)))
         elif name == "NEWOBJ_EX":
             kwargs, args, cls = stack.pop(), stack.pop(), stack.pop()
-            push(call(cls, [*(args.small if args.small or args.size == 1 else [args]), kwargs]))
+            push(call(cls, [*arguments(args), kwargs]))
         elif name == "BUILD":
             state = stack.pop()
             stack[-1].add([state])
