@@ -17,5 +17,18 @@ from .reporting import MergeSummary, RunReport
 from .reporting.audit import RunStatus, VerifyResult
 from .reporting.estimate import PlanSummary
 
-__all__ = ["merge", "plan", "status", "verify", "report", "demo", "MergeOptions", "MergeSummary", "PlanSummary",
-           "RunStatus", "VerifyResult", "RunReport", "__version__"]
+__all__ = [
+    "merge",
+    "plan",
+    "status",
+    "verify",
+    "report",
+    "demo",
+    "MergeOptions",
+    "MergeSummary",
+    "PlanSummary",
+    "RunStatus",
+    "VerifyResult",
+    "RunReport",
+    "__version__",
+]

@@ -41,8 +41,7 @@ def merge(
     return run_merge(base, finetuned, expand_path(out).absolute(), opts, fresh=fresh, progress=progress)
 
 
-def plan(base: str | Path, finetuned: str | Path, *, config: str | Path | None = None,
-         **options: Any) -> PlanSummary:  # fmt: skip
+def plan(base: str | Path, finetuned: str | Path, *, config: str | Path | None = None, **options: Any) -> PlanSummary:
     """What `merge` would do with these options: counts, bytes, memory and a time estimate; no tensor data read.
 
     ``str()`` of the result is what `streamsoup plan` prints, ``.as_dict()`` what `plan --json` prints.

@@ -55,8 +55,10 @@ def _add_option_flags(parser: argparse.ArgumentParser, options: list[Field]) -> 
         parser.add_argument(flag_name(f.name), **kwargs)
 
 
-BASE_HELP = ("pre-trained checkpoint: a folder of *.safetensors or torch.save *.bin/*.pt/*.pth shards (with or "
-             "without an index), one such file, or a Hugging Face repo id")
+BASE_HELP = (
+    "pre-trained checkpoint: a folder of *.safetensors or torch.save *.bin/*.pt/*.pth shards (with or "
+    "without an index), one such file, or a Hugging Face repo id"
+)
 FINETUNED_HELP = "the fine-tune of BASE: the same kinds of folder, file or repo id, or a PEFT LoRA adapter folder"
 OUT_HELP = "the merge's output folder (a finished one, or one whose OUT.partial an interrupted run left)"
 
@@ -75,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("finetuned", metavar="FINETUNED", help=FINETUNED_HELP)
     m.add_argument("out", metavar="OUT", help="output folder (new); appears only when complete")
     _add_option_flags(m, list(fields(MergeOptions)))
-    m.add_argument("--config", help="YAML file with the same keys as the flags (examples: `streamsoup demo DIR` "
-                   "writes them to DIR/configs)")
+    m.add_argument(
+        "--config",
+        help="YAML file with the same keys as the flags (examples: `streamsoup demo DIR` writes them to DIR/configs)",
+    )
     m.add_argument("--fresh", action="store_true", help="discard an earlier interrupted run of this OUT")
     m.add_argument("-q", "--quiet", action="store_true", help="no progress or summary (warnings and errors stay)")
     m.add_argument("-v", "--verbose", action="store_true", help="log what happens, dask's messages included")
@@ -91,8 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(MergeOptions):  # accepted only to be refused by name (see reporting/estimate.py: estimate)
         if not f.metadata["plan"]:
             bool_flag = isinstance(f.default, bool)
-            pl.add_argument(flag_name(f.name), dest=f.name, default=None, help=argparse.SUPPRESS,
-                            **({"action": "store_true"} if bool_flag else {}))  # fmt: skip
+            pl.add_argument(
+                flag_name(f.name),
+                dest=f.name,
+                default=None,
+                help=argparse.SUPPRESS,
+                **({"action": "store_true"} if bool_flag else {}),
+            )
     pl.add_argument("--config", help="YAML file with the same keys as the flags")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     st = sub.add_parser("status", help="progress of a finished, running or interrupted merge")
@@ -110,13 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     re_.add_argument("out", metavar="OUT", help=OUT_HELP + ", or the --work-dir of that run")
     re_.add_argument("--json", action="store_true", help="machine-readable output (the report's structure)")
-    re_.add_argument("--png", metavar="FILE", help="also draw one figure into FILE (needs matplotlib: "
-                     "pip install 'streamsoup[report]'); never replaces an existing file without --force")  # fmt: skip
+    re_.add_argument(
+        "--png",
+        metavar="FILE",
+        help="also draw one figure into FILE (needs matplotlib: "
+        "pip install 'streamsoup[report]'); never replaces an existing file without --force",
+    )
     re_.add_argument("--force", action="store_true", help="let --png replace an existing FILE")
-    de = sub.add_parser("demo", help="write a small demo pair and the example configs into DIR",
-                        description="Write a small Llama-shaped pair (DIR/base, DIR/finetuned: bf16 shards with an "
-                        "index, config and tokenizer files, plus the awkward tensors real pairs have) and the example "
-                        "configs (DIR/configs/*.yaml), then say how to merge them.")  # fmt: skip
+    de = sub.add_parser(
+        "demo",
+        help="write a small demo pair and the example configs into DIR",
+        description="Write a small Llama-shaped pair (DIR/base, DIR/finetuned: bf16 shards with an "
+        "index, config and tokenizer files, plus the awkward tensors real pairs have) and the example "
+        "configs (DIR/configs/*.yaml), then say how to merge them.",
+    )
     de.add_argument("dir", metavar="DIR", help="folder to write base/, finetuned/ and configs/ into")
     de.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model shape (default: small)")
     for p in (pl, st, ve, re_, de):
@@ -126,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _merge(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name) for f in fields(MergeOptions)}
-    summary = merge(args.base, args.finetuned, args.out, config=args.config, fresh=args.fresh,
-                    progress=not args.quiet, **overrides)  # fmt: skip
+    summary = merge(
+        args.base, args.finetuned, args.out, config=args.config, fresh=args.fresh, progress=not args.quiet, **overrides
+    )
     if not args.quiet:
         print(summary.line())
     return 0
@@ -153,8 +170,10 @@ def _verify(args: argparse.Namespace) -> int:
     result = verify(args.out, progress=not args.quiet)
     print(result)
     if not result.ok:
-        sys.stderr.write(f"streamsoup: error: {len(result.problems)} problem(s) in {args.out}; its bytes are not "
-                         f"what the merge wrote: to write it again: {result.repair}\n")  # fmt: skip
+        sys.stderr.write(
+            f"streamsoup: error: {len(result.problems)} problem(s) in {args.out}; its bytes are not "
+            f"what the merge wrote: to write it again: {result.repair}\n"
+        )
         return 1
     return 0
 
@@ -171,8 +190,10 @@ def _report(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     base, ft = demo(args.dir, preset=args.preset)
     size = sum(f.stat().st_size for f in ft.glob("*.safetensors"))
-    print(f"wrote {base}, {ft} ({size / 2**20:.1f} MiB each) and {base.parent / 'configs'} (example configs)\n"
-          f"next: streamsoup merge {base} {ft} {base.parent / 'merged'}")  # fmt: skip
+    print(
+        f"wrote {base}, {ft} ({size / 2**20:.1f} MiB each) and {base.parent / 'configs'} (example configs)\n"
+        f"next: streamsoup merge {base} {ft} {base.parent / 'merged'}"
+    )
     return 0
 
 

@@ -19,11 +19,21 @@ import yaml
 from .errors import OptionError, UsageError
 
 _UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-}  # fmt: skip
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "k": 2**10,
+    "m": 2**20,
+    "g": 2**30,
+    "t": 2**40,
+}
 
 
 #: the most lanes or threads asked for (more would only exhaust the process's threads)
@@ -95,8 +105,16 @@ def _opt(
     uses it too; `shown`: the default as the help text shows it ("" for none); `const`: the flag's value
     when given without one (`--dashboard`).
     """
-    meta = {"help": help, "choices": choices, "size": size, "path": path, "output": output, "plan": plan,
-            "shown": shown, "const": const}  # fmt: skip
+    meta = {
+        "help": help,
+        "choices": choices,
+        "size": size,
+        "path": path,
+        "output": output,
+        "plan": plan,
+        "shown": shown,
+        "const": const,
+    }
     return field(default=default, metadata=meta)
 
 
@@ -128,9 +146,12 @@ class MergeOptions:
         shown="70%% of the memory available at start",
     )
     max_vram: int | None = _opt(
-        None, "GPU memory per GPU, shared by its two lanes, e.g. 40GiB", size=True, output=False,
+        None,
+        "GPU memory per GPU, shared by its two lanes, e.g. 40GiB",
+        size=True,
+        output=False,
         shown="90%% of what is free",
-    )  # fmt: skip
+    )
     devices: str = _opt(
         "auto",
         "auto | cpu | cuda | cuda:0,cuda:1: GPUs get two lanes each (one computes while the other reads or "
@@ -143,8 +164,9 @@ class MergeOptions:
         output=False,
         shown="one per core, each with one thread (1 beside GPU lanes, except for a LoRA adapter)",
     )
-    threads: int = _opt(0, "torch threads per lane", output=False,
-                        shown="cores / lanes; a resume keeps the first run's")  # fmt: skip
+    threads: int = _opt(
+        0, "torch threads per lane", output=False, shown="cores / lanes; a resume keeps the first run's"
+    )
     scheduler: str = _opt(
         "",
         "address of a running dask.distributed scheduler (tcp://host:port); workers need nothing declared, "
@@ -201,11 +223,17 @@ class MergeOptions:
         if not 0 <= int(self.threads) <= MAX_WORKERS:
             raise OptionError("threads", f"must be between 1 and {MAX_WORKERS}, got {self.threads!r}")
         if self.dashboard and (self.scheduler or self.scheduler_file):
-            raise OptionError("dashboard", "is for a local merge: a cluster's scheduler serves its own dashboard "
-                              "(dask scheduler --dashboard-address)")  # fmt: skip
+            raise OptionError(
+                "dashboard",
+                "is for a local merge: a cluster's scheduler serves its own dashboard "
+                "(dask scheduler --dashboard-address)",
+            )
         if self.dashboard and not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[\w.-]+):\d{1,5}", self.dashboard):
-            raise OptionError("dashboard", f"must be host:port, e.g. {DASHBOARD} (a host is needed: without one dask "
-                              f"listens on every interface; 0.0.0.0:PORT says so), got {self.dashboard!r}")
+            raise OptionError(
+                "dashboard",
+                f"must be host:port, e.g. {DASHBOARD} (a host is needed: without one dask "
+                f"listens on every interface; 0.0.0.0:PORT says so), got {self.dashboard!r}",
+            )
         if self.dashboard and importlib.util.find_spec("bokeh") is None:
             raise OptionError("dashboard", "needs bokeh, which is not installed: pip install 'streamsoup[dashboard]'")
         if self.scheduler and self.scheduler_file:
@@ -221,13 +249,14 @@ class MergeOptions:
                 name = key.replace("-", "_")
                 if name not in known:
                     valid = ", ".join(n.replace("_", "-") for n in known)
-                    raise UsageError(f"--config {expand_path(config)}: unknown key {key!r}"
-                                     f"{_nearest(name, known, True)}; valid keys: {valid}")  # fmt: skip
+                    raise UsageError(
+                        f"--config {expand_path(config)}: unknown key {key!r}"
+                        f"{_nearest(name, known, True)}; valid keys: {valid}"
+                    )
                 values[name] = value
         for name, value in overrides.items():
             if name not in known:
-                raise UsageError(f"unknown option {name!r}{_nearest(name, known, False)}; valid: "
-                                 f"{', '.join(known)}")  # fmt: skip
+                raise UsageError(f"unknown option {name!r}{_nearest(name, known, False)}; valid: {', '.join(known)}")
             if value is not None:
                 values[name] = value
         typed: dict[str, Any] = {}
@@ -304,8 +333,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
     path = expand_path(path)
     try:
         if os.path.getsize(path) > MAX_CONFIG:
-            raise UsageError(f"--config {path} is larger than {MAX_CONFIG // 1024} KiB; an options file is a few "
-                             "lines")  # fmt: skip
+            raise UsageError(f"--config {path} is larger than {MAX_CONFIG // 1024} KiB; an options file is a few lines")
         data = yaml_without_aliases(path.read_text())
     except YamlAlias:
         raise UsageError(f"--config {path} uses a YAML alias (*name); write each value out instead") from None

@@ -214,11 +214,17 @@ class Writer:
 def write_side_files(folder: Path, shape: ModelShape, vocab: int) -> None:
     config = {
         "architectures": ["Qwen2ForCausalLM" if shape.arch == "qwen2" else "LlamaForCausalLM"],
-        "model_type": shape.arch, "hidden_size": shape.hidden, "intermediate_size": shape.intermediate,
-        "num_hidden_layers": shape.layers, "num_attention_heads": shape.heads,
-        "num_key_value_heads": shape.kv_heads, "vocab_size": vocab, "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16", "rms_norm_eps": 1e-5,
-    }  # fmt: skip
+        "model_type": shape.arch,
+        "hidden_size": shape.hidden,
+        "intermediate_size": shape.intermediate,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads,
+        "vocab_size": vocab,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "rms_norm_eps": 1e-5,
+    }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     tokenizer = {"version": "1.0", "model": {"type": "BPE", "vocab": {f"t{i}": i for i in range(min(vocab, 64))}}}

@@ -218,4 +218,3 @@ def pytest_collection_modifyitems(config, items):
     """Slow tests first, the rest in file order: with pytest-xdist handing out one test at a time (`--dist load
     --maxschedchunk 1`), the long ones start at once on every worker instead of ending the run on one."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-

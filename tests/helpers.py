@@ -38,8 +38,9 @@ def needs_own_process(args: tuple, env: dict | None) -> bool:
     return any(key.startswith(PROCESS_ONLY_ENV) for key in {**os.environ, **(env or {})})
 
 
-def run(*args: str | Path, env: dict | None = None, timeout: int = 300, cwd: Path | None = None
-        ) -> subprocess.CompletedProcess:  # fmt: skip
+def run(
+    *args: str | Path, env: dict | None = None, timeout: int = 300, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """The CLI as a user runs it: its exit code, stdout and stderr. In this process (`run_here`: the same `main`,
     without a new interpreter's seconds of start-up) unless the run needs a process of its own (run_forked)."""
     if needs_own_process(args, env):
@@ -51,11 +52,18 @@ def run(*args: str | Path, env: dict | None = None, timeout: int = 300, cwd: Pat
     return proc
 
 
-def run_process(*args: str | Path, env: dict | None = None, timeout: int = 300, cwd: Path | None = None
-                ) -> subprocess.CompletedProcess:  # fmt: skip
+def run_process(
+    *args: str | Path, env: dict | None = None, timeout: int = 300, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """The CLI in a new interpreter (`python -m streamsoup.cli`): where its start-up or its shutdown is tested."""
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, cwd=cwd)  # fmt: skip
+    return subprocess.run(
+        [*CLI, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
 
 
 _forkserver: list = []  # multiprocessing's forkserver context, made at the first use
@@ -82,8 +90,9 @@ def forkserver():
     return _forkserver[0]
 
 
-def run_forked(*args: str | Path, env: dict | None = None, timeout: int = 300, cwd: Path | None = None
-               ) -> subprocess.CompletedProcess:  # fmt: skip
+def run_forked(
+    *args: str | Path, env: dict | None = None, timeout: int = 300, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """The CLI in a process of its own, forked from a server that imported it once (multiprocessing's
     forkserver): its own pid, environment, signals, exit code (-9 when a fault point SIGKILLs it) and
     stdout/stderr at the file-descriptor level, and the RSS of a new interpreter (cli_server), without its
@@ -142,8 +151,9 @@ class ForkedCLI:
         self._out, err = self._folder / "stdout", self._folder / "stderr"
         self._out.touch()
         err.touch()
-        self._child = forkserver().Process(target=cli_child, args=(argv, env, cwd, self._out, err, new_session),
-                                           daemon=True)  # fmt: skip
+        self._child = forkserver().Process(
+            target=cli_child, args=(argv, env, cwd, self._out, err, new_session), daemon=True
+        )
         self._child.start()
         self.pid = self._child.pid
         self.stderr = _Lines(err, self.poll)

@@ -26,10 +26,17 @@ if importlib.util.find_spec("peft") is None:  # not importorskip: importing peft
 transformers = pytest.importorskip("transformers")
 
 MODEL_CASES = [
-    ("llama", "plain"), ("llama", "rslora"), ("llama", "patterns"), ("llama", "embedding"),
-    ("llama", "modules_to_save"), ("llama", "dora"), ("qwen2", "plain"), ("qwen2", "lora_bias"),
-    ("gpt2", "plain"), ("gpt2", "patterns"),
-]  # fmt: skip
+    ("llama", "plain"),
+    ("llama", "rslora"),
+    ("llama", "patterns"),
+    ("llama", "embedding"),
+    ("llama", "modules_to_save"),
+    ("llama", "dora"),
+    ("qwen2", "plain"),
+    ("qwen2", "lora_bias"),
+    ("gpt2", "plain"),
+    ("gpt2", "patterns"),
+]
 ADAPTER_CASES = [c for c in MODEL_CASES if c[1] != "dora"]
 
 
@@ -167,11 +174,14 @@ def test_kill_mid_adapter_merge_resumes_byte_identical(adapters, tmp_path):
     assert run("verify", out).returncode == 0
 
 
-@pytest.mark.parametrize("change,needles", [
-    ({"trainable_token_indices": [1, 2]}, ["trainable_token_indices", "not support"]),
-    ({"init_lora_weights": "pissa"}, ["pissa", "rewrites the base"]),
-    ({"peft_type": "IA3"}, ["IA3", "only LoRA"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change,needles",
+    [
+        ({"trainable_token_indices": [1, 2]}, ["trainable_token_indices", "not support"]),
+        ({"init_lora_weights": "pissa"}, ["pissa", "rewrites the base"]),
+        ({"peft_type": "IA3"}, ["IA3", "only LoRA"]),
+    ],
+)
 def test_unsupported_adapter_settings_are_refused_by_name(adapters, tmp_path, change, needles):
     base, adapter = adapters("llama", "plain")
     proc = run("merge", base, edited_adapter(adapter, tmp_path, **change), tmp_path / "out")
@@ -193,12 +203,16 @@ def test_untrained_adapter_and_misuse_are_refused(adapters, tmp_path):
     zero = tmp_path / "zero"
     shutil.copytree(adapter, zero)
     tensors = load_file(zero / "adapter_model.safetensors")
-    save_file({k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in tensors.items()},
-              zero / "adapter_model.safetensors", metadata={"format": "pt"})  # fmt: skip
+    save_file(
+        {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in tensors.items()},
+        zero / "adapter_model.safetensors",
+        metadata={"format": "pt"},
+    )
     assert_one_line_error(run("merge", base, zero, tmp_path / "o1"), 2, "every lora_B", "untrained")
     assert_one_line_error(run("merge", adapter, base, tmp_path / "o2"), 2, "BASE", "is a PEFT LoRA adapter")
-    assert_one_line_error(run("merge", base, base, tmp_path / "o3", "--save", "adapter"), 2,
-                          "--save adapter", "LoRA adapter as FINETUNED")  # fmt: skip
+    assert_one_line_error(
+        run("merge", base, base, tmp_path / "o3", "--save", "adapter"), 2, "--save adapter", "LoRA adapter as FINETUNED"
+    )
     _, dora = adapters("llama", "dora")
     assert_one_line_error(run("merge", base, dora, tmp_path / "o4", "--save", "adapter"), 2, "DoRA", "--save model")
     assert not any(p.name.startswith("o") for p in tmp_path.iterdir())
@@ -285,7 +299,8 @@ def test_adapter_keys_that_carry_the_adapter_name_merge_as_without_it(adapters, 
     base, adapter = adapters("llama", "dora")
     tensors = load_file(adapter / "adapter_model.safetensors")
     named_key = lambda key, name: re.sub(  # noqa: E731
-        r"\.(lora_A|lora_B|lora_magnitude_vector)(\.weight|\.bias)?$", rf".\1.{name}\2", key)
+        r"\.(lora_A|lora_B|lora_magnitude_vector)(\.weight|\.bias)?$", rf".\1.{name}\2", key
+    )
     named = tmp_path / "named"
     shutil.copytree(adapter, named)
     renamed = {named_key(k, "default"): v for k, v in tensors.items()}
@@ -335,8 +350,9 @@ def test_a_peft_models_whole_state_dict_is_refused_and_peft_wrappers_copies_are_
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("arch,variant,part", [("qwen2", "lora_bias", "lora_B.bias"),
-                                               ("llama", "dora", "lora_magnitude_vector")])  # fmt: skip
+@pytest.mark.parametrize(
+    "arch,variant,part", [("qwen2", "lora_bias", "lora_B.bias"), ("llama", "dora", "lora_magnitude_vector")]
+)
 def test_adapter_tensors_of_the_wrong_shape_are_refused(adapters, tmp_path, arch, variant, part):
     """A lora_B.bias or DoRA magnitude that does not have BASE's output size would be broadcast (a [1] bias adds
     its value to every element of the base bias): refused before any work, naming the module."""
@@ -363,8 +379,10 @@ def test_an_adapter_with_no_lora_update_is_refused(adapters, tmp_path):
     empty = tmp_path / "empty"
     shutil.copytree(adapter, empty)
     tensors = load_file(empty / "adapter_model.safetensors")
-    save_file({k: v for k, v in tensors.items() if "lora_" not in k} or {"unrelated": torch.zeros(1)},
-              empty / "adapter_model.safetensors")  # fmt: skip
+    save_file(
+        {k: v for k, v in tensors.items() if "lora_" not in k} or {"unrelated": torch.zeros(1)},
+        empty / "adapter_model.safetensors",
+    )
     assert_one_line_error(run("merge", base, empty, tmp_path / "out"), 2, "no LoRA")
     assert not (tmp_path / "out").exists()
 
@@ -373,8 +391,15 @@ def tiny_llama_with(lora, folder: Path, **config) -> tuple[Path, Path]:
     """A one-layer Llama built from a config (BASE) and `lora` on it, its weights random (FINETUNED)."""
     from peft import get_peft_model
 
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, **config)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **config,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
     model.save_pretrained(folder / "base")
@@ -439,9 +464,12 @@ ADAPTER_DAMAGE = {
     "an I32 lora_B": ("plain", _retyped("lora_B.weight", lambda t: t.to(torch.int32)), "I32, not floating point"),
     "a BOOL lora_A": ("plain", _retyped("lora_A.weight", lambda t: t > 0), "BOOL, not floating point"),
     "a LoRA on a 1-D base tensor": ("plain", _on_a_vector, "not a matrix"),
-    "a DoRA magnitude of the wrong length": ("dora", _retyped("lora_magnitude_vector", lambda t: t[:-1].clone()),
-                                             "lora_magnitude_vector"),
-}  # fmt: skip
+    "a DoRA magnitude of the wrong length": (
+        "dora",
+        _retyped("lora_magnitude_vector", lambda t: t[:-1].clone()),
+        "lora_magnitude_vector",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", sorted(ADAPTER_DAMAGE))

@@ -95,9 +95,13 @@ def weight_beside_its_mxfp4_encoding(base: Path, ft: Path) -> str:
     import torch
     from safetensors.torch import save_file
 
-    save_file({"model.layers.0.mlp.down_proj.weight_blocks": torch.zeros(1, 4, 2, 16, dtype=torch.uint8),
-               "model.layers.0.mlp.down_proj.weight_scales": torch.full((1, 4, 2), 127, dtype=torch.uint8)},
-              base / "zz-extra.safetensors")  # fmt: skip
+    save_file(
+        {
+            "model.layers.0.mlp.down_proj.weight_blocks": torch.zeros(1, 4, 2, 16, dtype=torch.uint8),
+            "model.layers.0.mlp.down_proj.weight_scales": torch.full((1, 4, 2), 127, dtype=torch.uint8),
+        },
+        base / "zz-extra.safetensors",
+    )
     return "'model.layers.0.mlp.down_proj.weight_blocks'"
 
 
@@ -218,13 +222,15 @@ REPORT_DAMAGE = {
     "a list": lambda text: "[]",
     "no summary": lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "summary"}),
     "a row without its checksum": lambda text: json.dumps(
-        {**json.loads(text), "tensors": [{"name": "x"}, *json.loads(text)["tensors"][1:]]}),
+        {**json.loads(text), "tensors": [{"name": "x"}, *json.loads(text)["tensors"][1:]]}
+    ),
     "a count that is text": lambda text: json.dumps(
-        {**json.loads(text), "summary": {**json.loads(text)["summary"], "tensors": "many"}}),
+        {**json.loads(text), "summary": {**json.loads(text)["summary"], "tensors": "many"}}
+    ),
     "nested 100,000 deep": lambda text: "[" * 100_000 + "]" * 100_000,
     "a time of 400 digits": lambda text: text.replace('"seconds": ', '"seconds": 1' + "0" * 400 + ', "x": ', 1),
     "a shard record that is a number": lambda text: json.dumps({**json.loads(text), "shards": {"a.safetensors": 5}}),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("damage", sorted(REPORT_DAMAGE))

@@ -34,8 +34,13 @@ def test_rerun_of_a_complete_merge_is_a_no_op(awkward_pair, tmp_path):
     assert proc.stdout.strip().endswith("edited") and "already complete" in proc.stdout
     assert len(proc.stdout.strip().splitlines()) == 1 and proc.stderr == ""
     assert snapshot(out) == before and not (tmp_path / "out.partial").exists()
-    assert_one_line_error(run("merge", base, ft, out, "--shard-size", "200KB"), 2, "different merge",
-                          "--shard-size 100000 -> 200000", "never overwrites")  # fmt: skip
+    assert_one_line_error(
+        run("merge", base, ft, out, "--shard-size", "200KB"),
+        2,
+        "different merge",
+        "--shard-size 100000 -> 200000",
+        "never overwrites",
+    )
     assert snapshot(out) == before
 
 

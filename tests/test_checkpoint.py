@@ -126,7 +126,8 @@ def test_an_mxfp4_read_of_anything_but_one_experts_slice_is_a_clear_error(tmp_pa
 
     path = tmp_path / "blocks.bin"
     path.write_bytes(bytes(4 * 64 * 16))
-    stacked = TensorRef("experts.down_proj_blocks", str(path), "U8", (4, 64, 32), 0, 4 * 64 * 16,
-                        encoding=quantized.MXFP4)  # fmt: skip
+    stacked = TensorRef(
+        "experts.down_proj_blocks", str(path), "U8", (4, 64, 32), 0, 4 * 64 * 16, encoding=quantized.MXFP4
+    )
     with pytest.raises(InputError, match=r"experts.down_proj_blocks.*one expert's 2-D slice.*\[4, 64, 32\]"):
         read_block(stacked, 0, 8, False)

@@ -118,16 +118,22 @@ def test_a_pip_user_gets_the_demo_and_the_example_configs_from_the_wheel(tmp_pat
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(root / name, src / name)
     pip = [sys.executable, "-m", "pip", "-q"]
-    built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "wheel", src],
-                           capture_output=True, text=True)  # fmt: skip
+    built = subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "wheel", src],
+        capture_output=True,
+        text=True,
+    )
     assert built.returncode == 0, built.stderr
     wheel = next((tmp_path / "wheel").glob("*.whl"))
-    installed = subprocess.run([*pip, "install", "--no-deps", "--target", tmp_path / "site", wheel],
-                               capture_output=True, text=True)  # fmt: skip
+    installed = subprocess.run(
+        [*pip, "install", "--no-deps", "--target", tmp_path / "site", wheel], capture_output=True, text=True
+    )
     assert installed.returncode == 0, installed.stderr
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
-    code = ("import os, sys, streamsoup.cli as c; assert c.__file__.startswith(os.environ['PYTHONPATH']), c.__file__; "
-            "sys.exit(c.main(sys.argv[1:]))")  # the wheel's copy, not the repository's
+    code = (
+        "import os, sys, streamsoup.cli as c; assert c.__file__.startswith(os.environ['PYTHONPATH']), c.__file__; "
+        "sys.exit(c.main(sys.argv[1:]))"
+    )  # the wheel's copy, not the repository's
     cli = [sys.executable, "-c", code]
     demo = subprocess.run([*cli, "demo", "d"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert demo.returncode == 0, demo.stderr
@@ -175,8 +181,18 @@ def test_dashboard_only_when_asked_on_the_address_given(big_pair, tmp_path):
 
     from helpers import start
 
-    proc = start("merge", *big_pair, tmp_path / "out", "--dashboard", "127.0.0.1:0", "--max-ram", "450MB",
-                 "--devices", "cpu", "-q")  # fmt: skip
+    proc = start(
+        "merge",
+        *big_pair,
+        tmp_path / "out",
+        "--dashboard",
+        "127.0.0.1:0",
+        "--max-ram",
+        "450MB",
+        "--devices",
+        "cpu",
+        "-q",
+    )
     try:
         line = proc.stderr.readline()
         url = re.fullmatch(r"streamsoup: dashboard at (http://127\.0\.0\.1:(\d+)/status)\n", line)

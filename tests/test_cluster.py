@@ -32,15 +32,38 @@ class LoopbackCluster:
     def __init__(self, root: Path, limits: tuple[str, ...] = ("0", SMALL_LIMIT)) -> None:
         self.root = root
         self.scheduler_file = root / "scheduler.json"
-        self.scheduler = self._spawn([DASK, "scheduler", "--host", "127.0.0.1", "--port", "0",
-                                      "--scheduler-file", str(self.scheduler_file), "--no-dashboard"])  # fmt: skip
+        self.scheduler = self._spawn(
+            [
+                DASK,
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--scheduler-file",
+                str(self.scheduler_file),
+                "--no-dashboard",
+            ]
+        )
         deadline = time.time() + 60
         while not self.scheduler_file.exists() and time.time() < deadline:
             time.sleep(0.1)
         self.address = json.loads(self.scheduler_file.read_text())["address"]
         self.workers = [
-            self._spawn([DASK, "worker", self.address, "--nthreads", "1", "--memory-limit", limit, "--name", f"w{i}",
-                         "--no-dashboard"])  # fmt: skip
+            self._spawn(
+                [
+                    DASK,
+                    "worker",
+                    self.address,
+                    "--nthreads",
+                    "1",
+                    "--memory-limit",
+                    limit,
+                    "--name",
+                    f"w{i}",
+                    "--no-dashboard",
+                ]
+            )
             for i, limit in enumerate(limits)
         ]
         self._wait_for_workers(len(limits))
@@ -200,8 +223,16 @@ def test_declared_resources_win_and_a_dead_address_is_refused(awkward_pair, tmp_
     and a missing scheduler file are one-line errors."""
     from streamsoup.run.clients import WorkerFacts, derive_resources
 
-    facts = WorkerFacts(nthreads=4, memory_limit=0, rss=0, available=64 * 2**30, total_memory=64 * 2**30, gpus=1,
-                        gpu_memory=80 * 2**30, declared={"ram": 1000})  # fmt: skip
+    facts = WorkerFacts(
+        nthreads=4,
+        memory_limit=0,
+        rss=0,
+        available=64 * 2**30,
+        total_memory=64 * 2**30,
+        gpus=1,
+        gpu_memory=80 * 2**30,
+        declared={"ram": 1000},
+    )
     assert derive_resources(facts) == {"cpu": 2, "device": 2, "ram": 1000}
     assert derive_resources(facts, limitless_on_host=2)["ram"] == 1000
     plain = WorkerFacts(4, 0, 0, 64 * 2**30, 64 * 2**30, 0, 0)

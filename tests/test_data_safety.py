@@ -76,8 +76,17 @@ def test_work_dir_dot_keeps_the_folder_and_the_inputs(reference, tmp_path):
     shutil.copytree(ft, d / "pair" / "finetuned")
     (d / "notes.txt").write_text("mine")
     before = tree_digest(d)
-    killed = run("merge", "pair/base", "pair/finetuned", "out", *ARGS, "--work-dir", ".", cwd=d,
-                 env={"STREAMSOUP_FAULT": "commit:3"})  # fmt: skip
+    killed = run(
+        "merge",
+        "pair/base",
+        "pair/finetuned",
+        "out",
+        *ARGS,
+        "--work-dir",
+        ".",
+        cwd=d,
+        env={"STREAMSOUP_FAULT": "commit:3"},
+    )
     assert killed.returncode == -signal.SIGKILL
     assert run("merge", "pair/base", "pair/finetuned", "out", *ARGS, "--work-dir", ".", cwd=d).returncode == 0
     weights = lambda digests: {k: v for k, v in digests.items() if k != "README.md"}  # noqa: E731
@@ -161,8 +170,13 @@ def test_a_work_dir_in_out_or_in_an_input_is_refused_up_front(pair, tmp_path, wh
     before anything is computed or written."""
     base, ft = pair
     out = tmp_path / "out"
-    work = {"OUT": out, "inside OUT": out / "state", "OUT.partial": tmp_path / "out.partial",
-            "inside FINETUNED": ft / "state", "BASE": base}[where]  # fmt: skip
+    work = {
+        "OUT": out,
+        "inside OUT": out / "state",
+        "OUT.partial": tmp_path / "out.partial",
+        "inside FINETUNED": ft / "state",
+        "BASE": base,
+    }[where]
     inputs = tree_digest(base), tree_digest(ft)
     proc = run("merge", base, ft, out, "--work-dir", work)
     assert_one_line_error(proc, 2, "--work-dir", str(work))
@@ -206,8 +220,9 @@ def test_work_dir_pointer_in_out_is_not_trusted(reference, tmp_path):
 # --- round two, 4: inputs bound by identity, checked at resume and before publishing -------------------------
 
 
-@pytest.mark.parametrize("change", ["first tenth of the rows", "one unsampled value, mtime set back",
-                                    "config.json edited"])  # fmt: skip
+@pytest.mark.parametrize(
+    "change", ["first tenth of the rows", "one unsampled value, mtime set back", "config.json edited"]
+)
 def test_an_input_rewritten_between_two_runs_is_refused_by_name(pair, tmp_path, change):
     base, ft = pair
     out = tmp_path / "out"
@@ -335,8 +350,7 @@ def test_a_checkpoint_of_zeros_with_intact_headers_is_refused_by_name(pair, plai
     target = ft if role == "FINETUNED" else base
     holes(target)
     out = tmp_path / "out"
-    assert_one_line_error(run("merge", base, ft, out), 2, f"{role.split()[-1]} {target}", "only zeros",
-                          "re-download")  # fmt: skip
+    assert_one_line_error(run("merge", base, ft, out), 2, f"{role.split()[-1]} {target}", "only zeros", "re-download")
     assert not out.exists() and not (tmp_path / "out.partial").exists()
 
 
@@ -427,8 +441,12 @@ def test_damaged_state_is_recomputed(reference, killed_at_22, case):
     done = list(state.committed().values())
     edited = sorted((m for m in done if m.row["action"] == "edit"), key=lambda m: m.key)
     victim = edited[len(edited) // 2]
-    whole_batch = victim.batch is not None and case in ("deleted spectrum chunk", "flipped spectrum byte",
-                                                        "truncated marker zarr.json", "deleted marker zarr.json")
+    whole_batch = victim.batch is not None and case in (
+        "deleted spectrum chunk",
+        "flipped spectrum byte",
+        "truncated marker zarr.json",
+        "deleted marker zarr.json",
+    )
     hurt = {m.key for m in done if whole_batch and m.batch == victim.batch} | {victim.key}
     DAMAGE[case](state, victim.key)
     assert streamsoup.status(out).state == "interrupted"  # looking at a damaged run never crashes
@@ -475,13 +493,16 @@ def test_huge_lora_alpha_is_an_error_not_inf(plain_adapter, tmp_path, save):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("changes, needle", [
-    ({"lora_alpha": None}, "lora_alpha"),
-    ({"lora_alpha": "sixteen"}, "lora_alpha"),
-    ({"r": 0}, "r = 0"),
-    ({"rank_pattern": {"q_proj(": 4}}, "regular expression"),
-    ({"alpha_pattern": {"q_proj": "x"}}, "alpha_pattern"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "changes, needle",
+    [
+        ({"lora_alpha": None}, "lora_alpha"),
+        ({"lora_alpha": "sixteen"}, "lora_alpha"),
+        ({"r": 0}, "r = 0"),
+        ({"rank_pattern": {"q_proj(": 4}}, "regular expression"),
+        ({"alpha_pattern": {"q_proj": "x"}}, "alpha_pattern"),
+    ],
+)
 def test_bad_adapter_numbers_are_refused(plain_adapter, tmp_path, changes, needle):
     base, adapter = plain_adapter
     bad = edited_adapter(adapter, tmp_path, **changes)
@@ -636,8 +657,16 @@ def test_fifo_shard_is_refused_not_waited_for(pair, tmp_path):
     assert_one_line_error(proc, 2, "zz-fifo.safetensors", "not a regular file")
 
 
-@pytest.mark.parametrize("flag, value", [("--threads", "100000"), ("--lanes", "100000"), ("--threads", "1e400"),
-                                         ("--lanes", "1000"), ("--threads", str((os.cpu_count() or 1) + 1))])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--threads", "100000"),
+        ("--lanes", "100000"),
+        ("--threads", "1e400"),
+        ("--lanes", "1000"),
+        ("--threads", str((os.cpu_count() or 1) + 1)),
+    ],
+)
 def test_thread_counts_are_bounded(awkward_pair, tmp_path, flag, value):
     base, ft = awkward_pair
     proc = run_here("merge", base, ft, tmp_path / "out", flag, value)

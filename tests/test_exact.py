@@ -145,8 +145,9 @@ def test_an_update_of_exact_low_rank_has_no_low_part(tmp_path):
         (folder / "f").mkdir()
         save_file({"w": w0}, folder / "b" / "b.safetensors")
         save_file({"w": w1}, folder / "f" / "f.safetensors")
-        row = check_merge(folder / "b" / "b.safetensors", folder / "f" / "f.safetensors", folder / "out", "entropy",
-                          0.8)["tensors"][0]  # fmt: skip
+        row = check_merge(
+            folder / "b" / "b.safetensors", folder / "f" / "f.safetensors", folder / "out", "entropy", 0.8
+        )["tensors"][0]
         assert (row["k"], row["rank"]) == (6, 48), (scale, row)
         assert (row["rho"], row["P_k"], row["lambda_low"], row["lambda_high"]) == (0.0, 1.0, 0.0, 1.0), (scale, row)
 
@@ -159,8 +160,10 @@ def test_decisions_do_not_depend_on_the_scale_of_the_update(tmp_path, rule):
     powers = [2.0**j for j in range(-30, 14, 3)]  # 9e-10 .. 8192: ||dW||^2 from ~1e-15 to ~1e11
     base, ft = scaled_pair(tmp_path / "zero", powers, 0.0, torch.float32)  # W1 = c * D: exact in fp32
     rows = scaled_rows(check_merge(base, ft, tmp_path / "zero" / "out", rule, 0.8))
-    strict = json.loads((tmp_path / "zero" / "out" / "streamsoup_report.json").read_text(),
-                        parse_constant=lambda c: pytest.fail(f"the report holds {c}: not JSON"))  # fmt: skip
+    strict = json.loads(
+        (tmp_path / "zero" / "out" / "streamsoup_report.json").read_text(),
+        parse_constant=lambda c: pytest.fail(f"the report holds {c}: not JSON"),
+    )
     assert all(r["rel_update"] is None for r in scaled_rows(strict))  # W0 = 0: no ratio (JSON has no Infinity)
     first = {key: rows[0][key] for key in DECISIONS}
     assert first["action"] == "edit" and 1 < first["k"] < first["rank"], first
@@ -168,8 +171,10 @@ def test_decisions_do_not_depend_on_the_scale_of_the_update(tmp_path, rule):
         assert {key: row[key] for key in DECISIONS} == first, row["name"]
     # any c: W1 = c * D rounded once into fp32 (W0 = 0), or W0 + c * D in float64 (W0 != 0: c stops where
     # ||dW|| / ||W0|| reaches the fine-tune range, above it BASE is refused as unrelated)
-    groups = (("decades", [10.0**j for j in range(-8, 5)], 0.0, torch.float32),
-              ("dense", [10.0**j for j in range(-8, -2)], 0.02, torch.float64))  # fmt: skip
+    groups = (
+        ("decades", [10.0**j for j in range(-8, 5)], 0.0, torch.float32),
+        ("dense", [10.0**j for j in range(-8, -2)], 0.02, torch.float64),
+    )
     for group, scales, w0_scale, dtype in groups:
         base, ft = scaled_pair(tmp_path / group, scales, w0_scale, dtype)
         rows = scaled_rows(check_merge(base, ft, tmp_path / group / "out", rule, 0.8))
@@ -179,8 +184,9 @@ def test_decisions_do_not_depend_on_the_scale_of_the_update(tmp_path, rule):
                 assert row[key] == pytest.approx(first[key], abs=1e-6), (group, row["name"], key)
 
 
-SPECTRA = st.lists(st.floats(min_value=1e-6, max_value=1.0, allow_nan=False, allow_infinity=False), min_size=1,
-                   max_size=48).map(lambda v: torch.tensor(sorted(v, reverse=True), dtype=torch.float64))  # fmt: skip
+SPECTRA = st.lists(
+    st.floats(min_value=1e-6, max_value=1.0, allow_nan=False, allow_infinity=False), min_size=1, max_size=48
+).map(lambda v: torch.tensor(sorted(v, reverse=True), dtype=torch.float64))
 
 
 @settings(max_examples=400, deadline=None)

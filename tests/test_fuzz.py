@@ -26,11 +26,14 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 
 #: what a hostile header puts where a value belongs
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
     max_leaves=12,
-)  # fmt: skip
+)
 
 
 def real_header(awkward_pair) -> tuple[dict, bytes]:
@@ -145,9 +148,11 @@ def _depth(value) -> int:
 
 #: strings full of what a bracket counter could mistake for structure
 TRICKY_TEXT = st.text(alphabet='[]{}"\\\n ab', max_size=8)
-NESTED = st.recursive(st.none() | st.integers() | TRICKY_TEXT,
-                      lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TRICKY_TEXT, inner, max_size=3),
-                      max_leaves=40)  # fmt: skip
+NESTED = st.recursive(
+    st.none() | st.integers() | TRICKY_TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TRICKY_TEXT, inner, max_size=3),
+    max_leaves=40,
+)
 
 
 @FUZZ
@@ -176,13 +181,20 @@ def test_json_nesting_is_measured_before_parsing_exactly(tmp_path, monkeypatch, 
 
 
 PICKLED_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.floats() | st.text(max_size=6)
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats()
+    | st.text(max_size=6)
     | st.binary(max_size=6),
-    lambda inner: st.lists(inner, max_size=4) | st.tuples(inner, inner) | st.dictionaries(st.text(max_size=4), inner,
-                                                                                          max_size=4)
-    | st.frozensets(st.integers(min_value=-(2**61 - 2), max_value=2**61 - 2), max_size=3),  # hashed: no int of 61
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text(max_size=4), inner, max_size=4)
+        | st.frozensets(st.integers(min_value=-(2**61 - 2), max_value=2**61 - 2), max_size=3)
+    ),  # hashed: no int of 61
     max_leaves=30,  # bits or more (refused by design: such keys can share one hash; tests/test_pickled.py)
-)  # fmt: skip
+)
 
 
 @FUZZ
@@ -226,13 +238,29 @@ def plain_lora(tmp_path_factory) -> tuple[Path, Path]:
 
 
 #: the keys of adapter_config.json that streamsoup reads or refuses
-ADAPTER_KEYS = ["r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "fan_in_fan_out", "target_modules",
-                "peft_type", "init_lora_weights", "lora_bias", "use_dora", "modules_to_save", "loftq_config",
-                "base_model_name_or_path", "layers_to_transform", "task_type"]  # fmt: skip
+ADAPTER_KEYS = [
+    "r",
+    "lora_alpha",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_rslora",
+    "fan_in_fan_out",
+    "target_modules",
+    "peft_type",
+    "init_lora_weights",
+    "lora_bias",
+    "use_dora",
+    "modules_to_save",
+    "loftq_config",
+    "base_model_name_or_path",
+    "layers_to_transform",
+    "task_type",
+]
 #: each example plans in this process (~0.2 s); a longer hunt: STREAMSOUP_FUZZ_ADAPTERS=1000 pytest -k adapter_configs
 ADAPTER_EXAMPLES = int(os.environ.get("STREAMSOUP_FUZZ_ADAPTERS", "30"))
-PATTERNS = st.dictionaries(st.text(alphabet="abcdefghijklmnopqrstuvwxyz_.*+()[]|?0123456789\\", max_size=10),
-                           JSON_VALUES, max_size=3)  # fmt: skip
+PATTERNS = st.dictionaries(
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyz_.*+()[]|?0123456789\\", max_size=10), JSON_VALUES, max_size=3
+)
 
 
 @settings(max_examples=ADAPTER_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

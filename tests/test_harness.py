@@ -56,10 +56,18 @@ def test_every_command_runs_in_a_new_interpreter_as_in_this_process(reference, t
     from concurrent.futures import ThreadPoolExecutor
 
     base, ft, out, _ = reference
-    compared = [("status", out), ("status", out, "--json"), ("verify", out, "-q"), ("report", out),
-                ("report", out, "--json")]  # fmt: skip
-    others = [("report", out, "--png", tmp_path / "r.png"), ("plan", base, ft, "--devices", "cpu"),
-              ("demo", tmp_path / "demo", "--preset", "tiny")]  # fmt: skip
+    compared = [
+        ("status", out),
+        ("status", out, "--json"),
+        ("verify", out, "-q"),
+        ("report", out),
+        ("report", out, "--json"),
+    ]
+    others = [
+        ("report", out, "--png", tmp_path / "r.png"),
+        ("plan", base, ft, "--devices", "cpu"),
+        ("demo", tmp_path / "demo", "--preset", "tiny"),
+    ]
     with ThreadPoolExecutor(4) as pool:  # separate interpreters: their start-ups overlap, nothing else does
         new = dict(zip(compared + others, pool.map(lambda args: run_process(*args), compared + others), strict=True))
     for args in compared:

@@ -109,5 +109,7 @@ def test_peak_rss_of_a_bin_pair_four_times_the_budget_stays_under_it(tmp_path):
     rows = report_rows(tmp_path / "out")
     assert sum(r["blocks"] > 1 for r in rows.values()) == 2  # the transposed 256 MiB views were streamed
     assert result["peak_rss_bytes"] <= MAX_RAM, f"peak {result['peak_rss_bytes'] / 2**20:.0f} MiB over --max-ram"
-    print(f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB, .bin pair {size / 2**30:.2f} GiB, "
-          f"--max-ram {MAX_RAM / 2**20:.0f} MiB")
+    print(
+        f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB, .bin pair {size / 2**30:.2f} GiB, "
+        f"--max-ram {MAX_RAM / 2**20:.0f} MiB"
+    )

@@ -27,8 +27,15 @@ def tiny_llama_state() -> dict[str, torch.Tensor]:
     """A real transformers model's state dict, built from a config (bf16, tied embeddings)."""
     import transformers
 
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True)  # fmt: skip
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
     return model.state_dict()
@@ -105,8 +112,11 @@ def test_mixed_formats_give_the_values_of_the_safetensors_merge(bin_pair, tmp_pa
     (tmp_path / "st_ft").mkdir()
     save_file({k: v.clone().contiguous() for k, v in base.items()}, tmp_path / "st_base" / "m.safetensors")
     save_file({k: v.clone().contiguous() for k, v in ft.items()}, tmp_path / "st_ft" / "m.safetensors")
-    runs = {"safetensors": (tmp_path / "st_base", tmp_path / "st_ft"), "bin+st": (base_dir, tmp_path / "st_ft"),
-            "st+bin": (tmp_path / "st_base", ft_file)}  # fmt: skip
+    runs = {
+        "safetensors": (tmp_path / "st_base", tmp_path / "st_ft"),
+        "bin+st": (base_dir, tmp_path / "st_ft"),
+        "st+bin": (tmp_path / "st_base", ft_file),
+    }
     digests = {}
     for label, (b, f) in runs.items():
         proc = run_here("merge", b, f, tmp_path / label, "-q")
@@ -114,18 +124,28 @@ def test_mixed_formats_give_the_values_of_the_safetensors_merge(bin_pair, tmp_pa
         merged = loaded(tmp_path / label)
         digests[label] = {n: t.reshape(-1).view(torch.uint8).numpy().tobytes() for n, t in merged.items()}
     assert digests["bin+st"] == digests["safetensors"] == digests["st+bin"]  # tensor by tensor (orders differ)
-    assert (tmp_path / "bin+st" / "model.safetensors").read_bytes() == \
-        (tmp_path / "safetensors" / "model.safetensors").read_bytes()  # the same FINETUNED file: the same bytes
+    assert (tmp_path / "bin+st" / "model.safetensors").read_bytes() == (
+        tmp_path / "safetensors" / "model.safetensors"
+    ).read_bytes()  # the same FINETUNED file: the same bytes
 
 
 def test_views_shared_storage_zero_d_and_every_dtype(tmp_path):
     fused = torch.randn(12, 8, dtype=torch.bfloat16)
     state = collections.OrderedDict(
-        qkv=fused, q=fused[:4], k=fused[4:8], v=fused[8:], tied=fused, scale=torch.tensor(2.5),
-        f16=torch.randn(3, 5, dtype=torch.float16), f64=torch.randn(4, dtype=torch.float64),
-        i64=torch.arange(7), i32=torch.arange(3, dtype=torch.int32), flags=torch.tensor([True, False, True]),
-        param=torch.nn.Parameter(torch.ones(2, 2)), u8=torch.arange(5, dtype=torch.uint8),
-    )  # fmt: skip
+        qkv=fused,
+        q=fused[:4],
+        k=fused[4:8],
+        v=fused[8:],
+        tied=fused,
+        scale=torch.tensor(2.5),
+        f16=torch.randn(3, 5, dtype=torch.float16),
+        f64=torch.randn(4, dtype=torch.float64),
+        i64=torch.arange(7),
+        i32=torch.arange(3, dtype=torch.int32),
+        flags=torch.tensor([True, False, True]),
+        param=torch.nn.Parameter(torch.ones(2, 2)),
+        u8=torch.arange(5, dtype=torch.uint8),
+    )
     torch.save(state, tmp_path / "s.pt")
     ckpt = open_checkpoint(tmp_path / "s.pt", "BASE")
     assert set(ckpt) == set(state)
@@ -195,11 +215,16 @@ def layouts() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 7, 5, 4, generator=g).to(torch.bfloat16)
     return {
-        "transposed": x.reshape(42, 20).T, "columns": x.reshape(42, 20)[:, 3:11], "permuted": x.permute(2, 0, 3, 1),
-        "permuted_slice": x.permute(1, 3, 0, 2)[:, 1:3], "every_third": x.reshape(-1)[::3],
-        "expanded": torch.randn(1, 5, generator=g).to(torch.float16).expand(9, 5), "wide": x.reshape(6, 140)[:, ::2],
-        "int_transposed": torch.arange(35).reshape(5, 7).T, "bool_columns": (x.reshape(42, 20) > 0)[:, 1::2],
-    }  # fmt: skip
+        "transposed": x.reshape(42, 20).T,
+        "columns": x.reshape(42, 20)[:, 3:11],
+        "permuted": x.permute(2, 0, 3, 1),
+        "permuted_slice": x.permute(1, 3, 0, 2)[:, 1:3],
+        "every_third": x.reshape(-1)[::3],
+        "expanded": torch.randn(1, 5, generator=g).to(torch.float16).expand(9, 5),
+        "wide": x.reshape(6, 140)[:, ::2],
+        "int_transposed": torch.arange(35).reshape(5, 7).T,
+        "bool_columns": (x.reshape(42, 20) > 0)[:, 1::2],
+    }
 
 
 @pytest.mark.parametrize("span", [4 * 2**20, 16, 1], ids=["one-read", "16-byte-pieces", "1-byte-pieces"])
@@ -312,8 +337,9 @@ def test_a_bin_repo_id_resolves_from_the_cache(bin_pair, tmp_path):
     hub_cache(cache, "tiny-org/bin-base", base_dir)
     by_path, by_id = tmp_path / "by-path", tmp_path / "by-id"
     assert run_here("merge", base_dir, ft_file, by_path, "-q").returncode == 0
-    proc = run("merge", "tiny-org/bin-base", ft_file, by_id, "-q",
-               env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    proc = run(
+        "merge", "tiny-org/bin-base", ft_file, by_id, "-q", env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    )
     assert proc.returncode == 0, proc.stderr
     assert (by_id / "model.safetensors").read_bytes() == (by_path / "model.safetensors").read_bytes()
 
@@ -322,12 +348,17 @@ def open_clip_style(seed: int, width: int = 32) -> dict[str, torch.Tensor]:
     """The names and kinds of the paper's open_clip fine-tunes (model.visual..., a conv stem, a fused in_proj,
     a 0-d logit scale, a classification head), in float32, small."""
     g = torch.Generator().manual_seed(seed)
-    shapes = {"model.visual.conv1.weight": (width, 3, 4, 4), "model.visual.class_embedding": (width,),
-              "model.visual.transformer.resblocks.0.attn.in_proj_weight": (3 * width, width),
-              "model.visual.transformer.resblocks.0.attn.in_proj_bias": (3 * width,),
-              "model.visual.transformer.resblocks.0.attn.out_proj.weight": (width, width),
-              "model.visual.transformer.resblocks.0.mlp.c_fc.weight": (4 * width, width),
-              "model.visual.proj": (width, 16), "classification_head.weight": (10, 16), "model.logit_scale": ()}
+    shapes = {
+        "model.visual.conv1.weight": (width, 3, 4, 4),
+        "model.visual.class_embedding": (width,),
+        "model.visual.transformer.resblocks.0.attn.in_proj_weight": (3 * width, width),
+        "model.visual.transformer.resblocks.0.attn.in_proj_bias": (3 * width,),
+        "model.visual.transformer.resblocks.0.attn.out_proj.weight": (width, width),
+        "model.visual.transformer.resblocks.0.mlp.c_fc.weight": (4 * width, width),
+        "model.visual.proj": (width, 16),
+        "classification_head.weight": (10, 16),
+        "model.logit_scale": (),
+    }
     return {n: torch.randn(s, generator=g) for n, s in shapes.items()}
 
 
@@ -382,8 +413,9 @@ class _TorchPickler(__import__("pickle").Pickler):
         return None
 
 
-def crafted_bin(path: Path, tensors: dict[str, _TensorOf], storages: dict[str, bytes],
-                pickle_bytes: bytes = b"") -> Path:  # fmt: skip
+def crafted_bin(
+    path: Path, tensors: dict[str, _TensorOf], storages: dict[str, bytes], pickle_bytes: bytes = b""
+) -> Path:
     """A torch.save zip written by hand: the pickle says what the test wants, the storages hold what they hold."""
     import io
     import zipfile
@@ -429,8 +461,9 @@ def test_a_zip_entry_pointing_at_another_entrys_bytes_is_refused(tmp_path):
     a, b = torch.arange(16, dtype=torch.float32), torch.arange(16, 32, dtype=torch.float32)
     save_file({"a": torch.ones(4, 4), "b": torch.ones(4, 4)}, tmp_path / "base.safetensors")
     t = lambda key: _TensorOf(_StorageId(key, 16), (4, 4))  # noqa: E731
-    ft = crafted_bin(tmp_path / "ft.bin", {"a": t("0"), "b": t("1")}, {"0": a.numpy().tobytes(),
-                                                                         "1": b.numpy().tobytes()})  # fmt: skip
+    ft = crafted_bin(
+        tmp_path / "ft.bin", {"a": t("0"), "b": t("1")}, {"0": a.numpy().tobytes(), "1": b.numpy().tobytes()}
+    )
     raw = bytearray(ft.read_bytes())
     central = {}  # entry name -> offset of its central directory record
     at = raw.find(b"PK\x01\x02")
@@ -455,8 +488,7 @@ def test_a_zip_entry_pointing_at_another_entrys_bytes_is_refused(tmp_path):
 def test_a_pickle_cannot_change_how_later_files_are_read(tmp_path):
     """A BUILD on torch.HalfStorage in one file must not make the reader take fp16 storages as bf16 afterwards."""
     # GLOBAL torch.HalfStorage, BUILD {"dtype": "BF16"} on it, POP; the result: {"a": 1}
-    evil = (b"\x80\x02ctorch\nHalfStorage\n}X\x05\x00\x00\x00dtypeX\x04\x00\x00\x00BF16sb0"
-            b"}X\x01\x00\x00\x00aK\x01s.")  # fmt: skip
+    evil = b"\x80\x02ctorch\nHalfStorage\n}X\x05\x00\x00\x00dtypeX\x04\x00\x00\x00BF16sb0}X\x01\x00\x00\x00aK\x01s."
     crafted = crafted_bin(tmp_path / "evil.bin", {}, {}, pickle_bytes=evil)
     assert_one_line_error(run_here("plan", crafted, crafted), 2, "evil.bin")
     half = torch.linspace(-2, 2, 64, dtype=torch.float16).reshape(8, 8)
@@ -548,18 +580,38 @@ def _text(s: str) -> bytes:
 
 MORE_CRAFTED = {
     "a BUILD that rewrites a storage after it was checked": (
-        _frame(b"(" + _text("storage") + b"ctorch\nFloatStorage\n" + _text("0") + _text("cpu") + b"K\x04tQ}"
-               + _text("key") + _text("x") + b"sb"), "a BUILD on a storage"),
+        _frame(
+            b"("
+            + _text("storage")
+            + b"ctorch\nFloatStorage\n"
+            + _text("0")
+            + _text("cpu")
+            + b"K\x04tQ}"
+            + _text("key")
+            + _text("x")
+            + b"sb"
+        ),
+        "a BUILD on a storage",
+    ),
     "keys that share one hash": (
-        b"\x80\x02}(" + b"".join(b"\x8a\x09" + (k * (2**61 - 1)).to_bytes(9, "little") + b"K\x01"
-                                  for k in range(1, 4)) + b"u.", "61 bits or more"),
+        b"\x80\x02}("
+        + b"".join(b"\x8a\x09" + (k * (2**61 - 1)).to_bytes(9, "little") + b"K\x01" for k in range(1, 4))
+        + b"u.",
+        "61 bits or more",
+    ),
     "a memo index far out of sequence (the unpickler sizes its memo by it)": (
-        b"\x80\x02Nr\x00\x00\x00\x040}.", "out of sequence"),
+        b"\x80\x02Nr\x00\x00\x00\x040}.",
+        "out of sequence",
+    ),
     "bytes encoded with a quadratic codec": (
-        _frame(b"c_codecs\nencode\n" + _text("abc") + _text("punycode") + b"\x86R"), "encoded otherwise"),
+        _frame(b"c_codecs\nencode\n" + _text("abc") + _text("punycode") + b"\x86R"),
+        "encoded otherwise",
+    ),
     "an OrderedDict made from items (lists that can grow after the check)": (
-        _frame(b"ccollections\nOrderedDict\n]](" + _text("a") + b"K\x01ea\x85R"), "OrderedDict made from items"),
-}  # fmt: skip
+        _frame(b"ccollections\nOrderedDict\n]](" + _text("a") + b"K\x01ea\x85R"),
+        "OrderedDict made from items",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", sorted(MORE_CRAFTED))

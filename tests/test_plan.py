@@ -14,8 +14,9 @@ def sparse_70b(tmp_path_factory):
     import make_checkpoints
 
     root = tmp_path_factory.mktemp("l70")
-    base, ft = make_checkpoints.make_pair(root, "llama3-70b", sparse=True, base_shard_size=5 * 10**9,
-                                          ft_shard_size=5 * 10**9)  # fmt: skip
+    base, ft = make_checkpoints.make_pair(
+        root, "llama3-70b", sparse=True, base_shard_size=5 * 10**9, ft_shard_size=5 * 10**9
+    )
     return base, ft
 
 
@@ -33,7 +34,16 @@ def test_plan_70b_in_seconds_within_budget(sparse_70b, max_ram, lanes):
     assert est["largest_working_set"] <= est["task_ram"]
     assert len(est["lanes"]) == lanes and est["seconds"] > 0
     assert {kind: m["tensors"] for kind, m in doc["modules"].items()} == {
-        "q": 80, "k": 80, "v": 80, "o": 80, "gate": 80, "up": 80, "down": 80, "embed": 1, "lm_head": 1}
+        "q": 80,
+        "k": 80,
+        "v": 80,
+        "o": 80,
+        "gate": 80,
+        "up": 80,
+        "down": 80,
+        "embed": 1,
+        "lm_head": 1,
+    }
     assert plan["output_bytes"] == sum(
         f.stat().st_size - 8 - int.from_bytes(open(f, "rb").read(8), "little")
         for f in sparse_70b[1].glob("*.safetensors")
@@ -51,8 +61,13 @@ def test_plan_text_and_too_small_budget(sparse_70b):
     assert " day" not in proc.stdout, proc.stdout  # hours counted on: "33:05:12", not "1 day, 9:05:12"
     from streamsoup.options import format_duration
 
-    assert [format_duration(s) for s in (0, 70, 86399, 119112, -5)] == ["0:00:00", "0:01:10", "23:59:59",
-                                                                       "33:05:12", "0:00:00"]  # fmt: skip
+    assert [format_duration(s) for s in (0, 70, 86399, 119112, -5)] == [
+        "0:00:00",
+        "0:01:10",
+        "23:59:59",
+        "33:05:12",
+        "0:00:00",
+    ]
     small = run("plan", *sparse_70b, "--max-ram", "1GiB", "--devices", "cpu")
     assert small.returncode == 2 and "model.embed_tokens.weight" in small.stderr and "--max-ram" in small.stderr
 
@@ -94,8 +109,9 @@ def test_tasks_run_longest_first_whatever_the_plan_order(sparse_70b, tmp_path):
 
     opts = MergeOptions(max_ram=16 * 2**30, devices="cpu")
     plan = plan_merge(*sparse_70b, opts)
-    tasks = build_graph(plan, TaskContext(str(tmp_path), str(tmp_path / "state")), opts,
-                        schedule(plan, make_budget(opts, False)))  # fmt: skip
+    tasks = build_graph(
+        plan, TaskContext(str(tmp_path), str(tmp_path / "state")), opts, schedule(plan, make_budget(opts, False))
+    )
     jobs = {j.key: j for j in plan.jobs}
     cost = {t.key: sum(arithmetic_cost(jobs[m.key]) for m in t.members) for t in tasks}
     order = sorted(tasks, key=lambda t: -t.priority)

@@ -45,17 +45,32 @@ def save_pair(root: Path, model) -> tuple[Path, Path]:
 
 
 def tiny_llama(dtype=torch.bfloat16):
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=384, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2,
-                                      tie_word_embeddings=False)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=256,
+        intermediate_size=384,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).to(dtype)
 
 
 def tiny_gpt_oss():
-    config = transformers.GptOssConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
-                                       num_experts_per_tok=2, layer_types=["full_attention"])  # fmt: skip
+    config = transformers.GptOssConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        layer_types=["full_attention"],
+    )
     torch.manual_seed(0)
     return transformers.GptOssForCausalLM(config).to(torch.bfloat16)
 
@@ -85,23 +100,29 @@ def fp8_quantized(folder: Path, block: int | None = 128) -> dict[str, torch.Tens
         out[name + ("_scale_inv" if block else "_scale")] = scales
     save_file(out, path, metadata={"format": "pt"})
     config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = ({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                      "weight_block_size": [block, block]} if block else
-                                     {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0})  # fmt: skip
+    config["quantization_config"] = (
+        {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [block, block]}
+        if block
+        else {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0}
+    )
     (folder / "config.json").write_text(json.dumps(config))
     return weights
 
 
-def assert_like_reference(w0: dict[str, torch.Tensor], w1: dict[str, torch.Tensor], out: Path,
-                          experts: int | None = None) -> dict:  # fmt: skip
+def assert_like_reference(
+    w0: dict[str, torch.Tensor], w1: dict[str, torch.Tensor], out: Path, experts: int | None = None
+) -> dict:
     """Every output tensor (each expert of a stacked one) within rounding of the float64 reference."""
     o, rows = load_folder(out), report_rows(out)
     assert set(o) == set(w1), set(o) ^ set(w1)
     for name, b in w1.items():
         assert o[name].shape == b.shape, name
         stacked = experts is not None and b.dim() == 3 and ".experts." in name
-        parts = [(f"{name}[{e}]", w0[name][e], b[e], o[name][e]) for e in range(experts)] if stacked else \
-            [(name, w0[name], b, o[name])]  # fmt: skip
+        parts = (
+            [(f"{name}[{e}]", w0[name][e], b[e], o[name][e]) for e in range(experts)]
+            if stacked
+            else [(name, w0[name], b, o[name])]
+        )
         for row, a0, a1, got in parts:
             exp = monosoup_reference(a0, a1) if a0.dim() >= 2 and "experts" not in name or stacked else None
             if exp is not None and exp.edited:
@@ -211,8 +232,15 @@ def mxfp4_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
         assert err < 0.2, f"{name}: MXFP4 round trip off by {err:.3f}"
     save_file(out, path, metadata={"format": "pt"})
     config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
-                                     "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}  # fmt: skip
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
     (folder / "config.json").write_text(json.dumps(config))
     return weights
 
@@ -264,21 +292,26 @@ def test_other_quantized_formats_are_refused_by_name(tmp_path):
     name = "model.layers.0.mlp.down_proj.weight"
     tensors[name] = tensors[name].to(torch.float8_e4m3fn)  # FP8 without scales: nothing to decode it with
     save_file(tensors, ft / "model.safetensors", metadata={"format": "pt"})
-    assert_one_line_error(run("merge", base, ft, tmp_path / "out"), 2, "FINETUNED", "FP8 tensor", name,
-                          "no float scale tensor")  # fmt: skip
+    assert_one_line_error(
+        run("merge", base, ft, tmp_path / "out"), 2, "FINETUNED", "FP8 tensor", name, "no float scale tensor"
+    )
     gptq = tmp_path / "gptq"
     gptq.mkdir()
-    packed = {"model.layers.0.mlp.down_proj.qweight": torch.zeros(48, 256, dtype=torch.int32),
-              "model.layers.0.mlp.down_proj.qzeros": torch.zeros(3, 32, dtype=torch.int32),
-              "model.layers.0.mlp.down_proj.scales": torch.ones(3, 256, dtype=torch.float16)}  # fmt: skip
+    packed = {
+        "model.layers.0.mlp.down_proj.qweight": torch.zeros(48, 256, dtype=torch.int32),
+        "model.layers.0.mlp.down_proj.qzeros": torch.zeros(3, 32, dtype=torch.int32),
+        "model.layers.0.mlp.down_proj.scales": torch.ones(3, 256, dtype=torch.float16),
+    }
     save_file(packed, gptq / "model.safetensors")
     assert_one_line_error(run("merge", gptq, ft, tmp_path / "out"), 2, "BASE", "GPTQ", ".qweight")
     (gptq / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "awq"}}))
     assert_one_line_error(run("plan", gptq, ft), 2, "BASE", "quant_method 'awq'", "dequantize it to bf16")
     mx = tmp_path / "mxfp4"
     mx.mkdir()
-    save_file({"model.layers.0.mlp.experts.down_proj_blocks": torch.zeros(4, 256, 8, 16, dtype=torch.uint8)},
-              mx / "model.safetensors")  # fmt: skip
+    save_file(
+        {"model.layers.0.mlp.experts.down_proj_blocks": torch.zeros(4, 256, 8, 16, dtype=torch.uint8)},
+        mx / "model.safetensors",
+    )
     assert_one_line_error(run("merge", mx, ft, tmp_path / "out"), 2, "BASE", "MXFP4", "_scales")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
@@ -292,9 +325,16 @@ def test_stacked_experts_without_a_config_are_refused(tmp_path):
 
 def test_experts_saved_one_matrix_each_merge_exactly(tmp_path):
     """Mixtral's experts are 2-D tensors of their own: each is a weight matrix, edited like any other."""
-    config = transformers.MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                                        num_experts_per_tok=2)  # fmt: skip
+    config = transformers.MixtralConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
     torch.manual_seed(0)
     base, ft = save_pair(tmp_path, transformers.MixtralForCausalLM(config).to(torch.bfloat16))
     out = tmp_path / "out"

@@ -102,8 +102,9 @@ def test_cpu_commands_run_as_written(tmp_path):
             continue
         program = words[0].removeprefix(".venv/bin/")
         if program == "streamsoup" and not ran:
-            proc = subprocess.run([str(bindir / program), *words[1:]], cwd=tmp_path, capture_output=True,
-                                  text=True, timeout=600)  # fmt: skip
+            proc = subprocess.run(
+                [str(bindir / program), *words[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=600
+            )
         elif program == "streamsoup":
             proc = run(*words[1:], cwd=tmp_path, timeout=600)
         else:

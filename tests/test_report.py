@@ -28,10 +28,22 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 #: the kind of each matrix of the awkward generated pair, by the module name before `.weight`
 AWKWARD_KINDS = {
-    "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
-    "down_proj": "down", "embed_tokens": "embed", "patch_embed.proj": "embed", "lm_head": "lm_head",
-    "linear": "other", "wide": "other", "score": "other", "position_ids": "other", "empty_buffer": "other",
-}  # fmt: skip
+    "q_proj": "q",
+    "k_proj": "k",
+    "v_proj": "v",
+    "o_proj": "o",
+    "gate_proj": "gate",
+    "up_proj": "up",
+    "down_proj": "down",
+    "embed_tokens": "embed",
+    "patch_embed.proj": "embed",
+    "lm_head": "lm_head",
+    "linear": "other",
+    "wide": "other",
+    "score": "other",
+    "position_ids": "other",
+    "empty_buffer": "other",
+}
 
 
 def kind_of(name: str, table: dict[str, str]) -> str:
@@ -49,8 +61,14 @@ def expected_modules(rows: list[dict], table: dict[str, str]) -> dict[str, dict]
         entry["tensors"] += 1
         if row["action"] == "edit":
             entry["edited"] += 1
-            entry["values"].append({"k_rank": row["k"] / row["rank"], "P_k": row["P_k"],
-                                    "lambda_high": row["lambda_high"], "lambda_low": row["lambda_low"]})  # fmt: skip
+            entry["values"].append(
+                {
+                    "k_rank": row["k"] / row["rank"],
+                    "P_k": row["P_k"],
+                    "lambda_high": row["lambda_high"],
+                    "lambda_low": row["lambda_low"],
+                }
+            )
     for entry in out.values():
         values = entry.pop("values")
         for stat in ("k_rank", "P_k", "lambda_high", "lambda_low"):
@@ -109,8 +127,9 @@ def merged(awkward_pair, tmp_path_factory) -> Path:
 
 
 def test_report_on_the_awkward_pair(merged, tmp_path):
-    doc = assert_report_matches(merged, AWKWARD_KINDS, {"q", "k", "v", "o", "gate", "up", "down", "embed",
-                                                        "lm_head", "other"})  # fmt: skip
+    doc = assert_report_matches(
+        merged, AWKWARD_KINDS, {"q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head", "other"}
+    )
     s, rows = doc["summary"], json.loads((merged / REPORT).read_text())["tensors"]
     edited = sum(r["action"] == "edit" for r in rows)
     assert (s["tensors"], s["edited"], s["copied"], s["dropped"]) == (len(rows), edited, len(rows) - edited, 1)
@@ -138,8 +157,9 @@ def test_report_on_the_awkward_pair(merged, tmp_path):
 
 def test_report_of_an_interrupted_run_shows_the_tensors_done(awkward_pair, tmp_path):
     out = tmp_path / "out"
-    killed = run("merge", *awkward_pair, out, "--work-dir", tmp_path / "state", "-q",
-                 env={"STREAMSOUP_FAULT": "commit:9"})  # fmt: skip
+    killed = run(
+        "merge", *awkward_pair, out, "--work-dir", tmp_path / "state", "-q", env={"STREAMSOUP_FAULT": "commit:9"}
+    )
     assert killed.returncode != 0
     status = json.loads(run("status", out, "--json").stdout)
     total = status["tensors_total"]
@@ -166,8 +186,17 @@ def test_report_on_a_real_transformers_merge(tmp_path):
     base, ft = make_adapters.make_finetune(tmp_path / "llama", "llama")
     out = tmp_path / "out"
     assert run("merge", base, ft, out, "-q").returncode == 0
-    llama = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
-             "down_proj": "down", "embed_tokens": "embed", "lm_head": "lm_head"}  # fmt: skip
+    llama = {
+        "q_proj": "q",
+        "k_proj": "k",
+        "v_proj": "v",
+        "o_proj": "o",
+        "gate_proj": "gate",
+        "up_proj": "up",
+        "down_proj": "down",
+        "embed_tokens": "embed",
+        "lm_head": "lm_head",
+    }
     doc = assert_report_matches(out, llama, set(llama.values()))
     assert all(m["edited"] == m["tensors"] for m in doc["modules"].values())  # a full fine-tune edits them all
     assert run("report", out, "--png", tmp_path / "r.png").returncode == 0
@@ -191,8 +220,11 @@ def _tiny(arch: str):
 
     small = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
     if arch in ("llama", "qwen2", "mistral"):
-        cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
-               "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}[arch]  # fmt: skip
+        cls = {
+            "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+            "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+            "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+        }[arch]
         return cls[1](cls[0](**small, num_key_value_heads=2, tie_word_embeddings=False))
     if arch == "gpt2":
         return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16))
@@ -200,33 +232,90 @@ def _tiny(arch: str):
         return tf.BertForMaskedLM(tf.BertConfig(**small, max_position_embeddings=16))
     if arch == "clip":
         text = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
-        vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      image_size=16, patch_size=8)  # fmt: skip
+        vision = dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=16,
+            patch_size=8,
+        )
         return tf.CLIPModel(tf.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
     if arch == "t5":
-        return tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=64, d_model=32, d_ff=48, d_kv=8, num_layers=2,
-                                                         num_heads=4, tie_word_embeddings=False))  # fmt: skip
+        return tf.T5ForConditionalGeneration(
+            tf.T5Config(
+                vocab_size=64, d_model=32, d_ff=48, d_kv=8, num_layers=2, num_heads=4, tie_word_embeddings=False
+            )
+        )
     raise ValueError(arch)
 
 
 #: per architecture: module name (before .weight) -> kind, for every matrix its state dict holds
 ARCH_KINDS = {
-    "llama": {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
-              "down_proj": "down", "embed_tokens": "embed", "lm_head": "lm_head"},
-    "gpt2": {"attn.c_attn": "qkv", "attn.c_proj": "o", "mlp.c_fc": "up", "mlp.c_proj": "down", "wte": "embed",
-             "wpe": "embed", "lm_head": "lm_head"},
-    "bert": {"self.query": "q", "self.key": "k", "self.value": "v", "attention.output.dense": "o",
-             "intermediate.dense": "up", "layer.0.output.dense": "down", "layer.1.output.dense": "down",
-             "word_embeddings": "embed", "position_embeddings": "embed", "token_type_embeddings": "embed",
-             "transform.dense": "other", "predictions.decoder": "lm_head"},
-    "clip": {"q_proj": "q", "k_proj": "k", "v_proj": "v", "out_proj": "o", "fc1": "up", "fc2": "down",
-             "token_embedding": "embed", "position_embedding": "embed", "patch_embedding": "embed",
-             "visual_projection": "other", "text_projection": "other"},
-    "t5": {"SelfAttention.q": "q", "SelfAttention.k": "k", "SelfAttention.v": "v", "SelfAttention.o": "o",
-           "EncDecAttention.q": "q", "EncDecAttention.k": "k", "EncDecAttention.v": "v", "EncDecAttention.o": "o",
-           "relative_attention_bias": "other", "DenseReluDense.wi": "up", "DenseReluDense.wo": "down",
-           "shared": "embed", "embed_tokens": "embed", "lm_head": "lm_head"},
-}  # fmt: skip
+    "llama": {
+        "q_proj": "q",
+        "k_proj": "k",
+        "v_proj": "v",
+        "o_proj": "o",
+        "gate_proj": "gate",
+        "up_proj": "up",
+        "down_proj": "down",
+        "embed_tokens": "embed",
+        "lm_head": "lm_head",
+    },
+    "gpt2": {
+        "attn.c_attn": "qkv",
+        "attn.c_proj": "o",
+        "mlp.c_fc": "up",
+        "mlp.c_proj": "down",
+        "wte": "embed",
+        "wpe": "embed",
+        "lm_head": "lm_head",
+    },
+    "bert": {
+        "self.query": "q",
+        "self.key": "k",
+        "self.value": "v",
+        "attention.output.dense": "o",
+        "intermediate.dense": "up",
+        "layer.0.output.dense": "down",
+        "layer.1.output.dense": "down",
+        "word_embeddings": "embed",
+        "position_embeddings": "embed",
+        "token_type_embeddings": "embed",
+        "transform.dense": "other",
+        "predictions.decoder": "lm_head",
+    },
+    "clip": {
+        "q_proj": "q",
+        "k_proj": "k",
+        "v_proj": "v",
+        "out_proj": "o",
+        "fc1": "up",
+        "fc2": "down",
+        "token_embedding": "embed",
+        "position_embedding": "embed",
+        "patch_embedding": "embed",
+        "visual_projection": "other",
+        "text_projection": "other",
+    },
+    "t5": {
+        "SelfAttention.q": "q",
+        "SelfAttention.k": "k",
+        "SelfAttention.v": "v",
+        "SelfAttention.o": "o",
+        "EncDecAttention.q": "q",
+        "EncDecAttention.k": "k",
+        "EncDecAttention.v": "v",
+        "EncDecAttention.o": "o",
+        "relative_attention_bias": "other",
+        "DenseReluDense.wi": "up",
+        "DenseReluDense.wo": "down",
+        "shared": "embed",
+        "embed_tokens": "embed",
+        "lm_head": "lm_head",
+    },
+}
 ARCH_KINDS["qwen2"] = ARCH_KINDS["mistral"] = ARCH_KINDS["llama"]
 
 
@@ -258,8 +347,9 @@ def test_api_returns_what_the_cli_prints(merged, awkward_pair, tmp_path):
     assert {k: v for k, v in mine.items() if k not in measured} == {k: v for k, v in cli.items() if k not in measured}
     stable = ("tensors ", "I/O ", "largest ")
     text = run("plan", *awkward_pair, "--devices", "cpu").stdout.splitlines()
-    assert [line for line in str(plan).splitlines() if line.startswith(stable)] == \
-        [line for line in text if line.startswith(stable)]  # fmt: skip
+    assert [line for line in str(plan).splitlines() if line.startswith(stable)] == [
+        line for line in text if line.startswith(stable)
+    ]
     # plan and report share names and structure
     done = report.as_dict()
     assert set(mine["summary"]) >= {"tensors", "edited", "copied", "dropped", "output_bytes"}
@@ -272,8 +362,10 @@ def test_api_returns_what_the_cli_prints(merged, awkward_pair, tmp_path):
 
 def test_png_without_matplotlib_is_one_line(merged, tmp_path):
     """With matplotlib not importable (as on an install without the `report` extra): one line, exit 2, no file."""
-    code = ("import sys; sys.modules['matplotlib'] = None; from streamsoup.cli import main; "
-            f"sys.exit(main(['report', {str(merged)!r}, '--png', {str(tmp_path / 'x.png')!r}]))")  # fmt: skip
+    code = (
+        "import sys; sys.modules['matplotlib'] = None; from streamsoup.cli import main; "
+        f"sys.exit(main(['report', {str(merged)!r}, '--png', {str(tmp_path / 'x.png')!r}]))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert_one_line_error(proc, 2, "--png needs matplotlib", "pip install 'streamsoup[report]'")
     assert proc.stdout == "" and not (tmp_path / "x.png").exists()

@@ -24,8 +24,9 @@ def committed_names(partial: Path) -> set[str]:
     return {m.row["name"] for m in RunState.read(partial / STATE_NAME).committed().values()}
 
 
-@pytest.mark.parametrize("point", ["commit:1", "commit:7", "commit:19", "publish.before-rename",
-                                   "publish.after-rename"])  # fmt: skip
+@pytest.mark.parametrize(
+    "point", ["commit:1", "commit:7", "commit:19", "publish.before-rename", "publish.after-rename"]
+)
 def test_kill_at_named_points_then_resume(reference, tmp_path, point):
     base, ft, _, digest = reference
     out = tmp_path / "out"
@@ -146,8 +147,9 @@ def test_second_merge_on_same_out_is_refused(awkward_pair, tmp_path):
         proc = run("merge", base, ft, tmp_path / "out")
         assert_one_line_error(proc, 2, "another streamsoup merge", f"pid {os.getpid()}")
         status = run("status", tmp_path / "out")
-        assert status.returncode == 0 and status.stdout.startswith("running (") and f"pid {os.getpid()}" in \
-            status.stdout, status  # fmt: skip
+        assert (
+            status.returncode == 0 and status.stdout.startswith("running (") and f"pid {os.getpid()}" in status.stdout
+        ), status
     finally:
         lock.release()
 

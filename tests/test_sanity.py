@@ -42,9 +42,14 @@ def adapter_folder(tmp: Path, base: Path, ft: Path) -> tuple[list, list[str]]:
     adapter = tmp / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
-    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 64),
-               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(64, 4)},
-              adapter / "adapter_model.safetensors", metadata={"format": "pt"})  # fmt: skip
+    save_file(
+        {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 64),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(64, 4),
+        },
+        adapter / "adapter_model.safetensors",
+        metadata={"format": "pt"},
+    )
     return [adapter, ft], ["BASE", "is a PEFT LoRA adapter", "the adapter folder as FINETUNED"]
 
 
@@ -151,8 +156,11 @@ def test_plan_never_contradicts_merge(pair, tmp_path):
     assert run("merge", base, ft, out, "-q").returncode == 0
     summary = json.loads((out / "streamsoup_report.json").read_text())["summary"]
     rows = report_rows(out).values()
-    below = [r for r in rows if r["action"] == "copy" and ("min-rel-update" in r["reason"] or
-                                                          r["reason"].startswith("no update"))]  # fmt: skip
+    below = [
+        r
+        for r in rows
+        if r["action"] == "copy" and ("min-rel-update" in r["reason"] or r["reason"].startswith("no update"))
+    ]
     assert summary["edited"] + len(below) == plan["edit_candidates"] and summary["edited"] <= plan["edit_candidates"]
     assert summary["tensors"] == plan["tensors"] and summary["dropped"] == plan["dropped"]
     for flag in (["--scheduler", "tcp://127.0.0.1:8786"], ["--checkpoint-seconds", "5"], ["--allow-nonfinite"]):
@@ -182,8 +190,11 @@ def test_words(pair, tmp_path):
         streamsoup.merge(base, ft, tmp_path / "o2", rank_rule="median")
     with pytest.raises(OptionError, match="^max_ram "):
         streamsoup.merge(base, ft, tmp_path / "o2", max_ram="100TiB")
-    assert_one_line_error(run("merge", base, ft, tmp_path / "o2", "--rank-rule", "energy", "--energy", "2"), 2,
-                          "--energy must be in (0, 1]")  # fmt: skip
+    assert_one_line_error(
+        run("merge", base, ft, tmp_path / "o2", "--rank-rule", "energy", "--energy", "2"),
+        2,
+        "--energy must be in (0, 1]",
+    )
 
 
 def test_an_unrelated_base_of_the_same_shapes_is_refused_and_a_big_update_is_not(tmp_path):
@@ -191,8 +202,15 @@ def test_an_unrelated_base_of_the_same_shapes_is_refused_and_a_big_update_is_not
     every relative update ~1.41 (two independent initialisations); refused before any output, with the
     evidence. A real pair with ||dW|| = 0.5 ||W0|| still merges."""
     transformers = pytest.importorskip("transformers")
-    sizes = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+    sizes = dict(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
 
     def saved(kind: str, seed: int, folder: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
         torch.manual_seed(seed)
@@ -213,9 +231,12 @@ def test_an_unrelated_base_of_the_same_shapes_is_refused_and_a_big_update_is_not
 
     ft = saved("llama", 0, tmp_path / "ft")
     # the check reads decoded values: a BASE in another dtype or layout than the fine-tune is held to it too
-    others = [(saved("llama", 1, tmp_path / "llama-1"), ()), (saved("qwen2", 0, tmp_path / "qwen2-0"),
-              ("model_type 'qwen2' vs 'llama'",)), (saved("llama", 1, tmp_path / "f32", torch.float32), ()),
-              (saved("llama", 1, tmp_path / "f16", torch.float16), ())]  # fmt: skip
+    others = [
+        (saved("llama", 1, tmp_path / "llama-1"), ()),
+        (saved("qwen2", 0, tmp_path / "qwen2-0"), ("model_type 'qwen2' vs 'llama'",)),
+        (saved("llama", 1, tmp_path / "f32", torch.float32), ()),
+        (saved("llama", 1, tmp_path / "f16", torch.float16), ()),
+    ]
     others.append((as_views(others[2][0]), ()))
     for other, needles in others:
         proc = run("merge", other, ft, tmp_path / "out")

@@ -83,10 +83,12 @@ def test_a_resumed_merge_keeps_the_first_attempts_threads(awkward_pair, tmp_path
 def test_openblas_threads_sleep_when_idle_unless_the_environment_says(given):
     """A lane of several threads alternates torch's OpenMP and scipy's OpenBLAS: OpenBLAS's idle threads must
     not spin on the cores OpenMP needs (docs/benchmarks-shared-machine.md); a value the user set is kept."""
-    code = ("import os, torch\nfrom streamsoup.numerics.hostlinalg import matmul\n"
-            "a = torch.ones(4, 4, dtype=torch.float64)\n"
-            "assert (matmul(a, a, torch.empty(4, 4, dtype=torch.float64)) == 4).all()\n"
-            "print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))")  # fmt: skip
+    code = (
+        "import os, torch\nfrom streamsoup.numerics.hostlinalg import matmul\n"
+        "a = torch.ones(4, 4, dtype=torch.float64)\n"
+        "assert (matmul(a, a, torch.empty(4, 4, dtype=torch.float64)) == 4).all()\n"
+        "print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"
+    )
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
     if given:
         env["OPENBLAS_THREAD_TIMEOUT"] = given

@@ -60,8 +60,13 @@ def run_one(name: str, cmd: list[str], params: int) -> dict:
     res = measure(cmd)
     if res["returncode"] != 0:
         raise SystemExit(f"[bench] {name} failed with exit code {res['returncode']}")
-    return {"approach": name, "seconds": res["seconds"], "peak_rss": res["peak_rss_bytes"],
-            "params_per_s": params / res["seconds"], "cold_cache": cold}  # fmt: skip
+    return {
+        "approach": name,
+        "seconds": res["seconds"],
+        "peak_rss": res["peak_rss_bytes"],
+        "params_per_s": params / res["seconds"],
+        "cold_cache": cold,
+    }
 
 
 def ordered(t: torch.Tensor) -> torch.Tensor:
@@ -95,8 +100,10 @@ def mergekit_cmd(base: Path, ft: Path, out: Path, cfg: Path) -> list[str] | None
     exe = shutil.which("mergekit-yaml")
     if exe is None:
         return None
-    cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {ft}\n"
-                   "    parameters:\n      weight: 1.0\ndtype: bfloat16\n")  # fmt: skip
+    cfg.write_text(
+        f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {ft}\n"
+        "    parameters:\n      weight: 1.0\ndtype: bfloat16\n"
+    )
     return [exe, str(cfg), str(out), "--lazy-unpickle"]
 
 
@@ -172,11 +179,26 @@ def kernels(devices: list[str], shapes: Counter, paths: list[str]) -> list[dict]
                 reweighed(src, spectrum, coef, torch.bfloat16, watch)
                 dt = time.perf_counter() - t0
                 floors = floor_seconds(m, n, min(coef.k, coef.rank - coef.k), device)
-                rows.append({"device": device, "shape": f"{m}x{n}", "count": count, "path": path, "seconds": dt,
-                             "phases": watch.as_dict(), "floor": floors["issue"], "path_floor": floors["path"],
-                             "k": coef.k, "params_per_s": m * n / dt})  # fmt: skip
-                print(f"[bench] {device} {m}x{n} x{count} {path}: {dt:.2f} s, floor {sum(floors['issue'].values()):.2f}"
-                      f" s (k={coef.k})", file=sys.stderr, flush=True)  # fmt: skip
+                rows.append(
+                    {
+                        "device": device,
+                        "shape": f"{m}x{n}",
+                        "count": count,
+                        "path": path,
+                        "seconds": dt,
+                        "phases": watch.as_dict(),
+                        "floor": floors["issue"],
+                        "path_floor": floors["path"],
+                        "k": coef.k,
+                        "params_per_s": m * n / dt,
+                    }
+                )
+                print(
+                    f"[bench] {device} {m}x{n} x{count} {path}: {dt:.2f} s, floor {sum(floors['issue'].values()):.2f}"
+                    f" s (k={coef.k})",
+                    file=sys.stderr,
+                    flush=True,
+                )
     return rows
 
 
@@ -200,28 +222,41 @@ def merge_floor(out: Path, device: str) -> dict:
     for (m, n), sides in by_shape.items():
         for which, f in floor_seconds(m, n, int(statistics.median(sides)), device).items():
             total[which].update({k: v * len(sides) for k, v in f.items()})
-    return {"floor": dict(total["issue"]), "floor_seconds": sum(total["issue"].values()) / lanes,
-            "path_floor": dict(total["path"]), "path_floor_seconds": sum(total["path"].values()) / lanes,
-            "phases": dict(phases), "lanes": lanes, "threads": machine["threads"]}  # fmt: skip
+    return {
+        "floor": dict(total["issue"]),
+        "floor_seconds": sum(total["issue"].values()) / lanes,
+        "path_floor": dict(total["path"]),
+        "path_floor_seconds": sum(total["path"].values()) / lanes,
+        "phases": dict(phases),
+        "lanes": lanes,
+        "threads": machine["threads"],
+    }
 
 
 def fmt_bytes(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def write_doc(path: Path, meta: dict, rows: list[dict], agree: dict | None, kern: list[dict], cmd: str,
-              floor: dict | None = None) -> str:  # fmt: skip
-    lines = [f"# Benchmarks\n\nReproduce with:\n\n```\n{cmd}\n```\n",
-             "Machine: " + ", ".join(f"{k} {v}" for k, v in meta.items()) + "\n"]  # fmt: skip
+def write_doc(
+    path: Path, meta: dict, rows: list[dict], agree: dict | None, kern: list[dict], cmd: str, floor: dict | None = None
+) -> str:
+    lines = [
+        f"# Benchmarks\n\nReproduce with:\n\n```\n{cmd}\n```\n",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in meta.items()) + "\n",
+    ]
     if rows:
         naive = next((r for r in rows if r["approach"] == "naive"), None)
-        lines += ["| approach | wall time | params/s | peak RSS (process tree) | time vs naive | RSS vs naive |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "| approach | wall time | params/s | peak RSS (process tree) | time vs naive | RSS vs naive |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in rows:
             tv = f"{r['seconds'] / naive['seconds']:.3f}x" if naive else "-"
             rv = f"{r['peak_rss'] / naive['peak_rss']:.3f}x" if naive else "-"
-            lines.append(f"| {r['approach']} | {r['seconds']:.1f} s | {r['params_per_s'] / 1e6:.1f} M | "
-                         f"{fmt_bytes(r['peak_rss'])} | {tv} | {rv} |")  # fmt: skip
+            lines.append(
+                f"| {r['approach']} | {r['seconds']:.1f} s | {r['params_per_s'] / 1e6:.1f} M | "
+                f"{fmt_bytes(r['peak_rss'])} | {tv} | {rv} |"
+            )
         io = next((r for r in rows if r["approach"] == "I/O floor"), None)
         ours = next((r for r in rows if r["approach"] == "streamsoup"), None)
         if io and ours:
@@ -234,36 +269,45 @@ def write_doc(path: Path, meta: dict, rows: list[dict], agree: dict | None, kern
         )
     if floor:
         per = f"at {floor['threads']} thread(s), over {floor['lanes']} lane(s) side by side"
-        lines += [f"\nstreamsoup / its kernel floor (issue 13's: one float64 Gram GEMM + one eigh + one projection "
-                  f"per edited matrix at full BLAS rate {per}, {floor['floor_seconds']:.1f} s): "
-                  f"{ours['seconds'] / floor['floor_seconds']:.2f}x",
-                  f"\nstreamsoup / the floor of the arithmetic it does (the Gram's upper triangle + the partial "
-                  f"eigensolve + one projection, same rate, {floor['path_floor_seconds']:.1f} s): "
-                  f"{ours['seconds'] / floor['path_floor_seconds']:.2f}x",
-                  "\n| phase | streamsoup (sum over tensors) | issue 13's floor | its arithmetic's floor |",
-                  "|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"\nstreamsoup / its kernel floor (issue 13's: one float64 Gram GEMM + one eigh + one projection "
+            f"per edited matrix at full BLAS rate {per}, {floor['floor_seconds']:.1f} s): "
+            f"{ours['seconds'] / floor['floor_seconds']:.2f}x",
+            f"\nstreamsoup / the floor of the arithmetic it does (the Gram's upper triangle + the partial "
+            f"eigensolve + one projection, same rate, {floor['path_floor_seconds']:.1f} s): "
+            f"{ours['seconds'] / floor['path_floor_seconds']:.2f}x",
+            "\n| phase | streamsoup (sum over tensors) | issue 13's floor | its arithmetic's floor |",
+            "|---|---|---|---|",
+        ]
         for phase in ("read", "gram", "eigh", "project", "write"):
             cells = [f"{floor[f].get(phase, 0):.1f} s" if phase in floor[f] else "-" for f in ("floor", "path_floor")]
             lines.append(f"| {phase} | {floor['phases'].get(phase, 0):.1f} s | {cells[0]} | {cells[1]} |")
     if kern:
-        lines += ["\n## Per-matrix compute (no I/O): the merge's own path against its kernel floors\n",
-                  "Floors: issue 13's (Gram GEMM + eigh + projection) and that of the arithmetic the path does "
-                  "(upper block triangle of the Gram + partial eigensolve + projection), both at full rate on whole "
-                  "matrices.\n",
-                  "| device | shape | count | path | k | gram | eigh | project | total | floor | ratio | path floor "
-                  "| ratio |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "\n## Per-matrix compute (no I/O): the merge's own path against its kernel floors\n",
+            "Floors: issue 13's (Gram GEMM + eigh + projection) and that of the arithmetic the path does "
+            "(upper block triangle of the Gram + partial eigensolve + projection), both at full rate on whole "
+            "matrices.\n",
+            "| device | shape | count | path | k | gram | eigh | project | total | floor | ratio | path floor "
+            "| ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in kern:
             ph, fl, pf = r["phases"], sum(r["floor"].values()), sum(r["path_floor"].values())
-            lines.append(f"| {r['device']} | {r['shape']} | {r['count']} | {r['path']} | {r['k']} | {ph['gram']:.2f} | "
-                         f"{ph['eigh']:.2f} | {ph['project']:.2f} | {r['seconds']:.2f} | {fl:.2f} | "
-                         f"{r['seconds'] / fl:.2f}x | {pf:.2f} | {r['seconds'] / pf:.2f}x |")  # fmt: skip
+            lines.append(
+                f"| {r['device']} | {r['shape']} | {r['count']} | {r['path']} | {r['k']} | {ph['gram']:.2f} | "
+                f"{ph['eigh']:.2f} | {ph['project']:.2f} | {r['seconds']:.2f} | {fl:.2f} | "
+                f"{r['seconds'] / fl:.2f}x | {pf:.2f} | {r['seconds'] / pf:.2f}x |"
+            )
         for spectral in sorted({r["path"] for r in kern}):
             tot = sum(r["seconds"] * r["count"] for r in kern if r["path"] == spectral)
             fl = sum(sum(r["floor"].values()) * r["count"] for r in kern if r["path"] == spectral)
             pf = sum(sum(r["path_floor"].values()) * r["count"] for r in kern if r["path"] == spectral)
-            lines.append(f"\nWhole pair, {spectral} path: {tot:.1f} s of compute against issue 13's kernel floor of "
-                         f"{fl:.1f} s ({tot / fl:.2f}x) and its own arithmetic's floor of {pf:.1f} s "
-                         f"({tot / pf:.2f}x)")  # fmt: skip
+            lines.append(
+                f"\nWhole pair, {spectral} path: {tot:.1f} s of compute against issue 13's kernel floor of "
+                f"{fl:.1f} s ({tot / fl:.2f}x) and its own arithmetic's floor of {pf:.1f} s "
+                f"({tot / pf:.2f}x)"
+            )
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -297,14 +341,21 @@ def main() -> None:
     p.add_argument("--lanes", default="", help="streamsoup --lanes (default: its own default)")
     p.add_argument("--max-ram", default=None)
     p.add_argument("--skip-naive", action="store_true")
-    p.add_argument("--kernels", action="store_true",
-                   help="only the compute of each matrix shape of the preset's pair against its kernel floor")
+    p.add_argument(
+        "--kernels",
+        action="store_true",
+        help="only the compute of each matrix shape of the preset's pair against its kernel floor",
+    )
     p.add_argument("--paths", default="gram", help="spectral paths for --kernels (gram,svd)")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = p.parse_args()
-    meta = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-            "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    meta = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "date": time.strftime("%Y-%m-%d"),
+    }
     cmd = ".venv/bin/python tools/bench.py " + " ".join(sys.argv[1:])
     devs = ["cuda:0"] if args.devices.startswith("cuda") else ["cpu"]
     if args.kernels:
@@ -322,8 +373,19 @@ def main() -> None:
     runs = pair / "runs"
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir()
-    ours = [PY, "-m", "streamsoup.cli", "merge", str(base), str(ft), str(runs / "streamsoup"), "-q",
-            "--devices", args.devices, *(["--lanes", args.lanes] if args.lanes else [])]  # fmt: skip
+    ours = [
+        PY,
+        "-m",
+        "streamsoup.cli",
+        "merge",
+        str(base),
+        str(ft),
+        str(runs / "streamsoup"),
+        "-q",
+        "--devices",
+        args.devices,
+        *(["--lanes", args.lanes] if args.lanes else []),
+    ]
     if args.max_ram:
         ours += ["--max-ram", args.max_ram]
     rows = [run_one("streamsoup", ours, params)]
@@ -339,8 +401,9 @@ def main() -> None:
     floor = merge_floor(runs / "streamsoup", devs[0])
     print(write_doc(args.doc, meta, rows, agree, [], cmd, floor))
     plot(args.doc.with_suffix(".png"), rows)
-    (args.doc.with_suffix(".json")).write_text(json.dumps({"meta": meta, "runs": rows, "agreement": agree,
-                                                           "kernel_floor": floor}, indent=2))  # fmt: skip
+    (args.doc.with_suffix(".json")).write_text(
+        json.dumps({"meta": meta, "runs": rows, "agreement": agree, "kernel_floor": floor}, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,9 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def make_base(folder: Path, shape: mc.ModelShape, sparse: bool) -> None:
     """Random bf16 weights block by block (fast: no fine-tune to derive), or headers over holes."""
     tensors = mc.llama_tensors(shape)
-    writer = mc.Writer(folder, [TensorSpec(t.name, "BF16", t.base_shape) for t in tensors], mc.HF_SHARD_SIZE,
-                       with_index=True)  # fmt: skip
+    writer = mc.Writer(
+        folder, [TensorSpec(t.name, "BF16", t.base_shape) for t in tensors], mc.HF_SHARD_SIZE, with_index=True
+    )
     g = torch.Generator().manual_seed(0)
     for t in [] if sparse else tensors:
         rows, cols = (1, t.base_shape[0]) if len(t.base_shape) == 1 else (t.base_shape[0], math.prod(t.base_shape[1:]))
@@ -79,10 +80,21 @@ def make_adapter(folder: Path, base: Path, rank: int, sparse: bool) -> None:
         (folder / "model.safetensors").rename(folder / "adapter_model.safetensors")
     else:
         save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGETS),
-              "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "bias": "none",
-              "base_model_name_or_path": str(base), "rank_pattern": {}, "alpha_pattern": {},
-              "modules_to_save": None, "task_type": "CAUSAL_LM"}  # fmt: skip
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": list(TARGETS),
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "bias": "none",
+        "base_model_name_or_path": str(base),
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "modules_to_save": None,
+        "task_type": "CAUSAL_LM",
+    }
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -108,14 +120,19 @@ def cold_cache() -> None:
 
 def measured(cmd: list[str]) -> dict:
     cold_cache()
-    proc = subprocess.run([sys.executable, str(HERE / "peak_rss.py"), "--json", "--", *cmd],
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "peak_rss.py"), "--json", "--", *cmd], capture_output=True, text=True, check=True
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def plan_seconds(base: Path, finetuned: Path, *extra: str) -> tuple[float, str]:
-    proc = subprocess.run([sys.executable, "-m", "streamsoup.cli", "plan", str(base), str(finetuned), "--json",
-                           *extra], capture_output=True, text=True, check=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamsoup.cli", "plan", str(base), str(finetuned), "--json", *extra],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     summary = json.loads(proc.stdout)
     return summary["estimate"]["seconds"], proc.stdout
 
@@ -133,10 +150,14 @@ def main() -> None:
         make_base(base, shape, a.sparse)
     if not (adapter / "adapter_config.json").exists():
         make_adapter(adapter, base, a.rank, a.sparse)
-    dense_base, dense_ft = mc.make_pair(a.dir / "dense-sparse", shape, sparse=True,
-                                        base_shard_size=mc.HF_SHARD_SIZE, ft_shard_size=mc.HF_SHARD_SIZE)  # fmt: skip
-    results: dict = {"preset": a.preset, "rank": a.rank, "base_bytes": sum(f.stat().st_size
-                     for f in base.glob("*.safetensors"))}  # fmt: skip
+    dense_base, dense_ft = mc.make_pair(
+        a.dir / "dense-sparse", shape, sparse=True, base_shard_size=mc.HF_SHARD_SIZE, ft_shard_size=mc.HF_SHARD_SIZE
+    )
+    results: dict = {
+        "preset": a.preset,
+        "rank": a.rank,
+        "base_bytes": sum(f.stat().st_size for f in base.glob("*.safetensors")),
+    }
     results["plan_adapter_model_s"], _ = plan_seconds(base, adapter)
     results["plan_adapter_adapter_s"], _ = plan_seconds(base, adapter, "--save", "adapter")
     results["plan_dense_s"], _ = plan_seconds(dense_base, dense_ft)
@@ -147,8 +168,20 @@ def main() -> None:
             out = a.dir / f"out-{save}"
             if out.exists():
                 subprocess.run(["rm", "-rf", str(out)], check=True)
-            results[f"merge_{save}"] = measured([sys.executable, "-m", "streamsoup.cli", "merge", str(base),
-                                                 str(adapter), str(out), "--save", save, "-q"])  # fmt: skip
+            results[f"merge_{save}"] = measured(
+                [
+                    sys.executable,
+                    "-m",
+                    "streamsoup.cli",
+                    "merge",
+                    str(base),
+                    str(adapter),
+                    str(out),
+                    "--save",
+                    save,
+                    "-q",
+                ]
+            )
             if save == "model":
                 subprocess.run(["rm", "-rf", str(out)], check=True)  # keep the disk free
     (a.dir / "bench-adapter.json").write_text(json.dumps(results, indent=2))

@@ -47,14 +47,35 @@ def main() -> None:
         shutil.rmtree(root / out, ignore_errors=True)
     sched_file = root / "scheduler.json"
     sched_file.unlink(missing_ok=True)
-    procs = [subprocess.Popen([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--scheduler-file",
-                               sched_file, "--no-dashboard"], stderr=subprocess.DEVNULL, start_new_session=True)]
+    procs = [
+        subprocess.Popen(
+            [
+                BIN / "dask",
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--scheduler-file",
+                sched_file,
+                "--no-dashboard",
+            ],
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    ]
     try:
         while not sched_file.exists():
             time.sleep(0.1)
         address = json.loads(sched_file.read_text())["address"]
-        procs += [subprocess.Popen([BIN / "dask", "worker", address, "--nthreads", "1", "--no-dashboard"],
-                                   stderr=subprocess.DEVNULL, start_new_session=True) for _ in range(args.workers)]
+        procs += [
+            subprocess.Popen(
+                [BIN / "dask", "worker", address, "--nthreads", "1", "--no-dashboard"],
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            for _ in range(args.workers)
+        ]
         from distributed import Client
 
         with Client(address) as client:
@@ -67,8 +88,10 @@ def main() -> None:
     local = timed([*merge, str(root / "local"), "--devices", "cpu", "--threads", "1", "-q"])
     files = sorted(p.name for p in (root / "local").glob("*.safetensors"))
     same = all(filecmp.cmp(root / "local" / f, root / "cluster" / f, shallow=False) for f in files)
-    print(f"preset {args.preset}: local {local:.1f} s, flag-less cluster of {args.workers} x 1-thread workers "
-          f"{remote:.1f} s (includes connecting), shards byte-identical: {same}")
+    print(
+        f"preset {args.preset}: local {local:.1f} s, flag-less cluster of {args.workers} x 1-thread workers "
+        f"{remote:.1f} s (includes connecting), shards byte-identical: {same}"
+    )
 
 
 if __name__ == "__main__":

@@ -73,8 +73,10 @@ def main() -> None:
     blocks = [x[s : s + 256].contiguous() for s in range(0, args.rows, 256)]
     grams = {lib: one_update(lib, blocks, v)[1] for lib in ("mkl", "openblas")}  # warm-up and the results
     diff = (grams["mkl"].triu() - grams["openblas"].triu()).abs().max().item()
-    print(f"{args.rows} x {args.cols}, {args.vectors} vectors, micro blocks of 256 rows; Gram max |MKL - OpenBLAS| "
-          f"{diff:.2e} (its largest entry {grams['mkl'].abs().max().item():.2e})")
+    print(
+        f"{args.rows} x {args.cols}, {args.vectors} vectors, micro blocks of 256 rows; Gram max |MKL - OpenBLAS| "
+        f"{diff:.2e} (its largest entry {grams['mkl'].abs().max().item():.2e})"
+    )
     for lib in ("mkl", "openblas"):
         alone = min(one_update(lib, blocks, v)[0] for _ in range(args.repeat))
         print(f"{lib:>8}: one lane {alone:.3f} s", end="")

@@ -32,12 +32,26 @@ def tiny_model(arch: str, seed: int = 0):
 
     torch.manual_seed(seed)
     if arch == "llama":
-        cfg = tf.LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+        cfg = tf.LlamaConfig(
+            vocab_size=96,
+            hidden_size=48,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        )
         return tf.LlamaForCausalLM(cfg)
     if arch == "qwen2":
-        cfg = tf.Qwen2Config(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+        cfg = tf.Qwen2Config(
+            vocab_size=96,
+            hidden_size=48,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
         return tf.Qwen2ForCausalLM(cfg)
     if arch == "gpt2":
         cfg = tf.GPT2Config(vocab_size=96, n_embd=48, n_layer=2, n_head=4, n_positions=64)
@@ -48,9 +62,11 @@ def tiny_model(arch: str, seed: int = 0):
 def lora_config(arch: str, variant: str):
     from peft import LoraConfig
 
-    targets = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-               "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-               "gpt2": ["c_attn", "c_proj", "c_fc"]}[arch]  # fmt: skip
+    targets = {
+        "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "gpt2": ["c_attn", "c_proj", "c_fc"],
+    }[arch]
     kw: dict = dict(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0, init_lora_weights=True)
     if arch == "gpt2":
         kw["fan_in_fan_out"] = True

@@ -56,8 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     merge = timed([*cli, "merge", str(base), str(ft), str(out), "-q"])
     print(f"start-up (streamsoup --version): {startup:.1f} s")
     print(f"plan  {args.tensors} tensors: {plan:.1f} s ({(plan - startup) / args.tensors * 1e3:.2f} ms per tensor)")
-    print(f"merge {args.merge_tensors} tensors: {merge:.1f} s "
-          f"({(merge - startup) / args.merge_tensors * 1e3:.2f} ms per tensor, start-up excluded)")  # fmt: skip
+    print(
+        f"merge {args.merge_tensors} tensors: {merge:.1f} s "
+        f"({(merge - startup) / args.merge_tensors * 1e3:.2f} ms per tensor, start-up excluded)"
+    )
 
 
 if __name__ == "__main__":

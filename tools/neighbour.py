@@ -34,8 +34,11 @@ BUSY = "while True: pass"
 def merge_seconds(base: Path, ft: Path, out: Path, flags: list[str], env: dict[str, str]) -> float:
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "streamsoup.cli", "merge", str(base), str(ft), str(out), "-q", *flags],
-                   check=True, env={**os.environ, **env})  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "streamsoup.cli", "merge", str(base), str(ft), str(out), "-q", *flags],
+        check=True,
+        env={**os.environ, **env},
+    )
     return time.perf_counter() - t0
 
 

@@ -23,8 +23,15 @@ import transformers
 from streamsoup.io.checkpoint import Checkpoint
 from streamsoup.planning.preflight import sampled_rel_update
 
-SIZES = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+SIZES = dict(
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=False,
+)
 
 
 def model(kind: str, seed: int):

@@ -22,8 +22,13 @@ IDENTITY_FIELDS = ("size", "mtime_ns", "ctime_ns", "inode", "device")
 
 
 def identity_of(info: os.stat_result) -> dict[str, int]:
-    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "ctime_ns": info.st_ctime_ns,
-            "inode": info.st_ino, "device": info.st_dev}  # fmt: skip
+    return {
+        "size": info.st_size,
+        "mtime_ns": info.st_mtime_ns,
+        "ctime_ns": info.st_ctime_ns,
+        "inode": info.st_ino,
+        "device": info.st_dev,
+    }
 
 
 def file_identity(path: str | Path) -> dict[str, int] | None:

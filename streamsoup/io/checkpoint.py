@@ -79,8 +79,15 @@ class TensorRef:
             stride = self.stride[1:]
             offset = self.offset + index * self.stride[0] * (self.nbytes // max(self.numel, 1))
         scale = self.scale.part(index, count) if self.scale is not None else None
-        return replace(self, name=f"{self.name}[{index}]", shape=self.shape[1:], offset=offset, nbytes=step,
-                       stride=stride, scale=scale)  # fmt: skip
+        return replace(
+            self,
+            name=f"{self.name}[{index}]",
+            shape=self.shape[1:],
+            offset=offset,
+            nbytes=step,
+            stride=stride,
+            scale=scale,
+        )
 
     @property
     def span(self) -> int:
@@ -132,8 +139,10 @@ def read_header(path: str | Path) -> ShardHeader:
     if metadata is None:
         metadata = {}
     elif not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise InputError(f"{path}: corrupt safetensors header (__metadata__ is not a map of strings); re-download "
-                         "or re-save this shard")  # fmt: skip
+        raise InputError(
+            f"{path}: corrupt safetensors header (__metadata__ is not a map of strings); re-download "
+            "or re-save this shard"
+        )
     refs = []
     for name, entry in header.items():
         refs.append(_tensor_ref(path, name, entry, data_start))
@@ -150,8 +159,9 @@ def read_header(path: str | Path) -> ShardHeader:
         raise InputError(f"{path}: file is truncated ({size} bytes, header needs {end}); re-download this shard")
     if end < size:  # safetensors refuses such a file too (its data must end where the file does)
         raise InputError(f"{path}: {size - end} byte(s) after the last tensor's data; the file is corrupt")
-    return ShardHeader(path, size, hashlib.sha256(raw).hexdigest(), data_start, dict(metadata), tuple(refs),
-                       binding.identity_of(info))  # fmt: skip
+    return ShardHeader(
+        path, size, hashlib.sha256(raw).hexdigest(), data_start, dict(metadata), tuple(refs), binding.identity_of(info)
+    )
 
 
 class DuplicateKey(ValueError):
@@ -177,9 +187,14 @@ def regular_file(path: str | Path) -> os.stat_result:
 def _tensor_ref(path: str, name: str, entry: object, data_start: int) -> TensorRef:
     where = f"{path}: tensor {name!r}"
     fields = (entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")) if isinstance(entry, dict) else ()
-    if not (len(fields) == 3 and isinstance(fields[0], str) and isinstance(fields[1], list)
-            and isinstance(fields[2], list) and len(fields[2]) == 2
-            and all(type(x) is int for x in (*fields[1], *fields[2]))):  # fmt: skip
+    if not (
+        len(fields) == 3
+        and isinstance(fields[0], str)
+        and isinstance(fields[1], list)
+        and isinstance(fields[2], list)
+        and len(fields[2]) == 2
+        and all(type(x) is int for x in (*fields[1], *fields[2]))
+    ):
         raise InputError(f"{where}: malformed header entry (dtype, shape, data_offsets); the file is corrupt")
     dtype, shape, (begin, end) = fields[0], tuple(fields[1]), fields[2]
     if any(d < 0 for d in shape) or begin < 0 or end < begin:
@@ -197,8 +212,13 @@ def _tensor_ref(path: str, name: str, entry: object, data_start: int) -> TensorR
 class Checkpoint(Mapping[str, TensorRef]):
     """A read-only mapping name -> TensorRef over every shard of a checkpoint, in file order."""
 
-    def __init__(self, root: Path, shards: list[ShardHeader], refs: dict[str, TensorRef] | None = None,
-                 config_identity: dict[str, int] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        root: Path,
+        shards: list[ShardHeader],
+        refs: dict[str, TensorRef] | None = None,
+        config_identity: dict[str, int] | None = None,
+    ) -> None:
         """`refs`: the tensors as read (quantized weights decoded, their scales left out) when not the shards'.
         `config_identity`: its config.json's, when this wraps a checkpoint opened before (taken at the first open,
         before the planner read it)."""
@@ -229,8 +249,11 @@ class Checkpoint(Mapping[str, TensorRef]):
             return cls(path, [read_header(path)])
         index = path / INDEX_NAME
         weight_map = read_weight_map(index) if index.exists() else None  # read once: up to 64 MiB
-        files = index_files(index, weight_map) if weight_map is not None else \
-            sorted(p.name for p in path.glob("*.safetensors"))  # fmt: skip
+        files = (
+            index_files(index, weight_map)
+            if weight_map is not None
+            else sorted(p.name for p in path.glob("*.safetensors"))
+        )
         if not files:
             raise InputError(
                 f"{role} {path} has no *.safetensors, *.bin, *.pt or *.pth files (nor an index naming them)"
@@ -422,9 +445,11 @@ def _mxfp4_block(ref: TensorRef, start: int, stop: int, transposed: bool) -> tor
     """Rows start:stop of one expert's [in, out] matrix, stored transposed as [out, in/32, 16] bytes: a range of
     stored columns (whole 32-element groups, trimmed), or with `transposed` a range of stored rows."""
     if ref.scale is None or len(ref.shape) != 2:  # the planner hands over one expert's slice with its scales
-        raise InputError(f"{ref.path}: tensor {ref.name!r}: an MXFP4 read needs one expert's 2-D slice and its "
-                         f"scales, got shape {list(ref.shape)}{' without scales' if ref.scale is None else ''}; "
-                         "dequantize the checkpoint to bf16 first")  # fmt: skip
+        raise InputError(
+            f"{ref.path}: tensor {ref.name!r}: an MXFP4 read needs one expert's 2-D slice and its "
+            f"scales, got shape {list(ref.shape)}{' without scales' if ref.scale is None else ''}; "
+            "dequantize the checkpoint to bf16 first"
+        )
     cols, rows = ref.shape
     groups = cols // quantized.MX_GROUP
     packed = _stored(ref, "U8", (rows, groups * quantized.MX_BYTES))

@@ -77,8 +77,9 @@ class ShardLayout:
 
     def records(self) -> dict[str, dict[str, object]]:
         """Shard file -> its size and header hash (as checkpoint.read_header hashes it): what verify checks."""
-        return {s.file: {"size": s.size, "header_sha256": hashlib.sha256(s.header[8:]).hexdigest()}
-                for s in self.shards}  # fmt: skip
+        return {
+            s.file: {"size": s.size, "header_sha256": hashlib.sha256(s.header[8:]).hexdigest()} for s in self.shards
+        }
 
     @property
     def total_size(self) -> int:

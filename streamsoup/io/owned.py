@@ -25,8 +25,13 @@ def create(path: Path, out: Path, role: str) -> None:
     """Make `path` (its parents as needed, which stay the user's) and mark it as this run's `role`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     os.mkdir(path)  # FileExistsError when anything is there already: that is never ours
-    marker = {"out": str(out), "role": role, "host": socket.gethostname(), "pid": os.getpid(),
-              "created_at": time.time()}  # fmt: skip
+    marker = {
+        "out": str(out),
+        "role": role,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "created_at": time.time(),
+    }
     fd = os.open(path / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.write(fd, json.dumps(marker).encode())

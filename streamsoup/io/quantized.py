@@ -20,8 +20,9 @@ FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2
 MX_BIAS = 127
 
 
-def fp8_dequantized(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
-                    first: tuple[int, int] = (0, 0)) -> torch.Tensor:  # fmt: skip
+def fp8_dequantized(
+    q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], first: tuple[int, int] = (0, 0)
+) -> torch.Tensor:
     """W = q * scale for rows/cols of q starting at `first` of the whole matrix; `scale` holds the scales of the
     blocks they touch (its first row and column are those of `first`'s block); `block` = (rows, cols) per scale."""
     (br, bc), (r0, c0) = block, first
@@ -33,6 +34,7 @@ def fp8_dequantized(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]
         if lo < hi:
             out[lo:hi].mul_(s[i, cols])
     return out
+
 
 def mxfp4_dequantized(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """[rows, groups, 16] packed bytes and [rows, groups] scale bytes -> [rows, groups * 32] float64.
@@ -48,4 +50,3 @@ def mxfp4_dequantized(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tenso
     out[..., 1] = lut[b >> 4]
     exponent = scales.to(torch.int64) - MX_BIAS
     return torch.ldexp(out.reshape(rows, groups, MX_GROUP), exponent.unsqueeze(-1).to(torch.float64)).reshape(rows, -1)
-

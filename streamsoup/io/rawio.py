@@ -55,8 +55,14 @@ def _chunks(length: int) -> tuple[memoryview, range]:
     return memoryview(buf), range(0, length, len(buf))
 
 
-def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, length: int,
-               inspect: Callable[[memoryview], None] | None = None) -> int:  # fmt: skip
+def copy_range(
+    src_fd: int,
+    src_off: int,
+    dst_fd: int,
+    dst_off: int,
+    length: int,
+    inspect: Callable[[memoryview], None] | None = None,
+) -> int:
     """Byte-exact copy of a range between files through one bounded buffer; returns its crc32c.
 
     `inspect` sees each chunk before it is written (and may raise): checks ride on the one read.

@@ -69,8 +69,10 @@ def _checked(root: Path, path: Path, roots: tuple[Path, ...]) -> SideFile | None
     if path.is_symlink():
         target = path.resolve()
         if not any(target == r or r in target.parents for r in roots):
-            raise InputError(f"{path} is a symlink to {target}, outside {root}; streamsoup copies no file from "
-                             "outside the checkpoint into OUT: replace the link with the file, or remove it")
+            raise InputError(
+                f"{path} is a symlink to {target}, outside {root}; streamsoup copies no file from "
+                "outside the checkpoint into OUT: replace the link with the file, or remove it"
+            )
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         try:
@@ -78,13 +80,15 @@ def _checked(root: Path, path: Path, roots: tuple[Path, ...]) -> SideFile | None
         finally:
             os.close(fd)
     except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc.strerror}); OUT would lack it: fix its permissions or "
-                         "remove it, then rerun") from None  # fmt: skip
+        raise InputError(
+            f"{path}: cannot read ({exc.strerror}); OUT would lack it: fix its permissions or remove it, then rerun"
+        ) from None
     if stat.S_ISDIR(info.st_mode):
         return None  # a symlink to a folder: its files are not walked (they could be anywhere)
     if not stat.S_ISREG(info.st_mode):
-        raise InputError(f"{path}: not a regular file (a FIFO, socket or device); remove it from the checkpoint "
-                         "folder, then rerun")  # fmt: skip
+        raise InputError(
+            f"{path}: not a regular file (a FIFO, socket or device); remove it from the checkpoint folder, then rerun"
+        )
     return SideFile(rel, path.resolve() if path.is_symlink() else path, info.st_size, stat.S_IMODE(info.st_mode))
 
 

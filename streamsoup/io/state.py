@@ -112,8 +112,15 @@ def put_array(group: zarr.Group, name: str, value: np.ndarray) -> int:
     value = np.asarray(value, dtype=np.float64)
     rows = max(1, min(value.shape[0] if value.ndim else 1, (64 * 2**20) // max(8 * math.prod(value.shape[1:]), 1)))
     chunks = (rows, *value.shape[1:]) if value.ndim else ()
-    arr = group.create_array(name, shape=value.shape, dtype="float64", chunks=chunks or (1,) * value.ndim,
-                             compressors=[Crc32cCodec()], fill_value=0.0, overwrite=True)  # fmt: skip
+    arr = group.create_array(
+        name,
+        shape=value.shape,
+        dtype="float64",
+        chunks=chunks or (1,) * value.ndim,
+        compressors=[Crc32cCodec()],
+        fill_value=0.0,
+        overwrite=True,
+    )
     arr[...] = value
     return array_crc(value)
 
@@ -170,9 +177,11 @@ def check_bound(old: object, new: dict[str, Any], when: str) -> None:
     changed = changed_files(old, new)
     if changed:
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
-        raise InputError(f"{'; '.join(changed[:3])}{more} {when}: the tensors done so far read the old contents "
-                         "and are not mixed with the new; rerun with --fresh to merge the files as they are now, "
-                         "or put the original files back")  # fmt: skip
+        raise InputError(
+            f"{'; '.join(changed[:3])}{more} {when}: the tensors done so far read the old contents "
+            "and are not mixed with the new; rerun with --fresh to merge the files as they are now, "
+            "or put the original files back"
+        )
 
 
 class RunState:
@@ -187,8 +196,15 @@ class RunState:
         self.run_id = str(group.attrs.get("run_id", ""))
 
     @classmethod
-    def open(cls, path: Path, out: Path, fingerprint: dict[str, Any], head: dict[str, Any] | None = None,
-             machine: dict[str, Any] | None = None, binding: dict[str, Any] | None = None) -> RunState:  # fmt: skip
+    def open(
+        cls,
+        path: Path,
+        out: Path,
+        fingerprint: dict[str, Any],
+        head: dict[str, Any] | None = None,
+        machine: dict[str, Any] | None = None,
+        binding: dict[str, Any] | None = None,
+    ) -> RunState:
         """Open the state of an interrupted run, or start a new one; refuse a different run's state, or the same
         run's whose input files are not the ones it read (`binding`: io/binding.py's).
 
@@ -197,9 +213,11 @@ class RunState:
         """
         if os.path.lexists(path):
             if not owned.owned(path, out, "state"):
-                raise UsageError(f"{path} exists but is not a resume state streamsoup made for {out}; streamsoup "
-                                 "never writes into or deletes a folder it did not make: remove it, or choose "
-                                 "another --work-dir")  # fmt: skip
+                raise UsageError(
+                    f"{path} exists but is not a resume state streamsoup made for {out}; streamsoup "
+                    "never writes into or deletes a folder it did not make: remove it, or choose "
+                    "another --work-dir"
+                )
             try:
                 group = zarr.open_group(str(path), mode="a")
                 old = group.attrs.get("fingerprint")
@@ -224,11 +242,13 @@ class RunState:
         group = zarr.open_group(str(path), mode="a")
         if "fingerprint" not in group.attrs:
             group.create_group("tensors", overwrite=True)
-            group.attrs.put({"fingerprint": fingerprint, "binding": binding or {}, "runs": [],
-                             "run_id": uuid.uuid4().hex})
+            group.attrs.put(
+                {"fingerprint": fingerprint, "binding": binding or {}, "runs": [], "run_id": uuid.uuid4().hex}
+            )
         runs = list(group.attrs.get("runs", []))
-        runs.append({"started_at": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
-                     "machine": machine or {}})  # fmt: skip
+        runs.append(
+            {"started_at": time.time(), "host": socket.gethostname(), "pid": os.getpid(), "machine": machine or {}}
+        )
         group.attrs["runs"] = runs
         if head is not None:
             group.attrs["head"] = head
@@ -242,8 +262,10 @@ class RunState:
             runs = group.attrs.get("runs", [])
             return cls(path, group, len(runs) if isinstance(runs, list) else 0)
         except Exception as exc:
-            raise UsageError(f"the resume state {path} is damaged ({type(exc).__name__}); rerunning the same "
-                             "`streamsoup merge` command recomputes what it covered") from None  # fmt: skip
+            raise UsageError(
+                f"the resume state {path} is damaged ({type(exc).__name__}); rerunning the same "
+                "`streamsoup merge` command recomputes what it covered"
+            ) from None
 
     @property
     def runs(self) -> list[dict[str, Any]]:
@@ -303,8 +325,9 @@ class RunState:
                 continue
             try:
                 m = unseal(self.run_id, raw)
-                good[key] = Marker(key, int(m["crc32c"]), int(m["attempt"]), float(m["committed_at"]),
-                                   dict(m["row"]), m["s_crc32c"])  # fmt: skip
+                good[key] = Marker(
+                    key, int(m["crc32c"]), int(m["attempt"]), float(m["committed_at"]), dict(m["row"]), m["s_crc32c"]
+                )
             except (StateDamaged, KeyError, TypeError, ValueError) as exc:
                 bad[key] = str(exc) if isinstance(exc, StateDamaged) else "record incomplete"
         self._scan_batches(good, bad)
@@ -327,8 +350,17 @@ class RunState:
             for key, raw in records.items():  # an empty batch: killed after its spectra, before its markers
                 try:
                     m = unseal(self.run_id, raw)
-                    found[key] = Marker(key, int(m["crc32c"]), int(m["attempt"]), float(m["committed_at"]),
-                                        dict(m["row"]), m["s_crc32c"], name, int(m["s_offset"]), int(m["s_len"]))
+                    found[key] = Marker(
+                        key,
+                        int(m["crc32c"]),
+                        int(m["attempt"]),
+                        float(m["committed_at"]),
+                        dict(m["row"]),
+                        m["s_crc32c"],
+                        name,
+                        int(m["s_offset"]),
+                        int(m["s_len"]),
+                    )
                 except (StateDamaged, KeyError, TypeError, ValueError) as exc:
                     bad[key] = str(exc) if isinstance(exc, StateDamaged) else "record incomplete"
                     self._batch_of[key] = name
@@ -387,8 +419,13 @@ class RunState:
             group = tensors.require_group(key)
             group.attrs.put({})  # a recomputed tensor (torn write) loses its old marker first
             s_crc = put_array(group, "s", singular_values) if singular_values is not None else None
-            record = {"crc32c": int(crc), "s_crc32c": s_crc, "attempt": self.attempt, "committed_at": time.time(),
-                      "row": row}  # fmt: skip
+            record = {
+                "crc32c": int(crc),
+                "s_crc32c": s_crc,
+                "attempt": self.attempt,
+                "committed_at": time.time(),
+                "row": row,
+            }
             group.attrs.put({"marker": seal(self.run_id, record)})
             if "partial" in group:  # mid-tensor progress of a streamed tensor: no longer needed
                 del group["partial"]
@@ -404,16 +441,25 @@ class RunState:
             return
         try:
             group = self.group.require_group(BATCHES).create_group(uuid.uuid4().hex[:16])
-            spectra = [np.asarray(c.singular_values, dtype=np.float64).reshape(-1) for c in items
-                       if c.singular_values is not None]  # fmt: skip
+            spectra = [
+                np.asarray(c.singular_values, dtype=np.float64).reshape(-1)
+                for c in items
+                if c.singular_values is not None
+            ]
             if spectra:
                 put_array(group, "s", np.concatenate(spectra))
             records, offset, now = {}, 0, time.time()
             for c in items:
                 s = None if c.singular_values is None else np.asarray(c.singular_values, dtype=np.float64).reshape(-1)
-                record = {"crc32c": int(c.crc), "s_crc32c": None if s is None else array_crc(s), "s_offset": offset,
-                          "s_len": 0 if s is None else len(s), "attempt": self.attempt, "committed_at": now,
-                          "row": c.row}  # fmt: skip
+                record = {
+                    "crc32c": int(c.crc),
+                    "s_crc32c": None if s is None else array_crc(s),
+                    "s_offset": offset,
+                    "s_len": 0 if s is None else len(s),
+                    "attempt": self.attempt,
+                    "committed_at": now,
+                    "row": c.row,
+                }
                 offset += record["s_len"]
                 records[c.key] = seal(self.run_id, record)
             group.attrs.put({"markers": records})

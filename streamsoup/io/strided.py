@@ -41,8 +41,9 @@ def collapsed(shape: tuple[int, ...], strides: tuple[int, ...]) -> list[tuple[in
     return dims
 
 
-def read_rows(fd: int, offset: int, shape: tuple[int, ...], strides: tuple[int, ...], item: int,
-              start: int, stop: int) -> np.ndarray:  # fmt: skip
+def read_rows(
+    fd: int, offset: int, shape: tuple[int, ...], strides: tuple[int, ...], item: int, start: int, stop: int
+) -> np.ndarray:
     """Rows start:stop (along dim 0) of a view, row-major, as a (stop - start, row bytes) uint8 array."""
     sub = (stop - start, *shape[1:])
     out = np.empty((*sub, item), dtype=np.uint8)
@@ -50,8 +51,9 @@ def read_rows(fd: int, offset: int, shape: tuple[int, ...], strides: tuple[int, 
     return out.reshape(stop - start, -1)
 
 
-def read_columns(fd: int, offset: int, shape: tuple[int, ...], strides: tuple[int, ...], item: int,
-                 start: int, stop: int) -> np.ndarray:  # fmt: skip
+def read_columns(
+    fd: int, offset: int, shape: tuple[int, ...], strides: tuple[int, ...], item: int, start: int, stop: int
+) -> np.ndarray:
     """Columns start:stop of the view's [shape[0], rest] matrix, each as one row: (stop - start, m * item) bytes.
 
     The trailing dims are walked in runs along their innermost (collapsed) dim, each run one strided piece.

@@ -118,8 +118,9 @@ def copy_tensor(source: TensorRef, folder: Path, placement: Placement, check_fin
         dst = _open_for_write(folder, placement)
         ok = False
         try:
-            crc = rawio.copy_range(src, source.offset, dst, placement.offset, source.nbytes,
-                                   finite if check_finite else None)  # fmt: skip
+            crc = rawio.copy_range(
+                src, source.offset, dst, placement.offset, source.nbytes, finite if check_finite else None
+            )
             ok = True
         finally:
             _close_written(dst, ok)
@@ -128,8 +129,9 @@ def copy_tensor(source: TensorRef, folder: Path, placement: Placement, check_fin
     return crc
 
 
-def _copy_view(source: TensorRef, folder: Path, placement: Placement,
-               inspect: Callable[[memoryview], None] | None) -> int:  # fmt: skip
+def _copy_view(
+    source: TensorRef, folder: Path, placement: Placement, inspect: Callable[[memoryview], None] | None
+) -> int:
     """A non-contiguous view copied in row blocks of about one IO chunk, row-major as safetensors stores it."""
     row_bytes = max(source.nbytes // max(source.shape[0], 1), 1)
     step = max(1, rawio.IO_CHUNK // row_bytes)
@@ -185,8 +187,9 @@ def publish(partial: Path, out: Path) -> bool:
     return True
 
 
-def write_block(folder: Path, placement: Placement, shape: tuple[int, int], start: int, block: torch.Tensor,
-                transposed: bool) -> int:  # fmt: skip
+def write_block(
+    folder: Path, placement: Placement, shape: tuple[int, int], start: int, block: torch.Tensor, transposed: bool
+) -> int:
     """Write rows start:.. of the 2-D output (or, transposed, those columns) into the slot, durably.
 
     Returns the crc32c of the bytes written, in file order (what `block_crc` reads back).
@@ -213,8 +216,9 @@ def write_block(folder: Path, placement: Placement, shape: tuple[int, int], star
     return crc
 
 
-def block_crc(folder: Path, placement: Placement, shape: tuple[int, int], start: int, stop: int,
-              transposed: bool) -> int:  # fmt: skip
+def block_crc(
+    folder: Path, placement: Placement, shape: tuple[int, int], start: int, stop: int, transposed: bool
+) -> int:
     """crc32c of what the slot holds now for rows start:stop (or, transposed, those columns), as `write_block`."""
     m, n = shape
     item = placement.nbytes // max(m * n, 1)

@@ -48,8 +48,12 @@ def set_threads(threads: int) -> None:
 #: OpenBLAS's spin before an idle thread sleeps, as 2^N cycles (4, its least: no spin)
 OPENBLAS_TIMEOUT_VAR = "OPENBLAS_THREAD_TIMEOUT"
 #: (module, routine, arguments) called here; each a Fortran routine, every argument a pointer
-_ROUTINES = (("cython_lapack", "dsytrd", 10), ("cython_lapack", "dstevd", 11),
-             ("cython_blas", "dsyrk", 10), ("cython_blas", "dgemm", 13))  # fmt: skip
+_ROUTINES = (
+    ("cython_lapack", "dsytrd", 10),
+    ("cython_lapack", "dstevd", 11),
+    ("cython_blas", "dsyrk", 10),
+    ("cython_blas", "dgemm", 13),
+)
 
 
 def _routines() -> dict:
@@ -67,8 +71,9 @@ def _routines() -> dict:
             if _threads:
                 _loaded["blas"].limit(limits=_threads, user_api="blas")
             modules = {"cython_blas": cython_blas, "cython_lapack": cython_lapack}
-            _loaded["routines"] = {name: _c_function(modules[module].__pyx_capi__[name], args)
-                                   for module, name, args in _ROUTINES}  # fmt: skip
+            _loaded["routines"] = {
+                name: _c_function(modules[module].__pyx_capi__[name], args) for module, name, args in _ROUTINES
+            }
         return _loaded["routines"]
 
 
@@ -151,9 +156,18 @@ def syrk_update(gram: torch.Tensor, x: torch.Tensor) -> None:
         x, lx = x.to(torch.float64).contiguous(), c
     n, k, lda, ldc = _ints(c, rows, lx, lg)
     alpha, beta = ctypes.c_double(1.0), ctypes.c_double(1.0)
-    _routines()["dsyrk"](ctypes.c_char_p(b"L"), ctypes.c_char_p(b"N"), ctypes.byref(n), ctypes.byref(k),
-                         ctypes.byref(alpha), ctypes.c_void_p(x.data_ptr()), ctypes.byref(lda), ctypes.byref(beta),
-                         ctypes.c_void_p(gram.data_ptr()), ctypes.byref(ldc))  # fmt: skip
+    _routines()["dsyrk"](
+        ctypes.c_char_p(b"L"),
+        ctypes.c_char_p(b"N"),
+        ctypes.byref(n),
+        ctypes.byref(k),
+        ctypes.byref(alpha),
+        ctypes.c_void_p(x.data_ptr()),
+        ctypes.byref(lda),
+        ctypes.byref(beta),
+        ctypes.c_void_p(gram.data_ptr()),
+        ctypes.byref(ldc),
+    )
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, transpose_b: bool = False) -> torch.Tensor:
@@ -170,10 +184,21 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, transpose_b: 
         return out.zero_()
     m, n, k, ld_b, ld_a, ld_out = _ints(cols, rows, inner, lb, la, lc)  # b's picture comes first
     alpha, beta = ctypes.c_double(1.0), ctypes.c_double(0.0)
-    _routines()["dgemm"](ctypes.c_char_p(b"T" if transpose_b else b"N"), ctypes.c_char_p(b"N"), ctypes.byref(m),
-                         ctypes.byref(n), ctypes.byref(k), ctypes.byref(alpha), ctypes.c_void_p(b.data_ptr()),
-                         ctypes.byref(ld_b), ctypes.c_void_p(a.data_ptr()), ctypes.byref(ld_a), ctypes.byref(beta),
-                         ctypes.c_void_p(out.data_ptr()), ctypes.byref(ld_out))  # fmt: skip
+    _routines()["dgemm"](
+        ctypes.c_char_p(b"T" if transpose_b else b"N"),
+        ctypes.c_char_p(b"N"),
+        ctypes.byref(m),
+        ctypes.byref(n),
+        ctypes.byref(k),
+        ctypes.byref(alpha),
+        ctypes.c_void_p(b.data_ptr()),
+        ctypes.byref(ld_b),
+        ctypes.c_void_p(a.data_ptr()),
+        ctypes.byref(ld_a),
+        ctypes.byref(beta),
+        ctypes.c_void_p(out.data_ptr()),
+        ctypes.byref(ld_out),
+    )
     return out
 
 

@@ -133,8 +133,9 @@ class MemoryRows(RowSource):
 class DiskRows(RowSource):
     """W0 and W1 streamed from their files one read block at a time (tensors bigger than the budget)."""
 
-    def __init__(self, base: TensorRef, finetuned: TensorRef, block_rows: int, device: str | torch.device = "cpu",
-                 watch=None):  # fmt: skip
+    def __init__(
+        self, base: TensorRef, finetuned: TensorRef, block_rows: int, device: str | torch.device = "cpu", watch=None
+    ):
         self.watch = watch  # a tasks.Stopwatch: reads are timed as their own phase
         m, n = matrix_shape(finetuned.shape)
         self.base, self.finetuned = base, finetuned

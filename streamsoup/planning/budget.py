@@ -156,8 +156,9 @@ def resolve_lanes(devices: str, lanes: int, threads: int, busy: int = 0, io_boun
         found, cpu = tuple(items), 0
     found = tuple(d for d in found for _ in range(GPU_SLOTS if d.startswith("cuda") else 1))
     running = cpu + len(found)
-    return Lanes(cpu=cpu, devices=found, threads=threads or max(1, cores // max(1, running)),
-                 busy_cores=min(busy, cores))  # fmt: skip
+    return Lanes(
+        cpu=cpu, devices=found, threads=threads or max(1, cores // max(1, running)), busy_cores=min(busy, cores)
+    )
 
 
 def available_ram() -> int:
@@ -171,8 +172,11 @@ def physical_ram() -> int:
 def check_max_ram(max_ram: int, machine: int, where: str = "this machine") -> None:
     """A budget above the memory that exists is a typo, not a plan: refuse it with the machine's figure."""
     if max_ram > machine:
-        raise OptionError("max_ram", f"{format_size(max_ram)} is more than the {format_size(machine)} of memory "
-                                     f"{where} has; give at most {format_size(machine)}")  # fmt: skip
+        raise OptionError(
+            "max_ram",
+            f"{format_size(max_ram)} is more than the {format_size(machine)} of memory "
+            f"{where} has; give at most {format_size(machine)}",
+        )
 
 
 def check_max_vram(max_vram: int, devices: tuple[str, ...]) -> None:
@@ -182,14 +186,20 @@ def check_max_vram(max_vram: int, devices: tuple[str, ...]) -> None:
         return
     total = min(torch.cuda.get_device_properties(torch.device(d)).total_memory for d in gpus)
     if max_vram > total:
-        raise OptionError("max_vram", f"{format_size(max_vram)} is more than the {format_size(total)} of memory "
-                                      f"of the GPU; give at most {format_size(total)}")  # fmt: skip
+        raise OptionError(
+            "max_vram",
+            f"{format_size(max_vram)} is more than the {format_size(total)} of memory "
+            f"of the GPU; give at most {format_size(total)}",
+        )
 
 
 def machine_info(lanes: Lanes, max_ram: int, max_vram: int, where: str) -> dict:
     """The device configuration of an attempt, for the report: what the numbers in it were computed on."""
-    gpus = [f"{d}: {torch.cuda.get_device_name(torch.device(d))}" for d in dict.fromkeys(lanes.devices)
-            if d.startswith("cuda")]  # fmt: skip
+    gpus = [
+        f"{d}: {torch.cuda.get_device_name(torch.device(d))}"
+        for d in dict.fromkeys(lanes.devices)
+        if d.startswith("cuda")
+    ]
     return {
         "host": socket.gethostname(),
         "cpus": os.cpu_count(),
@@ -280,8 +290,11 @@ def check_machine_lanes(opts: MergeOptions) -> None:
     cores = os.cpu_count() or 1
     if opts.lanes and opts.lanes > LANES_PER_CORE * cores:
         most = LANES_PER_CORE * cores
-        raise OptionError("lanes", f"{opts.lanes} is more than {LANES_PER_CORE} per core of this machine's {cores} "
-                          f"cores (they would only wait on each other); give at most {most}")  # fmt: skip
+        raise OptionError(
+            "lanes",
+            f"{opts.lanes} is more than {LANES_PER_CORE} per core of this machine's {cores} "
+            f"cores (they would only wait on each other); give at most {most}",
+        )
     if opts.threads and opts.threads > cores:
         raise OptionError("threads", f"{opts.threads} is more than this machine's {cores} cores; give at most {cores}")
 

@@ -118,19 +118,24 @@ def pair_action(ft: TensorRef, base: TensorRef | None) -> tuple[str, str]:
     return EDIT, ""
 
 
-def plan_merge(base: str | Path | Checkpoint, finetuned: str | Path | Checkpoint | Adapter,
-               options: MergeOptions) -> MergePlan:  # fmt: skip
+def plan_merge(
+    base: str | Path | Checkpoint, finetuned: str | Path | Checkpoint | Adapter, options: MergeOptions
+) -> MergePlan:
     """Pair, decide and lay out from headers; refuse inputs that cannot make a right model (preflight.py)."""
     base_ckpt = open_base(base)
     ft = open_finetuned(finetuned)
     check_not_adapter(base_ckpt, "BASE")
     base_in = decode(base_ckpt, "BASE")
     if isinstance(ft, Adapter):
-        return replace(plan_adapter(base_in.ckpt, ft, options), warnings=tuple(decoded_lines(base_in, None)),
-                       dequantized=base_in.format is not None and options.save == "model")
+        return replace(
+            plan_adapter(base_in.ckpt, ft, options),
+            warnings=tuple(decoded_lines(base_in, None)),
+            dequantized=base_in.format is not None and options.save == "model",
+        )
     if options.save == "adapter":
-        raise UsageError(f"--save adapter needs a LoRA adapter as FINETUNED; {ft.root} is a full checkpoint: "
-                         "use --save model")  # fmt: skip
+        raise UsageError(
+            f"--save adapter needs a LoRA adapter as FINETUNED; {ft.root} is a full checkpoint: use --save model"
+        )
     check_not_adapter(ft, "FINETUNED")
     ft_in = decode(ft, "FINETUNED")
     base_ckpt, ft, renamed = without_ddp_prefix(base_in.ckpt, ft_in.ckpt)
@@ -146,17 +151,37 @@ def plan_merge(base: str | Path | Checkpoint, finetuned: str | Path | Checkpoint
     warning = check_pairing(base_ckpt, ft, sum(j.action == EDIT for j in jobs))
     side = (ft.root,) if ft.root.is_dir() else ()
     warnings = tuple(w for w in (renamed, warning, *decoded_lines(base_in, ft_in)) if w)
-    return MergePlan(base_ckpt, ft, options, tuple(jobs), dropped, layout, warnings, side_roots=side,
-                     dequantized=ft_in.format is not None)  # fmt: skip
+    return MergePlan(
+        base_ckpt,
+        ft,
+        options,
+        tuple(jobs),
+        dropped,
+        layout,
+        warnings,
+        side_roots=side,
+        dequantized=ft_in.format is not None,
+    )
 
 
-def tensor_jobs(index: int, ref: TensorRef, base: TensorRef | None, placement: Placement,
-                experts: int | None) -> list[TensorJob]:  # fmt: skip
+def tensor_jobs(
+    index: int, ref: TensorRef, base: TensorRef | None, placement: Placement, experts: int | None
+) -> list[TensorJob]:
     """The job of one output tensor, or of each expert of a stacked one (numbered from `index`)."""
     dtype = out_dtype(ref) if ref.decoded else ""
     if stacked_vectors(ref, experts):
-        return [TensorJob(index, ref.name, ref, base, COPY, f"{experts} experts' 1-D tensors stacked (each one is "
-                          "copied, as a bias is)", placement, dtype=dtype)]  # fmt: skip
+        return [
+            TensorJob(
+                index,
+                ref.name,
+                ref,
+                base,
+                COPY,
+                f"{experts} experts' 1-D tensors stacked (each one is copied, as a bias is)",
+                placement,
+                dtype=dtype,
+            )
+        ]
     if not stacked(ref, experts):
         action, reason = pair_action(ref, base)
         return [TensorJob(index, ref.name, ref, base, action, reason, placement, dtype=dtype)]
@@ -170,8 +195,20 @@ def tensor_jobs(index: int, ref: TensorRef, base: TensorRef | None, placement: P
         if base is not None and not same:
             action, reason = COPY, f"shape {list(ref.shape)} differs from base {list(base.shape)}"
         where = Placement(placement.file, placement.offset + e * size, size)
-        jobs.append(TensorJob(index + e, part.name, part, base_part, action, reason, where, dtype=dtype,
-                              outputs=(ref.name,), part=(e, experts)))  # fmt: skip
+        jobs.append(
+            TensorJob(
+                index + e,
+                part.name,
+                part,
+                base_part,
+                action,
+                reason,
+                where,
+                dtype=dtype,
+                outputs=(ref.name,),
+                part=(e, experts),
+            )
+        )
     return jobs
 
 
@@ -179,11 +216,15 @@ def decoded_lines(base: Decoded, ft: Decoded | None) -> list[str]:
     """What a run says once about quantized inputs: what was decoded, and what OUT is written in."""
     lines = []
     if base.format is not None:
-        lines.append(f"BASE is quantized ({base.format}): its weights are decoded to float64 with their scales "
-                     f"({len(base.consumed)} scale tensors consumed, not dropped)")  # fmt: skip
+        lines.append(
+            f"BASE is quantized ({base.format}): its weights are decoded to float64 with their scales "
+            f"({len(base.consumed)} scale tensors consumed, not dropped)"
+        )
     if ft is not None and ft.format is not None:
-        lines.append(f"FINETUNED is quantized ({ft.format}): it is decoded, and OUT is written in "
-                     f"{DECODED_OUT.lower()} for those tensors (its config.json without quantization_config)")
+        lines.append(
+            f"FINETUNED is quantized ({ft.format}): it is decoded, and OUT is written in "
+            f"{DECODED_OUT.lower()} for those tensors (its config.json without quantization_config)"
+        )
     return lines
 
 
@@ -194,10 +235,12 @@ def without_ddp_prefix(base: Checkpoint, ft: Checkpoint) -> tuple[Checkpoint, Ch
     """
     for role, side, other in (("FINETUNED", ft, base), ("BASE", base, ft)):
         if side and all(n.startswith(DDP_PREFIX) for n in side) and not any(n.startswith(DDP_PREFIX) for n in other):
-            refs = {n[len(DDP_PREFIX):]: replace(r, name=n[len(DDP_PREFIX):]) for n, r in side.items()}
+            refs = {n[len(DDP_PREFIX) :]: replace(r, name=n[len(DDP_PREFIX) :]) for n, r in side.items()}
             plain = Checkpoint(side.root, side.shards, refs, side.config_identity)
-            note = (f"every tensor name of {role} starts with DDP's {DDP_PREFIX!r} and none of the other's does: "
-                    f"paired without it{', and OUT uses the names without it' if role == 'FINETUNED' else ''}")
+            note = (
+                f"every tensor name of {role} starts with DDP's {DDP_PREFIX!r} and none of the other's does: "
+                f"paired without it{', and OUT uses the names without it' if role == 'FINETUNED' else ''}"
+            )
             return (base, plain, note) if role == "FINETUNED" else (plain, ft, note)
     return base, ft, None
 
@@ -239,9 +282,22 @@ def plan_adapter(base: Checkpoint, adapter: Adapter, options: MergeOptions) -> M
         first = layout.placements[d.specs[0].name]
         placement = Placement(first.file, first.offset, sum(layout.placements[s.name].nbytes for s in d.specs))
         names = tuple(spec.name for spec in d.specs)
-        jobs.append(TensorJob(i, d.name, d.source, d.base, d.action, d.reason, placement, d.lora, d.bias, d.dtype,
-                              factors_out=options.save == "adapter" and d.lora is not None,
-                              outputs=names if names != (d.name,) else ()))  # fmt: skip
+        jobs.append(
+            TensorJob(
+                i,
+                d.name,
+                d.source,
+                d.base,
+                d.action,
+                d.reason,
+                placement,
+                d.lora,
+                d.bias,
+                d.dtype,
+                factors_out=options.save == "adapter" and d.lora is not None,
+                outputs=names if names != (d.name,) else (),
+            )
+        )
     return MergePlan(base, adapter.weights, options, tuple(jobs), (), layout, adapter=adapter, side_roots=side)
 
 
@@ -263,8 +319,17 @@ def _model_output(base: Checkpoint, found: AdapterTensors) -> list[_Draft]:
             reason = "1-D tensor: the fine-tune's bias (base bias + lora_B.bias * scaling) is written"
             drafts.append(_Draft(name, ref, ref, COPY, reason, spec, bias=found.biases[name], dtype=dtype))
         else:
-            drafts.append(_Draft(name, ref, ref, COPY, "not changed by the adapter: the base's tensor", spec,
-                                 dtype=dtype if ref.decoded else ""))  # fmt: skip
+            drafts.append(
+                _Draft(
+                    name,
+                    ref,
+                    ref,
+                    COPY,
+                    "not changed by the adapter: the base's tensor",
+                    spec,
+                    dtype=dtype if ref.decoded else "",
+                )
+            )
     for name, full in found.full.items():
         if name not in base:
             drafts.append(_Draft(name, full, None, COPY, "not in base", [TensorSpec(name, full.dtype, full.shape)]))
@@ -276,8 +341,10 @@ def _adapter_output(base: Checkpoint, adapter: Adapter, found: AdapterTensors) -
     drafts = []
     dora = [u.module for u in found.updates.values() if u.magnitude is not None]
     if dora:
-        raise UsageError(f"--save adapter: DoRA's result is not low rank (module {dora[0]!r} has a magnitude "
-                         "vector), so it cannot be written as a LoRA adapter; use --save model")  # fmt: skip
+        raise UsageError(
+            f"--save adapter: DoRA's result is not low rank (module {dora[0]!r} has a magnitude "
+            "vector), so it cannot be written as a LoRA adapter; use --save model"
+        )
     for name, update in found.updates.items():
         refs = [adapter.weights[k] for k in found.keys[name]]
         specs = [TensorSpec(r.name, r.dtype, r.shape) for r in refs]
@@ -285,10 +352,19 @@ def _adapter_output(base: Checkpoint, adapter: Adapter, found: AdapterTensors) -
         drafts.append(_Draft(name, update.a, base[name], EDIT, LORA_REASON, specs, lora=update, bias=bias))
         if update.base_copy is not None:
             ref = update.base_copy
-            drafts.append(_Draft(ref.name, ref, None, COPY, "the base weights peft saves beside an embedding LoRA",
-                                 [TensorSpec(ref.name, ref.dtype, ref.shape)]))  # fmt: skip
+            drafts.append(
+                _Draft(
+                    ref.name,
+                    ref,
+                    None,
+                    COPY,
+                    "the base weights peft saves beside an embedding LoRA",
+                    [TensorSpec(ref.name, ref.dtype, ref.shape)],
+                )
+            )
     for name, full in found.full.items():
         action, reason = pair_action(full, base.get(name))
-        drafts.append(_Draft(full.name, full, base.get(name), action, reason,
-                             [TensorSpec(full.name, full.dtype, full.shape)]))  # fmt: skip
+        drafts.append(
+            _Draft(full.name, full, base.get(name), action, reason, [TensorSpec(full.name, full.dtype, full.shape)])
+        )
     return drafts

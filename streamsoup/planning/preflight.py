@@ -54,10 +54,14 @@ def check_not_adapter(ckpt: Checkpoint, role: str) -> None:
         return
     found = ADAPTER_CONFIG if has_config else f"tensor {lora!r}"
     if role == "BASE":
-        raise InputError(f"BASE {ckpt.root} is a PEFT LoRA adapter ({found}), not a full model: pass the model the "
-                         "adapter was trained on as BASE and the adapter folder as FINETUNED")  # fmt: skip
-    raise InputError(f"{role} {ckpt.root} holds LoRA tensors ({found}) but is not an adapter folder with "
-                     f"{ADAPTER_CONFIG}: pass the PEFT adapter folder itself as {role}")  # fmt: skip
+        raise InputError(
+            f"BASE {ckpt.root} is a PEFT LoRA adapter ({found}), not a full model: pass the model the "
+            "adapter was trained on as BASE and the adapter folder as FINETUNED"
+        )
+    raise InputError(
+        f"{role} {ckpt.root} holds LoRA tensors ({found}) but is not an adapter folder with "
+        f"{ADAPTER_CONFIG}: pass the PEFT adapter folder itself as {role}"
+    )
 
 
 def _file_ids(ckpt: Checkpoint) -> set[tuple[int, int]]:
@@ -80,8 +84,9 @@ def model_config(ckpt: Checkpoint) -> dict:
     except OSError:
         return {}
     except JsonFileError as exc:
-        raise InputError(f"{path} {exc}; a model's config.json is a small JSON object: fix it, or download the "
-                         "model again") from None  # fmt: skip
+        raise InputError(
+            f"{path} {exc}; a model's config.json is a small JSON object: fix it, or download the model again"
+        ) from None
     return config if isinstance(config, dict) else {}
 
 
@@ -102,8 +107,10 @@ def model_shape_words(ckpt: Checkpoint) -> str:
 def check_pairing(base: Checkpoint, finetuned: Checkpoint, edits: int) -> str | None:
     """Refuse a BASE that pairs with nothing; a warning (returned) when fewer than half the matrices pair."""
     if _file_ids(base) == _file_ids(finetuned):
-        raise InputError(f"BASE {base.root} and FINETUNED {finetuned.root} are the same files: nothing to merge; "
-                         "pass the pre-trained model as BASE and the fine-tune as FINETUNED")  # fmt: skip
+        raise InputError(
+            f"BASE {base.root} and FINETUNED {finetuned.root} are the same files: nothing to merge; "
+            "pass the pre-trained model as BASE and the fine-tune as FINETUNED"
+        )
     matrices = [r for r in finetuned.values() if len(r.shape) >= 2 and r.numel and is_float(r.dtype)]
     if edits == 0:
         shared = [n for n in finetuned if n in base]
@@ -112,8 +119,10 @@ def check_pairing(base: Checkpoint, finetuned: Checkpoint, edits: int) -> str | 
             shown = "; ".join(f"{n} {list(finetuned[n].shape)} vs {list(base[n].shape)}" for n in differ[:3])
             detail = f"{len(differ)} shared tensors differ in shape ({shown})"
         elif not shared:
-            detail = (f"no tensor name in common (FINETUNED has {next(iter(finetuned), 'none')!r}, BASE "
-                      f"{next(iter(base), 'none')!r})")  # fmt: skip
+            detail = (
+                f"no tensor name in common (FINETUNED has {next(iter(finetuned), 'none')!r}, BASE "
+                f"{next(iter(base), 'none')!r})"
+            )
         else:
             detail = "no shared tensor is a float matrix"
         raise InputError(
@@ -122,8 +131,10 @@ def check_pairing(base: Checkpoint, finetuned: Checkpoint, edits: int) -> str | 
             "pass the model this fine-tune started from as BASE"
         )
     if edits < len(matrices) / 2:
-        return (f"only {edits} of the {len(matrices)} float matrices of FINETUNED pair with BASE (same name and "
-                "shape); the rest are copied unchanged: check that BASE is the model this fine-tune started from")
+        return (
+            f"only {edits} of the {len(matrices)} float matrices of FINETUNED pair with BASE (same name and "
+            "shape); the rest are copied unchanged: check that BASE is the model this fine-tune started from"
+        )
     return None
 
 
@@ -171,9 +182,11 @@ def check_not_blank(ckpt: Checkpoint, refs: list[TensorRef], role: str) -> None:
         picks = spread(mine, SAMPLED_PER_SHARD)
         if not any(bool(sampled_values(r).any()) for r in picks):
             where = f"{role} {ckpt.root}" if Path(path) == ckpt.root else f"{role} {ckpt.root}: shard {path}"
-            raise InputError(f"{where} holds only zeros where sampled ({len(picks)} matrices): its header is "
-                             "intact but its data is missing (a download that did not finish, a file with holes); "
-                             "re-download or re-save it")  # fmt: skip
+            raise InputError(
+                f"{where} holds only zeros where sampled ({len(picks)} matrices): its header is "
+                "intact but its data is missing (a download that did not finish, a file with holes); "
+                "re-download or re-save it"
+            )
 
 
 def sampled_rel_update(base: TensorRef, finetuned: TensorRef) -> float | None:
@@ -212,9 +225,11 @@ def check_adapter_trained(root: Path, updates: list) -> None:
         if sampled_values(update.b).any():
             return
     if updates:
-        raise InputError(f"FINETUNED {root}: every lora_B of the adapter is zero where sampled ({len(updates)} "
-                         "modules): an untrained adapter (peft initialises B to 0) changes nothing; pass the "
-                         "trained adapter")  # fmt: skip
+        raise InputError(
+            f"FINETUNED {root}: every lora_B of the adapter is zero where sampled ({len(updates)} "
+            "modules): an untrained adapter (peft initialises B to 0) changes nothing; pass the "
+            "trained adapter"
+        )
 
 
 def _existing(path: Path) -> Path:
@@ -280,8 +295,9 @@ def state_needs(widths: list[int], streamed_widths: list[int], lanes: int, tenso
     folders); the partial Grams and basis (three arrays) of the streamed tensors in flight."""
     grams = sorted((3 * 8 * c * c for c in streamed_widths), reverse=True)[:lanes]
     in_flight = min(lanes, len(streamed_widths))
-    return DiskNeed(sum(8 * c for c in widths) + sum(grams),
-                    2 * tensors + 4 * len(widths) + 12 * in_flight + STATE_FILES)  # fmt: skip
+    return DiskNeed(
+        sum(8 * c for c in widths) + sum(grams), 2 * tensors + 4 * len(widths) + 12 * in_flight + STATE_FILES
+    )
 
 
 def small_side(ref: TensorRef) -> int:
@@ -295,5 +311,8 @@ MAX_SHARDS = 10_000
 def check_shard_count(layout: ShardLayout, shard_size: int) -> None:
     if len(layout.shards) > MAX_SHARDS:
         files = len(layout.shards)
-        raise OptionError("shard_size", f"{format_size(shard_size)} would split OUT into {files} files (more than "
-                          f"{MAX_SHARDS}); give a larger size, e.g. the Hugging Face default 5GB")  # fmt: skip
+        raise OptionError(
+            "shard_size",
+            f"{format_size(shard_size)} would split OUT into {files} files (more than "
+            f"{MAX_SHARDS}); give a larger size, e.g. the Hugging Face default 5GB",
+        )

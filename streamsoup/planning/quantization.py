@@ -41,9 +41,11 @@ ACTIVATION_SCALES = (".input_scale",)
 #: DeepSeek-V3's block when config.json does not say
 DEFAULT_BLOCK = (128, 128)
 MX_BLOCKS, MX_SCALES = "_blocks", "_scales"
-DEQUANTIZE = ("streamsoup edits float weights (F32, F16, BF16, F64) and decodes FP8 (with its scales) and MXFP4 "
-              "experts, not this; dequantize it to bf16 first (e.g. load it with transformers and save_pretrained "
-              "the bf16 model)")  # fmt: skip
+DEQUANTIZE = (
+    "streamsoup edits float weights (F32, F16, BF16, F64) and decodes FP8 (with its scales) and MXFP4 "
+    "experts, not this; dequantize it to bf16 first (e.g. load it with transformers and save_pretrained "
+    "the bf16 model)"
+)
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,10 @@ def decode(ckpt: Checkpoint, role: str) -> Decoded:
     qc = config.get("quantization_config")
     method = qc.get("quant_method", "unnamed") if isinstance(qc, dict) else None
     if method is not None and method not in DECODED_METHODS:
-        raise InputError(f"{role} {ckpt.root} is quantized (config.json has a quantization_config, quant_method "
-                         f"{method!r}): {DEQUANTIZE}")  # fmt: skip
+        raise InputError(
+            f"{role} {ckpt.root} is quantized (config.json has a quantization_config, quant_method "
+            f"{method!r}): {DEQUANTIZE}"
+        )
     block = _config_block(qc) if isinstance(qc, dict) else None
     refs: dict[str, TensorRef] = {}
     consumed: set[str] = set()
@@ -100,14 +104,15 @@ def _config_block(qc: dict[str, Any]) -> tuple[int, int] | None:
     return None
 
 
-def _fp8(ckpt: Checkpoint, ref: TensorRef, block: tuple[int, int] | None,
-         role: str) -> tuple[TensorRef, str, str]:  # fmt: skip
+def _fp8(ckpt: Checkpoint, ref: TensorRef, block: tuple[int, int] | None, role: str) -> tuple[TensorRef, str, str]:
     """The decoded ref, its scale's name, and the format in words."""
     scale = next((ckpt[ref.name + end] for end in FP8_SCALES if ref.name + end in ckpt), None)
     where = f"{role} {ckpt.root}: FP8 tensor {ref.name!r} {list(ref.shape)}"
     if scale is None or not is_float(scale.dtype) or ref.stride is not None:
-        raise InputError(f"{where} has no float scale tensor ({ref.name}_scale_inv or {ref.name}_scale) to decode it "
-                         f"with: {DEQUANTIZE}")  # fmt: skip
+        raise InputError(
+            f"{where} has no float scale tensor ({ref.name}_scale_inv or {ref.name}_scale) to decode it "
+            f"with: {DEQUANTIZE}"
+        )
     *lead, m, n = ref.shape
     if scale.numel == 1 and not lead:
         rows_cols, words = (m, n), "FP8 per-tensor scaled"
@@ -116,8 +121,10 @@ def _fp8(ckpt: Checkpoint, ref: TensorRef, block: tuple[int, int] | None,
     else:
         br, bc = block or DEFAULT_BLOCK
         if tuple(scale.shape) != (*lead, -(-m // br), -(-n // bc)):
-            raise InputError(f"{where}: its scale {scale.name!r} {list(scale.shape)} fits no [{br}, {bc}] block "
-                             f"grid (config.json quantization_config.weight_block_size): {DEQUANTIZE}")  # fmt: skip
+            raise InputError(
+                f"{where}: its scale {scale.name!r} {list(scale.shape)} fits no [{br}, {bc}] block "
+                f"grid (config.json quantization_config.weight_block_size): {DEQUANTIZE}"
+            )
         rows_cols, words = (br, bc), f"FP8 block-scaled [{br}, {bc}]"
     return replace(ref, encoding=quantized.FP8, scale=scale, block=rows_cols), scale.name, words
 
@@ -127,17 +134,28 @@ def _mxfp4(ckpt: Checkpoint, ref: TensorRef, role: str) -> TensorRef:
     weight `P` [experts, in, out] (transformers' dequantization transposes each expert)."""
     name = ref.name[: -len(MX_BLOCKS)]
     if name in ckpt:  # the decoded weight would replace it: one of the two would be dropped unsaid
-        raise InputError(f"{role} {ckpt.root}: holds both {name!r} and its MXFP4 encoding {ref.name!r}, so which "
-                         "is the weight is ambiguous: save the checkpoint with one of them")  # fmt: skip
+        raise InputError(
+            f"{role} {ckpt.root}: holds both {name!r} and its MXFP4 encoding {ref.name!r}, so which "
+            "is the weight is ambiguous: save the checkpoint with one of them"
+        )
     scales = ckpt.get(name + MX_SCALES)
     shape = ref.shape
-    if (scales is None or scales.dtype != "U8" or len(shape) != 4 or shape[-1] != quantized.MX_BYTES
-            or tuple(scales.shape) != shape[:-1] or ref.stride is not None):  # fmt: skip
-        raise InputError(f"{role} {ckpt.root}: MXFP4 tensor {ref.name!r} {list(shape)} has no matching "
-                         f"{name + MX_SCALES!r} [experts, rows, groups] (gpt-oss's layout): {DEQUANTIZE}")  # fmt: skip
+    if (
+        scales is None
+        or scales.dtype != "U8"
+        or len(shape) != 4
+        or shape[-1] != quantized.MX_BYTES
+        or tuple(scales.shape) != shape[:-1]
+        or ref.stride is not None
+    ):
+        raise InputError(
+            f"{role} {ckpt.root}: MXFP4 tensor {ref.name!r} {list(shape)} has no matching "
+            f"{name + MX_SCALES!r} [experts, rows, groups] (gpt-oss's layout): {DEQUANTIZE}"
+        )
     experts, rows, groups, _ = shape
-    return replace(ref, name=name, shape=(experts, groups * quantized.MX_GROUP, rows), encoding=quantized.MXFP4,
-                   scale=scales)  # fmt: skip
+    return replace(
+        ref, name=name, shape=(experts, groups * quantized.MX_GROUP, rows), encoding=quantized.MXFP4, scale=scales
+    )
 
 
 def _refuse_leftovers(ckpt: Checkpoint, role: str) -> None:

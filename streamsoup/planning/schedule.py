@@ -105,9 +105,12 @@ def lowrank_execution(job: TensorJob, budget: Budget) -> Execution:
     if job.dense_w1:
         need = in_memory_bytes(max(m, n), min(m, n), job.base.held_bytes + 8 * m * n, job.placement.nbytes)
         if need > budget.task_ram:
-            raise OptionError("max_ram", f"{format_size(budget.max_ram)} is too small for DoRA tensor {job.name!r}, "
-                                         f"which is merged whole in memory ({format_size(need)}); give at least "
-                                         f"{format_size(budget.max_ram - budget.task_ram + need)}")  # fmt: skip
+            raise OptionError(
+                "max_ram",
+                f"{format_size(budget.max_ram)} is too small for DoRA tensor {job.name!r}, "
+                f"which is merged whole in memory ({format_size(need)}); give at least "
+                f"{format_size(budget.max_ram - budget.task_ram + need)}",
+            )
         return Execution(lane, 0, need)
     if not job.factors_out:
         block = rows_per_block(n) * n

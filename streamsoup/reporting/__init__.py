@@ -19,5 +19,15 @@ from .record import (
     write_spectra,
 )
 
-__all__ = ["REPORT_NAME", "SPECTRA_NAME", "MergeSummary", "RunReport", "describe_inputs", "read_report", "read_run",
-           "run_head", "write_report", "write_spectra"]
+__all__ = [
+    "REPORT_NAME",
+    "SPECTRA_NAME",
+    "MergeSummary",
+    "RunReport",
+    "describe_inputs",
+    "read_report",
+    "read_run",
+    "run_head",
+    "write_report",
+    "write_spectra",
+]

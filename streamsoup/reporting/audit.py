@@ -47,17 +47,31 @@ def run_status(out: str | Path) -> RunStatus:
         return RunStatus({**summary, "state": "complete", "out": str(out)})
     if not partial.exists():
         if out.exists():
-            raise UsageError(f"{out} is not a streamsoup output (it has no {REPORT_NAME}, and there is no "
-                             f"{partial.name} of an interrupted run beside it)")  # fmt: skip
+            raise UsageError(
+                f"{out} is not a streamsoup output (it has no {REPORT_NAME}, and there is no "
+                f"{partial.name} of an interrupted run beside it)"
+            )
         raise UsageError(f"no merge at {out}: neither {out.name} nor {partial.name} exists")
     state_path = find_state(partial)
     holder = RunLock.holder(partial)
     if not state_path.exists():
         if not holder:
             raise UsageError(f"{partial} has no progress recorded yet (the run stopped before its first tensor)")
-        return RunStatus({"state": "running", "holder": holder, "out": str(out), "tensors_done": 0,
-                          "tensors_total": None, "bytes_done": 0, "bytes_total": None, "remaining": [],
-                          "attempts": 0, "seconds": 0.0, "last_commit_age_s": None})  # planning: no state yet
+        return RunStatus(
+            {
+                "state": "running",
+                "holder": holder,
+                "out": str(out),
+                "tensors_done": 0,
+                "tensors_total": None,
+                "bytes_done": 0,
+                "bytes_total": None,
+                "remaining": [],
+                "attempts": 0,
+                "seconds": 0.0,
+                "last_commit_age_s": None,
+            }
+        )  # planning: no state yet
     state = RunState.read(state_path)
     markers = state.committed()
     ckpt = _output_shards(partial)
@@ -65,19 +79,21 @@ def run_status(out: str | Path) -> RunStatus:
     total = len(ckpt) if ckpt is not None else None
     finished = finished_outputs([m.row for m in markers.values()])
     remaining = [n for n in (ckpt or {}) if n not in finished]
-    return RunStatus({
-        "state": "running" if holder else "interrupted",
-        "holder": holder,
-        "out": str(out),
-        "tensors_done": len(finished),
-        "tensors_total": total,
-        "bytes_done": done_bytes,
-        "bytes_total": ckpt.total_bytes if ckpt is not None else None,
-        "remaining": remaining,
-        "attempts": state.attempt,
-        "seconds": state.elapsed(),
-        "last_commit_age_s": time.time() - max((m.committed_at for m in markers.values()), default=time.time()),
-    })
+    return RunStatus(
+        {
+            "state": "running" if holder else "interrupted",
+            "holder": holder,
+            "out": str(out),
+            "tensors_done": len(finished),
+            "tensors_total": total,
+            "bytes_done": done_bytes,
+            "bytes_total": ckpt.total_bytes if ckpt is not None else None,
+            "remaining": remaining,
+            "attempts": state.attempt,
+            "seconds": state.elapsed(),
+            "last_commit_age_s": time.time() - max((m.committed_at for m in markers.values()), default=time.time()),
+        }
+    )
 
 
 def row_outputs(row: dict[str, Any]) -> list[str]:
@@ -172,8 +188,14 @@ def verify_output(out: str | Path, progress: bool = False) -> VerifyResult:
         result.problems.append(f"{name}: in the report but missing from the shards")
     for name in sorted(set(ckpt) - listed):
         result.problems.append(f"{name}: in the shards but not in the report")
-    with tqdm(total=ckpt.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="verifying",
-              disable=None if progress else True) as bar:  # fmt: skip
+    with tqdm(
+        total=ckpt.total_bytes,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="verifying",
+        disable=None if progress else True,
+    ) as bar:
         for row in rows:
             names = row_outputs(row)
             if any(n not in ckpt for n in names):

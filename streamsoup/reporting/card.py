@@ -81,38 +81,62 @@ def model_card(doc: dict[str, Any], source: CardSource) -> str:
     ft_kind = " (a PEFT LoRA adapter)" if doc["inputs"]["finetuned"].get("kind") == "LoRA adapter" else ""
     rule = opts["rank_rule"] + (f", energy {opts['energy']:g}" if opts["rank_rule"] == "energy" else "")
     lines = [
-        "---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
-        f"# MonoSoup of {Path(ft).name}", "",
+        "---",
+        yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(),
+        "---",
+        "",
+        f"# MonoSoup of {Path(ft).name}",
+        "",
         f"[MonoSoup]({PAPER}) (Abdollahpoorrostam, Dimitriadis, Hazimeh, Frossard, ICML 2026, *Model soups need only "
         f"one ingredient*) applied by streamsoup {doc['streamsoup']} to the fine-tune `{ft}`{ft_kind} of `{base}`. "
         "Each weight matrix's fine-tuning update was split by its singular value decomposition into high-energy "
         "and low-energy directions, re-weighed with the paper's data-free, layer-wise coefficients, and added "
         "back to the base weights (exact float64 arithmetic, cast to the fine-tune's dtypes). No training and "
-        "no data were used.", "",
-        "| | |", "| --- | --- |",
-        f"| base model | `{base}` |", f"| fine-tune | `{ft}`{ft_kind} |",
+        "no data were used.",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| base model | `{base}` |",
+        f"| fine-tune | `{ft}`{ft_kind} |",
         f"| rank rule | {rule} |",
         f"| options | `--min-rel-update {opts['min_rel_update']:g}`, `--spectral {opts['spectral']}`, "
         f"`--save {opts['save']}` |",
         f"| tensors | {s['tensors']}: {s['edited']} edited, {s['copied']} copied, {s['dropped']} dropped |",
         f"| made by | streamsoup {doc['streamsoup']} (when and where: `streamsoup_report.json`) |",
         "",
-        "## What MonoSoup did, per module kind", "",
+        "## What MonoSoup did, per module kind",
+        "",
         "Medians and [min-max] over the edited matrices of each kind: `k/rank`, the share of directions kept as "
         "high-energy; `P_k`, their share of the update's energy; `lambda_high` and `lambda_low`, the weights of "
-        "the two parts.", "",
+        "the two parts.",
+        "",
         "| kind | matrices | edited | k/rank | P_k | lambda_high | lambda_low |",
         "| --- | ---: | ---: | --- | --- | --- | --- |",
-    ]  # fmt: skip
+    ]
     for kind, m in doc["modules"].items():
         cells = " | ".join(format_spread(m[key]) for key in ("k_rank", "P_k", "lambda_high", "lambda_low"))
         lines.append(f"| {kind} | {m['tensors']} | {m['edited']} | {cells} |")
-    lines += ["", "Every tensor's decision, `k`, `P_k` and lambdas are in `streamsoup_report.json` "
-              "(`streamsoup report DIR` prints and draws them).", "", "## How to load it", "", "```python",
-              *loading(source, base), "```", ""]  # fmt: skip
+    lines += [
+        "",
+        "Every tensor's decision, `k`, `P_k` and lambdas are in `streamsoup_report.json` "
+        "(`streamsoup report DIR` prints and draws them).",
+        "",
+        "## How to load it",
+        "",
+        "```python",
+        *loading(source, base),
+        "```",
+        "",
+    ]
     if source.finetuned_card is not None:
-        lines += [FOLDED_HEADING, "", "Kept as the fine-tune shipped it (its front matter is merged into the "
-                  "one above):", "", body.strip(), ""]  # fmt: skip
+        lines += [
+            FOLDED_HEADING,
+            "",
+            "Kept as the fine-tune shipped it (its front matter is merged into the one above):",
+            "",
+            body.strip(),
+            "",
+        ]
     return utf8_text("\n".join(lines))
 
 
@@ -123,17 +147,24 @@ def utf8_text(text: str) -> str:
 
 def loading(source: CardSource, base: str) -> list[str]:
     if source.adapter_out:
-        return ["from peft import PeftModel", "from transformers import AutoModel",
-                f"model = PeftModel.from_pretrained(AutoModel.from_pretrained({base!r}), \"path/to/this/folder\")"]
+        return [
+            "from peft import PeftModel",
+            "from transformers import AutoModel",
+            f'model = PeftModel.from_pretrained(AutoModel.from_pretrained({base!r}), "path/to/this/folder")',
+        ]
     architectures = (source.config or {}).get("architectures")
     if isinstance(architectures, list) and architectures and isinstance(architectures[0], str):
-        return [f"from transformers import {architectures[0]}",
-                f"model = {architectures[0]}.from_pretrained(\"path/to/this/folder\")"]  # fmt: skip
+        return [
+            f"from transformers import {architectures[0]}",
+            f'model = {architectures[0]}.from_pretrained("path/to/this/folder")',
+        ]
     if source.config is not None and "model_type" in source.config:
-        return ["from transformers import AutoModel", "model = AutoModel.from_pretrained(\"path/to/this/folder\")"]
-    return ["import safetensors.torch",
-            "state_dict = safetensors.torch.load_file(\"path/to/this/folder/model.safetensors\")",
-            "model.load_state_dict(state_dict)  # model: the architecture the fine-tune was saved from"]  # fmt: skip
+        return ["from transformers import AutoModel", 'model = AutoModel.from_pretrained("path/to/this/folder")']
+    return [
+        "import safetensors.torch",
+        'state_dict = safetensors.torch.load_file("path/to/this/folder/model.safetensors")',
+        "model.load_state_dict(state_dict)  # model: the architecture the fine-tune was saved from",
+    ]
 
 
 def read_config(folder: Path) -> dict[str, Any] | None:

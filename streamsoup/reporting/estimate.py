@@ -138,10 +138,18 @@ def calibrate(budget: Budget, scratch_dir: Path) -> Rates:
     machine, lanes and scratch filesystem from the last minutes is reused (reporting/ratecache.py)."""
     startup = startup_seconds()
     scratch_dir.mkdir(parents=True, exist_ok=True)
-    key = ratecache.key_of({"host": socket.gethostname(), "cpus": os.cpu_count(), "cpu": cpu_model(),
-                            "threads": budget.lanes.threads, "devices": budget.lanes.devices,
-                            "scratch": os.stat(scratch_dir).st_dev,
-                            "torch": torch.__version__, "streamsoup": __version__})  # fmt: skip
+    key = ratecache.key_of(
+        {
+            "host": socket.gethostname(),
+            "cpus": os.cpu_count(),
+            "cpu": cpu_model(),
+            "threads": budget.lanes.threads,
+            "devices": budget.lanes.devices,
+            "scratch": os.stat(scratch_dir).st_dev,
+            "torch": torch.__version__,
+            "streamsoup": __version__,
+        }
+    )
     cached = ratecache.load(key)
     if cached is not None and set(cached[0]) == RATE_FIELDS:
         rates, at = cached
@@ -267,16 +275,21 @@ class PlanSummary:
 
 def plan_row(job: TensorJob) -> dict:
     """A tensor as the report will list it, with what only the run can tell left empty."""
-    return {"name": job.name, "shape": list(job.shape), "dtype": job.out_dtype, "action": job.action,
-            "reason": job.reason or "edit candidate", **dict.fromkeys(SPECTRAL_FIELDS)}  # fmt: skip
+    return {
+        "name": job.name,
+        "shape": list(job.shape),
+        "dtype": job.out_dtype,
+        "action": job.action,
+        "reason": job.reason or "edit candidate",
+        **dict.fromkeys(SPECTRAL_FIELDS),
+    }
 
 
 def summarize(plan: MergePlan, budget: Budget, runs: dict[str, Execution], rates: Rates) -> PlanSummary:
     lanes = [("cpu", f"cpu{i}") for i in range(budget.lanes.cpu)]
     lanes += [("device", f"{d}#{i}") for i, d in enumerate(budget.lanes.devices)]  # two lanes may share a GPU
     real_gpu = any(d.startswith("cuda") for d in budget.lanes.devices)
-    costs = {j.key: tensor_seconds(j, runs[j.key], rates, runs[j.key].lane == "device" and real_gpu)
-             for j in plan.jobs}  # fmt: skip
+    costs = {j.key: tensor_seconds(j, runs[j.key], rates, runs[j.key].lane == "device" and real_gpu) for j in plan.jobs}
     loads: dict[str, list] = {name: [0.0, 0, name] for _, name in lanes}
     heaps = {kind: [(0.0, name) for k, name in lanes if k == kind] for kind in ("cpu", "device")}
     for job in sorted(plan.jobs, key=lambda j: -costs[j.key]):  # longest first onto the least loaded lane
@@ -323,8 +336,11 @@ def format_plan(s: PlanSummary) -> str:
         f"I/O          read {format_size(s.bytes_read)}, write {format_size(s.bytes_written)}",
     ]
     if s.lowrank:
-        what = "the reweighed factors are written (BASE is not read)" if s.save == "adapter" else \
-            "W0 + U diag(lam s) V^T is written as W0 streams through"
+        what = (
+            "the reweighed factors are written (BASE is not read)"
+            if s.save == "adapter"
+            else "W0 + U diag(lam s) V^T is written as W0 streams through"
+        )
         lines.append(f"adapter      {s.lowrank} low-rank updates from LoRA factors: no eigensolve; {what}")
     lines += [
         f"largest      {s.largest_tensor}: working set {format_size(s.largest_working_set)}",
@@ -352,8 +368,9 @@ def estimate(base: str | Path, finetuned: str | Path, opts: MergeOptions, given:
     plan_names = {f.name for f in MergeOptions.plan_fields()}
     unused = [name for name, value in given.items() if value not in (None, "", False) and name not in plan_names]
     if unused:
-        raise OptionError(unused[0], "is not used by plan, which plans a merge on this machine from the headers "
-                                     "alone; leave it out")  # fmt: skip
+        raise OptionError(
+            unused[0], "is not used by plan, which plans a merge on this machine from the headers alone; leave it out"
+        )
     merge_plan = plan_merge(base, finetuned, opts)
     configure_process()
     budget, runs = local_schedule(merge_plan, opts)

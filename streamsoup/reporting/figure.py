@@ -42,8 +42,9 @@ def _series(rows: list[dict[str, Any]]) -> dict[str, tuple[str, list[dict[str, A
     return out
 
 
-def chosen_spectra(rows: list[dict[str, Any]], outliers: list[dict[str, Any]],
-                   spectra: dict[str, np.ndarray]) -> list[tuple[str, dict[str, Any]]]:  # fmt: skip
+def chosen_spectra(
+    rows: list[dict[str, Any]], outliers: list[dict[str, Any]], spectra: dict[str, np.ndarray]
+) -> list[tuple[str, dict[str, Any]]]:
     """(label, row) of the spectra to draw: each kind's middle-layer tensor, then a few that stand out."""
     edited = [r for r in rows if r["action"] == EDIT and r["name"] in spectra]
     chosen: list[tuple[str, dict[str, Any]]] = []
@@ -65,8 +66,10 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise UsageError("--png needs matplotlib, which is not installed: pip install 'streamsoup[report]' "
-                         "(or pip install matplotlib)") from None  # fmt: skip
+        raise UsageError(
+            "--png needs matplotlib, which is not installed: pip install 'streamsoup[report]' "
+            "(or pip install matplotlib)"
+        ) from None
 
 
 def check_png_path(path: Path, force: bool = False) -> None:
@@ -75,8 +78,10 @@ def check_png_path(path: Path, force: bool = False) -> None:
     if path.is_dir():
         raise UsageError(f"--png {path} is a folder; give the figure a file name, e.g. {path / 'report.png'}")
     if os.path.lexists(path) and not force:
-        raise UsageError(f"--png {path} already exists; streamsoup does not replace a file: choose a new name, "
-                         "or add --force to replace it")  # fmt: skip
+        raise UsageError(
+            f"--png {path} already exists; streamsoup does not replace a file: choose a new name, "
+            "or add --force to replace it"
+        )
     if not path.parent.is_dir():
         raise UsageError(f"--png {path}: the folder {path.parent} does not exist; create it first")
     if not os.access(path.parent, os.W_OK):
@@ -98,10 +103,18 @@ def save_figure(doc: dict[str, Any], spectra: dict[str, np.ndarray], path: Path,
         x = [r["layer"] for r in mine]
         ax_k.plot(x, [r["k"] / r["rank"] for r in mine], style, marker="o", ms=3, color=colors[kind], label=label)
         ax_lam.plot(x, [r["lambda_low"] for r in mine], style, marker="o", ms=3, color=colors[kind], label=label)
-    ax_k.set(xlabel="layer", ylabel="k / rank (share of directions kept as high-energy)", ylim=(0, 1.02),
-             title="high-energy directions k per layer")  # fmt: skip
-    ax_lam.set(xlabel="layer", ylabel="lambda_low (weight of the low-energy part)", ylim=(0, 1.02),
-               title="re-weighting per layer")  # fmt: skip
+    ax_k.set(
+        xlabel="layer",
+        ylabel="k / rank (share of directions kept as high-energy)",
+        ylim=(0, 1.02),
+        title="high-energy directions k per layer",
+    )
+    ax_lam.set(
+        xlabel="layer",
+        ylabel="lambda_low (weight of the low-energy part)",
+        ylim=(0, 1.02),
+        title="re-weighting per layer",
+    )
     right = ax_lam.secondary_yaxis("right", functions=(lambda v: 1 - v, lambda v: 1 - v))
     right.set_ylabel("lambda_high = 1 - lambda_low (weight of the top-k part)")
     for ax in (ax_k, ax_lam):
@@ -120,12 +133,21 @@ def save_figure(doc: dict[str, Any], spectra: dict[str, np.ndarray], path: Path,
             continue
         idx = np.arange(1, sv.size + 1)
         color = colors[row["kind"]] if not label.startswith("stands out") else f"C{(i + 3) % 10}"
-        line = ax_s.loglog(idx, sv / sv[0], color=color, lw=1.2, ls="-" if not label.startswith("stands") else ":",
-                           label=f"{label}: k={row['k']} of {row['rank']}")[0]  # fmt: skip
+        line = ax_s.loglog(
+            idx,
+            sv / sv[0],
+            color=color,
+            lw=1.2,
+            ls="-" if not label.startswith("stands") else ":",
+            label=f"{label}: k={row['k']} of {row['rank']}",
+        )[0]
         k = min(row["k"], sv.size)
         ax_s.plot([k], [sv[k - 1] / sv[0]], "o", color=line.get_color(), ms=5)
-    ax_s.set(xlabel="index i of the singular value", ylabel="s_i / s_1 (log)",
-             title="spectrum of the update dW = W1 - W0 (dot: k)")  # fmt: skip
+    ax_s.set(
+        xlabel="index i of the singular value",
+        ylabel="s_i / s_1 (log)",
+        title="spectrum of the update dW = W1 - W0 (dot: k)",
+    )
     ax_s.grid(alpha=0.3, which="both")
     ax_s.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax_s.xaxis.set_minor_formatter(NullFormatter())
@@ -135,13 +157,15 @@ def save_figure(doc: dict[str, Any], spectra: dict[str, np.ndarray], path: Path,
         ax_s.text(0.5, 0.5, "no spectrum stored", ha="center", transform=ax_s.transAxes)
 
     ax_txt.axis("off")
-    ax_txt.text(0, 1, _panel_text(doc), va="top", ha="left", family="monospace", fontsize=8,
-                transform=ax_txt.transAxes)  # fmt: skip
+    ax_txt.text(0, 1, _panel_text(doc), va="top", ha="left", family="monospace", fontsize=8, transform=ax_txt.transAxes)
     rule = opts["rank_rule"] + (f" (energy {opts['energy']:g})" if opts["rank_rule"] == "energy" else "")
     state = "" if doc["state"] == "complete" else f" [{doc['state']}: {s['tensors_done']} of {s['tensors']} tensors]"
-    fig.suptitle(f"MonoSoup on {_name(doc['inputs']['finetuned'])} (base {_name(doc['inputs']['base'])}), "
-                 f"{rule} rank rule{state}\n"
-                 "lambda_low = rho + (1 - rho) sqrt(1 - P_k), lambda_high = 1 - lambda_low", fontsize=12)  # fmt: skip
+    fig.suptitle(
+        f"MonoSoup on {_name(doc['inputs']['finetuned'])} (base {_name(doc['inputs']['base'])}), "
+        f"{rule} rank rule{state}\n"
+        "lambda_low = rho + (1 - rho) sqrt(1 - P_k), lambda_high = 1 - lambda_low",
+        fontsize=12,
+    )
     check_png_path(path, force)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # a name no one has
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to any new file
@@ -171,20 +195,27 @@ def _publish_new(tmp: Path, path: Path) -> None:
 def _panel_text(doc: dict[str, Any]) -> str:
     """The numbers beside the curves: per kind medians, tensors outside the layers, what stands out."""
     s = doc["summary"]
-    lines = [f"{s['tensors_done']} of {s['tensors']} tensors: {s['edited']} edited, {s['copied']} copied, "
-             f"{s['dropped']} dropped", "", "medians per module kind:",
-             f"{'kind':<8}{'edited':>7}{'k/rank':>9}{'P_k':>8}{'l_high':>8}{'l_low':>8}"]
+    lines = [
+        f"{s['tensors_done']} of {s['tensors']} tensors: {s['edited']} edited, {s['copied']} copied, "
+        f"{s['dropped']} dropped",
+        "",
+        "medians per module kind:",
+        f"{'kind':<8}{'edited':>7}{'k/rank':>9}{'P_k':>8}{'l_high':>8}{'l_low':>8}",
+    ]
     for kind, m in doc["modules"].items():
         if not m["edited"]:
             lines.append(f"{kind:<8}{0:>7}   (copied: {m['copied']})")
             continue
-        lines.append(f"{kind:<8}{m['edited']:>7}{m['k_rank']['median']:>9.3f}{m['P_k']['median']:>8.3f}"
-                     f"{m['lambda_high']['median']:>8.3f}{m['lambda_low']['median']:>8.3f}")  # fmt: skip
+        lines.append(
+            f"{kind:<8}{m['edited']:>7}{m['k_rank']['median']:>9.3f}{m['P_k']['median']:>8.3f}"
+            f"{m['lambda_high']['median']:>8.3f}{m['lambda_low']['median']:>8.3f}"
+        )
     outside = [r for r in doc["tensors"] if r["action"] == EDIT and r["layer"] is None and r.get("k") is not None]
     if outside:
         lines += ["", "outside the layers:"]
-        lines += [f"  {_short(r['name'])}: k/rank {r['k'] / r['rank']:.3f}, l_low {r['lambda_low']:.3f}"
-                  for r in outside[:6]]  # fmt: skip
+        lines += [
+            f"  {_short(r['name'])}: k/rank {r['k'] / r['rank']:.3f}, l_low {r['lambda_low']:.3f}" for r in outside[:6]
+        ]
     found = doc["outliers"]
     lines += ["", f"stand out: {len(found)}"]
     lines += [f"  {_short(o['name'])}:\n    {o['why'][:70]}" for o in found[:4]]
@@ -198,5 +229,4 @@ def _panel_text(doc: dict[str, Any]) -> str:
 
 
 def _short(name: str, width: int = 44) -> str:
-    return name if len(name) <= width else "..." + name[-(width - 3):]
-
+    return name if len(name) <= width else "..." + name[-(width - 3) :]

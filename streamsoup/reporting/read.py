@@ -75,8 +75,10 @@ def read_run(path: str | Path) -> RunReport:
     if partial.exists():
         return _from_state(find_state(partial), partial, path)
     if path.exists():
-        raise UsageError(f"{path} is not a streamsoup output (no {REPORT_NAME}, and no {partial.name} of an "
-                         "interrupted run beside it)")  # fmt: skip
+        raise UsageError(
+            f"{path} is not a streamsoup output (no {REPORT_NAME}, and no {partial.name} of an "
+            "interrupted run beside it)"
+        )
     raise UsageError(f"no merge at {path}: neither {path.name} nor {partial.name} exists")
 
 
@@ -101,8 +103,9 @@ def _rebuilt(doc: dict[str, Any], out: Path) -> dict[str, Any]:
     }
     runs = [{**a, "started_at": _epoch(a["started_at"])} for a in (doc.get("run") or {}).get("attempts", [])]
     finished = (doc.get("run") or {}).get("finished_at")
-    outcome = Outcome("complete", out, doc["summary"]["seconds"], _epoch(finished) if finished else None,
-                      doc.get("fingerprint"))  # fmt: skip
+    outcome = Outcome(
+        "complete", out, doc["summary"]["seconds"], _epoch(finished) if finished else None, doc.get("fingerprint")
+    )
     document = assemble(head, runs, doc["tensors"], outcome)
     document["streamsoup"] = doc["streamsoup"]  # the version that made OUT, not the one reading it
     return document
@@ -116,11 +119,15 @@ def _from_state(state_path: Path, partial: Path | None, out: Path | None) -> Run
         state = RunState.read(state_path)
         head = state.head
     except Exception as exc:  # not a zarr group of ours
-        raise UsageError(f"{state_path} is not a streamsoup run state ({type(exc).__name__}); pass OUT, "
-                         "OUT.partial or the --work-dir folder") from None  # fmt: skip
+        raise UsageError(
+            f"{state_path} is not a streamsoup run state ({type(exc).__name__}); pass OUT, "
+            "OUT.partial or the --work-dir folder"
+        ) from None
     if head is None:
-        raise UsageError(f"{state_path} was written by a streamsoup older than this one and does not record its "
-                         "inputs; `streamsoup status` still shows its progress")  # fmt: skip
+        raise UsageError(
+            f"{state_path} was written by a streamsoup older than this one and does not record its "
+            "inputs; `streamsoup status` still shows its progress"
+        )
     out = out or Path(head.get("out", state_path))
     partial = partial or writer.partial_dir(out)
     markers = sorted(state.committed().items())
@@ -139,6 +146,7 @@ def _epoch(iso: str) -> float:
 def _inputs_of_old_report(doc: dict[str, Any]) -> dict[str, Any]:
     """Reports of streamsoup < 0.3 name the inputs only by path."""
     fp = doc.get("fingerprint") or {}
-    return {role: {"path": doc[role], "kind": "checkpoint", "fingerprint": short_digest(fp.get(role))}
-            for role in ("base", "finetuned")}  # fmt: skip
-
+    return {
+        role: {"path": doc[role], "kind": "checkpoint", "fingerprint": short_digest(fp.get(role))}
+        for role in ("base", "finetuned")
+    }

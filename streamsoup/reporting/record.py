@@ -69,8 +69,10 @@ class MergeSummary:
 
     def line(self) -> str:
         if self.already_complete:
-            return (f"{self.out} is already complete (the same merge: same inputs and options): nothing to do; "
-                    f"{self.tensors} tensors, {self.edited} edited")  # fmt: skip
+            return (
+                f"{self.out} is already complete (the same merge: same inputs and options): nothing to do; "
+                f"{self.tensors} tensors, {self.edited} edited"
+            )
         resumed = f", {self.resumed} resumed from an earlier run" if self.resumed else ""
         said = "" if self.estimated_seconds is None else f" (estimated ~{format_duration(self.estimated_seconds)})"
         return (
@@ -100,7 +102,7 @@ def describe_input(root: Path, fingerprint: dict | None, kind: str) -> dict[str,
         info["fingerprint"] = short_digest(fingerprint)
     folder = root if root.is_dir() else root.parent
     if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
-        info["repo"] = folder.parent.parent.name[len("models--"):].replace("--", "/")
+        info["repo"] = folder.parent.parent.name[len("models--") :].replace("--", "/")
         info["commit"] = folder.name
     return info
 
@@ -109,8 +111,10 @@ def describe_inputs(plan: MergePlan, fingerprint: dict | None = None) -> dict[st
     """Both inputs of a plan; with the run's fingerprint, each with its digest."""
     fp = fingerprint or {}
     ft_kind = "LoRA adapter" if plan.adapter is not None else "checkpoint"
-    return {"base": describe_input(plan.base.root, fp.get("base"), "checkpoint"),
-            "finetuned": describe_input((plan.adapter or plan.finetuned).root, fp.get("finetuned"), ft_kind)}
+    return {
+        "base": describe_input(plan.base.root, fp.get("base"), "checkpoint"),
+        "finetuned": describe_input((plan.adapter or plan.finetuned).root, fp.get("finetuned"), ft_kind),
+    }
 
 
 def run_head(plan: MergePlan, fingerprint: dict, out: Path) -> dict[str, Any]:
@@ -138,8 +142,13 @@ class Outcome:
 
 def assemble(head: dict, runs: list[dict], rows: list[dict], outcome: Outcome) -> dict[str, Any]:
     """The report document of a finished or interrupted run (the same structure for both)."""
-    state, out, seconds, finished_at, fingerprint = (outcome.state, outcome.out, outcome.seconds,
-                                                     outcome.finished_at, outcome.fingerprint)  # fmt: skip
+    state, out, seconds, finished_at, fingerprint = (
+        outcome.state,
+        outcome.out,
+        outcome.seconds,
+        outcome.finished_at,
+        outcome.fingerprint,
+    )
     attempts = [{**r, "started_at": iso_time(r["started_at"])} for r in runs]
     last_commit = max((r.get("committed_at", 0.0) for r in rows), default=0.0)
     doc: dict[str, Any] = {
@@ -183,16 +192,24 @@ def read_report(out: Path) -> dict[str, Any]:
 
 def report_damaged(path: Path, problem: str) -> InputError:
     """The one wording for a report streamsoup cannot read."""
-    return InputError(f"{path} is damaged ({problem}); OUT cannot be checked or described without it: restore it "
-                      "from a copy, or merge again into a new folder")  # fmt: skip
+    return InputError(
+        f"{path} is damaged ({problem}); OUT cannot be checked or described without it: restore it "
+        "from a copy, or merge again into a new folder"
+    )
 
 
 def report_problem(doc: Any) -> str | None:
     """What a report lacks of the structure its readers take (the fields every merge has written since 0.4)."""
     if not isinstance(doc, dict):
         return "not a JSON object"
-    for key, kind in (("streamsoup", str), ("base", str), ("finetuned", str), ("options", dict), ("summary", dict),
-                      ("tensors", list)):  # fmt: skip
+    for key, kind in (
+        ("streamsoup", str),
+        ("base", str),
+        ("finetuned", str),
+        ("options", dict),
+        ("summary", dict),
+        ("tensors", list),
+    ):
         if not isinstance(doc.get(key), kind):
             return f"no {key!r} {'text' if kind is str else 'object' if kind is dict else 'list'}"
     for key in ("tensors", "edited", "copied", "dropped", "output_bytes"):
@@ -208,11 +225,13 @@ def report_problem(doc: Any) -> str | None:
         if not _count(row.get("crc32c")):
             return f"tensors[{i}] ({row['name']}) has no crc32c"
         outputs, expert = row.get("outputs"), row.get("expert")
-        if outputs is not None and not (isinstance(outputs, list) and outputs and
-                                        all(isinstance(o, str) for o in outputs)):  # fmt: skip
+        if outputs is not None and not (
+            isinstance(outputs, list) and outputs and all(isinstance(o, str) for o in outputs)
+        ):
             return f"tensors[{i}] ({row['name']}) has outputs that are not a list of names"
-        if expert is not None and not (isinstance(expert, list) and len(expert) == 2 and all(map(_count, expert))
-                                       and expert[0] < expert[1]):  # fmt: skip
+        if expert is not None and not (
+            isinstance(expert, list) and len(expert) == 2 and all(map(_count, expert)) and expert[0] < expert[1]
+        ):
             return f"tensors[{i}] ({row['name']}) has an expert that is not [index, count]"
     for key, kind in (("inputs", dict), ("run", dict), ("fingerprint", dict), ("shards", dict), ("dropped", list)):
         if key in doc and doc[key] is not None and not isinstance(doc[key], kind):

@@ -48,8 +48,12 @@ def spread(values: list[float]) -> dict[str, float] | None:
 
 
 def stat_values(row: dict[str, Any]) -> dict[str, float]:
-    return {"k_rank": row["k"] / row["rank"], "P_k": row["P_k"], "lambda_high": row["lambda_high"],
-            "lambda_low": row["lambda_low"]}  # fmt: skip
+    return {
+        "k_rank": row["k"] / row["rank"],
+        "P_k": row["P_k"],
+        "lambda_high": row["lambda_high"],
+        "lambda_low": row["lambda_low"],
+    }
 
 
 def module_stats(rows: list[dict[str, Any]], planned: bool = False) -> dict[str, dict[str, Any]]:
@@ -116,8 +120,9 @@ def outliers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"name": r["name"], "kind": r["kind"], "layer": r["layer"], "why": why} for r, why in found]
 
 
-def totals(rows: list[dict[str, Any]], jobs: list[str], dropped: list[str], output_bytes: int,
-           seconds: float) -> dict[str, Any]:  # fmt: skip
+def totals(
+    rows: list[dict[str, Any]], jobs: list[str], dropped: list[str], output_bytes: int, seconds: float
+) -> dict[str, Any]:
     phase: Counter[str] = Counter()
     for r in rows:
         phase.update(r.get("phases") or {})
@@ -131,14 +136,21 @@ def totals(rows: list[dict[str, Any]], jobs: list[str], dropped: list[str], outp
         "output_bytes": output_bytes,
         "seconds": round(seconds, 3),
         "phase_seconds": {p: round(phase[p], 3) for p in PHASES if p in phase},
-        "copied_because": dict(Counter(reason_category(r["reason"]) for r in rows if r["action"] != EDIT)
-                               .most_common()),  # fmt: skip
+        "copied_because": dict(
+            Counter(reason_category(r["reason"]) for r in rows if r["action"] != EDIT).most_common()
+        ),
         "devices": dict(Counter(r["device"] for r in rows if r["action"] == EDIT).most_common()),
     }
 
 
-def build_document(head: dict[str, Any], rows: list[dict[str, Any]], jobs: list[str], dropped: list[str],
-                   output_bytes: int, seconds: float) -> dict[str, Any]:  # fmt: skip
+def build_document(
+    head: dict[str, Any],
+    rows: list[dict[str, Any]],
+    jobs: list[str],
+    dropped: list[str],
+    output_bytes: int,
+    seconds: float,
+) -> dict[str, Any]:
     """`head` (who, what, where, when) + summary, modules, outliers and the annotated rows."""
     rows = [annotate(r) for r in rows]
     done = {r["name"] for r in rows}
@@ -195,8 +207,11 @@ def format_report(doc: dict[str, Any]) -> str:
     """The compact terminal summary of a report document (finished or interrupted run)."""
     s, opts = doc["summary"], doc["options"]
     state = doc["state"]
-    head = f"{state}: {s['tensors']} tensors" if state == "complete" else \
-        f"{state}: {s['tensors_done']} of {s['tensors']} tensors done"
+    head = (
+        f"{state}: {s['tensors']} tensors"
+        if state == "complete"
+        else f"{state}: {s['tensors_done']} of {s['tensors']} tensors done"
+    )
     rule = opts["rank_rule"] + (f" (energy {opts['energy']:g})" if opts["rank_rule"] == "energy" else "")
     lines = [
         f"report    {doc['out']} ({head}; {s['edited']} edited, {s['copied']} copied, {s['dropped']} dropped)",
@@ -216,8 +231,10 @@ def format_report(doc: dict[str, Any]) -> str:
     lines.append("")
     found = doc["outliers"]
     if found:
-        lines.append(f"stand out {len(found)} tensor(s)" + (":" if len(found) <= SHOWN_OUTLIERS else
-                                                             f", the first {SHOWN_OUTLIERS} (--json lists all):"))
+        lines.append(
+            f"stand out {len(found)} tensor(s)"
+            + (":" if len(found) <= SHOWN_OUTLIERS else f", the first {SHOWN_OUTLIERS} (--json lists all):")
+        )
         for o in found[:SHOWN_OUTLIERS]:
             where = f"{o['kind']}, layer {o['layer']}" if o["layer"] is not None else o["kind"]
             lines.append(f"  {o['name']} ({where}): {o['why']}")

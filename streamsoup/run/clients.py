@@ -73,11 +73,18 @@ def local_client(budget: Budget, dashboard: str = "") -> Iterator[Client]:
     # network interface unless told otherwise: both on loopback. A SpecCluster, not LocalCluster, because
     # LocalCluster turns the worker's dashboard on with its address (bokeh's import: 0.35 s of every start)
     served = {"dashboard_address": dashboard, "dashboard": True} if dashboard else {}
-    worker = {"nthreads": budget.lanes.total, "memory_limit": 0, "resources": worker_capacity(budget),
-              "dashboard_address": LOOPBACK, "dashboard": False}  # fmt: skip
+    worker = {
+        "nthreads": budget.lanes.total,
+        "memory_limit": 0,
+        "resources": worker_capacity(budget),
+        "dashboard_address": LOOPBACK,
+        "dashboard": False,
+    }
     cluster = SpecCluster(
-        scheduler={"cls": Scheduler, "options": {"protocol": "inproc://", "dashboard_address": LOOPBACK,
-                                                 "dashboard": False, **served}},  # fmt: skip
+        scheduler={
+            "cls": Scheduler,
+            "options": {"protocol": "inproc://", "dashboard_address": LOOPBACK, "dashboard": False, **served},
+        },
         workers={"local": {"cls": Worker, "options": worker}},
         silence_logs=logging.WARNING,
     )
@@ -143,8 +150,16 @@ def measure_worker(nthreads: int, memory_limit: int | None, declared: dict[str, 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     gpu_memory = min((torch.cuda.get_device_properties(i).total_memory for i in range(gpus)), default=0)
     vm = psutil.virtual_memory()
-    return WorkerFacts(nthreads, int(memory_limit or 0), psutil.Process().memory_info().rss, vm.available,
-                       vm.total, gpus, gpu_memory, declared)  # fmt: skip
+    return WorkerFacts(
+        nthreads,
+        int(memory_limit or 0),
+        psutil.Process().memory_info().rss,
+        vm.available,
+        vm.total,
+        gpus,
+        gpu_memory,
+        declared,
+    )
 
 
 class LaneResources(WorkerPlugin):
@@ -213,8 +228,9 @@ def cluster_client(opts: MergeOptions) -> Iterator[Client]:
     quiet_dask_logs()
     refused = nothing_listens(address)
     if refused:
-        raise OptionError(name, f"{address}: cannot reach a dask scheduler there ({refused}); start it, or check "
-                          "the address")  # fmt: skip
+        raise OptionError(
+            name, f"{address}: cannot reach a dask scheduler there ({refused}); start it, or check the address"
+        )
     try:
         client = Client(address, timeout="20s")
     except (OSError, TimeoutError, ValueError) as exc:
@@ -224,8 +240,10 @@ def cluster_client(opts: MergeOptions) -> Iterator[Client]:
         try:
             client.wait_for_workers(1, timeout=WORKER_WAIT_S)
         except TimeoutError:
-            raise UsageError(f"the dask cluster at {address} has no workers (waited {WORKER_WAIT_S} s); "
-                             "start some with `dask worker " + address + "`") from None  # fmt: skip
+            raise UsageError(
+                f"the dask cluster at {address} has no workers (waited {WORKER_WAIT_S} s); "
+                "start some with `dask worker " + address + "`"
+            ) from None
         client.register_plugin(LaneResources(), name=PLUGIN_NAME)
         yield client
     finally:
@@ -271,8 +289,11 @@ def cluster_budget(client: Client, opts: MergeOptions) -> Budget:
         task_ram = min(task_ram, opts.max_ram)
     gpu_memory = [f["gpu_memory"] for f in facts.values() if f.get("gpus")]
     if opts.max_vram and gpu_memory and opts.max_vram > min(gpu_memory):
-        raise OptionError("max_vram", f"{format_size(opts.max_vram)} is more than the {format_size(min(gpu_memory))} "
-                                      "of memory of the workers' GPUs")  # fmt: skip
+        raise OptionError(
+            "max_vram",
+            f"{format_size(opts.max_vram)} is more than the {format_size(min(gpu_memory))} "
+            "of memory of the workers' GPUs",
+        )
     max_vram = opts.max_vram or int(0.9 * min(gpu_memory, default=16 * 2**30))
     cpu = int(sum(r.get(CPU, 0) for r in usable.values()))
     devices = ("cuda",) * int(sum(r.get(DEVICE, 0) for r in usable.values()))
@@ -284,10 +305,15 @@ def describe(client: Client, budget: Budget, address: str) -> str:
     """One line: where we run and what the workers give us."""
     resources = worker_resources(client)
     rams = sorted(r.get(RAM, 0) for r in resources.values())
-    span = format_size(rams[0] * MiB) if rams[0] == rams[-1] else f"{format_size(rams[0] * MiB)} to " \
-        f"{format_size(rams[-1] * MiB)}"  # fmt: skip
-    line = (f"cluster {address}: {len(resources)} worker(s), {budget.lanes.cpu} CPU lane(s), "
-            f"{len(budget.lanes.devices)} GPU lane(s), {span} per worker for tensors")  # fmt: skip
+    span = (
+        format_size(rams[0] * MiB)
+        if rams[0] == rams[-1]
+        else f"{format_size(rams[0] * MiB)} to {format_size(rams[-1] * MiB)}"
+    )
+    line = (
+        f"cluster {address}: {len(resources)} worker(s), {budget.lanes.cpu} CPU lane(s), "
+        f"{len(budget.lanes.devices)} GPU lane(s), {span} per worker for tensors"
+    )
     link = dashboard(client)
     return line + (f"; dashboard {link}" if link else "")
 

@@ -62,7 +62,7 @@ from .clients import (
     local_client,
     scheduler_address,
     worker_capacity,
-    worker_resources,  # fmt: skip
+    worker_resources,
 )
 from .commits import CommitBatch
 from .executor import run_graph
@@ -112,8 +112,9 @@ def estimated_seconds(plan: MergePlan, budget: Budget, runs: dict[str, Execution
     return summarize(plan, budget, runs, calibrate(budget, out.parent)).estimated_seconds
 
 
-def run_merge(base: str | Path, finetuned: str | Path, out: Path, opts: MergeOptions, *, fresh: bool,
-              progress: bool) -> MergeSummary:  # fmt: skip
+def run_merge(
+    base: str | Path, finetuned: str | Path, out: Path, opts: MergeOptions, *, fresh: bool, progress: bool
+) -> MergeSummary:
     """Plan, check everything that can be checked before any compute, then run (or find OUT done already)."""
     start = time.perf_counter()
     plan = plan_merge(base, finetuned, opts)
@@ -146,8 +147,9 @@ def io_failure(exc: OSError, out: Path) -> RunError:
     where = exc.filename or (f"the filesystem of {partial}" if exc.errno == errno.ENOSPC else None)
     what = f"I/O error ({where})" if where else "I/O error"
     if owned.owned(partial, out, "partial") and len(os.listdir(partial)) > 2:  # more than our marker and lock
-        then = "the work done so far is kept: fix the cause (disk space, permissions) and rerun the same command " \
-               "to resume"
+        then = (
+            "the work done so far is kept: fix the cause (disk space, permissions) and rerun the same command to resume"
+        )
     else:
         then = "nothing was written: fix the cause (disk space, permissions, a writable folder for OUT) and rerun"
     return RunError(f"{what}: {exc.strerror or exc}; {then}")
@@ -164,7 +166,7 @@ def _attempt(request: Request, opts: MergeOptions) -> MergeSummary:
             configure_process()
             if not opts.threads and not request.fresh:
                 opts = replace(opts, threads=earlier_threads(state_path))
-        budget, runs = (cluster_budget_runs(client, opts, plan) if client else local_schedule(plan, opts))
+        budget, runs = cluster_budget_runs(client, opts, plan) if client else local_schedule(plan, opts)
         check_space(plan, runs, budget, partial, state_path, request.fresh)
         line = describe(client, budget, scheduler_address(opts)) if client else describe_local(budget, opts, runs)
         estimate = None if client else estimated_seconds(plan, budget, runs, out)
@@ -194,8 +196,9 @@ def _locked_run(run: Attempt) -> MergeSummary:
             check_partial_entries(partial, ours)  # every run, a resumed one too: OUT.partial becomes OUT
             if run.request.fresh or not owned.owned(state_path, out, "state"):
                 discard(partial, ours, state_path, out)  # bytes without a state are not trusted
-            state = RunState.open(state_path, out, fingerprint, run_head(plan, fingerprint, out), run.machine,
-                                  run.request.binding)  # fmt: skip
+            state = RunState.open(
+                state_path, out, fingerprint, run_head(plan, fingerprint, out), run.machine, run.request.binding
+            )
             if opts.work_dir:
                 (partial / POINTER_NAME).write_text(str(state_path) + "\n")
             resumed = len(state.committed())
@@ -212,23 +215,37 @@ def _locked_run(run: Attempt) -> MergeSummary:
         raise
     except Exception as exc:  # whatever a task or the state saw, the cause is the folder that is gone
         if not owned.owned(partial, out, "partial") and not out.exists():
-            raise RunError(f"{partial} vanished during the run (removed by another process?); nothing was "
-                           "published: rerun the same command to start over") from exc  # fmt: skip
+            raise RunError(
+                f"{partial} vanished during the run (removed by another process?); nothing was "
+                "published: rerun the same command to start over"
+            ) from exc
         raise
     edited = sum(r.action == "edit" for r in results)
-    return MergeSummary(out, len(results), edited, len(results) - edited, len(plan.dropped), plan.bytes_to_write,
-                        time.perf_counter() - run.request.start, out / REPORT_NAME, resumed=resumed,
-                        warnings=plan.warnings, estimated_seconds=run.estimate)  # fmt: skip
+    return MergeSummary(
+        out,
+        len(results),
+        edited,
+        len(results) - edited,
+        len(plan.dropped),
+        plan.bytes_to_write,
+        time.perf_counter() - run.request.start,
+        out / REPORT_NAME,
+        resumed=resumed,
+        warnings=plan.warnings,
+        estimated_seconds=run.estimate,
+    )
 
 
 def busy_advice(budget: Budget) -> str:
     """Other processes keep cores busy and each lane runs several threads (GPU lanes, or --lanes): say what runs
     faster beside them (the thread count itself stays fixed)."""
     lanes, cores = budget.lanes, usable_cores()
-    return (f"{lanes.busy_cores} of this machine's {cores} cores are busy with other processes; a merge with "
-            f"{lanes.threads} threads per lane waits for them: --lanes {cores} --threads 1 (the CPU default) runs "
-            "faster beside them. The thread count does not follow the load, so the same merge always gives "
-            "the same bytes")  # fmt: skip
+    return (
+        f"{lanes.busy_cores} of this machine's {cores} cores are busy with other processes; a merge with "
+        f"{lanes.threads} threads per lane waits for them: --lanes {cores} --threads 1 (the CPU default) runs "
+        "faster beside them. The thread count does not follow the load, so the same merge always gives "
+        "the same bytes"
+    )
 
 
 def cluster_budget_runs(client: Client, opts: MergeOptions, plan: MergePlan) -> tuple[Budget, dict[str, Execution]]:
@@ -278,13 +295,21 @@ def claim_partial(partial: Path, out: Path) -> None:
             time.sleep(0.2)
     holder = RunLock.holder(partial) if owned.is_dir(partial) else None
     if holder is not None:
-        raise UsageError(f"another streamsoup merge ({holder}) is writing {partial}; wait for it to finish or stop "
-                         "it first")  # fmt: skip
+        raise UsageError(
+            f"another streamsoup merge ({holder}) is writing {partial}; wait for it to finish or stop it first"
+        )
     if not owned.owned(partial, out, "partial"):
-        what = "a symlink" if partial.is_symlink() else "not a folder" if not partial.is_dir() else \
-            f"a folder without streamsoup's marker ({owned.MARKER}) for this OUT"
-        raise UsageError(f"{partial} exists and is {what}; streamsoup never writes into or empties what it did "
-                         "not make: move it away or remove it, then rerun")  # fmt: skip
+        what = (
+            "a symlink"
+            if partial.is_symlink()
+            else "not a folder"
+            if not partial.is_dir()
+            else f"a folder without streamsoup's marker ({owned.MARKER}) for this OUT"
+        )
+        raise UsageError(
+            f"{partial} exists and is {what}; streamsoup never writes into or empties what it did "
+            "not make: move it away or remove it, then rerun"
+        )
 
 
 def run_fingerprint(plan: MergePlan) -> dict[str, Any]:
@@ -326,12 +351,18 @@ def check_output(out: Path, plan: MergePlan, work_dir: str) -> None:
     work = Path(work_dir).absolute()
     for what, folder in (("OUT", out), ("OUT.partial", writer.partial_dir(out))):
         if inside(work, folder):
-            raise OptionError("work_dir", f"{work_dir} is inside {what} {folder}: the resume state would be "
-                              "published with the model; choose a folder outside it")  # fmt: skip
+            raise OptionError(
+                "work_dir",
+                f"{work_dir} is inside {what} {folder}: the resume state would be "
+                "published with the model; choose a folder outside it",
+            )
     for role, root in inputs:
         if inside(work, root):
-            raise OptionError("work_dir", f"{work_dir} is inside {role} {root}; streamsoup never writes into an "
-                              "input: choose a folder outside it")  # fmt: skip
+            raise OptionError(
+                "work_dir",
+                f"{work_dir} is inside {role} {root}; streamsoup never writes into an "
+                "input: choose a folder outside it",
+            )
 
 
 def check_partial_entries(partial: Path, ours: Callable[[str], bool]) -> None:
@@ -340,8 +371,10 @@ def check_partial_entries(partial: Path, ours: Callable[[str], bool]) -> None:
     foreign = owned.strangers(partial, ours)
     if foreign:
         shown = ", ".join(sorted(foreign)[:5])
-        raise UsageError(f"{partial} holds {shown}, which streamsoup did not write (or a symlink); it becomes OUT "
-                         "when the merge is done: move that out of it, then rerun")  # fmt: skip
+        raise UsageError(
+            f"{partial} holds {shown}, which streamsoup did not write (or a symlink); it becomes OUT "
+            "when the merge is done: move that out of it, then rerun"
+        )
 
 
 def discard(partial: Path, ours: Callable[[str], bool], state_path: Path, out: Path) -> None:
@@ -354,8 +387,9 @@ def discard(partial: Path, ours: Callable[[str], bool], state_path: Path, out: P
             log.warning(kept_line(state_path, kept, f"the resume state of {out} was started over"))
 
 
-def check_space(plan: MergePlan, runs: dict[str, Execution], budget: Budget, partial: Path, state_path: Path,
-                fresh: bool) -> None:  # fmt: skip
+def check_space(
+    plan: MergePlan, runs: dict[str, Execution], budget: Budget, partial: Path, state_path: Path, fresh: bool
+) -> None:
     """Before any tensor is computed: room for what remains to write on OUT's and the state's filesystems."""
     streamed = [small_side(j.finetuned) for j in plan.edits if runs[j.key].streamed]
     widths = [small_side(j.finetuned) for j in plan.edits]
@@ -381,25 +415,35 @@ def execute(run: Attempt, state: RunState, guard: InterruptGuard) -> list[Tensor
     if damaged:
         shown = "; ".join(f"{key}: {why}" for key, why in sorted(damaged.items())[:3])
         more = f" and {len(damaged) - 3} more" if len(damaged) > 3 else ""
-        log.warning("%d record(s) of the resume state did not verify (%s%s); their tensors are recomputed",
-                    len(damaged), shown, more)  # fmt: skip
+        log.warning(
+            "%d record(s) of the resume state did not verify (%s%s); their tensors are recomputed",
+            len(damaged),
+            shown,
+            more,
+        )
         state.forget(list(damaged))
     committed = {key: m.row for key, m in markers.items()}
     ctx = TaskContext(str(writer.partial_dir(run.request.out)), str(run.state_path), opts.checkpoint_seconds)
     tasks = build_graph(plan, ctx, opts, run.runs, committed)
     results: dict[str, TensorResult] = {}
     done = [job for job in plan.jobs if job.key in committed]
-    with Progress(len(plan.jobs), plan.bytes_to_write, len(done), sum(job.placement.nbytes for job in done),
-                  enabled=run.request.progress) as bar:  # fmt: skip
-
+    with Progress(
+        len(plan.jobs),
+        plan.bytes_to_write,
+        len(done),
+        sum(job.placement.nbytes for job in done),
+        enabled=run.request.progress,
+    ) as bar:
         commits = CommitBatch(state, guard)
 
         def on_done(tensor: Member, result: TensorResult) -> None:
             if not result.resumed:
                 fault_point("commit", before=commits.flush)  # a kill at the n-th commit: the n-1 before it hold
                 result = replace(result, attempt=state.attempt)
-                commits.add(Commit(tensor.key, result.crc32c, result.as_dict(), result.singular_values),
-                            at_once=result.blocks > 0)
+                commits.add(
+                    Commit(tensor.key, result.crc32c, result.as_dict(), result.singular_values),
+                    at_once=result.blocks > 0,
+                )
             results[tensor.key] = result
             if tensor.key not in committed:  # resumed tensors are in the bar's starting count already
                 bar.advance(tensor.nbytes)

@@ -40,8 +40,10 @@ def check_capacity(tasks: list[GraphTask], offers: dict[str, dict[str, float]]) 
     for task in tasks:
         if not fits(task.resources, offers):
             best = max(offers.values(), key=lambda o: o.get(RAM, 0), default={})
-            raise RunError(f"tensor {task.name!r} needs {task.resources} but no worker offers that (the largest "
-                           f"offers {best}); raise the budget")  # fmt: skip
+            raise RunError(
+                f"tensor {task.name!r} needs {task.resources} but no worker offers that (the largest "
+                f"offers {best}); raise the budget"
+            )
 
 
 @dataclass
@@ -125,8 +127,12 @@ class GraphRun:
         now = time.monotonic()
         if self.stranded_since is None:
             self.stranded_since = now
-            log.warning("%d task(s) wait for a worker that can run them (e.g. %s needs %s)",
-                        len(waiting), waiting[0].name, waiting[0].resources)  # fmt: skip
+            log.warning(
+                "%d task(s) wait for a worker that can run them (e.g. %s needs %s)",
+                len(waiting),
+                waiting[0].name,
+                waiting[0].resources,
+            )
         elif now - self.stranded_since > STRANDED_LIMIT_S:
             raise RunError(
                 f"no worker of the cluster can run {len(waiting)} remaining tensor(s) (e.g. {waiting[0].name!r} "

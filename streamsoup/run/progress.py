@@ -22,16 +22,18 @@ LOG_EVERY_S = 60.0
 
 def done_of(done: float, total: float) -> str:
     """'1.2 of 3.0 GiB': both in the unit that suits the total."""
-    unit, scale = next(((u, 2.0**p) for u, p in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10))
-                        if total >= 2.0**p), ("B", 1.0))  # fmt: skip
+    unit, scale = next(
+        ((u, 2.0**p) for u, p in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)) if total >= 2.0**p), ("B", 1.0)
+    )
     return f"{done / scale:.1f} of {total / scale:.1f} {unit}"
 
 
 class Progress:
     """Counts tensors and output bytes; shows them as a bar (terminal) or as log lines (anything else)."""
 
-    def __init__(self, tensors: int, nbytes: int, done_tensors: int = 0, done_bytes: int = 0, *,
-                 enabled: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self, tensors: int, nbytes: int, done_tensors: int = 0, done_bytes: int = 0, *, enabled: bool = True
+    ) -> None:
         self.stream: TextIO = sys.stderr
         self.total_tensors, self.total_bytes = tensors, nbytes
         self.tensors, self.bytes = done_tensors, done_bytes
@@ -44,13 +46,23 @@ class Progress:
         self.bar = None
         if done_tensors and enabled:
             stamp = "" if self.terminal else f"{utc_stamp()} "
-            self.stream.write(f"{stamp}resuming: {done_tensors}/{tensors} tensors already done "
-                              f"({format_size(done_bytes)} of {format_size(nbytes)}); {tensors - done_tensors} "
-                              "to go\n")  # fmt: skip
+            self.stream.write(
+                f"{stamp}resuming: {done_tensors}/{tensors} tensors already done "
+                f"({format_size(done_bytes)} of {format_size(nbytes)}); {tensors - done_tensors} "
+                "to go\n"
+            )
             self.stream.flush()
         if self.terminal:
-            self.bar = tqdm(total=nbytes, initial=done_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                            desc=self.desc, dynamic_ncols=True, file=self.stream)  # fmt: skip
+            self.bar = tqdm(
+                total=nbytes,
+                initial=done_bytes,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=self.desc,
+                dynamic_ncols=True,
+                file=self.stream,
+            )
             self.bar.set_postfix_str(f"{done_tensors}/{tensors} tensors", refresh=False)
         elif self.lines:
             self._line()

@@ -43,8 +43,10 @@ def finish(plan: MergePlan, partial: Path, out: Path, results: list[TensorResult
     committed = sorted(state.committed().items())  # in plan order: the same merge writes the same bytes
     spectra, damaged = state.spectra([m for _, m in committed])
     if damaged:
-        raise RunError(f"the resume state {state.path} changed during the run (the spectrum of {damaged[0]} does "
-                       "not verify); rerun the same command: what does not verify is recomputed")  # fmt: skip
+        raise RunError(
+            f"the resume state {state.path} changed during the run (the spectrum of {damaged[0]} does "
+            "not verify); rerun the same command: what does not verify is recomputed"
+        )
     write_spectra(partial, spectra)
     outcome = Outcome("complete", out, state.elapsed(), time.time(), state.fingerprint)
     # the head is the one this attempt stored when it opened the state
@@ -91,8 +93,11 @@ def finetuned_card(plan: MergePlan) -> str | None:
     root = (plan.adapter or plan.finetuned).root
     card = side_file(root, CARD_NAME) if root.is_dir() else None
     if card is not None and card.size > CARD_LIMIT:
-        log.warning("FINETUNED %s is %.1f MiB, more than a model card; OUT's card does not fold it in",
-                    CARD_NAME, card.size / 2**20)  # fmt: skip
+        log.warning(
+            "FINETUNED %s is %.1f MiB, more than a model card; OUT's card does not fold it in",
+            CARD_NAME,
+            card.size / 2**20,
+        )
         return None
     return card.path.read_text(errors="replace") if card is not None else None
 
@@ -125,8 +130,17 @@ def partial_entry(plan: MergePlan, partial: Path) -> Callable[[str], bool]:
     file's folder) only while it holds nothing else. Anything else is a user's, which would be published with
     OUT, or deleted by --fresh."""
     sides = plan_side_files(plan)
-    files = {LOCK_NAME, POINTER_NAME, REPORT_NAME, SPECTRA_NAME, CARD_NAME, ADAPTER_CONFIG, INDEX_NAME, "config.json",
-             *(str(f.rel) for f in sides if len(f.rel.parts) == 1)}  # fmt: skip
+    files = {
+        LOCK_NAME,
+        POINTER_NAME,
+        REPORT_NAME,
+        SPECTRA_NAME,
+        CARD_NAME,
+        ADAPTER_CONFIG,
+        INDEX_NAME,
+        "config.json",
+        *(str(f.rel) for f in sides if len(f.rel.parts) == 1),
+    }
     nested = {f.rel for f in sides if len(f.rel.parts) > 1}
 
     def ours(name: str) -> bool:
@@ -163,12 +177,16 @@ def existing_output(out: Path, fingerprint: dict[str, Any]) -> MergeSummary:
     except (OSError, InputError):  # no report, or one streamsoup cannot read: not an output to trust
         recorded = None
     if not isinstance(recorded, dict):
-        raise UsageError(f"OUT {out} already exists and is not a streamsoup output; streamsoup never overwrites: "
-                         "choose a new folder or remove it")  # fmt: skip
+        raise UsageError(
+            f"OUT {out} already exists and is not a streamsoup output; streamsoup never overwrites: "
+            "choose a new folder or remove it"
+        )
     if recorded != fingerprint:
         changes = "; ".join(describe_changes(recorded, fingerprint)) or "a different fingerprint"
-        raise UsageError(f"OUT {out} already holds a different merge ({changes}); streamsoup never overwrites: "
-                         "choose a new folder or remove it")  # fmt: skip
+        raise UsageError(
+            f"OUT {out} already holds a different merge ({changes}); streamsoup never overwrites: "
+            "choose a new folder or remove it"
+        )
     pointer = out / POINTER_NAME
     leftovers = [p for p in (out / STATE_NAME, pointer, out / LOCK_NAME, out / owned.MARKER) if os.path.lexists(p)]
     if leftovers:

@@ -27,8 +27,10 @@ def local_path(spec: str | os.PathLike, role: str) -> Path:
     path = expand_path(spec).absolute()
     if isinstance(spec, str) and not path.exists() and parse_repo_id(spec) is not None:
         if path.parent.is_dir():  # `demo/finetunedd` beside a folder demo/: a mistyped path, not a repo to ask for
-            raise InputError(f"{role} {spec} does not exist ({path.parent}/ is a folder here, so this names a path "
-                             "in it, not a Hugging Face repo id)")  # fmt: skip
+            raise InputError(
+                f"{role} {spec} does not exist ({path.parent}/ is a folder here, so this names a path "
+                "in it, not a Hugging Face repo id)"
+            )
         return resolve_repo(spec, role)
     return path
 

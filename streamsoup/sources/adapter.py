@@ -43,8 +43,10 @@ PARTS = {
     ".base_layer.weight": "base_copy",
 }
 #: a LoRA part whose key carries the adapter's name (`lora_A.default.weight`, a PeftModel's own state_dict)
-NAMED_PART = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)\.([^.]+)"
-                        r"(\.weight|\.bias)?$")  # fmt: skip
+NAMED_PART = re.compile(
+    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)\.([^.]+)"
+    r"(\.weight|\.bias)?$"
+)
 #: the base model's own tensors inside peft's wrappers, which peft's loader skips: never written to OUT
 BASE_OWN = re.compile(r"\.original_module\.|\.base_layer\.bias$")
 #: the layers peft saves whole beside their LoRA (`save_embedding_layers`), base_layer.weight included
@@ -76,9 +78,11 @@ def _finite_number(value: object) -> bool:
 
 
 def _fail(root: Path, what: str) -> InputError:
-    return InputError(f"FINETUNED {root} is a PEFT adapter with {what}, which streamsoup does not support; "
-                      "merge it into its base with peft (merge_and_unload, then save_pretrained) and pass that "
-                      "folder as FINETUNED")  # fmt: skip
+    return InputError(
+        f"FINETUNED {root} is a PEFT adapter with {what}, which streamsoup does not support; "
+        "merge it into its base with peft (merge_and_unload, then save_pretrained) and pass that "
+        "folder as FINETUNED"
+    )
 
 
 #: seconds one rank_pattern / alpha_pattern key may take to match one module name
@@ -105,15 +109,19 @@ def pattern_key(patterns: dict, module: str, deadline: float) -> str | None:
         except TimeoutError:
             if left < PATTERN_SECONDS:
                 raise _patterns_too_slow(len(patterns)) from None
-            raise InputError(f"FINETUNED {ADAPTER_CONFIG}: the pattern {key!r} takes more than {PATTERN_SECONDS:g} "
-                             f"s to match {module!r} (catastrophic backtracking); simplify it") from None
+            raise InputError(
+                f"FINETUNED {ADAPTER_CONFIG}: the pattern {key!r} takes more than {PATTERN_SECONDS:g} "
+                f"s to match {module!r} (catastrophic backtracking); simplify it"
+            ) from None
     return None
 
 
 def _patterns_too_slow(count: int) -> InputError:
-    return InputError(f"FINETUNED {ADAPTER_CONFIG}: its rank_pattern / alpha_pattern keys ({count} in one of them) "
-                      f"take more than {PATTERNS_SECONDS:g} s in all to match the adapter's modules; use fewer or "
-                      "simpler patterns")  # fmt: skip
+    return InputError(
+        f"FINETUNED {ADAPTER_CONFIG}: its rank_pattern / alpha_pattern keys ({count} in one of them) "
+        f"take more than {PATTERNS_SECONDS:g} s in all to match the adapter's modules; use fewer or "
+        "simpler patterns"
+    )
 
 
 @dataclass
@@ -141,8 +149,9 @@ class Adapter:
         except JsonFileError as exc:
             raise InputError(f"{role} {folder}: {ADAPTER_CONFIG} {exc}; save the adapter again with peft") from None
         if not isinstance(config, dict):
-            raise InputError(f"{role} {folder}: {ADAPTER_CONFIG} is not a JSON object; save the adapter again with "
-                             "peft")  # fmt: skip
+            raise InputError(
+                f"{role} {folder}: {ADAPTER_CONFIG} is not a JSON object; save the adapter again with peft"
+            )
         if not (folder / ADAPTER_WEIGHTS).is_file():
             found = ", ".join(sorted(p.name for p in folder.iterdir() if p.name.startswith("adapter_model")))
             hint = f" (found {found}: convert it with peft to safetensors)" if found else ""
@@ -178,15 +187,19 @@ class Adapter:
         c = self.config
 
         def bad(key: str, value: object, want: str) -> InputError:
-            return InputError(f"FINETUNED {self.root}: {ADAPTER_CONFIG} has {key} = {value!r}, which is not "
-                              f"{want}; fix the adapter's config")  # fmt: skip
+            return InputError(
+                f"FINETUNED {self.root}: {ADAPTER_CONFIG} has {key} = {value!r}, which is not "
+                f"{want}; fix the adapter's config"
+            )
 
         if not _positive_int(c.get("r", 8)):
             raise bad("r", c.get("r"), "a positive integer")
         if not _finite_number(c.get("lora_alpha", 8)):
             raise bad("lora_alpha", c.get("lora_alpha"), "a finite number")
-        for name, valid, want in (("rank_pattern", _positive_int, "a positive integer"),
-                                  ("alpha_pattern", _finite_number, "a finite number")):  # fmt: skip
+        for name, valid, want in (
+            ("rank_pattern", _positive_int, "a positive integer"),
+            ("alpha_pattern", _finite_number, "a finite number"),
+        ):
             patterns = c.get(name) or {}
             if not isinstance(patterns, dict):
                 raise bad(name, patterns, "a mapping of module pattern to value")
@@ -225,7 +238,7 @@ class Adapter:
         full: dict[str, TensorRef] = {}
         names: set[str] = set()
         for key, ref in self.weights.items():
-            name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+            name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
             named = NAMED_PART.search(name)
             if named is not None and named.group(2) not in ("weight", "bias"):
                 names.add(named.group(2))
@@ -241,9 +254,11 @@ class Adapter:
                 name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
                 full[name] = ref
         if len(names) > 1:
-            raise InputError(f"FINETUNED {self.root}: its weights name {len(names)} adapters "
-                             f"({', '.join(map(repr, sorted(names)))}); save the one to merge alone, e.g. "
-                             "PeftModel.save_pretrained, which writes one adapter per folder")  # fmt: skip
+            raise InputError(
+                f"FINETUNED {self.root}: its weights name {len(names)} adapters "
+                f"({', '.join(map(repr, sorted(names)))}); save the one to merge alone, e.g. "
+                "PeftModel.save_pretrained, which writes one adapter per folder"
+            )
         return modules, full
 
     def scaling(self, module: str, rank: int, deadline: float) -> float:
@@ -255,8 +270,10 @@ class Adapter:
         r = ranks[r_key] if r_key is not None else c.get("r", 8)
         alpha = alphas[a_key] if a_key is not None else c.get("lora_alpha", 8)
         if r != rank:
-            raise InputError(f"FINETUNED {self.root}: {ADAPTER_CONFIG} gives module {module!r} rank {r} but its "
-                             f"lora_A has {rank} rows; the adapter folder is inconsistent")  # fmt: skip
+            raise InputError(
+                f"FINETUNED {self.root}: {ADAPTER_CONFIG} gives module {module!r} rank {r} but its "
+                f"lora_A has {rank} rows; the adapter folder is inconsistent"
+            )
         return alpha / math.sqrt(r) if c.get("use_rslora") else alpha / r
 
 
@@ -283,14 +300,21 @@ def check_not_whole_model(adapter: Adapter, modules: dict[str, Module]) -> None:
     (`q_proj.base_layer.weight` beside its lora_A) and every other tensor of the model: none of them is the
     adapter's, and OUT would get them as extra tensors. peft itself saves a base layer only for the embedding
     layers it saves whole. Refused, with the save call that writes the adapter alone."""
-    inside = next((f"{m.name}.base_layer.weight" for m in modules.values()
-                   if {"a", "base_copy"} <= m.parts.keys() and m.name.rsplit(".", 1)[-1] not in EMBEDDING_LAYERS),
-                  None)  # fmt: skip
+    inside = next(
+        (
+            f"{m.name}.base_layer.weight"
+            for m in modules.values()
+            if {"a", "base_copy"} <= m.parts.keys() and m.name.rsplit(".", 1)[-1] not in EMBEDDING_LAYERS
+        ),
+        None,
+    )
     if inside is not None:
-        raise InputError(f"FINETUNED {adapter.root}: its weights are a whole PeftModel's state_dict (they hold the "
-                         f"base model's own {inside!r}), not an adapter; save the adapter alone with "
-                         "model.save_pretrained(DIR) and pass DIR, or pass the merged model (merge_and_unload, "
-                         "then save_pretrained)")  # fmt: skip
+        raise InputError(
+            f"FINETUNED {adapter.root}: its weights are a whole PeftModel's state_dict (they hold the "
+            f"base model's own {inside!r}), not an adapter; save the adapter alone with "
+            "model.save_pretrained(DIR) and pass DIR, or pass the merged model (merge_and_unload, "
+            "then save_pretrained)"
+        )
 
 
 def resolve(adapter: Adapter, base: Checkpoint) -> AdapterTensors:
@@ -311,41 +335,69 @@ def resolve(adapter: Adapter, base: Checkpoint) -> AdapterTensors:
         embedding = "a_emb" in parts
         a, b = parts.get("a_emb" if embedding else "a"), parts.get("b_emb" if embedding else "b")
         if a is None or b is None:
-            raise InputError(f"FINETUNED {adapter.root}: module {module.name!r} has {sorted(parts)} but not both "
-                             "LoRA factors; the adapter file is incomplete")  # fmt: skip
+            raise InputError(
+                f"FINETUNED {adapter.root}: module {module.name!r} has {sorted(parts)} but not both "
+                "LoRA factors; the adapter file is incomplete"
+            )
         weight = base_name(base, module.name + ".weight")
         if weight is None:
-            raise _wrong_base(adapter, base, f"the adapter targets {module.name!r} but BASE has no tensor "
-                                             f"{module.name + '.weight'!r}")  # fmt: skip
+            raise _wrong_base(
+                adapter, base, f"the adapter targets {module.name!r} but BASE has no tensor {module.name + '.weight'!r}"
+            )
         w0 = base[weight]
         _check_parts(adapter, base, module.name, parts, w0)
         transposed = embedding or _transposed(adapter, module.name, w0, a, b)
         if "magnitude" in parts and (embedding or len(w0.shape) != 2):
             raise _fail(adapter.root, f"DoRA on {'an embedding' if embedding else 'a convolution'} ({module.name})")
-        update = LoraUpdate(module.name, a, b, adapter.scaling(module.name, a.shape[0], deadline), transposed,
-                            parts.get("magnitude"), parts.get("base_copy"))  # fmt: skip
+        update = LoraUpdate(
+            module.name,
+            a,
+            b,
+            adapter.scaling(module.name, a.shape[0], deadline),
+            transposed,
+            parts.get("magnitude"),
+            parts.get("base_copy"),
+        )
         _check_shapes(adapter, base, update, w0)
         if update.magnitude is not None:  # DoRA: one norm per output feature
-            _check_vector(adapter, base, module.name, "lora_magnitude_vector", update.magnitude,
-                          (matrix_shape(w0.shape)[1 if transposed else 0],))  # fmt: skip
+            _check_vector(
+                adapter,
+                base,
+                module.name,
+                "lora_magnitude_vector",
+                update.magnitude,
+                (matrix_shape(w0.shape)[1 if transposed else 0],),
+            )
         updates[weight] = update
         keys[weight] = tuple(r.name for r in (a, b, parts.get("bias")) if r is not None)
         if "bias" in parts:
             bias = base_name(base, module.name + ".bias")
             if bias is None:
-                raise _wrong_base(adapter, base, f"lora_bias of {module.name!r} needs a base bias "
-                                                 f"{module.name + '.bias'!r}, which BASE lacks")  # fmt: skip
+                raise _wrong_base(
+                    adapter,
+                    base,
+                    f"lora_bias of {module.name!r} needs a base bias {module.name + '.bias'!r}, which BASE lacks",
+                )
             _check_vector(adapter, base, module.name, "lora_B.bias", parts["bias"], tuple(base[bias].shape))
             biases[bias] = BiasUpdate(parts["bias"], update.scale)
     if not updates:
-        raise InputError(f"FINETUNED {adapter.root}: a PEFT adapter with no LoRA update (no lora_A / lora_B pair "
-                         "in its weights) changes nothing; pass the adapter that was trained")  # fmt: skip
+        raise InputError(
+            f"FINETUNED {adapter.root}: a PEFT adapter with no LoRA update (no lora_A / lora_B pair "
+            "in its weights) changes nothing; pass the adapter that was trained"
+        )
     return AdapterTensors(updates, biases, out_full, keys)
 
 
 #: a module's parts as peft names them in the adapter file
-PART_NAMES = {"a": "lora_A", "b": "lora_B", "a_emb": "lora_embedding_A", "b_emb": "lora_embedding_B",
-              "magnitude": "lora_magnitude_vector", "bias": "lora_B.bias", "base_copy": "base_layer"}
+PART_NAMES = {
+    "a": "lora_A",
+    "b": "lora_B",
+    "a_emb": "lora_embedding_A",
+    "b_emb": "lora_embedding_B",
+    "magnitude": "lora_magnitude_vector",
+    "bias": "lora_B.bias",
+    "base_copy": "base_layer",
+}
 
 
 def _check_parts(adapter: Adapter, base: Checkpoint, module: str, parts: dict[str, TensorRef], w0: TensorRef) -> None:
@@ -353,22 +405,31 @@ def _check_parts(adapter: Adapter, base: Checkpoint, module: str, parts: dict[st
     that are matrices, a BASE weight that is one."""
     for part, ref in parts.items():
         if not is_float(ref.dtype):
-            raise InputError(f"FINETUNED {adapter.root}: module {module!r}: its {PART_NAMES[part]} is {ref.dtype}, "
-                             "not floating point; the adapter file is corrupt")  # fmt: skip
+            raise InputError(
+                f"FINETUNED {adapter.root}: module {module!r}: its {PART_NAMES[part]} is {ref.dtype}, "
+                "not floating point; the adapter file is corrupt"
+            )
         if part in ("a", "b", "a_emb", "b_emb") and len(ref.shape) < 2:
-            raise InputError(f"FINETUNED {adapter.root}: module {module!r}: its {PART_NAMES[part]} is "
-                             f"{list(ref.shape)}, not a matrix; the adapter file is corrupt")  # fmt: skip
+            raise InputError(
+                f"FINETUNED {adapter.root}: module {module!r}: its {PART_NAMES[part]} is "
+                f"{list(ref.shape)}, not a matrix; the adapter file is corrupt"
+            )
     if len(w0.shape) < 2:
-        raise _wrong_base(adapter, base, f"the adapter updates {module!r}, whose BASE tensor {w0.name!r} is "
-                                         f"{list(w0.shape)}, not a matrix")  # fmt: skip
+        raise _wrong_base(
+            adapter,
+            base,
+            f"the adapter updates {module!r}, whose BASE tensor {w0.name!r} is {list(w0.shape)}, not a matrix",
+        )
 
 
-def _check_vector(adapter: Adapter, base: Checkpoint, module: str, part: str, ref: TensorRef,
-                  want: tuple[int, ...]) -> None:  # fmt: skip
+def _check_vector(
+    adapter: Adapter, base: Checkpoint, module: str, part: str, ref: TensorRef, want: tuple[int, ...]
+) -> None:
     """A per-output vector of the adapter must have BASE's size: torch would broadcast a [1] one silently."""
     if tuple(ref.shape) != want:
-        raise _wrong_base(adapter, base, f"module {module!r}: its {part} is {list(ref.shape)}, BASE's output size "
-                                         f"is {list(want)}")  # fmt: skip
+        raise _wrong_base(
+            adapter, base, f"module {module!r}: its {part} is {list(ref.shape)}, BASE's output size is {list(want)}"
+        )
 
 
 def _transposed(adapter: Adapter, module: str, w0: TensorRef, a: TensorRef, b: TensorRef) -> bool:
@@ -392,14 +453,20 @@ def _check_shapes(adapter: Adapter, base: Checkpoint, update: LoraUpdate, w0: Te
     b_kernel = math.prod(update.b.shape[1:]) // max(r, 1)
     left, right = (a_cols, b_rows) if update.transposed else (b_rows, a_cols)
     if update.b.shape[1:2] != (r,) or b_kernel != 1 or (left, right) != (m, n):
-        raise _wrong_base(adapter, base, f"module {update.module!r}: lora_A {list(update.a.shape)} and lora_B "
-                                         f"{list(update.b.shape)} do not fit BASE's {list(w0.shape)}")  # fmt: skip
+        raise _wrong_base(
+            adapter,
+            base,
+            f"module {update.module!r}: lora_A {list(update.a.shape)} and lora_B "
+            f"{list(update.b.shape)} do not fit BASE's {list(w0.shape)}",
+        )
 
 
 def _wrong_base(adapter: Adapter, base: Checkpoint, detail: str) -> InputError:
     named = f" (the adapter names its base {adapter.base_name!r})" if adapter.base_name else ""
-    return InputError(f"BASE {base.root} does not fit the adapter FINETUNED {adapter.root}: {detail}; pass the "
-                      f"model the adapter was trained on as BASE{named}")  # fmt: skip
+    return InputError(
+        f"BASE {base.root} does not fit the adapter FINETUNED {adapter.root}: {detail}; pass the "
+        f"model the adapter was trained on as BASE{named}"
+    )
 
 
 def is_adapter(path: Path) -> bool:

@@ -43,8 +43,10 @@ def resolve_repo(spec: str, role: str) -> Path:
             RevisionNotFoundError,
         )
     except ValueError as exc:  # it parses HF_ENDPOINT and friends when imported
-        raise InputError(f"{role} {spec} is read as a Hugging Face repo id, and huggingface_hub cannot start "
-                         f"({exc}); check HF_ENDPOINT") from None  # fmt: skip
+        raise InputError(
+            f"{role} {spec} is read as a Hugging Face repo id, and huggingface_hub cannot start "
+            f"({exc}); check HF_ENDPOINT"
+        ) from None
 
     repo, revision = parse_repo_id(spec)  # type: ignore[misc]
     shown = f"{repo}@{revision}" if revision else repo
@@ -52,32 +54,42 @@ def resolve_repo(spec: str, role: str) -> Path:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=NEEDED, local_files_only=True))
     except LocalEntryNotFoundError:
         if constants.HF_HUB_OFFLINE:
-            raise InputError(f"{role} {shown} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
-                             "HF_HUB_OFFLINE=1 forbids downloading it; download it first or unset "
-                             "HF_HUB_OFFLINE") from None  # fmt: skip
+            raise InputError(
+                f"{role} {shown} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                "HF_HUB_OFFLINE=1 forbids downloading it; download it first or unset "
+                "HF_HUB_OFFLINE"
+            ) from None
     unreachable = endpoint_unreachable(constants.ENDPOINT)
     if unreachable:
-        raise InputError(f"{role} {shown} is not in the Hugging Face cache and the Hub cannot be reached "
-                         f"({unreachable}); check the network, or download it first") from None  # fmt: skip
+        raise InputError(
+            f"{role} {shown} is not in the Hugging Face cache and the Hub cannot be reached "
+            f"({unreachable}); check the network, or download it first"
+        ) from None
     try:
         files = HfApi().list_repo_files(repo, revision=revision)
         wanted = NEEDED if any(f.endswith(".safetensors") for f in files) else NEEDED + PICKLED
         return Path(snapshot_download(repo, revision=revision, allow_patterns=wanted))
     except RevisionNotFoundError:
-        raise InputError(f"{role} {shown}: the repo has no revision {revision!r}; check the branch, tag or "
-                         "commit after '@'") from None  # fmt: skip
+        raise InputError(
+            f"{role} {shown}: the repo has no revision {revision!r}; check the branch, tag or commit after '@'"
+        ) from None
     except GatedRepoError:
-        raise InputError(f"{role} {shown} is gated: accept its terms on huggingface.co and log in "
-                         "(hf auth login or HF_TOKEN)") from None  # fmt: skip
+        raise InputError(
+            f"{role} {shown} is gated: accept its terms on huggingface.co and log in (hf auth login or HF_TOKEN)"
+        ) from None
     except RepositoryNotFoundError:
-        raise InputError(f"{role} {shown}: no such repo on the Hugging Face Hub (or it is private: log in with "
-                         "hf auth login or set HF_TOKEN)") from None  # fmt: skip
+        raise InputError(
+            f"{role} {shown}: no such repo on the Hugging Face Hub (or it is private: log in with "
+            "hf auth login or set HF_TOKEN)"
+        ) from None
     except Exception as exc:
         if not isinstance(exc, HfHubHTTPError | LocalEntryNotFoundError | OSError) and not from_http_stack(exc):
             raise
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{role} {shown} could not be fetched from the Hugging Face Hub ({first}); check the "
-                         "network, or set HF_HUB_OFFLINE=1 to use the cache only") from None  # fmt: skip
+        raise InputError(
+            f"{role} {shown} could not be fetched from the Hugging Face Hub ({first}); check the "
+            "network, or set HF_HUB_OFFLINE=1 to use the cache only"
+        ) from None
 
 
 #: the HTTP libraries huggingface_hub has used (its errors are theirs, not its own, when the network fails)

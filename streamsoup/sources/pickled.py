@@ -48,17 +48,37 @@ STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "netwo
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 #: torch storage class name -> safetensors dtype name
 STORAGE_DTYPES = {
-    "DoubleStorage": "F64", "FloatStorage": "F32", "HalfStorage": "F16", "BFloat16Storage": "BF16",
-    "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16", "CharStorage": "I8",
-    "ByteStorage": "U8", "BoolStorage": "BOOL",
-    "ComplexFloatStorage": "C64", "ComplexDoubleStorage": "C128",  # known, so refused as a dtype, not as a global
-}  # fmt: skip
+    "DoubleStorage": "F64",
+    "FloatStorage": "F32",
+    "HalfStorage": "F16",
+    "BFloat16Storage": "BF16",
+    "LongStorage": "I64",
+    "IntStorage": "I32",
+    "ShortStorage": "I16",
+    "CharStorage": "I8",
+    "ByteStorage": "U8",
+    "BoolStorage": "BOOL",
+    "ComplexFloatStorage": "C64",
+    "ComplexDoubleStorage": "C128",  # known, so refused as a dtype, not as a global
+}
 #: torch dtype name (as `_rebuild_tensor_v3` pickles it) -> safetensors dtype name
 TORCH_DTYPES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
-    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2", "uint16": "U16", "uint32": "U32", "uint64": "U64",
-}  # fmt: skip
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "uint16": "U16",
+    "uint32": "U32",
+    "uint64": "U64",
+}
 
 
 def _short_repr() -> reprlib.Repr:
@@ -148,8 +168,9 @@ def _rebuild_v2(storage: Any, offset: Any, shape: Any, stride: Any, *_: Any) -> 
     return _tensor(storage, getattr(storage, "dtype", None), offset, shape, stride)
 
 
-def _rebuild_v3(storage: Any, offset: Any, shape: Any, stride: Any, _grad: Any, _hooks: Any, dtype: Any,
-                *_: Any) -> PickledTensor:  # fmt: skip
+def _rebuild_v3(
+    storage: Any, offset: Any, shape: Any, stride: Any, _grad: Any, _hooks: Any, dtype: Any, *_: Any
+) -> PickledTensor:
     return _tensor(storage, dtype, offset, shape, stride)
 
 
@@ -192,13 +213,22 @@ class _Unpickler(pickle.Unpickler):
         try:
             return SAFE_GLOBALS[(module, name)]
         except KeyError:
-            raise UnsafePickle(f"{self.path}: the pickle asks for {module}.{name}, which a state dict never needs and "
-                               "which could run code; streamsoup does not load it (re-save only the state dict, "
-                               "e.g. torch.save(model.state_dict(), path))") from None  # fmt: skip
+            raise UnsafePickle(
+                f"{self.path}: the pickle asks for {module}.{name}, which a state dict never needs and "
+                "which could run code; streamsoup does not load it (re-save only the state dict, "
+                "e.g. torch.save(model.state_dict(), path))"
+            ) from None
 
     def persistent_load(self, pid: Any) -> Storage:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], StorageType)
-                and isinstance(pid[2], str) and type(pid[4]) is int and pid[4] >= 0):  # fmt: skip
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], StorageType)
+            and isinstance(pid[2], str)
+            and type(pid[4]) is int
+            and pid[4] >= 0
+        ):
             raise pickle.UnpicklingError(f"unexpected persistent id {shown(pid)}")
         _, kind, key, _location, numel = pid
         return Storage(key, kind.dtype, numel)
@@ -222,11 +252,14 @@ def read_pickle_shard(path: Path) -> tuple[ShardHeader, list[str]]:
             raise InputError(f"{path}: a zip file but not a torch.save checkpoint (no single data.pkl)")
         prefix = pkl[0].filename[: -len("data.pkl")]
         if pkl[0].compress_type != zipfile.ZIP_STORED:
-            raise InputError(f"{path}: its pickle is compressed; torch.save never compresses: re-save it with "
-                             "torch.save")  # fmt: skip
+            raise InputError(
+                f"{path}: its pickle is compressed; torch.save never compresses: re-save it with torch.save"
+            )
         if pkl[0].file_size > MAX_PICKLE:
-            raise InputError(f"{path}: its pickle is {pkl[0].file_size} bytes, more than a state dict's "
-                             f"({MAX_PICKLE >> 20} MiB at most); the file is corrupt")  # fmt: skip
+            raise InputError(
+                f"{path}: its pickle is {pkl[0].file_size} bytes, more than a state dict's "
+                f"({MAX_PICKLE >> 20} MiB at most); the file is corrupt"
+            )
         with archive.open(pkl[0]) as member:
             raw = member.read(MAX_PICKLE + 1)  # the zip header's size may lie
         if len(raw) > MAX_PICKLE:
@@ -234,8 +267,9 @@ def read_pickle_shard(path: Path) -> tuple[ShardHeader, list[str]]:
         try:
             check_pickle_shape(raw)
         except PickleShapeError as exc:
-            raise InputError(f"{path}: its pickle builds {exc}, which no state dict does; the file is corrupt or "
-                             "crafted") from None  # fmt: skip
+            raise InputError(
+                f"{path}: its pickle builds {exc}, which no state dict does; the file is corrupt or crafted"
+            ) from None
         except Exception as exc:  # malformed opcodes: the unpickler would fail on them too
             raise _unreadable(path, exc) from None
         try:
@@ -256,13 +290,15 @@ def read_pickle_shard(path: Path) -> tuple[ShardHeader, list[str]]:
     refs = [_ref(path, name, t, *spans[t.storage.key]) for name, t in tensors.items()]
     refs.sort(key=lambda r: (r.offset, r.name))
     digest = hashlib.sha256(raw).hexdigest()
-    return ShardHeader(str(path), info.st_size, digest, refs[0].offset if refs else 0, {}, tuple(refs),
-                       identity_of(info)), ignored  # fmt: skip
+    return ShardHeader(
+        str(path), info.st_size, digest, refs[0].offset if refs else 0, {}, tuple(refs), identity_of(info)
+    ), ignored
 
 
 def _unreadable(path: Path, exc: Exception) -> InputError:
-    return InputError(f"{path}: its pickle cannot be read ({type(exc).__name__}: {shown(str(exc))}); the file is "
-                      "corrupt")  # fmt: skip
+    return InputError(
+        f"{path}: its pickle cannot be read ({type(exc).__name__}: {shown(str(exc))}); the file is corrupt"
+    )
 
 
 def state_dict(obj: Any, path: Path) -> tuple[dict[str, PickledTensor], list[str]]:
@@ -271,18 +307,23 @@ def state_dict(obj: Any, path: Path) -> tuple[dict[str, PickledTensor], list[str
         raise InputError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors (a state dict)")
     if obj and all(isinstance(v, PickledTensor) for v in obj.values()):
         return _named(obj, path), []
-    nested = [k for k, v in obj.items() if isinstance(v, dict) and v and all(isinstance(x, PickledTensor)
-                                                                                for x in v.values())]  # fmt: skip
+    nested = [
+        k for k, v in obj.items() if isinstance(v, dict) and v and all(isinstance(x, PickledTensor) for x in v.values())
+    ]
     usual = [k for k in nested if k in STATE_KEYS]
     loose = any(isinstance(v, PickledTensor) for v in obj.values())  # tensors beside other entries
     keys = ", ".join(shown(k) for k in list(obj)[:8]) + (", ..." if len(obj) > 8 else "")
     if len(nested) == 1 and len(usual) == 1 and not loose:
         return _named(obj[usual[0]], path), [k if isinstance(k, str) else shown(k) for k in obj if k != usual[0]]
     if not nested and not loose:
-        raise InputError(f"{path}: holds no state dict, neither as itself nor under one of its keys ({keys}); "
-                         "re-save the state dict alone, e.g. torch.save(model.state_dict(), path)")  # fmt: skip
-    raise InputError(f"{path}: not one state dict: keys {keys}; re-save the state dict alone, e.g. "
-                     "torch.save(checkpoint['state_dict'], path)")  # fmt: skip
+        raise InputError(
+            f"{path}: holds no state dict, neither as itself nor under one of its keys ({keys}); "
+            "re-save the state dict alone, e.g. torch.save(model.state_dict(), path)"
+        )
+    raise InputError(
+        f"{path}: not one state dict: keys {keys}; re-save the state dict alone, e.g. "
+        "torch.save(checkpoint['state_dict'], path)"
+    )
 
 
 def _named(d: dict, path: Path) -> dict[str, PickledTensor]:
@@ -290,8 +331,10 @@ def _named(d: dict, path: Path) -> dict[str, PickledTensor]:
     if bad is not None:
         raise InputError(f"{path}: a tensor is named {shown(bad)}, not by a string; the file is not a state dict")
     if RESERVED_NAME in d:
-        raise InputError(f"{path}: a tensor is named {RESERVED_NAME!r}, the one name a safetensors header reserves "
-                         "(an OUT holding it would not load); rename it in the state dict and save again")  # fmt: skip
+        raise InputError(
+            f"{path}: a tensor is named {RESERVED_NAME!r}, the one name a safetensors header reserves "
+            "(an OUT holding it would not load); rename it in the state dict and save again"
+        )
     return dict(d)
 
 
@@ -308,12 +351,16 @@ def _ref(path: Path, name: str, t: PickledTensor, start: int, entry_bytes: int) 
     numel = math.prod(t.shape)
     storage_elems = t.storage.numel if t.storage.dtype is not None else t.storage.numel // item
     if numel > storage_elems and numel * item > MAX_EXPANDED:  # a broadcast (stride 0) or overlapping view
-        raise InputError(f"{where}: {list(t.shape)} is an expanded or overlapping view of {numel * item} bytes over "
-                         f"a storage of {storage_elems * item}; no checkpoint stores a weight so: the file is corrupt "
-                         "or crafted (if it is yours, save the tensor with .contiguous())")  # fmt: skip
+        raise InputError(
+            f"{where}: {list(t.shape)} is an expanded or overlapping view of {numel * item} bytes over "
+            f"a storage of {storage_elems * item}; no checkpoint stores a weight so: the file is corrupt "
+            "or crafted (if it is yours, save the tensor with .contiguous())"
+        )
     if storage_elems * item > entry_bytes:  # the pickle's claim against the zip entry that holds the bytes
-        raise InputError(f"{where}: its storage {t.storage.key!r} is said to hold {storage_elems * item} bytes, "
-                         f"its entry in the file holds {entry_bytes}; the file is corrupt")  # fmt: skip
+        raise InputError(
+            f"{where}: its storage {t.storage.key!r} is said to hold {storage_elems * item} bytes, "
+            f"its entry in the file holds {entry_bytes}; the file is corrupt"
+        )
     stride = None if t.contiguous else t.stride
     last = t.offset + sum((d - 1) * x for d, x in zip(t.shape, t.stride, strict=True)) if numel else t.offset - 1
     if last >= storage_elems:
@@ -321,16 +368,18 @@ def _ref(path: Path, name: str, t: PickledTensor, start: int, entry_bytes: int) 
     return TensorRef(name, str(path), t.dtype, t.shape, start + t.offset * item, numel * item, stride)
 
 
-def _entry_span(f: io.BufferedReader, path: Path, entries: dict[str, zipfile.ZipInfo], prefix: str, key: str,
-                file_size: int) -> tuple[int, int]:  # fmt: skip
+def _entry_span(
+    f: io.BufferedReader, path: Path, entries: dict[str, zipfile.ZipInfo], prefix: str, key: str, file_size: int
+) -> tuple[int, int]:
     """Where a storage's bytes begin in the file (after its zip entry's local header), and how many its entry
     holds, which must end inside the file."""
     info = entries.get(f"{prefix}data/{key}")
     if info is None:
         raise InputError(f"{path}: storage {key!r} named by the pickle is missing; the file is corrupt")
     if info.compress_type != zipfile.ZIP_STORED:
-        raise InputError(f"{path}: storage {key!r} is compressed; torch.save never compresses: re-save it with "
-                         "torch.save")  # fmt: skip
+        raise InputError(
+            f"{path}: storage {key!r} is compressed; torch.save never compresses: re-save it with torch.save"
+        )
     f.seek(info.header_offset)
     local = f.read(30)
     if len(local) < 30 or local[:4] != b"PK\x03\x04":
@@ -338,8 +387,7 @@ def _entry_span(f: io.BufferedReader, path: Path, entries: dict[str, zipfile.Zip
     name_len, extra_len = struct.unpack("<HH", local[26:30])
     encoding = "utf-8" if info.flag_bits & 0x800 else "cp437"  # the zip's own rule for the names it stores
     if f.read(name_len) != info.orig_filename.encode(encoding, errors="replace"):
-        raise InputError(f"{path}: storage {key!r}: its zip entry points at another entry's bytes; the file is "
-                         "corrupt")  # fmt: skip
+        raise InputError(f"{path}: storage {key!r}: its zip entry points at another entry's bytes; the file is corrupt")
     start = info.header_offset + 30 + name_len + extra_len
     if start + info.file_size > file_size:
         raise InputError(f"{path}: storage {key!r} ends past the end of the file; the file is corrupt (truncated?)")
@@ -355,9 +403,11 @@ def _not_zip(path: Path) -> InputError:
         head = b""
     legacy = head.startswith(pickle.dumps(LEGACY_MAGIC, protocol=2)[:-1])  # the magic number, without the STOP
     if legacy:
-        return InputError(f"{path}: saved in torch's legacy format (torch < 1.6), which streamsoup does not read; "
-                          "re-save it once with a recent torch: torch.save(torch.load(path, weights_only=True), "
-                          "new_path)")  # fmt: skip
+        return InputError(
+            f"{path}: saved in torch's legacy format (torch < 1.6), which streamsoup does not read; "
+            "re-save it once with a recent torch: torch.save(torch.load(path, weights_only=True), "
+            "new_path)"
+        )
     return InputError(f"{path}: not a torch.save checkpoint (neither torch's zip format nor its legacy one)")
 
 
@@ -375,8 +425,13 @@ def open_pickled(root: Path, files: list[Path]) -> Checkpoint:
     for file in files:
         shard, ignored = read_pickle_shard(file)
         if ignored:
-            log.warning("%s: took the state dict and ignored %d other entr%s (%s)", file, len(ignored),
-                        "y" if len(ignored) == 1 else "ies", ", ".join(ignored[:6]))  # fmt: skip
+            log.warning(
+                "%s: took the state dict and ignored %d other entr%s (%s)",
+                file,
+                len(ignored),
+                "y" if len(ignored) == 1 else "ies",
+                ", ".join(ignored[:6]),
+            )
         shards.append(shard)
     ckpt = Checkpoint(root, shards)
     if root.is_dir() and (root / INDEX_NAME).exists():

@@ -54,10 +54,36 @@ ORDERED_DICT = "collections OrderedDict"
 HASH_MODULUS = 2**61 - 1
 
 #: opcodes that push one leaf (a number, a string, bytes, None, a bool)
-LEAVES = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "STRING", "BINSTRING",
-          "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8", "UNICODE",
-          "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "FLOAT", "BINFLOAT", "NONE", "NEWTRUE", "NEWFALSE",
-          "NEXT_BUFFER", "PERSID", "EXT1", "EXT2", "EXT4"}  # fmt: skip
+LEAVES = {
+    "INT",
+    "BININT",
+    "BININT1",
+    "BININT2",
+    "LONG",
+    "LONG1",
+    "LONG4",
+    "STRING",
+    "BINSTRING",
+    "SHORT_BINSTRING",
+    "BINBYTES",
+    "SHORT_BINBYTES",
+    "BINBYTES8",
+    "BYTEARRAY8",
+    "UNICODE",
+    "SHORT_BINUNICODE",
+    "BINUNICODE",
+    "BINUNICODE8",
+    "FLOAT",
+    "BINFLOAT",
+    "NONE",
+    "NEWTRUE",
+    "NEWFALSE",
+    "NEXT_BUFFER",
+    "PERSID",
+    "EXT1",
+    "EXT2",
+    "EXT4",
+}
 IGNORED = {"PROTO", "FRAME", "STOP", "READONLY_BUFFER"}
 
 
@@ -92,8 +118,10 @@ def check_pickle_shape(data: bytes) -> None:
             if n.size > MAX_KEY_NODES:
                 raise PickleShapeError(f"a dict key or set element of more than {MAX_KEY_NODES} parts")
             if n.collides:
-                raise PickleShapeError("a dict key or set element holding an integer of 61 bits or more (such keys "
-                                       "can be made to share one hash)")  # fmt: skip
+                raise PickleShapeError(
+                    "a dict key or set element holding an integer of 61 bits or more (such keys "
+                    "can be made to share one hash)"
+                )
 
     def call(func: Node | str | None, args: list[Node]) -> Node:
         name = func if isinstance(func, str) or func is None else func.name

@@ -117,8 +117,9 @@ def gram_pass(src: RowSource, spectral: str, watch: Stopwatch) -> GramSums:
         return accumulate(src, with_gram=spectral != "svd")
 
 
-def spectrum_of(src: MemoryRows, sums: GramSums, options: MergeOptions,
-                watch: Stopwatch) -> tuple[Spectrum, Coefficients]:  # fmt: skip
+def spectrum_of(
+    src: MemoryRows, sums: GramSums, options: MergeOptions, watch: Stopwatch
+) -> tuple[Spectrum, Coefficients]:
     """The singular values, k, and the eigenvectors of the side of the split that the projection uses."""
     with watch("eigh"):
         full = svd_spectrum(src) if options.spectral == "svd" else eigh_spectrum(sums.gram)
@@ -130,8 +131,9 @@ def split(full: GramEigen | Spectrum, options: MergeOptions) -> tuple[Spectrum, 
     return full.keep_needed(coef.k), coef
 
 
-def reweighed(src: MemoryRows, spectrum: Spectrum, coef: Coefficients, dtype: torch.dtype,
-              watch: Stopwatch) -> torch.Tensor:  # fmt: skip
+def reweighed(
+    src: MemoryRows, spectrum: Spectrum, coef: Coefficients, dtype: torch.dtype, watch: Stopwatch
+) -> torch.Tensor:
     """The MonoSoup tensor, micro block by micro block, in the original shape and the output dtype."""
     with watch("project"):
         out = torch.empty(src.shape, dtype=dtype)
@@ -148,8 +150,9 @@ def _reweighed(src: RowSource, rows: slice, spectrum: Spectrum, coef: Coefficien
     return reweigh(w0, x, spectrum.high_part(x, coef.k, src), coef, out=src.buffer("out", x.shape[0]))
 
 
-def merge_streamed(job: TensorJob, options: MergeOptions, ctx: TaskContext, run: Execution, device: str,
-                   watch: Stopwatch) -> TensorResult:  # fmt: skip
+def merge_streamed(
+    job: TensorJob, options: MergeOptions, ctx: TaskContext, run: Execution, device: str, watch: Stopwatch
+) -> TensorResult:
     """Row blocks from disk: Gram pass (saved now and then), eigh once, then project and write block by block.
 
     Saved progress counts only once it verifies: the Gram and the basis against their crc32c, and
@@ -196,8 +199,9 @@ def merge_streamed(job: TensorJob, options: MergeOptions, ctx: TaskContext, run:
     return edited(job, options, watch, Edit(coef, s, "gram", crc, saved["rel"], device, src.n_blocks))
 
 
-def _verified_progress(partial: PartialTensor, folder: Path, job: TensorJob, shape: tuple[int, int],
-                       transposed: bool) -> dict:  # fmt: skip
+def _verified_progress(
+    partial: PartialTensor, folder: Path, job: TensorJob, shape: tuple[int, int], transposed: bool
+) -> dict:
     """The saved progress with everything it names checked; a projection resumes after its last good block."""
     saved = partial.attrs
     try:
@@ -208,8 +212,12 @@ def _verified_progress(partial: PartialTensor, folder: Path, job: TensorJob, sha
             good = []
             for begin, stop, crc in saved["written"]:
                 if writer.block_crc(folder, job.placement, shape, begin, stop, transposed) != crc:
-                    log.warning("%s: rows %d:%d written before the interruption changed on disk; rewriting from "
-                                "there", job.name, begin, stop)  # fmt: skip
+                    log.warning(
+                        "%s: rows %d:%d written before the interruption changed on disk; rewriting from there",
+                        job.name,
+                        begin,
+                        stop,
+                    )
                     break
                 good.append([begin, stop, crc])
             if len(good) < len(saved["written"]):

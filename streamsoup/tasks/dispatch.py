@@ -77,8 +77,9 @@ def merge_tensor(
         raise task_failed(job.name, exc) from exc
 
 
-def _merge_tensor(job: TensorJob, options: MergeOptions, ctx: TaskContext, run: Execution,
-                  committed: dict | None) -> TensorResult:  # fmt: skip
+def _merge_tensor(
+    job: TensorJob, options: MergeOptions, ctx: TaskContext, run: Execution, committed: dict | None
+) -> TensorResult:
     folder = Path(ctx.folder)
     if committed is not None:
         if writer.slot_crc(folder, job.placement) == committed["crc32c"]:

@@ -35,8 +35,11 @@ def merge_lowrank(job: TensorJob, options: MergeOptions, ctx: TaskContext, watch
         left, right = factors(update, job.base.shape)
     if not finite(left, right):
         if not options.allow_nonfinite:
-            raise nonfinite(update.a.path, f"the LoRA factors of {update.module!r} contain", "fix the adapter, or "
-                            "rerun with --allow-nonfinite to write the fine-tune's values unchanged")  # fmt: skip
+            raise nonfinite(
+                update.a.path,
+                f"the LoRA factors of {update.module!r} contain",
+                "fix the adapter, or rerun with --allow-nonfinite to write the fine-tune's values unchanged",
+            )
         _, crc = _write_merged(job, folder, (left, right), watch, finite=False)  # W1 = W0 + c B A, as peft has it
         return copied(job, watch, NONFINITE_COPIED, crc)
     with watch("eigh"):
@@ -70,8 +73,9 @@ def _product(svd: LowRankSVD, coef: Coefficients | None) -> tuple[torch.Tensor, 
     return svd.u * weights(svd, coef), svd.v.T.contiguous()
 
 
-def _write_merged(job: TensorJob, folder: Path, product: tuple[torch.Tensor, torch.Tensor],
-                  watch: Stopwatch, finite: bool = True) -> tuple[float, int]:  # fmt: skip
+def _write_merged(
+    job: TensorJob, folder: Path, product: tuple[torch.Tensor, torch.Tensor], watch: Stopwatch, finite: bool = True
+) -> tuple[float, int]:
     """W0 + L @ R row block by row block, into the tensor's slot (`finite`: refuse NaN/Inf from finite W0).
 
     Reads run one block ahead and writes one block behind on two I/O threads, so the disk keeps
@@ -131,15 +135,18 @@ def _same_values(job: TensorJob) -> bool:
     return True
 
 
-def _write_factors(job: TensorJob, options: MergeOptions, folder: Path, svd: LowRankSVD, coef: Coefficients | None,
-                   watch: Stopwatch) -> TensorResult:  # fmt: skip
+def _write_factors(
+    job: TensorJob, options: MergeOptions, folder: Path, svd: LowRankSVD, coef: Coefficients | None, watch: Stopwatch
+) -> TensorResult:
     """--save adapter: B' = U diag(sqrt(lam s)), A' = diag(sqrt(lam s)) V^T in peft's layout, scaling 1."""
     update = job.lora
     with watch("project"):
         left, right = reweighed_factors(svd, coef, update.rank)
         b_new, a_new = (right.T, left.T) if update.transposed else (left, right)
-        parts = [a_new.reshape(update.a.shape).to(torch_dtype(update.a.dtype)),
-                 b_new.reshape(update.b.shape).to(torch_dtype(update.b.dtype))]  # fmt: skip
+        parts = [
+            a_new.reshape(update.a.shape).to(torch_dtype(update.a.dtype)),
+            b_new.reshape(update.b.shape).to(torch_dtype(update.b.dtype)),
+        ]
         if job.bias is not None:  # lora_B.bias, rescaled to the new scaling of 1
             bias = job.bias.bias
             parts.append((read_tensor(bias).to(torch.float64) * job.bias.scale).to(torch_dtype(bias.dtype)))
@@ -161,9 +168,9 @@ def write_bias(job: TensorJob, folder: Path, watch: Stopwatch) -> TensorResult:
         lb = read_tensor(job.bias.bias).to(torch.float64)
     out = (b0 + job.bias.scale * lb).to(torch_dtype(job.out_dtype))
     if not bool(torch.isfinite(out).all()):
-        raise nonfinite(job.bias.bias.path, f"bias {job.name!r} (base + lora_B.bias) contains",
-                        "fix the adapter or the base")  # fmt: skip
+        raise nonfinite(
+            job.bias.bias.path, f"bias {job.name!r} (base + lora_B.bias) contains", "fix the adapter or the base"
+        )
     with watch("write"):
         crc = writer.write_tensor(folder, job.placement, out)
     return copied(job, watch, job.reason, crc)
-

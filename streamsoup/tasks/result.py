@@ -139,8 +139,9 @@ class Edit:
     blocks: int = 0
 
 
-def copied(job: TensorJob, watch: Stopwatch, reason: str, crc32c: int, rel_update: float | None = None,
-           blocks: int = 0) -> TensorResult:  # fmt: skip
+def copied(
+    job: TensorJob, watch: Stopwatch, reason: str, crc32c: int, rel_update: float | None = None, blocks: int = 0
+) -> TensorResult:
     """The row of a tensor whose output is the fine-tune's own values."""
     return _row(job, watch, COPY, reason, crc32c=crc32c, rel_update=rel_update, blocks=blocks)
 
@@ -151,14 +152,37 @@ def edited(job: TensorJob, options: MergeOptions, watch: Stopwatch, edit: Edit) 
     reason = f"k={c.k} of rank {c.rank} ({options.rank_rule} rule)"
     if edit.spectral == "lowrank":
         reason += f", LoRA rank {job.lora.rank}"
-    return _row(job, watch, EDIT, reason, k=c.k, rank=c.rank, P_k=c.p_k, rho=c.rho, lambda_high=c.lambda_high,
-                lambda_low=c.lambda_low, rel_update=edit.rel_update, spectral=edit.spectral, crc32c=edit.crc32c,
-                singular_values=np.asarray(edit.singular_values), device=str(edit.device),
-                blocks=edit.blocks)  # fmt: skip
+    return _row(
+        job,
+        watch,
+        EDIT,
+        reason,
+        k=c.k,
+        rank=c.rank,
+        P_k=c.p_k,
+        rho=c.rho,
+        lambda_high=c.lambda_high,
+        lambda_low=c.lambda_low,
+        rel_update=edit.rel_update,
+        spectral=edit.spectral,
+        crc32c=edit.crc32c,
+        singular_values=np.asarray(edit.singular_values),
+        device=str(edit.device),
+        blocks=edit.blocks,
+    )
 
 
 def _row(job: TensorJob, watch: Stopwatch, action: str, reason: str, **fields) -> TensorResult:
-    return TensorResult(name=job.name, shape=job.shape, dtype=job.out_dtype, nbytes=job.placement.nbytes,
-                        action=action, reason=reason, seconds=watch.elapsed(), phases=watch.as_dict(),
-                        outputs=list(job.outputs) or None, expert=list(job.part) if job.part else None,
-                        **fields)  # fmt: skip
+    return TensorResult(
+        name=job.name,
+        shape=job.shape,
+        dtype=job.out_dtype,
+        nbytes=job.placement.nbytes,
+        action=action,
+        reason=reason,
+        seconds=watch.elapsed(),
+        phases=watch.as_dict(),
+        outputs=list(job.outputs) or None,
+        expert=list(job.part) if job.part else None,
+        **fields,
+    )

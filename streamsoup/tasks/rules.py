@@ -18,8 +18,10 @@ from ..sources.adapter import ADAPTER_CONFIG
 NONFINITE_COPIED = "NaN or Inf in BASE or FINETUNED: the fine-tune's tensor copied unchanged (--allow-nonfinite)"
 NO_UPDATE = "no update (FINETUNED equals BASE here): the fine-tune's values are kept"
 #: what to do about NaN/Inf in a tensor MonoSoup was to edit
-FIX_OR_COPY = ("MonoSoup cannot edit it: fix the checkpoint, or rerun with --allow-nonfinite to copy the fine-tune's "
-               "values unchanged")  # fmt: skip
+FIX_OR_COPY = (
+    "MonoSoup cannot edit it: fix the checkpoint, or rerun with --allow-nonfinite to copy the fine-tune's "
+    "values unchanged"
+)
 
 
 def skip_reason(dw_sq: float, w0_sq: float, options: MergeOptions) -> tuple[str, float | None]:
@@ -43,16 +45,19 @@ def nonfinite_copy(job: TensorJob) -> RunError:
     """A copy that is not the stored bytes (decoded from FP8/MXFP4, or cast) whose values do not fit the output."""
     ref = job.finetuned
     source = f"decoded from {ref.encoding}" if ref.decoded else f"cast from {ref.dtype}"
-    return RunError(f"tensor {job.name!r}: the fine-tune's values {source} do not fit {job.out_dtype} (NaN or Inf "
-                    "once written): check the checkpoint's scales; nothing was published")  # fmt: skip
+    return RunError(
+        f"tensor {job.name!r}: the fine-tune's values {source} do not fit {job.out_dtype} (NaN or Inf "
+        "once written): check the checkpoint's scales; nothing was published"
+    )
 
 
 def nonfinite_edit(job: TensorJob) -> RunError:
     """An edit of finite inputs that gives NaN/Inf: name the tensor and what made it overflow."""
     if job.lora is not None:
-        cause = (f"the adapter scales this module's update by {job.lora.scale:g} (lora_alpha / r in "
-                 f"{ADAPTER_CONFIG}), which overflows {job.out_dtype}: fix lora_alpha")  # fmt: skip
+        cause = (
+            f"the adapter scales this module's update by {job.lora.scale:g} (lora_alpha / r in "
+            f"{ADAPTER_CONFIG}), which overflows {job.out_dtype}: fix lora_alpha"
+        )
     else:
         cause = f"the edited values overflow {job.out_dtype}"
-    return RunError(f"tensor {job.name!r}: the result would contain NaN or Inf ({cause}); nothing was "
-                    "published")  # fmt: skip
+    return RunError(f"tensor {job.name!r}: the result would contain NaN or Inf ({cause}); nothing was published")
