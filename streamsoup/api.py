@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .options import MergeOptions, expand_path
+from .options import MergeOptions
+from .paths import expand_path
 from .reporting import MergeSummary, RunReport, read_run
 from .reporting.audit import RunStatus, VerifyResult, run_status, verify_output
 from .reporting.estimate import PlanSummary, estimate

@@ -17,9 +17,10 @@ from dataclasses import Field, fields
 from ._version import __version__
 from .api import demo, merge, plan, report, status, verify
 from .errors import Interrupted, OptionError, StreamsoupError
-from .options import MergeOptions, flag_name, utc_stamp
+from .options import MergeOptions, flag_name
 from .run.signals import MESSAGE, terminate_as_interrupt
 from .synthetic import PRESETS
+from .units import utc_stamp
 
 
 class _Parser(argparse.ArgumentParser):

@@ -5,10 +5,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
-import math
 import os
 import re
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -17,24 +15,8 @@ from typing import Any
 import yaml
 
 from .errors import OptionError, UsageError
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-    "k": 2**10,
-    "m": 2**20,
-    "g": 2**30,
-    "t": 2**40,
-}
-
+from .paths import expand_path
+from .units import parse_size
 
 #: the most lanes or threads asked for (more would only exhaust the process's threads)
 MAX_WORKERS = 1024
@@ -42,49 +24,6 @@ MAX_WORKERS = 1024
 DASHBOARD = "127.0.0.1:8787"
 #: the largest --config file read
 MAX_CONFIG = 1 << 20
-
-
-def parse_size(value: str | int, name: str = "size") -> int:
-    """'5GB' -> 5e9 (decimal, as Hugging Face counts shards), '8GiB' -> 8*2**30, 123 -> 123."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        size = value
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-        if not match or match.group(2).lower() not in _UNITS:
-            raise OptionError(name, f"must be a size like 500MB, 5GB or 8GiB, got {value!r}")
-        number = float(match.group(1)) * _UNITS[match.group(2).lower()]
-        if not math.isfinite(number):
-            raise OptionError(name, f"is not a usable size: {value!r}")
-        size = int(number)
-    if size <= 0:
-        raise OptionError(name, f"must be positive, got {value!r}")
-    return size
-
-
-def expand_path(path: str | os.PathLike) -> Path:
-    """`~` and $VARIABLES expanded, as a shell would (paths also come from YAML and the API)."""
-    return Path(os.path.expandvars(os.path.expanduser(os.fspath(path))))
-
-
-def utc_stamp() -> str:
-    """'2026-12-03T10:41:07Z': the time a batch log line was written, whatever the machine's time zone."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def format_duration(seconds: float) -> str:
-    """'0:01:10', '33:05:12': whole seconds, hours past a day counted on (timedelta says '1 day, 9:05:12'), for
-    progress lines and estimates alike."""
-    minutes, secs = divmod(int(max(seconds, 0)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"
-
-
-def format_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 def _opt(

@@ -98,7 +98,8 @@ def test_layout_headers_are_valid_safetensors(tmp_path):
 
 def test_options_sizes_and_yaml(tmp_path):
     from streamsoup.errors import UsageError
-    from streamsoup.options import MergeOptions, parse_size
+    from streamsoup.options import MergeOptions
+    from streamsoup.units import parse_size
 
     assert parse_size("5GB") == 5 * 10**9 and parse_size("8GiB") == 8 * 2**30 and parse_size(1024) == 1024
     with pytest.raises(UsageError):

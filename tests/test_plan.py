@@ -59,7 +59,7 @@ def test_plan_text_and_too_small_budget(sparse_70b):
     for word in ("562 to edit", "peak RAM", "estimate", "lane cpu0", "GFLOP/s"):
         assert word in proc.stdout
     assert " day" not in proc.stdout, proc.stdout  # hours counted on: "33:05:12", not "1 day, 9:05:12"
-    from streamsoup.options import format_duration
+    from streamsoup.units import format_duration
 
     assert [format_duration(s) for s in (0, 70, 86399, 119112, -5)] == [
         "0:00:00",

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from ..units import format_size
+
 #: a config.json, adapter_config.json or generation config
 CONFIG_LIMIT = 4 << 20
 #: a shard index (model.safetensors.index.json): one entry per tensor
@@ -39,10 +41,12 @@ def read_json(path: Path, limit: int) -> Any:
         if not stat.S_ISREG(info.st_mode):
             raise JsonFileError("is not a regular file")
         if info.st_size > limit:
-            raise JsonFileError(f"is {_mib(info.st_size)}, larger than any such file ({_mib(limit)} at most)")
+            raise JsonFileError(
+                f"is {format_size(info.st_size, 1)}, larger than any such file ({format_size(limit, 1)} at most)"
+            )
         raw = f.read(limit + 1)
     if len(raw) > limit:  # it grew since the stat
-        raise JsonFileError(f"is larger than any such file ({_mib(limit)} at most)")
+        raise JsonFileError(f"is larger than any such file ({format_size(limit, 1)} at most)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -77,7 +81,3 @@ _ESCAPES = re.compile(r"\\.", re.DOTALL)
 _STRINGS = re.compile(r'"[^"]*"')
 _BRACKETS = re.compile(r"[^\[\]{}]+")
 _OPENING = np.frombuffer(b"[{", np.uint8)
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"

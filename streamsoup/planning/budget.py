@@ -20,7 +20,8 @@ import torch
 
 from ..errors import OptionError
 from ..numerics.spectral import micro_rows
-from ..options import MergeOptions, format_size
+from ..options import MergeOptions
+from ..units import format_size
 
 MiB = 2**20
 #: lanes per GPU: while one task computes, the other reads or writes (they share the VRAM budget)

@@ -25,8 +25,8 @@ from ..io.dtypes import is_float
 from ..io.jsonfile import CONFIG_LIMIT, JsonFileError, read_json
 from ..io.layout import ShardLayout
 from ..io.sidefiles import side_files
-from ..options import format_size
 from ..sources.adapter import ADAPTER_CONFIG
+from ..units import format_size
 
 ADAPTER_KEYS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 #: values compared per sampled span (three spans of whole rows per matrix: first, middle, last; one row at least)

@@ -14,7 +14,8 @@ from ..io.dtypes import item_size
 from ..io.rawio import IO_CHUNK
 from ..numerics.lowrank import factor_bytes, rows_per_block
 from ..numerics.spectral import gram_flops, micro_rows
-from ..options import MergeOptions, format_size
+from ..options import MergeOptions
+from ..units import format_size
 from .budget import (
     Budget,
     MiB,

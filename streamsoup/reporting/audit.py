@@ -15,7 +15,9 @@ from ..errors import InputError, UsageError
 from ..io import rawio, writer
 from ..io.checkpoint import Checkpoint
 from ..io.state import RunLock, RunState, find_state
-from ..options import MergeOptions, expand_path, flag_name, format_size
+from ..options import MergeOptions, flag_name
+from ..paths import expand_path
+from ..units import format_size
 from .record import REPORT_NAME, read_report
 
 

@@ -31,11 +31,12 @@ from ..errors import OptionError
 from ..io import rawio
 from ..numerics.hostlinalg import matmul, set_threads
 from ..numerics.spectral import eigh_spectrum
-from ..options import MergeOptions, format_duration, format_size
+from ..options import MergeOptions
 from ..planning.budget import Budget
 from ..planning.planner import COPY, MergePlan, TensorJob, plan_merge
 from ..planning.schedule import Execution, edit_matrix, gemm_flops, groupable, local_schedule
 from ..tasks.devices import configure_process
+from ..units import format_duration, format_size
 from . import ratecache
 from .record import describe_inputs
 from .summary import annotate, module_stats

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import UsageError
 from ..io import writer
 from ..io.state import RunLock, RunState, find_state
-from ..options import expand_path
+from ..paths import expand_path
 from .figure import save_figure
 from .record import (
     REPORT_NAME,

@@ -24,8 +24,8 @@ from .._version import __version__
 from ..errors import InputError
 from ..io import writer
 from ..io.jsonfile import REPORT_LIMIT, JsonFileError, read_json
-from ..options import format_duration, format_size
 from ..planning.planner import MergePlan
+from ..units import format_duration, format_size
 from .summary import build_document
 
 REPORT_NAME = "streamsoup_report.json"

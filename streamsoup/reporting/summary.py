@@ -12,9 +12,9 @@ import statistics
 from collections import Counter
 from typing import Any
 
-from ..options import format_size
 from ..planning.planner import EDIT
 from ..tasks.result import PHASES
+from ..units import format_size
 from .kinds import KINDS, locate
 
 STATS = ("k_rank", "P_k", "lambda_high", "lambda_low")

@@ -28,9 +28,11 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..errors import OptionError, UsageError
 from ..numerics.hostlinalg import set_threads
-from ..options import MergeOptions, expand_path, format_size
+from ..options import MergeOptions
+from ..paths import expand_path
 from ..planning.budget import GPU_SLOTS, Budget, Lanes, MiB, check_max_ram, to_mib
 from ..tasks.devices import DevicePool
+from ..units import format_size
 from .graph import RAM
 
 log = logging.getLogger(__name__)

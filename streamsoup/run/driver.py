@@ -36,7 +36,7 @@ from ..io.state import (
     is_state_entry,
     kept_line,
 )
-from ..options import MergeOptions, format_duration, format_size
+from ..options import MergeOptions
 from ..planning.budget import Budget, machine_info, usable_cores
 from ..planning.planner import MergePlan, plan_merge
 from ..planning.preflight import (
@@ -54,6 +54,7 @@ from ..reporting import REPORT_NAME, MergeSummary, run_head
 from ..reporting.estimate import calibrate, summarize
 from ..tasks.devices import configure_process
 from ..tasks.result import TaskContext, TensorResult
+from ..units import format_duration, format_size
 from .clients import (
     cluster_budget,
     cluster_client,

@@ -14,18 +14,10 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from ..options import format_duration, format_size, utc_stamp
+from ..units import format_duration, format_part, format_size, utc_stamp
 
 #: a batch log gets a line at least this often (seconds), whatever happens
 LOG_EVERY_S = 60.0
-
-
-def done_of(done: float, total: float) -> str:
-    """'1.2 of 3.0 GiB': both in the unit that suits the total."""
-    unit, scale = next(
-        ((u, 2.0**p) for u, p in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)) if total >= 2.0**p), ("B", 1.0)
-    )
-    return f"{done / scale:.1f} of {total / scale:.1f} {unit}"
 
 
 class Progress:
@@ -94,7 +86,7 @@ class Progress:
         eta = format_duration(elapsed / new * left) if new > 0 else "unknown"
         self.stream.write(
             f"{utc_stamp()} {self.desc}: {self.tensors}/{self.total_tensors} tensors, "
-            f"{done_of(self.bytes, self.total_bytes)}, {format_duration(elapsed)} elapsed, ETA {eta}\n"
+            f"{format_part(self.bytes, self.total_bytes)}, {format_duration(elapsed)} elapsed, ETA {eta}\n"
         )
         self.stream.flush()
         self.last_line = time.monotonic()

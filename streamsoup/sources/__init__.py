@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..io.checkpoint import Checkpoint
-from ..options import expand_path
+from ..paths import expand_path
 from .adapter import ADAPTER_CONFIG, Adapter, is_adapter
 from .hub import parse_repo_id, resolve_repo
 from .pickled import INDEX_NAME as PICKLE_INDEX
