@@ -15,7 +15,7 @@ from .api import demo, merge, plan, report, status, verify
 from .options import MergeOptions
 from .reporting import MergeSummary, RunReport
 from .reporting.audit import RunStatus, VerifyResult
-from .reporting.estimate import PlanSummary
+from .reporting.preview import PlanSummary
 
 __all__ = [
     "merge",

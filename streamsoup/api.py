@@ -1,7 +1,7 @@
 """The Python API: ``streamsoup.merge(base, finetuned, out, **options)`` and friends; the CLI is a thin layer over it.
 
 Each function turns its arguments into MergeOptions and hands over to the layer that does
-the work: the merge driver (run/driver.py), the planner and its estimate, the audit, the report.
+the work: the merge driver (run/driver.py), the planner and its schedule (planning/), the audit, the report.
 """
 
 from __future__ import annotations
@@ -11,10 +11,13 @@ from typing import Any
 
 from .options import MergeOptions
 from .paths import expand_path
+from .planning.cost import calibrate, estimate
+from .planning.planner import plan_merge
+from .planning.prepare import prepare
 from .reporting import MergeSummary, RunReport, read_run
 from .reporting.audit import RunStatus, VerifyResult, run_status, verify_output
-from .reporting.estimate import PlanSummary, estimate
 from .reporting.figure import check_png_path, require_matplotlib
+from .reporting.preview import PlanSummary, summarize
 from .run.driver import run_merge
 from .synthetic import write_demo
 
@@ -48,7 +51,8 @@ def plan(base: str | Path, finetuned: str | Path, *, config: str | Path | None =
     ``str()`` of the result is what `streamsoup plan` prints, ``.as_dict()`` what `plan --json` prints.
     Options that only a merge uses (``scheduler``, ``work_dir``, ...) are refused by name.
     """
-    return estimate(base, finetuned, MergeOptions.create(config, **options), given=options)
+    schedule = prepare(plan_merge(base, finetuned, MergeOptions.for_plan(config, **options)))
+    return summarize(schedule, estimate(schedule, calibrate(schedule.budget, Path.cwd())))
 
 
 def status(out: str | Path) -> RunStatus:

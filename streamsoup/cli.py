@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("base", metavar="BASE", help=BASE_HELP)
     pl.add_argument("finetuned", metavar="FINETUNED", help=FINETUNED_HELP)
     _add_option_flags(pl, MergeOptions.plan_fields())
-    for f in fields(MergeOptions):  # accepted only to be refused by name (see reporting/estimate.py: estimate)
+    for f in fields(MergeOptions):  # accepted only to be refused by name (see options.py: MergeOptions.for_plan)
         if not f.metadata["plan"]:
             bool_flag = isinstance(f.default, bool)
             pl.add_argument(

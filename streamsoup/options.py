@@ -26,6 +26,17 @@ DASHBOARD = "127.0.0.1:8787"
 MAX_CONFIG = 1 << 20
 
 
+@dataclass(frozen=True)
+class EditOptions:
+    """How a tensor is edited: the part of MergeOptions that every task is sent (checked by MergeOptions)."""
+
+    rank_rule: str
+    energy: float
+    min_rel_update: float
+    spectral: str
+    allow_nonfinite: bool
+
+
 def _opt(
     default: Any,
     help: str,
@@ -145,16 +156,15 @@ class MergeOptions:
     )
 
     def __post_init__(self) -> None:
-        if self.rank_rule not in ("entropy", "energy"):
-            raise OptionError("rank_rule", f"must be entropy or energy, got {self.rank_rule!r}")
+        for f in fields(self):
+            choices = f.metadata["choices"]
+            if choices and getattr(self, f.name) not in choices:
+                allowed = ", ".join(choices[:-1]) + f" or {choices[-1]}"
+                raise OptionError(f.name, f"must be {allowed}, got {getattr(self, f.name)!r}")
         if not 0.0 < float(self.energy) <= 1.0:
             raise OptionError("energy", f"must be in (0, 1], got {self.energy!r}")
         if not float(self.min_rel_update) >= 0:
             raise OptionError("min_rel_update", f"must be >= 0, got {self.min_rel_update!r}")
-        if self.save not in ("model", "adapter"):
-            raise OptionError("save", f"must be model or adapter, got {self.save!r}")
-        if self.spectral not in ("auto", "gram", "svd"):
-            raise OptionError("spectral", f"must be auto, gram or svd, got {self.spectral!r}")
         if not 0 <= int(self.lanes) <= MAX_WORKERS:
             raise OptionError("lanes", f"must be between 1 and {MAX_WORKERS} (0: the default), got {self.lanes!r}")
         if not float(self.checkpoint_seconds) >= 0:
@@ -202,6 +212,25 @@ class MergeOptions:
         for name, value in values.items():
             typed[name] = _coerce(known[name], value)
         return cls(**typed)
+
+    @property
+    def edit(self) -> EditOptions:
+        """The options a task's arithmetic reads: all a task receives of them."""
+        return EditOptions(self.rank_rule, self.energy, self.min_rel_update, self.spectral, self.allow_nonfinite)
+
+    @classmethod
+    def for_plan(cls, config: str | Path | None = None, **given: Any) -> MergeOptions:
+        """Options of `streamsoup plan`, which plans a merge on this machine: an option only a merge uses is
+        refused by name, as plan would silently ignore it."""
+        options = cls.create(config, **given)
+        plan_names = {f.name for f in cls.plan_fields()}
+        unused = [name for name, value in given.items() if value not in (None, "", False) and name not in plan_names]
+        if unused:
+            raise OptionError(
+                unused[0],
+                "is not used by plan, which plans a merge on this machine from the headers alone; leave it out",
+            )
+        return options
 
     def output_fingerprint(self) -> dict[str, Any]:
         """The options that change the output bytes (lane and thread counts do not)."""

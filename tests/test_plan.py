@@ -78,21 +78,21 @@ def test_a_big_merge_says_its_estimate_and_a_small_one_does_not(sparse_70b, awkw
     at the end; a small one skips the ~3 s calibration. The estimate counts this process's start-up."""
     from streamsoup.options import MergeOptions
     from streamsoup.planning.budget import make_budget
+    from streamsoup.planning.cost import FIXED_S, startup_seconds
     from streamsoup.planning.planner import plan_merge
-    from streamsoup.planning.schedule import schedule
+    from streamsoup.planning.prepare import prepare
     from streamsoup.reporting import MergeSummary
-    from streamsoup.reporting.estimate import FIXED_S, startup_seconds
     from streamsoup.run.driver import ESTIMATE_BYTES, estimated_seconds
 
     opts = MergeOptions(max_ram=16 * 2**30, devices="cpu")
     budget = make_budget(opts, False)
     big = plan_merge(*sparse_70b, opts)
     assert big.bytes_to_write >= ESTIMATE_BYTES
-    seconds = estimated_seconds(big, budget, schedule(big, budget), tmp_path / "out")
+    seconds = estimated_seconds(prepare(big, budget), tmp_path / "out")
     assert seconds is not None and seconds > FIXED_S + 3600, "70B of arithmetic on this machine takes hours"
     assert startup_seconds() == 0.0, "inside a long-running process (pytest) a merge pays no start-up"
     small = plan_merge(*awkward_pair, opts)
-    assert estimated_seconds(small, budget, schedule(small, budget), tmp_path / "out") is None
+    assert estimated_seconds(prepare(small, budget), tmp_path / "out") is None
     summary = MergeSummary(tmp_path / "out", 3, 2, 1, 0, 10, 41.5, tmp_path / "r", estimated_seconds=seconds)
     assert f"in 41.5 s (estimated ~{int(seconds) // 3600}:" in summary.line()
 
@@ -103,15 +103,15 @@ def test_tasks_run_longest_first_whatever_the_plan_order(sparse_70b, tmp_path):
     from streamsoup.options import MergeOptions
     from streamsoup.planning.budget import make_budget
     from streamsoup.planning.planner import plan_merge
-    from streamsoup.planning.schedule import arithmetic_cost, schedule
+    from streamsoup.planning.prepare import prepare
+    from streamsoup.planning.schedule import arithmetic_cost
     from streamsoup.run.graph import build_graph
     from streamsoup.tasks.result import TaskContext
 
     opts = MergeOptions(max_ram=16 * 2**30, devices="cpu")
     plan = plan_merge(*sparse_70b, opts)
-    tasks = build_graph(
-        plan, TaskContext(str(tmp_path), str(tmp_path / "state")), opts, schedule(plan, make_budget(opts, False))
-    )
+    executions = prepare(plan, make_budget(opts, False)).executions
+    tasks = build_graph(plan, TaskContext(str(tmp_path), str(tmp_path / "state")), opts.edit, executions)
     jobs = {j.key: j for j in plan.jobs}
     cost = {t.key: sum(arithmetic_cost(jobs[m.key]) for m in t.members) for t in tasks}
     order = sorted(tasks, key=lambda t: -t.priority)
@@ -128,7 +128,7 @@ def test_tasks_run_longest_first_whatever_the_plan_order(sparse_70b, tmp_path):
 def test_a_calibration_is_reused_for_minutes_for_the_same_lanes_only(awkward_pair, tmp_path, monkeypatch):
     """`plan` asked again (options being tuned) reuses this machine's calibration of the last minutes, and says
     so; other lanes are measured again, and so is an entry that expired or a cache file that is damaged."""
-    from streamsoup.reporting import ratecache
+    from streamsoup.planning import ratecache
 
     cache = tmp_path / "cache"
     env = {"STREAMSOUP_CACHE_DIR": str(cache)}

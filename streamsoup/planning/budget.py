@@ -18,12 +18,14 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from ..errors import OptionError
+from ..errors import OptionError, UsageError
 from ..numerics.spectral import micro_rows
 from ..options import MergeOptions
 from ..units import format_size
 
 MiB = 2**20
+#: the dask worker resources a task holds: MiB of host memory, and a lane of its kind
+RAM, CPU, DEVICE = "ram", "cpu", "device"
 #: lanes per GPU: while one task computes, the other reads or writes (they share the VRAM budget)
 GPU_SLOTS = 2
 #: what the driver needs besides tasks: Zarr commits, tqdm, dask bookkeeping
@@ -300,15 +302,16 @@ def check_machine_lanes(opts: MergeOptions) -> None:
         raise OptionError("threads", f"{opts.threads} is more than this machine's {cores} cores; give at most {cores}")
 
 
-def make_budget(opts: MergeOptions, io_bound: bool = False) -> Budget:
+def make_budget(opts: MergeOptions, io_bound: bool = False, threads: int | None = None) -> Budget:
     """Lanes and memory budgets of this run; the RAM left for tasks is what the process does not use already.
 
     `io_bound` (an adapter merge: each task streams W0 through a thin GEMM): one lane per core with one
     thread each even beside GPU lanes, so one tensor's reads, writes and fdatasync overlap another's compute.
     """
     check_machine_lanes(opts)
-    busy = 0 if opts.threads else busy_cores()  # said in the start line; it never changes the threads
-    lanes = resolve_lanes(opts.devices, opts.lanes, opts.threads, busy, io_bound)
+    threads = opts.threads if threads is None else threads
+    busy = 0 if threads else busy_cores()  # said in the start line; it never changes the threads
+    lanes = resolve_lanes(opts.devices, opts.lanes, threads, busy, io_bound)
     if opts.max_ram:
         check_max_ram(opts.max_ram, physical_ram())
     if opts.max_vram:
@@ -316,3 +319,37 @@ def make_budget(opts: MergeOptions, io_bound: bool = False) -> Budget:
     max_ram = opts.max_ram or default_max_ram()
     task_ram = check_budget(max_ram, process_rss())
     return Budget(max_ram, task_ram, opts.max_vram or default_max_vram(lanes.devices), lanes)
+
+
+def workers_budget(
+    resources: dict[str, dict[str, float]], facts: dict[str, dict], opts: MergeOptions, address: str
+) -> Budget:
+    """Lanes and memory of a cluster, from the resources (declared or derived) and facts of its workers.
+
+    The per-task RAM is the largest worker's: dask places each task on a worker whose `ram`
+    holds it, and a tensor bigger than every worker is streamed in row blocks that fit.
+    """
+    usable = {a: r for a, r in resources.items() if r.get(RAM) and (r.get(CPU) or r.get(DEVICE))}
+    if not usable:
+        raise UsageError(
+            f"the dask cluster at {address} offers streamsoup no memory or lanes "
+            f"({len(resources)} worker(s)); give workers threads and memory, or declare resources "
+            '(e.g. `--resources "cpu=2,ram=8192"`, ram in MiB)'
+        )
+    task_ram = int(max(r[RAM] for r in usable.values())) * MiB
+    if opts.max_ram:
+        machine = max((f["total_memory"] for f in facts.values()), default=opts.max_ram)
+        check_max_ram(opts.max_ram, machine, "the largest worker machine")
+        task_ram = min(task_ram, opts.max_ram)
+    gpu_memory = [f["gpu_memory"] for f in facts.values() if f.get("gpus")]
+    if opts.max_vram and gpu_memory and opts.max_vram > min(gpu_memory):
+        raise OptionError(
+            "max_vram",
+            f"{format_size(opts.max_vram)} is more than the {format_size(min(gpu_memory))} "
+            "of memory of the workers' GPUs",
+        )
+    max_vram = opts.max_vram or int(0.9 * min(gpu_memory, default=16 * 2**30))
+    cpu = int(sum(r.get(CPU, 0) for r in usable.values()))
+    devices = ("cuda",) * int(sum(r.get(DEVICE, 0) for r in usable.values()))
+    lanes = Lanes(cpu=cpu, devices=devices, threads=opts.threads)
+    return Budget(max_ram=task_ram, task_ram=task_ram, max_vram=max_vram, lanes=lanes, cluster=True)

@@ -14,7 +14,6 @@ from ..io.dtypes import item_size
 from ..io.rawio import IO_CHUNK
 from ..numerics.lowrank import factor_bytes, rows_per_block
 from ..numerics.spectral import gram_flops, micro_rows
-from ..options import MergeOptions
 from ..units import format_size
 from .budget import (
     Budget,
@@ -22,10 +21,9 @@ from .budget import (
     eigh_bytes,
     fit_block_rows,
     in_memory_bytes,
-    make_budget,
     streamed_bytes,
 )
-from .planner import COPY, MergePlan, TensorJob
+from .planner import COPY, TensorJob
 
 #: below this many elements a tensor stays on a CPU lane when there is one (transfers would dominate)
 DEVICE_MIN_ELEMENTS = 4 * 1024 * 1024
@@ -173,13 +171,3 @@ def execution_for(job: TensorJob, budget: Budget) -> Execution:
 def max_vram_for(per_lane: int, budget: Budget) -> int:
     """The --max-vram that gives every lane of a GPU `per_lane` bytes."""
     return per_lane * max(1, budget.max_vram // max(budget.lanes.vram_share(budget.max_vram), 1))
-
-
-def schedule(plan: MergePlan, budget: Budget) -> dict[str, Execution]:
-    return {job.key: execution_for(job, budget) for job in plan.jobs}
-
-
-def local_schedule(plan: MergePlan, opts: MergeOptions) -> tuple[Budget, dict[str, Execution]]:
-    """The budget and every tensor's Execution of a merge on this machine (merge and plan alike)."""
-    budget = make_budget(opts, plan.adapter is not None)
-    return budget, schedule(plan, budget)

@@ -30,15 +30,13 @@ from ..errors import OptionError, UsageError
 from ..numerics.hostlinalg import set_threads
 from ..options import MergeOptions
 from ..paths import expand_path
-from ..planning.budget import GPU_SLOTS, Budget, Lanes, MiB, check_max_ram, to_mib
+from ..planning.budget import CPU, DEVICE, GPU_SLOTS, RAM, Budget, MiB, to_mib, workers_budget
 from ..tasks.devices import DevicePool
 from ..units import format_size
-from .graph import RAM
 
 log = logging.getLogger(__name__)
 
 PLUGIN_NAME = "streamsoup-lanes"
-CPU, DEVICE = "cpu", "device"  # lane resources; RAM is graph.RAM
 OURS = (CPU, DEVICE, RAM)
 #: share of a worker's memory limit our tasks may take (dask's nanny pauses a worker at 80% of it)
 LIMIT_SHARE = 0.7
@@ -270,37 +268,9 @@ def dashboard(client: Client) -> str | None:
 
 
 def cluster_budget(client: Client, opts: MergeOptions) -> Budget:
-    """Lanes and memory from the resources every worker now has (declared or derived).
-
-    The per-task RAM is the largest worker's: dask places each task on a worker whose `ram`
-    holds it, and a tensor bigger than every worker is streamed in row blocks that fit.
-    """
-    resources = worker_resources(client)
+    """The budget of the cluster's workers as they are now (planning/budget.py: workers_budget)."""
     facts = {a: f for a, f in client.run(_facts_of).items() if f}
-    usable = {a: r for a, r in resources.items() if r.get(RAM) and (r.get(CPU) or r.get(DEVICE))}
-    if not usable:
-        raise UsageError(
-            f"the dask cluster at {scheduler_address(opts)} offers streamsoup no memory or lanes "
-            f"({len(resources)} worker(s)); give workers threads and memory, or declare resources "
-            '(e.g. `--resources "cpu=2,ram=8192"`, ram in MiB)'
-        )
-    task_ram = int(max(r[RAM] for r in usable.values())) * MiB
-    if opts.max_ram:
-        machine = max((f["total_memory"] for f in facts.values()), default=opts.max_ram)
-        check_max_ram(opts.max_ram, machine, "the largest worker machine")
-        task_ram = min(task_ram, opts.max_ram)
-    gpu_memory = [f["gpu_memory"] for f in facts.values() if f.get("gpus")]
-    if opts.max_vram and gpu_memory and opts.max_vram > min(gpu_memory):
-        raise OptionError(
-            "max_vram",
-            f"{format_size(opts.max_vram)} is more than the {format_size(min(gpu_memory))} "
-            "of memory of the workers' GPUs",
-        )
-    max_vram = opts.max_vram or int(0.9 * min(gpu_memory, default=16 * 2**30))
-    cpu = int(sum(r.get(CPU, 0) for r in usable.values()))
-    devices = ("cuda",) * int(sum(r.get(DEVICE, 0) for r in usable.values()))
-    lanes = Lanes(cpu=cpu, devices=devices, threads=opts.threads)
-    return Budget(max_ram=task_ram, task_ram=task_ram, max_vram=max_vram, lanes=lanes, cluster=True)
+    return workers_budget(worker_resources(client), facts, opts, scheduler_address(opts))
 
 
 def describe(client: Client, budget: Budget, address: str) -> str:

@@ -36,23 +36,13 @@ from ..io.state import (
     is_state_entry,
     kept_line,
 )
+from ..numerics.hostmemory import configure_process
 from ..options import MergeOptions
-from ..planning.budget import Budget, machine_info, usable_cores
+from ..planning.budget import Budget, machine_info, make_budget, usable_cores
+from ..planning.cost import calibrate, estimate
 from ..planning.planner import MergePlan, plan_merge
-from ..planning.preflight import (
-    check_adapter_trained,
-    check_disk_space,
-    check_not_blank,
-    check_related,
-    check_values_differ,
-    output_needs,
-    small_side,
-    state_needs,
-)
-from ..planning.schedule import Execution, local_schedule, schedule
+from ..planning.prepare import Schedule, Target, prepare
 from ..reporting import REPORT_NAME, MergeSummary, run_head
-from ..reporting.estimate import calibrate, summarize
-from ..tasks.devices import configure_process
 from ..tasks.result import TaskContext, TensorResult
 from ..units import format_duration, format_size
 from .clients import (
@@ -93,10 +83,8 @@ class Attempt:
     """One attempt of a merge, decided before its lock is taken."""
 
     request: Request
-    opts: MergeOptions  # with the thread count the budget resolved
+    schedule: Schedule
     state_path: Path
-    budget: Budget
-    runs: dict[str, Execution]
     client: Client | None
     machine: dict[str, Any]
     estimate: float | None = None  # seconds, as `streamsoup plan` would say (merges of ESTIMATE_BYTES or more)
@@ -106,11 +94,11 @@ class Attempt:
 ESTIMATE_BYTES = 1 << 30
 
 
-def estimated_seconds(plan: MergePlan, budget: Budget, runs: dict[str, Execution], out: Path) -> float | None:
+def estimated_seconds(schedule: Schedule, out: Path) -> float | None:
     """`plan`'s estimate for a local merge big enough that its ~3 s calibration does not matter; else None."""
-    if plan.bytes_to_write < ESTIMATE_BYTES:
+    if schedule.plan.bytes_to_write < ESTIMATE_BYTES:
         return None
-    return summarize(plan, budget, runs, calibrate(budget, out.parent)).estimated_seconds
+    return estimate(schedule, calibrate(schedule.budget, out.parent)).seconds
 
 
 def run_merge(
@@ -124,19 +112,8 @@ def run_merge(
         return existing_output(out, fingerprint)
     check_output(out, plan, opts.work_dir)
     plan_side_files(plan)  # an unreadable or outside side file is found now, not after all the compute
-    if plan.adapter is not None:
-        check_not_blank(plan.base, [j.base for j in plan.jobs if j.lora is not None], "BASE")
-        check_adapter_trained(plan.adapter.root, [j.lora for j in plan.jobs if j.lora is not None])
-    else:
-        pairs = [(j.base, j.finetuned) for j in plan.edits if j.base is not None]
-        check_not_blank(plan.base, [b for b, _ in pairs], "BASE")
-        check_not_blank(plan.finetuned, [f for _, f in pairs], "FINETUNED")
-        check_values_differ(plan.base, plan.finetuned, pairs)
-        check_related(plan.base, plan.finetuned, pairs)
-    for warning in plan.warnings:  # after the refusals: a refused merge says one line
-        log.warning(warning)
     try:
-        return _attempt(Request(plan, out, fingerprint, run_binding(plan), fresh, progress, start), opts)
+        return _attempt(Request(plan, out, fingerprint, run_binding(plan), fresh, progress, start))
     except OSError as exc:
         raise io_failure(exc, out) from exc
 
@@ -156,37 +133,40 @@ def io_failure(exc: OSError, out: Path) -> RunError:
     return RunError(f"{what}: {exc.strerror or exc}; {then}")
 
 
-def _attempt(request: Request, opts: MergeOptions) -> MergeSummary:
-    plan, out = request.plan, request.out
+def _attempt(request: Request) -> MergeSummary:
+    plan, out, opts = request.plan, request.out, request.plan.options
     with ExitStack() as stack:
         on_cluster = bool(opts.scheduler or opts.scheduler_file)
         client = stack.enter_context(cluster_client(opts)) if on_cluster else None
         partial = writer.partial_dir(out)
         state_path = state_location(opts.work_dir, out, partial)
-        if not client:
+        threads = opts.threads
+        if client:
+            budget = cluster_budget(client, opts)
+        else:
             configure_process()
-            if not opts.threads and not request.fresh:
-                opts = replace(opts, threads=earlier_threads(state_path))
-        budget, runs = cluster_budget_runs(client, opts, plan) if client else local_schedule(plan, opts)
-        check_space(plan, runs, budget, partial, state_path, request.fresh)
-        line = describe(client, budget, scheduler_address(opts)) if client else describe_local(budget, opts, runs)
-        estimate = None if client else estimated_seconds(plan, budget, runs, out)
+            threads = threads or (0 if request.fresh else earlier_threads(state_path))
+            budget = make_budget(opts, plan.adapter is not None, threads)
+        schedule = prepare(plan, budget, Target(partial, state_path, resume=not request.fresh))
+        for warning in plan.warnings:  # after the refusals: a refused merge says one line
+            log.warning(warning)
+        line = describe(client, budget, scheduler_address(opts)) if client else describe_local(schedule)
+        estimate = None if client else estimated_seconds(schedule, out)
         if estimate is not None:
             line += f"; estimated ~{format_duration(estimate)} on this machine (as streamsoup plan says)"
         if request.progress:  # the one start line; with progress off (-q, the API's default) it is logged
             sys.stderr.write(f"streamsoup: {line}\n")
         else:
             log.info(line)
-        if budget.lanes.busy_cores and budget.lanes.threads > 1 and not opts.threads and not client:
+        if budget.lanes.busy_cores and budget.lanes.threads > 1 and not threads and not client:
             log.warning(busy_advice(budget))
         machine = machine_info(budget.lanes, budget.max_ram, budget.max_vram, line)
-        opts = replace(opts, threads=budget.lanes.threads)
-        return _locked_run(Attempt(request, opts, state_path, budget, runs, client, machine, estimate))
+        return _locked_run(Attempt(request, schedule, state_path, client, machine, estimate))
 
 
-def _locked_run(run: Attempt) -> MergeSummary:
-    plan, opts, state_path, out = run.request.plan, run.opts, run.state_path, run.request.out
-    fingerprint = run.request.fingerprint
+def _locked_run(attempt: Attempt) -> MergeSummary:
+    request, state_path = attempt.request, attempt.state_path
+    plan, out, fingerprint = request.plan, request.out, request.fingerprint
     partial = writer.partial_dir(out)
     claim_partial(partial, out)
     try:
@@ -195,22 +175,22 @@ def _locked_run(run: Attempt) -> MergeSummary:
                 return published_meanwhile(partial, out, fingerprint)
             ours = partial_entry(plan, partial)
             check_partial_entries(partial, ours)  # every run, a resumed one too: OUT.partial becomes OUT
-            if run.request.fresh or not owned.owned(state_path, out, "state"):
+            if request.fresh or not owned.owned(state_path, out, "state"):
                 discard(partial, ours, state_path, out)  # bytes without a state are not trusted
             state = RunState.open(
-                state_path, out, fingerprint, run_head(plan, fingerprint, out), run.machine, run.request.binding
+                state_path, out, fingerprint, run_head(plan, fingerprint, out), attempt.machine, request.binding
             )
-            if opts.work_dir:
+            if plan.options.work_dir:
                 (partial / POINTER_NAME).write_text(str(state_path) + "\n")
             resumed = len(state.committed())
             log.info("planned %d tensors (%d to edit), %d already done", len(plan.jobs), len(plan.edits), resumed)
             writer.preallocate(plan.layout, partial)
-            results = execute(run, state, guard)
-            check_unchanged(run.request)
+            results = execute(attempt, state, guard)
+            check_unchanged(request)
             with guard.critical():
                 if not finish(plan, partial, out, results, state):
                     return published_meanwhile(partial, out, fingerprint)
-                cleanup(out, state_path if opts.work_dir else None)
+                cleanup(out, state_path if plan.options.work_dir else None)
                 lock.release()
     except (Interrupted, KeyboardInterrupt):
         raise
@@ -229,11 +209,11 @@ def _locked_run(run: Attempt) -> MergeSummary:
         len(results) - edited,
         len(plan.dropped),
         plan.bytes_to_write,
-        time.perf_counter() - run.request.start,
+        time.perf_counter() - request.start,
         out / REPORT_NAME,
         resumed=resumed,
         warnings=plan.warnings,
-        estimated_seconds=run.estimate,
+        estimated_seconds=attempt.estimate,
     )
 
 
@@ -247,11 +227,6 @@ def busy_advice(budget: Budget) -> str:
         "faster beside them. The thread count does not follow the load, so the same merge always gives "
         "the same bytes"
     )
-
-
-def cluster_budget_runs(client: Client, opts: MergeOptions, plan: MergePlan) -> tuple[Budget, dict[str, Execution]]:
-    budget = cluster_budget(client, opts)
-    return budget, schedule(plan, budget)
 
 
 def earlier_threads(state_path: Path) -> int:
@@ -388,30 +363,18 @@ def discard(partial: Path, ours: Callable[[str], bool], state_path: Path, out: P
             log.warning(kept_line(state_path, kept, f"the resume state of {out} was started over"))
 
 
-def check_space(
-    plan: MergePlan, runs: dict[str, Execution], budget: Budget, partial: Path, state_path: Path, fresh: bool
-) -> None:
-    """Before any tensor is computed: room for what remains to write on OUT's and the state's filesystems."""
-    streamed = [small_side(j.finetuned) for j in plan.edits if runs[j.key].streamed]
-    widths = [small_side(j.finetuned) for j in plan.edits]
-    existing = partial if partial.exists() and not fresh else partial / ".none"
-    needs = {partial: output_needs(plan.layout, existing, plan.side_roots, widths)}
-    state = state_needs(widths, streamed, budget.lanes.total, len(plan.jobs))
-    needs[state_path] = needs[state_path] + state if state_path in needs else state
-    check_disk_space(needs)
-
-
-def describe_local(budget: Budget, opts: MergeOptions, runs: dict[str, Execution]) -> str:
+def describe_local(schedule: Schedule) -> str:
     """The budget in force, for the terminal, the batch log and the -v log."""
-    source = "" if opts.max_ram else " (70% of available memory; set --max-ram)"
-    streamed = sum(r.streamed for r in runs.values())
-    extra = f", {streamed} tensor(s) streamed in row blocks" if streamed else ""
+    budget = schedule.budget
+    source = "" if schedule.plan.options.max_ram else " (70% of available memory; set --max-ram)"
+    extra = f", {schedule.streamed} tensor(s) streamed in row blocks" if schedule.streamed else ""
     return f"max-ram {format_size(budget.max_ram)}{source}; {budget.lanes.describe()}{extra}"
 
 
-def execute(run: Attempt, state: RunState, guard: InterruptGuard) -> list[TensorResult]:
+def execute(attempt: Attempt, state: RunState, guard: InterruptGuard) -> list[TensorResult]:
     """Run every tensor not committed yet, committing each as it lands; the results in plan order."""
-    plan, opts = run.request.plan, run.opts
+    schedule = attempt.schedule
+    plan, opts = schedule.plan, schedule.plan.options
     markers, damaged = state.usable()
     if damaged:
         shown = "; ".join(f"{key}: {why}" for key, why in sorted(damaged.items())[:3])
@@ -424,8 +387,13 @@ def execute(run: Attempt, state: RunState, guard: InterruptGuard) -> list[Tensor
         )
         state.forget(list(damaged))
     committed = {key: m.row for key, m in markers.items()}
-    ctx = TaskContext(str(writer.partial_dir(run.request.out)), str(run.state_path), opts.checkpoint_seconds)
-    tasks = build_graph(plan, ctx, opts, run.runs, committed)
+    ctx = TaskContext(
+        str(writer.partial_dir(attempt.request.out)),
+        str(attempt.state_path),
+        opts.checkpoint_seconds,
+        schedule.budget.lanes.threads,
+    )
+    tasks = build_graph(plan, ctx, opts.edit, schedule.executions, committed)
     results: dict[str, TensorResult] = {}
     done = [job for job in plan.jobs if job.key in committed]
     with Progress(
@@ -433,7 +401,7 @@ def execute(run: Attempt, state: RunState, guard: InterruptGuard) -> list[Tensor
         plan.bytes_to_write,
         len(done),
         sum(job.placement.nbytes for job in done),
-        enabled=run.request.progress,
+        enabled=attempt.request.progress,
     ) as bar:
         commits = CommitBatch(state, guard)
 
@@ -455,13 +423,13 @@ def execute(run: Attempt, state: RunState, guard: InterruptGuard) -> list[Tensor
 
         finished = False
         try:
-            if run.client is not None:
-                run_graph(run.client, tasks, on_done, worker_resources(run.client), watch=True, tick=tick)
+            if attempt.client is not None:
+                run_graph(attempt.client, tasks, on_done, worker_resources(attempt.client), watch=True, tick=tick)
             else:
-                with local_client(run.budget, opts.dashboard) as local:
+                with local_client(schedule.budget, opts.dashboard) as local:
                     if opts.dashboard:  # asked for: said even with -q
                         sys.stderr.write(f"streamsoup: dashboard at {dashboard_url(local)}\n")
-                    run_graph(local, tasks, on_done, {"local": worker_capacity(run.budget)}, tick=tick)
+                    run_graph(local, tasks, on_done, {"local": worker_capacity(schedule.budget)}, tick=tick)
             finished = True
         except KeyboardInterrupt:
             raise Interrupted(MESSAGE) from None

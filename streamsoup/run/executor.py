@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from distributed import Client, Future
 
 from ..errors import RunError, StreamsoupError
+from ..planning.budget import RAM
 from ..tasks.result import TensorResult, task_failed
 from .clients import fits, no_worker_tasks
-from .graph import RAM, GraphTask, Member
+from .graph import GraphTask, Member
 
 log = logging.getLogger(__name__)
 

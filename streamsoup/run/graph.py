@@ -15,14 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..options import MergeOptions
-from ..planning.budget import to_mib
+from ..options import EditOptions
+from ..planning.budget import RAM, to_mib
 from ..planning.planner import MergePlan, TensorJob
 from ..planning.schedule import GROUP_BYTES, GROUP_TENSORS, Execution, arithmetic_cost, groupable
 from ..tasks.dispatch import TensorTask, merge_tensors
 from ..tasks.result import TaskContext
-
-RAM = "ram"  # worker resource: MiB of host memory for tasks
 
 
 @dataclass(frozen=True)
@@ -52,7 +50,7 @@ class GraphTask:
 def build_graph(
     plan: MergePlan,
     ctx: TaskContext,
-    options: MergeOptions,
+    options: EditOptions,
     runs: Mapping[str, Execution],
     committed: Mapping[str, dict] | None = None,
 ) -> list[GraphTask]:

@@ -34,7 +34,7 @@ from ..numerics.spectral import (
     eigh_spectrum,
     svd_spectrum,
 )
-from ..options import MergeOptions
+from ..options import EditOptions
 from ..planning.planner import TensorJob
 from ..planning.schedule import Execution
 from .result import Edit, Stopwatch, TaskContext, TensorResult, copied, edited
@@ -43,7 +43,7 @@ from .rules import NONFINITE_COPIED, cannot_edit, nonfinite_copy, skip_reason
 log = logging.getLogger(__name__)
 
 
-def merge_dense(job: TensorJob, options: MergeOptions, folder: Path, device: str, watch: Stopwatch) -> TensorResult:
+def merge_dense(job: TensorJob, options: EditOptions, folder: Path, device: str, watch: Stopwatch) -> TensorResult:
     """The whole tensor in memory: W1 read from the fine-tune, or computed from an adapter (DoRA) in float64."""
     watch.on(device)
     with watch("read"):
@@ -65,7 +65,7 @@ def merge_dense(job: TensorJob, options: MergeOptions, folder: Path, device: str
     return edited(job, options, watch, Edit(coef, spectrum.s, spectrum.path, crc, rel, device))
 
 
-def decide(sums: GramSums, options: MergeOptions, job: TensorJob) -> tuple[str, float | None]:
+def decide(sums: GramSums, options: EditOptions, job: TensorJob) -> tuple[str, float | None]:
     """Why an edit candidate is copied after all ("" when it is edited), and its relative update."""
     if not (math.isfinite(sums.dw_sq) and math.isfinite(sums.w0_sq)):
         if options.allow_nonfinite:
@@ -118,7 +118,7 @@ def gram_pass(src: RowSource, spectral: str, watch: Stopwatch) -> GramSums:
 
 
 def spectrum_of(
-    src: MemoryRows, sums: GramSums, options: MergeOptions, watch: Stopwatch
+    src: MemoryRows, sums: GramSums, options: EditOptions, watch: Stopwatch
 ) -> tuple[Spectrum, Coefficients]:
     """The singular values, k, and the eigenvectors of the side of the split that the projection uses."""
     with watch("eigh"):
@@ -126,7 +126,7 @@ def spectrum_of(
         return split(full, options)
 
 
-def split(full: GramEigen | Spectrum, options: MergeOptions) -> tuple[Spectrum, Coefficients]:
+def split(full: GramEigen | Spectrum, options: EditOptions) -> tuple[Spectrum, Coefficients]:
     coef = coefficients(full.s, options.rank_rule, options.energy)
     return full.keep_needed(coef.k), coef
 
@@ -151,7 +151,7 @@ def _reweighed(src: RowSource, rows: slice, spectrum: Spectrum, coef: Coefficien
 
 
 def merge_streamed(
-    job: TensorJob, options: MergeOptions, ctx: TaskContext, run: Execution, device: str, watch: Stopwatch
+    job: TensorJob, options: EditOptions, ctx: TaskContext, run: Execution, device: str, watch: Stopwatch
 ) -> TensorResult:
     """Row blocks from disk: Gram pass (saved now and then), eigh once, then project and write block by block.
 

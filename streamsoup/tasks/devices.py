@@ -1,19 +1,18 @@
-"""Where a task computes: the process's device lanes, CUDA warm-up and streams, and the process's malloc.
+"""Where a task computes: the process's device lanes, CUDA warm-up and streams.
 
 The planning layer decides how many lanes there are; this module hands them out to the
-tasks that run on them, and keeps freed host memory going back to the OS.
+tasks that run on them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import queue
 import threading
 
 import torch
 
-from ..planning.budget import GPU_SLOTS, MiB
+from ..planning.budget import GPU_SLOTS
 
 
 class DevicePool:
@@ -66,26 +65,3 @@ def device_stream(device: str):
     if device.startswith("cuda"):
         return torch.cuda.stream(torch.cuda.Stream(device=device))
     return contextlib.nullcontext()
-
-
-def configure_process() -> None:
-    """Make freed memory go back to the OS, so RSS follows the working set.
-
-    glibc raises its mmap threshold after large frees and then serves tensors up to
-    32 MiB from arenas it never returns; a fixed threshold keeps big buffers mmapped.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, 1 * MiB)
-        libc.mallopt(m_trim_threshold, 16 * MiB)
-    except (OSError, AttributeError):
-        pass
-
-
-def release_memory() -> None:
-    """Give freed heap pages back after a task (glibc only)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

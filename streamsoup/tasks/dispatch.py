@@ -16,11 +16,12 @@ from pathlib import Path
 from ..errors import StreamsoupError
 from ..io import writer
 from ..numerics.hostlinalg import set_threads
-from ..options import MergeOptions
+from ..numerics.hostmemory import release_memory
+from ..options import EditOptions
 from ..planning.planner import COPY, EDIT, TensorJob
 from ..planning.schedule import Execution
 from .dense import copy_fine_tune, merge_dense, merge_streamed
-from .devices import DevicePool, device_stream, release_memory
+from .devices import DevicePool, device_stream
 from .lora import merge_lowrank, write_bias
 from .result import Stopwatch, TaskContext, TensorResult, copied, task_failed
 from .rules import nonfinite_edit
@@ -37,11 +38,11 @@ class TensorTask:
     committed: dict | None = None
 
 
-def merge_tensors(items: list[TensorTask], options: MergeOptions, ctx: TaskContext) -> list[TensorResult]:
+def merge_tensors(items: list[TensorTask], options: EditOptions, ctx: TaskContext) -> list[TensorResult]:
     """One task: one tensor, or many small ones in a row, their bytes made durable together before any result
     leaves (a result is committed, so its bytes must be on disk); a failure names its tensor."""
-    if options.threads:
-        set_threads(options.threads)
+    if ctx.threads:
+        set_threads(ctx.threads)
     try:
         if len(items) == 1:  # a streamed tensor records row blocks as they become durable: never deferred
             return [merge_tensor(items[0].job, options, ctx, items[0].run, items[0].committed)]
@@ -53,7 +54,7 @@ def merge_tensors(items: list[TensorTask], options: MergeOptions, ctx: TaskConte
 
 def merge_tensor(
     job: TensorJob,
-    options: MergeOptions,
+    options: EditOptions,
     ctx: TaskContext,
     run: Execution,
     committed: dict | None = None,
@@ -78,7 +79,7 @@ def merge_tensor(
 
 
 def _merge_tensor(
-    job: TensorJob, options: MergeOptions, ctx: TaskContext, run: Execution, committed: dict | None
+    job: TensorJob, options: EditOptions, ctx: TaskContext, run: Execution, committed: dict | None
 ) -> TensorResult:
     folder = Path(ctx.folder)
     if committed is not None:

@@ -21,14 +21,14 @@ from ..io.checkpoint import matrix_shape, read_block, read_tensor
 from ..io.dtypes import torch_dtype
 from ..numerics.lowrank import LowRankSVD, factors, finite, lowrank_svd, reweighed_factors, row_blocks, weights
 from ..numerics.monosoup import Coefficients, coefficients
-from ..options import MergeOptions
+from ..options import EditOptions
 from ..planning.planner import TensorJob
 from .dense import merge_dense
 from .result import Edit, Stopwatch, TaskContext, TensorResult, copied, edited
 from .rules import NONFINITE_COPIED, cannot_edit, skip_reason
 
 
-def merge_lowrank(job: TensorJob, options: MergeOptions, ctx: TaskContext, watch: Stopwatch) -> TensorResult:
+def merge_lowrank(job: TensorJob, options: EditOptions, ctx: TaskContext, watch: Stopwatch) -> TensorResult:
     folder, update = Path(ctx.folder), job.lora
     assert update is not None and job.base is not None
     with watch("read"):
@@ -136,7 +136,7 @@ def _same_values(job: TensorJob) -> bool:
 
 
 def _write_factors(
-    job: TensorJob, options: MergeOptions, folder: Path, svd: LowRankSVD, coef: Coefficients | None, watch: Stopwatch
+    job: TensorJob, options: EditOptions, folder: Path, svd: LowRankSVD, coef: Coefficients | None, watch: Stopwatch
 ) -> TensorResult:
     """--save adapter: B' = U diag(sqrt(lam s)), A' = diag(sqrt(lam s)) V^T in peft's layout, scaling 1."""
     update = job.lora

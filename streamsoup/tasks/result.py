@@ -16,7 +16,7 @@ import torch
 
 from ..errors import RunError
 from ..numerics.monosoup import Coefficients
-from ..options import MergeOptions
+from ..options import EditOptions
 from ..planning.planner import COPY, EDIT, TensorJob
 
 PHASES = ("read", "gram", "eigh", "project", "write")
@@ -69,11 +69,12 @@ class Stopwatch:
 
 @dataclass(frozen=True)
 class TaskContext:
-    """Where a task writes: the output folder and the state (for mid-tensor progress)."""
+    """Where a task writes (the output folder, the state for mid-tensor progress) and the threads it computes with."""
 
     folder: str
     state_path: str
     checkpoint_seconds: float = 60.0
+    threads: int = 0  # torch threads of its lane; 0: the worker's own setting (a cluster run not given --threads)
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def copied(
     return _row(job, watch, COPY, reason, crc32c=crc32c, rel_update=rel_update, blocks=blocks)
 
 
-def edited(job: TensorJob, options: MergeOptions, watch: Stopwatch, edit: Edit) -> TensorResult:
+def edited(job: TensorJob, options: EditOptions, watch: Stopwatch, edit: Edit) -> TensorResult:
     """The row of a MonoSoup-edited tensor: k, the coefficients and the spectrum it was decided from."""
     c = edit.coef
     reason = f"k={c.k} of rank {c.rank} ({options.rank_rule} rule)"

@@ -11,7 +11,7 @@ import math
 from ..errors import InputError, RunError, nonfinite
 from ..io.checkpoint import TensorRef
 from ..numerics.monosoup import relative_update, update_is_significant
-from ..options import MergeOptions
+from ..options import EditOptions
 from ..planning.planner import TensorJob
 from ..sources.adapter import ADAPTER_CONFIG
 
@@ -24,7 +24,7 @@ FIX_OR_COPY = (
 )
 
 
-def skip_reason(dw_sq: float, w0_sq: float, options: MergeOptions) -> tuple[str, float | None]:
+def skip_reason(dw_sq: float, w0_sq: float, options: EditOptions) -> tuple[str, float | None]:
     """Why an edit candidate with finite sums is copied after all ("" when it is edited), and its relative update."""
     dw_norm, w0_norm = math.sqrt(dw_sq), math.sqrt(w0_sq)
     rel = relative_update(dw_norm, w0_norm)

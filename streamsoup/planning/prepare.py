@@ -1,0 +1,86 @@
+"""The schedule of a merge: its plan, the budget it runs under and how each tensor runs, with every refusal
+that can be made before a tensor is computed. `streamsoup plan` formats it; a merge executes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .budget import Budget, make_budget
+from .planner import MergePlan
+from .preflight import (
+    check_adapter_trained,
+    check_disk_space,
+    check_not_blank,
+    check_related,
+    check_values_differ,
+    output_needs,
+    small_side,
+    state_needs,
+)
+from .schedule import Execution, execution_for
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a merge writes: OUT.partial, the resume state, and whether what OUT.partial holds is resumed."""
+
+    partial: Path
+    state_path: Path
+    resume: bool
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A merge decided before it runs; nothing in it reads tensor data again."""
+
+    plan: MergePlan
+    budget: Budget
+    executions: Mapping[str, Execution]  # job key -> how it runs
+
+    @property
+    def streamed(self) -> int:
+        return sum(e.streamed for e in self.executions.values())
+
+
+def prepare(plan: MergePlan, budget: Budget | None = None, target: Target | None = None) -> Schedule:
+    """How every tensor of `plan` runs under `budget` (None: this machine's, from the plan's options).
+
+    With a `target` (a merge, not `plan`) the inputs' sampled values and the free space on disk are checked too:
+    `plan` reads headers alone.
+    """
+    if budget is None:
+        budget = make_budget(plan.options, plan.adapter is not None)
+    schedule = Schedule(plan, budget, {job.key: execution_for(job, budget) for job in plan.jobs})
+    if target is not None:
+        check_values(plan)
+        check_space(schedule, target)
+    return schedule
+
+
+def check_values(plan: MergePlan) -> None:
+    """Refuse inputs whose headers are right and whose data cannot make the model (preflight.py), from samples."""
+    if plan.adapter is not None:
+        lora = [j for j in plan.jobs if j.lora is not None]
+        check_not_blank(plan.base, [j.base for j in lora], "BASE")
+        check_adapter_trained(plan.adapter.root, [j.lora for j in lora])
+        return
+    pairs = [(j.base, j.finetuned) for j in plan.edits if j.base is not None]
+    check_not_blank(plan.base, [b for b, _ in pairs], "BASE")
+    check_not_blank(plan.finetuned, [f for _, f in pairs], "FINETUNED")
+    check_values_differ(plan.base, plan.finetuned, pairs)
+    check_related(plan.base, plan.finetuned, pairs)
+
+
+def check_space(schedule: Schedule, target: Target) -> None:
+    """Room for what remains to write on OUT's and the state's filesystems."""
+    plan = schedule.plan
+    streamed = [small_side(j.finetuned) for j in plan.edits if schedule.executions[j.key].streamed]
+    widths = [small_side(j.finetuned) for j in plan.edits]
+    existing = target.partial if target.partial.exists() and target.resume else target.partial / ".none"
+    needs = {target.partial: output_needs(plan.layout, existing, plan.side_roots, widths)}
+    state = state_needs(widths, streamed, schedule.budget.lanes.total, len(plan.jobs))
+    needs[target.state_path] = needs[target.state_path] + state if target.state_path in needs else state
+    check_disk_space(needs)
