@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from helpers import assert_one_line_error, report_rows, run, start, tree_digest
 
-from streamsoup.io.state import STATE_NAME, RunLock, RunState
+from streamsoup.io.runlock import RunLock
+from streamsoup.io.state import STATE_NAME, RunState
 
 
 def committed_names(partial: Path) -> set[str]:

@@ -1,4 +1,5 @@
-"""The run's durable state: a Zarr group in the work dir, plus the lock on OUT.partial.
+"""The run's durable state: a Zarr group in the work dir (its lock: runlock.py; a streamed tensor's own progress:
+tensorprogress.py; how records and arrays are checked: records.py).
 
     attrs.fingerprint        inputs (shard sizes, header hashes), output options, version
     attrs.run_id             random, made with the state: every record below is sealed with it
@@ -21,34 +22,31 @@ does not verify is reported, dropped and its tensor recomputed.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
 import logging
-import math
 import os
 import re
 import shutil
 import socket
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec
 
 from ..errors import InputError, RunError, UsageError
-from . import owned, rawio
+from . import owned
 from .binding import changed_files
+from .records import StateDamaged, array_crc, put_array, read_array, seal, unseal
 
 log = logging.getLogger(__name__)
 
 STATE_NAME = ".streamsoup-state.zarr"
 POINTER_NAME = ".streamsoup-workdir"  # in OUT.partial when --work-dir is elsewhere
-LOCK_NAME = ".streamsoup.lock"
 #: what a state folder holds (besides its owner marker): anything else means it is not only ours
 STATE_ENTRIES = ("zarr.json", "tensors", "batches")
 BATCHES = "batches"
@@ -66,63 +64,6 @@ def kept_line(folder: Path, kept: list[str], done: str) -> str:
     """The one line that says a user's files were left where streamsoup cleaned up."""
     shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
     return f"{done}; kept {folder} and what streamsoup did not write in it: {shown}"
-
-
-class StateDamaged(Exception):
-    """A record of the state did not verify; its work is redone."""
-
-
-def seal(run_id: str, record: dict[str, Any]) -> dict[str, Any]:
-    """`record` plus a digest of it and of the run: an edited, truncated or foreign record no longer verifies."""
-    return {**record, "digest": _digest(run_id, record)}
-
-
-def unseal(run_id: str, record: object) -> dict[str, Any]:
-    """The record without its digest; StateDamaged unless the digest matches."""
-    if not isinstance(record, dict) or "digest" not in record:
-        raise StateDamaged("record without a digest")
-    body = {k: v for k, v in record.items() if k != "digest"}
-    if record["digest"] != _digest(run_id, body):
-        raise StateDamaged("record digest mismatch")
-    return body
-
-
-def _digest(run_id: str, record: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps([run_id, record], sort_keys=True).encode()).hexdigest()
-
-
-def array_crc(value: np.ndarray) -> int:
-    raw = np.ascontiguousarray(value, dtype=np.float64).view(np.uint8).reshape(-1)  # no copy; empty arrays too
-    return rawio.crc_of(memoryview(raw))
-
-
-def read_array(group: zarr.Group, name: str, crc: int) -> np.ndarray:
-    """A float64 array of the state, checked against the crc32c recorded when it was written."""
-    try:
-        value = group[name][...]
-    except Exception as exc:  # a damaged chunk (crc32c codec), a missing array, a torn zarr.json
-        raise StateDamaged(f"{name} unreadable ({type(exc).__name__})") from None
-    if array_crc(value) != crc:
-        raise StateDamaged(f"{name} checksum mismatch")
-    return value
-
-
-def put_array(group: zarr.Group, name: str, value: np.ndarray) -> int:
-    """Store a float64 array (chunks of <= 64 MiB, crc32c codec); returns the crc32c of its values."""
-    value = np.asarray(value, dtype=np.float64)
-    rows = max(1, min(value.shape[0] if value.ndim else 1, (64 * 2**20) // max(8 * math.prod(value.shape[1:]), 1)))
-    chunks = (rows, *value.shape[1:]) if value.ndim else ()
-    arr = group.create_array(
-        name,
-        shape=value.shape,
-        dtype="float64",
-        chunks=chunks or (1,) * value.ndim,
-        compressors=[Crc32cCodec()],
-        fill_value=0.0,
-        overwrite=True,
-    )
-    arr[...] = value
-    return array_crc(value)
 
 
 @dataclass(frozen=True)
@@ -148,6 +89,20 @@ class Marker:
     batch: str | None = None  # committed with others in batches/<batch>: its spectrum is s[s_offset:+s_len] there
     s_offset: int = 0
     s_len: int = 0
+
+    @classmethod
+    def of(cls, key: str, record: dict[str, Any], batch: str | None = None) -> Marker:
+        """The marker an unsealed record holds (KeyError, TypeError or ValueError: it is incomplete)."""
+        where = (batch, int(record["s_offset"]), int(record["s_len"])) if batch is not None else ()
+        return cls(
+            key,
+            int(record["crc32c"]),
+            int(record["attempt"]),
+            float(record["committed_at"]),
+            dict(record["row"]),
+            record["s_crc32c"],
+            *where,
+        )
 
 
 def describe_changes(old: dict, new: dict) -> list[str]:
@@ -245,14 +200,14 @@ class RunState:
             group.attrs.put(
                 {"fingerprint": fingerprint, "binding": binding or {}, "runs": [], "run_id": uuid.uuid4().hex}
             )
-        runs = list(group.attrs.get("runs", []))
-        runs.append(
+        attempts = list(group.attrs.get("runs", []))
+        attempts.append(
             {"started_at": time.time(), "host": socket.gethostname(), "pid": os.getpid(), "machine": machine or {}}
         )
-        group.attrs["runs"] = runs
+        group.attrs["runs"] = attempts
         if head is not None:
             group.attrs["head"] = head
-        return cls(path, group, len(runs))
+        return cls(path, group, len(attempts))
 
     @classmethod
     def read(cls, path: Path) -> RunState:
@@ -268,7 +223,8 @@ class RunState:
             ) from None
 
     @property
-    def runs(self) -> list[dict[str, Any]]:
+    def attempts(self) -> list[dict[str, Any]]:
+        """One entry per attempt of this merge (stored as attrs.runs): when it started, where, on what machine."""
         runs = self.group.attrs.get("runs", [])
         return [r for r in runs if isinstance(r, dict) and isinstance(r.get("started_at"), (int, float))]
 
@@ -324,10 +280,7 @@ class RunState:
             if raw is None:
                 continue
             try:
-                m = unseal(self.run_id, raw)
-                good[key] = Marker(
-                    key, int(m["crc32c"]), int(m["attempt"]), float(m["committed_at"]), dict(m["row"]), m["s_crc32c"]
-                )
+                good[key] = Marker.of(key, unseal(self.run_id, raw))
             except (StateDamaged, KeyError, TypeError, ValueError) as exc:
                 bad[key] = str(exc) if isinstance(exc, StateDamaged) else "record incomplete"
         self._scan_batches(good, bad)
@@ -349,18 +302,7 @@ class RunState:
             found = {}
             for key, raw in records.items():  # an empty batch: killed after its spectra, before its markers
                 try:
-                    m = unseal(self.run_id, raw)
-                    found[key] = Marker(
-                        key,
-                        int(m["crc32c"]),
-                        int(m["attempt"]),
-                        float(m["committed_at"]),
-                        dict(m["row"]),
-                        m["s_crc32c"],
-                        name,
-                        int(m["s_offset"]),
-                        int(m["s_len"]),
-                    )
+                    found[key] = Marker.of(key, unseal(self.run_id, raw), name)
                 except (StateDamaged, KeyError, TypeError, ValueError) as exc:
                     bad[key] = str(exc) if isinstance(exc, StateDamaged) else "record incomplete"
                     self._batch_of[key] = name
@@ -414,55 +356,44 @@ class RunState:
 
     def commit(self, key: str, crc: int, row: dict[str, Any], singular_values: np.ndarray | None) -> None:
         """Record a tensor whose bytes are already durable; the marker (attrs) is written last."""
-        try:
-            tensors = self.group["tensors"]
-            group = tensors.require_group(key)
+        with self._recording():
+            group = self.group["tensors"].require_group(key)
             group.attrs.put({})  # a recomputed tensor (torn write) loses its old marker first
             s_crc = put_array(group, "s", singular_values) if singular_values is not None else None
-            record = {
-                "crc32c": int(crc),
-                "s_crc32c": s_crc,
-                "attempt": self.attempt,
-                "committed_at": time.time(),
-                "row": row,
-            }
-            group.attrs.put({"marker": seal(self.run_id, record)})
+            group.attrs.put({"marker": seal(self.run_id, self._record(crc, row, s_crc, time.time()))})
             if "partial" in group:  # mid-tensor progress of a streamed tensor: no longer needed
                 del group["partial"]
-        except OSError as exc:
-            raise RunError(
-                f"cannot record progress in {self.path}: {exc.strerror or exc}; "
-                "free space or fix the disk, then rerun the same command to resume"
-            ) from exc
 
     def commit_many(self, items: list[Commit]) -> None:
         """Record many tensors whose bytes are already durable, in one batch group: spectra first, markers last."""
         if not items:
             return
-        try:
+        with self._recording():
             group = self.group.require_group(BATCHES).create_group(uuid.uuid4().hex[:16])
             spectra = [
-                np.asarray(c.singular_values, dtype=np.float64).reshape(-1)
+                None if c.singular_values is None else np.asarray(c.singular_values, dtype=np.float64).reshape(-1)
                 for c in items
-                if c.singular_values is not None
             ]
-            if spectra:
-                put_array(group, "s", np.concatenate(spectra))
+            if any(s is not None for s in spectra):
+                put_array(group, "s", np.concatenate([s for s in spectra if s is not None]))
             records, offset, now = {}, 0, time.time()
-            for c in items:
-                s = None if c.singular_values is None else np.asarray(c.singular_values, dtype=np.float64).reshape(-1)
-                record = {
-                    "crc32c": int(c.crc),
-                    "s_crc32c": None if s is None else array_crc(s),
-                    "s_offset": offset,
-                    "s_len": 0 if s is None else len(s),
-                    "attempt": self.attempt,
-                    "committed_at": now,
-                    "row": c.row,
-                }
-                offset += record["s_len"]
-                records[c.key] = seal(self.run_id, record)
+            for c, s in zip(items, spectra, strict=True):
+                s_len = 0 if s is None else len(s)
+                s_crc = None if s is None else array_crc(s)
+                records[c.key] = seal(self.run_id, self._record(c.crc, c.row, s_crc, now, s_offset=offset, s_len=s_len))
+                offset += s_len
             group.attrs.put({"markers": records})
+
+    def _record(self, crc: int, row: dict[str, Any], s_crc: int | None, now: float, **where: int) -> dict[str, Any]:
+        """A marker's fields (`where`: its spectrum's place in a batch's array)."""
+        record = {"crc32c": int(crc), "s_crc32c": s_crc, **where}
+        return {**record, "attempt": self.attempt, "committed_at": now, "row": row}
+
+    @contextmanager
+    def _recording(self) -> Iterator[None]:
+        """A failed write of the state is one line: the work done so far is kept."""
+        try:
+            yield
         except OSError as exc:
             raise RunError(
                 f"cannot record progress in {self.path}: {exc.strerror or exc}; "
@@ -471,129 +402,14 @@ class RunState:
 
     def elapsed(self) -> float:
         """Seconds of work over every attempt: from each run's start to its last commit."""
-        runs = self.runs
+        attempts = self.attempts
         last: dict[int, float] = {}
         for marker in self.committed().values():
             last[marker.attempt] = max(last.get(marker.attempt, 0.0), marker.committed_at)
-        return sum(max(0.0, last.get(i + 1, r["started_at"]) - r["started_at"]) for i, r in enumerate(runs))
+        return sum(max(0.0, last.get(i + 1, r["started_at"]) - r["started_at"]) for i, r in enumerate(attempts))
 
 
 def find_state(partial: Path) -> Path:
     """The state of the run writing `partial` (OUT.partial): inside it, or where its --work-dir pointer says."""
     pointer = partial / POINTER_NAME
     return Path(pointer.read_text().strip()) if pointer.exists() else partial / STATE_NAME
-
-
-class RunLock:
-    """An exclusive flock on OUT.partial: a second merge of the same OUT is refused at once.
-
-    The kernel drops the lock when the process dies, however it dies, so no stale lock
-    outlives a crash.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.path = folder / LOCK_NAME
-        self.fd: int | None = None
-
-    def acquire(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise UsageError(
-                f"another streamsoup merge ({holder}) is writing {self.path.parent}; "
-                "wait for it to finish or stop it first"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        self.fd = fd
-        return self
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    @staticmethod
-    def holder(folder: Path) -> str | None:
-        """Who holds the lock of `folder` now (None: nobody is running)."""
-        path = folder / LOCK_NAME
-        if not path.exists():
-            return None
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return None
-        except BlockingIOError:
-            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-        finally:
-            os.close(fd)
-
-
-class PartialTensor:
-    """Mid-tensor progress of one streamed tensor, in ``tensors/<key>/partial`` (written by its task only).
-
-    phase "gram":    the Gram sums of rows [0, next_row), double-buffered (gram_0 / gram_1):
-                     a kill while one buffer is written leaves the other, named by the attrs, intact
-    phase "project": the eigenbasis columns in use and the coefficients; rows [0, next_row) written,
-                     with the crc32c of each written block of rows ("written": [[start, stop, crc], ...])
-
-    The attrs are sealed with the run's id and hold the crc32c of every array they name: whatever
-    does not verify reads as no progress (`attrs` is then {}), and the tensor starts over.
-    """
-
-    def __init__(self, state_path: str | Path, key: str) -> None:
-        root = zarr.open_group(str(state_path), mode="a")
-        self.run_id = str(root.attrs.get("run_id", ""))
-        self.key = key
-        self.group = root["tensors"].require_group(key).require_group("partial")
-
-    @property
-    def attrs(self) -> dict[str, Any]:
-        """The saved progress, or {} when there is none or it does not verify."""
-        raw = dict(self.group.attrs)
-        if not raw:
-            return {}
-        try:
-            return unseal(self.run_id, raw)
-        except StateDamaged as exc:
-            self.damaged(str(exc))
-            return {}
-
-    def damaged(self, why: str) -> None:
-        """Say it once and forget the progress: the tensor starts over."""
-        log.warning("%s: saved mid-tensor progress is damaged (%s); recomputing the tensor", self.key, why)
-        self.group.attrs.put({})
-
-    def _put(self, record: dict[str, Any]) -> None:
-        self.group.attrs.put(seal(self.run_id, record))
-
-    def save_gram(self, gram: np.ndarray, next_row: int, dw_sq: float, w0_sq: float) -> None:
-        slot = 1 - int(self.attrs.get("slot", 1))
-        crc = put_array(self.group, f"gram_{slot}", gram)
-        self._put({"phase": "gram", "slot": slot, "next_row": next_row, "dw_sq": dw_sq, "w0_sq": w0_sq, "crc": crc})
-
-    def load_gram(self, saved: dict[str, Any]) -> np.ndarray:
-        return read_array(self.group, f"gram_{saved['slot']}", saved["crc"])
-
-    def save_basis(self, s: np.ndarray, basis: np.ndarray, info: dict[str, Any]) -> None:
-        crcs = {"s_crc": put_array(self.group, "s", s), "basis_crc": put_array(self.group, "basis", basis)}
-        self._put({"phase": "project", "next_row": 0, "written": [], **info, **crcs})
-
-    def load_basis(self, saved: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        return read_array(self.group, "s", saved["s_crc"]), read_array(self.group, "basis", saved["basis_crc"])
-
-    def save_progress(self, saved: dict[str, Any], start: int, stop: int, crc: int) -> dict[str, Any]:
-        """Rows start:stop are durable in the slot with this crc32c; returns the new record."""
-        record = {**saved, "next_row": stop, "written": [*saved["written"], [start, stop, crc]]}
-        self._put(record)
-        return record

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,52 +45,63 @@ def preallocate(layout: ShardLayout, folder: Path) -> None:
     rawio.fsync_dir(folder)
 
 
-_together = threading.local()  # per lane (a thread): the shard files open in its durable_together()
+class OutputFiles:
+    """OUT.partial's shard files as one task writes them.
 
+    Each slot is made durable as it is written; a task of many small tensors (`together`) keeps every shard
+    file it writes open instead, and `sync` makes them durable with one fdatasync per file, not per tensor,
+    which is most of the cost of a small tensor. Used as a context manager: synced on success, closed always.
+    """
 
-@contextmanager
-def durable_together() -> Iterator[None]:
-    """Slots written inside (by this thread) become durable together when it ends: one open file and one
-    fdatasync per shard file, not per tensor, which is most of the cost of a small tensor."""
-    fds: dict[str, int] = {}
-    _together.fds = fds
-    try:
-        yield
-        for fd in fds.values():
-            os.fdatasync(fd)
-    finally:
-        _together.fds = None
-        for fd in fds.values():
+    def __init__(self, folder: Path, together: bool = False) -> None:
+        self.folder = folder
+        self.together = together
+        self._held: dict[str, int] = {}
+
+    def open(self, placement: Placement) -> int:
+        path = str(self.folder / placement.file)
+        if not self.together:
+            return os.open(path, os.O_WRONLY)
+        if path not in self._held:
+            self._held[path] = os.open(path, os.O_WRONLY)
+        return self._held[path]
+
+    def done(self, fd: int, sync: bool = True) -> None:
+        """A slot is written: make its bytes durable and let go of its file, or leave both to `sync`."""
+        if self.together:
+            return
+        try:
+            if sync:
+                os.fdatasync(fd)
+        finally:
             os.close(fd)
 
-
-def _open_for_write(folder: Path, placement: Placement) -> int:
-    fds = getattr(_together, "fds", None)
-    path = str(folder / placement.file)
-    if fds is None:
-        return os.open(path, os.O_WRONLY)
-    if path not in fds:
-        fds[path] = os.open(path, os.O_WRONLY)
-    return fds[path]
-
-
-def _close_written(fd: int, sync: bool = True) -> None:
-    """Make a slot's bytes durable and let go of its file, or leave both to the durable_together() around it."""
-    if getattr(_together, "fds", None) is not None:
-        return
-    try:
-        if sync:
+    def sync(self) -> None:
+        for fd in self._held.values():
             os.fdatasync(fd)
-    finally:
-        os.close(fd)
+
+    def close(self) -> None:
+        held, self._held = self._held, {}
+        for fd in held.values():
+            os.close(fd)
+
+    def __enter__(self) -> OutputFiles:
+        return self
+
+    def __exit__(self, kind: object, *rest: object) -> None:
+        try:
+            if kind is None:
+                self.sync()
+        finally:
+            self.close()
 
 
-def write_tensor(folder: Path, placement: Placement, tensor: torch.Tensor, finite: bool = True) -> int:
+def write_tensor(files: OutputFiles, placement: Placement, tensor: torch.Tensor, finite: bool = True) -> int:
     """Write a tensor's bytes at its placement and make them durable; returns their crc32c.
 
     `finite`: refuse NaN/Inf (NonFiniteOutput); False only for a copy --allow-nonfinite lets through.
     """
-    slot = SlotWriter(folder, placement, finite)
+    slot = SlotWriter(files, placement, finite)
     try:
         slot.write(tensor)
     except BaseException:
@@ -101,7 +110,7 @@ def write_tensor(folder: Path, placement: Placement, tensor: torch.Tensor, finit
     return slot.close()
 
 
-def copy_tensor(source: TensorRef, folder: Path, placement: Placement, check_finite: bool = True) -> int:
+def copy_tensor(source: TensorRef, files: OutputFiles, placement: Placement, check_finite: bool = True) -> int:
     """Byte-for-byte copy of a tensor of the fine-tune into its output slot; returns its crc32c.
 
     NaN/Inf are looked for in each chunk on its way through (no second read of the tensor).
@@ -112,10 +121,10 @@ def copy_tensor(source: TensorRef, folder: Path, placement: Placement, check_fin
             raise nonfinite(source.path, f"tensor {source.name!r} contains", AS_IS)
 
     if source.stride is not None:
-        return _copy_view(source, folder, placement, finite if check_finite else None)
+        return _copy_view(source, files, placement, finite if check_finite else None)
     src = os.open(source.path, os.O_RDONLY)
     try:
-        dst = _open_for_write(folder, placement)
+        dst = files.open(placement)
         ok = False
         try:
             crc = rawio.copy_range(
@@ -123,19 +132,19 @@ def copy_tensor(source: TensorRef, folder: Path, placement: Placement, check_fin
             )
             ok = True
         finally:
-            _close_written(dst, ok)
+            files.done(dst, ok)
     finally:
         os.close(src)
     return crc
 
 
 def _copy_view(
-    source: TensorRef, folder: Path, placement: Placement, inspect: Callable[[memoryview], None] | None
+    source: TensorRef, files: OutputFiles, placement: Placement, inspect: Callable[[memoryview], None] | None
 ) -> int:
     """A non-contiguous view copied in row blocks of about one IO chunk, row-major as safetensors stores it."""
     row_bytes = max(source.nbytes // max(source.shape[0], 1), 1)
     step = max(1, rawio.IO_CHUNK // row_bytes)
-    dst = _open_for_write(folder, placement)
+    dst = files.open(placement)
     ok = False
     try:
         crc, written = 0, 0
@@ -148,7 +157,7 @@ def _copy_view(
             written += len(part)
         ok = True
     finally:
-        _close_written(dst, ok)
+        files.done(dst, ok)
     return crc
 
 
@@ -188,7 +197,7 @@ def publish(partial: Path, out: Path) -> bool:
 
 
 def write_block(
-    folder: Path, placement: Placement, shape: tuple[int, int], start: int, block: torch.Tensor, transposed: bool
+    files: OutputFiles, placement: Placement, shape: tuple[int, int], start: int, block: torch.Tensor, transposed: bool
 ) -> int:
     """Write rows start:.. of the 2-D output (or, transposed, those columns) into the slot, durably.
 
@@ -197,7 +206,7 @@ def write_block(
     check_finite(block)
     m, n = shape
     item = placement.nbytes // max(m * n, 1)
-    fd = _open_for_write(folder, placement)
+    fd = files.open(placement)
     ok = False
     try:
         if not transposed:
@@ -212,7 +221,7 @@ def write_block(
                 crc = rawio.crc_of(memoryview(rows[row]), crc)
         ok = True
     finally:
-        _close_written(fd, ok)
+        files.done(fd, ok)
     return crc
 
 
@@ -250,12 +259,13 @@ class SlotWriter:
     Blocks must come in order: the crc32c of the whole slot is chained on the way (no re-read).
     """
 
-    def __init__(self, folder: Path, placement: Placement, finite: bool = True) -> None:
+    def __init__(self, files: OutputFiles, placement: Placement, finite: bool = True) -> None:
+        self.files = files
         self.placement = placement
         self.finite = finite
         self.written = 0
         self.crc = 0
-        self.fd = _open_for_write(folder, placement)
+        self.fd = files.open(placement)
 
     def write(self, block: torch.Tensor) -> None:
         if self.finite:
@@ -273,10 +283,10 @@ class SlotWriter:
             if self.written != self.placement.nbytes:
                 raise AssertionError(f"wrote {self.written} of the slot's {self.placement.nbytes} bytes")
         except BaseException:
-            _close_written(self.fd, sync=False)
+            self.files.done(self.fd, sync=False)
             raise
-        _close_written(self.fd)
+        self.files.done(self.fd)
         return self.crc
 
     def abort(self) -> None:
-        _close_written(self.fd, sync=False)
+        self.files.done(self.fd, sync=False)

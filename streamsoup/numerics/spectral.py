@@ -189,13 +189,6 @@ class GramSums:
     w0_sq: float = 0.0
     next_row: int = 0
 
-    @property
-    def norms(self) -> tuple[float, float]:
-        """||dW||_F and ||W0||_F; NaN or Inf anywhere is a FloatingPointError."""
-        if not (math.isfinite(self.dw_sq) and math.isfinite(self.w0_sq)):
-            raise FloatingPointError("NaN or Inf in the base or fine-tuned values")
-        return math.sqrt(self.dw_sq), math.sqrt(self.w0_sq)
-
 
 def accumulate(
     src: RowSource,

@@ -82,9 +82,9 @@ def arithmetic_cost(job: TensorJob) -> int:
     return gemm_flops(job, "cpu") + eigh
 
 
-def groupable(job: TensorJob, run: Execution) -> bool:
+def groupable(job: TensorJob, execution: Execution) -> bool:
     """Small, in memory, on the host: its fixed cost (milliseconds) would dominate a task of its own."""
-    return not run.streamed and run.lane == "cpu" and job.placement.nbytes <= SMALL_BYTES
+    return not execution.streamed and execution.lane == "cpu" and job.placement.nbytes <= SMALL_BYTES
 
 
 def _elem_bytes(job: TensorJob) -> int:

@@ -14,7 +14,8 @@ from tqdm import tqdm
 from ..errors import InputError, UsageError
 from ..io import rawio, writer
 from ..io.checkpoint import Checkpoint
-from ..io.state import RunLock, RunState, find_state
+from ..io.runlock import RunLock
+from ..io.state import RunState, find_state
 from ..options import MergeOptions, flag_name
 from ..paths import expand_path
 from ..units import format_size

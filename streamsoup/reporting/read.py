@@ -11,7 +11,8 @@ import numpy as np
 
 from ..errors import UsageError
 from ..io import writer
-from ..io.state import RunLock, RunState, find_state
+from ..io.runlock import RunLock
+from ..io.state import RunState, find_state
 from ..paths import expand_path
 from .figure import save_figure
 from .record import (
@@ -101,12 +102,12 @@ def _rebuilt(doc: dict[str, Any], out: Path) -> dict[str, Any]:
         "dropped": [d["name"] for d in doc.get("dropped", [])],
         "output_bytes": doc["summary"]["output_bytes"],
     }
-    runs = [{**a, "started_at": _epoch(a["started_at"])} for a in (doc.get("run") or {}).get("attempts", [])]
+    attempts = [{**a, "started_at": _epoch(a["started_at"])} for a in (doc.get("run") or {}).get("attempts", [])]
     finished = (doc.get("run") or {}).get("finished_at")
     outcome = Outcome(
         "complete", out, doc["summary"]["seconds"], _epoch(finished) if finished else None, doc.get("fingerprint")
     )
-    document = assemble(head, runs, doc["tensors"], outcome)
+    document = assemble(head, attempts, doc["tensors"], outcome)
     document["streamsoup"] = doc["streamsoup"]  # the version that made OUT, not the one reading it
     return document
 
@@ -135,7 +136,7 @@ def _from_state(state_path: Path, partial: Path | None, out: Path | None) -> Run
     spectra = state.spectra([m for _, m in markers])[0]  # a damaged one is left out: the rerun recomputes it
     running = partial.exists() and RunLock.holder(partial) is not None
     outcome = Outcome("running" if running else "interrupted", out, state.elapsed(), None, state.fingerprint)
-    document = assemble(head, state.runs, rows, outcome)
+    document = assemble(head, state.attempts, rows, outcome)
     return RunReport(document, spectra)
 
 

@@ -140,7 +140,7 @@ class Outcome:
     fingerprint: dict | None
 
 
-def assemble(head: dict, runs: list[dict], rows: list[dict], outcome: Outcome) -> dict[str, Any]:
+def assemble(head: dict, attempts: list[dict], rows: list[dict], outcome: Outcome) -> dict[str, Any]:
     """The report document of a finished or interrupted run (the same structure for both)."""
     state, out, seconds, finished_at, fingerprint = (
         outcome.state,
@@ -149,7 +149,7 @@ def assemble(head: dict, runs: list[dict], rows: list[dict], outcome: Outcome) -
         outcome.finished_at,
         outcome.fingerprint,
     )
-    attempts = [{**r, "started_at": iso_time(r["started_at"])} for r in runs]
+    stamped = [{**a, "started_at": iso_time(a["started_at"])} for a in attempts]
     last_commit = max((r.get("committed_at", 0.0) for r in rows), default=0.0)
     doc: dict[str, Any] = {
         "streamsoup": __version__,
@@ -161,12 +161,12 @@ def assemble(head: dict, runs: list[dict], rows: list[dict], outcome: Outcome) -
         "finetuned": head["inputs"]["finetuned"]["path"],
         "inputs": head["inputs"],
         "options": head["options"],
-        "machine": (runs[-1].get("machine") if runs else None) or {},
+        "machine": (attempts[-1].get("machine") if attempts else None) or {},
         "run": {
-            "started_at": attempts[0]["started_at"] if attempts else None,
+            "started_at": stamped[0]["started_at"] if stamped else None,
             "finished_at": iso_time(finished_at) if finished_at else None,
             "last_commit_at": iso_time(last_commit) if last_commit else None,
-            "attempts": attempts,
+            "attempts": stamped,
         },
     }
     if fingerprint is not None:

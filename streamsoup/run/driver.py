@@ -25,17 +25,8 @@ from .._version import __version__
 from ..errors import Interrupted, OptionError, RunError, UsageError
 from ..faults import fault_point
 from ..io import owned, writer
-from ..io.state import (
-    LOCK_NAME,
-    POINTER_NAME,
-    STATE_NAME,
-    Commit,
-    RunLock,
-    RunState,
-    check_bound,
-    is_state_entry,
-    kept_line,
-)
+from ..io.runlock import LOCK_NAME, RunLock
+from ..io.state import POINTER_NAME, STATE_NAME, Commit, RunState, check_bound, is_state_entry, kept_line
 from ..numerics.hostmemory import configure_process
 from ..options import MergeOptions
 from ..planning.budget import Budget, machine_info, make_budget, usable_cores
@@ -236,10 +227,10 @@ def earlier_threads(state_path: Path) -> int:
     if not (state_path / "zarr.json").is_file():
         return 0
     try:
-        runs = RunState.read(state_path).runs
+        attempts = RunState.read(state_path).attempts
     except UsageError:  # a damaged state: the run says so and starts it over
         return 0
-    threads = runs[0].get("machine", {}).get("threads") if runs else None
+    threads = attempts[0].get("machine", {}).get("threads") if attempts else None
     return threads if isinstance(threads, int) and 0 < threads <= (os.cpu_count() or 1) else 0
 
 

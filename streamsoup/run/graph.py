@@ -51,7 +51,7 @@ def build_graph(
     plan: MergePlan,
     ctx: TaskContext,
     options: EditOptions,
-    runs: Mapping[str, Execution],
+    executions: Mapping[str, Execution],
     committed: Mapping[str, dict] | None = None,
 ) -> list[GraphTask]:
     """A task per tensor, small tensors in plan order many to a task; a tensor committed by an earlier attempt
@@ -62,17 +62,17 @@ def build_graph(
     group: list[TensorJob] = []
 
     def add(jobs: list[TensorJob]) -> None:
-        items = [TensorTask(job, runs[job.key], committed.get(job.key)) for job in jobs]
+        items = [TensorTask(job, executions[job.key], committed.get(job.key)) for job in jobs]
         members = tuple(Member(job.key, job.name, job.placement.nbytes) for job in jobs)
-        lane = items[0].run.lane
-        ram = max(item.run.ram for item in items)  # one tensor at a time: the largest working set
+        lane = items[0].execution.lane
+        ram = max(item.execution.ram for item in items)  # one tensor at a time: the largest working set
         key = jobs[0].key if len(jobs) == 1 else f"{jobs[0].key}+{len(jobs) - 1}"
         call = (merge_tensors, items, options, ctx)
         costs.append(sum(arithmetic_cost(job) for job in jobs))
         tasks.append(GraphTask(key, members, call, 0, {lane: 1, RAM: to_mib(ram)}))
 
     for job in plan.jobs:
-        if not groupable(job, runs[job.key]):
+        if not groupable(job, executions[job.key]):
             add([job])
             continue
         group.append(job)

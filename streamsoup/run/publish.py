@@ -15,8 +15,9 @@ from ..errors import InputError, RunError, UsageError
 from ..faults import fault_point
 from ..io import owned, writer
 from ..io.checkpoint import INDEX_NAME
+from ..io.runlock import LOCK_NAME
 from ..io.sidefiles import SideFile, copy_side_files, side_file, side_files
-from ..io.state import LOCK_NAME, POINTER_NAME, STATE_NAME, RunState, describe_changes, is_state_entry, kept_line
+from ..io.state import POINTER_NAME, STATE_NAME, RunState, describe_changes, is_state_entry, kept_line
 from ..planning.planner import MergePlan
 from ..reporting import REPORT_NAME, SPECTRA_NAME, MergeSummary, read_report, write_report, write_spectra
 from ..reporting.card import CARD_NAME, CardSource, model_card, read_config
@@ -50,7 +51,7 @@ def finish(plan: MergePlan, partial: Path, out: Path, results: list[TensorResult
     write_spectra(partial, spectra)
     outcome = Outcome("complete", out, state.elapsed(), time.time(), state.fingerprint)
     # the head is the one this attempt stored when it opened the state
-    report = assemble(state.head, state.runs, [r.as_dict() for r in results], outcome)
+    report = assemble(state.head, state.attempts, [r.as_dict() for r in results], outcome)
     report["shards"] = plan.layout.records()
     write_report(partial, report)
     source = CardSource(finetuned_card(plan), read_config(partial), plan.save == "adapter")

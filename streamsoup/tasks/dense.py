@@ -11,16 +11,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from pathlib import Path
 
 import torch
 
-from ..errors import AS_IS, InputError, nonfinite
 from ..faults import fault_point
 from ..io import writer
 from ..io.checkpoint import matrix_shape, read_block, read_tensor
 from ..io.dtypes import tensor_has_nonfinite, torch_dtype
-from ..io.state import PartialTensor, StateDamaged
+from ..io.records import StateDamaged
+from ..io.tensorprogress import TensorProgress
 from ..numerics.lowrank import materialize, row_blocks
 from ..numerics.monosoup import Coefficients, coefficients, reweigh
 from ..numerics.spectral import (
@@ -38,12 +37,14 @@ from ..options import EditOptions
 from ..planning.planner import TensorJob
 from ..planning.schedule import Execution
 from .result import Edit, Stopwatch, TaskContext, TensorResult, copied, edited
-from .rules import NONFINITE_COPIED, cannot_edit, nonfinite_copy, skip_reason
+from .rules import copied_as_is, nonfinite_copy, nonfinite_inputs, skip_reason
 
 log = logging.getLogger(__name__)
 
 
-def merge_dense(job: TensorJob, options: EditOptions, folder: Path, device: str, watch: Stopwatch) -> TensorResult:
+def merge_dense(
+    job: TensorJob, options: EditOptions, files: writer.OutputFiles, device: str, watch: Stopwatch
+) -> TensorResult:
     """The whole tensor in memory: W1 read from the fine-tune, or computed from an adapter (DoRA) in float64."""
     watch.on(device)
     with watch("read"):
@@ -55,52 +56,46 @@ def merge_dense(job: TensorJob, options: EditOptions, folder: Path, device: str,
     if reason:
         del w0, src, sums
         with watch("write"):
-            crc = _write_fine_tune(job, folder, w1, not options.allow_nonfinite)
+            crc = _write_fine_tune(job, files, w1, not options.allow_nonfinite)
         return copied(job, watch, reason, crc, rel)
     spectrum, coef = spectrum_of(src, sums, options, watch)
     del sums
     out = reweighed(src, spectrum, coef, torch_dtype(job.out_dtype), watch)
     with watch("write"):
-        crc = writer.write_tensor(folder, job.placement, out)
+        crc = writer.write_tensor(files, job.placement, out)
     return edited(job, options, watch, Edit(coef, spectrum.s, spectrum.path, crc, rel, device))
 
 
 def decide(sums: GramSums, options: EditOptions, job: TensorJob) -> tuple[str, float | None]:
     """Why an edit candidate is copied after all ("" when it is edited), and its relative update."""
     if not (math.isfinite(sums.dw_sq) and math.isfinite(sums.w0_sq)):
-        if options.allow_nonfinite:
-            return NONFINITE_COPIED, None
         culprit = job.base if not math.isfinite(sums.w0_sq) else job.finetuned  # dW = W1 - W0 with W0 finite
-        raise cannot_edit(culprit, job)
+        return nonfinite_inputs(job, culprit, options), None
     return skip_reason(sums.dw_sq, sums.w0_sq, options)
 
 
-def _output_as_is(job: TensorJob) -> InputError:
-    return nonfinite(job.finetuned.path, f"tensor {job.name!r} contains", AS_IS)
-
-
-def _write_fine_tune(job: TensorJob, folder: Path, w1: torch.Tensor, check_finite: bool) -> int:
+def _write_fine_tune(job: TensorJob, files: writer.OutputFiles, w1: torch.Tensor, check_finite: bool) -> int:
     """The fine-tune's tensor unchanged: its bytes, or (an adapter's W1 in another dtype) rounded once."""
     if job.lora is None and job.out_dtype == job.finetuned.dtype and not job.finetuned.decoded:
-        return writer.copy_tensor(job.finetuned, folder, job.placement, check_finite)
+        return writer.copy_tensor(job.finetuned, files, job.placement, check_finite)
     out = w1.to(torch_dtype(job.out_dtype))
     if check_finite and tensor_has_nonfinite(out):
-        raise _output_as_is(job)
-    return writer.write_tensor(folder, job.placement, out, finite=check_finite)
+        raise copied_as_is(job)
+    return writer.write_tensor(files, job.placement, out, finite=check_finite)
 
 
-def copy_fine_tune(job: TensorJob, folder: Path, check_finite: bool) -> int:
+def copy_fine_tune(job: TensorJob, files: writer.OutputFiles, check_finite: bool) -> int:
     """The fine-tune's tensor unchanged, in bounded memory: its bytes, or converted (decoded) row block by row
     block."""
     ref = job.finetuned
     if job.out_dtype == ref.dtype and not ref.decoded:
-        return writer.copy_tensor(ref, folder, job.placement, check_finite)
-    slot = writer.SlotWriter(folder, job.placement, finite=check_finite)
+        return writer.copy_tensor(ref, files, job.placement, check_finite)
+    slot = writer.SlotWriter(files, job.placement, finite=check_finite)
     try:
         for row, stop in row_blocks(*matrix_shape(ref.shape)):
             block = read_block(ref, row, stop, False)
             if check_finite and tensor_has_nonfinite(block):
-                raise _output_as_is(job)
+                raise copied_as_is(job)
             slot.write(block.to(torch_dtype(job.out_dtype)))
         return slot.close()
     except writer.NonFiniteOutput:
@@ -151,35 +146,41 @@ def _reweighed(src: RowSource, rows: slice, spectrum: Spectrum, coef: Coefficien
 
 
 def merge_streamed(
-    job: TensorJob, options: EditOptions, ctx: TaskContext, run: Execution, device: str, watch: Stopwatch
+    job: TensorJob,
+    options: EditOptions,
+    ctx: TaskContext,
+    files: writer.OutputFiles,
+    execution: Execution,
+    device: str,
+    watch: Stopwatch,
 ) -> TensorResult:
     """Row blocks from disk: Gram pass (saved now and then), eigh once, then project and write block by block.
 
     Saved progress counts only once it verifies: the Gram and the basis against their crc32c, and
     every block of rows written before a kill against the crc32c recorded when it was written.
     """
-    folder, ref = Path(ctx.folder), job.finetuned
+    ref = job.finetuned
     shape, dtype = matrix_shape(ref.shape), torch_dtype(job.out_dtype)
     watch.on(device)
-    src = DiskRows(job.base, ref, run.block_rows, device, watch)
-    partial = PartialTensor(ctx.state_path, job.key)
-    saved = _verified_progress(partial, folder, job, shape, src.transposed)
+    src = DiskRows(job.base, ref, execution.block_rows, device, watch)
+    progress = TensorProgress(ctx.state_path, job.key)
+    saved = _verified_progress(progress, files, job, shape, src.transposed)
     if saved.get("phase") != "project":
         with watch("gram"):
-            sums = _gram_pass(src, partial, saved, ctx.checkpoint_seconds)
+            sums = _gram_pass(src, progress, saved, ctx.checkpoint_seconds)
         src.release()
         reason, rel = decide(sums, options, job)
         if reason:
             with watch("write"):
-                crc = copy_fine_tune(job, folder, not options.allow_nonfinite)
+                crc = copy_fine_tune(job, files, not options.allow_nonfinite)
             return copied(job, watch, reason, crc, rel, blocks=src.n_blocks)
         with watch("eigh"):
             spectrum, coef = split(eigh_spectrum(sums.gram), options)
         del sums
         info = {"k": coef.k, "rel": rel, "coef": coef.as_dict(), "kept": spectrum.kept}
-        partial.save_basis(spectrum.s.numpy(), spectrum.basis.cpu().numpy(), info)
-        saved = partial.attrs
-    s, basis = partial.load_basis(saved)
+        progress.save_basis(spectrum.s.numpy(), spectrum.basis.cpu().numpy(), info)
+        saved = progress.attrs
+    s, basis = progress.load_basis(saved)
     coef = Coefficients(**saved["coef"])
     spectrum = Spectrum(torch.from_numpy(s), torch.from_numpy(basis).to(device), "gram", saved["kept"])
     for block in src.read_blocks(saved["next_row"]):
@@ -189,29 +190,29 @@ def merge_streamed(
             for rows in src.micro_blocks(block):
                 out[rows.start - block.start : rows.stop - block.start].copy_(_reweighed(src, rows, spectrum, coef))
         with watch("write"):
-            crc = writer.write_block(folder, job.placement, shape, block.start, out, src.transposed)
+            crc = writer.write_block(files, job.placement, shape, block.start, out, src.transposed)
         del out  # before the next block's buffer exists
-        saved = partial.save_progress(saved, block.start, block.stop, crc)
+        saved = progress.save_progress(saved, block.start, block.stop, crc)
         fault_point("block")
     src.release()
     with watch("write"):
-        crc = writer.slot_crc(folder, job.placement)
+        crc = writer.slot_crc(files.folder, job.placement)
     return edited(job, options, watch, Edit(coef, s, "gram", crc, saved["rel"], device, src.n_blocks))
 
 
 def _verified_progress(
-    partial: PartialTensor, folder: Path, job: TensorJob, shape: tuple[int, int], transposed: bool
+    progress: TensorProgress, files: writer.OutputFiles, job: TensorJob, shape: tuple[int, int], transposed: bool
 ) -> dict:
     """The saved progress with everything it names checked; a projection resumes after its last good block."""
-    saved = partial.attrs
+    saved = progress.attrs
     try:
         if saved.get("phase") == "gram":
-            partial.load_gram(saved)
+            progress.load_gram(saved)
         elif saved.get("phase") == "project":
-            partial.load_basis(saved)
+            progress.load_basis(saved)
             good = []
             for begin, stop, crc in saved["written"]:
-                if writer.block_crc(folder, job.placement, shape, begin, stop, transposed) != crc:
+                if writer.block_crc(files.folder, job.placement, shape, begin, stop, transposed) != crc:
                     log.warning(
                         "%s: rows %d:%d written before the interruption changed on disk; rewriting from there",
                         job.name,
@@ -223,22 +224,22 @@ def _verified_progress(
             if len(good) < len(saved["written"]):
                 saved = {**saved, "written": good, "next_row": good[-1][1] if good else 0}
     except StateDamaged as exc:
-        partial.damaged(str(exc))
+        progress.damaged(str(exc))
         return {}
     return saved
 
 
-def _gram_pass(src: DiskRows, partial: PartialTensor, saved: dict, every: float) -> GramSums:
+def _gram_pass(src: DiskRows, progress: TensorProgress, saved: dict, every: float) -> GramSums:
     sums = None
     if saved.get("phase") == "gram":
-        gram = torch.from_numpy(partial.load_gram(saved)).to(src.device)
+        gram = torch.from_numpy(progress.load_gram(saved)).to(src.device)
         sums = GramSums(gram, saved["dw_sq"], saved["w0_sq"], saved["next_row"])
     last = time.monotonic()
 
     def checkpoint(acc: GramSums) -> None:
         nonlocal last
         if time.monotonic() - last >= every and acc.next_row < src.rows:
-            partial.save_gram(acc.gram.cpu().numpy(), acc.next_row, acc.dw_sq, acc.w0_sq)
+            progress.save_gram(acc.gram.cpu().numpy(), acc.next_row, acc.dw_sq, acc.w0_sq)
             last = time.monotonic()
             fault_point("gram")
 

@@ -34,7 +34,7 @@ class TensorTask:
     """One tensor of a task: its job, how it runs, and the report row of an earlier attempt's marker (if any)."""
 
     job: TensorJob
-    run: Execution
+    execution: Execution
     committed: dict | None = None
 
 
@@ -43,11 +43,10 @@ def merge_tensors(items: list[TensorTask], options: EditOptions, ctx: TaskContex
     leaves (a result is committed, so its bytes must be on disk); a failure names its tensor."""
     if ctx.threads:
         set_threads(ctx.threads)
-    try:
-        if len(items) == 1:  # a streamed tensor records row blocks as they become durable: never deferred
-            return [merge_tensor(items[0].job, options, ctx, items[0].run, items[0].committed)]
-        with writer.durable_together():
-            return [merge_tensor(i.job, options, ctx, i.run, i.committed, named=True) for i in items]
+    named = len(items) > 1  # alone in its task, a tensor is named by the driver
+    try:  # a streamed tensor records row blocks as they become durable: alone, each slot is synced as written
+        with writer.OutputFiles(Path(ctx.folder), together=named) as files:
+            return [merge_tensor(i.job, options, ctx, files, i.execution, i.committed, named=named) for i in items]
     finally:
         release_memory()
 
@@ -56,7 +55,8 @@ def merge_tensor(
     job: TensorJob,
     options: EditOptions,
     ctx: TaskContext,
-    run: Execution,
+    files: writer.OutputFiles,
+    execution: Execution,
     committed: dict | None = None,
     *,
     named: bool = False,
@@ -67,7 +67,7 @@ def merge_tensor(
     bytes with its checksum, nothing is recomputed; a torn or lost write is redone.
     """
     try:
-        return _merge_tensor(job, options, ctx, run, committed)
+        return _merge_tensor(job, options, ctx, files, execution, committed)
     except writer.NonFiniteOutput:
         raise nonfinite_edit(job) from None
     except StreamsoupError:
@@ -79,28 +79,32 @@ def merge_tensor(
 
 
 def _merge_tensor(
-    job: TensorJob, options: EditOptions, ctx: TaskContext, run: Execution, committed: dict | None
+    job: TensorJob,
+    options: EditOptions,
+    ctx: TaskContext,
+    files: writer.OutputFiles,
+    execution: Execution,
+    committed: dict | None,
 ) -> TensorResult:
-    folder = Path(ctx.folder)
     if committed is not None:
-        if writer.slot_crc(folder, job.placement) == committed["crc32c"]:
+        if writer.slot_crc(files.folder, job.placement) == committed["crc32c"]:
             return TensorResult.from_dict(committed, resumed=True)
         log.warning("%s: stored bytes do not match the recorded checksum; recomputing", job.name)
     watch = Stopwatch()
     if job.bias is not None and not job.factors_out:
-        return write_bias(job, folder, watch)
+        return write_bias(job, files, watch)
     if job.action == COPY:
         with watch("write"):
-            crc = copy_fine_tune(job, folder, not options.allow_nonfinite)
+            crc = copy_fine_tune(job, files, not options.allow_nonfinite)
         return copied(job, watch, job.reason, crc)
     assert job.action == EDIT and job.base is not None
     if job.lowrank:
-        return merge_lowrank(job, options, ctx, watch)  # I/O-bound: on the host, whatever the lane
-    device = DevicePool.acquire() if run.lane == "device" else "cpu"
+        return merge_lowrank(job, options, files, watch)  # I/O-bound: on the host, whatever the lane
+    device = DevicePool.acquire() if execution.lane == "device" else "cpu"
     try:
         with device_stream(device):
-            if run.streamed:
-                return merge_streamed(job, options, ctx, run, device, watch)
-            return merge_dense(job, options, folder, device, watch)
+            if execution.streamed:
+                return merge_streamed(job, options, ctx, files, execution, device, watch)
+            return merge_dense(job, options, files, device, watch)
     finally:
-        DevicePool.release(device) if run.lane == "device" else None
+        DevicePool.release(device) if execution.lane == "device" else None

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
-from ..errors import nonfinite
 from ..faults import fault_point
 from ..io import writer
 from ..io.checkpoint import matrix_shape, read_block, read_tensor
@@ -24,24 +22,19 @@ from ..numerics.monosoup import Coefficients, coefficients
 from ..options import EditOptions
 from ..planning.planner import TensorJob
 from .dense import merge_dense
-from .result import Edit, Stopwatch, TaskContext, TensorResult, copied, edited
-from .rules import NONFINITE_COPIED, cannot_edit, skip_reason
+from .result import Edit, Stopwatch, TensorResult, copied, edited
+from .rules import nonfinite_bias, nonfinite_inputs, skip_reason
 
 
-def merge_lowrank(job: TensorJob, options: EditOptions, ctx: TaskContext, watch: Stopwatch) -> TensorResult:
-    folder, update = Path(ctx.folder), job.lora
+def merge_lowrank(job: TensorJob, options: EditOptions, files: writer.OutputFiles, watch: Stopwatch) -> TensorResult:
+    update = job.lora
     assert update is not None and job.base is not None
     with watch("read"):
         left, right = factors(update, job.base.shape)
     if not finite(left, right):
-        if not options.allow_nonfinite:
-            raise nonfinite(
-                update.a.path,
-                f"the LoRA factors of {update.module!r} contain",
-                "fix the adapter, or rerun with --allow-nonfinite to write the fine-tune's values unchanged",
-            )
-        _, crc = _write_merged(job, folder, (left, right), watch, finite=False)  # W1 = W0 + c B A, as peft has it
-        return copied(job, watch, NONFINITE_COPIED, crc)
+        reason = nonfinite_inputs(job, update.a, options, f"the LoRA factors of {update.module!r}")
+        _, crc = _write_merged(job, files, (left, right), watch, finite=False)  # W1 = W0 + c B A, as peft has it
+        return copied(job, watch, reason, crc)
     with watch("eigh"):
         svd = lowrank_svd(left, right)
     del left, right
@@ -50,21 +43,19 @@ def merge_lowrank(job: TensorJob, options: EditOptions, ctx: TaskContext, watch:
     dw_sq = float(spectrum.square().sum())
     coef = coefficients(spectrum, options.rank_rule, options.energy) if dw_sq > 0 else None
     if job.factors_out:
-        return _write_factors(job, options, folder, svd, coef, watch)
+        return _write_factors(job, options, files, svd, coef, watch)
     if update.base_copy is not None and not _same_values(job):
-        return merge_dense(job, options, folder, "cpu", watch)  # W0 of the fine-tune is not BASE: dense path
-    w0_sq, crc = _write_merged(job, folder, _product(svd, coef), watch)
+        return merge_dense(job, options, files, "cpu", watch)  # W0 of the fine-tune is not BASE: dense path
+    w0_sq, crc = _write_merged(job, files, _product(svd, coef), watch)
     rel = None
     if not math.isfinite(w0_sq):
-        if not options.allow_nonfinite:
-            raise cannot_edit(job.base, job)
-        reason = NONFINITE_COPIED
+        reason = nonfinite_inputs(job, job.base, options)
     else:
         reason, rel = skip_reason(dw_sq, w0_sq, options)
         if not reason:
             return edited(job, options, watch, Edit(coef, spectrum, "lowrank", crc, rel))
     if coef is not None:  # the MonoSoup tensor was written: the fine-tune's own values W0 + c B A instead
-        _, crc = _write_merged(job, folder, _product(svd, None), watch)
+        _, crc = _write_merged(job, files, _product(svd, None), watch)
     return copied(job, watch, reason, crc, rel)
 
 
@@ -74,7 +65,11 @@ def _product(svd: LowRankSVD, coef: Coefficients | None) -> tuple[torch.Tensor, 
 
 
 def _write_merged(
-    job: TensorJob, folder: Path, product: tuple[torch.Tensor, torch.Tensor], watch: Stopwatch, finite: bool = True
+    job: TensorJob,
+    files: writer.OutputFiles,
+    product: tuple[torch.Tensor, torch.Tensor],
+    watch: Stopwatch,
+    finite: bool = True,
 ) -> tuple[float, int]:
     """W0 + L @ R row block by row block, into the tensor's slot (`finite`: refuse NaN/Inf from finite W0).
 
@@ -91,7 +86,7 @@ def _write_merged(
     left, right = (t.to(wide) for t in product)
     blocks = row_blocks(m, n)
     work = torch.empty(blocks[0][1], n, dtype=wide)  # reused: no page faults per block
-    slot = writer.SlotWriter(folder, job.placement, finite=False)  # checked below, knowing whether W0 is finite
+    slot = writer.SlotWriter(files, job.placement, finite=False)  # checked below, knowing whether W0 is finite
     w0_sq = 0.0
     try:
         with ThreadPoolExecutor(2, thread_name_prefix="streamsoup-io") as io:
@@ -136,7 +131,12 @@ def _same_values(job: TensorJob) -> bool:
 
 
 def _write_factors(
-    job: TensorJob, options: EditOptions, folder: Path, svd: LowRankSVD, coef: Coefficients | None, watch: Stopwatch
+    job: TensorJob,
+    options: EditOptions,
+    files: writer.OutputFiles,
+    svd: LowRankSVD,
+    coef: Coefficients | None,
+    watch: Stopwatch,
 ) -> TensorResult:
     """--save adapter: B' = U diag(sqrt(lam s)), A' = diag(sqrt(lam s)) V^T in peft's layout, scaling 1."""
     update = job.lora
@@ -154,23 +154,21 @@ def _write_factors(
             writer.check_finite(part)
         data = torch.cat([p.contiguous().view(-1).view(torch.uint8) for p in parts])
     with watch("write"):
-        crc = writer.write_tensor(folder, job.placement, data)
+        crc = writer.write_tensor(files, job.placement, data)
     if coef is None:
         return copied(job, watch, "update energy below eps: the factors are kept (scaled)", crc)
     spectrum = svd.padded(min(matrix_shape(job.base.shape)))
     return edited(job, options, watch, Edit(coef, spectrum, "lowrank", crc, None))
 
 
-def write_bias(job: TensorJob, folder: Path, watch: Stopwatch) -> TensorResult:
+def write_bias(job: TensorJob, files: writer.OutputFiles, watch: Stopwatch) -> TensorResult:
     """lora_bias: the fine-tune's bias = base bias + scale * lora_B.bias, rounded once to the base's dtype."""
     with watch("read"):
         b0 = read_tensor(job.base).to(torch.float64)
         lb = read_tensor(job.bias.bias).to(torch.float64)
     out = (b0 + job.bias.scale * lb).to(torch_dtype(job.out_dtype))
     if not bool(torch.isfinite(out).all()):
-        raise nonfinite(
-            job.bias.bias.path, f"bias {job.name!r} (base + lora_B.bias) contains", "fix the adapter or the base"
-        )
+        raise nonfinite_bias(job)
     with watch("write"):
-        crc = writer.write_tensor(folder, job.placement, out)
+        crc = writer.write_tensor(files, job.placement, out)
     return copied(job, watch, job.reason, crc)

@@ -1,4 +1,7 @@
-"""When an edit candidate is copied after all, and what a task says of NaN/Inf: each rule written once.
+"""When an edit candidate is copied after all, and the NaN/Inf policy of every task: each rule written once.
+
+NaN/Inf in an input of an edit: refused, or (--allow-nonfinite) the fine-tune's tensor copied; in a tensor copied
+unchanged: refused, or let through; in anything computed (an edit, a decoded or cast copy, a bias): refused.
 
 Both the dense and the low-rank paths decide from the same two sums, ||dW||^2 and ||W0||^2,
 so a tensor is edited or copied for the same reason whichever path computed it.
@@ -8,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from ..errors import InputError, RunError, nonfinite
+from ..errors import AS_IS, InputError, RunError, nonfinite
 from ..io.checkpoint import TensorRef
 from ..numerics.monosoup import relative_update, update_is_significant
 from ..options import EditOptions
@@ -36,9 +39,27 @@ def skip_reason(dw_sq: float, w0_sq: float, options: EditOptions) -> tuple[str, 
     return "", shown
 
 
-def cannot_edit(ref: TensorRef, job: TensorJob) -> InputError:
-    """NaN/Inf in an input of a tensor to edit, named with the checkpoint file that holds them."""
-    return nonfinite(ref.path, f"tensor {job.name!r} contains", FIX_OR_COPY)
+def nonfinite_inputs(job: TensorJob, culprit: TensorRef, options: EditOptions, what: str = "") -> str:
+    """NaN/Inf in an input of a tensor to edit: the reason it is copied (--allow-nonfinite), or the refusal naming
+    the checkpoint file that holds them (`what`: the part that holds them, when not the whole tensor)."""
+    if options.allow_nonfinite:
+        return NONFINITE_COPIED
+    if what:
+        raise nonfinite(culprit.path, f"{what} contain", FIX_OR_COPY)
+    raise nonfinite(culprit.path, f"tensor {job.name!r} contains", FIX_OR_COPY)
+
+
+def copied_as_is(job: TensorJob) -> InputError:
+    """NaN/Inf in a tensor that would be copied unchanged (the writer says the same of a raw copy)."""
+    return nonfinite(job.finetuned.path, f"tensor {job.name!r} contains", AS_IS)
+
+
+def nonfinite_bias(job: TensorJob) -> InputError:
+    """lora_bias: base bias + scale * lora_B.bias overflows the output."""
+    assert job.bias is not None
+    return nonfinite(
+        job.bias.bias.path, f"bias {job.name!r} (base + lora_B.bias) contains", "fix the adapter or the base"
+    )
 
 
 def nonfinite_copy(job: TensorJob) -> RunError:
