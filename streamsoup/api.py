@@ -11,6 +11,7 @@ from typing import Any
 
 from .options import MergeOptions
 from .paths import expand_path
+from .planning.budget import LoadMark, make_budget
 from .planning.cost import calibrate, estimate
 from .planning.planner import plan_merge
 from .planning.prepare import prepare
@@ -51,7 +52,9 @@ def plan(base: str | Path, finetuned: str | Path, *, config: str | Path | None =
     ``str()`` of the result is what `streamsoup plan` prints, ``.as_dict()`` what `plan --json` prints.
     Options that only a merge uses (``scheduler``, ``work_dir``, ...) are refused by name.
     """
-    schedule = prepare(plan_merge(base, finetuned, MergeOptions.for_plan(config, **options)))
+    load = LoadMark.now()
+    merge_plan = plan_merge(base, finetuned, MergeOptions.for_plan(config, **options))
+    schedule = prepare(merge_plan, make_budget(merge_plan.options, merge_plan.adapter is not None, since=load))
     return summarize(schedule, estimate(schedule, calibrate(schedule.budget, Path.cwd())))
 
 

@@ -29,7 +29,7 @@ class LoopbackCluster:
     Worker 0 has no memory limit, worker 1 a small one; each runs under its nanny, in its own process group.
     """
 
-    def __init__(self, root: Path, limits: tuple[str, ...] = ("0", SMALL_LIMIT)) -> None:
+    def __init__(self, root: Path, limits: tuple[str, ...] = ("0", SMALL_LIMIT), resources: str = "") -> None:
         self.root = root
         self.scheduler_file = root / "scheduler.json"
         self.scheduler = self._spawn(
@@ -62,6 +62,7 @@ class LoopbackCluster:
                     "--name",
                     f"w{i}",
                     "--no-dashboard",
+                    *(["--resources", resources] if resources else []),
                 ]
             )
             for i, limit in enumerate(limits)
@@ -139,6 +140,26 @@ def test_plain_cluster_merge_matches_local(awkward_pair, cluster, tmp_path):
     res = cluster.resources()
     assert res["w0"]["cpu"] == res["w1"]["cpu"] == 1 and res["w0"]["device"] == res["w1"]["device"] == 0
     assert 0 < res["w1"]["ram"] < 700 * 10**6 / 2**20 * 0.7 < res["w0"]["ram"]  # the limit, less the worker's RSS
+
+
+@pytest.mark.slow
+def test_a_worker_declaring_device_lanes_runs_them_from_its_own_pool(awkward_pair, tmp_path):
+    """A worker that declares only device lanes (a GPU worker's; on this CPU-only machine its lanes compute on the
+    CPU) gets its pool of devices from streamsoup's worker plugin: every edit runs there, the same bytes. The
+    client, without a GPU itself (a login node), names no GPU of its own in the report (it raised before)."""
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    (tmp_path / "cluster").mkdir()
+    cluster = LoopbackCluster(tmp_path / "cluster", limits=("0",), resources="device=2,ram=4000")
+    try:
+        assert run("merge", *awkward_pair, local, "--devices", "cpu", "--threads", "1", "-q").returncode == 0
+        proc = run("merge", *awkward_pair, remote, "--scheduler", cluster.address, "--threads", "1")
+        assert proc.returncode == 0, proc.stderr
+        assert "1 worker(s), 0 CPU lane(s), 2 GPU lane(s)" in proc.stderr, proc.stderr
+    finally:
+        cluster.shutdown()
+    assert tree_digest(remote) == tree_digest(local)
+    edits = [r for r in report_rows(remote).values() if r["action"] == "edit"]
+    assert edits and {r["device"] for r in edits} == {"cpu"}
 
 
 @pytest.mark.slow

@@ -1,9 +1,8 @@
 """Float64 linear algebra on the host through scipy's OpenBLAS: the Gram, the projections, the eigensolve.
 
 The Gram X^T X is a symmetric rank-k update (``syrk``: half a GEMM's flops, its upper triangle), and
-the projections X V V^T two GEMMs; on this project's AMD EPYC machine OpenBLAS does them ~10-35%
-faster than the MKL inside torch's CPU wheel (docs/benchmarks.md), and its packed kernels give the
-same bits wherever the operands sit in memory.
+the projections X V V^T two GEMMs; OpenBLAS does them faster than the MKL inside torch's CPU wheel
+(docs/benchmarks.md), and its packed kernels give the same bits wherever the operands sit in memory.
 
 torch's eigh is tridiagonal reduction (``sytrd``), eigenvectors of the tridiagonal (``stedc``,
 divide and conquer), then all of them back-transformed by the reduction's reflectors. MonoSoup
@@ -60,9 +59,9 @@ def _routines() -> dict:
     """scipy's BLAS and LAPACK routines, loaded at the first use (scipy adds 0.2 s to every command's start-up)."""
     with _load_lock:
         if "routines" not in _loaded:
-            # read once, when scipy loads its OpenBLAS: its idle threads sleep at once instead of spinning ~0.1 s
-            # after every call, which took the cores from torch's OpenMP threads in a lane of several threads
-            # (medium pair, --lanes 1: 13.3-14.6 s spinning, 10.7-10.8 s not: docs/benchmarks-shared-machine.md)
+            # read once, when scipy loads its OpenBLAS: its idle threads sleep at once instead of spinning after
+            # every call, which took the cores from torch's OpenMP threads in a lane of several threads
+            # (docs/benchmarks-shared-machine.md)
             os.environ.setdefault(OPENBLAS_TIMEOUT_VAR, "4")
             from scipy.linalg import cython_blas, cython_lapack
             from threadpoolctl import ThreadpoolController

@@ -81,9 +81,9 @@ class RowSource:
         """A float64 [rows, cols] view of one micro block's scratch buffer `name`, reused by every micro block.
 
         Allocating the float64 temporaries of each micro block afresh costs a page-faulted mmap each
-        (big buffers are kept out of glibc's arenas so RSS follows the working set: tasks/devices.py);
-        at full GEMM rate that was ~15% of a merge's compute. A buffer is valid until the next call
-        that asks for the same name.
+        (big buffers are kept out of glibc's arenas so RSS follows the working set: numerics/hostmemory.py),
+        a large share of the compute at GEMM rate (docs/benchmarks.md, "Behind the code"). A buffer is valid
+        until the next call that asks for the same name.
         """
         if self._workspace is None:
             self._workspace = {}
@@ -167,7 +167,7 @@ def gram_update(gram: torch.Tensor, x: torch.Tensor) -> None:
     """gram += X^T X on its upper triangle (what is below the diagonal is not kept).
 
     On the host a symmetric rank-k update (`hostlinalg.syrk_update`: half a GEMM's flops; torch has
-    no syrk). On a GPU the full GEMM stays (unmeasured there: issue 13 part 2).
+    no syrk). On a GPU the full GEMM stays (not measured there yet: docs/benchmarks-gpu.md).
     """
     if gram.device.type == "cpu":
         syrk_update(gram, x)

@@ -76,44 +76,45 @@ class Budget:
 LANES_PER_CORE = 4
 
 
-#: the shortest and longest look at the machine's load (since the last look, or since import: the start-up)
+#: the shortest and longest look at the machine's load (from a command's start: its planning is the window)
 LOAD_SAMPLE_S = 0.2
 LOAD_WINDOW_S = 30.0
 
 
-@dataclass
-class _LoadMark:
-    """Where the last look at the load left psutil's counters: the next look measures from there."""
+@dataclass(frozen=True)
+class LoadMark:
+    """Where a look at the machine's load begins: this process's CPU seconds and the machine's busy ones, then."""
 
-    me: psutil.Process
+    pid: int
+    own: float
+    machine: float
     at: float
 
+    @classmethod
+    def now(cls) -> LoadMark:
+        times = psutil.cpu_times()
+        idle = times.idle + getattr(times, "iowait", 0.0)
+        guests = getattr(times, "guest", 0.0) + getattr(times, "guest_nice", 0.0)  # counted in user already
+        own = psutil.Process().cpu_times()
+        return cls(os.getpid(), own.user + own.system, sum(times) - idle - guests, time.monotonic())
 
-_last_look = _LoadMark(psutil.Process(), time.monotonic())
-_last_look.me.cpu_percent(None)
-psutil.cpu_percent(None)
 
+def busy_cores(since: LoadMark | None = None) -> int:
+    """Cores that other processes kept busy since `since` (a shared workstation's other jobs).
 
-def busy_cores() -> int:
-    """Cores that other processes kept busy since the last look (a shared workstation's other jobs).
-
-    The window is the start-up itself (imports, planning) when it is long enough, so a merge does not
-    wait to sample; a look more than LOAD_WINDOW_S old is stale and replaced by a fresh short sample.
+    A command marks its start and looks when it sizes its lanes, so its planning is the window; without a
+    mark, or with one older than LOAD_WINDOW_S or of another process (a fork), a fresh short look is taken.
     BLAS and OpenMP regions split their work evenly over their threads: a thread that shares its core
     with a neighbour finishes last and the whole region waits for it, so threads beyond the free cores
     make the merge slower, not faster.
     """
-    if _last_look.me.pid != os.getpid():  # forked after the import: the mark measured the parent
-        _last_look.me, _last_look.at = psutil.Process(), -math.inf
-    waited = time.monotonic() - _last_look.at
-    if waited > LOAD_WINDOW_S:
-        _last_look.me.cpu_percent(None)
-        psutil.cpu_percent(None)
-        waited = 0.0
+    if since is None or since.pid != os.getpid() or time.monotonic() - since.at > LOAD_WINDOW_S:
+        since = LoadMark.now()
+    waited = time.monotonic() - since.at
     if waited < LOAD_SAMPLE_S:
         time.sleep(LOAD_SAMPLE_S - waited)
-    others = psutil.cpu_percent(None) / 100 * (os.cpu_count() or 1) - _last_look.me.cpu_percent(None) / 100
-    _last_look.at = time.monotonic()
+    now = LoadMark.now()
+    others = ((now.machine - since.machine) - (now.own - since.own)) / max(now.at - since.at, 1e-9)
     return max(0, int(others + 0.25))  # a core counts as busy from 3/4 of it taken
 
 
@@ -196,13 +197,12 @@ def check_max_vram(max_vram: int, devices: tuple[str, ...]) -> None:
         )
 
 
-def machine_info(lanes: Lanes, max_ram: int, max_vram: int, where: str) -> dict:
-    """The device configuration of an attempt, for the report: what the numbers in it were computed on."""
-    gpus = [
-        f"{d}: {torch.cuda.get_device_name(torch.device(d))}"
-        for d in dict.fromkeys(lanes.devices)
-        if d.startswith("cuda")
-    ]
+def machine_info(budget: Budget, where: str) -> dict:
+    """The device configuration of an attempt, for the report: what the numbers in it were computed on (a
+    cluster's GPUs are its workers', which this machine, often without any, cannot name)."""
+    lanes = budget.lanes
+    local_gpus = [] if budget.cluster else [d for d in dict.fromkeys(lanes.devices) if d.startswith("cuda")]
+    gpus = [f"{d}: {torch.cuda.get_device_name(torch.device(d))}" for d in local_gpus]
     return {
         "host": socket.gethostname(),
         "cpus": os.cpu_count(),
@@ -212,8 +212,8 @@ def machine_info(lanes: Lanes, max_ram: int, max_vram: int, where: str) -> dict:
         "gpus": gpus,
         "lanes": lanes.describe(),
         "threads": lanes.threads,
-        "max_ram": max_ram,
-        "max_vram": max_vram,
+        "max_ram": budget.max_ram,
+        "max_vram": budget.max_vram,
         "where": where,
     }
 
@@ -302,15 +302,19 @@ def check_machine_lanes(opts: MergeOptions) -> None:
         raise OptionError("threads", f"{opts.threads} is more than this machine's {cores} cores; give at most {cores}")
 
 
-def make_budget(opts: MergeOptions, io_bound: bool = False, threads: int | None = None) -> Budget:
+def make_budget(
+    opts: MergeOptions, io_bound: bool = False, threads: int | None = None, since: LoadMark | None = None
+) -> Budget:
     """Lanes and memory budgets of this run; the RAM left for tasks is what the process does not use already.
 
     `io_bound` (an adapter merge: each task streams W0 through a thin GEMM): one lane per core with one
     thread each even beside GPU lanes, so one tensor's reads, writes and fdatasync overlap another's compute.
+    `threads`: torch threads per lane instead of --threads' (a resumed merge keeps its first attempt's);
+    `since`: the command's start, from which the load of the machine is measured.
     """
     check_machine_lanes(opts)
     threads = opts.threads if threads is None else threads
-    busy = 0 if threads else busy_cores()  # said in the start line; it never changes the threads
+    busy = 0 if threads else busy_cores(since)  # said in the start line; it never changes the threads
     lanes = resolve_lanes(opts.devices, opts.lanes, threads, busy, io_bound)
     if opts.max_ram:
         check_max_ram(opts.max_ram, physical_ram())

@@ -37,8 +37,8 @@ from .schedule import Execution, edit_matrix, gemm_flops, groupable
 
 CALIBRATION_BYTES = 64 * 2**20
 WRITE_CHUNKS = 4
-#: the fixed cost of one tensor beyond its arithmetic and bytes: small ones share a task (1.2 ms each,
-#: docs/benchmarks-many-tensors.md), a tensor with a task of its own pays dask's scheduling and a fdatasync
+#: the fixed cost of one tensor beyond its arithmetic and bytes: small ones share a task, a tensor with a task of
+#: its own pays dask's scheduling and a fdatasync (docs/benchmarks-many-tensors.md)
 SMALL_TENSOR_S = 0.0012
 TASK_S = 0.004
 #: loading LAPACK at the first eigensolve, the cluster's start, the report, model card and publish
@@ -77,7 +77,7 @@ def _time(fn, repeat: int = 2) -> float:
 def _compute_rates(device: str) -> tuple[float, float]:
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    n = 2048 if dev.type == "cuda" else 1536  # smaller eigensolves are not yet cubic: 768 predicted 2x too slow
+    n = 2048 if dev.type == "cuda" else 1536  # big enough to be cubic (docs/benchmarks.md, "Behind the code")
     a = torch.randn(n, n, dtype=torch.float64, device=dev)
     out = torch.empty_like(a)
     gflops = 2 * n**3 / _time(lambda: (matmul(a, a, out), sync())) / 1e9  # the merge's GEMM (OpenBLAS on the host)
@@ -90,8 +90,8 @@ def _io_rates(scratch_dir: Path) -> tuple[float, float]:
     """Write then read back a scratch file (page cache dropped): no input tensor data is touched.
 
     The write rate is the slowest of WRITE_CHUNKS fdatasync'd chunks: a virtual disk's host cache takes the
-    first ~100 MB at several times the rate it sustains (measured here: 1.5 GB/s, then 0.3 GB/s), and a
-    multi-GB output is written at the sustained rate.
+    first writes at several times the rate it sustains, and a multi-GB output is written at the sustained rate
+    (docs/benchmarks.md, "Behind the code").
     """
     data = np.random.default_rng(0).integers(0, 255, CALIBRATION_BYTES, dtype=np.uint8)
     with tempfile.NamedTemporaryFile(dir=scratch_dir, prefix=".streamsoup-calibration-") as f:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .budget import Budget, make_budget
+from .budget import Budget
 from .planner import MergePlan
 from .preflight import (
     check_adapter_trained,
@@ -45,14 +45,12 @@ class Schedule:
         return sum(e.streamed for e in self.executions.values())
 
 
-def prepare(plan: MergePlan, budget: Budget | None = None, target: Target | None = None) -> Schedule:
-    """How every tensor of `plan` runs under `budget` (None: this machine's, from the plan's options).
+def prepare(plan: MergePlan, budget: Budget, target: Target | None = None) -> Schedule:
+    """How every tensor of `plan` runs under `budget` (this machine's or a cluster's, budget.py).
 
     With a `target` (a merge, not `plan`) the inputs' sampled values and the free space on disk are checked too:
     `plan` reads headers alone.
     """
-    if budget is None:
-        budget = make_budget(plan.options, plan.adapter is not None)
     schedule = Schedule(plan, budget, {job.key: execution_for(job, budget) for job in plan.jobs})
     if target is not None:
         check_values(plan)

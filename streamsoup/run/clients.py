@@ -31,7 +31,8 @@ from ..numerics.hostlinalg import set_threads
 from ..options import MergeOptions
 from ..paths import expand_path
 from ..planning.budget import CPU, DEVICE, GPU_SLOTS, RAM, Budget, MiB, to_mib, workers_budget
-from ..tasks.devices import DevicePool
+from ..tasks.devices import PLUGIN_NAME as DEVICES_PLUGIN
+from ..tasks.devices import DeviceLanes
 from ..units import format_size
 
 log = logging.getLogger(__name__)
@@ -68,10 +69,9 @@ def local_client(budget: Budget, dashboard: str = "") -> Iterator[Client]:
     """
     quiet_dask_logs()
     set_threads(budget.lanes.threads)
-    DevicePool.configure(budget.lanes.devices)
     # in-process (inproc://) comms; dask still starts an HTTP server on the scheduler and on the worker, on a
     # network interface unless told otherwise: both on loopback. A SpecCluster, not LocalCluster, because
-    # LocalCluster turns the worker's dashboard on with its address (bokeh's import: 0.35 s of every start)
+    # LocalCluster turns the worker's dashboard on with its address (bokeh's import, at every start)
     served = {"dashboard_address": dashboard, "dashboard": True} if dashboard else {}
     worker = {
         "nthreads": budget.lanes.total,
@@ -90,6 +90,8 @@ def local_client(budget: Budget, dashboard: str = "") -> Iterator[Client]:
     )
     client = Client(cluster)
     try:
+        if budget.lanes.devices:
+            client.register_plugin(DeviceLanes(budget.lanes.devices), name=DEVICES_PLUGIN)
         yield client
     finally:
         client.close()
@@ -245,13 +247,15 @@ def cluster_client(opts: MergeOptions) -> Iterator[Client]:
                 "start some with `dask worker " + address + "`"
             ) from None
         client.register_plugin(LaneResources(), name=PLUGIN_NAME)
+        client.register_plugin(DeviceLanes(), name=DEVICES_PLUGIN)
         yield client
     finally:
         if client.status == "running":  # else the scheduler is gone (a call would wait out the timeout)
-            try:
-                client.unregister_worker_plugin(PLUGIN_NAME)
-            except Exception:  # the cluster may be gone: nothing to clean
-                pass
+            for plugin in (PLUGIN_NAME, DEVICES_PLUGIN):
+                try:
+                    client.unregister_worker_plugin(plugin)
+                except Exception:  # the cluster may be gone: nothing to clean
+                    pass
         client.close()
 
 

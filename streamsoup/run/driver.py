@@ -29,7 +29,7 @@ from ..io.runlock import LOCK_NAME, RunLock
 from ..io.state import POINTER_NAME, STATE_NAME, Commit, RunState, check_bound, is_state_entry, kept_line
 from ..numerics.hostmemory import configure_process
 from ..options import MergeOptions
-from ..planning.budget import Budget, machine_info, make_budget, usable_cores
+from ..planning.budget import Budget, LoadMark, machine_info, make_budget, usable_cores
 from ..planning.cost import calibrate, estimate
 from ..planning.planner import MergePlan, plan_merge
 from ..planning.prepare import Schedule, Target, prepare
@@ -67,6 +67,7 @@ class Request:
     fresh: bool
     progress: bool
     start: float
+    load: LoadMark  # the machine's load is measured from here (planning/budget.py: busy_cores)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def run_merge(
     base: str | Path, finetuned: str | Path, out: Path, opts: MergeOptions, *, fresh: bool, progress: bool
 ) -> MergeSummary:
     """Plan, check everything that can be checked before any compute, then run (or find OUT done already)."""
-    start = time.perf_counter()
+    start, load = time.perf_counter(), LoadMark.now()
     plan = plan_merge(base, finetuned, opts)
     fingerprint = run_fingerprint(plan)
     if out.exists():
@@ -104,7 +105,7 @@ def run_merge(
     check_output(out, plan, opts.work_dir)
     plan_side_files(plan)  # an unreadable or outside side file is found now, not after all the compute
     try:
-        return _attempt(Request(plan, out, fingerprint, run_binding(plan), fresh, progress, start))
+        return _attempt(Request(plan, out, fingerprint, run_binding(plan), fresh, progress, start, load))
     except OSError as exc:
         raise io_failure(exc, out) from exc
 
@@ -137,7 +138,7 @@ def _attempt(request: Request) -> MergeSummary:
         else:
             configure_process()
             threads = threads or (0 if request.fresh else earlier_threads(state_path))
-            budget = make_budget(opts, plan.adapter is not None, threads)
+            budget = make_budget(opts, plan.adapter is not None, threads, request.load)
         schedule = prepare(plan, budget, Target(partial, state_path, resume=not request.fresh))
         for warning in plan.warnings:  # after the refusals: a refused merge says one line
             log.warning(warning)
@@ -151,7 +152,7 @@ def _attempt(request: Request) -> MergeSummary:
             log.info(line)
         if budget.lanes.busy_cores and budget.lanes.threads > 1 and not threads and not client:
             log.warning(busy_advice(budget))
-        machine = machine_info(budget.lanes, budget.max_ram, budget.max_vram, line)
+        machine = machine_info(budget, line)
         return _locked_run(Attempt(request, schedule, state_path, client, machine, estimate))
 
 

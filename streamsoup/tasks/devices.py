@@ -8,45 +8,63 @@ from __future__ import annotations
 
 import contextlib
 import queue
-import threading
+from collections.abc import Iterator
 
 import torch
+from distributed import get_worker
+from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..planning.budget import GPU_SLOTS
 
+PLUGIN_NAME = "streamsoup-devices"
+
 
 class DevicePool:
-    """Device lanes of this process: a task takes a free device and gives it back.
+    """The device lanes of one worker process: a task takes a free device and gives it back.
 
-    dask admits at most as many device tasks as there are device lanes, so a free
-    device always exists when a task asks.
+    dask admits at most as many device tasks as there are device lanes, so a free device always
+    exists when a task asks.
     """
 
-    _queue: queue.SimpleQueue[str] | None = None
-
-    @classmethod
-    def configure(cls, devices: tuple[str, ...]) -> None:
-        cls._queue = queue.SimpleQueue()
+    def __init__(self, devices: tuple[str, ...]) -> None:
+        self._free: queue.SimpleQueue[str] = queue.SimpleQueue()
         for d in devices:
-            cls._queue.put(d)
+            self._free.put(d)
         warm_up(devices)
 
-    _warm_lock = threading.Lock()
+    @contextlib.contextmanager
+    def lane(self) -> Iterator[str]:
+        device = self._free.get(timeout=600)
+        try:
+            yield device
+        finally:
+            self._free.put(device)
 
-    @classmethod
-    def acquire(cls) -> str:
-        if cls._queue is None:  # a cluster worker: the GPUs visible to it, two lanes each (see run/clients.py)
-            with cls._warm_lock:
-                if cls._queue is None:
-                    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-                    visible = tuple(f"cuda:{i}" for i in range(gpus)) or ("cpu",)
-                    cls.configure(tuple(d for d in visible for _ in range(GPU_SLOTS)))
-        return cls._queue.get(timeout=600)
 
-    @classmethod
-    def release(cls, device: str) -> None:
-        if cls._queue is not None:
-            cls._queue.put(device)
+class DeviceLanes(WorkerPlugin):
+    """Gives each worker its DevicePool: a local merge's device lanes, or (a cluster's worker) the GPUs it sees,
+    GPU_SLOTS lanes each; a task finds it on its worker (`device_pool`)."""
+
+    name = PLUGIN_NAME
+
+    def __init__(self, devices: tuple[str, ...] | None = None) -> None:
+        self.devices = devices
+        self.pool: DevicePool | None = None
+
+    def setup(self, worker: object) -> None:
+        if self.devices is None:
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            visible = tuple(f"cuda:{i}" for i in range(gpus)) or ("cpu",)
+            self.devices = tuple(d for d in visible for _ in range(GPU_SLOTS))
+        self.pool = DevicePool(self.devices)
+
+
+def device_pool() -> DevicePool:
+    """The device lanes of the worker this task runs on."""
+    plugin = get_worker().plugins.get(PLUGIN_NAME)
+    if not isinstance(plugin, DeviceLanes) or plugin.pool is None:
+        raise RuntimeError("a device task ran on a worker without streamsoup's device lanes")
+    return plugin.pool
 
 
 def warm_up(devices: tuple[str, ...]) -> None:

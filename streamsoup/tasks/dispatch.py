@@ -9,6 +9,7 @@ A tensor runs whole in memory or streamed in row blocks (dense.py), from LoRA fa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from ..options import EditOptions
 from ..planning.planner import COPY, EDIT, TensorJob
 from ..planning.schedule import Execution
 from .dense import copy_fine_tune, merge_dense, merge_streamed
-from .devices import DevicePool, device_stream
+from .devices import device_pool, device_stream
 from .lora import merge_lowrank, write_bias
 from .result import Stopwatch, TaskContext, TensorResult, copied, task_failed
 from .rules import nonfinite_edit
@@ -100,11 +101,8 @@ def _merge_tensor(
     assert job.action == EDIT and job.base is not None
     if job.lowrank:
         return merge_lowrank(job, options, files, watch)  # I/O-bound: on the host, whatever the lane
-    device = DevicePool.acquire() if execution.lane == "device" else "cpu"
-    try:
+    with device_pool().lane() if execution.lane == "device" else contextlib.nullcontext("cpu") as device:
         with device_stream(device):
             if execution.streamed:
                 return merge_streamed(job, options, ctx, files, execution, device, watch)
             return merge_dense(job, options, files, device, watch)
-    finally:
-        DevicePool.release(device) if execution.lane == "device" else None

@@ -81,7 +81,8 @@ def _write_merged(
     m, n = matrix_shape(ref.shape)
     dtype = torch_dtype(job.out_dtype)
     # A 16-bit output takes the product in float32: its error (~2^-24 relative, r terms) is ~2^-15 of the
-    # output's rounding step, so every value stays within one rounding of the float64 result, at 2.4x less CPU.
+    # output's rounding step, so every value stays within one rounding of the float64 result, for less CPU
+    # (docs/benchmarks.md, "Behind the code").
     wide = torch.float32 if dtype.itemsize <= 2 else torch.float64
     left, right = (t.to(wide) for t in product)
     blocks = row_blocks(m, n)
