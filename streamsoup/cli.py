@@ -19,8 +19,8 @@ from .api import demo, merge, plan, report, status, verify
 from .errors import Interrupted, OptionError, StreamsoupError
 from .options import MergeOptions, flag_name
 from .run.signals import MESSAGE, terminate_as_interrupt
-from .synthetic import PRESETS
-from .units import utc_stamp
+from .synthetic import PRESETS, preset_bytes
+from .units import format_size, utc_stamp
 
 
 class _Parser(argparse.ArgumentParser):
@@ -135,7 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
         "configs (DIR/configs/*.yaml), then say how to merge them.",
     )
     de.add_argument("dir", metavar="DIR", help="folder to write base/, finetuned/ and configs/ into")
-    de.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model shape (default: small)")
+    sizes = ", ".join(f"{name} {format_size(preset_bytes(name), 1)}" for name in PRESETS)
+    de.add_argument(
+        "--preset",
+        default="small",
+        choices=sorted(PRESETS),
+        help=f"model shape, with the size of each checkpoint: {sizes} (default: small)",
+    )
     for p in (pl, st, ve, re_, de):
         p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     return parser

@@ -148,6 +148,13 @@ class MergeOptions:
     work_dir: str = _opt(
         "", "where the Zarr resume state lives", path=True, output=False, plan=False, shown="inside OUT.partial"
     )
+    base_model_id: str = _opt(
+        "",
+        "the base model's Hugging Face repo id (org/name) for OUT's model card and adapter config; found without it "
+        "when BASE is a repo id or cache snapshot, or named by the adapter's or BASE's config",
+        output=False,
+        shown="",
+    )
     allow_nonfinite: bool = _opt(
         False,
         "copy tensors that hold NaN/Inf unchanged instead of stopping (an edited tensor never holds them)",
@@ -205,7 +212,7 @@ class MergeOptions:
                 values[name] = value
         for name, value in overrides.items():
             if name not in known:
-                raise UsageError(f"unknown option {name!r}{_nearest(name, known, False)}; valid: {', '.join(known)}")
+                raise OptionError(name, f"is not an option{_nearest(name, known, False)}; valid: {', '.join(known)}")
             if value is not None:
                 values[name] = value
         typed: dict[str, Any] = {}

@@ -29,7 +29,7 @@ import torch
 from .errors import UsageError
 from .io import rawio
 from .io.checkpoint import INDEX_NAME
-from .io.dtypes import FLOAT_DTYPES
+from .io.dtypes import FLOAT_DTYPES, item_size
 from .io.layout import ShardLayout, TensorSpec
 
 TORCH_DTYPES = {**FLOAT_DTYPES, "I64": torch.int64, "I32": torch.int32}
@@ -289,6 +289,13 @@ def make_pair(
     write_side_files(out / "base", shape, shape.vocab)
     write_side_files(out / "finetuned", shape, shape.vocab + (8 if awkward else 0))
     return out / "base", out / "finetuned"
+
+
+def preset_bytes(preset: str) -> int:
+    """The size of one checkpoint of a preset's demo pair (bf16, the awkward tensors included)."""
+    shape = PRESETS[preset]
+    tensors = awkward_tensors(shape, llama_tensors(shape))
+    return sum(math.prod(t.base_shape) * item_size(t.base_dtype, t.name) for t in tensors if t.base_shape is not None)
 
 
 def write_demo(folder: Path, preset: str) -> tuple[Path, Path]:

@@ -263,7 +263,7 @@ def test_hub_repo_ids_from_the_cache_offline(adapters, tmp_path):
         assert meta["base_model"] == "tiny-org/llama-base" and meta["library_name"] == "transformers"
         assert "`tiny-org/llama-lora` (a PEFT LoRA adapter)" in body and "own model card" in body
     meta, _ = card_parts(by_path)
-    assert meta["base_model"] == str(base.absolute())
+    assert "base_model" not in meta, "a path is not Hub metadata (and the adapter's base_model_name_or_path is one)"
     missing = run("merge", "tiny-org/nope", "tiny-org/llama-lora@v1", tmp_path / "o", env=env)
     assert_one_line_error(missing, 2, "BASE tiny-org/nope", "not in the Hugging Face cache", "HF_HUB_OFFLINE")
     bad_rev = run("merge", "tiny-org/llama-base", "tiny-org/llama-lora@v9", tmp_path / "o", env=env)
@@ -513,3 +513,21 @@ def test_an_adapter_config_nested_deep_is_one_line(adapters, tmp_path):
     shutil.copytree(adapter, deep)
     (deep / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
     assert_one_line_error(run("plan", base, deep), 2, "adapter_config.json nests 100000 levels deep")
+
+
+def test_nan_in_the_lora_factors_is_named_with_what_to_do_about_the_adapter(adapters, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base, adapter = adapters("llama", "plain")
+    broken = tmp_path / "nan-adapter"
+    shutil.copytree(adapter, broken)
+    tensors = load_file(broken / "adapter_model.safetensors")
+    key = next(k for k in sorted(tensors) if "lora_A" in k)
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, broken / "adapter_model.safetensors")
+    proc = run("merge", base, broken, tmp_path / "out")
+    assert_one_line_error(
+        proc, proc.returncode, "the LoRA factors of", "contain NaN or Inf", "fix the adapter, or rerun"
+    )
+    assert proc.returncode != 0 and not (tmp_path / "out").exists()
+    assert run("merge", base, broken, tmp_path / "copied", "--allow-nonfinite", "-q").returncode == 0

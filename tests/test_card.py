@@ -38,7 +38,8 @@ def test_a_path_merge_gets_a_card_with_the_fine_tunes_own_card_folded_in(pair, t
     proc = run("merge", base, ft, out, "-q")
     assert proc.returncode == 0, proc.stderr
     meta, body = card_parts(out)
-    assert meta["base_model"] == str(base.absolute())
+    assert "base_model" not in meta, "a local BASE has no Hub repo id, and theirs named another model than ours"
+    assert f"| base model | `{base.absolute()}` (no Hugging Face repo id known" in body
     assert meta["license"] == "apache-2.0" and meta["language"] == ["en"]  # carried from the fine-tune's card
     assert meta["tags"] == ["llama", "sft", "monosoup", "merge", "streamsoup"]
     assert meta["library_name"] == "transformers"  # OUT has the fine-tune's transformers config.json
@@ -60,7 +61,7 @@ def test_a_fine_tune_without_a_card_gets_ours_alone(pair, tmp_path):
     out = tmp_path / "out"
     assert run("merge", base, ft, out, "-q", "--rank-rule", "energy", "--energy", "0.9").returncode == 0
     meta, body = card_parts(out)
-    assert set(meta) == {"base_model", "tags", "library_name"} and meta["tags"] == ["monosoup", "merge", "streamsoup"]
+    assert set(meta) == {"tags", "library_name"} and meta["tags"] == ["monosoup", "merge", "streamsoup"]
     assert "energy, energy 0.9" in body and "own model card" not in body
 
 

@@ -206,3 +206,28 @@ def test_dashboard_only_when_asked_on_the_address_given(big_pair, tmp_path):
     assert_one_line_error(refused, 2, "--dashboard", "scheduler serves its own dashboard")
     bad = run("merge", *big_pair, tmp_path / "o3", "--dashboard", "everywhere")
     assert_one_line_error(bad, 2, "--dashboard", "host:port")
+
+
+def test_demo_help_gives_every_presets_size(tmp_path):
+    """`demo --help` says how big each preset's checkpoints are (a 70B-shaped demo is 131 GiB a side)."""
+    from streamsoup.synthetic import PRESETS, preset_bytes
+    from streamsoup.units import format_size
+
+    text = " ".join(run("demo", "--help").stdout.split())
+    for name in PRESETS:
+        assert f" {name} {format_size(preset_bytes(name), 1)}" in text, name
+    assert run("demo", tmp_path / "d", "--preset", "tiny").returncode == 0
+    written = sum(f.stat().st_size for f in (tmp_path / "d" / "base").glob("*.safetensors"))
+    assert 0.9 < preset_bytes("tiny") / written <= 1, "the tensors' bytes: all of a shard but its header"
+
+
+def test_a_cluster_start_line_says_what_its_workers_give():
+    """A cluster run not given --threads says the workers' own threads (not "0 torch thread(s)"), and workers of
+    one memory limit whose RSS differs a little get one size, not '7.97 GiB to 8.00 GiB'."""
+    from streamsoup.planning.budget import Lanes
+    from streamsoup.run.clients import ram_span
+
+    assert Lanes(cpu=4, devices=(), threads=0).describe() == "4 CPU lane(s), each worker's own torch threads"
+    assert Lanes(cpu=4, devices=(), threads=2).describe() == "4 CPU lane(s), 2 torch thread(s)"
+    assert ram_span([8161, 8192]) == "8.00 GiB"
+    assert ram_span([2048, 8192]) == "2.00 GiB to 8.00 GiB"

@@ -143,23 +143,30 @@ def test_plain_cluster_merge_matches_local(awkward_pair, cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_worker_declaring_device_lanes_runs_them_from_its_own_pool(awkward_pair, tmp_path):
+def test_device_lanes_of_a_worker_serve_two_merges_at_once(awkward_pair, medium_pair, medium_local, tmp_path):
     """A worker that declares only device lanes (a GPU worker's; on this CPU-only machine its lanes compute on the
-    CPU) gets its pool of devices from streamsoup's worker plugin: every edit runs there, the same bytes. The
-    client, without a GPU itself (a login node), names no GPU of its own in the report (it raised before)."""
-    local, remote = tmp_path / "local", tmp_path / "remote"
+    CPU) keeps one pool of devices for every merge that runs there: a second merge that starts and ends while the
+    first runs leaves the first's device lanes in place, and both are exact. The client, without a GPU itself (a
+    login node), names no GPU of its own in the report (it raised before)."""
+    local, remote, first_out = tmp_path / "local", tmp_path / "remote", tmp_path / "first"
     (tmp_path / "cluster").mkdir()
     cluster = LoopbackCluster(tmp_path / "cluster", limits=("0",), resources="device=2,ram=4000")
     try:
         assert run("merge", *awkward_pair, local, "--devices", "cpu", "--threads", "1", "-q").returncode == 0
+        first = start("merge", *medium_pair, first_out, "--scheduler", cluster.address, "--threads", "1", "-q")
+        _wait_commits(tmp_path / "first.partial", 2, first)
         proc = run("merge", *awkward_pair, remote, "--scheduler", cluster.address, "--threads", "1")
         assert proc.returncode == 0, proc.stderr
         assert "1 worker(s), 0 CPU lane(s), 2 GPU lane(s)" in proc.stderr, proc.stderr
+        _, err = first.communicate(timeout=300)
+        assert first.returncode == 0, err
     finally:
         cluster.shutdown()
     assert tree_digest(remote) == tree_digest(local)
-    edits = [r for r in report_rows(remote).values() if r["action"] == "edit"]
-    assert edits and {r["device"] for r in edits} == {"cpu"}
+    assert tree_digest(first_out) == medium_local
+    for out in (remote, first_out):
+        edits = [r for r in report_rows(out).values() if r["action"] == "edit"]
+        assert edits and {r["device"] for r in edits} == {"cpu"}
 
 
 @pytest.mark.slow

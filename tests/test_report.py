@@ -137,6 +137,8 @@ def test_report_on_the_awkward_pair(merged, tmp_path):
     assert s["copied_because"]["shape differs from base"] == 2
     assert f"copied    {len(rows) - edited}: " in run("report", merged).stdout
     assert {o["name"] for o in doc["outliers"]} >= {"model.layers.0.mlp.up_proj.weight"}  # its update is zero
+    resized = {o["name"] for o in doc["outliers"] if "differs from base" in o["why"]}  # a resized vocabulary
+    assert resized == {r["name"] for r in rows if "differs from base" in r["reason"]} and len(resized) == 2
     inputs = doc["inputs"]
     assert inputs["base"]["path"] == str(Path(doc["base"])) and Path(inputs["base"]["path"]).is_absolute()
     assert re.fullmatch(r"[0-9a-f]{12}", inputs["finetuned"]["fingerprint"])

@@ -147,6 +147,7 @@ def test_second_merge_on_same_out_is_refused(awkward_pair, tmp_path):
     try:
         proc = run("merge", base, ft, tmp_path / "out")
         assert_one_line_error(proc, 2, "another streamsoup merge", f"pid {os.getpid()}")
+        assert "max-ram" not in proc.stderr, "refused before its budget, calibration and start line"
         status = run("status", tmp_path / "out")
         assert (
             status.returncode == 0 and status.stdout.startswith("running (") and f"pid {os.getpid()}" in status.stdout

@@ -190,6 +190,9 @@ def test_words(pair, tmp_path):
         streamsoup.merge(base, ft, tmp_path / "o2", rank_rule="median")
     with pytest.raises(OptionError, match="^max_ram "):
         streamsoup.merge(base, ft, tmp_path / "o2", max_ram="100TiB")
+    with pytest.raises(OptionError, match=r"^rank_rul is not an option \(did you mean 'rank_rule'\?\)") as misspelt:
+        streamsoup.merge(base, ft, tmp_path / "o2", rank_rul="energy")
+    assert misspelt.value.name == "rank_rul", "the README promises OptionError naming the keyword"
     assert_one_line_error(
         run("merge", base, ft, tmp_path / "o2", "--rank-rule", "energy", "--energy", "2"),
         2,

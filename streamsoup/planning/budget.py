@@ -58,7 +58,8 @@ class Lanes:
         parts = [f"{self.cpu} CPU lane(s)"] if self.cpu else []
         parts += [f"{self.devices.count(d)} lane(s) on {d}" for d in dict.fromkeys(self.devices)]
         busy = f" ({self.busy_cores} core(s) busy with other processes)" if self.busy_cores else ""
-        return ", ".join(parts) + f", {self.threads} torch thread(s){busy}"
+        threads = f"{self.threads} torch thread(s)" if self.threads else "each worker's own torch threads"
+        return ", ".join(parts) + f", {threads}{busy}"
 
 
 @dataclass(frozen=True)

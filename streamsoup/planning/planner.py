@@ -5,16 +5,26 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..errors import InputError, UsageError
+from ..errors import InputError, OptionError, UsageError
 from ..io.checkpoint import Checkpoint, TensorRef
 from ..io.dtypes import is_float
 from ..io.layout import Placement, ShardLayout, TensorSpec
 from ..numerics.lowrank import BiasUpdate, LoraUpdate
 from ..options import MergeOptions
 from ..sources import Adapter, open_base, open_finetuned
-from ..sources.adapter import ADAPTER_WEIGHTS, AdapterTensors, resolve
+from ..sources.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterTensors, resolve
+from ..sources.hub import cache_repo_id, hub_model_id
 from .experts import check_stacking_known, stacked, stacked_vectors
-from .preflight import check_not_adapter, check_pairing, check_shard_count
+from .preflight import (
+    check_adapter_trained,
+    check_not_adapter,
+    check_not_blank,
+    check_pairing,
+    check_related,
+    check_shard_count,
+    check_values_differ,
+    model_config,
+)
 from .quantization import Decoded, decode
 
 EDIT, COPY = "edit", "copy"
@@ -75,7 +85,9 @@ class MergePlan:
     warnings: tuple[str, ...] = ()  # said once, before the run (plan and merge alike)
     adapter: Adapter | None = None  # FINETUNED is a PEFT LoRA adapter (`finetuned` is then its weights file)
     side_roots: tuple[Path, ...] = ()  # folders whose non-weight files go into OUT (config, tokenizer, ...)
-    dequantized: bool = False  # FINETUNED was quantized and OUT is not: its config.json loses quantization_config
+    dequantized: bool = False  # OUT's config.json comes from a quantized input and OUT is not: it loses it
+    base_model_id: str = ""  # BASE's Hugging Face repo id for OUT's metadata ("": none is known)
+    base_model_from: str = ""  # where base_model_id was found
 
     @property
     def save(self) -> str:
@@ -118,6 +130,21 @@ def pair_action(ft: TensorRef, base: TensorRef | None) -> tuple[str, str]:
     return EDIT, ""
 
 
+def check_values(plan: MergePlan) -> None:
+    """Refuse inputs whose headers are right and whose data cannot make the model (preflight.py), from a few
+    sampled values of each: a merge does, before anything of OUT is made; `plan` reads headers alone."""
+    if plan.adapter is not None:
+        lora = [j for j in plan.jobs if j.lora is not None]
+        check_not_blank(plan.base, [j.base for j in lora], "BASE")
+        check_adapter_trained(plan.adapter.root, [j.lora for j in lora])
+        return
+    pairs = [(j.base, j.finetuned) for j in plan.edits if j.base is not None]
+    check_not_blank(plan.base, [b for b, _ in pairs], "BASE")
+    check_not_blank(plan.finetuned, [f for _, f in pairs], "FINETUNED")
+    check_values_differ(plan.base, plan.finetuned, pairs)
+    check_related(plan.base, plan.finetuned, pairs)
+
+
 def plan_merge(
     base: str | Path | Checkpoint, finetuned: str | Path | Checkpoint | Adapter, options: MergeOptions
 ) -> MergePlan:
@@ -149,8 +176,8 @@ def plan_merge(
         jobs.extend(tensor_jobs(len(jobs), ref, base_ckpt.get(ref.name), layout.placements[ref.name], experts))
     dropped = tuple(name for name in base_ckpt if name not in ft)
     warning = check_pairing(base_ckpt, ft, sum(j.action == EDIT for j in jobs))
-    side = (ft.root,) if ft.root.is_dir() else ()
-    warnings = tuple(w for w in (renamed, warning, *decoded_lines(base_in, ft_in)) if w)
+    side, borrowed = side_roots(base_ckpt, ft)
+    warnings = tuple(w for w in (renamed, warning, *decoded_lines(base_in, ft_in), borrowed) if w)
     return MergePlan(
         base_ckpt,
         ft,
@@ -160,8 +187,45 @@ def plan_merge(
         layout,
         warnings,
         side_roots=side,
-        dequantized=ft_in.format is not None,
+        dequantized=ft_in.format is not None or (base_in.format is not None and borrowed is not None),
+        **hub_base(options, base_ckpt, None),
     )
+
+
+def side_roots(base: Checkpoint, ft: Checkpoint) -> tuple[tuple[Path, ...], str | None]:
+    """The folders whose config, tokenizer and generation files OUT gets: FINETUNED's; BASE's too (FINETUNED's
+    own files over them) when FINETUNED has no config.json, so `from_pretrained(OUT)` works; and the line that
+    says so."""
+    own = (ft.root,) if ft.root.is_dir() else ()
+    if (own and (ft.root / "config.json").is_file()) or not (base.root / "config.json").is_file():
+        return own, None
+    what = "a torch.save file" if not own else "a folder without one"
+    return (base.root, *own), (
+        f"FINETUNED has no config.json ({what}): OUT gets BASE's config, tokenizer and generation files from "
+        f"{base.root}" + (", FINETUNED's own files over them" if own else "")
+    )
+
+
+def hub_base(options: MergeOptions, base: Checkpoint, adapter: Adapter | None) -> dict[str, str]:
+    """BASE's Hugging Face repo id for the metadata OUT carries, and where it was found: --base-model-id, BASE
+    as a cache snapshot (a repo id given as BASE is one), the adapter's base_model_name_or_path, BASE's
+    config.json _name_or_path. A local path is never Hub metadata: none found is ""."""
+    if options.base_model_id:
+        if hub_model_id(options.base_model_id) is None:
+            raise OptionError(
+                "base_model_id", f"must be a Hugging Face repo id (org/name), got {options.base_model_id!r}"
+            )
+        return {"base_model_id": options.base_model_id, "base_model_from": "--base-model-id"}
+    cached = cache_repo_id(base.root)
+    found = (
+        (cached[0] if cached else None, "BASE's Hugging Face cache snapshot"),
+        (adapter.base_name if adapter is not None else None, f"the adapter's {ADAPTER_CONFIG}"),
+        (model_config(base).get("_name_or_path"), "BASE's config.json (_name_or_path)"),
+    )
+    for value, where in found:
+        if hub_model_id(value) is not None:
+            return {"base_model_id": str(value), "base_model_from": where}
+    return {}
 
 
 def tensor_jobs(
@@ -298,7 +362,17 @@ def plan_adapter(base: Checkpoint, adapter: Adapter, options: MergeOptions) -> M
                 outputs=names if names != (d.name,) else (),
             )
         )
-    return MergePlan(base, adapter.weights, options, tuple(jobs), (), layout, adapter=adapter, side_roots=side)
+    return MergePlan(
+        base,
+        adapter.weights,
+        options,
+        tuple(jobs),
+        (),
+        layout,
+        adapter=adapter,
+        side_roots=side,
+        **hub_base(options, base, adapter),
+    )
 
 
 def _model_output(base: Checkpoint, found: AdapterTensors) -> list[_Draft]:

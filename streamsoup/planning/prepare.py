@@ -1,5 +1,5 @@
-"""The schedule of a merge: its plan, the budget it runs under and how each tensor runs, with every refusal
-that can be made before a tensor is computed. `streamsoup plan` formats it; a merge executes it.
+"""The schedule of a merge: its plan, the budget it runs under and how each tensor runs, with the refusals that
+need the budget (memory, lanes) or OUT's place (disk space). `streamsoup plan` formats it; a merge executes it.
 """
 
 from __future__ import annotations
@@ -11,11 +11,7 @@ from pathlib import Path
 from .budget import Budget
 from .planner import MergePlan
 from .preflight import (
-    check_adapter_trained,
     check_disk_space,
-    check_not_blank,
-    check_related,
-    check_values_differ,
     output_needs,
     small_side,
     state_needs,
@@ -48,28 +44,12 @@ class Schedule:
 def prepare(plan: MergePlan, budget: Budget, target: Target | None = None) -> Schedule:
     """How every tensor of `plan` runs under `budget` (this machine's or a cluster's, budget.py).
 
-    With a `target` (a merge, not `plan`) the inputs' sampled values and the free space on disk are checked too:
-    `plan` reads headers alone.
+    With a `target` (a merge, not `plan`) the free space on disk is checked too.
     """
     schedule = Schedule(plan, budget, {job.key: execution_for(job, budget) for job in plan.jobs})
     if target is not None:
-        check_values(plan)
         check_space(schedule, target)
     return schedule
-
-
-def check_values(plan: MergePlan) -> None:
-    """Refuse inputs whose headers are right and whose data cannot make the model (preflight.py), from samples."""
-    if plan.adapter is not None:
-        lora = [j for j in plan.jobs if j.lora is not None]
-        check_not_blank(plan.base, [j.base for j in lora], "BASE")
-        check_adapter_trained(plan.adapter.root, [j.lora for j in lora])
-        return
-    pairs = [(j.base, j.finetuned) for j in plan.edits if j.base is not None]
-    check_not_blank(plan.base, [b for b, _ in pairs], "BASE")
-    check_not_blank(plan.finetuned, [f for _, f in pairs], "FINETUNED")
-    check_values_differ(plan.base, plan.finetuned, pairs)
-    check_related(plan.base, plan.finetuned, pairs)
 
 
 def check_space(schedule: Schedule, target: Target) -> None:

@@ -20,6 +20,7 @@ from ..options import MergeOptions, flag_name
 from ..paths import expand_path
 from ..units import format_size
 from .record import REPORT_NAME, read_report
+from .summary import row_outputs
 
 
 @dataclass(frozen=True)
@@ -97,11 +98,6 @@ def run_status(out: str | Path) -> RunStatus:
             "last_commit_age_s": time.time() - max((m.committed_at for m in markers.values()), default=time.time()),
         }
     )
-
-
-def row_outputs(row: dict[str, Any]) -> list[str]:
-    """The output tensors a report row's checksum covers (an adapter's module: [A', B'(, bias')])."""
-    return row.get("outputs") or [row["name"]]
 
 
 def finished_outputs(rows: list[dict[str, Any]]) -> set[str]:

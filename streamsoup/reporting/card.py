@@ -26,11 +26,29 @@ FOLDED_HEADING = "## The fine-tune's own model card"
 
 @dataclass(frozen=True)
 class CardSource:
-    """What a card is made of besides the report: the fine-tune's card and what OUT holds."""
+    """What a card is made of besides the report: the fine-tune's card, what OUT holds, BASE's Hub id."""
 
     finetuned_card: str | None  # the text of FINETUNED's README.md, if it has one
     config: dict[str, Any] | None  # OUT's config.json, if any (a transformers model's)
-    adapter_out: bool  # OUT is a PEFT adapter (--save adapter)
+    adapter_config: dict[str, Any] | None = None  # OUT's adapter_config.json: OUT is a PEFT adapter (--save adapter)
+    base_config: dict[str, Any] | None = None  # BASE's config.json (which model an adapter OUT goes on)
+    base_model_id: str = ""  # BASE's Hugging Face repo id ("": none known; a path is never Hub metadata)
+    base_model_from: str = ""
+
+    @property
+    def adapter_out(self) -> bool:
+        return self.adapter_config is not None
+
+
+#: the transformers class each peft task_type loads its base model with (peft's PeftModelFor* expect them)
+TASK_MODELS = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
 
 
 def input_id(info: dict[str, Any]) -> str:
@@ -56,10 +74,13 @@ def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
 
 
 def front_matter(doc: dict[str, Any], source: CardSource, theirs: dict[str, Any]) -> dict[str, Any]:
-    meta = {str(k): v for k, v in theirs.items()}
-    meta["base_model"] = input_id(doc["inputs"]["base"])
+    """The fine-tune's front matter with ours over it. base_model is a Hub repo id or absent (the Hub refuses a
+    path); tags the Hub derives from base_model ("base_model:...") are dropped, as they may name another."""
+    meta = {str(k): v for k, v in theirs.items() if k != "base_model"}
+    if source.base_model_id:
+        meta["base_model"] = source.base_model_id
     tags = meta.get("tags") if isinstance(meta.get("tags"), list) else []
-    meta["tags"] = list(dict.fromkeys([*map(str, tags), *TAGS]))
+    meta["tags"] = list(dict.fromkeys([*(str(t) for t in tags if not str(t).startswith("base_model:")), *TAGS]))
     if source.adapter_out:
         meta["library_name"] = "peft"
     elif source.config is not None and ("model_type" in source.config or "architectures" in source.config):
@@ -77,7 +98,7 @@ def model_card(doc: dict[str, Any], source: CardSource) -> str:
     theirs, body = split_front_matter(source.finetuned_card) if source.finetuned_card else ({}, "")
     meta = front_matter(doc, source, theirs)
     s, opts = doc["summary"], doc["options"]
-    base, ft = input_id(doc["inputs"]["base"]), input_id(doc["inputs"]["finetuned"])
+    base, ft = source.base_model_id or input_id(doc["inputs"]["base"]), input_id(doc["inputs"]["finetuned"])
     ft_kind = " (a PEFT LoRA adapter)" if doc["inputs"]["finetuned"].get("kind") == "LoRA adapter" else ""
     rule = opts["rank_rule"] + (f", energy {opts['energy']:g}" if opts["rank_rule"] == "energy" else "")
     lines = [
@@ -96,7 +117,7 @@ def model_card(doc: dict[str, Any], source: CardSource) -> str:
         "",
         "| | |",
         "| --- | --- |",
-        f"| base model | `{base}` |",
+        f"| base model | `{base}`{base_note(source)} |",
         f"| fine-tune | `{ft}`{ft_kind} |",
         f"| rank rule | {rule} |",
         f"| options | `--min-rel-update {opts['min_rel_update']:g}`, `--spectral {opts['spectral']}`, "
@@ -145,15 +166,33 @@ def utf8_text(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def base_note(source: CardSource) -> str:
+    """Where the base model's repo id came from, or why the metadata has none."""
+    if source.base_model_id:
+        return f" (repo id from {source.base_model_from})"
+    return " (no Hugging Face repo id known, so the metadata names no base_model: merge with --base-model-id ORG/NAME)"
+
+
 def loading(source: CardSource, base: str) -> list[str]:
+    """Python that loads OUT (tests run it): a transformers class from config.json, a PEFT adapter on its base."""
     if source.adapter_out:
+        task = str((source.adapter_config or {}).get("task_type") or "").upper()
+        architectures = (source.base_config or {}).get("architectures")
+        if task in TASK_MODELS:
+            cls = TASK_MODELS[task]
+        elif isinstance(architectures, list) and architectures and str(architectures[0]).isidentifier():
+            cls = str(architectures[0])
+        else:
+            cls = "AutoModel"
         return [
             "from peft import PeftModel",
-            "from transformers import AutoModel",
-            f'model = PeftModel.from_pretrained(AutoModel.from_pretrained({base!r}), "path/to/this/folder")',
+            f"from transformers import {cls}",
+            "",
+            f"base = {cls}.from_pretrained({base!r})",
+            'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
         ]
     architectures = (source.config or {}).get("architectures")
-    if isinstance(architectures, list) and architectures and isinstance(architectures[0], str):
+    if isinstance(architectures, list) and architectures and str(architectures[0]).isidentifier():
         return [
             f"from transformers import {architectures[0]}",
             f'model = {architectures[0]}.from_pretrained("path/to/this/folder")',
@@ -161,16 +200,20 @@ def loading(source: CardSource, base: str) -> list[str]:
     if source.config is not None and "model_type" in source.config:
         return ["from transformers import AutoModel", 'model = AutoModel.from_pretrained("path/to/this/folder")']
     return [
-        "import safetensors.torch",
-        'state_dict = safetensors.torch.load_file("path/to/this/folder/model.safetensors")',
-        "model.load_state_dict(state_dict)  # model: the architecture the fine-tune was saved from",
+        "from pathlib import Path",
+        "",
+        "from safetensors.torch import load_file",
+        "",
+        'shards = sorted(Path("path/to/this/folder").glob("*.safetensors"))',
+        "state_dict = {name: tensor for shard in shards for name, tensor in load_file(shard).items()}",
+        "# model.load_state_dict(state_dict), with `model` the torch module the fine-tune was saved from",
     ]
 
 
-def read_config(folder: Path) -> dict[str, Any] | None:
-    """OUT's config.json as a dict (None when absent or not a JSON object)."""
+def read_config(folder: Path, name: str = "config.json") -> dict[str, Any] | None:
+    """OUT's config.json (or another JSON config of it) as a dict (None when absent or not a JSON object)."""
     try:
-        config = read_json(folder / "config.json", CONFIG_LIMIT)
+        config = read_json(folder / name, CONFIG_LIMIT)
     except (OSError, JsonFileError):
         return None
     return config if isinstance(config, dict) else None

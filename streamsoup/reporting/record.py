@@ -25,6 +25,7 @@ from ..errors import InputError
 from ..io import writer
 from ..io.jsonfile import REPORT_LIMIT, JsonFileError, read_json
 from ..planning.planner import MergePlan
+from ..sources.hub import cache_repo_id
 from ..units import format_duration, format_size
 from .summary import build_document
 
@@ -49,6 +50,7 @@ class MergeSummary:
     already_complete: bool = False  # OUT held this very merge already: nothing was done
     warnings: tuple[str, ...] = ()
     estimated_seconds: float | None = None  # what the start line said this merge would take
+    output_tensors: int = 0  # the tensors OUT holds, when not one per edited or copied matrix (an adapter's A and B)
 
     @classmethod
     def from_report(cls, out: Path, already_complete: bool = False) -> MergeSummary:
@@ -65,18 +67,27 @@ class MergeSummary:
             out / REPORT_NAME,
             resumed=s["tensors"],
             already_complete=already_complete,
+            output_tensors=s.get("output_tensors", 0),
         )
+
+    @property
+    def counted(self) -> str:
+        """'147 tensors', or '28 matrices into 56 tensors' where a matrix's result is several tensors (`verify`
+        counts OUT's tensors)."""
+        if not self.output_tensors or self.output_tensors == self.tensors:
+            return f"{self.tensors} tensors"
+        return f"{self.tensors} matrices into {self.output_tensors} tensors"
 
     def line(self) -> str:
         if self.already_complete:
             return (
                 f"{self.out} is already complete (the same merge: same inputs and options): nothing to do; "
-                f"{self.tensors} tensors, {self.edited} edited"
+                f"{self.counted}, {self.edited} edited"
             )
         resumed = f", {self.resumed} resumed from an earlier run" if self.resumed else ""
         said = "" if self.estimated_seconds is None else f" (estimated ~{format_duration(self.estimated_seconds)})"
         return (
-            f"merged {self.tensors} tensors ({self.edited} edited, {self.copied} copied, "
+            f"merged {self.counted} ({self.edited} edited, {self.copied} copied, "
             f"{self.dropped} dropped{resumed}) in {self.seconds:.1f} s{said} -> {self.out} "
             f"({format_size(self.output_bytes)})"
         )
@@ -100,10 +111,9 @@ def describe_input(root: Path, fingerprint: dict | None, kind: str) -> dict[str,
     info: dict[str, Any] = {"path": str(root), "kind": kind}
     if fingerprint is not None:  # `plan` reads no tensor data, so it has none
         info["fingerprint"] = short_digest(fingerprint)
-    folder = root if root.is_dir() else root.parent
-    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
-        info["repo"] = folder.parent.parent.name[len("models--") :].replace("--", "/")
-        info["commit"] = folder.name
+    cached = cache_repo_id(root)
+    if cached is not None:
+        info["repo"], info["commit"] = cached
     return info
 
 

@@ -97,7 +97,8 @@ def _robust_outliers(edited: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def outliers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Tensors whose values look off: k = 1, k = rank, a lambda at 0 or 1, far from their kind's median,
-    or a matrix left unedited because its update was too small or not finite."""
+    or a matrix left unedited because its update was too small or not finite, or its shape not the base's
+    (a resized vocabulary's embeddings and lm_head)."""
     order = {r["name"]: i for i, r in enumerate(rows)}
     edited = [r for r in rows if r["action"] == EDIT and r.get("k") is not None]
     found: list[tuple[dict[str, Any], str]] = []
@@ -114,10 +115,17 @@ def outliers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             found.append((r, f"lambda_low {r['lambda_low']:.3f}: the low-energy part is dropped"))
     found += [(o["row"], o["why"]) for o in _robust_outliers(edited)]
     for r in rows:
-        if r["action"] != EDIT and any(why in r["reason"] for why in ("--min-rel-update", "NaN", "no update")):
+        if r["action"] != EDIT and any(
+            why in r["reason"] for why in ("--min-rel-update", "NaN", "no update", "differs from base")
+        ):
             found.append((r, f"not edited: {r['reason']}"))
     found.sort(key=lambda item: order[item[0]["name"]])
     return [{"name": r["name"], "kind": r["kind"], "layer": r["layer"], "why": why} for r, why in found]
+
+
+def row_outputs(row: dict[str, Any]) -> list[str]:
+    """The output tensors a report row's checksum covers (an adapter's module: [A', B'(, bias')])."""
+    return row.get("outputs") or [row["name"]]
 
 
 def totals(
@@ -130,6 +138,7 @@ def totals(
     return {
         "tensors": len(jobs),
         "tensors_done": len(rows),
+        "output_tensors": len({name for r in rows for name in row_outputs(r)}),  # what OUT holds (verify counts)
         "edited": edited,
         "copied": len(rows) - edited,
         "dropped": len(dropped),

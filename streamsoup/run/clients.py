@@ -31,8 +31,7 @@ from ..numerics.hostlinalg import set_threads
 from ..options import MergeOptions
 from ..paths import expand_path
 from ..planning.budget import CPU, DEVICE, GPU_SLOTS, RAM, Budget, MiB, to_mib, workers_budget
-from ..tasks.devices import PLUGIN_NAME as DEVICES_PLUGIN
-from ..tasks.devices import DeviceLanes
+from ..tasks.devices import install_pool
 from ..units import format_size
 
 log = logging.getLogger(__name__)
@@ -43,6 +42,8 @@ OURS = (CPU, DEVICE, RAM)
 LIMIT_SHARE = 0.7
 #: share of the available memory of a worker machine without limits, split between its limitless workers
 AVAILABLE_SHARE = 0.7
+#: workers whose memory for tasks is within this share of the largest's are said to have the same
+SAME_RAM = 0.95
 #: how long to wait for the first worker, and for every worker to take the plugin
 WORKER_WAIT_S = 120
 
@@ -91,7 +92,7 @@ def local_client(budget: Budget, dashboard: str = "") -> Iterator[Client]:
     client = Client(cluster)
     try:
         if budget.lanes.devices:
-            client.register_plugin(DeviceLanes(budget.lanes.devices), name=DEVICES_PLUGIN)
+            client.run(install_pool, devices=budget.lanes.devices)
         yield client
     finally:
         client.close()
@@ -247,15 +248,13 @@ def cluster_client(opts: MergeOptions) -> Iterator[Client]:
                 "start some with `dask worker " + address + "`"
             ) from None
         client.register_plugin(LaneResources(), name=PLUGIN_NAME)
-        client.register_plugin(DeviceLanes(), name=DEVICES_PLUGIN)
         yield client
     finally:
         if client.status == "running":  # else the scheduler is gone (a call would wait out the timeout)
-            for plugin in (PLUGIN_NAME, DEVICES_PLUGIN):
-                try:
-                    client.unregister_worker_plugin(plugin)
-                except Exception:  # the cluster may be gone: nothing to clean
-                    pass
+            try:
+                client.unregister_worker_plugin(PLUGIN_NAME)
+            except Exception:  # the cluster may be gone: nothing to clean
+                pass
         client.close()
 
 
@@ -277,15 +276,17 @@ def cluster_budget(client: Client, opts: MergeOptions) -> Budget:
     return workers_budget(worker_resources(client), facts, opts, scheduler_address(opts))
 
 
+def ram_span(rams_mib: list[float]) -> str:
+    """'8.00 GiB', or '2.00 GiB to 8.00 GiB' when the workers differ by more than their own RSS does (workers of
+    one memory limit are within SAME_RAM of each other)."""
+    low, high = min(rams_mib) * MiB, max(rams_mib) * MiB
+    return format_size(high) if low >= SAME_RAM * high else f"{format_size(low)} to {format_size(high)}"
+
+
 def describe(client: Client, budget: Budget, address: str) -> str:
     """One line: where we run and what the workers give us."""
     resources = worker_resources(client)
-    rams = sorted(r.get(RAM, 0) for r in resources.values())
-    span = (
-        format_size(rams[0] * MiB)
-        if rams[0] == rams[-1]
-        else f"{format_size(rams[0] * MiB)} to {format_size(rams[-1] * MiB)}"
-    )
+    span = ram_span([r.get(RAM, 0) for r in resources.values()])
     line = (
         f"cluster {address}: {len(resources)} worker(s), {budget.lanes.cpu} CPU lane(s), "
         f"{len(budget.lanes.devices)} GPU lane(s), {span} per worker for tensors"

@@ -31,7 +31,7 @@ from ..numerics.hostmemory import configure_process
 from ..options import MergeOptions
 from ..planning.budget import Budget, LoadMark, machine_info, make_budget, usable_cores
 from ..planning.cost import calibrate, estimate
-from ..planning.planner import MergePlan, plan_merge
+from ..planning.planner import MergePlan, check_values, plan_merge
 from ..planning.prepare import Schedule, Target, prepare
 from ..reporting import REPORT_NAME, MergeSummary, run_head
 from ..tasks.result import TaskContext, TensorResult
@@ -103,7 +103,9 @@ def run_merge(
     if out.exists():
         return existing_output(out, fingerprint)
     check_output(out, plan, opts.work_dir)
+    check_not_running(writer.partial_dir(out))
     plan_side_files(plan)  # an unreadable or outside side file is found now, not after all the compute
+    check_values(plan)
     try:
         return _attempt(Request(plan, out, fingerprint, run_binding(plan), fresh, progress, start, load))
     except OSError as exc:
@@ -206,6 +208,7 @@ def _locked_run(attempt: Attempt) -> MergeSummary:
         resumed=resumed,
         warnings=plan.warnings,
         estimated_seconds=attempt.estimate,
+        output_tensors=len(plan.layout.placements),
     )
 
 
@@ -253,6 +256,15 @@ def state_location(work_dir: str, out: Path, partial: Path) -> Path:
     return root / f"streamsoup-state-{out.name}-{digest}"
 
 
+def check_not_running(partial: Path) -> None:
+    """Refuse at once while another merge holds OUT.partial (before this one calibrates or says its start line)."""
+    holder = RunLock.holder(partial) if owned.is_dir(partial) else None
+    if holder is not None:
+        raise UsageError(
+            f"another streamsoup merge ({holder}) is writing {partial}; wait for it to finish or stop it first"
+        )
+
+
 def claim_partial(partial: Path, out: Path) -> None:
     """Make OUT.partial, marked as this OUT's; an existing one is used only if streamsoup made it for OUT."""
     if not os.path.lexists(partial):
@@ -261,11 +273,7 @@ def claim_partial(partial: Path, out: Path) -> None:
             return
         except FileExistsError:  # made by a concurrent merge of this OUT just now: its marker decides
             time.sleep(0.2)
-    holder = RunLock.holder(partial) if owned.is_dir(partial) else None
-    if holder is not None:
-        raise UsageError(
-            f"another streamsoup merge ({holder}) is writing {partial}; wait for it to finish or stop it first"
-        )
+    check_not_running(partial)
     if not owned.owned(partial, out, "partial"):
         what = (
             "a symlink"

@@ -19,6 +19,7 @@ from ..io.runlock import LOCK_NAME
 from ..io.sidefiles import SideFile, copy_side_files, side_file, side_files
 from ..io.state import POINTER_NAME, STATE_NAME, RunState, describe_changes, is_state_entry, kept_line
 from ..planning.planner import MergePlan
+from ..planning.preflight import model_config
 from ..reporting import REPORT_NAME, SPECTRA_NAME, MergeSummary, read_report, write_report, write_spectra
 from ..reporting.card import CARD_NAME, CardSource, model_card, read_config
 from ..reporting.record import Outcome, assemble
@@ -37,7 +38,7 @@ def finish(plan: MergePlan, partial: Path, out: Path, results: list[TensorResult
     if plan.dequantized:
         unquantized_config(partial)
     if plan.save == "adapter":
-        writer.write_json(partial / ADAPTER_CONFIG, plan.adapter.reweighed_config())
+        writer.write_json(partial / ADAPTER_CONFIG, plan.adapter.reweighed_config(plan.base_model_id))
     index = plan.layout.index_json()
     if index is not None:
         writer.write_json(partial / INDEX_NAME, index)
@@ -54,7 +55,14 @@ def finish(plan: MergePlan, partial: Path, out: Path, results: list[TensorResult
     report = assemble(state.head, state.attempts, [r.as_dict() for r in results], outcome)
     report["shards"] = plan.layout.records()
     write_report(partial, report)
-    source = CardSource(finetuned_card(plan), read_config(partial), plan.save == "adapter")
+    source = CardSource(
+        finetuned_card(plan),
+        read_config(partial),
+        read_config(partial, ADAPTER_CONFIG) if plan.save == "adapter" else None,
+        model_config(plan.base),
+        plan.base_model_id,
+        plan.base_model_from,
+    )
     writer.write_text(partial / CARD_NAME, model_card(report, source))
     fault_point("publish.before-rename")
     if not writer.publish(partial, out):

@@ -211,9 +211,12 @@ class Adapter:
                 except (regex.error, TypeError) as exc:
                     raise bad(f"a {name} key", key, f"a valid regular expression ({exc})") from None
 
-    def reweighed_config(self) -> dict:
-        """The config of the reweighed adapter: same modules and ranks, scaling 1 everywhere (alpha = r)."""
+    def reweighed_config(self, base_model_id: str = "") -> dict:
+        """The config of the reweighed adapter: same modules and ranks, scaling 1 everywhere (alpha = r); the base
+        model named by its Hub repo id when one is known (a local path there does not load elsewhere)."""
         config = dict(self.config)
+        if base_model_id:
+            config["base_model_name_or_path"] = base_model_id
         ranks = dict(config.get("rank_pattern") or {})
         config.update(lora_alpha=config.get("r", 8), alpha_pattern=ranks, use_rslora=False, use_dora=False)
         return config

@@ -31,6 +31,23 @@ def parse_repo_id(spec: str) -> tuple[str, str | None] | None:
     return match.group("repo"), match.group("revision")
 
 
+def cache_repo_id(root: Path) -> tuple[str, str] | None:
+    """(repo id, commit) of a Hugging Face cache snapshot (``.../models--org--name/snapshots/<commit>``, or a file
+    in one), else None."""
+    folder = root if root.is_dir() else root.parent
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent.name[len("models--") :].replace("--", "/"), folder.name
+    return None
+
+
+def hub_model_id(value: object) -> str | None:
+    """`value` when it can name a model on the Hub as metadata does (``org/name``: no revision, no path); a bare
+    name or a path that a training run wrote into a config is not taken for one."""
+    if not isinstance(value, str) or "@" in value or ".." in value or "--" in value or len(value) > 96:
+        return None
+    return value if parse_repo_id(value) is not None else None
+
+
 def resolve_repo(spec: str, role: str) -> Path:
     """The local snapshot folder of a repo id: from the cache, else (when online) downloaded."""
     try:

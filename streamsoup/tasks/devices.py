@@ -8,32 +8,41 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import threading
 from collections.abc import Iterator
 
 import torch
 from distributed import get_worker
-from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..planning.budget import GPU_SLOTS
 
-PLUGIN_NAME = "streamsoup-devices"
+#: where a worker keeps its DevicePool (`Worker.extensions`): one per worker process, shared by every merge that
+#: runs there (the "device" resource admits that many tasks, whichever merge they belong to), never removed
+EXTENSION = "streamsoup-devices"
 
 
 class DevicePool:
     """The device lanes of one worker process: a task takes a free device and gives it back.
 
     dask admits at most as many device tasks as there are device lanes, so a free device always
-    exists when a task asks.
+    exists when a task asks. CUDA is initialised at the first task, not before: a worker that never
+    runs one never touches its GPUs.
     """
 
     def __init__(self, devices: tuple[str, ...]) -> None:
+        self.devices = devices
         self._free: queue.SimpleQueue[str] = queue.SimpleQueue()
         for d in devices:
             self._free.put(d)
-        warm_up(devices)
+        self._warm = threading.Lock()
+        self._warmed = False
 
     @contextlib.contextmanager
     def lane(self) -> Iterator[str]:
+        with self._warm:
+            if not self._warmed:
+                warm_up(self.devices)
+                self._warmed = True
         device = self._free.get(timeout=600)
         try:
             yield device
@@ -41,30 +50,27 @@ class DevicePool:
             self._free.put(device)
 
 
-class DeviceLanes(WorkerPlugin):
-    """Gives each worker its DevicePool: a local merge's device lanes, or (a cluster's worker) the GPUs it sees,
-    GPU_SLOTS lanes each; a task finds it on its worker (`device_pool`)."""
+def visible_lanes() -> tuple[str, ...]:
+    """A cluster worker's device lanes: the GPUs it sees, GPU_SLOTS each (declared lanes on a machine without one
+    compute on its CPU)."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = tuple(f"cuda:{i}" for i in range(gpus)) or ("cpu",)
+    return tuple(d for d in visible for _ in range(GPU_SLOTS))
 
-    name = PLUGIN_NAME
 
-    def __init__(self, devices: tuple[str, ...] | None = None) -> None:
-        self.devices = devices
-        self.pool: DevicePool | None = None
-
-    def setup(self, worker: object) -> None:
-        if self.devices is None:
-            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            visible = tuple(f"cuda:{i}" for i in range(gpus)) or ("cpu",)
-            self.devices = tuple(d for d in visible for _ in range(GPU_SLOTS))
-        self.pool = DevicePool(self.devices)
+def install_pool(dask_worker, devices: tuple[str, ...]) -> None:
+    """Give a worker the device lanes of a local merge (client.run calls it on the in-process worker)."""
+    dask_worker.extensions[EXTENSION] = DevicePool(devices)
 
 
 def device_pool() -> DevicePool:
-    """The device lanes of the worker this task runs on."""
-    plugin = get_worker().plugins.get(PLUGIN_NAME)
-    if not isinstance(plugin, DeviceLanes) or plugin.pool is None:
-        raise RuntimeError("a device task ran on a worker without streamsoup's device lanes")
-    return plugin.pool
+    """The device lanes of the worker this task runs on: a local merge's, or made at a cluster worker's first
+    device task from the GPUs it sees."""
+    extensions = get_worker().extensions
+    pool = extensions.get(EXTENSION)
+    if pool is None:
+        pool = extensions.setdefault(EXTENSION, DevicePool(visible_lanes()))  # two first tasks: one pool kept
+    return pool
 
 
 def warm_up(devices: tuple[str, ...]) -> None:

@@ -32,7 +32,7 @@ def merge_lowrank(job: TensorJob, options: EditOptions, files: writer.OutputFile
     with watch("read"):
         left, right = factors(update, job.base.shape)
     if not finite(left, right):
-        reason = nonfinite_inputs(job, update.a, options, f"the LoRA factors of {update.module!r}")
+        reason = nonfinite_inputs(job, update.a, options)
         _, crc = _write_merged(job, files, (left, right), watch, finite=False)  # W1 = W0 + c B A, as peft has it
         return copied(job, watch, reason, crc)
     with watch("eigh"):

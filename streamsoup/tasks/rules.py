@@ -39,13 +39,17 @@ def skip_reason(dw_sq: float, w0_sq: float, options: EditOptions) -> tuple[str, 
     return "", shown
 
 
-def nonfinite_inputs(job: TensorJob, culprit: TensorRef, options: EditOptions, what: str = "") -> str:
+#: the same for an adapter's factors
+FIX_ADAPTER_OR_COPY = "fix the adapter, or rerun with --allow-nonfinite to write the fine-tune's values unchanged"
+
+
+def nonfinite_inputs(job: TensorJob, culprit: TensorRef, options: EditOptions) -> str:
     """NaN/Inf in an input of a tensor to edit: the reason it is copied (--allow-nonfinite), or the refusal naming
-    the checkpoint file that holds them (`what`: the part that holds them, when not the whole tensor)."""
+    the checkpoint file that holds them (an adapter's factors, when they are the culprit)."""
     if options.allow_nonfinite:
         return NONFINITE_COPIED
-    if what:
-        raise nonfinite(culprit.path, f"{what} contain", FIX_OR_COPY)
+    if job.lora is not None and culprit is job.lora.a:
+        raise nonfinite(culprit.path, f"the LoRA factors of {job.lora.module!r} contain", FIX_ADAPTER_OR_COPY)
     raise nonfinite(culprit.path, f"tensor {job.name!r} contains", FIX_OR_COPY)
 
 
