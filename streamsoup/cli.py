@@ -47,6 +47,8 @@ def _add_option_flags(parser: argparse.ArgumentParser, options: list[Field]) -> 
         kwargs: dict = dict(dest=f.name, default=None, help=f"{f.metadata['help']}{_default_text(f)}")
         if isinstance(f.default, bool):
             kwargs["action"] = "store_true"
+        elif f.metadata.get("patterns"):
+            kwargs.update(action="append", metavar="REGEX")
         elif f.metadata.get("const"):
             kwargs.update(nargs="?", const=f.metadata["const"], metavar="ADDR")
         elif f.metadata.get("choices"):

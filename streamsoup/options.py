@@ -48,12 +48,13 @@ def _opt(
     plan: bool = True,
     shown: str | None = None,
     const: str | None = None,
+    patterns: bool = False,
 ) -> Any:
     """A field with the metadata the CLI builds its flags from.
 
     `output`: changes the result bytes (part of the resume fingerprint); `plan`: `streamsoup plan`
     uses it too; `shown`: the default as the help text shows it ("" for none); `const`: the flag's value
-    when given without one (`--dashboard`).
+    when given without one (`--dashboard`); `patterns`: a list of regular expressions, the flag repeatable.
     """
     meta = {
         "help": help,
@@ -64,6 +65,7 @@ def _opt(
         "plan": plan,
         "shown": shown,
         "const": const,
+        "patterns": patterns,
     }
     return field(default=default, metadata=meta)
 
@@ -147,6 +149,19 @@ class MergeOptions:
     )
     work_dir: str = _opt(
         "", "where the Zarr resume state lives", path=True, output=False, plan=False, shown="inside OUT.partial"
+    )
+    exclude: tuple[str, ...] = _opt(
+        (),
+        "leave tensors whose name REGEX finds (Python re.search) unedited: the fine-tune's values, e.g. "
+        "'embed_tokens|lm_head' or 'mlp\\.gate\\.' for MoE routers; repeatable",
+        patterns=True,
+        shown="",
+    )
+    only: tuple[str, ...] = _opt(
+        (),
+        "edit only tensors whose name one of these REGEXes finds; the others keep the fine-tune's values; repeatable",
+        patterns=True,
+        shown="every edit candidate",
     )
     base_model_id: str = _opt(
         "",
@@ -240,11 +255,21 @@ class MergeOptions:
         return options
 
     def output_fingerprint(self) -> dict[str, Any]:
-        """The options that change the output bytes (lane and thread counts do not)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["output"]}
+        """The options that change the output bytes (lane and thread counts do not), as JSON keeps them."""
+        return {k: v for k, v in self.as_dict().items() if fields_by_name()[k].metadata["output"]}
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every option as JSON keeps it (patterns as lists), so a stored copy compares equal."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def kept_by(self, name: str) -> str:
+        """Why --exclude / --only keep tensor `name` unedited ("" when they let it be edited)."""
+        for pattern in self.exclude:
+            if re.search(pattern, name):
+                return f"kept unedited: --exclude {pattern!r}"
+        if self.only and not any(re.search(pattern, name) for pattern in self.only):
+            return "kept unedited: matches no --only pattern"
+        return ""
 
     @classmethod
     def plan_fields(cls) -> list[dataclasses.Field]:
@@ -252,11 +277,17 @@ class MergeOptions:
         return [f for f in fields(cls) if f.metadata["plan"]]
 
 
+def fields_by_name() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in fields(MergeOptions)}
+
+
 def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    if f.metadata.get("patterns"):
+        return _patterns(f.name, value)
     if f.metadata.get("size"):
         return None if value in (None, "auto") else parse_size(value, f.name)
     if f.metadata.get("path"):
@@ -273,6 +304,25 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     except (TypeError, ValueError, OverflowError):
         noun = {int: "an integer", float: "a number"}.get(kind, f"a {kind.__name__}")
         raise OptionError(f.name, f"must be {noun}, got {value!r}") from None
+
+
+#: the longest pattern of --exclude / --only (a tensor name is a few hundred characters at most)
+MAX_PATTERN = 1000
+
+
+def _patterns(name: str, value: Any) -> tuple[str, ...]:
+    """A regular expression or a list of them, each compiled once to refuse a broken one by name."""
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+        raise OptionError(name, f"must be a regular expression or a list of them, got {value!r}")
+    for pattern in values:
+        if not pattern or len(pattern) > MAX_PATTERN:
+            raise OptionError(name, f"must be a non-empty regular expression of at most {MAX_PATTERN} characters")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise OptionError(name, f"{pattern!r} is not a valid regular expression ({exc})") from None
+    return tuple(values)
 
 
 class YamlAlias(ValueError):

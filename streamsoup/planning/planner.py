@@ -149,6 +149,20 @@ def plan_merge(
     base: str | Path | Checkpoint, finetuned: str | Path | Checkpoint | Adapter, options: MergeOptions
 ) -> MergePlan:
     """Pair, decide and lay out from headers; refuse inputs that cannot make a right model (preflight.py)."""
+    plan = _paired(base, finetuned, options)
+    return replace(plan, jobs=tuple(filtered(job, options) for job in plan.jobs))
+
+
+def filtered(job: TensorJob, options: MergeOptions) -> TensorJob:
+    """An edit candidate that --exclude / --only keep unedited: the fine-tune's values, with the rule as reason
+    (an adapter's module: the fine-tune's W0 + scale B A, or its factors; tasks/lora.py)."""
+    rule = options.kept_by(job.name) if job.action == EDIT else ""
+    return replace(job, action=COPY, reason=rule) if rule else job
+
+
+def _paired(
+    base: str | Path | Checkpoint, finetuned: str | Path | Checkpoint | Adapter, options: MergeOptions
+) -> MergePlan:
     base_ckpt = open_base(base)
     ft = open_finetuned(finetuned)
     check_not_adapter(base_ckpt, "BASE")

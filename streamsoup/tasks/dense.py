@@ -34,7 +34,7 @@ from ..numerics.spectral import (
     svd_spectrum,
 )
 from ..options import EditOptions
-from ..planning.planner import TensorJob
+from ..planning.planner import COPY, TensorJob
 from ..planning.schedule import Execution
 from .result import Edit, Stopwatch, TaskContext, TensorResult, copied, edited
 from .rules import copied_as_is, nonfinite_copy, nonfinite_inputs, skip_reason
@@ -50,6 +50,10 @@ def merge_dense(
     with watch("read"):
         w0 = read_tensor(job.base)
         w1 = materialize(job.lora, w0) if job.lora is not None else read_tensor(job.finetuned)
+    if job.action == COPY:  # kept unedited by --exclude / --only: an adapter's W1, as peft makes it
+        with watch("write"):
+            crc = _write_fine_tune(job, files, w1, not options.allow_nonfinite)
+        return copied(job, watch, job.reason, crc)
     src = MemoryRows(w0, w1, device)
     sums = gram_pass(src, options.spectral, watch)
     reason, rel = decide(sums, options, job)

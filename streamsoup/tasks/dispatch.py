@@ -19,7 +19,7 @@ from ..io import writer
 from ..numerics.hostlinalg import set_threads
 from ..numerics.hostmemory import release_memory
 from ..options import EditOptions
-from ..planning.planner import COPY, EDIT, TensorJob
+from ..planning.planner import COPY, TensorJob
 from ..planning.schedule import Execution
 from .dense import copy_fine_tune, merge_dense, merge_streamed
 from .devices import device_pool, device_stream
@@ -94,11 +94,11 @@ def _merge_tensor(
     watch = Stopwatch()
     if job.bias is not None and not job.factors_out:
         return write_bias(job, files, watch)
-    if job.action == COPY:
+    if job.action == COPY and job.lora is None:
         with watch("write"):
             crc = copy_fine_tune(job, files, not options.allow_nonfinite)
         return copied(job, watch, job.reason, crc)
-    assert job.action == EDIT and job.base is not None
+    assert job.base is not None  # an edit, or an adapter's module that --exclude / --only keep
     if job.lowrank:
         return merge_lowrank(job, options, files, watch)  # I/O-bound: on the host, whatever the lane
     with device_pool().lane() if execution.lane == "device" else contextlib.nullcontext("cpu") as device:

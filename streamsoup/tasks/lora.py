@@ -20,7 +20,7 @@ from ..io.dtypes import torch_dtype
 from ..numerics.lowrank import LowRankSVD, factors, finite, lowrank_svd, reweighed_factors, row_blocks, weights
 from ..numerics.monosoup import Coefficients, coefficients
 from ..options import EditOptions
-from ..planning.planner import TensorJob
+from ..planning.planner import COPY, TensorJob
 from .dense import merge_dense
 from .result import Edit, Stopwatch, TensorResult, copied, edited
 from .rules import nonfinite_bias, nonfinite_inputs, skip_reason
@@ -41,7 +41,8 @@ def merge_lowrank(job: TensorJob, options: EditOptions, files: writer.OutputFile
     m, n = matrix_shape(job.base.shape)
     spectrum = svd.padded(min(m, n))
     dw_sq = float(spectrum.square().sum())
-    coef = coefficients(spectrum, options.rank_rule, options.energy) if dw_sq > 0 else None
+    kept = job.action == COPY  # --exclude / --only: the fine-tune's update, unweighed
+    coef = coefficients(spectrum, options.rank_rule, options.energy) if dw_sq > 0 and not kept else None
     if job.factors_out:
         return _write_factors(job, options, files, svd, coef, watch)
     if update.base_copy is not None and not _same_values(job):
@@ -50,6 +51,8 @@ def merge_lowrank(job: TensorJob, options: EditOptions, files: writer.OutputFile
     rel = None
     if not math.isfinite(w0_sq):
         reason = nonfinite_inputs(job, job.base, options)
+    elif kept:
+        reason = job.reason
     else:
         reason, rel = skip_reason(dw_sq, w0_sq, options)
         if not reason:
@@ -157,7 +160,7 @@ def _write_factors(
     with watch("write"):
         crc = writer.write_tensor(files, job.placement, data)
     if coef is None:
-        return copied(job, watch, "update energy below eps: the factors are kept (scaled)", crc)
+        return copied(job, watch, job.reason or "update energy below eps: the factors are kept (scaled)", crc)
     spectrum = svd.padded(min(matrix_shape(job.base.shape)))
     return edited(job, options, watch, Edit(coef, spectrum, "lowrank", crc, None))
 
