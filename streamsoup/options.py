@@ -85,6 +85,13 @@ class MergeOptions:
         "what OUT holds: the merged model, or (FINETUNED a LoRA adapter) a PEFT adapter of the same ranks",
         choices=("model", "adapter"),
     )
+    dtype: str = _opt(
+        "keep",
+        "dtype of OUT's float tensors: keep (each the fine-tune's), or bf16, fp16, fp32 for all of them; edited ones "
+        "are the float64 result rounded once (to nearest, ties to even), copied ones the fine-tune's values "
+        "converted once",
+        choices=("keep", "bf16", "fp16", "fp32"),
+    )
     spectral: str = _opt(
         "auto",
         "how the spectrum is computed: exact Gram eigendecomposition, full SVD, or auto (fastest exact path)",

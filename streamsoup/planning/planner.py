@@ -109,9 +109,14 @@ def editable(ref: TensorRef) -> bool:
 
 #: what a decoded (quantized) fine-tune's weights are written as
 DECODED_OUT = "BF16"
+#: --dtype's names, as safetensors names them
+OUT_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 
 
-def out_dtype(ref: TensorRef) -> str:
+def out_dtype(ref: TensorRef, target: str = "keep") -> str:
+    """What a tensor is written as: --dtype for every float tensor, else the input's (bf16 for a decoded one)."""
+    if target != "keep" and editable(ref):
+        return OUT_DTYPES[target]
     return DECODED_OUT if ref.decoded else ref.dtype
 
 
@@ -182,12 +187,13 @@ def _paired(
     base_ckpt, ft, renamed = without_ddp_prefix(base_in.ckpt, ft_in.ckpt)
     check_stacking_known(base_ckpt, "BASE")
     experts = check_stacking_known(ft, "FINETUNED")
-    specs = (TensorSpec(r.name, out_dtype(r), r.shape) for r in ft.values())
+    specs = (TensorSpec(r.name, out_dtype(r, options.dtype), r.shape) for r in ft.values())
     layout = ShardLayout.plan(specs, options.shard_size)
     check_shard_count(layout, options.shard_size)
     jobs: list[TensorJob] = []
     for ref in ft.values():
-        jobs.extend(tensor_jobs(len(jobs), ref, base_ckpt.get(ref.name), layout.placements[ref.name], experts))
+        placement = layout.placements[ref.name]
+        jobs.extend(tensor_jobs(len(jobs), ref, base_ckpt.get(ref.name), placement, experts, options.dtype))
     dropped = tuple(name for name in base_ckpt if name not in ft)
     warning = check_pairing(base_ckpt, ft, sum(j.action == EDIT for j in jobs))
     side, borrowed = side_roots(base_ckpt, ft)
@@ -243,10 +249,10 @@ def hub_base(options: MergeOptions, base: Checkpoint, adapter: Adapter | None) -
 
 
 def tensor_jobs(
-    index: int, ref: TensorRef, base: TensorRef | None, placement: Placement, experts: int | None
+    index: int, ref: TensorRef, base: TensorRef | None, placement: Placement, experts: int | None, target: str
 ) -> list[TensorJob]:
     """The job of one output tensor, or of each expert of a stacked one (numbered from `index`)."""
-    dtype = out_dtype(ref) if ref.decoded else ""
+    dtype = out_dtype(ref, target) if ref.decoded or target != "keep" else ""
     if stacked_vectors(ref, experts):
         return [
             TensorJob(
@@ -347,10 +353,16 @@ def plan_adapter(base: Checkpoint, adapter: Adapter, options: MergeOptions) -> M
     if not found.updates and not found.full:
         raise InputError(f"FINETUNED {adapter.root} holds no LoRA factors and no full tensors: nothing to merge")
     if options.save == "adapter":
+        if options.dtype != "keep":
+            raise OptionError(
+                "dtype",
+                f"{options.dtype} is for a merged model; --save adapter writes the factors in the adapter's own "
+                "dtypes (peft casts them when it loads): leave --dtype out, or use --save model",
+            )
         drafts, side = _adapter_output(base, adapter, found), (adapter.root,)
         layout_size, single = 2**62, ADAPTER_WEIGHTS  # peft reads one adapter_model.safetensors
     else:
-        drafts, side = _model_output(base, found), (base.root, adapter.root)
+        drafts, side = _model_output(base, found, options.dtype), (base.root, adapter.root)
         layout_size, single = options.shard_size, None
         side = tuple(p for p in side if p.is_dir())
     layout = ShardLayout.plan((s for d in drafts for s in d.specs), layout_size, single)
@@ -389,10 +401,10 @@ def plan_adapter(base: Checkpoint, adapter: Adapter, options: MergeOptions) -> M
     )
 
 
-def _model_output(base: Checkpoint, found: AdapterTensors) -> list[_Draft]:
+def _model_output(base: Checkpoint, found: AdapterTensors, target: str) -> list[_Draft]:
     drafts = []
     for name, ref in base.items():
-        dtype = out_dtype(ref)  # the base's, or bf16 for a quantized base's decoded weights
+        dtype = out_dtype(ref, target)  # the base's (bf16 for a quantized base's decoded weights), or --dtype
         spec = [TensorSpec(name, dtype, ref.shape)]
         if name in found.updates:
             drafts.append(_Draft(name, ref, ref, EDIT, LORA_REASON, spec, lora=found.updates[name], dtype=dtype))
@@ -402,7 +414,8 @@ def _model_output(base: Checkpoint, found: AdapterTensors) -> list[_Draft]:
             if action == EDIT:
                 drafts.append(_Draft(name, full, ref, EDIT, "", spec, dtype=dtype))
             else:
-                drafts.append(_Draft(name, full, ref, COPY, reason, [TensorSpec(name, full.dtype, full.shape)]))
+                kept = out_dtype(full, target)
+                drafts.append(_Draft(name, full, ref, COPY, reason, [TensorSpec(name, kept, full.shape)], dtype=kept))
         elif name in found.biases:
             reason = "1-D tensor: the fine-tune's bias (base bias + lora_B.bias * scaling) is written"
             drafts.append(_Draft(name, ref, ref, COPY, reason, spec, bias=found.biases[name], dtype=dtype))
@@ -415,12 +428,15 @@ def _model_output(base: Checkpoint, found: AdapterTensors) -> list[_Draft]:
                     COPY,
                     "not changed by the adapter: the base's tensor",
                     spec,
-                    dtype=dtype if ref.decoded else "",
+                    dtype=dtype,
                 )
             )
     for name, full in found.full.items():
         if name not in base:
-            drafts.append(_Draft(name, full, None, COPY, "not in base", [TensorSpec(name, full.dtype, full.shape)]))
+            kept = out_dtype(full, target)
+            drafts.append(
+                _Draft(name, full, None, COPY, "not in base", [TensorSpec(name, kept, full.shape)], dtype=kept)
+            )
     return drafts
 
 

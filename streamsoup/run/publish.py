@@ -37,6 +37,8 @@ def finish(plan: MergePlan, partial: Path, out: Path, results: list[TensorResult
     copy_side_files(plan_side_files(plan), partial)
     if plan.dequantized:
         unquantized_config(partial)
+    if plan.options.dtype != "keep":
+        retyped_config(partial, plan.options.dtype)
     if plan.save == "adapter":
         writer.write_json(partial / ADAPTER_CONFIG, plan.adapter.reweighed_config(plan.base_model_id))
     index = plan.layout.index_json()
@@ -78,6 +80,22 @@ def unquantized_config(partial: Path) -> None:
     if config is not None and "quantization_config" in config:
         del config["quantization_config"]
         writer.write_json(partial / "config.json", config)
+
+
+#: --dtype's names, as a transformers config.json names them
+CONFIG_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def retyped_config(partial: Path, dtype: str) -> None:
+    """OUT's tensors are all `dtype` (--dtype): its config.json says so, as `from_pretrained(dtype="auto")` reads
+    it (the key the file has, "dtype" or the older "torch_dtype"; "dtype" when it has neither)."""
+    config = read_config(partial)
+    if config is None:
+        return
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+    for key in keys:
+        config[key] = CONFIG_DTYPES[dtype]
+    writer.write_json(partial / "config.json", config)
 
 
 def plan_side_files(plan: MergePlan) -> list[SideFile]:
