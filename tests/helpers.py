@@ -310,7 +310,25 @@ def expected_merge(base: Path, ft: Path, rule: str = "entropy", energy: float = 
     from reference import monosoup_reference
 
     b, f = load_folder(folder_of(base)), load_folder(folder_of(ft))
-    return {name: monosoup_reference(b[name], w1, rule, energy) if name in b else None for name, w1 in f.items()}
+    expected = {}
+    for name, w1 in f.items():
+        w0 = b.get(name)
+        if w0 is not None and resized(w0, w1):  # the README's rule: the base's rows edited, the added ones kept
+            expected[name] = monosoup_reference(w0, w1[: w0.shape[0]], rule, energy)
+        else:
+            expected[name] = monosoup_reference(w0, w1, rule, energy) if w0 is not None else None
+    return expected
+
+
+def resized(w0, w1) -> bool:
+    """A matrix the fine-tune grew by rows (a vocabulary that gained tokens), as the README defines it."""
+    return (
+        w0.dim() == w1.dim() == 2
+        and w0.shape[1] == w1.shape[1]
+        and w1.shape[0] > w0.shape[0] > 0
+        and w0.is_floating_point()
+        and w1.is_floating_point()
+    )
 
 
 def assert_merged_exactly(
@@ -319,6 +337,7 @@ def assert_merged_exactly(
     """Every output tensor against the float64 reference (`expected_merge`, or the same computed once and
     passed in); copies byte-identical. Returns the report."""
     import pytest
+    import torch
     from conftest import load_folder, raw_bytes
     from reference import assert_within_rounding
 
@@ -335,7 +354,9 @@ def assert_merged_exactly(
             assert rows[name]["action"] == "edit", name
             assert rows[name]["k"] == exp.k and rows[name]["rank"] == exp.rank, name
             assert rows[name]["lambda_high"] == pytest.approx(exp.lambda_high, abs=1e-9), name
-            assert_within_rounding(o[name], exp, name)
+            shared = exp.values.shape[0]  # all rows, or a resized matrix's first (the base's) ones
+            assert_within_rounding(o[name][:shared], exp, name)
+            assert torch.equal(o[name][shared:], w1[shared:]), f"{name}: the added rows are the fine-tune's"
         else:
             assert rows[name]["action"] == "copy", name
             assert o_raw[name] == f_raw[name], f"{name}: copied tensor is not byte-identical"

@@ -34,7 +34,8 @@ def test_awkward_pair_is_exact(awkward_pair, tmp_path, rule, energy, spectral):
     actions = {r["name"]: (r["action"], r["reason"]) for r in report["tensors"]}
     assert actions["model.layers.0.mlp.up_proj.weight"][0] == "copy"  # frozen: zero update
     assert "min-rel-update" in actions["multi_modal_projector.linear.weight"][1]  # 1e-9 relative update
-    assert "differs from base" in actions["model.embed_tokens.weight"][1]
+    assert actions["model.embed_tokens.weight"][0] == "edit"  # a resized vocabulary: the base's rows edited
+    assert "8 added rows kept as the fine-tune's" in actions["model.embed_tokens.weight"][1]
     assert actions["score.weight"] == ("copy", "not in base")
     assert actions["vision_tower.patch_embed.proj.weight"][0] == "edit"  # 4-D conv kernel
     assert actions["model.layers.0.self_attn.v_proj.weight"][0] == "edit"  # fp32 base, bf16 fine-tune

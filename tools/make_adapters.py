@@ -113,13 +113,18 @@ def make(out: Path, arch: str = "llama", variant: str = "plain", steps: int = 4,
     return base_dir, adapter_dir
 
 
-def make_finetune(out: Path, arch: str = "llama", steps: int = 4, seed: int = 0) -> tuple[Path, Path]:
-    """A full fine-tune (every weight trained a few AdamW steps): bf16 sharded base and fine-tune under `out`."""
+def make_finetune(
+    out: Path, arch: str = "llama", steps: int = 4, seed: int = 0, added_tokens: int = 0
+) -> tuple[Path, Path]:
+    """A full fine-tune (every weight trained a few AdamW steps): bf16 sharded base and fine-tune under `out`;
+    `added_tokens` grows the fine-tune's vocabulary first (embeddings and lm_head), as a chat template's do."""
     out = Path(out)
     base_dir, ft_dir = out / "base", out / "finetuned"
     model = tiny_model(arch, seed)
     model.to(torch.bfloat16).save_pretrained(base_dir, max_shard_size="40KB")
     model.to(torch.float32)
+    if added_tokens:
+        model.resize_token_embeddings(model.config.vocab_size + added_tokens, mean_resizing=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # a fine-tune-sized step: weights move by a few percent
     g = torch.Generator().manual_seed(seed + 1)
     for _ in range(steps):

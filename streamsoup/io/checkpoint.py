@@ -89,6 +89,21 @@ class TensorRef:
             scale=scale,
         )
 
+    def rows(self, start: int, stop: int) -> TensorRef:
+        """Rows start:stop of a 2-D tensor stored as it is (not encoded): in a row-major tensor (or a view) the
+        first rows of [V, h] are a [V0, h] tensor's own bytes."""
+        if len(self.shape) != 2 or self.decoded or not 0 <= start < stop <= self.shape[0]:
+            raise ValueError(f"rows {start}:{stop} of {self.name} {list(self.shape)} ({self.encoding or self.dtype})")
+        item = self.nbytes // max(self.numel, 1)
+        step = self.stride[0] if self.stride is not None else self.shape[1]
+        return replace(
+            self,
+            name=f"{self.name}[{start}:{stop}]",
+            shape=(stop - start, self.shape[1]),
+            offset=self.offset + start * step * item,
+            nbytes=(stop - start) * self.shape[1] * item,
+        )
+
     @property
     def span(self) -> int:
         """Bytes from the first element's to the end of the last one's: what lies inside the file."""

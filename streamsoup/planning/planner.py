@@ -49,6 +49,18 @@ class TensorJob:
     factors_out: bool = False  # --save adapter: write the reweighed factors [A', B'(, bias')] at `placement`
     outputs: tuple[str, ...] = ()  # the output tensors the slot holds, when not just `name`
     part: tuple[int, int] | None = None  # (expert, experts): one expert's slice of the stacked tensor outputs[0]
+    shared_rows: int = 0  # > 0: the fine-tune has rows past the base's (a resized vocabulary): MonoSoup edits
+    #                       these first rows against BASE and the rest are written as the fine-tune has them
+
+    @property
+    def edit_source(self) -> TensorRef:
+        """The fine-tune's matrix MonoSoup works on: the tensor, or its rows the base has too."""
+        return self.finetuned.rows(0, self.shared_rows) if self.shared_rows else self.finetuned
+
+    @property
+    def added_rows(self) -> TensorRef | None:
+        """The fine-tune's rows past the base's, written unchanged after the edited ones."""
+        return self.finetuned.rows(self.shared_rows, self.finetuned.shape[0]) if self.shared_rows else None
 
     @property
     def key(self) -> str:
@@ -120,6 +132,15 @@ def out_dtype(ref: TensorRef, target: str = "keep") -> str:
     return DECODED_OUT if ref.decoded else ref.dtype
 
 
+def resized_rows(ft: TensorRef, base: TensorRef | None) -> int:
+    """The base's row count when the fine-tune has the same matrix with rows added (embeddings and lm_head of a
+    vocabulary that grew: chat templates' tokens), else 0."""
+    if base is None or len(ft.shape) != 2 or len(base.shape) != 2 or ft.decoded or base.decoded:
+        return 0
+    grew = ft.shape[1] == base.shape[1] and ft.shape[0] > base.shape[0] > 0
+    return base.shape[0] if grew and editable(ft) and editable(base) else 0
+
+
 def pair_action(ft: TensorRef, base: TensorRef | None) -> tuple[str, str]:
     """MonoSoup edits float matrices present in both checkpoints with equal shapes; all else is copied."""
     if base is None:
@@ -143,7 +164,7 @@ def check_values(plan: MergePlan) -> None:
         check_not_blank(plan.base, [j.base for j in lora], "BASE")
         check_adapter_trained(plan.adapter.root, [j.lora for j in lora])
         return
-    pairs = [(j.base, j.finetuned) for j in plan.edits if j.base is not None]
+    pairs = [(j.base, j.edit_source) for j in plan.edits if j.base is not None]
     check_not_blank(plan.base, [b for b, _ in pairs], "BASE")
     check_not_blank(plan.finetuned, [f for _, f in pairs], "FINETUNED")
     check_values_differ(plan.base, plan.finetuned, pairs)
@@ -267,8 +288,11 @@ def tensor_jobs(
             )
         ]
     if not stacked(ref, experts):
-        action, reason = pair_action(ref, base)
-        return [TensorJob(index, ref.name, ref, base, action, reason, placement, dtype=dtype)]
+        shared = resized_rows(ref, base)
+        action, reason = pair_action(ref.rows(0, shared) if shared else ref, base)
+        if action != EDIT:
+            shared, reason = 0, reason if not shared else f"{reason} (its first {shared} rows, the base's)"
+        return [TensorJob(index, ref.name, ref, base, action, reason, placement, dtype=dtype, shared_rows=shared)]
     assert experts is not None
     size = placement.nbytes // experts
     same = base is not None and base.shape == ref.shape

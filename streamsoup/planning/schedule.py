@@ -56,7 +56,7 @@ EIGH_FLOPS_PER_C3 = 7
 
 def edit_matrix(job: TensorJob) -> tuple[int, int]:
     """(rows, c) of the tall matrix X an edit works on (an expert's job holds its own 2-D slice)."""
-    m, n = matrix_shape(job.finetuned.shape)
+    m, n = matrix_shape(job.edit_source.shape)
     return max(m, n), min(m, n)
 
 
@@ -89,8 +89,8 @@ def groupable(job: TensorJob, execution: Execution) -> bool:
 
 def _elem_bytes(job: TensorJob) -> int:
     """Native bytes per element of one block: base + fine-tune read, output written."""
-    n = max(job.finetuned.numel, 1)
-    return job.base.held_bytes // n + 2 * (job.finetuned.held_bytes // n)
+    n = max(job.edit_source.numel, 1)
+    return job.base.held_bytes // n + 2 * (job.edit_source.held_bytes // n)
 
 
 def lowrank_execution(job: TensorJob, budget: Budget) -> Execution:
@@ -124,9 +124,9 @@ def execution_for(job: TensorJob, budget: Budget) -> Execution:
         return lowrank_execution(job, budget)
     if job.action == COPY:
         return Execution(lane="cpu" if lanes.cpu else "device", ram=min(IO_CHUNK, max(job.finetuned.held_bytes, 1)))
-    m, n = matrix_shape(job.finetuned.shape)
+    m, n = matrix_shape(job.edit_source.shape)
     rows, cols = max(m, n), min(m, n)
-    on_device = bool(lanes.devices) and (not lanes.cpu or job.finetuned.numel >= DEVICE_MIN_ELEMENTS)
+    on_device = bool(lanes.devices) and (not lanes.cpu or job.edit_source.numel >= DEVICE_MIN_ELEMENTS)
     gpu = on_device and any(d.startswith("cuda") for d in lanes.devices)
     vram_budget = lanes.vram_share(budget.max_vram)
     if gpu and in_memory_bytes(rows, cols, 0, 0) > vram_budget:  # eigensolve + one micro block on the GPU
@@ -140,14 +140,14 @@ def execution_for(job: TensorJob, budget: Budget) -> Execution:
             )
         on_device = gpu = False
     lane = "device" if on_device else "cpu"
-    native = job.base.held_bytes + job.finetuned.held_bytes * 2
+    native = job.base.held_bytes + job.edit_source.held_bytes * 2
     if gpu:  # float64 work lives on the GPU: host RAM holds native bytes only
         vram = in_memory_bytes(rows, cols, 0, 0)
         if native <= budget.task_ram:
             return Execution(lane, 0, native, vram)
         br = fit_block_rows(budget.task_ram + eigh_bytes(cols), rows, cols, _elem_bytes(job))
         return Execution(lane, br, br * cols * _elem_bytes(job), vram)
-    need = in_memory_bytes(rows, cols, job.base.held_bytes + job.finetuned.held_bytes, job.finetuned.held_bytes)
+    need = in_memory_bytes(rows, cols, job.base.held_bytes + job.edit_source.held_bytes, job.edit_source.held_bytes)
     if need <= budget.task_ram:
         return Execution(lane, 0, need)
     br = fit_block_rows(budget.task_ram, rows, cols, _elem_bytes(job))

@@ -119,6 +119,8 @@ def outliers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             why in r["reason"] for why in ("--min-rel-update", "NaN", "no update", "differs from base")
         ):
             found.append((r, f"not edited: {r['reason']}"))
+        elif r["action"] == EDIT and "added rows kept" in r["reason"]:
+            found.append((r, f"a resized vocabulary: {r['reason'].split('; ', 1)[1]}"))
     found.sort(key=lambda item: order[item[0]["name"]])
     return [{"name": r["name"], "kind": r["kind"], "layer": r["layer"], "why": why} for r, why in found]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -18,6 +19,7 @@ from ..faults import fault_point
 from ..io import writer
 from ..io.checkpoint import matrix_shape, read_block, read_tensor
 from ..io.dtypes import tensor_has_nonfinite, torch_dtype
+from ..io.layout import Placement
 from ..io.records import StateDamaged
 from ..io.tensorprogress import TensorProgress
 from ..numerics.lowrank import materialize, row_blocks
@@ -49,7 +51,7 @@ def merge_dense(
     watch.on(device)
     with watch("read"):
         w0 = read_tensor(job.base)
-        w1 = materialize(job.lora, w0) if job.lora is not None else read_tensor(job.finetuned)
+        w1 = materialize(job.lora, w0) if job.lora is not None else read_tensor(job.edit_source)
     if job.action == COPY:  # kept unedited by --exclude / --only: an adapter's W1, as peft makes it
         with watch("write"):
             crc = _write_fine_tune(job, files, w1, not options.allow_nonfinite)
@@ -66,8 +68,54 @@ def merge_dense(
     del sums
     out = reweighed(src, spectrum, coef, torch_dtype(job.out_dtype), watch)
     with watch("write"):
-        crc = writer.write_tensor(files, job.placement, out)
+        crc = write_edited(files, job, out)
     return edited(job, options, watch, Edit(coef, spectrum.s, spectrum.path, crc, rel, device))
+
+
+def write_edited(files: writer.OutputFiles, job: TensorJob, out: torch.Tensor) -> int:
+    """The edited tensor into its slot, followed (a resized vocabulary) by the fine-tune's added rows."""
+    if not job.shared_rows:
+        return writer.write_tensor(files, job.placement, out)
+    slot = writer.SlotWriter(files, job.placement)
+    try:
+        slot.write(out)
+        for block in _added_rows(job):
+            slot.write(block)
+        return slot.close()
+    except writer.NonFiniteOutput:
+        slot.abort()
+        raise nonfinite_copy(job) from None  # the edit is finite: the added rows do not fit the output dtype
+    except BaseException:
+        slot.abort()
+        raise
+
+
+def _added_rows(job: TensorJob) -> Iterator[torch.Tensor]:
+    """The fine-tune's rows past the base's, in row blocks, in the output dtype."""
+    added = job.added_rows
+    assert added is not None
+    for row, stop in row_blocks(*matrix_shape(added.shape)):
+        yield read_block(added, row, stop, False).to(torch_dtype(job.out_dtype))
+
+
+def write_added_rows(files: writer.OutputFiles, job: TensorJob) -> None:
+    """A streamed edit's added rows, after its edited blocks (the slot's checksum is read back whole)."""
+    added = job.added_rows
+    if added is None:
+        return
+    edited_bytes = job.placement.nbytes // job.finetuned.shape[0] * job.shared_rows
+    where = Placement(job.placement.file, job.placement.offset + edited_bytes, job.placement.nbytes - edited_bytes)
+    slot = writer.SlotWriter(files, where)
+    try:
+        for block in _added_rows(job):
+            slot.write(block)
+        slot.close()
+    except writer.NonFiniteOutput:
+        slot.abort()
+        raise nonfinite_copy(job) from None
+    except BaseException:
+        slot.abort()
+        raise
 
 
 def decide(sums: GramSums, options: EditOptions, job: TensorJob) -> tuple[str, float | None]:
@@ -80,6 +128,8 @@ def decide(sums: GramSums, options: EditOptions, job: TensorJob) -> tuple[str, f
 
 def _write_fine_tune(job: TensorJob, files: writer.OutputFiles, w1: torch.Tensor, check_finite: bool) -> int:
     """The fine-tune's tensor unchanged: its bytes, or (an adapter's W1 in another dtype) rounded once."""
+    if job.shared_rows:  # `w1` holds only the rows the base has
+        return copy_fine_tune(job, files, check_finite)
     if job.lora is None and job.out_dtype == job.finetuned.dtype and not job.finetuned.decoded:
         return writer.copy_tensor(job.finetuned, files, job.placement, check_finite)
     out = w1.to(torch_dtype(job.out_dtype))
@@ -163,7 +213,7 @@ def merge_streamed(
     Saved progress counts only once it verifies: the Gram and the basis against their crc32c, and
     every block of rows written before a kill against the crc32c recorded when it was written.
     """
-    ref = job.finetuned
+    ref = job.edit_source
     shape, dtype = matrix_shape(ref.shape), torch_dtype(job.out_dtype)
     watch.on(device)
     src = DiskRows(job.base, ref, execution.block_rows, device, watch)
@@ -200,6 +250,7 @@ def merge_streamed(
         fault_point("block")
     src.release()
     with watch("write"):
+        write_added_rows(files, job)
         crc = writer.slot_crc(files.folder, job.placement)
     return edited(job, options, watch, Edit(coef, s, "gram", crc, saved["rel"], device, src.n_blocks))
 

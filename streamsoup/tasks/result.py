@@ -153,6 +153,9 @@ def edited(job: TensorJob, options: EditOptions, watch: Stopwatch, edit: Edit) -
     reason = f"k={c.k} of rank {c.rank} ({options.rank_rule} rule)"
     if edit.spectral == "lowrank":
         reason += f", LoRA rank {job.lora.rank}"
+    if job.shared_rows:
+        added = job.finetuned.shape[0] - job.shared_rows
+        reason += f"; edited rows 0:{job.shared_rows} (the base's), {added} added rows kept as the fine-tune's"
     return _row(
         job,
         watch,
