@@ -170,6 +170,12 @@ class MergeOptions:
         patterns=True,
         shown="every edit candidate",
     )
+    split_fused: bool = _opt(
+        False,
+        "edit fused projections as their logical matrices: gate_up_proj as gate and up, in_proj_weight and "
+        "qkv_proj (as many query as key/value heads) as q, k and v; so a model gives the same numbers whichever "
+        "of the two layouts it was saved in",
+    )
     base_model_id: str = _opt(
         "",
         "the base model's Hugging Face repo id (org/name) for OUT's model card and adapter config; found without it "

@@ -9,12 +9,9 @@ Stacked tensors are found from the name and config.json's expert count, never fr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 from ..errors import InputError
 from ..io.checkpoint import Checkpoint, TensorRef
-from .preflight import model_config
+from .preflight import config_tree, model_config
 
 #: config keys that give a mixture-of-experts model's expert count
 EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -22,17 +19,9 @@ EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_
 EXPERTS = "experts"
 
 
-def _walk(config: Any) -> Iterator[dict]:
-    """The config and the configs nested in it (a multimodal model keeps its text model's in text_config)."""
-    if isinstance(config, dict):
-        yield config
-        for value in config.values():
-            yield from _walk(value)
-
-
 def expert_count(ckpt: Checkpoint) -> int | None:
     """The number of experts config.json declares (any nesting), None for a dense model."""
-    for config in _walk(model_config(ckpt)):
+    for config in config_tree(model_config(ckpt)):
         for key in EXPERT_KEYS:
             if isinstance(config.get(key), int) and config[key] > 1:
                 return config[key]

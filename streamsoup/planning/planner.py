@@ -15,6 +15,7 @@ from ..sources import Adapter, open_base, open_finetuned
 from ..sources.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterTensors, resolve
 from ..sources.hub import cache_repo_id, hub_model_id
 from .experts import check_stacking_known, stacked, stacked_vectors
+from .fused import row_parts
 from .preflight import (
     check_adapter_trained,
     check_not_adapter,
@@ -212,13 +213,17 @@ def _paired(
     layout = ShardLayout.plan(specs, options.shard_size)
     check_shard_count(layout, options.shard_size)
     jobs: list[TensorJob] = []
+    config, notes = model_config(ft), {}
     for ref in ft.values():
         placement = layout.placements[ref.name]
-        jobs.extend(tensor_jobs(len(jobs), ref, base_ckpt.get(ref.name), placement, experts, options.dtype))
+        made, note = tensor_jobs(len(jobs), ref, base_ckpt.get(ref.name), placement, experts, options, config)
+        jobs.extend(made)
+        if note:
+            notes[note] = None  # each kind of fused tensor said once
     dropped = tuple(name for name in base_ckpt if name not in ft)
     warning = check_pairing(base_ckpt, ft, sum(j.action == EDIT for j in jobs))
     side, borrowed = side_roots(base_ckpt, ft)
-    warnings = tuple(w for w in (renamed, warning, *decoded_lines(base_in, ft_in), borrowed) if w)
+    warnings = tuple(w for w in (renamed, warning, *decoded_lines(base_in, ft_in), borrowed, *notes) if w)
     return MergePlan(
         base_ckpt,
         ft,
@@ -270,42 +275,50 @@ def hub_base(options: MergeOptions, base: Checkpoint, adapter: Adapter | None) -
 
 
 def tensor_jobs(
-    index: int, ref: TensorRef, base: TensorRef | None, placement: Placement, experts: int | None, target: str
-) -> list[TensorJob]:
-    """The job of one output tensor, or of each expert of a stacked one (numbered from `index`)."""
-    dtype = out_dtype(ref, target) if ref.decoded or target != "keep" else ""
+    index: int,
+    ref: TensorRef,
+    base: TensorRef | None,
+    placement: Placement,
+    experts: int | None,
+    options: MergeOptions,
+    config: dict,
+) -> tuple[list[TensorJob], str]:
+    """The job of one output tensor, or of each expert of a stacked one, or (--split-fused) of each logical
+    matrix of a fused one (numbered from `index`); and a line when a fused tensor is edited whole."""
+    dtype = out_dtype(ref, options.dtype) if ref.decoded or options.dtype != "keep" else ""
     if stacked_vectors(ref, experts):
-        return [
-            TensorJob(
-                index,
-                ref.name,
-                ref,
-                base,
-                COPY,
-                f"{experts} experts' 1-D tensors stacked (each one is copied, as a bias is)",
-                placement,
-                dtype=dtype,
-            )
-        ]
-    if not stacked(ref, experts):
+        reason = f"{experts} experts' 1-D tensors stacked (each one is copied, as a bias is)"
+        return [TensorJob(index, ref.name, ref, base, COPY, reason, placement, dtype=dtype)], ""
+    count = experts if stacked(ref, experts) else 1
+    split, note = (0, "")
+    if options.split_fused and not ref.decoded and len(ref.shape) in (2, 3) and (count > 1 or len(ref.shape) == 2):
+        split, note = row_parts(ref.name, ref.shape[-2], ref.shape[-1], config)
+    if count == 1 and not split:
         shared = resized_rows(ref, base)
         action, reason = pair_action(ref.rows(0, shared) if shared else ref, base)
         if action != EDIT:
             shared, reason = 0, reason if not shared else f"{reason} (its first {shared} rows, the base's)"
-        return [TensorJob(index, ref.name, ref, base, action, reason, placement, dtype=dtype, shared_rows=shared)]
-    assert experts is not None
-    size = placement.nbytes // experts
+        job = TensorJob(index, ref.name, ref, base, action, reason, placement, dtype=dtype, shared_rows=shared)
+        return [job], note
     same = base is not None and base.shape == ref.shape
+    parts = count * max(split, 1)
+    size = placement.nbytes // parts
     jobs = []
-    for e in range(experts):
-        part, base_part = ref.part(e, experts), base.part(e, experts) if same else None
+    for i in range(parts):
+        e, piece = divmod(i, max(split, 1))
+        part = ref.part(e, count) if count > 1 else ref
+        base_part = (base.part(e, count) if count > 1 else base) if same else None
+        if split:
+            step = part.shape[0] // split
+            part = part.rows(piece * step, (piece + 1) * step)
+            base_part = base_part.rows(piece * step, (piece + 1) * step) if base_part is not None else None
         action, reason = pair_action(part, base_part)
         if base is not None and not same:
             action, reason = COPY, f"shape {list(ref.shape)} differs from base {list(base.shape)}"
-        where = Placement(placement.file, placement.offset + e * size, size)
+        where = Placement(placement.file, placement.offset + i * size, size)
         jobs.append(
             TensorJob(
-                index + e,
+                index + i,
                 part.name,
                 part,
                 base_part,
@@ -314,10 +327,10 @@ def tensor_jobs(
                 where,
                 dtype=dtype,
                 outputs=(ref.name,),
-                part=(e, experts),
+                part=(i, parts),
             )
         )
-    return jobs
+    return jobs, note
 
 
 def decoded_lines(base: Decoded, ft: Decoded | None) -> list[str]:

@@ -14,8 +14,10 @@ import os
 import shutil
 import statistics
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -88,6 +90,14 @@ def model_config(ckpt: Checkpoint) -> dict:
             f"{path} {exc}; a model's config.json is a small JSON object: fix it, or download the model again"
         ) from None
     return config if isinstance(config, dict) else {}
+
+
+def config_tree(config: Any) -> Iterator[dict]:
+    """A config and the configs nested in it (a multimodal model keeps its text model's in text_config)."""
+    if isinstance(config, dict):
+        yield config
+        for value in config.values():
+            yield from config_tree(value)
 
 
 def model_shape_words(ckpt: Checkpoint) -> str:
