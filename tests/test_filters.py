@@ -138,3 +138,27 @@ def test_an_adapters_kept_modules_are_the_fine_tunes(lora, tmp_path, save):
     for name in kept:
         ulp = torch.finfo(torch.bfloat16).eps * w1[name].abs().max()
         assert (merged[name].to(torch.float64) - w1[name]).abs().max() <= ulp, name
+
+
+def test_verifys_repair_command_repeats_the_filters(finetune, tmp_path):
+    """A damaged OUT: verify's one line says how to write it again, --exclude / --only / --dtype included."""
+    import os
+    import shlex
+
+    base, ft = finetune
+    out = tmp_path / "out"
+    flags = ["--exclude", "lm_head", "--exclude", r"mlp\.down", "--only", "layers", "--dtype", "fp32"]
+    assert run("merge", base, ft, out, *flags, "-q").returncode == 0
+    expected = {n: t.clone() for n, t in load_folder(out).items()}
+    shard = sorted(out.glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    bad = run("verify", out, "-q")
+    assert bad.returncode == 1
+    move, merge = bad.stderr.strip().split("write it again: ", 1)[1].split(" && ")
+    os.rename(*shlex.split(move)[1:])
+    words = shlex.split(merge)
+    assert words.count("--exclude") == 2 and "--only" in words and "--dtype" in words, merge
+    assert run(*words[1:], "-q").returncode == 0
+    assert all(torch.equal(t, expected[n]) for n, t in load_folder(out).items())

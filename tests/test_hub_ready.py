@@ -77,7 +77,11 @@ def test_the_cards_loading_code_runs_for_an_adapter(lora, tmp_path, task_type):
     base, adapter = lora
     adapter = with_task_type(adapter, tmp_path / "adapter", task_type)
     out = tmp_path / "out"
-    assert run("merge", base, adapter, out, "--save", "adapter", "-q").returncode == 0
+    proc = run("merge", base, adapter, out, "--save", "adapter")
+    assert proc.returncode == 0, proc.stderr
+    verified = run("verify", out).stdout  # 'verified N tensors': merge counts OUT's tensors as verify does
+    tensors = int(verified.split()[1])
+    assert f"matrices into {tensors} tensors" in proc.stdout and tensors == len(load_folder(out)), proc.stdout
     code = card_code(out)
     assert ("AutoModelForCausalLM" if task_type else "LlamaForCausalLM") in code, code
     model = run_card_code(out)["model"]

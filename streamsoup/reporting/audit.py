@@ -221,14 +221,17 @@ def verify_output(out: str | Path, progress: bool = False) -> VerifyResult:
 def merge_command(document: dict[str, Any], out: Path) -> str:
     """The `streamsoup merge` that writes OUT again: its inputs and every option that changes the bytes and is
     not the default (the others only change how fast)."""
-    defaults = MergeOptions()
+    defaults = MergeOptions().as_dict()  # as the report records them (patterns as lists)
     recorded = document.get("options") or {}
     words = ["streamsoup", "merge", str(document["base"]), str(document["finetuned"]), str(out)]
     for f in fields(MergeOptions):
-        value = recorded.get(f.name, getattr(defaults, f.name))
-        if not f.metadata["output"] or value == getattr(defaults, f.name):
+        value = recorded.get(f.name, defaults[f.name])
+        if not f.metadata["output"] or value == defaults[f.name]:
             continue
-        words += [flag_name(f.name)] if value is True else [flag_name(f.name), str(value)]
+        if f.metadata["patterns"]:  # a repeatable flag
+            words += [w for pattern in value for w in (flag_name(f.name), str(pattern))]
+        else:
+            words += [flag_name(f.name)] if value is True else [flag_name(f.name), str(value)]
     return shlex.join(words)
 
 
