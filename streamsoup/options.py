@@ -7,11 +7,13 @@ import difflib
 import importlib.util
 import os
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import regex
 import yaml
 
 from .errors import OptionError, UsageError
@@ -275,12 +277,13 @@ class MergeOptions:
         """Every option as JSON keeps it (patterns as lists), so a stored copy compares equal."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
-    def kept_by(self, name: str) -> str:
-        """Why --exclude / --only keep tensor `name` unedited ("" when they let it be edited)."""
+    def kept_by(self, name: str, deadline: float) -> str:
+        """Why --exclude / --only keep tensor `name` unedited ("" when they let it be edited); `deadline`
+        (time.monotonic()) bounds all the matching of a plan."""
         for pattern in self.exclude:
-            if re.search(pattern, name):
+            if pattern_finds(pattern, name, deadline, "exclude"):
                 return f"kept unedited: --exclude {pattern!r}"
-        if self.only and not any(re.search(pattern, name) for pattern in self.only):
+        if self.only and not any(pattern_finds(p, name, deadline, "only") for p in self.only):
             return "kept unedited: matches no --only pattern"
         return ""
 
@@ -321,6 +324,24 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
 
 #: the longest pattern of --exclude / --only (a tensor name is a few hundred characters at most)
 MAX_PATTERN = 1000
+#: seconds one --exclude / --only pattern may take on one tensor name, and all of them on a whole plan
+PATTERN_SECONDS = 1.0
+PATTERNS_SECONDS = 10.0
+
+
+def pattern_finds(pattern: str, name: str, deadline: float, option: str) -> bool:
+    """regex.search under a time limit: a pattern that backtracks for ever is refused by name, not a hang."""
+    left = deadline - time.monotonic()
+    try:
+        if left <= 0:
+            raise TimeoutError
+        return regex.search(pattern, name, timeout=min(PATTERN_SECONDS, left)) is not None
+    except TimeoutError:
+        raise OptionError(
+            option,
+            f"{pattern!r} takes too long to match the tensor names (more than {PATTERNS_SECONDS:g} s in all, or "
+            f"{PATTERN_SECONDS:g} s on {name!r}): simplify it",
+        ) from None
 
 
 def _patterns(name: str, value: Any) -> tuple[str, ...]:
@@ -332,8 +353,8 @@ def _patterns(name: str, value: Any) -> tuple[str, ...]:
         if not pattern or len(pattern) > MAX_PATTERN:
             raise OptionError(name, f"must be a non-empty regular expression of at most {MAX_PATTERN} characters")
         try:
-            re.compile(pattern)
-        except re.error as exc:
+            regex.compile(pattern)
+        except (regex.error, ValueError, OverflowError, RecursionError) as exc:
             raise OptionError(name, f"{pattern!r} is not a valid regular expression ({exc})") from None
     return tuple(values)
 

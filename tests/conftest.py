@@ -135,7 +135,7 @@ def _pair(shape, dtype, g):
 @pytest.fixture(scope="session")
 def big_pair(tmp_path_factory) -> tuple[Path, Path]:
     """Tensors whose whole working set passes the budget: tall, wide, conv, fp32, an embedding the fine-tune grew
-    by 8 rows (a resized vocabulary), plus a small one."""
+    by 24000 rows (a resized vocabulary, Chinese-LLaMA's proportion), plus a small one."""
 
     def make(root: Path) -> list[str]:
         g = torch.Generator().manual_seed(0)
@@ -149,8 +149,11 @@ def big_pair(tmp_path_factory) -> tuple[Path, Path]:
         base, ft = {}, {}
         for name, shape, dtype in specs:
             base[name], ft[name] = _pair(shape, dtype, g)
-        base["embed.weight"], shared = _pair((30000, 512), torch.bfloat16, g)
-        ft["embed.weight"] = torch.cat([shared, (0.02 * torch.randn(8, 512, generator=g)).to(torch.bfloat16)])
+        base["model.embed_tokens.weight"], shared = _pair(
+            (40000, 512), torch.bfloat16, g
+        )  # grown by more than half: a row's
+        added = 0.02 * torch.randn(24000, 512, generator=g)  # place is not its share of the whole slot
+        ft["model.embed_tokens.weight"] = torch.cat([shared, added.to(torch.bfloat16)])
         for side, tensors in (("base", base), ("ft", ft)):
             (root / side).mkdir()
             save_file(tensors, root / side / "model.safetensors", metadata={"format": "pt"})

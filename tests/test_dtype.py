@@ -91,3 +91,27 @@ def test_dtype_is_for_a_merged_model(tmp_path_factory, tmp_path):
     merged = tmp_path / "merged"
     assert run("merge", base, adapter, merged, "--dtype", "fp32", "-q").returncode == 0
     assert {t.dtype for t in load_folder(merged).values() if t.is_floating_point()} == {torch.float32}
+
+
+def test_a_zero_d_tensor_and_an_overflow_that_allow_nonfinite_does_not_excuse(fp32_pair, tmp_path):
+    """A 0-d float (CLIP's logit_scale) converts like any tensor; a finite value fp16 cannot hold is refused
+    with --allow-nonfinite too (that flag lets the fine-tune's own NaN/Inf through, not new ones)."""
+    base, ft = fp32_pair
+    with_scalar = {}
+    for role, folder in (("base", base), ("ft", ft)):
+        copy = tmp_path / role
+        shutil.copytree(folder, copy)
+        tensors = load_folder(copy)
+        tensors["logit_scale"] = torch.tensor(2.6593, dtype=torch.float32)
+        save_file(tensors, copy / "model.safetensors")
+        with_scalar[role] = copy
+    out = tmp_path / "out"
+    assert run("merge", with_scalar["base"], with_scalar["ft"], out, "--dtype", "bf16", "-q").returncode == 0
+    scalar = load_folder(out)["logit_scale"]
+    assert scalar.dtype == torch.bfloat16 and scalar.shape == () and scalar == torch.tensor(2.6593).to(torch.bfloat16)
+    tensors = load_folder(with_scalar["ft"])
+    tensors["model.norm.weight"][0] = 1e6
+    save_file(tensors, with_scalar["ft"] / "model.safetensors")
+    proc = run("merge", with_scalar["base"], with_scalar["ft"], tmp_path / "o2", "--dtype", "fp16", "--allow-nonfinite")
+    assert_one_line_error(proc, proc.returncode, "tensor 'model.norm.weight'", "do not fit F16", "--dtype")
+    assert proc.returncode != 0 and not (tmp_path / "o2").exists()

@@ -159,6 +159,18 @@ def test_verifys_repair_command_repeats_the_filters(finetune, tmp_path):
     move, merge = bad.stderr.strip().split("write it again: ", 1)[1].split(" && ")
     os.rename(*shlex.split(move)[1:])
     words = shlex.split(merge)
-    assert words.count("--exclude") == 2 and "--only" in words and "--dtype" in words, merge
+    assert sum(w.startswith("--exclude=") for w in words) == 2 and "--only=layers" in words and "--dtype" in words
     assert run(*words[1:], "-q").returncode == 0
     assert all(torch.equal(t, expected[n]) for n, t in load_folder(out).items())
+
+
+def test_patterns_that_would_crash_hang_or_find_nothing(finetune, tmp_path):
+    """A regex too big to compile, too deep, or backtracking for ever is one line; a typo is said."""
+    base, ft = finetune
+    for bad in ("a{4294967296}", "(" * 499 + "a" + ")" * 499):
+        proc = run("merge", base, ft, tmp_path / "bad", "--exclude", bad)
+        assert_one_line_error(proc, 2, "--exclude", "not a valid regular expression")
+    slow = run("merge", base, ft, tmp_path / "slow", "--only", "(.*?){30}q{5}")
+    assert_one_line_error(slow, 2, "--only", "takes too long to match the tensor names")
+    typo = run("merge", base, ft, tmp_path / "typo", "--only", "mpl")
+    assert typo.returncode == 0 and "--only 'mpl' finds no tensor to edit" in typo.stderr, typo.stderr

@@ -170,3 +170,35 @@ def test_a_torch_save_fine_tune_gets_the_bases_config(finetune, tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert_holds_out(model.state_dict(), out)
     assert_holds_out(run_card_code(out)["model"].state_dict(), out)
+
+
+def test_hub_ids_and_class_names_from_configs_are_held_to_their_rules():
+    """A config's _name_or_path or architectures end up in metadata and in code the card asks users to run."""
+    from streamsoup.reporting.card import python_name
+    from streamsoup.reporting.kinds import locate
+    from streamsoup.sources.hub import hub_model_id
+
+    assert hub_model_id("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"
+    for bad in ("evil/x\n", "org/-x", "org/name.", "/abs/path", "./rel", "a/b/c", "org/name@main", "gpt2", "a/b..c"):
+        assert hub_model_id(bad) is None, bad
+    assert python_name("LlamaForCausalLM") and not python_name("lambda") and not python_name("X; import os")
+    assert (
+        locate("model.layers.0.self_attn.qkv_proj.weight[0:3072]").kind
+        == locate("model.layers.0.self_attn.qkv_proj.weight").kind
+    )
+    assert locate("model.layers.1.mlp.experts.gate_up_proj[3][0:64]").layer == 1
+
+
+def test_a_weights_file_inside_its_folder_borrows_nothing(finetune, tmp_path):
+    """FINETUNED given as a file of a model folder: not BASE's config either (it may not fit); said."""
+    base, ft = finetune
+    shards = sorted(ft.glob("*.safetensors"))
+    single = tmp_path / "ft"
+    single.mkdir()
+    torch.save(load_folder(ft), single / "pytorch_model.bin")
+    shutil.copy(ft / "config.json", single / "config.json")
+    out = tmp_path / "out"
+    proc = run("merge", base, single / "pytorch_model.bin", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "OUT gets no config or tokenizer" in proc.stderr and f"give FINETUNED's folder {single}" in proc.stderr
+    assert not (out / "config.json").exists() and shards

@@ -292,14 +292,16 @@ def test_views_bigger_than_the_budget_are_streamed_exactly(big_pair, big_expecte
     views["wide.weight"] = torch.cat([ft["wide.weight"], ft["wide.weight"][:, :7]], dim=1)[:, :40000]
     views["conv.weight"] = ft["conv.weight"].permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
     views["f32.weight"] = ft["f32.weight"].T.contiguous().T
-    views["embed.weight"] = ft["embed.weight"].T.contiguous().T  # its first rows (the base's) a strided slice
+    views["model.embed_tokens.weight"] = (
+        ft["model.embed_tokens.weight"].T.contiguous().T
+    )  # its first rows (the base's) a strided slice
     torch.save(views, tmp_path / "views.pt")
     del ft, views
     out = tmp_path / "out"
     proc = run("merge", base_dir, tmp_path / "views.pt", out, "--max-ram", "450MB", "--devices", "cpu", "-q")
     assert proc.returncode == 0, proc.stderr
     rows = report_rows(out)
-    streamed = ("tall.weight", "wide.weight", "conv.weight", "f32.weight", "embed.weight")
+    streamed = ("tall.weight", "wide.weight", "conv.weight", "f32.weight", "model.embed_tokens.weight")
     assert all(rows[n]["blocks"] > 1 for n in streamed), rows
     assert_merged_exactly(base_dir, ft_dir, out, expected=big_expected)
 

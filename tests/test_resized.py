@@ -49,3 +49,41 @@ def test_a_resized_tensor_below_min_rel_update_is_copied_whole(grown, tmp_path):
     w1s, got = load_folder(ft), load_folder(out)
     assert all(torch.equal(got[n], w1s[n]) for n in w1s)
     assert report_rows(out)["lm_head.weight"]["action"] == "copy"
+
+
+def test_nan_in_the_added_rows_is_refused_or_let_through_as_asked(grown, tmp_path):
+    """The added rows are copied: NaN/Inf in them is the fine-tune's (refused, or kept with --allow-nonfinite)."""
+    import shutil
+
+    from helpers import assert_one_line_error
+    from safetensors.torch import load_file, save_file
+
+    base, ft = grown
+    broken = tmp_path / "ft"
+    shutil.copytree(ft, broken)
+    shard = next(p for p in sorted(broken.glob("*.safetensors")) if "lm_head.weight" in load_file(p))
+    tensors = load_file(shard)
+    tensors["lm_head.weight"][-1, 0] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    proc = run("merge", base, broken, tmp_path / "out")
+    assert_one_line_error(proc, proc.returncode, "tensor 'lm_head.weight' contains NaN or Inf", "--allow-nonfinite")
+    assert proc.returncode != 0 and not (tmp_path / "out").exists()
+    allowed = tmp_path / "allowed"
+    assert run("merge", base, broken, allowed, "--allow-nonfinite", "-q").returncode == 0
+    got = load_folder(allowed)["lm_head.weight"]
+    assert torch.isnan(got[-1, 0]) and torch.isfinite(got[:-1]).all()
+
+
+def test_only_a_vocabulary_is_resized():
+    """A grown matrix that is not a vocabulary's (position embeddings, a classifier head) is copied whole."""
+    from streamsoup.io.checkpoint import TensorRef
+    from streamsoup.planning.planner import resized_rows
+
+    def ref(name, rows):
+        return TensorRef(name, "f", "BF16", (rows, 16), 0, rows * 32)
+
+    assert resized_rows(ref("model.embed_tokens.weight", 40), ref("model.embed_tokens.weight", 32)) == 32
+    assert resized_rows(ref("lm_head.weight", 40), ref("lm_head.weight", 32)) == 32
+    assert resized_rows(ref("model.embed_positions.weight", 40), ref("model.embed_positions.weight", 32)) == 0
+    assert resized_rows(ref("score.weight", 40), ref("score.weight", 32)) == 0
+    assert resized_rows(ref("lm_head.weight", 32), ref("lm_head.weight", 40)) == 0, "shrunk: not a resize"

@@ -29,9 +29,12 @@ def streamed_reference(big_pair, tmp_path_factory) -> tuple[Path, dict]:
 def test_streamed_tensors_are_exact(big_pair, big_expected, streamed_reference):
     out, _ = streamed_reference
     rows = report_rows(out)
-    for name in ("tall.weight", "wide.weight", "conv.weight", "f32.weight", "embed.weight"):
+    for name in ("tall.weight", "wide.weight", "conv.weight", "f32.weight", "model.embed_tokens.weight"):
         assert rows[name]["blocks"] > 1, f"{name} should have been streamed"
-    assert rows["embed.weight"]["action"] == "edit" and "8 added rows kept" in rows["embed.weight"]["reason"]
+    assert (
+        rows["model.embed_tokens.weight"]["action"] == "edit"
+        and "24000 added rows kept" in rows["model.embed_tokens.weight"]["reason"]
+    )
     assert rows["small.weight"]["blocks"] == 0
     assert_merged_exactly(*big_pair, out, expected=big_expected)
 

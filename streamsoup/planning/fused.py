@@ -35,7 +35,7 @@ def row_parts(name: str, rows: int, cols: int, config: dict) -> tuple[int, str]:
     not split). gate_up_proj: rows twice an intermediate size of config.json; in_proj_weight: [3 e, e];
     qkv_proj: [3 h, h] (as many query as key/value heads)."""
     kind = fused_kind(name)
-    if not kind:
+    if not kind or rows <= 0 or cols <= 0:
         return 0, ""
     if kind in COLUMN_FUSED:
         return 0, f"{kind} is fused along its columns ([in, 3 out]): --split-fused edits it whole"

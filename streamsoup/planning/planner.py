@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from ..io.checkpoint import Checkpoint, TensorRef
 from ..io.dtypes import is_float
 from ..io.layout import Placement, ShardLayout, TensorSpec
 from ..numerics.lowrank import BiasUpdate, LoraUpdate
-from ..options import MergeOptions
+from ..options import PATTERNS_SECONDS, MergeOptions, pattern_finds
 from ..sources import Adapter, open_base, open_finetuned
 from ..sources.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterTensors, resolve
 from ..sources.hub import cache_repo_id, hub_model_id
@@ -133,10 +134,18 @@ def out_dtype(ref: TensorRef, target: str = "keep") -> str:
     return DECODED_OUT if ref.decoded else ref.dtype
 
 
+#: the names of a vocabulary's matrices (the last module name): only these grow by the tokens a fine-tune adds
+VOCAB_MATRICES = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out", "tok_embeddings", "output")
+
+
 def resized_rows(ft: TensorRef, base: TensorRef | None) -> int:
-    """The base's row count when the fine-tune has the same matrix with rows added (embeddings and lm_head of a
-    vocabulary that grew: chat templates' tokens), else 0."""
-    if base is None or len(ft.shape) != 2 or len(base.shape) != 2 or ft.decoded or base.decoded:
+    """The base's row count when the fine-tune has the same vocabulary matrix with rows added (embeddings and
+    lm_head of a vocabulary that grew: chat templates' tokens), else 0. Other grown matrices (position embeddings
+    interpolated, a classifier with more labels) are not a vocabulary: copied, as before."""
+    module = ft.name.removesuffix(".weight").split(".")[-1]
+    if module not in VOCAB_MATRICES or base is None or len(ft.shape) != 2 or len(base.shape) != 2:
+        return 0
+    if ft.decoded or base.decoded:
         return 0
     grew = ft.shape[1] == base.shape[1] and ft.shape[0] > base.shape[0] > 0
     return base.shape[0] if grew and editable(ft) and editable(base) else 0
@@ -177,14 +186,30 @@ def plan_merge(
 ) -> MergePlan:
     """Pair, decide and lay out from headers; refuse inputs that cannot make a right model (preflight.py)."""
     plan = _paired(base, finetuned, options)
-    return replace(plan, jobs=tuple(filtered(job, options) for job in plan.jobs))
+    deadline = time.monotonic() + PATTERNS_SECONDS
+    jobs = tuple(filtered(job, options, deadline) for job in plan.jobs)
+    notes = [*unmatched(plan.jobs, options, deadline)]
+    if options.split_fused and plan.adapter is not None:
+        notes.append("--split-fused does not apply to a LoRA adapter's updates (each is low rank per module)")
+    return replace(plan, jobs=jobs, warnings=(*plan.warnings, *notes))
 
 
-def filtered(job: TensorJob, options: MergeOptions) -> TensorJob:
+def filtered(job: TensorJob, options: MergeOptions, deadline: float) -> TensorJob:
     """An edit candidate that --exclude / --only keep unedited: the fine-tune's values, with the rule as reason
     (an adapter's module: the fine-tune's W0 + scale B A, or its factors; tasks/lora.py)."""
-    rule = options.kept_by(job.name) if job.action == EDIT else ""
+    rule = options.kept_by(job.name, deadline) if job.action == EDIT else ""
     return replace(job, action=COPY, reason=rule) if rule else job
+
+
+def unmatched(jobs: tuple[TensorJob, ...], options: MergeOptions, deadline: float) -> list[str]:
+    """A pattern that finds no edit candidate is most likely a typo: said, as the merge goes on without it."""
+    names = [j.name for j in jobs if j.action == EDIT]
+    lines = []
+    for option, patterns in (("exclude", options.exclude), ("only", options.only)):
+        for pattern in patterns:
+            if not any(pattern_finds(pattern, name, deadline, option) for name in names):
+                lines.append(f"--{option} {pattern!r} finds no tensor to edit (names as `streamsoup plan` lists them)")
+    return lines
 
 
 def _paired(
@@ -223,6 +248,12 @@ def _paired(
     dropped = tuple(name for name in base_ckpt if name not in ft)
     warning = check_pairing(base_ckpt, ft, sum(j.action == EDIT for j in jobs))
     side, borrowed = side_roots(base_ckpt, ft)
+    if base_ckpt.root in side and any(j.shared_rows for j in jobs):  # BASE's vocab_size would not load OUT
+        side = tuple(r for r in side if r != base_ckpt.root)
+        borrowed = (
+            "FINETUNED has no config.json and a larger vocabulary than BASE: BASE's config would not load OUT, "
+            "so OUT gets no config or tokenizer; add the fine-tune's own config.json"
+        )
     warnings = tuple(w for w in (renamed, warning, *decoded_lines(base_in, ft_in), borrowed, *notes) if w)
     return MergePlan(
         base_ckpt,
@@ -233,7 +264,7 @@ def _paired(
         layout,
         warnings,
         side_roots=side,
-        dequantized=ft_in.format is not None or (base_in.format is not None and borrowed is not None),
+        dequantized=ft_in.format is not None or (base_in.format is not None and base_ckpt.root in side),
         **hub_base(options, base_ckpt, None),
     )
 
@@ -245,6 +276,11 @@ def side_roots(base: Checkpoint, ft: Checkpoint) -> tuple[tuple[Path, ...], str 
     own = (ft.root,) if ft.root.is_dir() else ()
     if (own and (ft.root / "config.json").is_file()) or not (base.root / "config.json").is_file():
         return own, None
+    if not own and (ft.root.parent / "config.json").is_file():  # a weights file given inside its model folder
+        return own, (
+            f"FINETUNED is the file {ft.root}: OUT gets no config or tokenizer (not BASE's, nor the files beside "
+            f"it); give FINETUNED's folder {ft.root.parent} to carry them"
+        )
     what = "a torch.save file" if not own else "a folder without one"
     return (base.root, *own), (
         f"FINETUNED has no config.json ({what}): OUT gets BASE's config, tokenizer and generation files from "
@@ -291,7 +327,8 @@ def tensor_jobs(
         return [TensorJob(index, ref.name, ref, base, COPY, reason, placement, dtype=dtype)], ""
     count = experts if stacked(ref, experts) else 1
     split, note = (0, "")
-    if options.split_fused and not ref.decoded and len(ref.shape) in (2, 3) and (count > 1 or len(ref.shape) == 2):
+    plain = not ref.decoded and (base is None or not base.decoded)  # encoded blocks are not cut into rows here
+    if options.split_fused and plain and len(ref.shape) in (2, 3) and (count > 1 or len(ref.shape) == 2):
         split, note = row_parts(ref.name, ref.shape[-2], ref.shape[-1], config)
     if count == 1 and not split:
         shared = resized_rows(ref, base)

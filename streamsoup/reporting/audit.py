@@ -229,7 +229,7 @@ def merge_command(document: dict[str, Any], out: Path) -> str:
         if not f.metadata["output"] or value == defaults[f.name]:
             continue
         if f.metadata["patterns"]:  # a repeatable flag
-            words += [w for pattern in value for w in (flag_name(f.name), str(pattern))]
+            words += [f"{flag_name(f.name)}={pattern}" for pattern in value]  # a pattern may start with "-"
         else:
             words += [flag_name(f.name)] if value is True else [flag_name(f.name), str(value)]
     return shlex.join(words)

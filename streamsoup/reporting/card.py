@@ -8,6 +8,7 @@ under its own heading, so nothing the fine-tune's authors wrote is lost or silen
 
 from __future__ import annotations
 
+import keyword
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import yaml
 
 from ..io.jsonfile import CONFIG_LIMIT, JsonFileError, read_json
 from ..options import yaml_without_aliases
-from .summary import format_spread
+from .summary import format_spread, shaping_flags
 
 CARD_NAME = "README.md"
 TAGS = ["monosoup", "merge", "streamsoup"]
@@ -101,6 +102,7 @@ def model_card(doc: dict[str, Any], source: CardSource) -> str:
     base, ft = source.base_model_id or input_id(doc["inputs"]["base"]), input_id(doc["inputs"]["finetuned"])
     ft_kind = " (a PEFT LoRA adapter)" if doc["inputs"]["finetuned"].get("kind") == "LoRA adapter" else ""
     rule = opts["rank_rule"] + (f", energy {opts['energy']:g}" if opts["rank_rule"] == "energy" else "")
+    flags = [*shaping_flags(opts), f"--spectral {opts['spectral']}"]
     lines = [
         "---",
         yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(),
@@ -110,18 +112,17 @@ def model_card(doc: dict[str, Any], source: CardSource) -> str:
         "",
         f"[MonoSoup]({PAPER}) (Abdollahpoorrostam, Dimitriadis, Hazimeh, Frossard, ICML 2026, *Model soups need only "
         f"one ingredient*) applied by streamsoup {doc['streamsoup']} to the fine-tune `{ft}`{ft_kind} of `{base}`. "
-        "Each weight matrix's fine-tuning update was split by its singular value decomposition into high-energy "
-        "and low-energy directions, re-weighed with the paper's data-free, layer-wise coefficients, and added "
-        "back to the base weights (exact float64 arithmetic, cast to the fine-tune's dtypes). No training and "
-        "no data were used.",
+        f"Each {'selected ' if opts.get('exclude') or opts.get('only') else ''}weight matrix's fine-tuning update "
+        "was split by its singular value decomposition into high-energy and low-energy directions, re-weighed "
+        "with the paper's data-free, layer-wise coefficients, and added back to the base weights (exact float64 "
+        f"arithmetic, {cast_words(opts)}). No training and no data were used.",
         "",
         "| | |",
         "| --- | --- |",
         f"| base model | `{base}`{base_note(source)} |",
         f"| fine-tune | `{ft}`{ft_kind} |",
         f"| rank rule | {rule} |",
-        f"| options | `--min-rel-update {opts['min_rel_update']:g}`, `--spectral {opts['spectral']}`, "
-        f"`--save {opts['save']}` |",
+        f"| options | {', '.join(f'`{flag}`' for flag in flags)} |",
         f"| tensors | {s['tensors']}: {s['edited']} edited, {s['copied']} copied, {s['dropped']} dropped |",
         f"| made by | streamsoup {doc['streamsoup']} (when and where: `streamsoup_report.json`) |",
         "",
@@ -166,6 +167,16 @@ def utf8_text(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def cast_words(opts: dict[str, Any]) -> str:
+    dtype = opts.get("dtype", "keep")
+    return "cast to the fine-tune's dtypes" if dtype == "keep" else f"rounded once to {dtype}"
+
+
+def python_name(value: object) -> bool:
+    """A name the loading code can import and call (a class name from a config is not trusted)."""
+    return isinstance(value, str) and value.isidentifier() and not keyword.iskeyword(value)
+
+
 def base_note(source: CardSource) -> str:
     """Where the base model's repo id came from, or why the metadata has none."""
     if source.base_model_id:
@@ -180,7 +191,7 @@ def loading(source: CardSource, base: str) -> list[str]:
         architectures = (source.base_config or {}).get("architectures")
         if task in TASK_MODELS:
             cls = TASK_MODELS[task]
-        elif isinstance(architectures, list) and architectures and str(architectures[0]).isidentifier():
+        elif isinstance(architectures, list) and architectures and python_name(architectures[0]):
             cls = str(architectures[0])
         else:
             cls = "AutoModel"
@@ -192,7 +203,7 @@ def loading(source: CardSource, base: str) -> list[str]:
             'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
         ]
     architectures = (source.config or {}).get("architectures")
-    if isinstance(architectures, list) and architectures and str(architectures[0]).isidentifier():
+    if isinstance(architectures, list) and architectures and python_name(architectures[0]):
         return [
             f"from transformers import {architectures[0]}",
             f'model = {architectures[0]}.from_pretrained("path/to/this/folder")',

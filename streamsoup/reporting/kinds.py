@@ -41,7 +41,9 @@ class Where:
 
 
 def module_path(name: str) -> list[str]:
-    """The module names of a tensor name, its parameter suffix removed."""
+    """The module names of a tensor name, its parameter suffix and a job's slice of it (`[3]`, `[0:4096]`)
+    removed."""
+    name = re.sub(r"(\[\d+(:\d+)?\])+$", "", name)
     for suffix in _SUFFIXES:
         if name.endswith(suffix):
             name = name[: -len(suffix)]

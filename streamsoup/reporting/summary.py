@@ -214,6 +214,15 @@ def _machine(doc: dict[str, Any]) -> str:
     return f"{m.get('host', '?')} ({m.get('cpus', '?')} CPUs{gpus}): {m.get('lanes', '?')}; torch {m.get('torch', '?')}"
 
 
+def shaping_flags(opts: dict[str, Any]) -> list[str]:
+    """The options besides the rank rule that shaped the numbers, as flags (the others only when given)."""
+    flags = [f"--min-rel-update {opts['min_rel_update']:g}", f"--save {opts['save']}"]
+    if opts.get("dtype", "keep") != "keep":
+        flags.append(f"--dtype {opts['dtype']}")
+    flags += [f"--{name} {pattern!r}" for name in ("exclude", "only") for pattern in opts.get(name) or ()]
+    return flags + (["--split-fused"] if opts.get("split_fused") else [])
+
+
 def format_report(doc: dict[str, Any]) -> str:
     """The compact terminal summary of a report document (finished or interrupted run)."""
     s, opts = doc["summary"], doc["options"]
@@ -228,8 +237,7 @@ def format_report(doc: dict[str, Any]) -> str:
         f"report    {doc['out']} ({head}; {s['edited']} edited, {s['copied']} copied, {s['dropped']} dropped)",
         _input_line("base", doc["inputs"]["base"]),
         _input_line("finetuned", doc["inputs"]["finetuned"]),
-        f"options   {rule} rank rule, --min-rel-update {opts['min_rel_update']:g}, --save {opts['save']}; "
-        f"streamsoup {doc['streamsoup']}",
+        f"options   {rule} rank rule, {', '.join(shaping_flags(opts))}; streamsoup {doc['streamsoup']}",
         f"run       {_when(doc)}",
         f"machine   {_machine(doc)}",
         "",

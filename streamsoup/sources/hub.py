@@ -23,6 +23,10 @@ PICKLED = ["*.bin", "*.pt", "*.pth"]
 REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 
 
+#: a model's id as the Hub's metadata names it: org/name, each part starting and ending with a letter or digit
+HUB_MODEL_ID = re.compile(r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?/[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?")
+
+
 def parse_repo_id(spec: str) -> tuple[str, str | None] | None:
     """('org/name', 'revision' or None) when `spec` reads as a repo id, else None."""
     match = REPO_ID.match(spec)
@@ -43,9 +47,9 @@ def cache_repo_id(root: Path) -> tuple[str, str] | None:
 def hub_model_id(value: object) -> str | None:
     """`value` when it can name a model on the Hub as metadata does (``org/name``: no revision, no path); a bare
     name or a path that a training run wrote into a config is not taken for one."""
-    if not isinstance(value, str) or "@" in value or ".." in value or "--" in value or len(value) > 96:
+    if not isinstance(value, str) or len(value) > 96 or HUB_MODEL_ID.fullmatch(value) is None:
         return None
-    return value if parse_repo_id(value) is not None else None
+    return value if ".." not in value and "--" not in value else None
 
 
 def resolve_repo(spec: str, role: str) -> Path:

@@ -18,7 +18,7 @@ import torch
 from ..faults import fault_point
 from ..io import writer
 from ..io.checkpoint import matrix_shape, read_block, read_tensor
-from ..io.dtypes import tensor_has_nonfinite, torch_dtype
+from ..io.dtypes import torch_dtype
 from ..io.layout import Placement
 from ..io.records import StateDamaged
 from ..io.tensorprogress import TensorProgress
@@ -68,54 +68,69 @@ def merge_dense(
     del sums
     out = reweighed(src, spectrum, coef, torch_dtype(job.out_dtype), watch)
     with watch("write"):
-        crc = write_edited(files, job, out)
+        crc = write_edited(files, job, out, options.allow_nonfinite)
     return edited(job, options, watch, Edit(coef, spectrum.s, spectrum.path, crc, rel, device))
 
 
-def write_edited(files: writer.OutputFiles, job: TensorJob, out: torch.Tensor) -> int:
+def write_edited(files: writer.OutputFiles, job: TensorJob, out: torch.Tensor, allow_nonfinite: bool) -> int:
     """The edited tensor into its slot, followed (a resized vocabulary) by the fine-tune's added rows."""
     if not job.shared_rows:
         return writer.write_tensor(files, job.placement, out)
-    slot = writer.SlotWriter(files, job.placement)
+    writer.check_finite(out)  # the edit's own values; the added rows are the fine-tune's (converted)
+    slot = writer.SlotWriter(files, job.placement, finite=False)
     try:
         slot.write(out)
-        for block in _added_rows(job):
+        for block in _added_rows(job, allow_nonfinite):
             slot.write(block)
         return slot.close()
-    except writer.NonFiniteOutput:
-        slot.abort()
-        raise nonfinite_copy(job) from None  # the edit is finite: the added rows do not fit the output dtype
     except BaseException:
         slot.abort()
         raise
 
 
-def _added_rows(job: TensorJob) -> Iterator[torch.Tensor]:
-    """The fine-tune's rows past the base's, in row blocks, in the output dtype."""
+def edited_rows_slot(job: TensorJob) -> Placement:
+    """Where the edited matrix's bytes go: the slot, or (a resized vocabulary) its first rows."""
+    if not job.shared_rows:
+        return job.placement
+    edited_bytes = job.placement.nbytes // job.finetuned.shape[0] * job.shared_rows
+    return Placement(job.placement.file, job.placement.offset, edited_bytes)
+
+
+def _added_rows(job: TensorJob, allow_nonfinite: bool) -> Iterator[torch.Tensor]:
+    """The fine-tune's rows past the base's, in row blocks, converted to the output dtype."""
     added = job.added_rows
     assert added is not None
     for row, stop in row_blocks(*matrix_shape(added.shape)):
-        yield read_block(added, row, stop, False).to(torch_dtype(job.out_dtype))
+        yield converted(job, read_block(added, row, stop, False), allow_nonfinite)
 
 
-def write_added_rows(files: writer.OutputFiles, job: TensorJob) -> None:
+def write_added_rows(files: writer.OutputFiles, job: TensorJob, allow_nonfinite: bool) -> None:
     """A streamed edit's added rows, after its edited blocks (the slot's checksum is read back whole)."""
-    added = job.added_rows
-    if added is None:
+    if job.added_rows is None:
         return
-    edited_bytes = job.placement.nbytes // job.finetuned.shape[0] * job.shared_rows
-    where = Placement(job.placement.file, job.placement.offset + edited_bytes, job.placement.nbytes - edited_bytes)
-    slot = writer.SlotWriter(files, where)
+    edited = edited_rows_slot(job)
+    where = Placement(job.placement.file, edited.offset + edited.nbytes, job.placement.nbytes - edited.nbytes)
+    slot = writer.SlotWriter(files, where, finite=False)
     try:
-        for block in _added_rows(job):
+        for block in _added_rows(job, allow_nonfinite):
             slot.write(block)
         slot.close()
-    except writer.NonFiniteOutput:
-        slot.abort()
-        raise nonfinite_copy(job) from None
     except BaseException:
         slot.abort()
         raise
+
+
+def converted(job: TensorJob, values: torch.Tensor, allow_nonfinite: bool) -> torch.Tensor:
+    """The fine-tune's values in the output dtype, converted once. NaN/Inf among them is refused unless
+    --allow-nonfinite lets them through; a finite value the dtype cannot hold (fp16 above 65504) always is."""
+    dtype = torch_dtype(job.out_dtype)
+    bad = int((~torch.isfinite(values)).sum()) if values.is_floating_point() else 0
+    if bad and not allow_nonfinite:
+        raise copied_as_is(job)
+    out = values.to(dtype)
+    if out.is_floating_point() and int((~torch.isfinite(out)).sum()) > bad:
+        raise nonfinite_copy(job)
+    return out
 
 
 def decide(sums: GramSums, options: EditOptions, job: TensorJob) -> tuple[str, float | None]:
@@ -132,29 +147,23 @@ def _write_fine_tune(job: TensorJob, files: writer.OutputFiles, w1: torch.Tensor
         return copy_fine_tune(job, files, check_finite)
     if job.lora is None and job.out_dtype == job.finetuned.dtype and not job.finetuned.decoded:
         return writer.copy_tensor(job.finetuned, files, job.placement, check_finite)
-    out = w1.to(torch_dtype(job.out_dtype))
-    if check_finite and tensor_has_nonfinite(out):
-        raise copied_as_is(job)
-    return writer.write_tensor(files, job.placement, out, finite=check_finite)
+    return writer.write_tensor(files, job.placement, converted(job, w1, not check_finite), finite=False)
 
 
 def copy_fine_tune(job: TensorJob, files: writer.OutputFiles, check_finite: bool) -> int:
-    """The fine-tune's tensor unchanged, in bounded memory: its bytes, or converted (decoded) row block by row
-    block."""
+    """The fine-tune's tensor unchanged, in bounded memory: its bytes, or converted (decoded, or --dtype) row
+    block by row block."""
     ref = job.finetuned
     if job.out_dtype == ref.dtype and not ref.decoded:
         return writer.copy_tensor(ref, files, job.placement, check_finite)
-    slot = writer.SlotWriter(files, job.placement, finite=check_finite)
+    slot = writer.SlotWriter(files, job.placement, finite=False)
     try:
-        for row, stop in row_blocks(*matrix_shape(ref.shape)):
-            block = read_block(ref, row, stop, False)
-            if check_finite and tensor_has_nonfinite(block):
-                raise copied_as_is(job)
-            slot.write(block.to(torch_dtype(job.out_dtype)))
+        if len(ref.shape) < 2:  # a 0-d or 1-d tensor: small, whole
+            slot.write(converted(job, read_tensor(ref).reshape(-1), not check_finite))
+        else:
+            for row, stop in row_blocks(*matrix_shape(ref.shape)):
+                slot.write(converted(job, read_block(ref, row, stop, False), not check_finite))
         return slot.close()
-    except writer.NonFiniteOutput:
-        slot.abort()
-        raise nonfinite_copy(job) from None
     except BaseException:
         slot.abort()
         raise
@@ -244,13 +253,13 @@ def merge_streamed(
             for rows in src.micro_blocks(block):
                 out[rows.start - block.start : rows.stop - block.start].copy_(_reweighed(src, rows, spectrum, coef))
         with watch("write"):
-            crc = writer.write_block(files, job.placement, shape, block.start, out, src.transposed)
+            crc = writer.write_block(files, edited_rows_slot(job), shape, block.start, out, src.transposed)
         del out  # before the next block's buffer exists
         saved = progress.save_progress(saved, block.start, block.stop, crc)
         fault_point("block")
     src.release()
     with watch("write"):
-        write_added_rows(files, job)
+        write_added_rows(files, job, options.allow_nonfinite)
         crc = writer.slot_crc(files.folder, job.placement)
     return edited(job, options, watch, Edit(coef, s, "gram", crc, saved["rel"], device, src.n_blocks))
 
@@ -267,7 +276,7 @@ def _verified_progress(
             progress.load_basis(saved)
             good = []
             for begin, stop, crc in saved["written"]:
-                if writer.block_crc(files.folder, job.placement, shape, begin, stop, transposed) != crc:
+                if writer.block_crc(files.folder, edited_rows_slot(job), shape, begin, stop, transposed) != crc:
                     log.warning(
                         "%s: rows %d:%d written before the interruption changed on disk; rewriting from there",
                         job.name,

@@ -67,12 +67,16 @@ def nonfinite_bias(job: TensorJob) -> InputError:
 
 
 def nonfinite_copy(job: TensorJob) -> RunError:
-    """A copy that is not the stored bytes (decoded from FP8/MXFP4, or cast) whose values do not fit the output."""
+    """A copy that is not the stored bytes (decoded from FP8/MXFP4, or cast) whose finite values do not fit the
+    output dtype: they would be Inf once written."""
     ref = job.finetuned
-    source = f"decoded from {ref.encoding}" if ref.decoded else f"cast from {ref.dtype}"
+    if ref.decoded:
+        source, then = f"decoded from {ref.encoding}", "check the checkpoint's scales"
+    else:
+        source, then = f"cast from {ref.dtype}", "choose a --dtype that holds them (bf16, fp32, or keep)"
     return RunError(
-        f"tensor {job.name!r}: the fine-tune's values {source} do not fit {job.out_dtype} (NaN or Inf "
-        "once written): check the checkpoint's scales; nothing was published"
+        f"tensor {job.name!r}: the fine-tune's values {source} do not fit {job.out_dtype} (NaN or Inf once "
+        f"written): {then}; nothing was published"
     )
 
 
