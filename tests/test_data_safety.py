@@ -30,7 +30,7 @@ from helpers import (
 from test_bad_input import small_disk
 
 import streamsoup
-from streamsoup.errors import InputError
+from streamsoup.errors import RunError
 from streamsoup.io.state import BATCHES, STATE_NAME, RunState
 from streamsoup.run import driver as api
 
@@ -290,7 +290,9 @@ def test_an_input_replaced_while_the_merge_plans_is_never_published(pair, tmp_pa
         return fingerprint(plan)
 
     monkeypatch.setattr(api, "run_fingerprint", replace_then_fingerprint)
-    with pytest.raises(InputError, match="FINETUNED file .* was modified or replaced .* during this merge"):
+    with pytest.raises(
+        RunError, match="FINETUNED file .* was modified or replaced .* during this merge.*work done so far is kept"
+    ):
         streamsoup.merge(base, ft, tmp_path / "out", shard_size="100KB")
     assert not (tmp_path / "out").exists()
 
@@ -300,7 +302,9 @@ def test_an_input_removed_during_the_run_is_named_not_an_io_error(pair, tmp_path
     execute = api.execute
     gone = sorted(ft.glob("*.safetensors"))[-1]
     monkeypatch.setattr(api, "execute", lambda *a, **k: (execute(*a, **k), gone.unlink())[0])
-    with pytest.raises(InputError, match=f"FINETUNED file {gone} was removed during this merge"):
+    with pytest.raises(
+        RunError, match=f"FINETUNED file {gone} was removed during this merge.*work done so far is kept"
+    ):
         streamsoup.merge(base, ft, tmp_path / "out", shard_size="100KB")
     assert not (tmp_path / "out").exists()
 
@@ -316,7 +320,7 @@ def test_an_input_changed_during_the_run_is_never_published(pair, tmp_path, monk
         return results
 
     monkeypatch.setattr(api, "execute", execute_then_rewrite)
-    with pytest.raises(InputError, match=f"FINETUNED file {ft}/.* during this merge.*--fresh"):
+    with pytest.raises(RunError, match=f"FINETUNED file {ft}/.* during this merge.*--fresh"):
         streamsoup.merge(base, ft, out, shard_size="100KB")
     monkeypatch.undo()
     assert not out.exists() and (tmp_path / "out.partial").exists()

@@ -94,11 +94,16 @@ def test_bad_input_is_refused(pair, tmp_path, case):
     before = tree_digest(base), tree_digest(ft)
     out = tmp_path / "out"
     proc = run("merge", *args[:2], out, *args[2:])
-    assert_one_line_error(proc, 2, *needles)
     assert not out.exists()
-    if case in UP_FRONT:
+    if case in UP_FRONT:  # the one rule: exit 2 before any work, nothing left behind; exit 1 after, work kept
+        assert_one_line_error(proc, 2, *needles)
         assert not (tmp_path / "out.partial").exists(), "refused up front: nothing may be left behind"
         assert "merging:" not in proc.stderr, "refused before any tensor was computed"
+    else:
+        assert_one_line_error(proc, 1, *needles, "the work done so far is kept in", "--fresh")
+        assert (tmp_path / "out.partial").is_dir()
+        again = run("merge", *args[:2], out, *args[2:], "--allow-nonfinite")  # not in the fingerprint: the same
+        assert again.returncode == 0 and out.is_dir(), again.stderr  # merge goes on in the kept OUT.partial
     assert (tree_digest(base), tree_digest(ft)) == before
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from distributed import Client
 
 from .._version import __version__
-from ..errors import Interrupted, OptionError, RunError, UsageError
+from ..errors import Interrupted, OptionError, RunError, StreamsoupError, UsageError
 from ..faults import fault_point
 from ..io import owned, writer
 from ..io.runlock import LOCK_NAME, RunLock
@@ -179,8 +179,11 @@ def _locked_run(attempt: Attempt) -> MergeSummary:
             resumed = len(state.committed())
             log.info("planned %d tensors (%d to edit), %d already done", len(plan.jobs), len(plan.edits), resumed)
             writer.preallocate(plan.layout, partial)
-            results = execute(attempt, state, guard)
-            check_unchanged(request)
+            try:
+                results = execute(attempt, state, guard)
+                check_unchanged(request)
+            except StreamsoupError as exc:
+                raise kept_work(exc, partial) from exc
             with guard.critical():
                 if not finish(plan, partial, out, results, state):
                     return published_meanwhile(partial, out, fingerprint)
@@ -209,6 +212,17 @@ def _locked_run(attempt: Attempt) -> MergeSummary:
         warnings=plan.warnings,
         estimated_seconds=attempt.estimate,
         output_tensors=len(plan.layout.placements),
+    )
+
+
+def kept_work(exc: StreamsoupError, partial: Path) -> StreamsoupError:
+    """The one rule once OUT.partial holds work: a failure exits 1 and keeps it (a bad input found mid-run, an
+    input changed meanwhile, as much as an I/O error); exit 2 is only for what is refused before any work."""
+    if exc.exit_code != 2:
+        return exc
+    return RunError(
+        f"{exc}; the work done so far is kept in {partial}: rerun the same command once fixed to resume it, or add "
+        "--fresh to start over"
     )
 
 
