@@ -112,8 +112,8 @@ CASES = {
     "index names a missing tensor": (index_missing_tensor, 2),
     "duplicate tensor names": (duplicate_names, 2),
     "unreadable file": (unreadable_file, 2),
-    "NaN in an edited tensor": (nan_in_edited, 2),
-    "Inf in the base": (inf_in_base, 2),
+    "NaN in an edited tensor": (nan_in_edited, 1),  # found as it is read: once OUT.partial holds work
+    "Inf in the base": (inf_in_base, 1),
     "config.json nested 100,000 deep": (config_nested_deep, 2),
     "config.json of 5 MiB": (config_of_megabytes, 2),
     "config.json that is a FIFO": (config_a_fifo, 2),
@@ -131,6 +131,9 @@ def test_bad_input(pair, tmp_path, case):
     proc = run("merge", base, ft, tmp_path / "out")
     assert_one_line_error(proc, code, culprit)
     assert not (tmp_path / "out").exists()
+    # the one rule: exit 2 refuses before any work and leaves nothing; exit 1 keeps the work, and says so
+    assert (tmp_path / "out.partial").exists() == (code == 1)
+    assert (code == 1) == ("the work done so far is kept" in proc.stderr)
     assert (tree_digest(base), tree_digest(ft)) == before
 
 
