@@ -271,7 +271,8 @@ class MergeOptions:
 
     def output_fingerprint(self) -> dict[str, Any]:
         """The options that change the output bytes (lane and thread counts do not), as JSON keeps them."""
-        return {k: v for k, v in self.as_dict().items() if fields_by_name()[k].metadata["output"]}
+        output = {f.name for f in fields(self) if f.metadata["output"]}
+        return {k: v for k, v in self.as_dict().items() if k in output}
 
     def as_dict(self) -> dict[str, Any]:
         """Every option as JSON keeps it (patterns as lists), so a stored copy compares equal."""
@@ -291,10 +292,6 @@ class MergeOptions:
     def plan_fields(cls) -> list[dataclasses.Field]:
         """The options `streamsoup plan` uses; the others it rejects rather than ignores."""
         return [f for f in fields(cls) if f.metadata["plan"]]
-
-
-def fields_by_name() -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in fields(MergeOptions)}
 
 
 def flag_name(name: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -101,13 +101,20 @@ def write_tensor(files: OutputFiles, placement: Placement, tensor: torch.Tensor,
 
     `finite`: refuse NaN/Inf (NonFiniteOutput); False only for a copy --allow-nonfinite lets through.
     """
+    return write_blocks(files, placement, [tensor], finite)
+
+
+def write_blocks(files: OutputFiles, placement: Placement, blocks: Iterable[torch.Tensor], finite: bool = True) -> int:
+    """Consecutive blocks filling a placement, made durable at the end; returns the slot's crc32c. A failure
+    while the blocks are made or written lets go of the slot's file (its bytes are never committed)."""
     slot = SlotWriter(files, placement, finite)
     try:
-        slot.write(tensor)
+        for block in blocks:
+            slot.write(block)
     except BaseException:
         slot.abort()
         raise
-    return slot.close()
+    return slot.close()  # it lets go of the file itself when the slot is not full
 
 
 def copy_tensor(source: TensorRef, files: OutputFiles, placement: Placement, check_finite: bool = True) -> int:

@@ -35,10 +35,7 @@ def finish(plan: MergePlan, partial: Path, out: Path, results: list[TensorResult
     False: OUT appeared meanwhile (a concurrent run published it), and nothing was replaced.
     """
     copy_side_files(plan_side_files(plan), partial)
-    if plan.dequantized:
-        unquantized_config(partial)
-    if plan.options.dtype != "keep":
-        retyped_config(partial, plan.options.dtype)
+    out_config(partial, plan)
     if plan.save == "adapter":
         writer.write_json(partial / ADAPTER_CONFIG, plan.adapter.reweighed_config(plan.base_model_id))
     index = plan.layout.index_json()
@@ -73,29 +70,27 @@ def finish(plan: MergePlan, partial: Path, out: Path, results: list[TensorResult
     return True
 
 
-def unquantized_config(partial: Path) -> None:
-    """OUT's weights are decoded (bf16): a quantization_config left in config.json would make loaders expect the
-    scales that are no longer there."""
-    config = read_config(partial)
-    if config is not None and "quantization_config" in config:
-        del config["quantization_config"]
-        writer.write_json(partial / "config.json", config)
-
-
 #: --dtype's names, as a transformers config.json names them
 CONFIG_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def retyped_config(partial: Path, dtype: str) -> None:
-    """OUT's tensors are all `dtype` (--dtype): its config.json says so, as `from_pretrained(dtype="auto")` reads
-    it (the key the file has, "dtype" or the older "torch_dtype"; "dtype" when it has neither)."""
+def out_config(partial: Path, plan: MergePlan) -> None:
+    """OUT's config.json says what OUT holds, read and written once. Decoded weights (bf16): no
+    quantization_config, which would make loaders expect scales that are no longer there. --dtype: every tensor
+    in it, as `from_pretrained(dtype="auto")` reads (the key the file has, "dtype" or the older "torch_dtype";
+    "dtype" when it has neither)."""
     config = read_config(partial)
     if config is None:
         return
-    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
-    for key in keys:
-        config[key] = CONFIG_DTYPES[dtype]
-    writer.write_json(partial / "config.json", config)
+    changed = plan.dequantized and "quantization_config" in config
+    if changed:
+        del config["quantization_config"]
+    if plan.options.dtype != "keep":
+        for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
+            config[key] = CONFIG_DTYPES[plan.options.dtype]
+        changed = True
+    if changed:
+        writer.write_json(partial / "config.json", config)
 
 
 def plan_side_files(plan: MergePlan) -> list[SideFile]:

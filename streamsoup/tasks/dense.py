@@ -8,6 +8,7 @@ resumes mid-tensor from what verifies.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -17,7 +18,7 @@ import torch
 
 from ..faults import fault_point
 from ..io import writer
-from ..io.checkpoint import matrix_shape, read_block, read_tensor
+from ..io.checkpoint import TensorRef, matrix_shape, read_block, read_tensor
 from ..io.dtypes import torch_dtype
 from ..io.layout import Placement
 from ..io.records import StateDamaged
@@ -77,15 +78,7 @@ def write_edited(files: writer.OutputFiles, job: TensorJob, out: torch.Tensor, a
     if not job.shared_rows:
         return writer.write_tensor(files, job.placement, out)
     writer.check_finite(out)  # the edit's own values; the added rows are the fine-tune's (converted)
-    slot = writer.SlotWriter(files, job.placement, finite=False)
-    try:
-        slot.write(out)
-        for block in _added_rows(job, allow_nonfinite):
-            slot.write(block)
-        return slot.close()
-    except BaseException:
-        slot.abort()
-        raise
+    return writer.write_blocks(files, job.placement, itertools.chain([out], _added_rows(job, allow_nonfinite)), False)
 
 
 def edited_rows_slot(job: TensorJob) -> Placement:
@@ -98,10 +91,8 @@ def edited_rows_slot(job: TensorJob) -> Placement:
 
 def _added_rows(job: TensorJob, allow_nonfinite: bool) -> Iterator[torch.Tensor]:
     """The fine-tune's rows past the base's, in row blocks, converted to the output dtype."""
-    added = job.added_rows
-    assert added is not None
-    for row, stop in row_blocks(*matrix_shape(added.shape)):
-        yield converted(job, read_block(added, row, stop, False), allow_nonfinite)
+    assert job.added_rows is not None
+    yield from _converted(job, job.added_rows, allow_nonfinite)
 
 
 def write_added_rows(files: writer.OutputFiles, job: TensorJob, allow_nonfinite: bool) -> None:
@@ -110,14 +101,7 @@ def write_added_rows(files: writer.OutputFiles, job: TensorJob, allow_nonfinite:
         return
     edited = edited_rows_slot(job)
     where = Placement(job.placement.file, edited.offset + edited.nbytes, job.placement.nbytes - edited.nbytes)
-    slot = writer.SlotWriter(files, where, finite=False)
-    try:
-        for block in _added_rows(job, allow_nonfinite):
-            slot.write(block)
-        slot.close()
-    except BaseException:
-        slot.abort()
-        raise
+    writer.write_blocks(files, where, _added_rows(job, allow_nonfinite), finite=False)
 
 
 def converted(job: TensorJob, values: torch.Tensor, allow_nonfinite: bool) -> torch.Tensor:
@@ -156,17 +140,16 @@ def copy_fine_tune(job: TensorJob, files: writer.OutputFiles, check_finite: bool
     ref = job.finetuned
     if job.out_dtype == ref.dtype and not ref.decoded:
         return writer.copy_tensor(ref, files, job.placement, check_finite)
-    slot = writer.SlotWriter(files, job.placement, finite=False)
-    try:
-        if len(ref.shape) < 2:  # a 0-d or 1-d tensor: small, whole
-            slot.write(converted(job, read_tensor(ref).reshape(-1), not check_finite))
-        else:
-            for row, stop in row_blocks(*matrix_shape(ref.shape)):
-                slot.write(converted(job, read_block(ref, row, stop, False), not check_finite))
-        return slot.close()
-    except BaseException:
-        slot.abort()
-        raise
+    return writer.write_blocks(files, job.placement, _converted(job, ref, not check_finite), finite=False)
+
+
+def _converted(job: TensorJob, ref: TensorRef, allow_nonfinite: bool) -> Iterator[torch.Tensor]:
+    """A tensor's values in the output dtype, row block by row block (a 0-d or 1-d one whole: it is small)."""
+    if len(ref.shape) < 2:
+        yield converted(job, read_tensor(ref).reshape(-1), allow_nonfinite)
+        return
+    for row, stop in row_blocks(*matrix_shape(ref.shape)):
+        yield converted(job, read_block(ref, row, stop, False), allow_nonfinite)
 
 
 def gram_pass(src: RowSource, spectral: str, watch: Stopwatch) -> GramSums:
