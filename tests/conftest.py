@@ -133,6 +133,26 @@ def _pair(shape, dtype, g):
 
 
 @pytest.fixture(scope="session")
+def llama_finetune(tmp_path_factory) -> tuple[Path, Path]:
+    """A real tiny Llama (transformers, from a config) fully fine-tuned a few AdamW steps: (base, fine-tune), bf16
+    sharded safetensors with config.json; made once per run for every test that reads it."""
+    import make_adapters
+
+    make = lambda folder: [str(p) for p in make_adapters.make_finetune(folder, "llama")]  # noqa: E731
+    return paths(*made_once(tmp_path_factory, "llama-finetune", make))
+
+
+@pytest.fixture(scope="session")
+def llama_lora(tmp_path_factory) -> tuple[Path, Path]:
+    """A real tiny Llama and a peft LoRA adapter trained on it a few steps: (base, adapter). The same folder as
+    test_adapters.py's adapters("llama", "plain") (one name, made once)."""
+    import make_adapters
+
+    make = lambda folder: [str(p) for p in make_adapters.make(folder, "llama", "plain")]  # noqa: E731
+    return paths(*made_once(tmp_path_factory, "adapter-llama-plain", make))
+
+
+@pytest.fixture(scope="session")
 def big_pair(tmp_path_factory) -> tuple[Path, Path]:
     """Tensors whose whole working set passes the budget: tall, wide, conv, fp32, an embedding the fine-tune grew
     by 17000 rows (a resized vocabulary, Chinese-LLaMA's proportion), plus a small one."""

@@ -7,7 +7,6 @@ import json
 import shutil
 from pathlib import Path
 
-import make_adapters
 import pytest
 import torch
 from conftest import load_folder, made_once, paths
@@ -34,9 +33,9 @@ def as_float32(folder: Path, into: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fp32_pair(tmp_path_factory) -> tuple[Path, Path]:
+def fp32_pair(tmp_path_factory, llama_finetune) -> tuple[Path, Path]:
     def make(folder: Path) -> list[str]:
-        base, ft = make_adapters.make_finetune(folder / "bf16", "llama")
+        base, ft = llama_finetune
         return [str(as_float32(base, folder / "base")), str(as_float32(ft, folder / "finetuned"))]
 
     return paths(*made_once(tmp_path_factory, "dtype-fp32-pair", make))
@@ -83,9 +82,8 @@ def test_a_value_the_dtype_cannot_hold_is_refused_and_keep_is_the_default(fp32_p
     assert report["options"]["dtype"] == "keep"
 
 
-def test_dtype_is_for_a_merged_model(tmp_path_factory, tmp_path):
-    make = lambda folder: [str(p) for p in make_adapters.make(folder, "llama", "plain")]  # noqa: E731
-    base, adapter = paths(*made_once(tmp_path_factory, "dtype-lora", make))
+def test_dtype_is_for_a_merged_model(llama_lora, tmp_path):
+    base, adapter = llama_lora
     proc = run("merge", base, adapter, tmp_path / "out", "--save", "adapter", "--dtype", "fp16")
     assert_one_line_error(proc, 2, "--dtype fp16 is for a merged model", "--save adapter")
     merged = tmp_path / "merged"

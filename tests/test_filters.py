@@ -6,27 +6,14 @@ from __future__ import annotations
 import json
 import re
 
-import make_adapters
 import pytest
 import torch
-from conftest import load_folder, made_once, paths
+from conftest import load_folder
 from helpers import assert_one_line_error, report_rows, run
 from reference import assert_within_rounding, monosoup_reference
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-
-
-@pytest.fixture(scope="module")
-def finetune(tmp_path_factory):
-    make = lambda folder: [str(p) for p in make_adapters.make_finetune(folder, "llama")]  # noqa: E731
-    return paths(*made_once(tmp_path_factory, "filters-finetune", make))
-
-
-@pytest.fixture(scope="module")
-def lora(tmp_path_factory):
-    make = lambda folder: [str(p) for p in make_adapters.make(folder, "llama", "plain")]  # noqa: E731
-    return paths(*made_once(tmp_path_factory, "filters-lora", make))
 
 
 def kept_names(names, exclude=(), only=()):
@@ -46,8 +33,8 @@ def kept_names(names, exclude=(), only=()):
         (("k_",), ("attn",)),
     ],
 )
-def test_kept_tensors_are_the_fine_tunes_and_the_rest_exact(finetune, tmp_path, exclude, only):
-    base, ft = finetune
+def test_kept_tensors_are_the_fine_tunes_and_the_rest_exact(llama_finetune, tmp_path, exclude, only):
+    base, ft = llama_finetune
     out = tmp_path / "out"
     flags = [w for p in exclude for w in ("--exclude", p)] + [w for p in only for w in ("--only", p)]
     proc = run("merge", base, ft, out, *flags, "-q")
@@ -71,10 +58,10 @@ def test_kept_tensors_are_the_fine_tunes_and_the_rest_exact(finetune, tmp_path, 
     assert summary["copied_because"]["kept unedited"] == len(kept)
 
 
-def test_the_filters_come_from_a_config_and_the_api_too(finetune, tmp_path):
+def test_the_filters_come_from_a_config_and_the_api_too(llama_finetune, tmp_path):
     import streamsoup
 
-    base, ft = finetune
+    base, ft = llama_finetune
     config = tmp_path / "filters.yaml"
     config.write_text("exclude:\n  - embed_tokens\n  - lm_head\nonly: 'self_attn|mlp|embed|lm_head'\n")
     by_flags = tmp_path / "flags"
@@ -92,8 +79,8 @@ def test_the_filters_come_from_a_config_and_the_api_too(finetune, tmp_path):
     assert any(r["name"] == "lm_head.weight" and r["reason"] == "kept unedited: --exclude 'lm_head'" for r in plan.rows)
 
 
-def test_a_changed_filter_is_another_merge_and_a_bad_one_is_refused(finetune, tmp_path):
-    base, ft = finetune
+def test_a_changed_filter_is_another_merge_and_a_bad_one_is_refused(llama_finetune, tmp_path):
+    base, ft = llama_finetune
     out = tmp_path / "out"
     assert run("merge", base, ft, out, "--exclude", "lm_head", "-q").returncode == 0
     again = run("merge", base, ft, out, "--exclude", "lm_head")
@@ -109,12 +96,12 @@ def test_a_changed_filter_is_another_merge_and_a_bad_one_is_refused(finetune, tm
 
 
 @pytest.mark.parametrize("save", ["model", "adapter"])
-def test_an_adapters_kept_modules_are_the_fine_tunes(lora, tmp_path, save):
+def test_an_adapters_kept_modules_are_the_fine_tunes(llama_lora, tmp_path, save):
     """A LoRA module kept unedited: the merged model gets peft's W0 + scale B A, an adapter OUT the factors of that
     same update (scaling 1); the others are MonoSoup'd as without the filter."""
     from peft import PeftModel
 
-    base, adapter = lora
+    base, adapter = llama_lora
     plain, filtered = tmp_path / "plain", tmp_path / "filtered"
     assert run("merge", base, adapter, plain, "--save", save, "-q").returncode == 0
     assert (
@@ -140,12 +127,12 @@ def test_an_adapters_kept_modules_are_the_fine_tunes(lora, tmp_path, save):
         assert (merged[name].to(torch.float64) - w1[name]).abs().max() <= ulp, name
 
 
-def test_verifys_repair_command_repeats_the_filters(finetune, tmp_path):
+def test_verifys_repair_command_repeats_the_filters(llama_finetune, tmp_path):
     """A damaged OUT: verify's one line says how to write it again, --exclude / --only / --dtype included."""
     import os
     import shlex
 
-    base, ft = finetune
+    base, ft = llama_finetune
     out = tmp_path / "out"
     flags = ["--exclude", "lm_head", "--exclude", r"mlp\.down", "--only", "layers", "--dtype", "fp32"]
     assert run("merge", base, ft, out, *flags, "-q").returncode == 0
@@ -164,9 +151,9 @@ def test_verifys_repair_command_repeats_the_filters(finetune, tmp_path):
     assert all(torch.equal(t, expected[n]) for n, t in load_folder(out).items())
 
 
-def test_patterns_that_would_crash_hang_or_find_nothing(finetune, tmp_path):
+def test_patterns_that_would_crash_hang_or_find_nothing(llama_finetune, tmp_path):
     """A regex too big to compile, too deep, or backtracking for ever is one line; a typo is said."""
-    base, ft = finetune
+    base, ft = llama_finetune
     for bad in ("a{4294967296}", "(" * 499 + "a" + ")" * 499):
         proc = run("merge", base, ft, tmp_path / "bad", "--exclude", bad)
         assert_one_line_error(proc, 2, "--exclude", "not a valid regular expression")

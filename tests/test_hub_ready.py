@@ -7,28 +7,14 @@ import json
 import shutil
 from pathlib import Path
 
-import make_adapters
 import pytest
 import torch
-from conftest import load_folder, made_once, paths
+from conftest import load_folder
 from helpers import assert_one_line_error, run
 from test_card import card_parts
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-
-
-@pytest.fixture(scope="module")
-def finetune(tmp_path_factory) -> tuple[Path, Path]:
-    """A real tiny Llama fully fine-tuned a few steps: (base, fine-tune), bf16 safetensors with config.json."""
-    make = lambda folder: [str(p) for p in make_adapters.make_finetune(folder, "llama")]  # noqa: E731
-    return paths(*made_once(tmp_path_factory, "hub-ready-finetune", make))
-
-
-@pytest.fixture(scope="module")
-def lora(tmp_path_factory) -> tuple[Path, Path]:
-    make = lambda folder: [str(p) for p in make_adapters.make(folder, "llama", "plain")]  # noqa: E731
-    return paths(*made_once(tmp_path_factory, "hub-ready-lora", make))
 
 
 def card_code(out: Path) -> str:
@@ -61,8 +47,8 @@ def with_task_type(adapter: Path, folder: Path, task_type: str | None) -> Path:
     return folder
 
 
-def test_the_cards_loading_code_runs_for_a_full_model(finetune, tmp_path):
-    base, ft = finetune
+def test_the_cards_loading_code_runs_for_a_full_model(llama_finetune, tmp_path):
+    base, ft = llama_finetune
     out = tmp_path / "out"
     assert run("merge", base, ft, out, "-q").returncode == 0
     model = run_card_code(out)["model"]
@@ -71,10 +57,10 @@ def test_the_cards_loading_code_runs_for_a_full_model(finetune, tmp_path):
 
 
 @pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
-def test_the_cards_loading_code_runs_for_an_adapter(lora, tmp_path, task_type):
+def test_the_cards_loading_code_runs_for_an_adapter(llama_lora, tmp_path, task_type):
     """--save adapter: the base is loaded with the class peft's task_type needs (a PeftModelForCausalLM on a bare
     AutoModel failed: no prepare_inputs_for_generation), or the base's architecture when the adapter has none."""
-    base, adapter = lora
+    base, adapter = llama_lora
     adapter = with_task_type(adapter, tmp_path / "adapter", task_type)
     out = tmp_path / "out"
     proc = run("merge", base, adapter, out, "--save", "adapter")
@@ -113,10 +99,10 @@ def test_the_cards_loading_code_runs_without_a_config(awkward_pair, tmp_path):
     assert_holds_out(state, out)
 
 
-def test_base_model_is_a_hub_repo_id_or_absent(lora, finetune, tmp_path):
+def test_base_model_is_a_hub_repo_id_or_absent(llama_lora, llama_finetune, tmp_path):
     """The Hub refuses a path as base_model: a repo id from --base-model-id, the adapter's or BASE's config, or
     none at all (the card says how to give one); tags the Hub derives from base_model are not carried over."""
-    base, adapter = lora
+    base, adapter = llama_lora
     by_path = tmp_path / "by-path"
     assert run("merge", base, adapter, by_path, "--save", "adapter", "-q").returncode == 0
     meta, body = card_parts(by_path)
@@ -135,7 +121,7 @@ def test_base_model_is_a_hub_repo_id_or_absent(lora, finetune, tmp_path):
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-org/llama-base"
 
     config_named = tmp_path / "config-named"
-    shutil.copytree(finetune[0], config_named)
+    shutil.copytree(llama_finetune[0], config_named)
     config = json.loads((config_named / "config.json").read_text())
     for name_or_path, expected in (
         ("/home/me/checkpoints/base", None),
@@ -143,7 +129,7 @@ def test_base_model_is_a_hub_repo_id_or_absent(lora, finetune, tmp_path):
     ):
         (config_named / "config.json").write_text(json.dumps({**config, "_name_or_path": name_or_path}))
         out = tmp_path / f"from-config-{expected is not None}"
-        assert run("merge", config_named, finetune[1], out, "-q").returncode == 0
+        assert run("merge", config_named, llama_finetune[1], out, "-q").returncode == 0
         meta, body = card_parts(out)
         assert meta.get("base_model") == expected, meta
         if expected:
@@ -155,10 +141,10 @@ def test_base_model_is_a_hub_repo_id_or_absent(lora, finetune, tmp_path):
         assert not (tmp_path / "bad.partial").exists()
 
 
-def test_a_torch_save_fine_tune_gets_the_bases_config(finetune, tmp_path):
+def test_a_torch_save_fine_tune_gets_the_bases_config(llama_finetune, tmp_path):
     """FINETUNED as one .pt file with a Hugging Face folder as BASE: OUT takes BASE's config and tokenizer files
     (said once), so `from_pretrained(OUT)` works."""
-    base, ft = finetune
+    base, ft = llama_finetune
     pt = tmp_path / "finetuned.pt"
     torch.save(load_folder(ft), pt)
     out = tmp_path / "out"
@@ -189,9 +175,9 @@ def test_hub_ids_and_class_names_from_configs_are_held_to_their_rules():
     assert locate("model.layers.1.mlp.experts.gate_up_proj[3][0:64]").layer == 1
 
 
-def test_a_weights_file_inside_its_folder_borrows_nothing(finetune, tmp_path):
+def test_a_weights_file_inside_its_folder_borrows_nothing(llama_finetune, tmp_path):
     """FINETUNED given as a file of a model folder: not BASE's config either (it may not fit); said."""
-    base, ft = finetune
+    base, ft = llama_finetune
     shards = sorted(ft.glob("*.safetensors"))
     single = tmp_path / "ft"
     single.mkdir()
