@@ -18,8 +18,8 @@ REPORT = "streamsoup_report.json"
 
 
 #: environment variables a run cannot be given in this process: a fault point SIGKILLs its process, and
-#: huggingface_hub reads its settings once, at import
-PROCESS_ONLY_ENV = ("STREAMSOUP_FAULT", "HF_")
+#: huggingface_hub and dask read their settings once, at import
+PROCESS_ONLY_ENV = ("STREAMSOUP_FAULT", "HF_", "DASK_")
 #: flags a run cannot be given in this process: --max-ram is a budget for the whole process, which here would
 #: count pytest's own memory
 PROCESS_ONLY_FLAGS = ("--max-ram",)
@@ -117,6 +117,9 @@ def cli_child(argv: list[str], env: dict, cwd: Path | None, out: Path, err: Path
     cli_server.map_parents_pages()  # its RSS: a new interpreter's (cli_server's docstring)
     os.environ.clear()
     os.environ.update(env)
+    import dask.config
+
+    dask.config.refresh()  # a new interpreter reads DASK_* at its import of dask: the server imported it before
     if cwd is not None:
         os.chdir(cwd)
     for fd, path in ((1, out), (2, err)):

@@ -45,42 +45,49 @@ class LoopbackCluster:
                 "--no-dashboard",
             ]
         )
+        self.workers: list[subprocess.Popen] = []
         deadline = time.time() + 60
         while not self.scheduler_file.exists() and time.time() < deadline:
             time.sleep(0.1)
         self.address = json.loads(self.scheduler_file.read_text())["address"]
-        self.workers = [
-            self._spawn(
-                [
-                    DASK,
-                    "worker",
-                    self.address,
-                    "--nthreads",
-                    "1",
-                    "--memory-limit",
-                    limit,
-                    "--name",
-                    f"w{i}",
-                    "--no-dashboard",
-                    *(["--resources", resources] if resources else []),
-                ]
-            )
-            for i, limit in enumerate(limits)
-        ]
-        self._wait_for_workers(len(limits))
+        for i, limit in enumerate(limits):
+            self.add_worker(limit, f"w{i}", resources)
+        if limits:
+            self.wait_for_workers(len(limits))
 
-    def _spawn(self, cmd: list[str]) -> subprocess.Popen:
+    def add_worker(
+        self,
+        limit: str = "0",
+        name: str = "",
+        resources: str = "",
+        wrap: tuple[str, ...] = (),
+        env: dict | None = None,
+        dask: tuple[str, ...] = (DASK,),
+    ) -> subprocess.Popen:
+        """A plain `dask worker` (one thread); `wrap` runs it inside another command (a mount namespace of its own),
+        `env` adds to its environment, `dask` is the command that is dask's CLI."""
+        cmd = [*dask, "worker", self.address, "--nthreads", "1", "--memory-limit", limit, "--no-dashboard"]
+        cmd += ["--name", name or f"w{len(self.workers)}", *(["--resources", resources] if resources else [])]
+        self.workers.append(self._spawn([*wrap, *cmd], env))
+        return self.workers[-1]
+
+    def _spawn(self, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
         log = open(self.root / f"{len(list(self.root.glob('*.log')))}.log", "w")
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        env = {**os.environ, **(env or {})}
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
     def client(self):
         from distributed import Client
 
         return Client(self.address, timeout="30s")
 
-    def _wait_for_workers(self, n: int) -> None:
+    def wait_for_workers(self, n: int) -> None:
+        """Until n workers are there (dask's wait counts at least n: a killed one may still be counted)."""
         with self.client() as client:
             client.wait_for_workers(n, timeout=60)
+            deadline = time.time() + 60
+            while len(client.scheduler_info(n_workers=-1)["workers"]) != n and time.time() < deadline:
+                time.sleep(0.1)
 
     def resources(self) -> dict[str, dict]:
         """Worker name -> its resources, as the scheduler sees them."""
@@ -105,7 +112,8 @@ class LoopbackCluster:
             child.kill()
 
     def shutdown(self) -> None:
-        for proc in [*self.workers, self.scheduler]:
+        """The scheduler first: a client then sees the cluster gone at once, not its workers leaving one by one."""
+        for proc in [self.scheduler, *self.workers]:
             self.kill(proc)
 
 
@@ -135,6 +143,7 @@ def test_plain_cluster_merge_matches_local(awkward_pair, cluster, tmp_path):
     proc = run("merge", *awkward_pair, remote, "--scheduler", cluster.address)
     assert proc.returncode == 0, proc.stderr
     assert f"cluster {cluster.address}: 2 worker(s), 2 CPU lane(s)" in proc.stderr
+    assert "dashboard" not in proc.stderr, "the scheduler runs with --no-dashboard: its HTTP server serves none"
     assert tree_digest(remote) == tree_digest(local)
     assert_merged_exactly(*awkward_pair, remote)
     res = cluster.resources()
@@ -303,3 +312,138 @@ def test_relative_paths_reach_workers_that_run_in_other_folders(awkward_pair, cl
     local = run("merge", *awkward_pair, tmp_path / "local", "--devices", "cpu", "--threads", "1", "-q")
     weights = lambda out: {k: v for k, v in tree_digest(out).items() if k.endswith(".safetensors")}  # noqa: E731
     assert local.returncode == 0 and weights(job / "out") == weights(tmp_path / "local")  # the card names the paths
+
+
+def _can_unshare() -> bool:
+    return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+
+
+def hidden(folder: Path) -> tuple[str, ...]:
+    """Runs a worker in a mount namespace of its own where `folder` is an empty tmpfs: a machine that does not
+    share that filesystem with this one, and sees another folder at the same path."""
+    return ("unshare", "-rm", "sh", "-c", 'mount -t tmpfs tmpfs "$1" && shift && exec "$@"', "sh", str(folder))
+
+
+def _one_worker(cluster: LoopbackCluster, **worker) -> subprocess.Popen:
+    """The cluster's workers replaced by one new worker."""
+    for proc in cluster.workers:
+        cluster.kill(proc)
+    cluster.workers.clear()
+    proc = cluster.add_worker(**worker)
+    cluster.wait_for_workers(1)
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_unshare(), reason="no unprivileged mount namespaces here")
+def test_every_worker_must_run_this_streamsoup_and_see_the_inputs_and_OUT(awkward_pair, tmp_path):
+    """Found before any compute, one line each naming the worker, the path and what to do: a worker of another
+    streamsoup, one without the inputs' filesystem, one without OUT's. Was: the merge ran, or failed mid-run on
+    "No such file or directory" (exit 2 with OUT.partial left behind)."""
+    import torch
+
+    from streamsoup import __version__
+
+    (tmp_path / "cluster").mkdir()
+    cluster = LoopbackCluster(tmp_path / "cluster", limits=())
+    try:
+        old = tmp_path / "old-env" / "streamsoup"
+        old.mkdir(parents=True)
+        (old / "__init__.py").write_text("")
+        (old / "_version.py").write_text('__version__ = "0.6.0"\n')
+        outs = tmp_path / "outs"
+        outs.mkdir()
+        out = outs / "out"
+        merge = lambda: run("merge", *awkward_pair, out, "--scheduler", cluster.address, "-q")  # noqa: E731
+
+        _one_worker(cluster, env={"PYTHONPATH": str(old.parent)})
+        proc = merge()
+        assert_one_line_error(proc, 2, "dask worker tcp://", f"runs streamsoup 0.6.0 and this machine {__version__}")
+        assert "install the same version" in proc.stderr
+        assert not out.exists() and not Path(f"{out}.partial").exists()
+
+        # a Python with dask and torch but not streamsoup: this one without its site hooks (streamsoup's editable
+        # install is one), the site-packages on its path, not the current folder
+        site = str(Path(torch.__file__).parent.parent)
+        _one_worker(cluster, env={"PYTHONPATH": site}, dask=(sys.executable, "-S", "-P", "-m", "dask"))
+        proc = merge()
+        assert_one_line_error(proc, 2, "dask worker tcp://", "cannot import streamsoup", f"streamsoup=={__version__}")
+
+        _one_worker(cluster, wrap=hidden(awkward_pair[0].parent))
+        proc = merge()
+        assert_one_line_error(proc, 2, "dask worker tcp://", f"cannot read BASE file {awkward_pair[0]}", "share")
+        assert not Path(f"{out}.partial").exists()
+
+        _one_worker(cluster, wrap=hidden(outs))  # sees a writable folder there, but not this machine's
+        proc = merge()
+        assert_one_line_error(proc, 1, "dask worker tcp://", f"does not see {out}.partial as this machine does")
+        assert "work done so far is kept" in proc.stderr and Path(f"{out}.partial").is_dir()
+
+        _one_worker(cluster)  # the cause fixed: the same command resumes and finishes
+        assert merge().returncode == 0
+        local = run("merge", *awkward_pair, tmp_path / "local", "--devices", "cpu", "--threads", "1", "-q")
+        weights = lambda o: {k: v for k, v in tree_digest(o).items() if k.endswith(".safetensors")}  # noqa: E731
+        assert local.returncode == 0 and weights(out) == weights(tmp_path / "local")
+    finally:
+        cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_a_frozen_worker_is_taken_out_and_the_merge_finishes(medium_pair, medium_local, tmp_path):
+    """A worker stopped mid-run (SIGSTOP: as a hung NFS mount leaves it) with the nanny that would restart it:
+    after dask's worker-ttl without a heartbeat it is taken out and its tensors run on the other worker. Was: the
+    merge waited forever, without a word."""
+    (tmp_path / "cluster").mkdir()
+    cluster = LoopbackCluster(tmp_path / "cluster", limits=("0", "0"))
+    frozen = cluster.workers[1]
+    try:
+        out = tmp_path / "out"
+        ttl = {"DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL": "6s"}  # the client's setting; the scheduler's is 5 min
+        proc = start("merge", *medium_pair, out, "--scheduler", cluster.address, "-q", env=ttl)
+        _wait_commits(tmp_path / "out.partial", 4, proc)
+        os.killpg(frozen.pid, signal.SIGSTOP)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        assert tree_digest(out) == medium_local
+        assert re.search(r"dask worker tcp://\S+ has not answered for \d+ s while it runs '", err), err
+    finally:
+        os.killpg(frozen.pid, signal.SIGCONT)
+        cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_a_worker_dying_under_every_task_stops_the_merge_with_its_cause(awkward_pair, tmp_path):
+    """Each time the worker starts a tensor it dies (as one killed for memory does) and its nanny restarts it: the
+    tensor is lost a bounded number of times, then one line says why, the work kept. Was: 35 restarts in 4
+    minutes, resubmitted under new keys forever, nothing about memory."""
+    (tmp_path / "cluster").mkdir()
+    cluster = LoopbackCluster(tmp_path / "cluster", limits=())
+    try:
+        cluster.add_worker(env={"STREAMSOUP_FAULT": "task"})
+        cluster.wait_for_workers(1)
+        failures = {"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1"}
+        proc = run("merge", *awkward_pair, tmp_path / "out", "--scheduler", cluster.address, "-q", env=failures)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        for needle in ("was lost with its dask worker 2 times", "memory", "the work done so far is kept", "rerun"):
+            assert needle in last, last
+        assert (tmp_path / "out.partial").is_dir() and not (tmp_path / "out").exists()
+    finally:
+        cluster.shutdown()
+
+
+def test_resources_a_worker_cannot_hold_and_a_stale_scheduler_file_are_refused(awkward_pair, tmp_path):
+    """ram= declared above what the worker's memory limit leaves (its nanny would kill it at every big tensor), and
+    a scheduler file whose scheduler has gone: one line each, naming the worker or the file, nothing written."""
+    (tmp_path / "cluster").mkdir()
+    cluster = LoopbackCluster(tmp_path / "cluster", limits=("700MB",), resources="ram=8192")
+    try:
+        proc = run("merge", *awkward_pair, tmp_path / "o", "--scheduler", cluster.address, "-q")
+        assert_one_line_error(proc, 2, "dask worker tcp://", "declares ram=8192", "declare at most ram=")
+    finally:
+        cluster.shutdown()
+    stale = tmp_path / "scheduler.json"
+    stale.write_text(json.dumps({"address": "tcp://127.0.0.1:1"}))
+    proc = run("merge", *awkward_pair, tmp_path / "o", "--scheduler-file", stale)
+    assert_one_line_error(proc, 2, f"--scheduler-file {stale} names tcp://127.0.0.1:1", "has stopped")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()

@@ -326,6 +326,27 @@ def make_budget(
     return Budget(max_ram, task_ram, opts.max_vram or default_max_vram(lanes.devices), lanes)
 
 
+#: the share of its memory limit at which dask's nanny kills a worker (distributed.worker.memory.terminate)
+TERMINATE_SHARE = 0.95
+
+
+def check_declared_ram(facts: dict[str, dict]) -> None:
+    """A worker declaring more `ram` for tasks than its memory limit leaves it is killed by its nanny at the
+    first big tensor, again at each restart: refuse it before any work."""
+    for address, fact in sorted(facts.items()):
+        declared, limit = (fact.get("declared") or {}).get(RAM), fact.get("memory_limit") or 0
+        if declared is None or not limit:
+            continue
+        room = max(0, int(TERMINATE_SHARE * limit) - int(fact.get("rss") or 0)) // MiB
+        if declared > room:
+            raise UsageError(
+                f"dask worker {address} declares ram={declared:g} (MiB) for tasks, but its memory limit of "
+                f"{format_size(limit)} leaves {room} MiB beside the worker's own {format_size(fact.get('rss') or 0)}"
+                f" (its nanny kills it at {TERMINATE_SHARE:.0%}): declare at most ram={room}, or start the "
+                "worker with a larger --memory-limit"
+            )
+
+
 def workers_budget(
     resources: dict[str, dict[str, float]], facts: dict[str, dict], opts: MergeOptions, address: str
 ) -> Budget:
@@ -341,6 +362,7 @@ def workers_budget(
             f"({len(resources)} worker(s)); give workers threads and memory, or declare resources "
             '(e.g. `--resources "cpu=2,ram=8192"`, ram in MiB)'
         )
+    check_declared_ram(facts)
     task_ram = int(max(r[RAM] for r in usable.values())) * MiB
     if opts.max_ram:
         machine = max((f["total_memory"] for f in facts.values()), default=opts.max_ram)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from ..paths import expand_path
 from ..planning.budget import CPU, DEVICE, GPU_SLOTS, RAM, Budget, MiB, to_mib, workers_budget
 from ..tasks.devices import install_pool
 from ..units import format_size
+from .workercheck import Expected, check_workers, lost_cluster
 
 log = logging.getLogger(__name__)
 
@@ -223,21 +226,31 @@ def nothing_listens(address: str) -> str:
     return ""
 
 
+def unreachable(opts: MergeOptions, address: str, why: str) -> OptionError:
+    """A scheduler that does not answer, named as the user named it: the address, or the file that gave it."""
+    if opts.scheduler_file:
+        return OptionError(
+            "scheduler_file",
+            f"{expand_path(opts.scheduler_file)} names {address}, where no dask scheduler answers ({why}): a file "
+            "left by a scheduler that has stopped? start the scheduler, or give the file it writes now",
+        )
+    return OptionError(
+        "scheduler", f"{address}: cannot reach a dask scheduler there ({why}); start it, or check the address"
+    )
+
+
 @contextmanager
 def cluster_client(opts: MergeOptions) -> Iterator[Client]:
     """A client of the user's cluster, every worker given streamsoup's resources; unregistered at the end."""
     address = scheduler_address(opts)
-    name = "scheduler_file" if opts.scheduler_file else "scheduler"
     quiet_dask_logs()
     refused = nothing_listens(address)
     if refused:
-        raise OptionError(
-            name, f"{address}: cannot reach a dask scheduler there ({refused}); start it, or check the address"
-        )
+        raise unreachable(opts, address, refused)
     try:
         client = Client(address, timeout="20s")
     except (OSError, TimeoutError, ValueError) as exc:
-        raise OptionError(name, f"{address}: cannot reach a dask scheduler there ({exc})") from None
+        raise unreachable(opts, address, str(exc)) from None
     try:
         quiet_dask_logs()  # again: connecting created more loggers
         try:
@@ -247,7 +260,11 @@ def cluster_client(opts: MergeOptions) -> Iterator[Client]:
                 f"the dask cluster at {address} has no workers (waited {WORKER_WAIT_S} s); "
                 "start some with `dask worker " + address + "`"
             ) from None
-        client.register_plugin(LaneResources(), name=PLUGIN_NAME)
+        try:
+            check_workers(client, Expected())  # this streamsoup on every worker, before its plugin is sent there
+            client.register_plugin(LaneResources(), name=PLUGIN_NAME)
+        except (OSError, TimeoutError) as exc:  # CommClosedError is an OSError: not a disk's
+            raise lost_cluster(address, "registered its workers", exc) from None
         yield client
     finally:
         if client.status == "running":  # else the scheduler is gone (a call would wait out the timeout)
@@ -265,15 +282,27 @@ def worker_resources(client: Client) -> dict[str, dict[str, float]]:
 
 
 def dashboard(client: Client) -> str | None:
-    """The scheduler's dashboard address, when it serves one."""
+    """The scheduler's dashboard address, when it serves one: a scheduler started with --no-dashboard still lists
+    a "dashboard" service (its HTTP server, for /health and metrics), whose /status page is then not found."""
     services = client.scheduler_info().get("services") or {}
-    return client.dashboard_link if "dashboard" in services else None
+    if "dashboard" not in services:
+        return None
+    link = client.dashboard_link
+    try:
+        with urllib.request.urlopen(link, timeout=2) as page:
+            return link if page.status == 200 else None
+    except (OSError, ValueError):  # 404 (HTTPError is an OSError), or no answer from here
+        return None
 
 
 def cluster_budget(client: Client, opts: MergeOptions) -> Budget:
     """The budget of the cluster's workers as they are now (planning/budget.py: workers_budget)."""
-    facts = {a: f for a, f in client.run(_facts_of).items() if f}
-    return workers_budget(worker_resources(client), facts, opts, scheduler_address(opts))
+    try:
+        facts = {a: f for a, f in client.run(_facts_of).items() if f}
+        resources = worker_resources(client)
+    except (OSError, TimeoutError) as exc:  # a worker lost meanwhile: dask's comm error, not a disk's
+        raise lost_cluster(scheduler_address(opts), "measured its workers", exc) from None
+    return workers_budget(resources, facts, opts, scheduler_address(opts))
 
 
 def ram_span(rams_mib: list[float]) -> str:
@@ -295,11 +324,39 @@ def describe(client: Client, budget: Budget, address: str) -> str:
     return line + (f"; dashboard {link}" if link else "")
 
 
-def no_worker_tasks(dask_scheduler, keys: list[str]) -> dict[str, Any]:
-    """On the scheduler: which of `keys` wait in state no-worker, and what each worker offers now."""
-    stuck = [k for k in keys if (ts := dask_scheduler.tasks.get(k)) is not None and ts.state == "no-worker"]
-    offers = {addr: dict(ws.resources) for addr, ws in dask_scheduler.workers.items()}
-    return {"stuck": stuck, "offers": offers}
+@dataclass(frozen=True)
+class ClusterLook:
+    """What the watch of a run on a user's cluster reads from the scheduler at each look (plain RPCs, which the
+    scheduler does not log, unlike `run_on_scheduler`)."""
+
+    stuck: list[str]  # our keys that wait in state no-worker
+    offers: dict[str, dict[str, float]]  # worker -> the resources it offers now
+    heard: dict[str, float]  # worker -> when the scheduler last had its heartbeat (the scheduler's clock)
+    busy: dict[str, list[str]]  # worker -> the keys it is running
+    limits: dict[str, int]  # worker -> its memory limit (0: none)
+
+
+def look_at_cluster(client: Client, keys: list[str]) -> ClusterLook:
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    states = client.sync(client.scheduler.get_task_status, keys=keys)
+    return ClusterLook(
+        stuck=[k for k, state in states.items() if state == "no-worker"],
+        offers={a: dict(w.get("resources") or {}) for a, w in workers.items()},
+        heard={a: float(w.get("last_seen") or 0) for a, w in workers.items()},
+        busy={a: list(k) for a, k in client.processing().items()},
+        limits={a: int(w.get("memory_limit") or 0) for a, w in workers.items()},
+    )
+
+
+def lost_counts(dask_scheduler, keys: list[str]) -> dict[str, int]:
+    """On the scheduler: how often each task's worker died while running it (dask's `suspicious` count)."""
+    return {k: ts.suspicious for k in keys if (ts := dask_scheduler.tasks.get(k)) is not None}
+
+
+async def drop_worker(dask_scheduler, address: str) -> str:
+    """On the scheduler: take a worker that stopped answering out of the cluster, as dask's worker-ttl does, so its
+    tasks run elsewhere (worker-ttl asks the worker's nanny to restart it, which a frozen nanny never does)."""
+    return await dask_scheduler.remove_worker(address=address, stimulus_id=f"streamsoup-silent-{time.time()}")
 
 
 def fits(request: dict[str, float], offers: dict[str, dict[str, float]]) -> bool:

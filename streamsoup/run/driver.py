@@ -52,6 +52,7 @@ from .graph import Member, build_graph
 from .progress import Progress
 from .publish import cleanup, existing_output, finish, partial_entry, plan_side_files, published_meanwhile
 from .signals import MESSAGE, InterruptGuard
+from .workercheck import check_workers, folders_expected, inputs_expected
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ def _attempt(request: Request) -> MergeSummary:
         threads = opts.threads
         if client:
             budget = cluster_budget(client, opts)
+            check_workers(client, inputs_expected(request.binding, out))
         else:
             configure_process()
             threads = threads or (0 if request.fresh else earlier_threads(state_path))
@@ -180,6 +182,9 @@ def _locked_run(attempt: Attempt) -> MergeSummary:
             log.info("planned %d tensors (%d to edit), %d already done", len(plan.jobs), len(plan.edits), resumed)
             writer.preallocate(plan.layout, partial)
             try:
+                if attempt.client is not None:  # the folders exist now: do the workers see these very folders?
+                    made = [partial] if state_path.parent == partial else [partial, state_path]
+                    check_workers(attempt.client, folders_expected(made))
                 results = execute(attempt, state, guard)
                 check_unchanged(request)
             except StreamsoupError as exc:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import StreamsoupError
+from ..faults import fault_point
 from ..io import writer
 from ..numerics.hostlinalg import set_threads
 from ..numerics.hostmemory import release_memory
@@ -42,6 +43,7 @@ class TensorTask:
 def merge_tensors(items: list[TensorTask], options: EditOptions, ctx: TaskContext) -> list[TensorResult]:
     """One task: one tensor, or many small ones in a row, their bytes made durable together before any result
     leaves (a result is committed, so its bytes must be on disk); a failure names its tensor."""
+    fault_point("task")  # a worker that dies under every task it starts (killed for memory, a crashing library)
     if ctx.threads:
         set_threads(ctx.threads)
     named = len(items) > 1  # alone in its task, a tensor is named by the driver
