@@ -29,7 +29,10 @@ class LoopbackCluster:
     Worker 0 has no memory limit, worker 1 a small one; each runs under its nanny, in its own process group.
     """
 
-    def __init__(self, root: Path, limits: tuple[str, ...] = ("0", SMALL_LIMIT), resources: str = "") -> None:
+    def __init__(
+        self, root: Path, limits: tuple[str, ...] = ("0", SMALL_LIMIT), resources: str = "", env: dict | None = None
+    ) -> None:
+        """`env`: the scheduler's (its dask settings: DASK_DISTRIBUTED__SCHEDULER__...)."""
         self.root = root
         self.scheduler_file = root / "scheduler.json"
         self.scheduler = self._spawn(
@@ -43,7 +46,8 @@ class LoopbackCluster:
                 "--scheduler-file",
                 str(self.scheduler_file),
                 "--no-dashboard",
-            ]
+            ],
+            env,
         )
         self.workers: list[subprocess.Popen] = []
         deadline = time.time() + 60
@@ -390,22 +394,28 @@ def test_every_worker_must_run_this_streamsoup_and_see_the_inputs_and_OUT(awkwar
 
 @pytest.mark.slow
 def test_a_frozen_worker_is_taken_out_and_the_merge_finishes(medium_pair, medium_local, tmp_path):
-    """A worker stopped mid-run (SIGSTOP: as a hung NFS mount leaves it) with the nanny that would restart it:
-    after dask's worker-ttl without a heartbeat it is taken out and its tensors run on the other worker. Was: the
-    merge waited forever, without a word."""
+    """A worker stopped mid-run (SIGSTOP) with the nanny that would restart it: after the scheduler's worker-ttl
+    without a heartbeat it is taken out and its tensors run on the other worker. Was: the merge waited forever,
+    without a word. A worker of another streamsoup that joins meanwhile gets no task, and is named."""
     (tmp_path / "cluster").mkdir()
-    cluster = LoopbackCluster(tmp_path / "cluster", limits=("0", "0"))
+    ttl = {"DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL": "6s"}
+    cluster = LoopbackCluster(tmp_path / "cluster", limits=("0", "0"), env=ttl)
     frozen = cluster.workers[1]
+    old = tmp_path / "old-env" / "streamsoup"
+    old.mkdir(parents=True)
+    (old / "__init__.py").write_text("")
+    (old / "_version.py").write_text('__version__ = "0.6.0"\n')
     try:
         out = tmp_path / "out"
-        ttl = {"DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL": "6s"}  # the client's setting; the scheduler's is 5 min
-        proc = start("merge", *medium_pair, out, "--scheduler", cluster.address, "-q", env=ttl)
+        proc = start("merge", *medium_pair, out, "--scheduler", cluster.address, "-q")
         _wait_commits(tmp_path / "out.partial", 4, proc)
         os.killpg(frozen.pid, signal.SIGSTOP)
+        cluster.add_worker(name="old", env={"PYTHONPATH": str(old.parent)})
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
         assert tree_digest(out) == medium_local
         assert re.search(r"dask worker tcp://\S+ has not answered for \d+ s while it runs '", err), err
+        assert re.search(r"dask worker tcp://\S+ joined, but takes no part in the merge: it runs streamsoup 0.6.0", err)
     finally:
         os.killpg(frozen.pid, signal.SIGCONT)
         cluster.shutdown()
@@ -417,12 +427,12 @@ def test_a_worker_dying_under_every_task_stops_the_merge_with_its_cause(awkward_
     tensor is lost a bounded number of times, then one line says why, the work kept. Was: 35 restarts in 4
     minutes, resubmitted under new keys forever, nothing about memory."""
     (tmp_path / "cluster").mkdir()
-    cluster = LoopbackCluster(tmp_path / "cluster", limits=())
+    failures = {"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1"}
+    cluster = LoopbackCluster(tmp_path / "cluster", limits=(), env=failures)
     try:
         cluster.add_worker(env={"STREAMSOUP_FAULT": "task"})
         cluster.wait_for_workers(1)
-        failures = {"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1"}
-        proc = run("merge", *awkward_pair, tmp_path / "out", "--scheduler", cluster.address, "-q", env=failures)
+        proc = run("merge", *awkward_pair, tmp_path / "out", "--scheduler", cluster.address, "-q")
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
         for needle in ("was lost with its dask worker 2 times", "memory", "the work done so far is kept", "rerun"):
@@ -447,3 +457,29 @@ def test_resources_a_worker_cannot_hold_and_a_stale_scheduler_file_are_refused(a
     proc = run("merge", *awkward_pair, tmp_path / "o", "--scheduler-file", stale)
     assert_one_line_error(proc, 2, f"--scheduler-file {stale} names tcp://127.0.0.1:1", "has stopped")
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_a_task_stalled_on_a_worker_that_still_answers_is_named_once(caplog):
+    """A task's thread stuck on a hung filesystem leaves its worker's heartbeat going: the watch names the tensor
+    and the worker once it has run far longer than this run's tensors take for their size."""
+    from streamsoup.run.clients import ClusterLook
+    from streamsoup.run.executor import STALL_FACTOR, GraphRun
+    from streamsoup.run.graph import GraphTask, Member
+
+    graph = GraphRun(client=None, watch=True, tick=lambda: None)
+    graph.silent_s = 0.0
+    task = GraphTask("k", (Member("k", "model.layers.0.mlp.down_proj.weight", 10**6),), (print,), 0, {})
+    graph.tasks["k-1"] = task
+    look = ClusterLook([], {"tcp://w": {}}, {"tcp://w": 1.0}, {"tcp://w": ["k-1", "someone-elses"]}, {})
+    graph.say_stalled(look)  # seen running; no rate known yet: nothing said
+    graph.rates = [1e6]  # a byte a microsecond: 1 s for this tensor, so 20 s is far too long
+    graph.running["k-1"] -= STALL_FACTOR * 0.5
+    with caplog.at_level("WARNING"):
+        graph.say_stalled(look)
+        assert not caplog.records, "half the limit: still running as expected"
+        graph.running["k-1"] -= STALL_FACTOR
+        graph.say_stalled(look)
+        graph.say_stalled(look)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "'model.layers.0.mlp.down_proj.weight' has run for" in lines[0], lines
+    assert "dask worker tcp://w" in lines[0] and "hung filesystem" in lines[0]

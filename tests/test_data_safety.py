@@ -772,3 +772,36 @@ def test_report_png_paths(reference, tmp_path):
     missing = tmp_path / "nonexistent" / "dir" / "x.png"
     assert_one_line_error(run_here("report", ref, "--png", missing), 2, "does not exist")
     assert not (tmp_path / "nonexistent").exists()
+
+
+def test_a_task_of_an_attempt_that_is_over_writes_nothing(tmp_path):
+    """A worker frozen mid-task, taken out of its cluster, may wake after its merge ended and another began on the
+    same OUT.partial: its task's next write to a slot or to the state is refused, the new attempt's files intact."""
+    from streamsoup.io.layout import ShardLayout, TensorSpec
+    from streamsoup.io.runlock import RunLock
+    from streamsoup.io.tensorprogress import TensorProgress
+    from streamsoup.io.writer import OutputFiles, preallocate, write_tensor
+
+    partial = tmp_path / "out.partial"
+    layout = ShardLayout.plan([TensorSpec("w", "F32", (4, 4))], 1 << 20)
+    placement = layout.placements["w"]
+    with RunLock(partial) as first:
+        preallocate(layout, partial)
+        old = first.fence()
+        with OutputFiles(partial, fence=old) as files:  # while its attempt holds OUT.partial, the task writes
+            write_tensor(files, placement, torch.ones(4, 4))
+    shard = partial / placement.file
+    with RunLock(partial) as second:  # the next attempt (a rerun), its own line in the lock
+        assert second.fence() != old
+        before = shard.read_bytes()
+        with pytest.raises(RunError, match="is over"), OutputFiles(partial, fence=old) as files:
+            write_tensor(files, placement, torch.zeros(4, 4))
+        assert shard.read_bytes() == before
+        with pytest.raises(RunError, match="is over"):
+            TensorProgress(tmp_path / "state", "w", old)
+        assert not (tmp_path / "state").exists(), "the state is not made anew by the stale task"
+        with OutputFiles(partial, fence=second.fence()) as files:
+            write_tensor(files, placement, torch.zeros(4, 4))
+    shutil.rmtree(partial)
+    with pytest.raises(RunError, match="is over"), OutputFiles(partial, fence=old) as files:  # published, gone
+        write_tensor(files, placement, torch.zeros(4, 4))

@@ -5,9 +5,11 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import RunError, UsageError
 
 LOCK_NAME = ".streamsoup.lock"
 
@@ -36,9 +38,13 @@ class RunLock:
                 "wait for it to finish or stop it first"
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self.line = f"pid {os.getpid()} on {socket.gethostname()}, attempt {uuid.uuid4().hex[:12]}\n"
+        os.pwrite(fd, self.line.encode(), 0)
         self.fd = fd
         return self
+
+    def fence(self) -> Fence:
+        return Fence(str(self.path.parent), self.line)
 
     def release(self) -> None:
         if self.fd is not None:
@@ -65,3 +71,28 @@ class RunLock:
             return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
         finally:
             os.close(fd)
+
+
+@dataclass(frozen=True)
+class Fence:
+    """What a task checks before each write to OUT.partial or the state: the lock still names its attempt.
+
+    A worker frozen mid-task and taken out of the cluster may wake up after its merge has ended and
+    another has begun (a rerun with other options, say): its writes would land in that merge's
+    files. The lock's line is new with each attempt, so such a task finds another line, or none.
+    """
+
+    folder: str
+    line: str
+
+    def check(self) -> None:
+        try:
+            with open(os.path.join(self.folder, LOCK_NAME), encoding="utf-8", errors="replace") as f:
+                now = f.read(len(self.line) + 1)
+        except OSError:
+            now = ""
+        if now != self.line:
+            raise RunError(
+                f"this task's merge attempt ({self.line.strip()}) is over ({self.folder} is written by another, or "
+                "gone): it wrote nothing more"
+            )

@@ -10,6 +10,7 @@ import numpy as np
 import zarr
 
 from .records import StateDamaged, put_array, read_array, seal, unseal
+from .runlock import Fence
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,9 @@ class TensorProgress:
     does not verify reads as no progress (`attrs` is then {}), and the tensor starts over.
     """
 
-    def __init__(self, state_path: str | Path, key: str) -> None:
+    def __init__(self, state_path: str | Path, key: str, fence: Fence | None = None) -> None:
+        self.fence = fence
+        self._fenced()  # opening in mode "a" would make the state anew where it is gone
         root = zarr.open_group(str(state_path), mode="a")
         self.run_id = str(root.attrs.get("run_id", ""))
         self.key = key
@@ -49,10 +52,16 @@ class TensorProgress:
         log.warning("%s: saved mid-tensor progress is damaged (%s); recomputing the tensor", self.key, why)
         self.group.attrs.put({})
 
+    def _fenced(self) -> None:
+        if self.fence is not None:
+            self.fence.check()
+
     def _put(self, record: dict[str, Any]) -> None:
+        self._fenced()
         self.group.attrs.put(seal(self.run_id, record))
 
     def save_gram(self, gram: np.ndarray, next_row: int, dw_sq: float, w0_sq: float) -> None:
+        self._fenced()
         slot = 1 - int(self.attrs.get("slot", 1))
         crc = put_array(self.group, f"gram_{slot}", gram)
         self._put({"phase": "gram", "slot": slot, "next_row": next_row, "dw_sq": dw_sq, "w0_sq": w0_sq, "crc": crc})
@@ -61,6 +70,7 @@ class TensorProgress:
         return read_array(self.group, f"gram_{saved['slot']}", saved["crc"])
 
     def save_basis(self, s: np.ndarray, basis: np.ndarray, info: dict[str, Any]) -> None:
+        self._fenced()
         crcs = {"s_crc": put_array(self.group, "s", s), "basis_crc": put_array(self.group, "basis", basis)}
         self._put({"phase": "project", "next_row": 0, "written": [], **info, **crcs})
 

@@ -19,6 +19,7 @@ from . import rawio
 from .checkpoint import TensorRef, read_raw_block
 from .dtypes import has_nonfinite, tensor_has_nonfinite
 from .layout import Placement, ShardLayout
+from .runlock import Fence
 
 
 def partial_dir(out: Path) -> Path:
@@ -53,12 +54,16 @@ class OutputFiles:
     which is most of the cost of a small tensor. Used as a context manager: synced on success, closed always.
     """
 
-    def __init__(self, folder: Path, together: bool = False) -> None:
+    def __init__(self, folder: Path, together: bool = False, fence: Fence | None = None) -> None:
         self.folder = folder
         self.together = together
+        self.fence = fence
         self._held: dict[str, int] = {}
 
     def open(self, placement: Placement) -> int:
+        """The slot's file, to write it: only while the task's attempt still holds OUT.partial (runlock.Fence)."""
+        if self.fence is not None:
+            self.fence.check()
         path = str(self.folder / placement.file)
         if not self.together:
             return os.open(path, os.O_WRONLY)

@@ -326,24 +326,22 @@ def make_budget(
     return Budget(max_ram, task_ram, opts.max_vram or default_max_vram(lanes.devices), lanes)
 
 
-#: the share of its memory limit at which dask's nanny kills a worker (distributed.worker.memory.terminate)
-TERMINATE_SHARE = 0.95
-
-
 def check_declared_ram(facts: dict[str, dict]) -> None:
-    """A worker declaring more `ram` for tasks than its memory limit leaves it is killed by its nanny at the
-    first big tensor, again at each restart: refuse it before any work."""
+    """A worker declaring more `ram` for tasks than its memory limit leaves before its nanny kills it (at
+    `kill_share` of it: dask's distributed.worker.memory.terminate) dies at the first big tensor, again at each
+    restart: refuse it before any work."""
     for address, fact in sorted(facts.items()):
         declared, limit = (fact.get("declared") or {}).get(RAM), fact.get("memory_limit") or 0
-        if declared is None or not limit:
+        share = fact.get("kill_share") or 0
+        if declared is None or not limit or not share:
             continue
-        room = max(0, int(TERMINATE_SHARE * limit) - int(fact.get("rss") or 0)) // MiB
+        rss = int(fact.get("rss") or 0)
+        room = max(0, int(share * limit) - rss) // MiB
         if declared > room:
             raise UsageError(
                 f"dask worker {address} declares ram={declared:g} (MiB) for tasks, but its memory limit of "
-                f"{format_size(limit)} leaves {room} MiB beside the worker's own {format_size(fact.get('rss') or 0)}"
-                f" (its nanny kills it at {TERMINATE_SHARE:.0%}): declare at most ram={room}, or start the "
-                "worker with a larger --memory-limit"
+                f"{format_size(limit)} leaves {room} MiB beside the worker's own {format_size(rss)} (its nanny kills "
+                f"it at {share:.0%}): declare at most ram={room}, or start the worker with a larger --memory-limit"
             )
 
 

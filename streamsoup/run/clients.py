@@ -12,10 +12,10 @@ command line take precedence over derived ones.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import socket
-import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dask.config
 import psutil
 from distributed import Client, Scheduler, SpecCluster, Worker
 from distributed.comm.addressing import get_address_host, get_address_host_port, parse_address
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from .._version import __version__
 from ..errors import OptionError, UsageError
 from ..numerics.hostlinalg import set_threads
 from ..options import MergeOptions
@@ -35,7 +37,8 @@ from ..paths import expand_path
 from ..planning.budget import CPU, DEVICE, GPU_SLOTS, RAM, Budget, MiB, to_mib, workers_budget
 from ..tasks.devices import install_pool
 from ..units import format_size
-from .workercheck import Expected, check_workers, lost_cluster
+from . import remote
+from .workercheck import Expected, check_workers, lost_cluster, worker_problem
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +129,7 @@ class WorkerFacts:
     gpus: int
     gpu_memory: int  # the smallest visible GPU's total memory; 0 without GPUs
     declared: dict[str, float] = field(default_factory=dict)  # streamsoup's resources given on its command line
+    kill_share: float = 0.0  # the share of its memory limit at which its nanny kills it; 0: nothing kills it
 
 
 def derive_resources(facts: WorkerFacts, limitless_on_host: int = 1) -> dict[str, float]:
@@ -150,7 +154,9 @@ def derive_resources(facts: WorkerFacts, limitless_on_host: int = 1) -> dict[str
     return {CPU: cpu, DEVICE: device, RAM: ram}
 
 
-def measure_worker(nthreads: int, memory_limit: int | None, declared: dict[str, float]) -> WorkerFacts:
+def measure_worker(
+    nthreads: int, memory_limit: int | None, declared: dict[str, float], nanny: bool = False
+) -> WorkerFacts:
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -165,19 +171,29 @@ def measure_worker(nthreads: int, memory_limit: int | None, declared: dict[str, 
         gpus,
         gpu_memory,
         declared,
+        float(dask.config.get("distributed.worker.memory.terminate") or 0) if nanny else 0.0,
     )
 
 
 class LaneResources(WorkerPlugin):
-    """Sets streamsoup's resources on every worker, now and whenever one joins or restarts."""
+    """Sets streamsoup's resources on every worker, now and whenever one joins or restarts.
+
+    Once the merge's files are known (`expected`: workercheck.py), a worker that does not see them as
+    the client does, or runs another streamsoup, gets no resources, so no task of the merge lands on it;
+    `problem_of` tells the client why.
+    """
 
     name = PLUGIN_NAME
     idempotent = False
 
+    def __init__(self, expected: Expected | None = None, version: str = __version__) -> None:
+        self.expected, self.version = expected, version
+
     async def setup(self, worker) -> None:
         if not hasattr(worker, "_streamsoup_declared"):  # what the command line gave, before we set anything
             worker._streamsoup_declared = {k: v for k, v in worker.state.total_resources.items() if k in OURS}
-        facts = measure_worker(worker.state.nthreads, worker.memory_manager.memory_limit, worker._streamsoup_declared)
+        limit, declared = worker.memory_manager.memory_limit, worker._streamsoup_declared
+        facts = measure_worker(worker.state.nthreads, limit, declared, nanny=bool(worker.nanny))
         worker._streamsoup_facts = facts
         host = get_address_host(worker.address)
         identity = await worker.scheduler.identity()
@@ -185,8 +201,33 @@ class LaneResources(WorkerPlugin):
             1 for w in identity.get("workers", {}).values() if w.get("host") == host and not w.get("memory_limit")
         )
         resources = derive_resources(facts, limitless if not facts.memory_limit else 1)
+        worker._streamsoup_problem = await self.problem()
+        if worker._streamsoup_problem:
+            resources = dict.fromkeys(resources, 0)
+            log.warning("dask worker %s takes no part in the merge: it %s", worker.address, worker._streamsoup_problem)
         await worker.set_resources(**resources)
         log.info("streamsoup resources on %s: %s", worker.address, resources)
+
+    async def problem(self) -> str:
+        if self.version != __version__:
+            return f"runs streamsoup {__version__} and the client {self.version}: install the same version on both"
+        if self.expected is None:
+            return ""
+        view = await remote.worker_view(list(self.expected.files), self.expected.writable, list(self.expected.markers))
+        return worker_problem(view, self.expected)
+
+
+def problem_of(dask_worker) -> str:
+    """On a worker: why the plugin gave it no resources ("" when it did, or has not run yet)."""
+    return getattr(dask_worker, "_streamsoup_problem", "")
+
+
+def guard_joining_workers(client: Client, expected: Expected) -> None:
+    """From now on, a worker that joins or restarts is checked as every worker was before the first task."""
+    try:
+        client.register_plugin(LaneResources(expected), name=PLUGIN_NAME)
+    except (OSError, TimeoutError) as exc:
+        raise lost_cluster(client.scheduler.address, "registered its workers", exc) from None
 
 
 def _facts_of(dask_worker) -> dict[str, Any]:
@@ -288,10 +329,11 @@ def dashboard(client: Client) -> str | None:
     if "dashboard" not in services:
         return None
     link = client.dashboard_link
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the cluster's address, not a proxy's
     try:
-        with urllib.request.urlopen(link, timeout=2) as page:
+        with direct.open(link, timeout=2) as page:
             return link if page.status == 200 else None
-    except (OSError, ValueError):  # 404 (HTTPError is an OSError), or no answer from here
+    except (OSError, ValueError, http.client.HTTPException):  # 404 (an OSError), no answer, a relative link
         return None
 
 
@@ -346,17 +388,6 @@ def look_at_cluster(client: Client, keys: list[str]) -> ClusterLook:
         busy={a: list(k) for a, k in client.processing().items()},
         limits={a: int(w.get("memory_limit") or 0) for a, w in workers.items()},
     )
-
-
-def lost_counts(dask_scheduler, keys: list[str]) -> dict[str, int]:
-    """On the scheduler: how often each task's worker died while running it (dask's `suspicious` count)."""
-    return {k: ts.suspicious for k in keys if (ts := dask_scheduler.tasks.get(k)) is not None}
-
-
-async def drop_worker(dask_scheduler, address: str) -> str:
-    """On the scheduler: take a worker that stopped answering out of the cluster, as dask's worker-ttl does, so its
-    tasks run elsewhere (worker-ttl asks the worker's nanny to restart it, which a frozen nanny never does)."""
-    return await dask_scheduler.remove_worker(address=address, stimulus_id=f"streamsoup-silent-{time.time()}")
 
 
 def fits(request: dict[str, float], offers: dict[str, dict[str, float]]) -> bool:

@@ -25,7 +25,7 @@ from .._version import __version__
 from ..errors import Interrupted, OptionError, RunError, StreamsoupError, UsageError
 from ..faults import fault_point
 from ..io import owned, writer
-from ..io.runlock import LOCK_NAME, RunLock
+from ..io.runlock import LOCK_NAME, Fence, RunLock
 from ..io.state import POINTER_NAME, STATE_NAME, Commit, RunState, check_bound, is_state_entry, kept_line
 from ..numerics.hostmemory import configure_process
 from ..options import MergeOptions
@@ -41,6 +41,7 @@ from .clients import (
     cluster_client,
     dashboard_url,
     describe,
+    guard_joining_workers,
     local_client,
     scheduler_address,
     worker_capacity,
@@ -184,8 +185,11 @@ def _locked_run(attempt: Attempt) -> MergeSummary:
             try:
                 if attempt.client is not None:  # the folders exist now: do the workers see these very folders?
                     made = [partial] if state_path.parent == partial else [partial, state_path]
-                    check_workers(attempt.client, folders_expected(made))
-                results = execute(attempt, state, guard)
+                    written = [*(partial / shard.file for shard in plan.layout.shards), state_path]
+                    folders = folders_expected(made, written)
+                    check_workers(attempt.client, folders)
+                    guard_joining_workers(attempt.client, inputs_expected(request.binding, out).merged(folders))
+                results = execute(attempt, state, guard, lock.fence())
                 check_unchanged(request)
             except StreamsoupError as exc:
                 raise kept_work(exc, partial) from exc
@@ -390,7 +394,7 @@ def describe_local(schedule: Schedule) -> str:
     return f"max-ram {format_size(budget.max_ram)}{source}; {budget.lanes.describe()}{extra}"
 
 
-def execute(attempt: Attempt, state: RunState, guard: InterruptGuard) -> list[TensorResult]:
+def execute(attempt: Attempt, state: RunState, guard: InterruptGuard, fence: Fence) -> list[TensorResult]:
     """Run every tensor not committed yet, committing each as it lands; the results in plan order."""
     schedule = attempt.schedule
     plan, opts = schedule.plan, schedule.plan.options
@@ -411,6 +415,7 @@ def execute(attempt: Attempt, state: RunState, guard: InterruptGuard) -> list[Te
         str(attempt.state_path),
         opts.checkpoint_seconds,
         schedule.budget.lanes.threads,
+        fence,
     )
     tasks = build_graph(plan, ctx, opts.edit, schedule.executions, committed)
     results: dict[str, TensorResult] = {}

@@ -23,16 +23,15 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
 
-import dask.config
-from dask.utils import parse_timedelta
 from distributed import Client, Future
-from distributed.scheduler import KilledWorker
+from distributed.scheduler import KilledWorker, heartbeat_interval
 
 from ..errors import RunError, StreamsoupError
 from ..planning.budget import RAM, MiB
 from ..tasks.result import TensorResult, task_failed
 from ..units import format_size
-from .clients import ClusterLook, drop_worker, fits, look_at_cluster, lost_counts
+from . import remote
+from .clients import ClusterLook, fits, look_at_cluster, problem_of
 from .graph import GraphTask, Member
 
 log = logging.getLogger(__name__)
@@ -47,14 +46,8 @@ TICK_SECONDS = 0.25
 KEPT = "the work done so far is kept"
 
 
-def silent_limit() -> float:
-    """Seconds without a heartbeat after which a worker holding our tasks is taken out: dask's own worker-ttl."""
-    return float(parse_timedelta(dask.config.get("distributed.scheduler.worker-ttl") or "5 minutes", "s"))
-
-
-def allowed_losses() -> int:
-    """How often a tensor may be lost with its worker: dask's own allowed-failures (3 by default)."""
-    return int(dask.config.get("distributed.scheduler.allowed-failures", 3))
+#: a task running this many times longer than this run's tasks take by their size is said to be stalled
+STALL_FACTOR = 20
 
 
 def check_capacity(tasks: list[GraphTask], offers: dict[str, dict[str, float]]) -> None:
@@ -85,14 +78,19 @@ class GraphRun:
         self.tasks: dict[str, GraphTask] = {}  # live future key -> task
         self.futures: dict[str, Future] = {}
         self.resubmits = 0
-        self.losses: Counter[str] = Counter()  # task key (without attempt) -> resubmissions after a lost worker
+        self.losses: Counter[str] = Counter()  # task key (without attempt) -> times its worker died under it
         self.stranded_since: float | None = None
         self.last_watch = time.monotonic()
         self.workers: set[str] | None = None  # the cluster's workers at the last look
         self.heard: dict[str, tuple[float, float]] = {}  # worker -> (its last heartbeat, when we saw it change)
         self.dropped: set[str] = set()
+        self.joined: set[str] = set()  # workers that joined since the start, until say_unfit looked at them
         self.limits: dict[str, int] = {}
-        self.silent_s, self.allowed = silent_limit(), allowed_losses()
+        self.running: dict[str, float] = {}  # live key -> when a look first saw it run
+        self.rates: list[float] = []  # bytes per second of the tasks seen running, then finished
+        self.stalled: set[str] = set()
+        self.silent_s: float | None = None  # the scheduler's worker-ttl (None: off), read at the first look
+        self.allowed = 3  # the scheduler's allowed-failures, likewise
         self.token = uuid.uuid4().hex
 
     def submit(self, task: GraphTask, attempt: str = "") -> Future:
@@ -122,7 +120,20 @@ class GraphRun:
                 log.warning("dask worker %s left the cluster; the tensors it held are recomputed elsewhere", addr)
             for addr in sorted(now - self.workers):
                 log.warning("dask worker %s joined the cluster", addr)
+                self.joined.add(addr)
         self.workers = now
+
+    def say_unfit(self, look: ClusterLook) -> None:
+        """A worker that joined is checked by streamsoup's plugin as it starts (clients.LaneResources): one that
+        cannot take part gets no resources; say why, once its resources are set."""
+        for addr in sorted(a for a in self.joined if RAM in look.offers.get(a, {})):
+            self.joined.discard(addr)
+            try:
+                problem = self.client.run(problem_of, workers=[addr]).get(addr, "")
+            except Exception:  # gone again, or the scheduler is: the next look says so
+                continue
+            if problem:
+                log.warning("dask worker %s joined, but takes no part in the merge: it %s", addr, problem)
 
     def rescue(self) -> None:
         """Look at the cluster: take out silent workers, resubmit stranded tasks, stop when that cannot help."""
@@ -130,17 +141,25 @@ class GraphRun:
         if not self.watch or not self.tasks or self.client.status != "running":
             return  # a client reconnecting waits its whole timeout in any call: the cancelled futures say why
         try:
+            if self.workers is None:  # the first look: the scheduler's own limits, which the watch applies
+                settings = self.client.run_on_scheduler(remote.scheduler_settings)
+                self.silent_s, self.allowed = settings["worker_ttl"], int(settings["allowed_failures"])
             look = look_at_cluster(self.client, list(self.tasks))
         except Exception:  # the scheduler is gone: the futures' cancellation says so
             return
         self.said_workers(set(look.offers))
+        self.say_unfit(look)
         self.limits = look.limits
         self.drop_silent(look)
+        self.say_stalled(look)
         self.resubmit_stranded(look)
 
     def drop_silent(self, look: ClusterLook) -> None:
-        """A worker whose heartbeat has not changed for `silent_s` (by our clock: the scheduler's may differ)
-        while it runs our tasks is frozen; dask would wait on it forever."""
+        """A worker whose heartbeat has not changed for the scheduler's worker-ttl (by our clock: the scheduler's
+        may differ) while it runs our tasks is frozen, and so may be its nanny, which the scheduler asks first."""
+        if self.silent_s is None:
+            return
+        limit = max(self.silent_s, 10 * heartbeat_interval(len(look.heard)))  # as the scheduler's own check
         now = time.monotonic()
         for addr, heard in look.heard.items():
             last = self.heard.get(addr)
@@ -148,20 +167,52 @@ class GraphRun:
                 self.heard[addr] = (heard, now)
                 continue
             ours = [self.tasks[k].name for k in look.busy.get(addr, ()) if k in self.tasks]
-            if not ours or addr in self.dropped or now - last[1] < self.silent_s:
+            if not ours or addr in self.dropped or now - last[1] < limit:
                 continue
+            try:
+                self.client.run_on_scheduler(remote.drop_worker, address=addr)
+            except Exception:  # the scheduler is gone: the futures' cancellation says so
+                return
             self.dropped.add(addr)
             log.warning(
-                "dask worker %s has not answered for %.0f s while it runs %s (stopped, out of memory, or a hung "
-                "filesystem?); it is taken out of the cluster and its tensors run on the other workers",
+                "dask worker %s has not answered for %.0f s while it runs %s (stopped, or out of memory?); it was "
+                "taken out of the cluster and its tensors run on the other workers",
                 addr,
                 now - last[1],
                 _names(ours),
             )
-            try:
-                self.client.run_on_scheduler(drop_worker, address=addr)
-            except Exception:  # the scheduler is gone: the futures' cancellation says so
-                return
+
+    def say_stalled(self, look: ClusterLook) -> None:
+        """A task running far longer than this run's tasks take for their size, on a worker that still answers
+        (its thread stuck on a hung filesystem, say): said once; dask cannot stop a running thread."""
+        now = time.monotonic()
+        for keys in look.busy.values():
+            for key in keys:
+                if key in self.tasks:
+                    self.running.setdefault(key, now)
+        if not self.rates or self.silent_s is None:
+            return
+        per_byte = 1 / sorted(self.rates)[len(self.rates) // 2]
+        for addr, keys in look.busy.items():
+            for key in [k for k in keys if k in self.tasks and k not in self.stalled]:
+                task, ran = self.tasks[key], now - self.running[key]
+                if ran > max(self.silent_s, STALL_FACTOR * per_byte * task.nbytes):
+                    self.stalled.add(key)
+                    log.warning(
+                        "tensor %r has run for %.0f s on dask worker %s, over %dx what this merge's tensors take for "
+                        "their size (a hung filesystem?): check that worker; the merge goes on when it answers, or "
+                        "stop it (the work done is kept) and rerun without that worker",
+                        task.name,
+                        ran,
+                        addr,
+                        STALL_FACTOR,
+                    )
+
+    def finished_key(self, key: str, task: GraphTask) -> None:
+        """A task is done: its rate (when a look saw it run) for say_stalled."""
+        since = self.running.pop(key, None)
+        if since is not None and task.nbytes and time.monotonic() > since:
+            self.rates.append(task.nbytes / (time.monotonic() - since))
 
     def resubmit_stranded(self, look: ClusterLook) -> None:
         """Resubmit tasks stranded in no-worker that some worker can run now; stop if none can for long."""
@@ -169,7 +220,10 @@ class GraphRun:
         movable = [k for k in stuck if fits(self.tasks[k].resources, look.offers)]
         waiting = [self.tasks[k] for k in stuck if k not in movable]
         moved = 0
-        counts = self.client.run_on_scheduler(lost_counts, keys=movable) if movable else {}
+        try:
+            counts = self.client.run_on_scheduler(remote.lost_counts, keys=movable) if movable else {}
+        except Exception:  # the scheduler is gone: the futures' cancellation says so
+            return
         for key in movable:  # a new key starts dask's own count afresh: ours adds them up per tensor
             task = self.tasks[key]
             self.losses[task.key] += counts.get(key, 0)
@@ -260,6 +314,7 @@ def run_graph(
                     fut.add_done_callback(graph.finished.put)
                     continue
                 del graph.tasks[fut.key], graph.futures[fut.key]
+                graph.finished_key(fut.key, task)
                 for member, result in zip(task.members, results, strict=True):
                     on_done(member, result)
     except BaseException:

@@ -41,6 +41,10 @@ class GraphTask:
     resources: dict[str, float]  # dask worker resources it holds while it runs
 
     @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.members)
+
+    @property
     def name(self) -> str:
         """The tensor a message names: the task's only one, or the first of its small tensors."""
         more = len(self.members) - 1

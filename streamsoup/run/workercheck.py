@@ -2,7 +2,7 @@
 
 Found before any compute, each in one line naming the worker, the path and what to do; the
 alternative is a task failing mid-run on a file it cannot see, or a worker of another version
-computing other bytes. Workers that join later are not checked.
+computing other bytes. A worker that joins later is checked as it joins (clients.py's plugin).
 """
 
 from __future__ import annotations
@@ -11,39 +11,50 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cloudpickle
 from distributed import Client
 
 from .._version import __version__
 from ..errors import UsageError
 from ..io.owned import MARKER
-from . import workerview
+from . import remote
 
-cloudpickle.register_pickle_by_value(workerview)  # runs where streamsoup is missing: sent by value
+#: the same file seen through two filesystems may round its modification time differently
+MTIME_SLACK_NS = 10**9
 
 
 @dataclass(frozen=True)
 class Expected:
-    """What every worker must see: input files (role, size, mtime in s), writable folders, markers' bytes."""
+    """What every worker must see: input files (role, size, mtime), paths it writes, streamsoup's markers."""
 
     files: dict[str, tuple[str, int, int]] = field(default_factory=dict)
-    folders: list[str] = field(default_factory=list)
+    writable: list[str] = field(default_factory=list)
     markers: dict[str, bytes] = field(default_factory=dict)
+
+    def merged(self, other: Expected) -> Expected:
+        return Expected(
+            {**self.files, **other.files}, [*self.writable, *other.writable], {**self.markers, **other.markers}
+        )
 
 
 def inputs_expected(binding: dict[str, Any], out: Path) -> Expected:
-    """The input files as this machine sees them (their bound identity), and OUT's folder."""
+    """The input files as this machine sees them (their bound identity), and the folder OUT.partial goes in (or
+    its nearest existing parent: streamsoup makes the missing ones)."""
     files = {}
     for role, side in binding.items():
         for name, identity in side["files"].items():
             if identity is not None:
-                files[str(Path(side["folder"], name))] = (role.upper(), identity["size"], identity["mtime_ns"] // 10**9)
-    return Expected(files=files, folders=[str(out.parent)])
+                files[str(Path(side["folder"], name))] = (role.upper(), identity["size"], identity["mtime_ns"])
+    folder = out.parent
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return Expected(files=files, writable=[str(folder)])
 
 
-def folders_expected(folders: list[Path]) -> Expected:
-    """Folders streamsoup made, by their marker: a worker reading the same bytes sees the same folder."""
-    return Expected(markers={str(f / MARKER): (f / MARKER).read_bytes() for f in folders})
+def folders_expected(folders: list[Path], written: list[Path]) -> Expected:
+    """Folders streamsoup made, by their marker (a worker reading the same bytes sees the same folder), and the
+    files and folders its tasks write in them."""
+    markers = {str(f / MARKER): (f / MARKER).read_bytes() for f in folders}
+    return Expected(writable=[str(p) for p in written], markers=markers)
 
 
 def lost_cluster(address: str, doing: str, exc: BaseException) -> UsageError:
@@ -54,17 +65,38 @@ def lost_cluster(address: str, doing: str, exc: BaseException) -> UsageError:
     )
 
 
-def check_workers(client: Client, expected: Expected) -> None:
+def check_workers(client: Client, expected: Expected, workers: list[str] | None = None) -> None:
+    """Refuse, in one line, the first worker (of `workers`, or all) that does not see what it must."""
+    problems = worker_problems(client, expected, workers)
+    if problems:
+        address, problem = min(problems.items())
+        raise UsageError(f"dask worker {address} {problem}")
+
+
+def worker_problems(client: Client, expected: Expected, workers: list[str] | None = None) -> dict[str, str]:
+    """Worker address -> what is wrong with it, for every worker that has a problem."""
     try:
         views = client.run(
-            workerview.worker_view, files=list(expected.files), folders=expected.folders, markers=list(expected.markers)
+            remote.worker_view,
+            files=list(expected.files),
+            writable=expected.writable,
+            markers=list(expected.markers),
+            workers=workers,
+            on_error="return",
         )
     except (OSError, TimeoutError) as exc:
         raise lost_cluster(client.scheduler.address, "checked its workers", exc) from None
-    for address, view in sorted(views.items()):
-        problem = worker_problem(view, expected)
+    problems = {}
+    for address, view in views.items():
+        problem = (
+            f"could not run streamsoup's check ({type(view).__name__}: {view}): is its Python the same version as "
+            "this machine's?"
+            if isinstance(view, BaseException)
+            else worker_problem(view, expected)
+        )
         if problem:
-            raise UsageError(f"dask worker {address} {problem}")
+            problems[address] = problem
+    return problems
 
 
 SHARED = "every worker must see it at the same path, on a filesystem they share"
@@ -83,22 +115,27 @@ def worker_problem(view: dict[str, Any], expected: Expected) -> str:
             f"runs streamsoup {view['version']} and this machine {__version__} (its Python: {python}): install the "
             "same version on both, then rerun"
         )
-    for path, (role, size, mtime_s) in expected.files.items():
+    if "hung" in view:
+        return (
+            f"did not answer in {view['hung']:.0f} s when it looked at the merge's files (a hung filesystem?): "
+            "fix or stop that worker, then rerun"
+        )
+    for path, (role, size, mtime_ns) in expected.files.items():
         seen = view["files"].get(path)
         if isinstance(seen, str):
             return f"cannot read {role} file {path} ({seen}): {SHARED}; mount it there, or run only workers that do"
-        if seen != [size, mtime_s]:
+        if seen[0] != size or abs(seen[1] - mtime_ns) > MTIME_SLACK_NS:
             return (
                 f"sees another {role} file at {path} than this machine does (its size or modification time "
                 f"differ): {SHARED}, not a copy of its own"
             )
-    for folder, writable in view["folders"].items():
-        if not writable:
-            return f"cannot write in {folder}, OUT's folder: {SHARED}, and may write in"
     for path, data in expected.markers.items():
         if view["markers"].get(path) != data:
             return (
                 f"does not see {Path(path).parent} as this machine does (streamsoup's marker in it is missing or "
                 f"differs): OUT and --work-dir must be on a filesystem every worker shares"
             )
+    for path, writable in view["writable"].items():
+        if not writable:
+            return f"may not write {path}: {SHARED}, and may write in (as the same user, or with the same rights)"
     return ""

@@ -209,7 +209,7 @@ def merge_streamed(
     shape, dtype = matrix_shape(ref.shape), torch_dtype(job.out_dtype)
     watch.on(device)
     src = DiskRows(job.base, ref, execution.block_rows, device, watch)
-    progress = TensorProgress(ctx.state_path, job.key)
+    progress = TensorProgress(ctx.state_path, job.key, ctx.fence)
     saved = _verified_progress(progress, files, job, shape, src.transposed)
     if saved.get("phase") != "project":
         with watch("gram"):

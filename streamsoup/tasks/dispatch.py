@@ -48,7 +48,7 @@ def merge_tensors(items: list[TensorTask], options: EditOptions, ctx: TaskContex
         set_threads(ctx.threads)
     named = len(items) > 1  # alone in its task, a tensor is named by the driver
     try:  # a streamed tensor records row blocks as they become durable: alone, each slot is synced as written
-        with writer.OutputFiles(Path(ctx.folder), together=named) as files:
+        with writer.OutputFiles(Path(ctx.folder), together=named, fence=ctx.fence) as files:
             return [merge_tensor(i.job, options, ctx, files, i.execution, i.committed, named=named) for i in items]
     finally:
         release_memory()

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import RunError
+from ..io.runlock import Fence
 from ..numerics.monosoup import Coefficients
 from ..options import EditOptions
 from ..planning.planner import COPY, EDIT, TensorJob
@@ -75,6 +76,7 @@ class TaskContext:
     state_path: str
     checkpoint_seconds: float = 60.0
     threads: int = 0  # torch threads of its lane; 0: the worker's own setting (a cluster run not given --threads)
+    fence: Fence | None = None  # checked before each write: the attempt still holds OUT.partial
 
 
 @dataclass(frozen=True)
