@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from streamsoup.io.checkpoint import read_tensor
-from streamsoup.sources import open_checkpoint
+from streamsoup.sources.opening import open_checkpoint
 
 REPORT = "streamsoup_report.json"
 

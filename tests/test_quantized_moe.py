@@ -248,13 +248,12 @@ def mxfp4_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
 def test_mxfp4_experts_decode_as_transformers_does(tmp_path):
     """streamsoup's MXFP4 reader against transformers' dequantization, expert by expert, rows and columns."""
     from streamsoup.io.checkpoint import read_block, read_tensor
-    from streamsoup.planning.quantization import decode
-    from streamsoup.sources import open_base
+    from streamsoup.sources import open_input
 
     base = tmp_path / "base"
     tiny_gpt_oss().save_pretrained(base)
     weights = mxfp4_checkpoint(base)
-    ckpt = decode(open_base(base), "BASE").ckpt
+    ckpt = open_input(base, "BASE").ckpt
     name = "model.layers.0.mlp.experts.down_proj"
     assert name + "_blocks" not in ckpt and name + "_scales" not in ckpt
     ref = ckpt[name]

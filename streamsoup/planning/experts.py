@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..errors import InputError
 from ..io.checkpoint import Checkpoint, TensorRef
-from .preflight import config_tree, model_config
+from .preflight import config_tree
 
 #: config keys that give a mixture-of-experts model's expert count
 EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -19,12 +19,12 @@ EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_
 EXPERTS = "experts"
 
 
-def expert_count(ckpt: Checkpoint) -> int | None:
+def expert_count(config: dict) -> int | None:
     """The number of experts config.json declares (any nesting), None for a dense model."""
-    for config in config_tree(model_config(ckpt)):
+    for c in config_tree(config):
         for key in EXPERT_KEYS:
-            if isinstance(config.get(key), int) and config[key] > 1:
-                return config[key]
+            if isinstance(c.get(key), int) and c[key] > 1:
+                return c[key]
     return None
 
 
@@ -42,9 +42,10 @@ def stacked_vectors(ref: TensorRef, experts: int | None) -> bool:
     return experts is not None and len(ref.shape) == 2 and under_experts(ref) and ref.shape[0] == experts
 
 
-def check_stacking_known(ckpt: Checkpoint, role: str) -> int | None:
-    """The expert count; a 3-D tensor under `experts` that config.json does not explain is refused."""
-    experts = expert_count(ckpt)
+def check_stacking_known(ckpt: Checkpoint, config: dict, role: str) -> int | None:
+    """The expert count (`config`: the checkpoint's config.json); a 3-D tensor under `experts` that it does not
+    explain is refused."""
+    experts = expert_count(config)
     for ref in ckpt.values():
         if len(ref.shape) == 3 and under_experts(ref) and not stacked(ref, experts):
             said = f"config.json declares {experts} experts" if experts else "config.json declares no expert count"

@@ -12,22 +12,19 @@ from ..io.dtypes import is_float
 from ..io.layout import Placement, ShardLayout, TensorSpec
 from ..numerics.lowrank import BiasUpdate, LoraUpdate
 from ..options import PATTERNS_SECONDS, MergeOptions, pattern_finds
-from ..sources import Adapter, open_base, open_finetuned
-from ..sources.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterTensors, resolve
+from ..sources.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, AdapterTensors, resolve
 from ..sources.hub import cache_repo_id, hub_model_id
+from ..sources.opening import Input, open_input
 from .experts import check_stacking_known, stacked, stacked_vectors
 from .fused import row_parts
 from .preflight import (
     check_adapter_trained,
-    check_not_adapter,
     check_not_blank,
     check_pairing,
     check_related,
     check_shard_count,
     check_values_differ,
-    model_config,
 )
-from .quantization import Decoded, decode
 
 EDIT, COPY = "edit", "copy"
 #: what torch.nn.parallel.DistributedDataParallel puts before every name of the module it wraps
@@ -215,30 +212,27 @@ def unmatched(jobs: tuple[TensorJob, ...], options: MergeOptions, deadline: floa
 def _paired(
     base: str | Path | Checkpoint, finetuned: str | Path | Checkpoint | Adapter, options: MergeOptions
 ) -> MergePlan:
-    base_ckpt = open_base(base)
-    ft = open_finetuned(finetuned)
-    check_not_adapter(base_ckpt, "BASE")
-    base_in = decode(base_ckpt, "BASE")
-    if isinstance(ft, Adapter):
+    base_in = open_input(base, "BASE")
+    ft_in = open_input(finetuned, "FINETUNED")
+    if ft_in.adapter is not None:
         return replace(
-            plan_adapter(base_in.ckpt, ft, options),
+            plan_adapter(base_in, ft_in.adapter, options),
             warnings=tuple(decoded_lines(base_in, None)),
-            dequantized=base_in.format is not None and options.save == "model",
+            dequantized=base_in.decoded.format is not None and options.save == "model",
         )
     if options.save == "adapter":
         raise UsageError(
-            f"--save adapter needs a LoRA adapter as FINETUNED; {ft.root} is a full checkpoint: use --save model"
+            f"--save adapter needs a LoRA adapter as FINETUNED; {ft_in.ckpt.root} is a full checkpoint: use --save "
+            "model"
         )
-    check_not_adapter(ft, "FINETUNED")
-    ft_in = decode(ft, "FINETUNED")
     base_ckpt, ft, renamed = without_ddp_prefix(base_in.ckpt, ft_in.ckpt)
-    check_stacking_known(base_ckpt, "BASE")
-    experts = check_stacking_known(ft, "FINETUNED")
+    check_stacking_known(base_ckpt, base_in.config or {}, "BASE")
+    experts = check_stacking_known(ft, ft_in.config or {}, "FINETUNED")
     specs = (TensorSpec(r.name, out_dtype(r, options.dtype), r.shape) for r in ft.values())
     layout = ShardLayout.plan(specs, options.shard_size)
     check_shard_count(layout, options.shard_size)
     jobs: list[TensorJob] = []
-    config, notes = model_config(ft), {}
+    config, notes = ft_in.config or {}, {}
     for ref in ft.values():
         placement = layout.placements[ref.name]
         made, note = tensor_jobs(len(jobs), ref, base_ckpt.get(ref.name), placement, experts, options, config)
@@ -264,8 +258,8 @@ def _paired(
         layout,
         warnings,
         side_roots=side,
-        dequantized=ft_in.format is not None or (base_in.format is not None and base_ckpt.root in side),
-        **hub_base(options, base_ckpt, None),
+        dequantized=ft_in.decoded.format is not None or (base_in.decoded.format is not None and base_ckpt.root in side),
+        **hub_base(options, base_in, None),
     )
 
 
@@ -288,7 +282,7 @@ def side_roots(base: Checkpoint, ft: Checkpoint) -> tuple[tuple[Path, ...], str 
     )
 
 
-def hub_base(options: MergeOptions, base: Checkpoint, adapter: Adapter | None) -> dict[str, str]:
+def hub_base(options: MergeOptions, base: Input, adapter: Adapter | None) -> dict[str, str]:
     """BASE's Hugging Face repo id for the metadata OUT carries, and where it was found: --base-model-id, BASE
     as a cache snapshot (a repo id given as BASE is one), the adapter's base_model_name_or_path, BASE's
     config.json _name_or_path. A local path is never Hub metadata: none found is ""."""
@@ -298,11 +292,11 @@ def hub_base(options: MergeOptions, base: Checkpoint, adapter: Adapter | None) -
                 "base_model_id", f"must be a Hugging Face repo id (org/name), got {options.base_model_id!r}"
             )
         return {"base_model_id": options.base_model_id, "base_model_from": "--base-model-id"}
-    cached = cache_repo_id(base.root)
+    cached = cache_repo_id(base.ckpt.root)
     found = (
         (cached[0] if cached else None, "BASE's Hugging Face cache snapshot"),
         (adapter.base_name if adapter is not None else None, f"the adapter's {ADAPTER_CONFIG}"),
-        (model_config(base).get("_name_or_path"), "BASE's config.json (_name_or_path)"),
+        ((base.config or {}).get("_name_or_path"), "BASE's config.json (_name_or_path)"),
     )
     for value, where in found:
         if hub_model_id(value) is not None:
@@ -370,8 +364,9 @@ def tensor_jobs(
     return jobs, note
 
 
-def decoded_lines(base: Decoded, ft: Decoded | None) -> list[str]:
+def decoded_lines(base_in: Input, ft_in: Input | None) -> list[str]:
     """What a run says once about quantized inputs: what was decoded, and what OUT is written in."""
+    base, ft = base_in.decoded, ft_in.decoded if ft_in is not None else None
     lines = []
     if base.format is not None:
         lines.append(
@@ -421,8 +416,9 @@ class _Draft:
 LORA_REASON = "low-rank update from the adapter"
 
 
-def plan_adapter(base: Checkpoint, adapter: Adapter, options: MergeOptions) -> MergePlan:
+def plan_adapter(base_in: Input, adapter: Adapter, options: MergeOptions) -> MergePlan:
     """BASE + a LoRA adapter: the merged model (base's tensors and dtypes), or a reweighed adapter."""
+    base = base_in.ckpt
     found = resolve(adapter, base)
     if not found.updates and not found.full:
         raise InputError(f"FINETUNED {adapter.root} holds no LoRA factors and no full tensors: nothing to merge")
@@ -471,7 +467,7 @@ def plan_adapter(base: Checkpoint, adapter: Adapter, options: MergeOptions) -> M
         layout,
         adapter=adapter,
         side_roots=side,
-        **hub_base(options, base, adapter),
+        **hub_base(options, base_in, adapter),
     )
 
 

@@ -24,13 +24,11 @@ import torch
 from ..errors import InputError, OptionError, UsageError
 from ..io.checkpoint import Checkpoint, TensorRef, matrix_shape, read_block
 from ..io.dtypes import is_float
-from ..io.jsonfile import CONFIG_LIMIT, JsonFileError, read_json
 from ..io.layout import ShardLayout
 from ..io.sidefiles import side_files
-from ..sources.adapter import ADAPTER_CONFIG
+from ..sources.config import model_config
 from ..units import format_size
 
-ADAPTER_KEYS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 #: values compared per sampled span (three spans of whole rows per matrix: first, middle, last; one row at least)
 SAMPLE_ELEMENTS = 2048
 #: matrices sampled for the relatedness of BASE and FINETUNED, spread over the model
@@ -47,49 +45,12 @@ OUTPUT_FILES = 5
 STATE_FILES = 4
 
 
-def check_not_adapter(ckpt: Checkpoint, role: str) -> None:
-    """LoRA tensors where a full model is expected: an adapter as BASE, or adapter weights without their config."""
-    folder = ckpt.root if ckpt.root.is_dir() else ckpt.root.parent
-    lora = next((n for n in ckpt if any(f".{key}." in n or n.endswith(f".{key}") for key in ADAPTER_KEYS)), None)
-    has_config = (folder / ADAPTER_CONFIG).exists()
-    if not has_config and lora is None:
-        return
-    found = ADAPTER_CONFIG if has_config else f"tensor {lora!r}"
-    if role == "BASE":
-        raise InputError(
-            f"BASE {ckpt.root} is a PEFT LoRA adapter ({found}), not a full model: pass the model the "
-            "adapter was trained on as BASE and the adapter folder as FINETUNED"
-        )
-    raise InputError(
-        f"{role} {ckpt.root} holds LoRA tensors ({found}) but is not an adapter folder with "
-        f"{ADAPTER_CONFIG}: pass the PEFT adapter folder itself as {role}"
-    )
-
-
 def _file_ids(ckpt: Checkpoint) -> set[tuple[int, int]]:
     ids = set()
     for path in ckpt.files:
         st = os.stat(path)
         ids.add((st.st_dev, st.st_ino))
     return ids
-
-
-def model_config(ckpt: Checkpoint) -> dict:
-    """The checkpoint's config.json (beside a single file: its folder's), {} when there is none or it is no map.
-
-    One that cannot be parsed (too large, too deep, not JSON) is refused here, at plan time: it would be copied
-    into OUT, where it breaks `from_pretrained`, and the model card reads it at the very end."""
-    folder = ckpt.root if ckpt.root.is_dir() else ckpt.root.parent
-    path = folder / "config.json"
-    try:
-        config = read_json(path, CONFIG_LIMIT)
-    except OSError:
-        return {}
-    except JsonFileError as exc:
-        raise InputError(
-            f"{path} {exc}; a model's config.json is a small JSON object: fix it, or download the model again"
-        ) from None
-    return config if isinstance(config, dict) else {}
 
 
 def config_tree(config: Any) -> Iterator[dict]:

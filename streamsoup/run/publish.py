@@ -19,11 +19,11 @@ from ..io.runlock import LOCK_NAME
 from ..io.sidefiles import SideFile, copy_side_files, side_file, side_files
 from ..io.state import POINTER_NAME, STATE_NAME, RunState, describe_changes, is_state_entry, kept_line
 from ..planning.planner import MergePlan
-from ..planning.preflight import model_config
 from ..reporting import REPORT_NAME, SPECTRA_NAME, MergeSummary, read_report, write_report, write_spectra
 from ..reporting.card import CARD_NAME, CardSource, model_card, read_config
 from ..reporting.record import Outcome, assemble
 from ..sources.adapter import ADAPTER_CONFIG
+from ..sources.config import model_config
 from ..tasks.result import TensorResult
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from ..errors import InputError
 from ..io import quantized
 from ..io.checkpoint import Checkpoint, TensorRef
 from ..io.dtypes import is_float
-from .preflight import model_config
+from .config import model_config
 
 #: tensor name endings that only quantized checkpoints have, and the format they belong to
 QUANTIZED_SUFFIXES: dict[str, str] = {
