@@ -531,3 +531,17 @@ def test_nan_in_the_lora_factors_is_named_with_what_to_do_about_the_adapter(adap
     )
     assert proc.returncode != 0 and not (tmp_path / "out").exists()
     assert run("merge", base, broken, tmp_path / "copied", "--allow-nonfinite", "-q").returncode == 0
+
+
+def test_an_opened_adapter_as_base_is_refused_as_a_path_is(llama_lora):
+    """The planner takes opened inputs too (an Adapter, a Checkpoint): an adapter as BASE is the same one-line
+    refusal either way, not an internal error."""
+    from streamsoup.errors import InputError
+    from streamsoup.options import MergeOptions
+    from streamsoup.planning.planner import plan_merge
+    from streamsoup.sources.adapter import Adapter
+
+    base, adapter = llama_lora
+    for given in (adapter, Adapter.open(adapter)):
+        with pytest.raises(InputError, match="is a PEFT LoRA adapter.*not a full model: pass the model"):
+            plan_merge(given, base, MergeOptions())

@@ -389,7 +389,8 @@ def test_every_worker_must_run_this_streamsoup_and_see_the_inputs_and_OUT(awkwar
 def test_a_frozen_worker_is_taken_out_and_the_merge_finishes(medium_pair, medium_local, tmp_path):
     """A worker stopped mid-run (SIGSTOP) with the nanny that would restart it: after the scheduler's worker-ttl
     without a heartbeat it is taken out and its tensors run on the other worker. Was: the merge waited forever,
-    without a word. A worker of another streamsoup that joins meanwhile gets no task, and is named."""
+    without a word. A worker of another streamsoup that joins meanwhile runs no task (those dask gave it as it
+    registered move elsewhere), and is named."""
     (tmp_path / "cluster").mkdir()
     ttl = {"DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL": "6s"}
     cluster = LoopbackCluster(tmp_path / "cluster", limits=("0", "0"), env=ttl)
@@ -403,7 +404,8 @@ def test_a_frozen_worker_is_taken_out_and_the_merge_finishes(medium_pair, medium
         proc = start("merge", *medium_pair, out, "--scheduler", cluster.address, "-q")
         _wait_commits(tmp_path / "out.partial", 4, proc)
         os.killpg(frozen.pid, signal.SIGSTOP)
-        cluster.add_worker(name="old", env={"PYTHONPATH": str(old.parent)})
+        # declaring its resources, it is given tasks as it registers, before streamsoup's plugin runs there
+        cluster.add_worker(name="old", resources="cpu=1,ram=2000", env={"PYTHONPATH": str(old.parent)})
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
         assert tree_digest(out) == medium_local

@@ -40,6 +40,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         self.line = f"pid {os.getpid()} on {socket.gethostname()}, attempt {uuid.uuid4().hex[:12]}\n"
         os.pwrite(fd, self.line.encode(), 0)
+        os.fsync(fd)  # workers on other hosts read it (the fence): on NFS, what is not flushed they may not see
         self.fd = fd
         return self
 

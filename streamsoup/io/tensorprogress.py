@@ -50,6 +50,7 @@ class TensorProgress:
     def damaged(self, why: str) -> None:
         """Say it once and forget the progress: the tensor starts over."""
         log.warning("%s: saved mid-tensor progress is damaged (%s); recomputing the tensor", self.key, why)
+        self._fenced()
         self.group.attrs.put({})
 
     def _fenced(self) -> None:

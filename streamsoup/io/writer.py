@@ -60,10 +60,14 @@ class OutputFiles:
         self.fence = fence
         self._held: dict[str, int] = {}
 
-    def open(self, placement: Placement) -> int:
-        """The slot's file, to write it: only while the task's attempt still holds OUT.partial (runlock.Fence)."""
+    def still_ours(self) -> None:
+        """Checked before each write (a block, a chunk): the task's attempt still holds OUT.partial (runlock.Fence)."""
         if self.fence is not None:
             self.fence.check()
+
+    def open(self, placement: Placement) -> int:
+        """The slot's file, to write it (the fence checked first)."""
+        self.still_ours()
         path = str(self.folder / placement.file)
         if not self.together:
             return os.open(path, os.O_WRONLY)
@@ -132,16 +136,19 @@ def copy_tensor(source: TensorRef, files: OutputFiles, placement: Placement, che
         if has_nonfinite(chunk, source.dtype):
             raise nonfinite(source.path, f"tensor {source.name!r} contains", AS_IS)
 
+    def each(chunk: memoryview) -> None:
+        files.still_ours()
+        if check_finite:
+            finite(chunk)
+
     if source.stride is not None:
-        return _copy_view(source, files, placement, finite if check_finite else None)
+        return _copy_view(source, files, placement, each)
     src = os.open(source.path, os.O_RDONLY)
     try:
         dst = files.open(placement)
         ok = False
         try:
-            crc = rawio.copy_range(
-                src, source.offset, dst, placement.offset, source.nbytes, finite if check_finite else None
-            )
+            crc = rawio.copy_range(src, source.offset, dst, placement.offset, source.nbytes, each)
             ok = True
         finally:
             files.done(dst, ok)
@@ -151,7 +158,7 @@ def copy_tensor(source: TensorRef, files: OutputFiles, placement: Placement, che
 
 
 def _copy_view(
-    source: TensorRef, files: OutputFiles, placement: Placement, inspect: Callable[[memoryview], None] | None
+    source: TensorRef, files: OutputFiles, placement: Placement, inspect: Callable[[memoryview], None]
 ) -> int:
     """A non-contiguous view copied in row blocks of about one IO chunk, row-major as safetensors stores it."""
     row_bytes = max(source.nbytes // max(source.shape[0], 1), 1)
@@ -162,8 +169,7 @@ def _copy_view(
         crc, written = 0, 0
         for start in range(0, source.shape[0], step):
             part = memoryview(read_raw_block(source, start, min(start + step, source.shape[0])).reshape(-1))
-            if inspect is not None:
-                inspect(part)
+            inspect(part)
             rawio.pwrite_all(dst, part, placement.offset + written)
             crc = rawio.crc_of(part, crc)
             written += len(part)
@@ -280,6 +286,7 @@ class SlotWriter:
         self.fd = files.open(placement)
 
     def write(self, block: torch.Tensor) -> None:
+        self.files.still_ours()
         if self.finite:
             check_finite(block)
         data = memoryview(block.contiguous().view(-1).view(torch.uint8).numpy())

@@ -192,15 +192,17 @@ class LaneResources(WorkerPlugin):
     async def setup(self, worker) -> None:
         if not hasattr(worker, "_streamsoup_declared"):  # what the command line gave, before we set anything
             worker._streamsoup_declared = {k: v for k, v in worker.state.total_resources.items() if k in OURS}
-        limit, declared = worker.memory_manager.memory_limit, worker._streamsoup_declared
-        facts = measure_worker(worker.state.nthreads, limit, declared, nanny=bool(worker.nanny))
-        worker._streamsoup_facts = facts
-        host = get_address_host(worker.address)
-        identity = await worker.scheduler.identity()
-        limitless = sum(
-            1 for w in identity.get("workers", {}).values() if w.get("host") == host and not w.get("memory_limit")
-        )
-        resources = derive_resources(facts, limitless if not facts.memory_limit else 1)
+        if getattr(worker, "_streamsoup_resources", None) is None:  # measured once per worker process: the plan
+            limit, declared = worker.memory_manager.memory_limit, worker._streamsoup_declared  # is sized to it
+            facts = measure_worker(worker.state.nthreads, limit, declared, nanny=bool(worker.nanny))
+            worker._streamsoup_facts = facts
+            host = get_address_host(worker.address)
+            identity = await worker.scheduler.identity()
+            limitless = sum(
+                1 for w in identity.get("workers", {}).values() if w.get("host") == host and not w.get("memory_limit")
+            )
+            worker._streamsoup_resources = derive_resources(facts, limitless if not facts.memory_limit else 1)
+        resources = dict(worker._streamsoup_resources)
         worker._streamsoup_problem = await self.problem()
         if worker._streamsoup_problem:
             resources = dict.fromkeys(resources, 0)
@@ -217,9 +219,9 @@ class LaneResources(WorkerPlugin):
         return worker_problem(view, self.expected)
 
 
-def problem_of(dask_worker) -> str:
-    """On a worker: why the plugin gave it no resources ("" when it did, or has not run yet)."""
-    return getattr(dask_worker, "_streamsoup_problem", "")
+def problem_of(dask_worker) -> str | None:
+    """On a worker: why the plugin gave it no resources ("" when it did; None: it has not run there yet)."""
+    return getattr(dask_worker, "_streamsoup_problem", None)
 
 
 def guard_joining_workers(client: Client, expected: Expected) -> None:

@@ -186,7 +186,7 @@ def _locked_run(attempt: Attempt) -> MergeSummary:
                 if attempt.client is not None:  # the folders exist now: do the workers see these very folders?
                     made = [partial] if state_path.parent == partial else [partial, state_path]
                     written = [*(partial / shard.file for shard in plan.layout.shards), state_path]
-                    folders = folders_expected(made, written)
+                    folders = folders_expected(made, written, lock.path)
                     check_workers(attempt.client, folders)
                     guard_joining_workers(attempt.client, inputs_expected(request.binding, out).merged(folders))
                 results = execute(attempt, state, guard, lock.fence())

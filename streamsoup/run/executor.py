@@ -125,15 +125,24 @@ class GraphRun:
 
     def say_unfit(self, look: ClusterLook) -> None:
         """A worker that joined is checked by streamsoup's plugin as it starts (clients.LaneResources): one that
-        cannot take part gets no resources; say why, once its resources are set."""
-        for addr in sorted(a for a in self.joined if RAM in look.offers.get(a, {})):
-            self.joined.discard(addr)
+        cannot take part gets no resources; say why, and move what the scheduler gave it before that (a worker
+        that declared its resources gets tasks as it registers, which it then never runs)."""
+        for addr in sorted(self.joined & set(look.offers)):
             try:
-                problem = self.client.run(problem_of, workers=[addr]).get(addr, "")
-            except Exception:  # gone again, or the scheduler is: the next look says so
+                problem = self.client.run(problem_of, workers=[addr]).get(addr)
+            except Exception as exc:  # no streamsoup there to ask (or gone again: the next look says so)
+                problem = f"cannot run streamsoup ({type(exc).__name__}: {exc})"
+            if problem is None:  # the plugin has not run there yet
                 continue
-            if problem:
-                log.warning("dask worker %s joined, but takes no part in the merge: it %s", addr, problem)
+            self.joined.discard(addr)
+            if not problem:
+                continue
+            log.warning("dask worker %s joined, but takes no part in the merge: it %s", addr, problem)
+            for key in [k for k in look.busy.get(addr, ()) if k in self.tasks]:
+                task = self.tasks.pop(key)
+                self.client.cancel([self.futures.pop(key)])
+                self.resubmits += 1
+                self.submit(task, f"-r{self.resubmits}")
 
     def rescue(self) -> None:
         """Look at the cluster: take out silent workers, resubmit stranded tasks, stop when that cannot help."""

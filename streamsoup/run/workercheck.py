@@ -50,10 +50,10 @@ def inputs_expected(binding: dict[str, Any], out: Path) -> Expected:
     return Expected(files=files, writable=[str(folder)])
 
 
-def folders_expected(folders: list[Path], written: list[Path]) -> Expected:
-    """Folders streamsoup made, by their marker (a worker reading the same bytes sees the same folder), and the
-    files and folders its tasks write in them."""
-    markers = {str(f / MARKER): (f / MARKER).read_bytes() for f in folders}
+def folders_expected(folders: list[Path], written: list[Path], lock: Path) -> Expected:
+    """Folders streamsoup made, by their marker (a worker reading the same bytes sees the same folder), the lock
+    whose line every task checks before it writes (runlock.Fence), and the files and folders tasks write."""
+    markers = {str(p): p.read_bytes() for p in [*(f / MARKER for f in folders), lock]}
     return Expected(writable=[str(p) for p in written], markers=markers)
 
 

@@ -23,6 +23,9 @@ from .quantization import Decoded, decode
 ADAPTER_KEYS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 
+ADAPTER_AS_BASE = "pass the model the adapter was trained on as BASE and the adapter folder as FINETUNED"
+
+
 @dataclass(frozen=True)
 class Input:
     """One input as planning uses it: a full checkpoint decoded (its config with it), or a LoRA adapter."""
@@ -41,6 +44,8 @@ class Input:
 def open_input(spec: str | os.PathLike | Checkpoint | Adapter, role: str) -> Input:
     """BASE or FINETUNED, whole; only FINETUNED may be an adapter (a LoRA adapter as BASE is refused)."""
     if isinstance(spec, Adapter):
+        if role == "BASE":
+            raise InputError(f"BASE {spec.root} is a PEFT LoRA adapter, not a full model: {ADAPTER_AS_BASE}")
         return Input(role, adapter=spec)
     if isinstance(spec, Checkpoint):
         ckpt = spec
@@ -50,8 +55,8 @@ def open_input(spec: str | os.PathLike | Checkpoint | Adapter, role: str) -> Inp
             return Input(role, adapter=Adapter.open(path))
         ckpt = open_checkpoint(path, role)
     check_not_adapter(ckpt, role)
-    decoded = decode(ckpt, role)
-    return Input(role, decoded, config=model_config(decoded.ckpt))
+    config = model_config(ckpt)  # read once: the decoded checkpoint has the same folder
+    return Input(role, decode(ckpt, role, config), config=config)
 
 
 def local_path(spec: str | os.PathLike, role: str) -> Path:
@@ -88,10 +93,7 @@ def check_not_adapter(ckpt: Checkpoint, role: str) -> None:
         return
     found = ADAPTER_CONFIG if has_config else f"tensor {lora!r}"
     if role == "BASE":
-        raise InputError(
-            f"BASE {ckpt.root} is a PEFT LoRA adapter ({found}), not a full model: pass the model the "
-            "adapter was trained on as BASE and the adapter folder as FINETUNED"
-        )
+        raise InputError(f"BASE {ckpt.root} is a PEFT LoRA adapter ({found}), not a full model: {ADAPTER_AS_BASE}")
     raise InputError(
         f"{role} {ckpt.root} holds LoRA tensors ({found}) but is not an adapter folder with "
         f"{ADAPTER_CONFIG}: pass the PEFT adapter folder itself as {role}"

@@ -15,7 +15,6 @@ from ..errors import InputError
 from ..io import quantized
 from ..io.checkpoint import Checkpoint, TensorRef
 from ..io.dtypes import is_float
-from .config import model_config
 
 #: tensor name endings that only quantized checkpoints have, and the format they belong to
 QUANTIZED_SUFFIXES: dict[str, str] = {
@@ -57,9 +56,9 @@ class Decoded:
     consumed: frozenset[str] = frozenset()  # stored names read as part of another weight
 
 
-def decode(ckpt: Checkpoint, role: str) -> Decoded:
-    """Decode FP8 and MXFP4 weights; refuse, naming the format, a tensor and what to do, anything else quantized."""
-    config = model_config(ckpt)
+def decode(ckpt: Checkpoint, role: str, config: dict) -> Decoded:
+    """Decode FP8 and MXFP4 weights (`config`: the checkpoint's config.json); refuse, naming the format, a tensor
+    and what to do, anything else quantized."""
     qc = config.get("quantization_config")
     method = qc.get("quant_method", "unnamed") if isinstance(qc, dict) else None
     if method is not None and method not in DECODED_METHODS:
