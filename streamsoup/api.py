@@ -43,7 +43,7 @@ def merge(
     is the CLI's ``-q``; ``progress=True`` prints the start line and the progress the command shows.
     """
     opts = MergeOptions.create(config, **options)
-    return run_merge(base, finetuned, expand_path(out).absolute(), opts, fresh=fresh, progress=progress)
+    return run_merge(base, finetuned, expand_path(out, "OUT").absolute(), opts, fresh=fresh, progress=progress)
 
 
 def plan(base: str | Path, finetuned: str | Path, *, config: str | Path | None = None, **options: Any) -> PlanSummary:

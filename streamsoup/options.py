@@ -304,7 +304,7 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     if f.metadata.get("size"):
         return None if value in (None, "auto") else parse_size(value, f.name)
     if f.metadata.get("path"):
-        return str(expand_path(value)) if value else ""
+        return str(expand_path(value, "--" + f.name.replace("_", "-"))) if value else ""
     kind = type(f.default)
     if kind is str:
         return str(value)
@@ -386,7 +386,7 @@ def yaml_without_aliases(text: str) -> Any:
 
 def load_config(path: str | Path) -> dict[str, Any]:
     """A YAML mapping of options; anchors and aliases are refused (nested aliases expand exponentially)."""
-    path = expand_path(path)
+    path = expand_path(path, "--config")
     try:
         if os.path.getsize(path) > MAX_CONFIG:
             raise UsageError(f"--config {path} is larger than {MAX_CONFIG // 1024} KiB; an options file is a few lines")

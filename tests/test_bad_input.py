@@ -304,3 +304,26 @@ def test_a_path_that_is_not_utf8_is_merged_and_shown_escaped(awkward_pair, tmp_p
     assert proc.returncode == 0, proc.stderr
     assert "ft\\xff" in (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
     assert run("verify", tmp_path / "out", "-q").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("where", "role", "advice"),
+    [
+        ("base", "BASE", "copy it to a disk first"),
+        ("finetuned", "FINETUNED", "copy it to a disk first"),
+        ("out", "OUT", "upload OUT once it is complete"),
+        ("work_dir", "--work-dir", "upload OUT once it is complete"),
+    ],
+)
+def test_a_url_for_a_path_is_refused_by_name(awkward_pair, tmp_path, where, role, advice):
+    """`s3://bucket/model` where a path goes: one line naming it, nothing made. Was: "BASE ./s3:/bucket/model does
+    not exist", and an OUT URL made the folders `s3:/bucket` in the current folder."""
+    url = "s3://bucket/model"
+    given = dict(zip(("base", "finetuned", "out"), (*map(str, awkward_pair), "o"), strict=True))
+    base, ft, out = (url if where == w else p for w, p in given.items())
+    extra = ["--work-dir", url] if where == "work_dir" else []
+    proc = run("merge", base, ft, out, *extra, "-q", cwd=tmp_path)
+    assert_one_line_error(proc, 2, f"{role} {url} is a URL", "not object storage", advice)
+    assert list(tmp_path.iterdir()) == [], "nothing made in the current folder"
+    if where in ("base", "finetuned"):
+        assert_one_line_error(run("plan", base, ft, cwd=tmp_path), 2, f"{role} {url} is a URL")

@@ -241,7 +241,7 @@ def scheduler_address(opts: MergeOptions) -> str:
     """--scheduler, or the address in --scheduler-file (as `dask scheduler --scheduler-file` and dask-mpi write it)."""
     if not opts.scheduler_file:
         return opts.scheduler
-    path = expand_path(opts.scheduler_file)
+    path = expand_path(opts.scheduler_file, "--scheduler-file")
     try:
         address = json.loads(Path(path).read_text())["address"]
     except OSError as exc:

@@ -62,7 +62,7 @@ def open_input(spec: str | os.PathLike | Checkpoint | Adapter, role: str) -> Inp
 def local_path(spec: str | os.PathLike, role: str) -> Path:
     """A path as given (with ~ and $VARS), made absolute: the tensors' paths go to dask workers, which run in
     folders of their own; or the cached snapshot of a repo id when no such path exists."""
-    path = expand_path(spec).absolute()
+    path = expand_path(spec, role).absolute()
     if isinstance(spec, str) and not path.exists() and parse_repo_id(spec) is not None:
         if path.parent.is_dir():  # `demo/finetunedd` beside a folder demo/: a mistyped path, not a repo to ask for
             raise InputError(
