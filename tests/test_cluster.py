@@ -392,7 +392,7 @@ def test_a_frozen_worker_is_taken_out_and_the_merge_finishes(medium_pair, medium
     without a word. A worker of another streamsoup that joins meanwhile runs no task (those dask gave it as it
     registered move elsewhere), and is named."""
     (tmp_path / "cluster").mkdir()
-    ttl = {"DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL": "6s"}
+    ttl = {"DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL": "5s"}  # the least: ten heartbeats of a small cluster
     cluster = LoopbackCluster(tmp_path / "cluster", limits=("0", "0"), env=ttl)
     frozen = cluster.workers[1]
     old = tmp_path / "old-env" / "streamsoup"
