@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from pathlib import Path
 
 from .errors import UsageError
@@ -21,6 +22,8 @@ def expand_path(path: str | os.PathLike, role: str = "path") -> Path:
     """`~` and $VARIABLES expanded, as a shell would (paths also come from YAML and the API); a URL is refused,
     named by its `role` (BASE, OUT, --work-dir, ...)."""
     text = os.path.expandvars(os.path.expanduser(os.fspath(path)))
+    if text.startswith("file://"):  # a local file as a URL names it (file:///data/model)
+        text = urllib.parse.unquote(urllib.parse.urlparse(text).path)
     if URL.match(text):
         then = COPY_IT if role in ("BASE", "FINETUNED", "--config", "path") else WRITE_THEN_UPLOAD
         raise UsageError(f"{role} {text} is a URL: {ON_A_FILESYSTEM}, not object storage: {then}")

@@ -327,3 +327,5 @@ def test_a_url_for_a_path_is_refused_by_name(awkward_pair, tmp_path, where, role
     assert list(tmp_path.iterdir()) == [], "nothing made in the current folder"
     if where in ("base", "finetuned"):
         assert_one_line_error(run("plan", base, ft, cwd=tmp_path), 2, f"{role} {url} is a URL")
+        local = {"base": base, "finetuned": ft, where: "file://" + str(awkward_pair[where == "finetuned"])}
+        assert run("plan", local["base"], local["finetuned"], cwd=tmp_path).returncode == 0, "file:// is a path"

@@ -358,7 +358,7 @@ def test_fp8_streamed_in_row_blocks_gives_the_in_memory_bytes(tmp_path):
     args = ("--devices", "cpu", "-q")
     streamed, roomy = tmp_path / "streamed", tmp_path / "roomy"
     assert run("merge", base, ft, streamed, "--max-ram", "640MB", *args).returncode == 0
-    assert run("merge", base, ft, roomy, "--max-ram", "8GiB", *args).returncode == 0
+    assert run("merge", base, ft, roomy, *args).returncode == 0  # the default budget: whole, in this process
     name = "model.layers.0.mlp.down_proj.weight"
     assert report_rows(streamed)[name]["blocks"] > 1 and report_rows(roomy)[name]["blocks"] == 0
     assert (streamed / "model.safetensors").read_bytes() == (roomy / "model.safetensors").read_bytes()
