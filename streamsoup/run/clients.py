@@ -186,14 +186,16 @@ class LaneResources(WorkerPlugin):
     name = PLUGIN_NAME
     idempotent = False
 
-    def __init__(self, expected: Expected | None = None, version: str = __version__) -> None:
-        self.expected, self.version = expected, version
+    def __init__(self, expected: Expected | None = None, version: str = __version__, keep: bool = False) -> None:
+        """`keep`: a worker measured by this merge's first registration keeps those resources (the plan was sized
+        to them); the first registration measures every worker afresh (one may have served an earlier merge)."""
+        self.expected, self.version, self.keep = expected, version, keep
 
     async def setup(self, worker) -> None:
         if not hasattr(worker, "_streamsoup_declared"):  # what the command line gave, before we set anything
             worker._streamsoup_declared = {k: v for k, v in worker.state.total_resources.items() if k in OURS}
-        if getattr(worker, "_streamsoup_resources", None) is None:  # measured once per worker process: the plan
-            limit, declared = worker.memory_manager.memory_limit, worker._streamsoup_declared  # is sized to it
+        if not (self.keep and getattr(worker, "_streamsoup_resources", None)):
+            limit, declared = worker.memory_manager.memory_limit, worker._streamsoup_declared
             facts = measure_worker(worker.state.nthreads, limit, declared, nanny=bool(worker.nanny))
             worker._streamsoup_facts = facts
             host = get_address_host(worker.address)
@@ -227,7 +229,7 @@ def problem_of(dask_worker) -> str | None:
 def guard_joining_workers(client: Client, expected: Expected) -> None:
     """From now on, a worker that joins or restarts is checked as every worker was before the first task."""
     try:
-        client.register_plugin(LaneResources(expected), name=PLUGIN_NAME)
+        client.register_plugin(LaneResources(expected, keep=True), name=PLUGIN_NAME)
     except (OSError, TimeoutError) as exc:
         raise lost_cluster(client.scheduler.address, "registered its workers", exc) from None
 
