@@ -225,7 +225,7 @@ def test_restarted_worker_rejoins_and_finishes(medium_pair, medium_local, cluste
     finishes. The cluster is named by its scheduler file."""
     out = tmp_path / "out"
     proc = start("merge", *medium_pair, out, "--scheduler-file", cluster.scheduler_file, "-q")
-    _wait_commits(tmp_path / "out.partial", 4, proc)
+    _wait_commits(tmp_path / "out.partial", 10, proc)
     cluster.kill(cluster.workers[1])
     cluster.crash_worker_process(cluster.workers[0])
     _, err = proc.communicate(timeout=300)
@@ -239,7 +239,7 @@ def test_restarted_worker_rejoins_and_finishes(medium_pair, medium_local, cluste
 def test_cluster_gone_then_resume_locally(medium_pair, medium_local, cluster, tmp_path):
     out = tmp_path / "out"
     proc = start("merge", *medium_pair, out, "--scheduler", cluster.address, "-q")
-    _wait_commits(tmp_path / "out.partial", 4, proc)
+    _wait_commits(tmp_path / "out.partial", 10, proc)
     cluster.shutdown()
     gone = time.monotonic()
     _, err = proc.communicate(timeout=300)
