@@ -80,7 +80,7 @@ def report(out: str | Path, *, png: str | Path | None = None, force: bool = Fals
     """
     if png is not None:
         require_matplotlib()
-        check_png_path(expand_path(png).absolute(), force)
+        check_png_path(expand_path(png, "--png").absolute(), force)
     result = read_run(out)
     if png is not None:
         result.save_png(png, force)
@@ -90,4 +90,4 @@ def report(out: str | Path, *, png: str | Path | None = None, force: bool = Fals
 def demo(folder: str | Path, *, preset: str = "small") -> tuple[Path, Path]:
     """A small Llama-shaped (base, fine-tune) pair in FOLDER/base and FOLDER/finetuned, and the example configs in
     FOLDER/configs: what the quick start merges, from the installed package alone. Returns (base, finetuned)."""
-    return write_demo(expand_path(folder).absolute(), preset)
+    return write_demo(expand_path(folder, "DIR").absolute(), preset)

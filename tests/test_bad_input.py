@@ -329,3 +329,14 @@ def test_a_url_for_a_path_is_refused_by_name(awkward_pair, tmp_path, where, role
         assert_one_line_error(run("plan", base, ft, cwd=tmp_path), 2, f"{role} {url} is a URL")
         local = {"base": base, "finetuned": ft, where: "file://" + str(awkward_pair[where == "finetuned"])}
         assert run("plan", local["base"], local["finetuned"], cwd=tmp_path).returncode == 0, "file:// is a path"
+
+
+def test_a_file_url_names_its_local_path_or_is_refused(awkward_pair, tmp_path):
+    """`file:///abs/path` (any case) is that path; a host, query or fragment would name another file (`file://out/m`
+    is /m on host "out", where OUT would have been written): refused in one line, nothing made."""
+    base, ft = (f"FILE://{p}" for p in awkward_pair)
+    assert run("plan", base, ft, cwd=tmp_path).returncode == 0
+    for url in ("file://out/merged", f"file://{tmp_path}/o#1", f"file://{tmp_path}/o?x"):
+        proc = run("merge", *awkward_pair, url, "-q", cwd=tmp_path)
+        assert_one_line_error(proc, 2, f"OUT {url} is not a local file URL")
+        assert list(tmp_path.iterdir()) == []

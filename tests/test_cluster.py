@@ -247,10 +247,14 @@ def test_cluster_gone_then_resume_locally(medium_pair, medium_local, cluster, tm
     assert time.monotonic() - gone < 10, "said at once, not after dask's reconnect timeout (20 s)"
     # a worker that restarted meanwhile (the 700 MB one, on a loaded machine) is said as it rejoins: a record, not
     # an error; the cluster's loss is the one error line
-    record = re.compile(r"warning: dask worker \S+ (joined|left)")
-    lines = [line for line in err.strip().splitlines() if not record.search(line)]
-    assert "Traceback" not in err and len(lines) == 1 and "lost the dask cluster" in lines[0], err
-    assert not out.exists() and len(RunState.read(tmp_path / "out.partial" / STATE_NAME).committed()) >= 4
+    record = re.compile(
+        r"warning: dask worker \S+ (joined the cluster|left the cluster; the tensors it held are recomputed elsewhere)$"
+    )
+    records = [line for line in err.strip().splitlines() if record.search(line)]
+    lines = [line for line in err.strip().splitlines() if line not in records]
+    assert "Traceback" not in err and len(records) <= 2 and len(lines) == 1, err
+    assert "lost the dask cluster" in lines[0], err
+    assert not out.exists() and len(RunState.read(tmp_path / "out.partial" / STATE_NAME).committed()) >= 10
     proc2 = run("merge", *medium_pair, out, "--devices", "cpu", "--threads", "1", "-q")
     assert proc2.returncode == 0, proc2.stderr
     assert tree_digest(out) == medium_local

@@ -1,14 +1,15 @@
-"""How often a float32 spectrum, with a rigorous error bound, decides MonoSoup's k as float64 does.
+"""How often a float32 spectrum, with an a-priori error bound, decides MonoSoup's k as float64 does.
 
 A measurement for a certified single-precision path (not a merge): for every matrix a merge of the
 pair would edit, the float64 singular values of dW = W1 - W0 (the reference) are compared with two
-float32 spectra, each with a bound that holds whatever the rounding:
+float32 spectra, each with a bound under LAPACK's standard error model (its "modestly growing
+function" of the size taken as the size itself, constant 1; endpoints not rounded outward):
 
 * gram: eigenvalues of dW^T dW formed and solved in float32 (the smaller side). Weyl: each is within
-  delta = gamma_m ||dW||_F^2 + n u ||G||_2 of the exact one, gamma_m = m u / (1 - m u) the bound of an
-  m-term float32 dot product, n u ||G||_2 the eigensolver's backward error (LAPACK's, taken at c = 1).
-* svd: singular values of float32 dW: within u ||dW||_F (rounding dW to float32) + max(m, n) u s_1 (the
-  SVD's backward error, likewise) of the exact ones.
+  delta = (2u + u^2) ||dW||_F^2 (rounding dW) + gamma_m ||dW32||_F^2 (an m-term float32 dot product,
+  gamma_m = m u / (1 - m u)) + n u ||G||_2 (the eigensolver's backward error) of the exact one.
+* svd: singular values of float32 dW: within u ||dW||_F (rounding dW to float32) + max(m, n) u ||dW32||_2
+  (the SVD's backward error) of the exact ones.
 
 With every singular value known to an interval, k is *certified* when every spectrum in the intervals
 gives the same k: entropy rule, exp(H) bounded by interval arithmetic (H = log S - sum s log s / S);
@@ -111,13 +112,18 @@ def probe(name: str, dw: torch.Tensor) -> Row:
     lam = torch.linalg.eigvalsh(g32).to(torch.float64).flip(0)
     gram32_s = time.perf_counter() - t
     gamma = m * U32 / (1 - m * U32)
-    delta = gamma * fro2 + n * U32 * float(lam[0].abs())
+    fro2_32 = fro2 * (1 + U32) ** 2  # ||dW in float32||_F^2 at most
+    g_norm = fro2_32 * (1 + gamma)  # ||G computed||_2 at most (<= its Frobenius norm), not the computed lam[0]
+    # rounding dW to float32 moves G by at most (2u + u^2) ||dW||_F^2; the dot products by gamma_m ||dW32||_F^2;
+    # the eigensolver by n u ||G||_2 (LAPACK's standard error model, its constant taken as 1)
+    delta = (2 * U32 + U32**2) * fro2 + gamma * fro2_32 + n * U32 * g_norm
     gram = (lam.clamp(min=0).sqrt(), (lam - delta).clamp(min=0).sqrt(), (lam + delta).clamp(min=0).sqrt())
 
     t = time.perf_counter()
     s32 = torch.linalg.svdvals(a32).to(torch.float64)
     svd32_s = time.perf_counter() - t
-    ds = U32 * math.sqrt(fro2) + max(m, n) * U32 * float(s32[0])
+    # rounding dW to float32, then the SVD's backward error max(m, n) u ||dW32||_2 (constant taken as 1)
+    ds = U32 * math.sqrt(fro2) + max(m, n) * U32 * math.sqrt(fro2) * (1 + U32)
     svd = (s32, (s32 - ds).clamp(min=0), s32 + ds)
 
     certified, wrong = {}, {}

@@ -42,7 +42,7 @@ class RunStatus:
 
 def run_status(out: str | Path) -> RunStatus:
     """Progress of a finished, running or interrupted merge."""
-    out = expand_path(out).absolute()
+    out = expand_path(out, "OUT").absolute()
     if out.name.endswith(".partial") and not (out / REPORT_NAME).exists():
         out = out.with_name(out.name[: -len(".partial")])  # OUT.partial names its OUT, as `report` takes it
     partial = writer.partial_dir(out)
@@ -168,7 +168,7 @@ class VerifyResult:
 
 def verify_output(out: str | Path, progress: bool = False) -> VerifyResult:
     """Re-read every tensor of a published OUT and compare with the crc32c recorded in its report."""
-    out = expand_path(out).absolute()
+    out = expand_path(out, "OUT").absolute()
     report_path = out / REPORT_NAME
     if not report_path.exists():
         raise UsageError(f"{out} is not a finished streamsoup output (no {REPORT_NAME})")

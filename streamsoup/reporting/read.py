@@ -57,7 +57,7 @@ class RunReport:
     def save_png(self, path: str | Path, force: bool = False) -> Path:
         """One figure: k/rank and lambdas per layer and module kind, and a few spectra (needs matplotlib);
         an existing file is replaced only with `force`."""
-        return save_figure(self.document, self.spectra, expand_path(path).absolute(), force)
+        return save_figure(self.document, self.spectra, expand_path(path, "--png").absolute(), force)
 
     def __str__(self) -> str:
         return format_report(self.document)
@@ -65,7 +65,7 @@ class RunReport:
 
 def read_run(path: str | Path) -> RunReport:
     """OUT (finished), OUT.partial or OUT itself of a run not finished, or the --work-dir state folder."""
-    path = expand_path(path).absolute()
+    path = expand_path(path, "OUT").absolute()
     if (path / REPORT_NAME).exists():
         return _finished(path)
     if path.name.endswith(".partial") and path.is_dir():

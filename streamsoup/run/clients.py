@@ -194,7 +194,9 @@ class LaneResources(WorkerPlugin):
     async def setup(self, worker) -> None:
         if not hasattr(worker, "_streamsoup_declared"):  # what the command line gave, before we set anything
             worker._streamsoup_declared = {k: v for k, v in worker.state.total_resources.items() if k in OURS}
-        if not (self.keep and getattr(worker, "_streamsoup_resources", None)):
+        cached = getattr(worker, "_streamsoup_resources", None)
+        if not (cached and (self.keep or worker.state.executing_count)):  # a busy worker's RSS holds another
+            # merge's tensors in flight: measured now, it would shrink what that merge was sized to
             limit, declared = worker.memory_manager.memory_limit, worker._streamsoup_declared
             facts = measure_worker(worker.state.nthreads, limit, declared, nanny=bool(worker.nanny))
             worker._streamsoup_facts = facts
