@@ -14,6 +14,13 @@ from ..errors import RunError, UsageError
 LOCK_NAME = ".streamsoup.lock"
 
 
+def held_by(holder: str, folder: Path) -> UsageError:
+    """The one line for an OUT.partial another merge is writing."""
+    return UsageError(
+        f"another streamsoup merge ({holder}) is writing {folder}; wait for it to finish or stop it first"
+    )
+
+
 class RunLock:
     """An exclusive flock on OUT.partial: a second merge of the same OUT is refused at once.
 
@@ -33,10 +40,7 @@ class RunLock:
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise UsageError(
-                f"another streamsoup merge ({holder}) is writing {self.path.parent}; "
-                "wait for it to finish or stop it first"
-            ) from None
+            raise held_by(holder, self.path.parent) from None
         os.ftruncate(fd, 0)
         self.line = f"pid {os.getpid()} on {socket.gethostname()}, attempt {uuid.uuid4().hex[:12]}\n"
         os.pwrite(fd, self.line.encode(), 0)

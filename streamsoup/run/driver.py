@@ -25,7 +25,7 @@ from .._version import __version__
 from ..errors import Interrupted, OptionError, RunError, StreamsoupError, UsageError
 from ..faults import fault_point
 from ..io import owned, writer
-from ..io.runlock import LOCK_NAME, Fence, RunLock
+from ..io.runlock import LOCK_NAME, Fence, RunLock, held_by
 from ..io.state import POINTER_NAME, STATE_NAME, Commit, RunState, check_bound, is_state_entry, kept_line
 from ..numerics.hostmemory import configure_process
 from ..options import MergeOptions
@@ -53,7 +53,7 @@ from .graph import Member, build_graph
 from .progress import Progress
 from .publish import cleanup, existing_output, finish, partial_entry, plan_side_files, published_meanwhile
 from .signals import MESSAGE, InterruptGuard
-from .workercheck import check_workers, folders_expected, inputs_expected
+from .workercheck import Expected, check_workers, folders_expected, inputs_expected
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class Attempt:
     client: Client | None
     machine: dict[str, Any]
     estimate: float | None = None  # seconds, as `streamsoup plan` would say (merges of ESTIMATE_BYTES or more)
+    sees: Expected | None = None  # on a user's cluster: the inputs every worker must see as this machine does
 
 
 #: a merge writing this much calibrates this machine (~3 s) to say its estimated time at the start
@@ -131,6 +132,7 @@ def io_failure(exc: OSError, out: Path) -> RunError:
 
 def _attempt(request: Request) -> MergeSummary:
     plan, out, opts = request.plan, request.out, request.plan.options
+    sees = None
     with ExitStack() as stack:
         on_cluster = bool(opts.scheduler or opts.scheduler_file)
         client = stack.enter_context(cluster_client(opts)) if on_cluster else None
@@ -139,7 +141,8 @@ def _attempt(request: Request) -> MergeSummary:
         threads = opts.threads
         if client:
             budget = cluster_budget(client, opts)
-            check_workers(client, inputs_expected(request.binding, out))
+            sees = inputs_expected(request.binding, out)
+            check_workers(client, sees)
         else:
             configure_process()
             threads = threads or (0 if request.fresh else earlier_threads(state_path))
@@ -158,7 +161,7 @@ def _attempt(request: Request) -> MergeSummary:
         if budget.lanes.busy_cores and budget.lanes.threads > 1 and not threads and not client:
             log.warning(busy_advice(budget))
         machine = machine_info(budget, line)
-        return _locked_run(Attempt(request, schedule, state_path, client, machine, estimate))
+        return _locked_run(Attempt(request, schedule, state_path, client, machine, estimate, sees))
 
 
 def _locked_run(attempt: Attempt) -> MergeSummary:
@@ -183,12 +186,12 @@ def _locked_run(attempt: Attempt) -> MergeSummary:
             log.info("planned %d tensors (%d to edit), %d already done", len(plan.jobs), len(plan.edits), resumed)
             writer.preallocate(plan.layout, partial)
             try:
-                if attempt.client is not None:  # the folders exist now: do the workers see these very folders?
+                if attempt.client is not None and attempt.sees is not None:  # do the workers see these folders?
                     made = [partial] if state_path.parent == partial else [partial, state_path]
                     written = [*(partial / shard.file for shard in plan.layout.shards), state_path]
                     folders = folders_expected(made, written, lock.path)
                     check_workers(attempt.client, folders)
-                    guard_joining_workers(attempt.client, inputs_expected(request.binding, out).merged(folders))
+                    guard_joining_workers(attempt.client, attempt.sees.merged(folders))
                 results = execute(attempt, state, guard, lock.fence())
                 check_unchanged(request)
             except StreamsoupError as exc:
@@ -283,9 +286,7 @@ def check_not_running(partial: Path) -> None:
     """Refuse at once while another merge holds OUT.partial (before this one calibrates or says its start line)."""
     holder = RunLock.holder(partial) if owned.is_dir(partial) else None
     if holder is not None:
-        raise UsageError(
-            f"another streamsoup merge ({holder}) is writing {partial}; wait for it to finish or stop it first"
-        )
+        raise held_by(holder, partial)
 
 
 def claim_partial(partial: Path, out: Path) -> None:

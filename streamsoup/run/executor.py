@@ -113,6 +113,13 @@ class GraphRun:
             except queue.Empty:
                 return batch
 
+    def resubmit(self, key: str) -> Future:
+        """The task of `key` again, under a key of its own (the old future is cancelled and then ignored)."""
+        task = self.tasks.pop(key)
+        self.client.cancel([self.futures.pop(key)])
+        self.resubmits += 1
+        return self.submit(task, f"-r{self.resubmits}")
+
     def said_workers(self, now: set[str]) -> None:
         """A worker that left or joined since the last look, in one line each (a batch log's record of it)."""
         if self.workers is not None:
@@ -139,10 +146,7 @@ class GraphRun:
                 continue
             log.warning("dask worker %s joined, but takes no part in the merge: it %s", addr, problem)
             for key in [k for k in look.busy.get(addr, ()) if k in self.tasks]:
-                task = self.tasks.pop(key)
-                self.client.cancel([self.futures.pop(key)])
-                self.resubmits += 1
-                self.submit(task, f"-r{self.resubmits}")
+                self.resubmit(key)
 
     def rescue(self) -> None:
         """Look at the cluster: take out silent workers, resubmit stranded tasks, stop when that cannot help."""
@@ -228,7 +232,6 @@ class GraphRun:
         stuck = [k for k in look.stuck if k in self.tasks]
         movable = [k for k in stuck if fits(self.tasks[k].resources, look.offers)]
         waiting = [self.tasks[k] for k in stuck if k not in movable]
-        moved = 0
         try:
             counts = self.client.run_on_scheduler(remote.lost_counts, keys=movable) if movable else {}
         except Exception:  # the scheduler is gone: the futures' cancellation says so
@@ -238,13 +241,9 @@ class GraphRun:
             self.losses[task.key] += counts.get(key, 0)
             if self.losses[task.key] > self.allowed:
                 raise self.lost(task, self.losses[task.key])
-            del self.tasks[key]
-            self.client.cancel([self.futures.pop(key)])
-            self.resubmits += 1
-            moved += 1
-            self.submit(task, f"-r{self.resubmits}")
-        if moved:
-            log.warning("%d task(s) stranded when their worker left were resubmitted", moved)
+            self.resubmit(key)
+        if movable:
+            log.warning("%d task(s) stranded when their worker left were resubmitted", len(movable))
         if not waiting:
             self.stranded_since = None
             return
