@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -330,13 +331,21 @@ def hidden(folder: Path) -> tuple[str, ...]:
 
 
 def _one_worker(cluster: LoopbackCluster, **worker) -> subprocess.Popen:
-    """The cluster's workers replaced by one new worker."""
+    """The cluster's workers replaced by one new worker, under a name of its own (the scheduler refuses a worker
+    whose name a dead one still holds), once the scheduler lists it alone."""
     for proc in cluster.workers:
         cluster.kill(proc)
     cluster.workers.clear()
-    proc = cluster.add_worker(**worker)
-    cluster.wait_for_workers(1)
+    name = f"solo-{next(SOLO)}"
+    proc = cluster.add_worker(name=name, **worker)
+    deadline = time.time() + 60
+    while set(cluster.resources()) != {name} and time.time() < deadline:
+        time.sleep(0.1)
+    assert set(cluster.resources()) == {name}, cluster.resources()
     return proc
+
+
+SOLO = itertools.count()
 
 
 @pytest.mark.slow
