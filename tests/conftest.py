@@ -75,6 +75,20 @@ def reference(awkward_pair, tmp_path_factory) -> tuple[Path, Path, Path, dict[st
 
 
 @pytest.fixture(scope="session")
+def s3(awkward_pair):
+    """The awkward pair uploaded to s3://models/{base,ft} on moto's S3 server (on loopback, in a thread of this
+    process); the AWS environment that reaches it."""
+    pytest.importorskip("moto")
+    from stores import s3_env, s3_store, upload
+
+    with s3_store() as endpoint:
+        env = s3_env(endpoint)
+        upload(awkward_pair[0], "s3://models/base", env)
+        upload(awkward_pair[1], "s3://models/ft", env)
+        yield env
+
+
+@pytest.fixture(scope="session")
 def qwen_pair(tmp_path_factory) -> tuple[Path, Path]:
     return make_checkpoints.make_pair(tmp_path_factory.mktemp("qwen"), "qwen-small", seed=2)
 

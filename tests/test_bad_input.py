@@ -307,26 +307,26 @@ def test_a_path_that_is_not_utf8_is_merged_and_shown_escaped(awkward_pair, tmp_p
 
 
 @pytest.mark.parametrize(
-    ("where", "role", "advice"),
+    ("where", "role", "url", "words"),
     [
-        ("base", "BASE", "copy it to a disk first"),
-        ("finetuned", "FINETUNED", "copy it to a disk first"),
-        ("out", "OUT", "upload OUT once it is complete"),
-        ("work_dir", "--work-dir", "upload OUT once it is complete"),
+        ("base", "BASE", "ftp://host/model", ("over s3://, gs://, az:// and http(s):// only, not ftp://",)),
+        ("finetuned", "FINETUNED", "ftp://host/model", ("only, not ftp://", "copy it to a disk")),
+        ("out", "OUT", "s3://bucket/model", ("is a URL", "not object storage", "upload OUT once it is complete")),
+        ("work_dir", "--work-dir", "s3://bucket/model", ("is a URL", "upload OUT once it is complete")),
     ],
 )
-def test_a_url_for_a_path_is_refused_by_name(awkward_pair, tmp_path, where, role, advice):
-    """`s3://bucket/model` where a path goes: one line naming it, nothing made. Was: "BASE ./s3:/bucket/model does
-    not exist", and an OUT URL made the folders `s3:/bucket` in the current folder."""
-    url = "s3://bucket/model"
+def test_a_url_for_a_path_is_refused_by_name(awkward_pair, tmp_path, where, role, url, words):
+    """A URL where streamsoup writes (OUT, --work-dir), or of a store it cannot read inputs from: one line naming
+    it, nothing made. Was: "BASE ./s3:/bucket/model does not exist", and an OUT URL made the folders `s3:/bucket`
+    in the current folder. (BASE and FINETUNED in object storage: tests/test_object_store.py.)"""
     given = dict(zip(("base", "finetuned", "out"), (*map(str, awkward_pair), "o"), strict=True))
     base, ft, out = (url if where == w else p for w, p in given.items())
     extra = ["--work-dir", url] if where == "work_dir" else []
     proc = run("merge", base, ft, out, *extra, "-q", cwd=tmp_path)
-    assert_one_line_error(proc, 2, f"{role} {url} is a URL", "not object storage", advice)
+    assert_one_line_error(proc, 2, f"{role} {url}", *words)
     assert list(tmp_path.iterdir()) == [], "nothing made in the current folder"
     if where in ("base", "finetuned"):
-        assert_one_line_error(run("plan", base, ft, cwd=tmp_path), 2, f"{role} {url} is a URL")
+        assert_one_line_error(run("plan", base, ft, cwd=tmp_path), 2, f"{role} {url}")
         local = {"base": base, "finetuned": ft, where: "file://" + str(awkward_pair[where == "finetuned"])}
         assert run("plan", local["base"], local["finetuned"], cwd=tmp_path).returncode == 0, "file:// is a path"
 

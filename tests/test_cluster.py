@@ -495,3 +495,31 @@ def test_a_task_stalled_on_a_worker_that_still_answers_is_named_once(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "'model.layers.0.mlp.down_proj.weight' has run for" in lines[0], lines
     assert "dask worker tcp://w" in lines[0] and "hung filesystem" in lines[0]
+
+
+@pytest.mark.slow
+def test_workers_read_the_inputs_from_object_storage_only(reference, s3, tmp_path):
+    """BASE and FINETUNED as s3:// URLs, the workers in folders of their own with nothing of the pair on any disk
+    they are told of: a worker that cannot reach the store is named before any compute; workers that can merge
+    the same bytes as a local run."""
+    _, _, _, digest = reference
+    (tmp_path / "cluster").mkdir()
+    cluster = LoopbackCluster(tmp_path / "cluster", limits=())
+    try:
+        out = tmp_path / "out"
+        args = ("merge", "s3://models/base", "s3://models/ft", out, "--scheduler", cluster.address, "-q")
+        nowhere = {**s3, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"}  # the discard port
+        _one_worker(cluster, env=nowhere)
+        proc = run(*args, "--shard-size", "100KB", env=s3)
+        assert_one_line_error(proc, 2, "dask worker tcp://", "cannot read BASE object s3://models/base/", "endpoint")
+        assert not Path(f"{out}.partial").exists()
+        _one_worker(cluster, env=s3)
+        cluster.add_worker(env=s3, name="second")
+        cluster.wait_for_workers(2)
+        proc = run(*args, "--shard-size", "100KB", env=s3)
+        assert proc.returncode == 0, proc.stderr
+        assert {k: v for k, v in tree_digest(out).items() if k != "README.md"} == {
+            k: v for k, v in digest.items() if k != "README.md"
+        }
+    finally:
+        cluster.shutdown()

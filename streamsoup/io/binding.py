@@ -17,11 +17,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-#: the stat fields that bind a file; a change in any of them means its contents may have changed
-IDENTITY_FIELDS = ("size", "mtime_ns", "ctime_ns", "inode", "device")
+from . import store
 
 
 def identity_of(info: os.stat_result) -> dict[str, int]:
+    """The stat fields that bind a file: a change in any of them means its contents may have changed."""
     return {
         "size": info.st_size,
         "mtime_ns": info.st_mtime_ns,
@@ -32,7 +32,10 @@ def identity_of(info: os.stat_result) -> dict[str, int]:
 
 
 def file_identity(path: str | Path) -> dict[str, int] | None:
-    """The identity of one input file now (a symlink's target: what is read); None when it is gone."""
+    """The identity of one input file now (a symlink's target: what is read; an object's: store.py); None when it
+    is gone."""
+    if store.is_url(path):
+        return store.identity(str(path))
     try:
         return identity_of(os.stat(path))
     except FileNotFoundError:
@@ -44,7 +47,12 @@ def same_file(old: object, new: dict[str, int] | None) -> bool:
     (NFS, btrfs), while the inode and both times, to the nanosecond, stay those of the same file."""
     if not isinstance(old, dict) or new is None:
         return False
-    return all(old.get(field) == new[field] for field in IDENTITY_FIELDS if field != "device")
+    return not changed_fields(old, new)
+
+
+def changed_fields(old: dict, new: dict) -> list[str]:
+    """The fields of a bound identity (a file's, or an object's: size and version) that differ now."""
+    return [f for f in dict.fromkeys([*new, *old]) if f != "device" and old.get(f) != new.get(f)]
 
 
 def changed_files(old: object, new: dict[str, Any]) -> list[str]:
@@ -55,7 +63,7 @@ def changed_files(old: object, new: dict[str, Any]) -> list[str]:
         before = old.get(role, {}).get("files", {}) if isinstance(old.get(role), dict) else {}
         files = side["files"]
         for name in sorted(set(before) | set(files)):
-            path = Path(side["folder"], name)
+            path = store.joined(side["folder"], name)
             now = files.get(name)
             if name not in files:
                 lines.append(f"{role.upper()} file {path} is no longer read")
@@ -64,7 +72,6 @@ def changed_files(old: object, new: dict[str, Any]) -> list[str]:
             elif name not in before:
                 lines.append(f"{role.upper()} file {path} is new")
             elif not same_file(before[name], now):
-                was = before[name] if isinstance(before[name], dict) else {}
-                fields = [f for f in IDENTITY_FIELDS if f != "device" and was.get(f) != now[f]]
+                fields = changed_fields(before[name] if isinstance(before[name], dict) else {}, now)
                 lines.append(f"{role.upper()} file {path} was modified or replaced ({', '.join(fields)} changed)")
     return lines

@@ -8,6 +8,7 @@ of torch.save files is the same mapping, its shards built by sources/pickled.py.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from . import binding, quantized, rawio, strided
+from . import binding, quantized, rawio, store, strided
 from .dtypes import item_size, torch_dtype
 from .jsonfile import INDEX_LIMIT, JsonFileError, read_json
 
@@ -127,21 +128,9 @@ def read_header(path: str | Path) -> ShardHeader:
     """Parse and validate one safetensors header without touching tensor data."""
     path = str(path)
     try:
-        info = regular_file(path)
-        size = info.st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-            (hlen,) = struct.unpack("<Q", head)
-            if hlen > MAX_HEADER or 8 + hlen > size:
-                raise InputError(
-                    f"{path}: corrupt safetensors header (declares {hlen} header bytes, "
-                    f"file has {size}); re-download or re-save this shard"
-                )
-            raw = f.read(hlen)
+        size, identity, raw = _remote_header(path) if store.is_url(path) else _local_header(path)
     except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
         header = json.loads(raw, object_pairs_hook=_unique_keys)
         if not isinstance(header, dict):
@@ -149,7 +138,7 @@ def read_header(path: str | Path) -> ShardHeader:
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         why = exc.args[0] if isinstance(exc, DuplicateKey) else "not valid JSON"
         raise InputError(f"{path}: corrupt safetensors header ({why}); re-download or re-save this shard") from None
-    data_start = 8 + hlen
+    data_start = 8 + len(raw)
     metadata = header.pop("__metadata__", None)
     if metadata is None:
         metadata = {}
@@ -174,9 +163,34 @@ def read_header(path: str | Path) -> ShardHeader:
         raise InputError(f"{path}: file is truncated ({size} bytes, header needs {end}); re-download this shard")
     if end < size:  # safetensors refuses such a file too (its data must end where the file does)
         raise InputError(f"{path}: {size - end} byte(s) after the last tensor's data; the file is corrupt")
-    return ShardHeader(
-        path, size, hashlib.sha256(raw).hexdigest(), data_start, dict(metadata), tuple(refs), binding.identity_of(info)
-    )
+    return ShardHeader(path, size, hashlib.sha256(raw).hexdigest(), data_start, dict(metadata), tuple(refs), identity)
+
+
+def _header_length(path: str, head: bytes, size: int) -> int:
+    if len(head) < 8:
+        raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+    (hlen,) = struct.unpack("<Q", head)
+    if hlen > MAX_HEADER or 8 + hlen > size:
+        raise InputError(
+            f"{path}: corrupt safetensors header (declares {hlen} header bytes, "
+            f"file has {size}); re-download or re-save this shard"
+        )
+    return hlen
+
+
+def _local_header(path: str) -> tuple[int, dict, bytes]:
+    info = regular_file(path)
+    with open(path, "rb") as f:
+        hlen = _header_length(path, f.read(8), info.st_size)
+        return info.st_size, binding.identity_of(info), f.read(hlen)
+
+
+def _remote_header(url: str) -> tuple[int, dict, bytes]:
+    """Two ranged reads: the length, then the header (its identity taken first, as a file's is)."""
+    identity = store.checked_identity(url, "shard")
+    size = identity["size"]
+    hlen = _header_length(url, store.read_range(url, 0, min(8, size)), size)
+    return size, identity, store.read_range(url, 8, hlen)
 
 
 class DuplicateKey(ValueError):
@@ -255,10 +269,11 @@ class Checkpoint(Mapping[str, TensorRef]):
 
     @classmethod
     def from_path(cls, path: str | Path, role: str = "checkpoint") -> Checkpoint:
-        path = Path(path)
+        """A local path, or an object store's (store.remote_root: a pathlib-like handle)."""
+        path = path if store.is_url(path) else Path(path)
         if not path.exists():
             raise InputError(f"{role} {path} does not exist")
-        if path.is_file():
+        if not store.is_folder(path):
             if path.suffix != ".safetensors":
                 raise InputError(f"{role} {path} is not a .safetensors, .bin, .pt or .pth file, or a folder of them")
             return cls(path, [read_header(path)])
@@ -302,9 +317,14 @@ class Checkpoint(Mapping[str, TensorRef]):
     def files(self) -> list[str]:
         return [s.path for s in self.shards]
 
-    @property
+    @functools.cached_property
     def folder(self) -> Path:
-        return self.root if self.root.is_dir() else self.root.parent
+        return self.root if store.is_folder(self.root) else self.root.parent
+
+    @property
+    def remote(self) -> bool:
+        """Read from an object store (io/store.py), not a filesystem."""
+        return store.is_url(self.root)
 
     @property
     def config_path(self) -> Path:
@@ -318,12 +338,18 @@ class Checkpoint(Mapping[str, TensorRef]):
         offsets); the sampled bytes do, for the price of a few tiny reads per tensor. What binds a
         run to its files is their identity (`binding`); this is what the report records of them.
         """
-        with ThreadPoolExecutor(min(16, len(self.shards) or 1)) as pool:  # a read waits on the disk, not the GIL
-            samples = list(pool.map(sample_crc, self.shards))
-        prints: dict[str, dict[str, object]] = {
-            Path(s.path).name: {"size": s.size, "header_sha256": s.header_sha256, "sample_crc32c": crc}
-            for s, crc in zip(self.shards, samples, strict=True)
-        }
+        if self.remote:  # the store's version of each object says what sampled bytes would, without a request
+            prints: dict[str, dict[str, object]] = {
+                Path(s.path).name: {"size": s.size, "header_sha256": s.header_sha256, "version": s.identity["version"]}
+                for s in self.shards
+            }
+        else:
+            with ThreadPoolExecutor(min(16, len(self.shards) or 1)) as pool:  # a read waits on the disk, not the GIL
+                samples = list(pool.map(sample_crc, self.shards))
+            prints = {
+                Path(s.path).name: {"size": s.size, "header_sha256": s.header_sha256, "sample_crc32c": crc}
+                for s, crc in zip(self.shards, samples, strict=True)
+            }
         if self.config_identity is not None:  # it decides how tensors are split and decoded
             try:
                 prints["config.json"] = {"sha256": hashlib.sha256(self.config_path.read_bytes()).hexdigest()}
@@ -337,7 +363,7 @@ class Checkpoint(Mapping[str, TensorRef]):
         config = binding.file_identity(self.config_path) if now else self.config_identity
         if config is not None or self.config_identity is not None:
             files["config.json"] = config
-        return {"folder": str(self.folder.absolute()), "files": files}
+        return {"folder": str(self.folder) if self.remote else str(self.folder.absolute()), "files": files}
 
 
 def sample_crc(shard: ShardHeader) -> int:
@@ -376,7 +402,7 @@ def index_files(index: Path, weight_map: dict[str, str]) -> list[str]:
     """The shard files an index's weight_map (read_weight_map) names: plain names of files in its own folder."""
     files = list(dict.fromkeys(weight_map.values()))
     for file in files:
-        if Path(file).name != file or not (index.parent / file).is_file():
+        if Path(file).name != file or not store.is_file(index.parent / file):
             raise InputError(f"{index}: names shard {file!r}, which is not a file of {index.parent}")
     return sorted(files)
 
@@ -424,6 +450,8 @@ def read_block(ref: TensorRef, start: int, stop: int, transposed: bool) -> torch
         return torch.from_numpy(raw.reshape(-1)).view(dtype).reshape(raw.shape[0], -1)
     m, n = matrix_shape(ref.shape)
     item = ref.nbytes // max(m * n, 1)
+    if store.is_url(ref.path):
+        return _remote_block(ref, start, stop, transposed, dtype)
     fd = os.open(ref.path, os.O_RDONLY)
     try:
         if not transposed:
@@ -439,6 +467,24 @@ def read_block(ref: TensorRef, start: int, stop: int, transposed: bool) -> torch
         raise InputError(f"{ref.path}: tensor {ref.name!r}: {exc}; the file is truncated") from None
     finally:
         os.close(fd)
+
+
+def _remote_block(ref: TensorRef, start: int, stop: int, transposed: bool, dtype: torch.dtype) -> torch.Tensor:
+    """read_block of a plain tensor in object storage: rows are one ranged read; columns
+    (only a few sampled checks at plan time ask for them: a task reads its staged copy) come from the whole
+    tensor, read in ranges."""
+    m, n = matrix_shape(ref.shape)
+    item = ref.nbytes // max(m * n, 1)
+    try:
+        if not transposed:
+            data = store.read_range(ref.path, ref.offset + start * n * item, (stop - start) * n * item)
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(stop - start, n)
+        whole = bytearray()
+        for at in range(0, ref.nbytes, store.RANGE_BYTES):
+            whole += store.read_range(ref.path, ref.offset + at, min(store.RANGE_BYTES, ref.nbytes - at))
+        return torch.frombuffer(whole, dtype=torch.uint8).view(dtype).reshape(m, n)[:, start:stop].T
+    except EOFError as exc:
+        raise InputError(f"{ref.path}: tensor {ref.name!r}: {exc}; the object is truncated") from None
 
 
 def _stored(ref: TensorRef, dtype: str, shape: tuple[int, ...]) -> TensorRef:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..units import format_size
+from . import store
 
 #: a config.json, adapter_config.json or generation config
 CONFIG_LIMIT = 4 << 20
@@ -35,18 +36,40 @@ class JsonFileError(ValueError):
 
 def read_json(path: Path, limit: int) -> Any:
     """The parsed file; JsonFileError when it is too large, not UTF-8, not JSON or nested too deep. OSError as is."""
+    raw = _remote_bytes(str(path), limit) if store.is_url(path) else _local_bytes(path, limit)
+    return _parsed(raw)
+
+
+def _remote_bytes(url: str, limit: int) -> bytes:
+    found = store.identity(url)
+    if found is None:
+        raise FileNotFoundError(2, "No such object", url)
+    if found["size"] > limit:
+        raise JsonFileError(
+            f"is {format_size(found['size'], 1)}, larger than any such file ({format_size(limit, 1)} at most)"
+        )
+    return store.read_range(url, 0, found["size"])
+
+
+def _check_size(size: int, limit: int) -> None:
+    if size > limit:
+        raise JsonFileError(f"is {format_size(size, 1)}, larger than any such file ({format_size(limit, 1)} at most)")
+
+
+def _local_bytes(path: Path, limit: int) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO in its place must not block the run
     with open(fd, "rb") as f:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise JsonFileError("is not a regular file")
-        if info.st_size > limit:
-            raise JsonFileError(
-                f"is {format_size(info.st_size, 1)}, larger than any such file ({format_size(limit, 1)} at most)"
-            )
+        _check_size(info.st_size, limit)
         raw = f.read(limit + 1)
     if len(raw) > limit:  # it grew since the stat
         raise JsonFileError(f"is larger than any such file ({format_size(limit, 1)} at most)")
+    return raw
+
+
+def _parsed(raw: bytes) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

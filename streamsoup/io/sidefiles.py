@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from . import store
 from .checkpoint import INDEX_NAME
 
 #: files of a model folder that are weights (never copied from the fine-tune: we write our own)
@@ -44,6 +45,8 @@ def allowed_roots(root: Path) -> tuple[Path, ...]:
 
 def side_files(root: Path, skip: tuple[str, ...] = ()) -> list[SideFile]:
     """Every side file of `root`, each checked to be readable; InputError names the first that is not."""
+    if store.is_url(root):
+        return remote_side_files(root, skip)
     if not root.is_dir():
         return []
     roots = allowed_roots(root)
@@ -58,8 +61,21 @@ def side_files(root: Path, skip: tuple[str, ...] = ()) -> list[SideFile]:
     return [f for f in found if f is not None]
 
 
+def remote_side_files(root, skip: tuple[str, ...] = ()) -> list[SideFile]:
+    """The side files of a folder in object storage: its own objects (a store's "subfolders" are not walked)."""
+    if not store.is_folder(root):
+        return []
+    return [
+        SideFile(Path(name), root / name, size, 0o644)
+        for name, size in sorted(store.files_in(root))
+        if not (name.startswith(".") or is_weight_file(name) or name in skip)
+    ]
+
+
 def side_file(root: Path, name: str) -> SideFile | None:
     """One file of the folder's top level, checked like every side file; None when there is none."""
+    if store.is_url(root):
+        return next((f for f in remote_side_files(root) if f.rel.name == name), None)
     path = root / name
     return _checked(root, path, allowed_roots(root)) if os.path.lexists(path) else None
 
@@ -100,7 +116,7 @@ def copy_side_files(files: list[SideFile], folder: Path) -> None:
         if os.path.lexists(dst):
             dst.unlink()
         try:
-            with open(f.path, "rb") as src:
+            with f.path.open("rb") as src:
                 fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "wb") as out:
                     shutil.copyfileobj(src, out, 1 << 20)

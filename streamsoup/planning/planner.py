@@ -267,7 +267,7 @@ def side_roots(base: Checkpoint, ft: Checkpoint) -> tuple[tuple[Path, ...], str 
     """The folders whose config, tokenizer and generation files OUT gets: FINETUNED's; BASE's too (FINETUNED's
     own files over them) when FINETUNED has no config.json, so `from_pretrained(OUT)` works; and the line that
     says so."""
-    own = (ft.root,) if ft.root.is_dir() else ()
+    own = (ft.root,) if ft.folder == ft.root else ()
     if (own and (ft.root / "config.json").is_file()) or not (base.root / "config.json").is_file():
         return own, None
     if not own and (ft.root.parent / "config.json").is_file():  # a weights file given inside its model folder

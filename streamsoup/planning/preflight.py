@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, OptionError, UsageError
+from ..io import store
 from ..io.checkpoint import Checkpoint, TensorRef, matrix_shape, read_block
 from ..io.dtypes import is_float
 from ..io.layout import ShardLayout
@@ -45,9 +46,13 @@ OUTPUT_FILES = 5
 STATE_FILES = 4
 
 
-def _file_ids(ckpt: Checkpoint) -> set[tuple[int, int]]:
-    ids = set()
+def _file_ids(ckpt: Checkpoint) -> set[tuple[int, int] | str]:
+    """What makes two shards the same file: its device and inode, or an object's URL."""
+    ids: set[tuple[int, int] | str] = set()
     for path in ckpt.files:
+        if store.is_url(path):
+            ids.add(path)
+            continue
         st = os.stat(path)
         ids.add((st.st_dev, st.st_ino))
     return ids

@@ -22,7 +22,7 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import InputError
-from ..io import writer
+from ..io import store, writer
 from ..io.jsonfile import REPORT_LIMIT, JsonFileError, read_json
 from ..planning.planner import MergePlan
 from ..sources.hub import cache_repo_id
@@ -107,7 +107,7 @@ def short_digest(fingerprint: Any) -> str:
 def describe_input(root: Path, fingerprint: dict | None, kind: str) -> dict[str, Any]:
     """An input as a later reader can find it again: its absolute path, or the repo id and commit of a
     Hugging Face cache snapshot (``.../models--org--name/snapshots/<commit>``)."""
-    root = root.absolute()
+    root = root if store.is_url(root) else root.absolute()
     info: dict[str, Any] = {"path": str(root), "kind": kind}
     if fingerprint is not None:  # `plan` reads no tensor data, so it has none
         info["fingerprint"] = short_digest(fingerprint)

@@ -24,7 +24,7 @@ from distributed import Client
 from .._version import __version__
 from ..errors import Interrupted, OptionError, RunError, StreamsoupError, UsageError
 from ..faults import fault_point
-from ..io import owned, writer
+from ..io import owned, store, writer
 from ..io.runlock import LOCK_NAME, Fence, RunLock, held_by
 from ..io.state import POINTER_NAME, STATE_NAME, Commit, RunState, check_bound, is_state_entry, kept_line
 from ..numerics.hostmemory import configure_process
@@ -342,7 +342,11 @@ def inside(path: Path, folder: Path) -> bool:
 def check_output(out: Path, plan: MergePlan, work_dir: str) -> None:
     """OUT and --work-dir must not sit inside either input (we never write into an input), and the state not
     inside OUT or OUT.partial (it would be published with the model)."""
-    inputs = [(role, c.root) for role, c in (("BASE", plan.base), ("FINETUNED", plan.adapter or plan.finetuned))]
+    inputs = [
+        (role, c.root)
+        for role, c in (("BASE", plan.base), ("FINETUNED", plan.adapter or plan.finetuned))
+        if not store.is_url(c.root)  # nothing is written into an object store
+    ]
     for role, root in inputs:
         if inside(out, root):
             raise UsageError(f"OUT {out} is inside {role} {root}; write the merged model elsewhere")

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import InputError, RunError, UsageError
 from ..faults import fault_point
-from ..io import owned, writer
+from ..io import owned, store, writer
 from ..io.checkpoint import INDEX_NAME
 from ..io.runlock import LOCK_NAME
 from ..io.sidefiles import SideFile, copy_side_files, side_file, side_files
@@ -113,7 +113,7 @@ CARD_LIMIT = 1 << 20
 def finetuned_card(plan: MergePlan) -> str | None:
     """FINETUNED's (or the adapter's) README.md, held to the side-file rules; None when it has none."""
     root = (plan.adapter or plan.finetuned).root
-    card = side_file(root, CARD_NAME) if root.is_dir() else None
+    card = side_file(root, CARD_NAME) if store.is_folder(root) else None
     if card is not None and card.size > CARD_LIMIT:
         log.warning(
             "FINETUNED %s is %.1f MiB, more than a model card; OUT's card does not fold it in",

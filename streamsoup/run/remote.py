@@ -17,6 +17,8 @@ from typing import Any
 
 import cloudpickle
 
+from ..io.store import FRESH, object_identity
+
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 #: how long a worker may take to look at the merge's files (a hung mount answers never)
@@ -26,6 +28,9 @@ LOOK_SECONDS = 30.0
 def _look(files: list[str], writable: list[str], markers: list[str]) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     for path in files:
+        if "://" in path:  # an object in a store, through the same library as the tasks (io/store.py)
+            seen[path] = _look_at_object(path)
+            continue
         try:
             info = os.stat(path)
         except OSError as exc:
@@ -41,6 +46,17 @@ def _look(files: list[str], writable: list[str], markers: list[str]) -> dict[str
         except OSError:
             marks[path] = None
     return {"files": seen, "writable": may_write, "markers": marks}
+
+
+def _look_at_object(url: str) -> list | str:
+    try:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(url, **FRESH)
+        found = object_identity(fs.info(path))
+    except Exception as exc:  # no library, no credentials, no route to the store: said by the client
+        return f"{type(exc).__name__}: {exc}"
+    return [found["size"], found["version"]]
 
 
 async def worker_view(files: list[str], writable: list[str], markers: list[str]) -> dict[str, Any]:

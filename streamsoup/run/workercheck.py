@@ -15,6 +15,7 @@ from distributed import Client
 
 from .._version import __version__
 from ..errors import UsageError
+from ..io import store
 from ..io.owned import MARKER
 from . import remote
 
@@ -24,9 +25,10 @@ MTIME_SLACK_NS = 10**9
 
 @dataclass(frozen=True)
 class Expected:
-    """What every worker must see: input files (role, size, mtime), paths it writes, streamsoup's markers."""
+    """What every worker must see: input files (role, size, and mtime or an object's version), paths it writes,
+    streamsoup's markers."""
 
-    files: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    files: dict[str, tuple[str, int, int | str]] = field(default_factory=dict)
     writable: list[str] = field(default_factory=list)
     markers: dict[str, bytes] = field(default_factory=dict)
 
@@ -43,7 +45,8 @@ def inputs_expected(binding: dict[str, Any], out: Path) -> Expected:
     for role, side in binding.items():
         for name, identity in side["files"].items():
             if identity is not None:
-                files[str(Path(side["folder"], name))] = (role.upper(), identity["size"], identity["mtime_ns"])
+                seen = identity["version"] if "version" in identity else identity["mtime_ns"]
+                files[str(store.joined(side["folder"], name))] = (role.upper(), identity["size"], seen)
     folder = out.parent
     while not folder.exists() and folder.parent != folder:
         folder = folder.parent
@@ -120,11 +123,19 @@ def worker_problem(view: dict[str, Any], expected: Expected) -> str:
             f"did not answer in {view['hung']:.0f} s when it looked at the merge's files (a hung filesystem?): "
             "fix or stop that worker, then rerun"
         )
-    for path, (role, size, mtime_ns) in expected.files.items():
+    for path, (role, size, version) in expected.files.items():
         seen = view["files"].get(path)
+        if isinstance(seen, str) and store.is_url(path):
+            return (
+                f"cannot read {role} object {path} ({seen}): install the store's library there "
+                "(pip install 'streamsoup[s3]', [gcs], [azure] or [http]) and give it the same credentials and endpoint"
+            )
         if isinstance(seen, str):
             return f"cannot read {role} file {path} ({seen}): {SHARED}; mount it there, or run only workers that do"
-        if seen[0] != size or abs(seen[1] - mtime_ns) > MTIME_SLACK_NS:
+        if store.is_url(path):
+            if seen != [size, version]:
+                return f"sees another {role} object at {path} than this machine does (its size or version differ)"
+        elif seen[0] != size or abs(seen[1] - version) > MTIME_SLACK_NS:
             return (
                 f"sees another {role} file at {path} than this machine does (its size or modification time "
                 f"differ): {SHARED}, not a copy of its own"

@@ -12,8 +12,7 @@ def model_config(ckpt: Checkpoint) -> dict:
 
     One that cannot be parsed (too large, too deep, not JSON) is refused here, at plan time: it would be copied
     into OUT, where it breaks `from_pretrained`, and the model card reads it at the very end."""
-    folder = ckpt.root if ckpt.root.is_dir() else ckpt.root.parent
-    path = folder / "config.json"
+    path = ckpt.folder / "config.json"
     try:
         config = read_json(path, CONFIG_LIMIT)
     except OSError:

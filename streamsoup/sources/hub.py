@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..errors import InputError
+from ..io import store
 
 #: what a merge reads from a repo (never *.gguf or other weight formats; see PICKLED)
 NEEDED = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
@@ -38,6 +39,8 @@ def parse_repo_id(spec: str) -> tuple[str, str | None] | None:
 def cache_repo_id(root: Path) -> tuple[str, str] | None:
     """(repo id, commit) of a Hugging Face cache snapshot (``.../models--org--name/snapshots/<commit>``, or a file
     in one), else None."""
+    if store.is_url(root):
+        return None
     folder = root if root.is_dir() else root.parent
     if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
         return folder.parent.parent.name[len("models--") :].replace("--", "/"), folder.name

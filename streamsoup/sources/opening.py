@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from ..io import store
 from ..io.checkpoint import Checkpoint
 from ..paths import expand_path
 from .adapter import ADAPTER_CONFIG, Adapter, is_adapter
@@ -50,8 +51,8 @@ def open_input(spec: str | os.PathLike | Checkpoint | Adapter, role: str) -> Inp
     if isinstance(spec, Checkpoint):
         ckpt = spec
     else:
-        path = local_path(spec, role)
-        if role == "FINETUNED" and is_adapter(path):
+        path = input_path(spec, role)
+        if role == "FINETUNED" and not store.is_url(path) and is_adapter(path):
             return Input(role, adapter=Adapter.open(path))
         ckpt = open_checkpoint(path, role)
     check_not_adapter(ckpt, role)
@@ -59,9 +60,29 @@ def open_input(spec: str | os.PathLike | Checkpoint | Adapter, role: str) -> Inp
     return Input(role, decode(ckpt, role, config), config=config)
 
 
-def local_path(spec: str | os.PathLike, role: str) -> Path:
+def open_remote(root, role: str) -> Checkpoint:
+    """A checkpoint in object storage (io/store.py): safetensors only, read by ranges; an adapter or torch.save
+    files are small or need a whole-file read: copied to a disk first."""
+    if not root.exists():
+        raise InputError(f"{role} {root} does not exist (no object or prefix of that name)")
+    folder = store.is_folder(root)
+    if folder and (root / ADAPTER_CONFIG).exists():
+        raise InputError(f"{role} {root} is a PEFT adapter: streamsoup reads adapters from a disk; copy it there")
+    if root.suffix in PICKLE_SUFFIXES or (folder and not any(root.glob("*.safetensors"))):
+        raise InputError(
+            f"{role} {root} holds no safetensors files: from object storage streamsoup reads safetensors only "
+            "(torch.save files need a whole-file read): copy it to a disk, or convert it to safetensors"
+        )
+    return Checkpoint.from_path(root, role)
+
+
+def input_path(spec: str | os.PathLike, role: str):
     """A path as given (with ~ and $VARS), made absolute: the tensors' paths go to dask workers, which run in
-    folders of their own; or the cached snapshot of a repo id when no such path exists."""
+    folders of their own; a URL of an object store (io/store.py); or the cached snapshot of a repo id when no
+    such path exists."""
+    text = os.fspath(spec) if not isinstance(spec, str) else spec
+    if store.is_url(os.path.expandvars(text)):
+        return store.remote_root(os.path.expandvars(text), role)
     path = expand_path(spec, role).absolute()
     if isinstance(spec, str) and not path.exists() and parse_repo_id(spec) is not None:
         if path.parent.is_dir():  # `demo/finetunedd` beside a folder demo/: a mistyped path, not a repo to ask for
@@ -75,6 +96,8 @@ def local_path(spec: str | os.PathLike, role: str) -> Path:
 
 def open_checkpoint(path: Path, role: str) -> Checkpoint:
     """safetensors where there are any (a repo may ship both), else torch.save files (.bin/.pt/.pth)."""
+    if store.is_url(path):
+        return open_remote(path, role)
     if path.is_file() and path.suffix in PICKLE_SUFFIXES:
         return open_pickled(path, [path])
     if path.is_dir() and not any(path.glob("*.safetensors")):
@@ -86,7 +109,7 @@ def open_checkpoint(path: Path, role: str) -> Checkpoint:
 
 def check_not_adapter(ckpt: Checkpoint, role: str) -> None:
     """LoRA tensors where a full model is expected: an adapter as BASE, or adapter weights without their config."""
-    folder = ckpt.root if ckpt.root.is_dir() else ckpt.root.parent
+    folder = ckpt.folder
     lora = next((n for n in ckpt if any(f".{key}." in n or n.endswith(f".{key}") for key in ADAPTER_KEYS)), None)
     has_config = (folder / ADAPTER_CONFIG).exists()
     if not has_config and lora is None:

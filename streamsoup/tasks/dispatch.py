@@ -27,6 +27,7 @@ from .devices import device_pool, device_stream
 from .lora import merge_lowrank, write_bias
 from .result import Stopwatch, TaskContext, TensorResult, copied, task_failed
 from .rules import nonfinite_edit
+from .staging import staged
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,24 @@ def merge_tensors(items: list[TensorTask], options: EditOptions, ctx: TaskContex
     named = len(items) > 1  # alone in its task, a tensor is named by the driver
     try:  # a streamed tensor records row blocks as they become durable: alone, each slot is synced as written
         with writer.OutputFiles(Path(ctx.folder), together=named, fence=ctx.fence) as files:
-            return [merge_tensor(i.job, options, ctx, files, i.execution, i.committed, named=named) for i in items]
+            results = [resumed(i, files) for i in items]  # before any input is staged: nothing to read for these
+            todo = [i for i, done in zip(items, results, strict=True) if done is None]
+            with staged(todo) as local:
+                made = iter([merge_tensor(i.job, options, ctx, files, i.execution, named=named) for i in local])
+            return [done if done is not None else next(made) for done in results]
     finally:
         release_memory()
+
+
+def resumed(item: TensorTask, files: writer.OutputFiles) -> TensorResult | None:
+    """The result an earlier attempt committed, when its slot still holds bytes with its checksum; a torn or lost
+    write is redone (None)."""
+    if item.committed is None:
+        return None
+    if writer.slot_crc(files.folder, item.job.placement) == item.committed["crc32c"]:
+        return TensorResult.from_dict(item.committed, resumed=True)
+    log.warning("%s: stored bytes do not match the recorded checksum; recomputing", item.job.name)
+    return None
 
 
 def merge_tensor(
@@ -60,17 +76,12 @@ def merge_tensor(
     ctx: TaskContext,
     files: writer.OutputFiles,
     execution: Execution,
-    committed: dict | None = None,
     *,
     named: bool = False,
 ) -> TensorResult:
-    """Produce one output tensor in its slot, or confirm that an earlier attempt already did.
-
-    `committed` is the report row of an earlier attempt's marker: if the slot still holds
-    bytes with its checksum, nothing is recomputed; a torn or lost write is redone.
-    """
+    """Produce one output tensor in its slot (one an earlier attempt committed is kept: `resumed`)."""
     try:
-        return _merge_tensor(job, options, ctx, files, execution, committed)
+        return _merge_tensor(job, options, ctx, files, execution)
     except writer.NonFiniteOutput:
         raise nonfinite_edit(job) from None
     except StreamsoupError:
@@ -87,12 +98,7 @@ def _merge_tensor(
     ctx: TaskContext,
     files: writer.OutputFiles,
     execution: Execution,
-    committed: dict | None,
 ) -> TensorResult:
-    if committed is not None:
-        if writer.slot_crc(files.folder, job.placement) == committed["crc32c"]:
-            return TensorResult.from_dict(committed, resumed=True)
-        log.warning("%s: stored bytes do not match the recorded checksum; recomputing", job.name)
     watch = Stopwatch()
     if job.bias is not None and not job.factors_out:
         return write_bias(job, files, watch)

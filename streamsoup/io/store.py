@@ -1,0 +1,245 @@
+"""Inputs in object storage (s3://, gs://, az://, http(s)://...), read through fsspec by byte ranges.
+
+Nothing here downloads a whole object: headers, indexes and configs are read by ranges on the client,
+and a task stages exactly its tensors' bytes (coalesced into large ranges, in file order) into a
+sparse scratch file at their own offsets, so every local reader works on it unchanged. An object's
+identity is its size and the store's version of it (ETag, version id, generation, Last-Modified):
+what binds a run to its inputs, as a file's inode and times do on a disk.
+
+Credentials and endpoints are each store's own (for S3 the AWS environment, AWS_ENDPOINT_URL
+included); the libraries are optional extras (`pip install 'streamsoup[s3]'`, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+from ..errors import InputError, UsageError
+
+log = logging.getLogger(__name__)
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # `object_identity` runs on workers that lack streamsoup
+
+#: the protocols whose URLs BASE and FINETUNED may be, and the extra that brings each one's library
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
+HTTP = ("http", "https")
+#: the fields of a store's listing that change when its object's bytes do, most specific first (the first found
+#: is the version: S3's ETag of a plain upload is the bytes' MD5, so re-uploading the same bytes keeps it)
+VALIDATORS = ("VersionId", "version_id", "generation", "ETag", "etag", "md5Hash", "Last-Modified", "LastModified")
+#: every question asked of the store now: a listing remembered from an earlier merge in this process (a dask worker,
+#: an API caller) would hide an object rewritten since
+FRESH = {"use_listings_cache": False}
+#: one ranged read: large enough that a request's latency is small against its transfer, small enough to hold
+RANGE_BYTES = 32 * 1024 * 1024
+#: ranges of one object closer than this are fetched as one (the gap is read and dropped)
+COALESCE_GAP = 1024 * 1024
+#: seconds between tries of a read that failed for a reason that may pass (a dropped connection, a 5xx)
+RETRY_DELAYS = (0.5, 2.0, 8.0)
+#: a stage's scratch folders, under the worker's temporary folder (TMPDIR), by this prefix
+STAGE_PREFIX = "streamsoup-stage-"
+
+
+def is_url(path: object) -> bool:
+    """A path that names an object in a store (not a `file://` path, which is a local path)."""
+    text = str(path)
+    return "://" in text and not text.lower().startswith("file://")
+
+
+def is_folder(path) -> bool:
+    """A folder (or prefix) of a checkpoint, not one of its files. A remote root is one unless it names a
+    `.safetensors` object: asking an HTTP server whether a file is a folder reads the whole file."""
+    return Path(str(path)).suffix != ".safetensors" if is_url(path) else path.is_dir()
+
+
+def files_in(root) -> list[tuple[str, int]]:
+    """(name, size) of each object directly under a remote folder (its listing: one request for most stores)."""
+    fs, path = filesystem(str(root))
+    found = _tried(str(root), "list", lambda: fs.ls(path, detail=True))
+    names = []
+    for entry in found:
+        name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
+        if entry.get("type") == "file" and name and not str(entry["name"]).endswith("/"):
+            size = entry.get("size")  # an HTTP listing has none: the object's own answer has it
+            if size is None:
+                size = _tried(str(root), "look at", lambda e=entry: fs.size(e["name"]))
+            names.append((name, size))
+    return names
+
+
+def is_file(path) -> bool:
+    """A file, or an object (asked by its metadata: fsspec's http `isfile` downloads it)."""
+    return identity(str(path)) is not None if is_url(path) else Path(path).is_file()
+
+
+def joined(folder: str, name: str) -> str | Path:
+    """A file of a folder or of a prefix (pathlib would fold `s3://b` into `s3:/b`)."""
+    return f"{folder.rstrip('/')}/{name}" if is_url(folder) else Path(folder, name)
+
+
+def protocol_of(url: str) -> str:
+    return url.split("://", 1)[0].lower()
+
+
+def remote_root(url: str, role: str):
+    """BASE or FINETUNED as a URL: a pathlib-like handle (universal_pathlib) on the object or prefix it names."""
+    protocol = protocol_of(url)
+    if protocol not in EXTRAS and protocol not in HTTP:
+        raise UsageError(
+            f"{role} {url}: streamsoup reads inputs from object storage over s3://, gs://, az:// and http(s):// "
+            f"only, not {protocol}://: copy it to a disk (or mount it) and give that path"
+        )
+    parts = urllib.parse.urlsplit(url)
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise UsageError(
+            f"{role} {parts.scheme}://{parts.hostname or ''}{parts.path}...: a URL with credentials, a query or a "
+            "fragment would be written into OUT's report and card (and cannot name the files of a folder): give "
+            "credentials through the store's own settings (for S3: the AWS environment or profile)"
+        )
+    extra = EXTRAS.get(protocol, "http")
+    try:
+        import fsspec
+        from upath import UPath
+
+        fsspec.get_filesystem_class(protocol)  # imports the store's library (s3fs, gcsfs, adlfs, aiohttp)
+    except ImportError as exc:
+        raise UsageError(
+            f"{role} {url}: reading {protocol}:// needs a library this Python lacks ({exc.name or exc}): "
+            f"pip install 'streamsoup[{extra}]'"
+        ) from None
+    return UPath(url.rstrip("/"), **FRESH)
+
+
+def filesystem(url: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(url, **FRESH)
+
+
+def object_identity(info: dict[str, Any]) -> dict[str, Any]:
+    """{size, version}: what a store's listing says of an object that changes when it is rewritten."""
+    found = [f"{key}={info[key]}" for key in VALIDATORS if info.get(key) not in (None, "")]
+    return {"size": int(info["size"]), "version": found[0] if found else ""}
+
+
+def identity(url: str) -> dict[str, Any] | None:
+    """An object's identity now (io/binding.py's word), None when it is gone."""
+    fs, path = filesystem(url)
+    try:
+        info = _tried(url, "look at", lambda: fs.info(path))
+    except FileNotFoundError:
+        return None
+    if info.get("type") == "directory":
+        return None
+    return object_identity(info)
+
+
+def checked_identity(url: str, role: str) -> dict[str, Any]:
+    """The identity of an input object, which must have a version: without one a change between reads is unseen."""
+    found = identity(url)
+    if found is None:
+        raise InputError(f"{role} {url} does not exist (or is not an object)")
+    if not found["version"]:
+        raise InputError(
+            f"{role} {url}: its server gives no ETag, version or Last-Modified, so streamsoup cannot tell whether "
+            "it changes between reads: serve it from a store that does, or copy it to a disk"
+        )
+    return found
+
+
+def read_range(url: str, offset: int, length: int) -> bytes:
+    """Bytes offset:offset+length of an object, in one ranged request (a short answer is an EOFError)."""
+    if length <= 0:
+        return b""
+    fs, path = filesystem(url)
+
+    def fetch() -> bytes:  # the size given is where the read ends: no request for the object's own
+        with fs.open(path, "rb", cache_type="none", block_size=length, size=offset + length) as f:
+            f.seek(offset)
+            return f.read(length)
+
+    refused = None
+    try:
+        data = _tried(url, f"read bytes {offset}-{offset + length} of", fetch)
+    except (FileNotFoundError, PermissionError) as exc:
+        refused = exc  # raised below, outside this handler: an error sent back from a dask task carries its context
+    if isinstance(refused, FileNotFoundError):
+        raise InputError(f"{url} is gone: it was removed while streamsoup read it; restore it, then rerun")
+    if refused is not None:
+        raise InputError(f"{url}: access denied ({refused}); check the credentials this process reads")
+    if len(data) != length:
+        raise EOFError(f"object ends {length - len(data)} bytes early at offset {offset + len(data)}")
+    return data
+
+
+#: HTTP statuses that say the object is not there or not ours to read: asking again changes nothing
+GONE, DENIED = (404, 410), (401, 403)
+
+
+def _tried(url: str, doing: str, call):
+    """`call()`, tried again after a failure that may pass; a missing object or a refusal is not retried (raised
+    as FileNotFoundError or PermissionError, whichever library said it)."""
+    for attempt, delay in enumerate((*RETRY_DELAYS, None)):
+        try:
+            return call()
+        except (FileNotFoundError, PermissionError, IsADirectoryError, EOFError):
+            raise
+        except ValueError as exc:  # fsspec's http: the server answered a range with the whole object
+            failure = f"cannot {doing} {url}: the server does not answer byte ranges as asked ({exc})"
+            break
+        except Exception as exc:  # a dropped connection, a timeout, a 5xx, each library's own class for them
+            status = getattr(exc, "status", None)
+            if status in GONE:
+                raise FileNotFoundError(2, f"{status} from the server", url) from None
+            if status in DENIED:
+                raise PermissionError(13, f"{status} from the server", url) from None
+            if delay is None:
+                failure = (
+                    f"cannot {doing} {url} after {attempt + 1} tries ({type(exc).__name__}: {exc}); check the "
+                    "endpoint, the credentials and the network, then rerun (a merge keeps the work done)"
+                )
+                break
+            log.warning("%s: %s failed (%s); trying again in %.1f s", url, doing, type(exc).__name__, delay)
+        time.sleep(delay)
+    raise InputError(failure)  # outside the handler: a dask task's error is sent back with its context
+
+
+def coalesced(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(offset, length) spans merged where they overlap or nearly touch, in file order."""
+    merged: list[list[int]] = []
+    for start, length in sorted(spans):
+        if merged and start <= merged[-1][1] + COALESCE_GAP:
+            merged[-1][1] = max(merged[-1][1], start + length)
+        else:
+            merged.append([start, start + length])
+    return [(a, b - a) for a, b in merged if b > a]
+
+
+def stage_object(url: str, spans: list[tuple[int, int]], folder: Path, name: str) -> Path:
+    """A sparse local file holding the object's bytes of `spans` at their own offsets (and holes elsewhere)."""
+    local = folder / name
+    fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, max(start + length for start, length in spans))
+        for start, length in coalesced(spans):
+            for at in range(start, start + length, RANGE_BYTES):
+                data = read_range(url, at, min(RANGE_BYTES, start + length - at))
+                view, done = memoryview(data), 0
+                while done < len(view):
+                    done += os.pwrite(fd, view[done:], at + done)
+    finally:
+        os.close(fd)
+    return local
+
+
+def stage_folder() -> Path:
+    """A new folder of the task's own under TMPDIR (read now: a worker lives longer than one setting of it)."""
+    return Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=os.environ.get("TMPDIR") or None))

@@ -1,0 +1,247 @@
+"""BASE and FINETUNED read where they are: an S3 server (moto) and a plain HTTP server with Range support, both
+real servers on loopback that streamsoup reaches through fsspec as a user's would."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import struct
+from pathlib import Path
+
+import pytest
+from helpers import assert_merged_exactly, assert_one_line_error, run, tree_digest
+from hypothesis import given
+from hypothesis import strategies as st
+from stores import http_store, upload
+
+from streamsoup.io import store
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+
+#: what a merge from a store writes differently from one of the same files on a disk: the card names the inputs
+NAMES_INPUTS = ("README.md",)
+
+
+def weights_digest(out: Path) -> dict[str, str]:
+    return {k: v for k, v in tree_digest(out).items() if k not in NAMES_INPUTS}
+
+
+@pytest.fixture
+def staging(tmp_path) -> dict[str, str]:
+    """TMPDIR for a run, where its tasks stage what they read (and must leave nothing)."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    return {"TMPDIR": str(folder)}
+
+
+def test_a_merge_from_s3_is_the_merge_of_the_same_files_on_disk(reference, s3, staging, tmp_path):
+    """Exact against the float64 reference, byte-identical to the local merge; the report records where the
+    inputs were and their stores' versions; the tasks' staged bytes are gone."""
+    base, ft, _, digest = reference
+    out = tmp_path / "out"
+    proc = run("merge", "s3://models/base", "s3://models/ft", out, "--shard-size", "100KB", "-q", env={**s3, **staging})
+    assert proc.returncode == 0, proc.stderr
+    assert weights_digest(out) == {k: v for k, v in digest.items() if k not in NAMES_INPUTS}
+    report = assert_merged_exactly(base, ft, out)
+    assert report["inputs"]["base"]["path"] == "s3://models/base"
+    assert "s3://models/ft" in (out / "README.md").read_text()
+    assert list(Path(staging["TMPDIR"]).iterdir()) == []
+    assert run("verify", out, "-q").returncode == 0
+
+
+def test_a_killed_merge_from_s3_resumes_to_the_same_bytes(reference, s3, tmp_path):
+    _, _, _, digest = reference
+    out = tmp_path / "out"
+    args = ("merge", "s3://models/base", "s3://models/ft", out, "--shard-size", "100KB", "-q")
+    killed = run(*args, env={**s3, "STREAMSOUP_FAULT": "commit:7"})
+    assert killed.returncode == -signal.SIGKILL
+    assert not out.exists()
+    proc = run(*args, env=s3)
+    assert proc.returncode == 0, proc.stderr
+    assert weights_digest(out) == {k: v for k, v in digest.items() if k not in NAMES_INPUTS}
+    rows = json.loads((out / "streamsoup_report.json").read_text())["tensors"]
+    assert {r["attempt"] for r in rows} == {1, 2}, "committed work was kept, the rest done by the second attempt"
+
+
+def test_an_object_rewritten_between_runs_is_refused(awkward_pair, s3, tmp_path):
+    """A shard re-uploaded with other bytes (same size, so only its ETag tells) after a kill: the resume refuses,
+    naming the shard; the work is kept; with the first bytes back, the merge finishes exact."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3["AWS_ENDPOINT_URL"], key="testing", secret="testing")
+    upload(awkward_pair[1], "s3://models/ft-mut", s3)
+    out = tmp_path / "out"
+    args = ("merge", "s3://models/base", "s3://models/ft-mut", out, "-q")
+    assert run(*args, env={**s3, "STREAMSOUP_FAULT": "commit:3"}).returncode == -signal.SIGKILL
+    shard = sorted(p.name for p in awkward_pair[1].glob("*.safetensors"))[0]
+    data = bytearray((awkward_pair[1] / shard).read_bytes())
+    data[-5] ^= 0x40  # one byte of the last tensor's data
+    fs.pipe_file(f"s3://models/ft-mut/{shard}", bytes(data))
+    proc = run(*args, env=s3)
+    assert_one_line_error(proc, 2, f"FINETUNED shard {shard} changed", "--fresh")
+    assert (tmp_path / "out.partial").is_dir() and not out.exists()
+    fs.pipe_file(f"s3://models/ft-mut/{shard}", (awkward_pair[1] / shard).read_bytes())
+    proc = run(*args, env=s3)  # the first bytes again: S3's ETag of a plain upload is their MD5, so the same
+    assert proc.returncode == 0, proc.stderr
+    assert_merged_exactly(*awkward_pair, out)
+
+
+@pytest.fixture(scope="module")
+def served(awkward_pair, tmp_path_factory):
+    """A private copy of the awkward pair (its parent folder, holding base/ and finetuned/) for HTTP servers."""
+    root = tmp_path_factory.mktemp("served")
+    for side in awkward_pair:
+        shutil.copytree(side, root / side.name)
+    return root, awkward_pair[0].name, awkward_pair[1].name
+
+
+def header_end(path: Path) -> int:
+    with open(path, "rb") as f:
+        return 8 + struct.unpack("<Q", f.read(8))[0]
+
+
+def test_plan_of_a_url_pair_reads_headers_only(served):
+    """Each shard's 8-byte length and its header, once, by range: never a byte of tensor data."""
+    root, base, ft = served
+    with http_store(root) as (url, traffic):
+        proc = run("plan", f"{url}/{base}", f"{url}/{ft}")
+        assert proc.returncode == 0, proc.stderr
+        shard_reads = [r.split() for r in traffic.requests if r.startswith("GET") and ".safetensors " in r + " "]
+    assert shard_reads, traffic.requests
+    assert all(len(r) == 3 and r[2].startswith("bytes=") for r in shard_reads), "a shard read without a range"
+    for _, path, wanted in shard_reads:
+        start, stop = map(int, wanted.removeprefix("bytes=").split("-"))
+        assert stop < header_end(root / path.lstrip("/")), f"{path}: bytes {start}-{stop} are tensor data"
+    shards = {p for _, p, _ in shard_reads}
+    assert len(shard_reads) == 2 * len(shards), "each shard's header read once (its length, then the header)"
+
+
+def test_failed_requests_are_tried_again(reference, served, tmp_path):
+    """A 503 on two tensor reads (a store's "slow down"): said, tried again, the merge exact."""
+    root, base, ft = served
+    _, _, _, digest = reference
+    ends = {f"/{p.parent.name}/{p.name}": header_end(p) for p in root.rglob("*.safetensors")}
+    with http_store(root, failures=2, failing=lambda path, start: start >= ends.get(path, 1 << 62)) as (url, traffic):
+        proc = run("merge", f"{url}/{base}", f"{url}/{ft}", tmp_path / "out", "--shard-size", "100KB")
+    assert proc.returncode == 0, proc.stderr
+    assert traffic.failures == 0 and proc.stderr.count("trying again") == 2, proc.stderr
+    assert weights_digest(tmp_path / "out") == {k: v for k, v in digest.items() if k not in NAMES_INPUTS}
+
+
+def test_a_store_that_stays_down_stops_the_merge_with_the_work_kept(reference, served, tmp_path, monkeypatch):
+    """Every tensor read failing after some succeeded: exit 1 after the last try, one line naming the object;
+    OUT.partial kept; once the store is back the rerun finishes with the same bytes."""
+    monkeypatch.setattr(store, "RETRY_DELAYS", (0.0, 0.0, 0.0))  # the tries, not their waits, are under test
+    root, base, ft = served
+    _, _, _, digest = reference
+    out = tmp_path / "out"
+    ends = {f"/{p.parent.name}/{p.name}": header_end(p) for p in root.rglob("*.safetensors")}
+    reads = []
+
+    def after_some(path: str, start: int) -> bool:
+        """Tensor reads once the merge has made OUT.partial (its checks' sampled reads pass) and read a few."""
+        if start < ends.get(path, 1 << 62) or not (tmp_path / "out.partial").exists():
+            return False
+        reads.append(path)
+        return len(reads) > 3
+
+    with http_store(root, failures=10**6, failing=after_some) as (url, traffic):
+        args = ("merge", f"{url}/{base}", f"{url}/{ft}", out, "--shard-size", "100KB", "-q")
+        proc = run(*args)
+        assert proc.returncode == 1, proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert "after 4 tries" in last and url in last and "Traceback" not in proc.stderr, proc.stderr
+        assert (tmp_path / "out.partial").is_dir() and not out.exists()
+        traffic.failures = 0  # the store is back
+        proc = run(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert weights_digest(out) == {k: v for k, v in digest.items() if k not in NAMES_INPUTS}
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"ranges": False}, "does not answer byte ranges"),
+        ({"validators": False}, "no ETag, version or Last-Modified"),
+    ],
+)
+def test_a_server_streamsoup_cannot_trust_is_refused(served, tmp_path, settings, words):
+    root, base, ft = served
+    with http_store(root, **settings) as (url, _):
+        proc = run("merge", f"{url}/{base}", f"{url}/{ft}", tmp_path / "out", "-q", cwd=tmp_path)
+    assert_one_line_error(proc, 2, words)
+    assert list(tmp_path.iterdir()) == [], "nothing made"
+
+
+def test_what_object_storage_does_not_hold_is_named(served, llama_lora, tmp_path):
+    """An adapter or torch.save files at a URL: one line each, saying to copy them to a disk."""
+    root, base, _ = served
+    shutil.copytree(llama_lora[1], root / "adapter")
+    (root / "pickled").mkdir()
+    (root / "pickled" / "pytorch_model.bin").write_bytes(b"\x80")
+    with http_store(root) as (url, _):
+        proc = run("plan", f"{url}/{base}", f"{url}/adapter", cwd=tmp_path)
+        assert_one_line_error(proc, 2, "is a PEFT adapter", "copy it")
+        proc = run("plan", f"{url}/{base}", f"{url}/pickled", cwd=tmp_path)
+        assert_one_line_error(proc, 2, "holds no safetensors files", "copy it to a disk")
+        proc = run("plan", f"{url}/{base}", f"{url}/missing", cwd=tmp_path)
+        assert_one_line_error(proc, 2, f"{url}/missing does not exist")
+
+
+@given(st.lists(st.tuples(st.integers(0, 1 << 24), st.integers(1, 1 << 22)), min_size=1, max_size=30))
+def test_coalesced_ranges_cover_every_span_once_in_order(spans):
+    merged = store.coalesced(spans)
+    assert merged == sorted(merged)
+    for (a, n), (b, _) in zip(merged, merged[1:], strict=False):
+        assert a + n + store.COALESCE_GAP < b, "ranges that nearly touch are one"
+    for start, length in spans:
+        assert any(a <= start and start + length <= a + n for a, n in merged), (start, length)
+    assert sum(n for _, n in merged) <= sum(n for _, n in spans) + store.COALESCE_GAP * len(spans)
+
+
+def test_a_url_with_credentials_or_a_query_is_refused_without_repeating_them(awkward_pair, tmp_path):
+    """A secret in a URL would be printed, and written into OUT's report and card: refused, the secret unsaid."""
+    for url in ("https://user:s3cret@host/model", "https://host/model?X-Amz-Signature=s3cret", "s3://b/m#s3cret"):
+        proc = run("plan", url, awkward_pair[1], cwd=tmp_path)
+        assert_one_line_error(proc, 2, "BASE", "credentials through the store's own settings")
+        assert "s3cret" not in proc.stderr
+
+
+def test_an_adapter_on_disk_over_a_base_in_s3(llama_lora, s3, tmp_path):
+    """BASE read by ranges from the store, the LoRA adapter from a disk: the same bytes as both from disk."""
+    base, adapter = llama_lora
+    upload(base, "s3://models/llama-base", s3)
+    remote = run("merge", "s3://models/llama-base", adapter, tmp_path / "remote", "-q", env=s3)
+    local = run("merge", base, adapter, tmp_path / "local", "-q")
+    assert remote.returncode == 0 and local.returncode == 0, remote.stderr + local.stderr
+    assert weights_digest(tmp_path / "remote") == weights_digest(tmp_path / "local")
+
+
+@pytest.mark.parametrize("change", ["rewritten", "removed"])
+def test_an_object_changed_during_the_merge_is_never_published(awkward_pair, tmp_path, change):
+    """A shard rewritten while the merge reads the pair (a new ETag: its bytes may differ) is found by the check
+    before publish; one removed is named when a task reads it. Exit 1, the work kept, OUT not made."""
+    root = tmp_path / "served"
+    for side in awkward_pair:
+        shutil.copytree(side, root / side.name)
+    shards = sorted((root / awkward_pair[1].name).glob("*.safetensors"))
+    victim = shards[-1] if change == "rewritten" else shards[0]
+    ends = {f"/{p.parent.name}/{p.name}": header_end(p) for p in root.rglob("*.safetensors")}
+
+    def change_once(path: str, start: int) -> bool:
+        if start >= ends.get(path, 1 << 62) and (tmp_path / "out.partial").exists() and victim.exists():
+            if change == "rewritten":
+                victim.write_bytes(victim.read_bytes())  # the same bytes, written anew: another version
+            else:
+                victim.unlink()
+        return False
+
+    out = tmp_path / "out"
+    with http_store(root, failures=10**6, failing=change_once) as (url, _):
+        proc = run("merge", f"{url}/{root.joinpath(awkward_pair[0].name).name}", f"{url}/{victim.parent.name}", out)
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert victim.name in last and ("modified or replaced" if change == "rewritten" else "is gone") in last, last
+    assert "Traceback" not in proc.stderr and not out.exists() and (tmp_path / "out.partial").is_dir()
