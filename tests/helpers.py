@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import hashlib
 import json
@@ -485,3 +486,18 @@ def run_tool_here(words: list[str], cwd: Path) -> subprocess.CompletedProcess:
         os.chdir(old_cwd)
         restore_threads(threads)
     return subprocess.CompletedProcess(words, code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str) -> collections.abc.Iterator[Path]:
+    """A real tmpfs of `size` at `path` for the test's duration (skips where mounting needs root)."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        import pytest
+
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

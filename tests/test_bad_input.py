@@ -6,12 +6,10 @@ import json
 import math
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from helpers import assert_one_line_error, poison, run, tree_digest
+from helpers import assert_one_line_error, poison, run, small_disk, tree_digest
 
 
 def corrupt_header(base: Path, ft: Path) -> str:
@@ -149,19 +147,6 @@ def test_missing_empty_existing_and_nested_out(pair, tmp_path):
     assert_one_line_error(run("merge", base, ft, base / "sub" / "out"), 2, "inside BASE")
     assert not (tmp_path / "o").exists() and not (base / "sub").exists()
     assert (tree_digest(base), tree_digest(ft)) == before
-
-
-@contextmanager
-def small_disk(path: Path, size: str) -> Iterator[Path]:
-    """A real tmpfs of `size` at `path` for the test's duration (skips where mounting needs root)."""
-    path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def test_disk_too_small_is_refused_up_front(awkward_pair, tmp_path):

@@ -7,10 +7,11 @@ import json
 import shutil
 import signal
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import assert_merged_exactly, assert_one_line_error, run, tree_digest
+from helpers import assert_merged_exactly, assert_one_line_error, run, small_disk, tree_digest
 from hypothesis import given
 from hypothesis import strategies as st
 from stores import http_store, upload
@@ -118,8 +119,9 @@ def test_plan_of_a_url_pair_reads_headers_only(served):
     assert len(shard_reads) == 2 * len(shards), "each shard's header read once (its length, then the header)"
 
 
-def test_failed_requests_are_tried_again(reference, served, tmp_path):
+def test_failed_requests_are_tried_again(reference, served, tmp_path, monkeypatch):
     """A 503 on two tensor reads (a store's "slow down"): said, tried again, the merge exact."""
+    monkeypatch.setattr(store, "RETRY_DELAYS", (0.0, 0.0, 0.0))  # the tries, not their waits, are under test
     root, base, ft = served
     _, _, _, digest = reference
     ends = {f"/{p.parent.name}/{p.name}": header_end(p) for p in root.rglob("*.safetensors")}
@@ -245,3 +247,16 @@ def test_an_object_changed_during_the_merge_is_never_published(awkward_pair, tmp
     last = proc.stderr.strip().splitlines()[-1]
     assert victim.name in last and ("modified or replaced" if change == "rewritten" else "is gone") in last, last
     assert "Traceback" not in proc.stderr and not out.exists() and (tmp_path / "out.partial").is_dir()
+
+
+def test_a_tmpdir_too_small_for_the_staged_tensors_is_refused_up_front(s3, tmp_path):
+    """TMPDIR on a tmpfs too small for the tensors the lanes stage at once: refused before any work, naming it and
+    TMPDIR; with room, the merge stages there and leaves nothing."""
+    with small_disk(tmp_path / "tmp", "16k") as tmp:
+        args = ("merge", "s3://models/base", "s3://models/ft", tmp_path / "out", "--shard-size", "100KB")
+        proc = run(*args, env={**s3, "TMPDIR": str(tmp)})
+        assert_one_line_error(proc, 2, f"not enough disk space for {tmp}", "TMPDIR for the tensors tasks stage")
+        assert not (tmp_path / "out.partial").exists() and list(tmp.iterdir()) == []
+        subprocess.run(["mount", "-o", "remount,size=8m", str(tmp)], check=True)
+        assert run(*args, "-q", env={**s3, "TMPDIR": str(tmp)}).returncode == 0
+        assert list(tmp.iterdir()) == []

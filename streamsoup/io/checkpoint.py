@@ -8,6 +8,7 @@ of torch.save files is the same mapping, its shards built by sources/pickled.py.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -111,6 +112,23 @@ class TensorRef:
         if self.stride is None:
             return self.nbytes
         return strided.span_bytes(self.shape, self.stride, self.nbytes // max(self.numel, 1))
+
+
+def refs_in(value: object) -> Iterator[TensorRef]:
+    """Every TensorRef in plain data (a job, a LoRA update, a list of tasks), FP8 scales included."""
+    if isinstance(value, TensorRef):
+        yield value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for field in dataclasses.fields(value):
+            yield from refs_in(getattr(value, field.name))
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from refs_in(item)
+
+
+def remote_bytes(value: object) -> int:
+    """Bytes of object storage a task of `value` stages (store.py): its remote tensors' spans."""
+    return sum(r.span for r in refs_in(value) if store.is_url(r.path))
 
 
 @dataclass(frozen=True)

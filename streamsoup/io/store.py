@@ -240,6 +240,11 @@ def stage_object(url: str, spans: list[tuple[int, int]], folder: Path, name: str
     return local
 
 
+def stage_root() -> Path:
+    """Where tasks stage: TMPDIR, read now (a worker lives longer than one setting of it)."""
+    return Path(os.environ.get("TMPDIR") or tempfile.gettempdir())
+
+
 def stage_folder() -> Path:
-    """A new folder of the task's own under TMPDIR (read now: a worker lives longer than one setting of it)."""
-    return Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=os.environ.get("TMPDIR") or None))
+    """A new folder of the task's own under stage_root."""
+    return Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=stage_root()))

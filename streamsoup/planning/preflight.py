@@ -241,20 +241,21 @@ class DiskNeed:
 
 def check_disk_space(needs: dict[Path, DiskNeed]) -> None:
     """Each filesystem must hold what is still to be written there; refuse naming both numbers."""
-    by_fs: dict[int, tuple[Path, DiskNeed]] = {}
+    by_fs: dict[int, tuple[Path, DiskNeed, bool]] = {}
     for path, need in needs.items():
         dev = _existing(path).stat().st_dev
-        first, total = by_fs.get(dev, (path, DiskNeed(0, 0)))
-        by_fs[dev] = (first, total + need)
-    for first, need in by_fs.values():
+        first, total, staging = by_fs.get(dev, (path, DiskNeed(0, 0), False))
+        by_fs[dev] = (first, total + need, staging or path == store.stage_root())
+    for first, need, staging in by_fs.values():
         anchor = _existing(first)
         free, block = shutil.disk_usage(anchor).free, os.statvfs(anchor).f_frsize or 4096
         if need.on(block) > free:
+            also = ", or TMPDIR for the tensors tasks stage from object storage" if staging else ""
             raise UsageError(
                 f"not enough disk space for {first}: the merge still needs {format_size(need.on(block))} there "
                 f"({format_size(need.bytes)} of data and {need.files} small files or folders of a "
                 f"{format_size(block)} block each), its filesystem has {format_size(free)} free; free space or "
-                "choose another place (OUT, or --work-dir for the resume state)"
+                f"choose another place (OUT, or --work-dir for the resume state{also})"
             )
 
 

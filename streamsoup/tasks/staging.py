@@ -14,21 +14,14 @@ from collections.abc import Iterator
 from typing import TypeVar
 
 from ..io import store
-from ..io.checkpoint import TensorRef
+from ..io.checkpoint import TensorRef, refs_in
 
 T = TypeVar("T")
 
 
 def remote_refs(value: object) -> Iterator[TensorRef]:
     """Every TensorRef in a task's plain data (jobs, LoRA updates, FP8 scales) whose bytes are in a store."""
-    if isinstance(value, TensorRef) and store.is_url(value.path):
-        yield value
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        for field in dataclasses.fields(value):
-            yield from remote_refs(getattr(value, field.name))
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from remote_refs(item)
+    return (ref for ref in refs_in(value) if store.is_url(ref.path))
 
 
 def _moved(value: T, paths: dict[str, str]) -> T:
