@@ -29,6 +29,7 @@ class Traffic:
     requests: list[str] = field(default_factory=list)
     failures: int = 0  # answer this many more GETs that `failing` picks with 503
     failing: Callable[[str, int], bool] = lambda path, start: True  # (path, range start) -> fail it
+    heads: bool = False  # HEAD requests may fail too (fsspec's http asks one for an object's size and ETag)
     ranges: bool = True  # False: ignore Range headers, as a plain static server does
     validators: bool = True  # False: send neither ETag nor Last-Modified
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -46,6 +47,13 @@ def _handler(root: Path, traffic: Traffic):
             info = os.stat(path)
             return '"' + hashlib.md5(f"{info.st_size}-{info.st_mtime_ns}-{info.st_ino}".encode()).hexdigest() + '"'
 
+        def _changed(self, path: str, info: os.stat_result) -> bool:
+            match = self.headers.get("If-Match")
+            if match is not None and traffic.validators:
+                return match != self._etag(path)
+            since = self.headers.get("If-Unmodified-Since")
+            return since is not None and int(info.st_mtime) > email.utils.parsedate_to_datetime(since).timestamp()
+
         def do_HEAD(self) -> None:
             self._serve(head=True)
 
@@ -57,7 +65,7 @@ def _handler(root: Path, traffic: Traffic):
             wanted = RANGE.match(self.headers.get("Range", "")) if traffic.ranges else None
             with traffic.lock:
                 traffic.requests.append(f"{'HEAD' if head else 'GET'} {self.path} {self.headers.get('Range', '')}")
-                failing = not head and traffic.failures > 0
+                failing = (traffic.heads or not head) and traffic.failures > 0
                 failing = failing and traffic.failing(self.path, int(wanted.group(1)) if wanted else 0)
                 if failing:
                     traffic.failures -= 1
@@ -72,6 +80,9 @@ def _handler(root: Path, traffic: Traffic):
                 self.send_error(404, "Not Found")
                 return
             size, start, stop = info.st_size, 0, info.st_size
+            if self._changed(path, info):  # a conditional request for a version that is no longer there
+                self.send_error(412, "Precondition Failed")
+                return
             if wanted:
                 start = int(wanted.group(1))
                 stop = min(size, int(wanted.group(2)) + 1) if wanted.group(2) else size

@@ -57,6 +57,8 @@ class TensorRef:
     encoding: str = ""
     scale: TensorRef | None = None  # FP8: [rows/block, cols/block] scales; MXFP4: the [.., rows, cols/32] exponents
     block: tuple[int, int] = (1, 1)  # FP8: rows and columns one scale covers
+    #: the store's version of the object it is in (io/store.py; "" on a disk): every read asks for exactly it
+    version: str = ""
 
     @property
     def numel(self) -> int:
@@ -167,7 +169,7 @@ def read_header(path: str | Path) -> ShardHeader:
         )
     refs = []
     for name, entry in header.items():
-        refs.append(_tensor_ref(path, name, entry, data_start))
+        refs.append(_tensor_ref(path, name, entry, data_start, identity.get("version", "")))
     refs.sort(key=lambda r: r.offset)
     end = data_start
     for ref in refs:
@@ -207,8 +209,9 @@ def _remote_header(url: str) -> tuple[int, dict, bytes]:
     """Two ranged reads: the length, then the header (its identity taken first, as a file's is)."""
     identity = store.checked_identity(url, "shard")
     size = identity["size"]
-    hlen = _header_length(url, store.read_range(url, 0, min(8, size)), size)
-    return size, identity, store.read_range(url, 8, hlen)
+    version = identity["version"]
+    hlen = _header_length(url, store.read_range(url, 0, min(8, size), version), size)
+    return size, identity, store.read_range(url, 8, hlen, version)
 
 
 class DuplicateKey(ValueError):
@@ -231,7 +234,7 @@ def regular_file(path: str | Path) -> os.stat_result:
     return info
 
 
-def _tensor_ref(path: str, name: str, entry: object, data_start: int) -> TensorRef:
+def _tensor_ref(path: str, name: str, entry: object, data_start: int, version: str) -> TensorRef:
     where = f"{path}: tensor {name!r}"
     fields = (entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")) if isinstance(entry, dict) else ()
     if not (
@@ -253,7 +256,7 @@ def _tensor_ref(path: str, name: str, entry: object, data_start: int) -> TensorR
         raise InputError(
             f"{where}: header says {end - begin} bytes but {dtype}{list(shape)} needs {nbytes}; the file is corrupt"
         )
-    return TensorRef(name, path, dtype, shape, data_start + begin, nbytes)
+    return TensorRef(name, path, dtype, shape, data_start + begin, nbytes, version=version)
 
 
 class Checkpoint(Mapping[str, TensorRef]):
@@ -289,19 +292,21 @@ class Checkpoint(Mapping[str, TensorRef]):
     def from_path(cls, path: str | Path, role: str = "checkpoint") -> Checkpoint:
         """A local path, or an object store's (store.remote_root: a pathlib-like handle)."""
         path = path if store.is_url(path) else Path(path)
-        if not path.exists():
+        remote = store.is_url(path)
+        if not remote and not path.exists():
             raise InputError(f"{role} {path} does not exist")
         if not store.is_folder(path):
             if path.suffix != ".safetensors":
                 raise InputError(f"{role} {path} is not a .safetensors, .bin, .pt or .pth file, or a folder of them")
             return cls(path, [read_header(path)])
         index = path / INDEX_NAME
-        weight_map = read_weight_map(index) if index.exists() else None  # read once: up to 64 MiB
-        files = (
-            index_files(index, weight_map)
-            if weight_map is not None
-            else sorted(p.name for p in path.glob("*.safetensors"))
-        )
+        if remote:  # one listing answers both (asking for a missing index is a request that fails)
+            listed = [name for name, _ in store.files_in(path)]
+            has_index, shards = INDEX_NAME in listed, sorted(n for n in listed if n.endswith(".safetensors"))
+        else:
+            has_index, shards = index.exists(), sorted(p.name for p in path.glob("*.safetensors"))
+        weight_map = read_weight_map(index) if has_index else None  # read once: up to 64 MiB
+        files = index_files(index, weight_map) if weight_map is not None else shards
         if not files:
             raise InputError(
                 f"{role} {path} has no *.safetensors, *.bin, *.pt or *.pth files (nor an index naming them)"
@@ -495,14 +500,21 @@ def _remote_block(ref: TensorRef, start: int, stop: int, transposed: bool, dtype
     item = ref.nbytes // max(m * n, 1)
     try:
         if not transposed:
-            data = store.read_range(ref.path, ref.offset + start * n * item, (stop - start) * n * item)
+            data = store.read_range(ref.path, ref.offset + start * n * item, (stop - start) * n * item, ref.version)
             return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(stop - start, n)
-        whole = bytearray()
-        for at in range(0, ref.nbytes, store.RANGE_BYTES):
-            whole += store.read_range(ref.path, ref.offset + at, min(store.RANGE_BYTES, ref.nbytes - at))
-        return torch.frombuffer(whole, dtype=torch.uint8).view(dtype).reshape(m, n)[:, start:stop].T
+        whole = _whole_tensor(ref.path, ref.offset, ref.nbytes, ref.version)
+        return torch.frombuffer(bytearray(whole), dtype=torch.uint8).view(dtype).reshape(m, n)[:, start:stop].T
     except EOFError as exc:
         raise InputError(f"{ref.path}: tensor {ref.name!r}: {exc}; the object is truncated") from None
+
+
+@functools.lru_cache(maxsize=1)
+def _whole_tensor(url: str, offset: int, nbytes: int, version: str) -> bytes:
+    """A remote tensor's bytes, the last one kept: a sample's three column reads of one expert fetch it once."""
+    return b"".join(
+        store.read_range(url, offset + at, min(store.RANGE_BYTES, nbytes - at), version)
+        for at in range(0, nbytes, store.RANGE_BYTES)
+    )
 
 
 def _stored(ref: TensorRef, dtype: str, shape: tuple[int, ...]) -> TensorRef:

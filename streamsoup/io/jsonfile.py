@@ -48,7 +48,7 @@ def _remote_bytes(url: str, limit: int) -> bytes:
         raise JsonFileError(
             f"is {format_size(found['size'], 1)}, larger than any such file ({format_size(limit, 1)} at most)"
         )
-    return store.read_range(url, 0, found["size"])
+    return store.read_range(url, 0, found["size"], found["version"])
 
 
 def _check_size(size: int, limit: int) -> None:

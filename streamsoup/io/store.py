@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -24,7 +25,7 @@ from typing import Any
 
 import cloudpickle
 
-from ..errors import InputError, UsageError
+from ..errors import InputError, RunError, UsageError
 
 log = logging.getLogger(__name__)
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # `object_identity` runs on workers that lack streamsoup
@@ -61,17 +62,28 @@ def is_folder(path) -> bool:
 
 
 def files_in(root) -> list[tuple[str, int]]:
-    """(name, size) of each object directly under a remote folder (its listing: one request for most stores)."""
+    """(name, size) of each object directly under a remote folder (its listing: one request for most stores);
+    names decoded, a listing's own links (`?C=N;O=D` sort links, `../`) left out."""
     fs, path = filesystem(str(root))
-    found = _tried(str(root), "list", lambda: fs.ls(path, detail=True))
+    denied = None
+    try:
+        found = _tried(str(root), "list", lambda: fs.ls(path, detail=True))
+    except FileNotFoundError:
+        return []
+    except PermissionError as exc:
+        denied = exc  # raised below, outside the handler
+    if denied is not None:
+        raise InputError(f"{root}: access denied ({clean(str(denied))}); check the credentials this process reads")
     names = []
     for entry in found:
-        name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
-        if entry.get("type") == "file" and name and not str(entry["name"]).endswith("/"):
-            size = entry.get("size")  # an HTTP listing has none: the object's own answer has it
-            if size is None:
-                size = _tried(str(root), "look at", lambda e=entry: fs.size(e["name"]))
-            names.append((name, size))
+        raw = str(entry["name"])
+        name = urllib.parse.unquote(raw.rstrip("/").rsplit("/", 1)[-1])
+        if entry.get("type") != "file" or raw.endswith("/") or not name or any(c in name for c in "?#/\\"):
+            continue
+        size = entry.get("size")  # an HTTP listing has none: the object's own answer has it
+        if size is None:
+            size = _tried(str(root), "look at", lambda e=raw: fs.size(e))
+        names.append((name, size))
     return names
 
 
@@ -90,15 +102,20 @@ def protocol_of(url: str) -> str:
 
 
 def remote_root(url: str, role: str):
-    """BASE or FINETUNED as a URL: a pathlib-like handle (universal_pathlib) on the object or prefix it names."""
+    """BASE or FINETUNED as a URL: a pathlib-like handle (universal_pathlib) on the object or prefix it names (its
+    scheme in lower case, as fsspec knows them)."""
     protocol = protocol_of(url)
     if protocol not in EXTRAS and protocol not in HTTP:
         raise UsageError(
             f"{role} {url}: streamsoup reads inputs from object storage over s3://, gs://, az:// and http(s):// "
             f"only, not {protocol}://: copy it to a disk (or mount it) and give that path"
         )
-    parts = urllib.parse.urlsplit(url)
-    if parts.username or parts.password or parts.query or parts.fragment:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        secret = parts.username or parts.password or parts.query or parts.fragment
+    except ValueError as exc:
+        raise UsageError(f"{role} {clean(url)} is not a valid URL ({exc})") from None
+    if secret:
         raise UsageError(
             f"{role} {parts.scheme}://{parts.hostname or ''}{parts.path}...: a URL with credentials, a query or a "
             "fragment would be written into OUT's report and card (and cannot name the files of a folder): give "
@@ -115,7 +132,7 @@ def remote_root(url: str, role: str):
             f"{role} {url}: reading {protocol}:// needs a library this Python lacks ({exc.name or exc}): "
             f"pip install 'streamsoup[{extra}]'"
         ) from None
-    return UPath(url.rstrip("/"), **FRESH)
+    return UPath(protocol + url[len(protocol) :].rstrip("/"), **FRESH)
 
 
 def filesystem(url: str):
@@ -125,8 +142,9 @@ def filesystem(url: str):
 
 
 def object_identity(info: dict[str, Any]) -> dict[str, Any]:
-    """{size, version}: what a store's listing says of an object that changes when it is rewritten."""
-    found = [f"{key}={info[key]}" for key in VALIDATORS if info.get(key) not in (None, "")]
+    """{size, version}: what a store's listing says of an object that changes when it is rewritten (a suspended
+    versioning's `null` is no version)."""
+    found = [f"{key}={info[key]}" for key in VALIDATORS if info.get(key) not in (None, "", "null")]
     return {"size": int(info["size"]), "version": found[0] if found else ""}
 
 
@@ -155,61 +173,118 @@ def checked_identity(url: str, role: str) -> dict[str, Any]:
     return found
 
 
-def read_range(url: str, offset: int, length: int) -> bytes:
-    """Bytes offset:offset+length of an object, in one ranged request (a short answer is an EOFError)."""
+class Changed(Exception):
+    """The object is no longer the version a read asked for."""
+
+
+def _opened(fs, path: str, url: str, end: int, version: str):
+    """A file object of exactly `version` of the object, or Changed: HTTP asks with If-Match (or
+    If-Unmodified-Since) on every request; other stores' metadata is compared (s3fs then pins its reads to that
+    ETag with IfMatch). Without a version, what is there now."""
+    key, _, value = version.partition("=")
+    settings = {"cache_type": "none", "block_size": RANGE_BYTES}
+    if protocol_of(url) in HTTP:
+        condition = {"ETag": "If-Match", "etag": "If-Match", "Last-Modified": "If-Unmodified-Since"}.get(key)
+        return fs.open(path, "rb", size=end, headers={condition: value} if condition else {}, **settings)
+    if not version:
+        return fs.open(path, "rb", size=end, **settings)
+    f = fs.open(path, "rb", **settings)
+    details = getattr(f, "details", None)
+    if not isinstance(details, dict) or object_identity(details)["version"] != version:
+        f.close()
+        raise Changed(version)
+    return f
+
+
+def read_range(url: str, offset: int, length: int, version: str = "") -> bytes:
+    """Bytes offset:offset+length of the object (of `version`, when given), in one ranged request."""
     if length <= 0:
         return b""
     fs, path = filesystem(url)
 
-    def fetch() -> bytes:  # the size given is where the read ends: no request for the object's own
-        with fs.open(path, "rb", cache_type="none", block_size=length, size=offset + length) as f:
+    def fetch() -> bytes:
+        with _opened(fs, path, url, offset + length, version) as f:
             f.seek(offset)
             return f.read(length)
 
     refused = None
     try:
         data = _tried(url, f"read bytes {offset}-{offset + length} of", fetch)
-    except (FileNotFoundError, PermissionError) as exc:
+    except (FileNotFoundError, PermissionError, Changed) as exc:
         refused = exc  # raised below, outside this handler: an error sent back from a dask task carries its context
+    if isinstance(refused, Changed):
+        raise InputError(
+            f"{url} changed while streamsoup read it (it is no longer {version}): the tensors read so far are not "
+            "mixed with its new contents; rerun with its original contents, or with --fresh to start over"
+        )
     if isinstance(refused, FileNotFoundError):
         raise InputError(f"{url} is gone: it was removed while streamsoup read it; restore it, then rerun")
     if refused is not None:
-        raise InputError(f"{url}: access denied ({refused}); check the credentials this process reads")
+        raise InputError(f"{url}: access denied ({clean(str(refused))}); check the credentials this process reads")
     if len(data) != length:
-        raise EOFError(f"object ends {length - len(data)} bytes early at offset {offset + len(data)}")
+        raise InputError(
+            f"{url}: ends {length - len(data)} bytes early at offset {offset + len(data)}: the object is truncated "
+            "or was replaced; restore it, then rerun"
+        )
     return data
 
 
-#: HTTP statuses that say the object is not there or not ours to read: asking again changes nothing
-GONE, DENIED = (404, 410), (401, 403)
+#: HTTP statuses that say the object is not there, not ours to read, or no longer the version asked for
+GONE, DENIED, PRECONDITION = (404, 410), (401, 403), 412
+#: errors of a store's library that asking again cannot mend (a typo, missing credentials)
+FINAL = ("NoCredentialsError", "PartialCredentialsError", "ParamValidationError", "InvalidURL", "NoRegionError")
 
 
 def _tried(url: str, doing: str, call):
-    """`call()`, tried again after a failure that may pass; a missing object or a refusal is not retried (raised
-    as FileNotFoundError or PermissionError, whichever library said it)."""
+    """`call()`, tried again after a failure that may pass; a missing object (FileNotFoundError), a refusal
+    (PermissionError) or a changed one (Changed) is not retried, nor a setting asking again cannot mend."""
     for attempt, delay in enumerate((*RETRY_DELAYS, None)):
         try:
             return call()
-        except (FileNotFoundError, PermissionError, IsADirectoryError, EOFError):
+        except (PermissionError, IsADirectoryError, Changed):
             raise
         except ValueError as exc:  # fsspec's http: the server answered a range with the whole object
-            failure = f"cannot {doing} {url}: the server does not answer byte ranges as asked ({exc})"
+            failure = f"cannot {doing} {url}: the server does not answer byte ranges as asked ({clean(str(exc))})"
             break
         except Exception as exc:  # a dropped connection, a timeout, a 5xx, each library's own class for them
-            status = getattr(exc, "status", None)
+            cause = exc.__cause__ if isinstance(exc, FileNotFoundError) else exc  # fsspec's http: any failure
+            status = getattr(cause, "status", None)
+            if isinstance(exc, FileNotFoundError) and not _passing(cause):
+                raise
             if status in GONE:
                 raise FileNotFoundError(2, f"{status} from the server", url) from None
             if status in DENIED:
                 raise PermissionError(13, f"{status} from the server", url) from None
+            if status == PRECONDITION or type(exc).__name__ == "FileExpired":
+                raise Changed(url) from None
+            if type(cause).__name__ in FINAL:
+                failure = f"cannot {doing} {url}: {clean(str(cause))}; check the store's settings (credentials, region)"
+                break
             if delay is None:
                 failure = (
-                    f"cannot {doing} {url} after {attempt + 1} tries ({type(exc).__name__}: {exc}); check the "
-                    "endpoint, the credentials and the network, then rerun (a merge keeps the work done)"
+                    f"cannot {doing} {url} after {attempt + 1} tries ({type(cause).__name__}: {clean(str(cause))}); "
+                    "check the endpoint, the credentials and the network, then rerun (a merge keeps the work done)"
                 )
                 break
-            log.warning("%s: %s failed (%s); trying again in %.1f s", url, doing, type(exc).__name__, delay)
+            log.warning("%s: %s failed (%s); trying again in %.1f s", url, doing, type(cause).__name__, delay)
         time.sleep(delay)
     raise InputError(failure)  # outside the handler: a dask task's error is sent back with its context
+
+
+def _passing(cause: BaseException | None) -> bool:
+    """A failure behind a FileNotFoundError that says nothing of the object (fsspec's http raises one for any
+    failed HEAD): a status other than 404/410, a dropped connection, a timeout."""
+    status = getattr(cause, "status", None)
+    if status is not None:
+        return status not in GONE
+    name = type(cause).__name__
+    return isinstance(cause, TimeoutError | ConnectionError) or any(w in name for w in ("Connect", "Timeout"))
+
+
+def clean(text: str) -> str:
+    """A library's message on one line, without the secrets a URL in it may carry (user:password@, a query)."""
+    text = re.sub(r"//[^/@\s'\"]+@", "//", " ".join(text.split()))
+    return re.sub(r"(\w+://[^\s?#'\"]*)[?#][^\s'\"]*", r"\1?...", text)
 
 
 def coalesced(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -223,20 +298,27 @@ def coalesced(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(a, b - a) for a, b in merged if b > a]
 
 
-def stage_object(url: str, spans: list[tuple[int, int]], folder: Path, name: str) -> Path:
-    """A sparse local file holding the object's bytes of `spans` at their own offsets (and holes elsewhere)."""
+def stage_object(url: str, spans: list[tuple[int, int]], version: str, folder: Path, name: str) -> Path:
+    """A sparse local file holding the object's bytes of `spans` (of `version`) at their own offsets, holes
+    elsewhere."""
     local = folder / name
-    fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.ftruncate(fd, max(start + length for start, length in spans))
-        for start, length in coalesced(spans):
-            for at in range(start, start + length, RANGE_BYTES):
-                data = read_range(url, at, min(RANGE_BYTES, start + length - at))
-                view, done = memoryview(data), 0
-                while done < len(view):
-                    done += os.pwrite(fd, view[done:], at + done)
-    finally:
-        os.close(fd)
+        fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, max(start + length for start, length in spans))
+            for start, length in coalesced(spans):
+                for at in range(start, start + length, RANGE_BYTES):
+                    data = read_range(url, at, min(RANGE_BYTES, start + length - at), version)
+                    view, done = memoryview(data), 0
+                    while done < len(view):
+                        done += os.pwrite(fd, view[done:], at + done)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise RunError(
+            f"cannot stage {url} in {folder} ({exc.strerror}): TMPDIR ({stage_root()}) needs room for the tensors "
+            "the lanes read at once; free space there or point TMPDIR at a larger disk, then rerun"
+        ) from None
     return local
 
 
@@ -246,5 +328,44 @@ def stage_root() -> Path:
 
 
 def stage_folder() -> Path:
-    """A new folder of the task's own under stage_root."""
-    return Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=stage_root()))
+    """A new folder of the task's own under stage_root, named by its process (after sweeping the folders of
+    processes that are gone: a worker killed mid-task leaves its scratch behind)."""
+    root = stage_root()
+    sweep(root)
+    return Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=root))
+
+
+def sweep(root: Path) -> None:
+    """Remove the scratch folders of processes on this machine that no longer run, and only those that hold
+    nothing but what a stage writes (`N.bin`): what streamsoup can prove it made."""
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return
+    for entry in entries:
+        match = STAGED.fullmatch(entry.name)
+        if match is None or not entry.is_dir(follow_symlinks=False) or _alive(int(match.group(1))):
+            continue
+        try:
+            files = list(os.scandir(entry.path))
+            if all(STAGED_FILE.fullmatch(f.name) and f.is_file(follow_symlinks=False) for f in files):
+                for f in files:
+                    os.unlink(f.path)
+                os.rmdir(entry.path)
+        except OSError:
+            continue  # another process sweeping it, or not ours to touch
+
+
+#: a stage folder (its process id) and the files a stage writes into it
+STAGED = re.compile(re.escape(STAGE_PREFIX) + r"(\d+)-[A-Za-z0-9_]+")
+STAGED_FILE = re.compile(r"\d+\.bin")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

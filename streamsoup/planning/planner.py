@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import InputError, OptionError, UsageError
+from ..io import store
 from ..io.checkpoint import Checkpoint, TensorRef
 from ..io.dtypes import is_float
 from ..io.layout import Placement, ShardLayout, TensorSpec
@@ -268,9 +269,9 @@ def side_roots(base: Checkpoint, ft: Checkpoint) -> tuple[tuple[Path, ...], str 
     own files over them) when FINETUNED has no config.json, so `from_pretrained(OUT)` works; and the line that
     says so."""
     own = (ft.root,) if ft.folder == ft.root else ()
-    if (own and (ft.root / "config.json").is_file()) or not (base.root / "config.json").is_file():
+    if (own and store.is_file(ft.root / "config.json")) or not store.is_file(base.root / "config.json"):
         return own, None
-    if not own and (ft.root.parent / "config.json").is_file():  # a weights file given inside its model folder
+    if not own and store.is_file(ft.root.parent / "config.json"):  # a weights file given inside its model folder
         return own, (
             f"FINETUNED is the file {ft.root}: OUT gets no config or tokenizer (not BASE's, nor the files beside "
             f"it); give FINETUNED's folder {ft.root.parent} to carry them"

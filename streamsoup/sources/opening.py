@@ -63,12 +63,16 @@ def open_input(spec: str | os.PathLike | Checkpoint | Adapter, role: str) -> Inp
 def open_remote(root, role: str) -> Checkpoint:
     """A checkpoint in object storage (io/store.py): safetensors only, read by ranges; an adapter or torch.save
     files are small or need a whole-file read: copied to a disk first."""
-    if not root.exists():
-        raise InputError(f"{role} {root} does not exist (no object or prefix of that name)")
     folder = store.is_folder(root)
-    if folder and (root / ADAPTER_CONFIG).exists():
+    names = [name for name, _ in store.files_in(root)] if folder else []
+    if not names and (folder or not store.is_file(root)):
+        raise InputError(
+            f"{role} {root} does not exist (no object of that name, nor a folder its store lists: an HTTP "
+            "server must list the folder's files)"
+        )
+    if ADAPTER_CONFIG in names:
         raise InputError(f"{role} {root} is a PEFT adapter: streamsoup reads adapters from a disk; copy it there")
-    if root.suffix in PICKLE_SUFFIXES or (folder and not any(root.glob("*.safetensors"))):
+    if root.suffix in PICKLE_SUFFIXES or (folder and not any(n.endswith(".safetensors") for n in names)):
         raise InputError(
             f"{role} {root} holds no safetensors files: from object storage streamsoup reads safetensors only "
             "(torch.save files need a whole-file read): copy it to a disk, or convert it to safetensors"
@@ -111,7 +115,7 @@ def check_not_adapter(ckpt: Checkpoint, role: str) -> None:
     """LoRA tensors where a full model is expected: an adapter as BASE, or adapter weights without their config."""
     folder = ckpt.folder
     lora = next((n for n in ckpt if any(f".{key}." in n or n.endswith(f".{key}") for key in ADAPTER_KEYS)), None)
-    has_config = (folder / ADAPTER_CONFIG).exists()
+    has_config = store.is_file(folder / ADAPTER_CONFIG) if ckpt.remote else (folder / ADAPTER_CONFIG).exists()
     if not has_config and lora is None:
         return
     found = ADAPTER_CONFIG if has_config else f"tensor {lora!r}"

@@ -28,27 +28,28 @@ def _moved(value: T, paths: dict[str, str]) -> T:
     """`value` with every remote TensorRef's path replaced by its staged copy's."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type) and any(remote_refs(value)):
         changes = {f.name: _moved(getattr(value, f.name), paths) for f in dataclasses.fields(value) if f.init}
-        if isinstance(value, TensorRef):
-            changes["path"] = paths.get(value.path, value.path)
+        if isinstance(value, TensorRef) and value.path in paths:
+            changes.update(path=paths[value.path], version="")  # a local file now: its version was read
         return dataclasses.replace(value, **changes)
-    if isinstance(value, list):
-        return [_moved(v, paths) for v in value]  # type: ignore[return-value]
+    if isinstance(value, list | tuple) and any(remote_refs(value)):
+        return type(value)(_moved(v, paths) for v in value)  # type: ignore[return-value]
     return value
 
 
 @contextlib.contextmanager
 def staged(items: T) -> Iterator[T]:
     """`items` reading local copies of their remote bytes for the time of the block (themselves when all local)."""
-    spans: dict[str, list[tuple[int, int]]] = {}
+    spans: dict[tuple[str, str], list[tuple[int, int]]] = {}
     for ref in remote_refs(items):
-        spans.setdefault(ref.path, []).append((ref.offset, ref.span))
+        spans.setdefault((ref.path, ref.version), []).append((ref.offset, ref.span))
     if not spans:
         yield items
         return
     folder = store.stage_folder()
     try:
         paths = {
-            url: str(store.stage_object(url, found, folder, f"{i}.bin")) for i, (url, found) in enumerate(spans.items())
+            url: str(store.stage_object(url, found, version, folder, f"{i}.bin"))
+            for i, ((url, version), found) in enumerate(spans.items())
         }
         yield _moved(items, paths)
     finally:
