@@ -290,19 +290,51 @@ def test_a_failed_head_request_is_tried_again_not_taken_for_a_missing_object(ser
 
 def test_scratch_left_by_a_killed_task_is_swept_and_nothing_else(tmp_path):
     """A worker killed mid-task leaves its stage folder: the next stage on the machine removes it when its process
-    is gone and it holds only what a stage writes; a live process's folder, or one holding a file of yours, stays."""
+    is gone and it holds only what a stage writes; a live process's folder, one of another machine, one holding a
+    file of yours, a link, or a name with no real pid stays."""
     import os
+    import socket
 
     dead = subprocess.Popen(["true"])
     dead.wait()
-    mine = tmp_path / f"{store.STAGE_PREFIX}{dead.pid}-abc123"
+    here = f"{store.STAGE_PREFIX}{socket.gethostname()}"
+    mine = tmp_path / f"{here}-{dead.pid}-abc123"
     mine.mkdir()
     (mine / "0.bin").write_bytes(b"x")
-    yours = tmp_path / f"{store.STAGE_PREFIX}{dead.pid}-def456"
+    yours = tmp_path / f"{here}-{dead.pid}-def456"
     yours.mkdir()
     (yours / "notes.txt").write_text("keep")
-    live = tmp_path / f"{store.STAGE_PREFIX}{os.getpid()}-ghi789"
+    live = tmp_path / f"{here}-{os.getpid()}-ghi789"
     live.mkdir()
     (live / "1.bin").write_bytes(b"y")
+    elsewhere = tmp_path / f"{store.STAGE_PREFIX}another-host-{dead.pid}-jkl012"  # a TMPDIR machines share
+    elsewhere.mkdir()
+    (elsewhere / "2.bin").write_bytes(b"z")
+    (tmp_path / f"{here}-2147483648-x").mkdir()  # not a pid this machine has: left, not a crash
+    link = tmp_path / f"{here}-{dead.pid}-lnk345"
+    link.symlink_to(yours)
     store.sweep(tmp_path)
     assert not mine.exists() and (yours / "notes.txt").exists() and (live / "1.bin").exists()
+    assert (elsewhere / "2.bin").exists() and link.is_symlink()
+
+
+def test_a_side_file_gone_when_the_merge_publishes_keeps_the_work(awkward_pair, tmp_path):
+    """tokenizer.json removed from the store after the tensors were merged, before OUT got its copy: exit 1, the
+    object named, OUT.partial kept (was: exit 2, "nothing written", with the whole merge in OUT.partial)."""
+    root = tmp_path / "served"
+    for side in awkward_pair:
+        shutil.copytree(side, root / side.name)
+    victim = root / awkward_pair[1].name / "tokenizer.json"
+    assert victim.exists()
+
+    def remove_when_copied(path: str, start: int) -> bool:
+        if path.endswith("/tokenizer.json") and victim.exists():
+            victim.unlink()
+        return False
+
+    with http_store(root, failures=10**6, failing=remove_when_copied) as (url, _):
+        proc = run("merge", f"{url}/{awkward_pair[0].name}", f"{url}/{awkward_pair[1].name}", tmp_path / "out")
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "tokenizer.json is gone" in last and "kept" in last, last
+    assert (tmp_path / "out.partial").is_dir() and not (tmp_path / "out").exists()

@@ -28,7 +28,7 @@ import torch
 from ..errors import InputError
 from . import binding, quantized, rawio, store, strided
 from .dtypes import item_size, torch_dtype
-from .jsonfile import INDEX_LIMIT, JsonFileError, read_json
+from .jsonfile import CONFIG_LIMIT, INDEX_LIMIT, JsonFileError, object_bytes, read_json
 
 INDEX_NAME = "model.safetensors.index.json"
 #: bytes of each sampled span of a tensor for a checkpoint's content fingerprint
@@ -128,7 +128,7 @@ def refs_in(value: object) -> Iterator[TensorRef]:
             yield from refs_in(item)
 
 
-def remote_bytes(value: object) -> int:
+def staged_bytes(value: object) -> int:
     """Bytes of object storage a task of `value` stages (store.py): its remote tensors' spans."""
     return sum(r.span for r in refs_in(value) if store.is_url(r.path))
 
@@ -375,8 +375,13 @@ class Checkpoint(Mapping[str, TensorRef]):
             }
         if self.config_identity is not None:  # it decides how tensors are split and decoded
             try:
-                prints["config.json"] = {"sha256": hashlib.sha256(self.config_path.read_bytes()).hexdigest()}
-            except OSError:
+                data = (
+                    object_bytes(str(self.config_path), CONFIG_LIMIT, self.config_identity)
+                    if self.remote
+                    else self.config_path.read_bytes()
+                )
+                prints["config.json"] = {"sha256": hashlib.sha256(data).hexdigest()}
+            except (OSError, JsonFileError):
                 prints["config.json"] = {"sha256": None}
         return prints
 

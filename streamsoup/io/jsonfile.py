@@ -34,20 +34,19 @@ class JsonFileError(ValueError):
     """What is wrong with the file, in words that follow its path ("is not valid JSON (...)")."""
 
 
-def read_json(path: Path, limit: int) -> Any:
-    """The parsed file; JsonFileError when it is too large, not UTF-8, not JSON or nested too deep. OSError as is."""
-    raw = _remote_bytes(str(path), limit) if store.is_url(path) else _local_bytes(path, limit)
+def read_json(path: Path, limit: int, bound: dict | None = None) -> Any:
+    """The parsed file; JsonFileError when it is too large, not UTF-8, not JSON or nested too deep. OSError as is.
+    An object in a store is read as the version `bound` names (its identity when it was opened), else as it is."""
+    raw = object_bytes(str(path), limit, bound) if store.is_url(path) else _local_bytes(path, limit)
     return _parsed(raw)
 
 
-def _remote_bytes(url: str, limit: int) -> bytes:
-    found = store.identity(url)
+def object_bytes(url: str, limit: int, bound: dict | None = None) -> bytes:
+    """An object's bytes (of the `bound` identity, when given), within `limit`."""
+    found = bound or store.identity(url)
     if found is None:
         raise FileNotFoundError(2, "No such object", url)
-    if found["size"] > limit:
-        raise JsonFileError(
-            f"is {format_size(found['size'], 1)}, larger than any such file ({format_size(limit, 1)} at most)"
-        )
+    _check_size(found["size"], limit)
     return store.read_range(url, 0, found["size"], found["version"])
 
 

@@ -29,6 +29,7 @@ class SideFile:
     path: Path  # what is read (the link's target when it is a symlink)
     size: int
     mode: int  # permission bits, kept on the copy
+    version: str = ""  # an object's, as listed (io/store.py): the copy asks for exactly it
 
 
 def is_weight_file(name: str) -> bool:
@@ -66,8 +67,8 @@ def remote_side_files(root, skip: tuple[str, ...] = ()) -> list[SideFile]:
     if not store.is_folder(root):
         return []
     return [
-        SideFile(Path(name), root / name, size, 0o644)
-        for name, size in sorted(store.files_in(root))
+        SideFile(Path(name), root / name, found["size"], 0o644, found["version"])
+        for name, found in sorted(store.listing(root), key=lambda item: item[0])
         if not (name.startswith(".") or is_weight_file(name) or name in skip)
     ]
 
@@ -120,7 +121,7 @@ def copy_side_files(files: list[SideFile], folder: Path) -> None:
             with os.fdopen(fd, "wb") as out:
                 if store.is_url(f.path):  # by ranges, retried: a store's failure is named as the store's
                     for at in range(0, f.size, store.RANGE_BYTES):
-                        out.write(store.read_range(str(f.path), at, min(store.RANGE_BYTES, f.size - at)))
+                        out.write(store.read_range(str(f.path), at, min(store.RANGE_BYTES, f.size - at), f.version))
                 else:
                     with open(f.path, "rb") as src:
                         shutil.copyfileobj(src, out, 1 << 20)

@@ -12,9 +12,12 @@ included); the libraries are optional extras (`pip install 'streamsoup[s3]'`, ..
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
+import socket
+import stat
 import sys
 import tempfile
 import time
@@ -26,6 +29,7 @@ from typing import Any
 import cloudpickle
 
 from ..errors import InputError, RunError, UsageError
+from . import rawio
 
 log = logging.getLogger(__name__)
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # `object_identity` runs on workers that lack streamsoup
@@ -63,7 +67,12 @@ def is_folder(path) -> bool:
 
 def files_in(root) -> list[tuple[str, int]]:
     """(name, size) of each object directly under a remote folder (its listing: one request for most stores);
-    names decoded, a listing's own links (`?C=N;O=D` sort links, `../`) left out."""
+    names decoded, a listing's own links (`?C=N;O=D` sort links, `../`, a subfolder's files) left out."""
+    return [(name, info["size"]) for name, info in listing(root)]
+
+
+def listing(root) -> list[tuple[str, dict[str, Any]]]:
+    """(name, identity) of each object directly under a remote folder: files_in, with each one's version."""
     fs, path = filesystem(str(root))
     denied = None
     try:
@@ -80,10 +89,13 @@ def files_in(root) -> list[tuple[str, int]]:
         name = urllib.parse.unquote(raw.rstrip("/").rsplit("/", 1)[-1])
         if entry.get("type") != "file" or raw.endswith("/") or not name or any(c in name for c in "?#/\\"):
             continue
-        size = entry.get("size")  # an HTTP listing has none: the object's own answer has it
-        if size is None:
-            size = _tried(str(root), "look at", lambda e=raw: fs.size(e))
-        names.append((name, size))
+        if urllib.parse.unquote(raw) != f"{path.rstrip('/')}/{name}":  # a link out of the folder, or deeper
+            continue
+        found_id = object_identity(entry) if entry.get("size") is not None else {"size": None, "version": ""}
+        if found_id["size"] is None or not found_id["version"]:  # an HTTP listing says neither: the object does
+            found_id = identity(joined(str(root), name)) or found_id
+        if found_id["size"] is not None:
+            names.append((name, found_id))
     return names
 
 
@@ -151,10 +163,15 @@ def object_identity(info: dict[str, Any]) -> dict[str, Any]:
 def identity(url: str) -> dict[str, Any] | None:
     """An object's identity now (io/binding.py's word), None when it is gone."""
     fs, path = filesystem(url)
+    denied = None
     try:
         info = _tried(url, "look at", lambda: fs.info(path))
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         return None
+    except PermissionError as exc:
+        denied = exc  # raised below, outside the handler
+    if denied is not None:  # S3 without ListBucket answers 403 for a key that is not there
+        raise InputError(f"{url}: access denied ({clean(str(denied))}); check the credentials this process reads")
     if info.get("type") == "directory":
         return None
     return object_identity(info)
@@ -185,6 +202,8 @@ def _opened(fs, path: str, url: str, end: int, version: str):
     settings = {"cache_type": "none", "block_size": RANGE_BYTES}
     if protocol_of(url) in HTTP:
         condition = {"ETag": "If-Match", "etag": "If-Match", "Last-Modified": "If-Unmodified-Since"}.get(key)
+        if value.startswith("W/"):  # a weak ETag never matches If-Match: the binding's checks stand alone
+            condition = None
         return fs.open(path, "rb", size=end, headers={condition: value} if condition else {}, **settings)
     if not version:
         return fs.open(path, "rb", size=end, **settings)
@@ -244,7 +263,9 @@ def _tried(url: str, doing: str, call):
         except (PermissionError, IsADirectoryError, Changed):
             raise
         except ValueError as exc:  # fsspec's http: the server answered a range with the whole object
-            failure = f"cannot {doing} {url}: the server does not answer byte ranges as asked ({clean(str(exc))})"
+            ranges = "range" in str(exc).lower()
+            why = "the server does not answer byte ranges as asked" if ranges else type(exc).__name__
+            failure = f"cannot {doing} {url}: {why} ({clean(str(exc))})"
             break
         except Exception as exc:  # a dropped connection, a timeout, a 5xx, each library's own class for them
             cause = exc.__cause__ if isinstance(exc, FileNotFoundError) else exc  # fsspec's http: any failure
@@ -257,7 +278,7 @@ def _tried(url: str, doing: str, call):
                 raise PermissionError(13, f"{status} from the server", url) from None
             if status == PRECONDITION or type(exc).__name__ == "FileExpired":
                 raise Changed(url) from None
-            if type(cause).__name__ in FINAL:
+            if type(cause).__name__ in FINAL or not _may_pass(cause):
                 failure = f"cannot {doing} {url}: {clean(str(cause))}; check the store's settings (credentials, region)"
                 break
             if delay is None:
@@ -281,6 +302,15 @@ def _passing(cause: BaseException | None) -> bool:
     return isinstance(cause, TimeoutError | ConnectionError) or any(w in name for w in ("Connect", "Timeout"))
 
 
+def _may_pass(cause: BaseException) -> bool:
+    """A failure worth another try: a 5xx, 408 or 429, or one with no status (a dropped connection, a timeout,
+    a library's own class for them); s3fs's EINVAL (an invalid range or argument) is not."""
+    status = getattr(cause, "status", None)
+    if status is not None:
+        return status >= 500 or status in (408, 429)
+    return not (isinstance(cause, OSError) and cause.errno == errno.EINVAL)
+
+
 def clean(text: str) -> str:
     """A library's message on one line, without the secrets a URL in it may carry (user:password@, a query)."""
     text = re.sub(r"//[^/@\s'\"]+@", "//", " ".join(text.split()))
@@ -302,24 +332,29 @@ def stage_object(url: str, spans: list[tuple[int, int]], version: str, folder: P
     """A sparse local file holding the object's bytes of `spans` (of `version`) at their own offsets, holes
     elsewhere."""
     local = folder / name
+    fd = _local(url, folder, lambda: os.open(local, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     try:
-        fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, max(start + length for start, length in spans))
-            for start, length in coalesced(spans):
-                for at in range(start, start + length, RANGE_BYTES):
-                    data = read_range(url, at, min(RANGE_BYTES, start + length - at), version)
-                    view, done = memoryview(data), 0
-                    while done < len(view):
-                        done += os.pwrite(fd, view[done:], at + done)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise RunError(
-            f"cannot stage {url} in {folder} ({exc.strerror}): TMPDIR ({stage_root()}) needs room for the tensors "
-            "the lanes read at once; free space there or point TMPDIR at a larger disk, then rerun"
-        ) from None
+        _local(url, folder, lambda: os.ftruncate(fd, max(start + length for start, length in spans)))
+        for start, length in coalesced(spans):
+            for at in range(start, start + length, RANGE_BYTES):
+                data = read_range(url, at, min(RANGE_BYTES, start + length - at), version)
+                _local(url, folder, lambda d=data, a=at: rawio.pwrite_all(fd, memoryview(d), a))
+    finally:
+        os.close(fd)
     return local
+
+
+def _local(url: str, folder: Path, call):
+    """A write into the scratch folder; its failure (a full TMPDIR) is named as the scratch's, not the store's."""
+    failure = None
+    try:
+        return call()
+    except OSError as exc:
+        failure = exc
+    raise RunError(
+        f"cannot stage {url} in {folder} ({failure.strerror}): TMPDIR ({stage_root()}) needs room for the tensors "
+        "the lanes read at once; free space there or point TMPDIR at a larger disk, then rerun"
+    )
 
 
 def stage_root() -> Path:
@@ -332,33 +367,46 @@ def stage_folder() -> Path:
     processes that are gone: a worker killed mid-task leaves its scratch behind)."""
     root = stage_root()
     sweep(root)
-    return Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=root))
+    return Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{socket.gethostname()}-{os.getpid()}-", dir=root))
 
 
 def sweep(root: Path) -> None:
-    """Remove the scratch folders of processes on this machine that no longer run, and only those that hold
-    nothing but what a stage writes (`N.bin`): what streamsoup can prove it made."""
+    """Remove the scratch folders this user's processes on this machine left when they died (a worker killed
+    mid-task), and only those that hold nothing but what a stage writes (`N.bin`): what streamsoup can prove it
+    made. Opened without following links, files removed relative to the opened folder."""
+    host = socket.gethostname()
     try:
         entries = list(os.scandir(root))
     except OSError:
         return
     for entry in entries:
         match = STAGED.fullmatch(entry.name)
-        if match is None or not entry.is_dir(follow_symlinks=False) or _alive(int(match.group(1))):
+        if match is None or match.group(1) != host or _alive(int(match.group(2))):
             continue
         try:
-            files = list(os.scandir(entry.path))
-            if all(STAGED_FILE.fullmatch(f.name) and f.is_file(follow_symlinks=False) for f in files):
-                for f in files:
-                    os.unlink(f.path)
+            fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue  # not a folder (a link), or gone
+        try:
+            if os.fstat(fd).st_uid != os.getuid():
+                continue
+            names = os.listdir(fd)
+            if all(
+                STAGED_FILE.fullmatch(n) and stat.S_ISREG(os.stat(n, dir_fd=fd, follow_symlinks=False).st_mode)
+                for n in names
+            ):
+                for n in names:
+                    os.unlink(n, dir_fd=fd)
                 os.rmdir(entry.path)
         except OSError:
             continue  # another process sweeping it, or not ours to touch
+        finally:
+            os.close(fd)
 
 
-#: a stage folder (its process id) and the files a stage writes into it
-STAGED = re.compile(re.escape(STAGE_PREFIX) + r"(\d+)-[A-Za-z0-9_]+")
-STAGED_FILE = re.compile(r"\d+\.bin")
+#: a stage folder (its machine and process id) and the files a stage writes into it
+STAGED = re.compile(re.escape(STAGE_PREFIX) + r"(.+)-(\d{1,9})-[A-Za-z0-9_]+")
+STAGED_FILE = re.compile(r"\d{1,6}\.bin")
 
 
 def _alive(pid: int) -> bool:
@@ -366,6 +414,6 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's, or not a pid: not ours to judge
     return True

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..io import store
-from ..io.checkpoint import remote_bytes
+from ..io.checkpoint import staged_bytes
 from .budget import Budget
 from .planner import MergePlan
 from .preflight import (
@@ -64,7 +64,7 @@ def check_space(schedule: Schedule, target: Target) -> None:
     needs = {target.partial: output_needs(plan.layout, existing, plan.side_roots, widths)}
     state = state_needs(widths, streamed, schedule.budget.lanes.total, len(plan.jobs))
     needs[target.state_path] = needs[target.state_path] + state if target.state_path in needs else state
-    staged = sorted((remote_bytes(j) for j in plan.jobs), reverse=True)[: schedule.budget.lanes.total]
+    staged = sorted((staged_bytes(j) for j in plan.jobs), reverse=True)[: schedule.budget.lanes.total]
     if sum(staged) and not schedule.budget.cluster:  # a cluster's workers stage under their own TMPDIR
         need = DiskNeed(sum(staged), len(staged))
         root = store.stage_root()

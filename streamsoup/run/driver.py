@@ -197,7 +197,11 @@ def _locked_run(attempt: Attempt) -> MergeSummary:
             except StreamsoupError as exc:
                 raise kept_work(exc, partial) from exc
             with guard.critical():
-                if not finish(plan, partial, out, results, state):
+                try:
+                    published = finish(plan, partial, out, results, state)
+                except StreamsoupError as exc:  # a side file in a store gone or changed: OUT.partial holds the work
+                    raise kept_work(exc, partial) from exc
+                if not published:
                     return published_meanwhile(partial, out, fingerprint)
                 cleanup(out, state_path if plan.options.work_dir else None)
                 lock.release()

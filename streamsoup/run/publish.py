@@ -99,11 +99,19 @@ def plan_side_files(plan: MergePlan) -> list[SideFile]:
     No README.md: OUT's is the model card, with the fine-tune's own card folded into it.
     """
     adapter_root = plan.adapter.root if plan.adapter is not None and plan.save == "model" else None
-    return [
+    files = [
         f
         for root in plan.side_roots
         for f in side_files(root, skip=(ADAPTER_CONFIG, CARD_NAME) if root == adapter_root else (CARD_NAME,))
     ]
+    bound = {str(c.config_path): c.config_identity for c in (plan.base, plan.finetuned) if c.remote}
+    for f in files:  # the config that decided how tensors were split and decoded is the one OUT gets
+        if str(f.path) in bound and (bound[str(f.path)] or {}).get("version") != f.version:
+            raise InputError(
+                f"{f.path} changed since this merge began (its version is no longer the one its tensors were "
+                "planned with); rerun with its original contents, or with --fresh to start over"
+            )
+    return files
 
 
 #: the size of a fine-tune's README.md folded into OUT's card (its YAML front matter is parsed in pure Python)

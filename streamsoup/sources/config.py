@@ -14,7 +14,7 @@ def model_config(ckpt: Checkpoint) -> dict:
     into OUT, where it breaks `from_pretrained`, and the model card reads it at the very end."""
     path = ckpt.folder / "config.json"
     try:
-        config = read_json(path, CONFIG_LIMIT)
+        config = read_json(path, CONFIG_LIMIT, ckpt.config_identity if ckpt.remote else None)
     except OSError:
         return {}
     except JsonFileError as exc:

@@ -50,13 +50,23 @@ def merge_tensors(items: list[TensorTask], options: EditOptions, ctx: TaskContex
     named = len(items) > 1  # alone in its task, a tensor is named by the driver
     try:  # a streamed tensor records row blocks as they become durable: alone, each slot is synced as written
         with writer.OutputFiles(Path(ctx.folder), together=named, fence=ctx.fence) as files:
-            results = [resumed(i, files) for i in items]  # before any input is staged: nothing to read for these
+            results = [named_resumed(i, files, named) for i in items]  # before any input is staged: none read
             todo = [i for i, done in zip(items, results, strict=True) if done is None]
             with staged(todo) as local:
                 made = iter([merge_tensor(i.job, options, ctx, files, i.execution, named=named) for i in local])
             return [done if done is not None else next(made) for done in results]
     finally:
         release_memory()
+
+
+def named_resumed(item: TensorTask, files: writer.OutputFiles, named: bool) -> TensorResult | None:
+    """`resumed`, a failure named after its tensor in a task of many."""
+    try:
+        return resumed(item, files)
+    except Exception as exc:
+        if not named or isinstance(exc, StreamsoupError):
+            raise
+        raise task_failed(item.job.name, exc) from exc
 
 
 def resumed(item: TensorTask, files: writer.OutputFiles) -> TensorResult | None:
