@@ -12,9 +12,6 @@ from conftest import load_folder
 from helpers import assert_one_line_error, report_rows, run
 from reference import assert_within_rounding, monosoup_reference
 
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
 
 def kept_names(names, exclude=(), only=()):
     """The reference's rule, written from the README: kept when an --exclude pattern is found in the name, or
@@ -99,6 +96,7 @@ def test_a_changed_filter_is_another_merge_and_a_bad_one_is_refused(llama_finetu
 def test_an_adapters_kept_modules_are_the_fine_tunes(llama_lora, tmp_path, save):
     """A LoRA module kept unedited: the merged model gets peft's W0 + scale B A, an adapter OUT the factors of that
     same update (scaling 1); the others are MonoSoup'd as without the filter."""
+    transformers = pytest.importorskip("transformers")  # imported here: 3 s that every collection would pay
     from peft import PeftModel
 
     base, adapter = llama_lora
