@@ -338,3 +338,37 @@ def test_a_side_file_gone_when_the_merge_publishes_keeps_the_work(awkward_pair, 
     last = proc.stderr.strip().splitlines()[-1]
     assert "tokenizer.json is gone" in last and "kept" in last, last
     assert (tmp_path / "out.partial").is_dir() and not (tmp_path / "out").exists()
+
+
+STAGE_AND_MEASURE = """
+import resource, sys
+from pathlib import Path
+from streamsoup.io import store
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+version = store.identity(sys.argv[1])["version"]
+store.stage_object(sys.argv[1], [(0, int(sys.argv[2]))], version, Path(sys.argv[3]), "0.bin")
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_staging_a_large_object_holds_one_request_in_memory(tmp_path):
+    """A 320 MiB object staged from the store: the process's peak memory grows by a request and its copy (60 MiB
+    measured), not by the object (measured in a process of its own, whose high-water mark is its own)."""
+    import sys
+
+    size = 320 << 20
+    (tmp_path / "served").mkdir()
+    with open(tmp_path / "served" / "big.bin", "wb") as f:
+        f.truncate(size)
+    (tmp_path / "stage").mkdir()
+    with http_store(tmp_path / "served") as (url, traffic):
+        proc = subprocess.run(
+            [sys.executable, "-c", STAGE_AND_MEASURE, f"{url}/big.bin", str(size), str(tmp_path / "stage")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert proc.returncode == 0, proc.stderr
+    grown = int(proc.stdout.split()[-1])
+    assert traffic.sent == size and (tmp_path / "stage" / "0.bin").stat().st_size == size
+    assert grown < size // 3, f"peak memory grew by {grown >> 20} MiB staging {size >> 20} MiB"
