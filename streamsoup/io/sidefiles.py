@@ -8,6 +8,7 @@ folder is a snapshot of (snapshots/<commit>/x -> ../../blobs/<hash>); a link out
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -117,16 +118,17 @@ def copy_side_files(files: list[SideFile], folder: Path) -> None:
         if os.path.lexists(dst):
             dst.unlink()
         try:
-            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                if store.is_url(f.path):  # by ranges, retried: a store's failure is named as the store's
-                    for at in range(0, f.size, store.RANGE_BYTES):
-                        out.write(store.read_range(str(f.path), at, min(store.RANGE_BYTES, f.size - at), f.version))
-                else:
-                    with open(f.path, "rb") as src:
+            with contextlib.nullcontext() if store.is_url(f.path) else open(f.path, "rb") as src:
+                fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as out:
+                    if src is not None:
                         shutil.copyfileobj(src, out, 1 << 20)
-                os.fchmod(out.fileno(), f.mode)
-                out.flush()
-                os.fsync(out.fileno())
+                    else:  # by ranges, retried, as listed: a store's failure is named as the store's
+                        for at in range(0, f.size, store.RANGE_BYTES):
+                            size = min(store.RANGE_BYTES, f.size - at)
+                            out.write(store.read_range(str(f.path), at, size, f.version))
+                    os.fchmod(out.fileno(), f.mode)
+                    out.flush()
+                    os.fsync(out.fileno())
         except OSError as exc:  # a full disk is the output's: name the copy, not its source
             raise OSError(exc.errno, exc.strerror, str(dst)) from exc

@@ -127,7 +127,7 @@ def worker_problem(view: dict[str, Any], expected: Expected) -> str:
         seen = view["files"].get(path)
         if isinstance(seen, str) and store.is_url(path):
             return (
-                f"cannot read {role} object {path} ({seen}): install the store's library there "
+                f"cannot read {role} object {path} ({store.clean(seen)}): install the store's library there "
                 "(pip install 'streamsoup[s3]', [gcs], [azure] or [http]) and give it the same credentials and endpoint"
             )
         if isinstance(seen, str):
