@@ -300,13 +300,13 @@ class Checkpoint(Mapping[str, TensorRef]):
                 raise InputError(f"{role} {path} is not a .safetensors, .bin, .pt or .pth file, or a folder of them")
             return cls(path, [read_header(path)])
         index = path / INDEX_NAME
-        if remote:  # one listing answers both (asking for a missing index is a request that fails)
-            listed = [name for name, _ in store.files_in(path)]
+        listed = store.files_in(path) if remote else None  # one listing answers all (a missing object is a request)
+        if listed is not None:
             has_index, shards = INDEX_NAME in listed, sorted(n for n in listed if n.endswith(".safetensors"))
         else:
             has_index, shards = index.exists(), sorted(p.name for p in path.glob("*.safetensors"))
         weight_map = read_weight_map(index) if has_index else None  # read once: up to 64 MiB
-        files = index_files(index, weight_map) if weight_map is not None else shards
+        files = index_files(index, weight_map, listed) if weight_map is not None else shards
         if not files:
             raise InputError(
                 f"{role} {path} has no *.safetensors, *.bin, *.pt or *.pth files (nor an index naming them)"
@@ -426,11 +426,13 @@ def read_weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def index_files(index: Path, weight_map: dict[str, str]) -> list[str]:
-    """The shard files an index's weight_map (read_weight_map) names: plain names of files in its own folder."""
+def index_files(index: Path, weight_map: dict[str, str], listed: list[str] | None = None) -> list[str]:
+    """The shard files an index's weight_map (read_weight_map) names: plain names of files in its own folder (of
+    `listed`, its folder's listing, when it was listed)."""
     files = list(dict.fromkeys(weight_map.values()))
     for file in files:
-        if Path(file).name != file or not store.is_file(index.parent / file):
+        there = file in listed if listed is not None else (index.parent / file).is_file()
+        if Path(file).name != file or not there:
             raise InputError(f"{index}: names shard {file!r}, which is not a file of {index.parent}")
     return sorted(files)
 
@@ -503,23 +505,17 @@ def _remote_block(ref: TensorRef, start: int, stop: int, transposed: bool, dtype
     tensor, read in ranges."""
     m, n = matrix_shape(ref.shape)
     item = ref.nbytes // max(m * n, 1)
-    try:
-        if not transposed:
-            data = store.read_range(ref.path, ref.offset + start * n * item, (stop - start) * n * item, ref.version)
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(stop - start, n)
-        whole = _whole_tensor(ref.path, ref.offset, ref.nbytes, ref.version)
-        return torch.frombuffer(bytearray(whole), dtype=torch.uint8).view(dtype).reshape(m, n)[:, start:stop].T
-    except EOFError as exc:
-        raise InputError(f"{ref.path}: tensor {ref.name!r}: {exc}; the object is truncated") from None
+    if not transposed:
+        data = store.read_range(ref.path, ref.offset + start * n * item, (stop - start) * n * item, ref.version)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(stop - start, n)
+    whole = _whole_tensor(ref.path, ref.offset, ref.nbytes, ref.version)
+    return torch.frombuffer(bytearray(whole), dtype=torch.uint8).view(dtype).reshape(m, n)[:, start:stop].T
 
 
 @functools.lru_cache(maxsize=1)
 def _whole_tensor(url: str, offset: int, nbytes: int, version: str) -> bytes:
     """A remote tensor's bytes, the last one kept: a sample's three column reads of one expert fetch it once."""
-    return b"".join(
-        store.read_range(url, offset + at, min(store.RANGE_BYTES, nbytes - at), version)
-        for at in range(0, nbytes, store.RANGE_BYTES)
-    )
+    return b"".join(data for _, data in store.read_chunks(url, offset, nbytes, version))
 
 
 def _stored(ref: TensorRef, dtype: str, shape: tuple[int, ...]) -> TensorRef:

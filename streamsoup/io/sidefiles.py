@@ -124,9 +124,8 @@ def copy_side_files(files: list[SideFile], folder: Path) -> None:
                     if src is not None:
                         shutil.copyfileobj(src, out, 1 << 20)
                     else:  # by ranges, retried, as listed: a store's failure is named as the store's
-                        for at in range(0, f.size, store.RANGE_BYTES):
-                            size = min(store.RANGE_BYTES, f.size - at)
-                            out.write(store.read_range(str(f.path), at, size, f.version))
+                        for _, data in store.read_chunks(str(f.path), 0, f.size, f.version):
+                            out.write(data)
                     os.fchmod(out.fileno(), f.mode)
                     out.flush()
                     os.fsync(out.fileno())

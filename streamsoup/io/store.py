@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,14 +65,27 @@ def is_folder(path) -> bool:
     return Path(str(path)).suffix != ".safetensors" if is_url(path) else path.is_dir()
 
 
-def files_in(root) -> list[tuple[str, int]]:
-    """(name, size) of each object directly under a remote folder (its listing: one request for most stores);
-    names decoded, a listing's own links (`?C=N;O=D` sort links, `../`, a subfolder's files) left out."""
-    return [(name, info["size"]) for name, info in listing(root)]
+def files_in(root) -> list[str]:
+    """The names of the objects directly under a remote folder (its listing: one request for most stores)."""
+    return [name for name, _ in _entries(root)]
 
 
 def listing(root) -> list[tuple[str, dict[str, Any]]]:
-    """(name, identity) of each object directly under a remote folder: files_in, with each one's version."""
+    """(name, identity) of each object directly under a remote folder: files_in, with each one's size and version
+    (an HTTP listing gives neither: each object's own answer does)."""
+    names = []
+    for name, entry in _entries(root):
+        found = object_identity(entry) if entry.get("size") is not None else {"size": None, "version": ""}
+        if found["size"] is None or not found["version"]:
+            found = identity(joined(str(root), name)) or found
+        if found["size"] is not None:
+            names.append((name, found))
+    return names
+
+
+def _entries(root) -> list[tuple[str, dict[str, Any]]]:
+    """(name, listing entry) of each object directly under a remote folder; names decoded, a listing's own links
+    (`?C=N;O=D` sort links, `../`, a subfolder's files) left out."""
     fs, path = filesystem(str(root))
     denied = None
     try:
@@ -82,8 +95,8 @@ def listing(root) -> list[tuple[str, dict[str, Any]]]:
     except PermissionError as exc:
         denied = exc  # raised below, outside the handler
     if denied is not None:
-        raise InputError(f"{root}: access denied ({clean(str(denied))}); check the credentials this process reads")
-    names = []
+        raise access_denied(str(root), denied)
+    entries = []
     for entry in found:
         raw = str(entry["name"])
         name = urllib.parse.unquote(raw.rstrip("/").rsplit("/", 1)[-1])
@@ -91,12 +104,13 @@ def listing(root) -> list[tuple[str, dict[str, Any]]]:
             continue
         if urllib.parse.unquote(raw) != f"{path.rstrip('/')}/{name}":  # a link out of the folder, or deeper
             continue
-        found_id = object_identity(entry) if entry.get("size") is not None else {"size": None, "version": ""}
-        if found_id["size"] is None or not found_id["version"]:  # an HTTP listing says neither: the object does
-            found_id = identity(joined(str(root), name)) or found_id
-        if found_id["size"] is not None:
-            names.append((name, found_id))
-    return names
+        entries.append((name, entry))
+    return entries
+
+
+def access_denied(url: str, exc: BaseException) -> InputError:
+    """A store's refusal, in one line (raise it outside the handler: a dask task's error carries its context)."""
+    return InputError(f"{url}: access denied ({clean(str(exc))}); check the credentials this process reads")
 
 
 def is_file(path) -> bool:
@@ -171,7 +185,7 @@ def identity(url: str) -> dict[str, Any] | None:
     except PermissionError as exc:
         denied = exc  # raised below, outside the handler
     if denied is not None:  # S3 without ListBucket answers 403 for a key that is not there
-        raise InputError(f"{url}: access denied ({clean(str(denied))}); check the credentials this process reads")
+        raise access_denied(url, denied)
     if info.get("type") == "directory":
         return None
     return object_identity(info)
@@ -239,7 +253,7 @@ def read_range(url: str, offset: int, length: int, version: str = "") -> bytes:
     if isinstance(refused, FileNotFoundError):
         raise InputError(f"{url} is gone: it was removed while streamsoup read it; restore it, then rerun")
     if refused is not None:
-        raise InputError(f"{url}: access denied ({clean(str(refused))}); check the credentials this process reads")
+        raise access_denied(url, refused)
     if len(data) != length:
         raise InputError(
             f"{url}: ends {length - len(data)} bytes early at offset {offset + len(data)}: the object is truncated "
@@ -252,6 +266,12 @@ def read_range(url: str, offset: int, length: int, version: str = "") -> bytes:
 GONE, DENIED, PRECONDITION = (404, 410), (401, 403), 412
 #: errors of a store's library that asking again cannot mend (a typo, missing credentials)
 FINAL = ("NoCredentialsError", "PartialCredentialsError", "ParamValidationError", "InvalidURL", "NoRegionError")
+
+
+def read_chunks(url: str, offset: int, length: int, version: str = "") -> Iterator[tuple[int, bytes]]:
+    """(offset, bytes) of offset:offset+length in requests of RANGE_BYTES, in order: one held at a time."""
+    for at in range(offset, offset + length, RANGE_BYTES):
+        yield at, read_range(url, at, min(RANGE_BYTES, offset + length - at), version)
 
 
 def _tried(url: str, doing: str, call):
@@ -336,8 +356,7 @@ def stage_object(url: str, spans: list[tuple[int, int]], version: str, folder: P
     try:
         _local(url, folder, lambda: os.ftruncate(fd, max(start + length for start, length in spans)))
         for start, length in coalesced(spans):
-            for at in range(start, start + length, RANGE_BYTES):
-                data = read_range(url, at, min(RANGE_BYTES, start + length - at), version)
+            for at, data in read_chunks(url, start, length, version):
                 _local(url, folder, lambda d=data, a=at: rawio.pwrite_all(fd, memoryview(d), a))
     finally:
         os.close(fd)

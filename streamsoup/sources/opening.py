@@ -64,7 +64,7 @@ def open_remote(root, role: str) -> Checkpoint:
     """A checkpoint in object storage (io/store.py): safetensors only, read by ranges; an adapter or torch.save
     files are small or need a whole-file read: copied to a disk first."""
     folder = store.is_folder(root)
-    names = [name for name, _ in store.files_in(root)] if folder else []
+    names = store.files_in(root) if folder else []
     if not names and (folder or not store.is_file(root)):
         raise InputError(
             f"{role} {root} does not exist (no object of that name, nor a folder its store lists: an HTTP "
