@@ -1,3 +1,3 @@
 """The package version, in a module of its own so any layer can read it without importing the package."""
 
-__version__ = "0.7.0"
+__version__ = "0.7.1"

@@ -90,8 +90,8 @@ class MergeOptions:
     dtype: str = _opt(
         "keep",
         "dtype of OUT's float tensors: keep (each the fine-tune's), or bf16, fp16, fp32 for all of them; edited ones "
-        "are the float64 result rounded once (to nearest, ties to even), copied ones the fine-tune's values "
-        "converted once",
+        "are the float64 result rounded once (to nearest, ties to even; a LoRA merge's 16-bit product in float32, "
+        "within one rounding), copied ones the fine-tune's values converted once",
         choices=("keep", "bf16", "fp16", "fp32"),
     )
     spectral: str = _opt(

@@ -4,9 +4,11 @@ are the float64 reference rounded once, copied ones the fine-tune's values conve
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import load_folder, made_once, paths
@@ -113,3 +115,127 @@ def test_a_zero_d_tensor_and_an_overflow_that_allow_nonfinite_does_not_excuse(fp
     proc = run("merge", with_scalar["base"], with_scalar["ft"], tmp_path / "o2", "--dtype", "fp16", "--allow-nonfinite")
     assert_one_line_error(proc, proc.returncode, "tensor 'model.norm.weight'", "do not fit F16", "--dtype")
     assert proc.returncode != 0 and not (tmp_path / "o2").exists()
+
+
+def near_ties(dtype: torch.dtype, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 values on, just above and just below the midpoints of neighbours of `dtype` (normal, subnormal,
+    either sign), with their correct rounding to nearest, ties to even, known by construction: a float32 step
+    (2^-24 relative) moves such a value past the midpoint, so rounding through float32 rounds it wrongly."""
+    bits = {torch.bfloat16: (0x7F7E, 1), torch.float16: (0x7BFE, 1)}[dtype][0]
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randint(1, bits, (count,), generator=g, dtype=torch.int32)
+    low[: count // 8] = torch.randint(1, 0x7F, (count // 8,), generator=g, dtype=torch.int32)  # subnormals too
+    lo, hi = (v.to(torch.int16).view(dtype).to(torch.float64) for v in (low, low + 1))
+    mid = (lo + hi) / 2  # exact in float64
+    nudge = (hi - lo) * 2.0**-30  # far below float32's resolution at these magnitudes
+    values = torch.cat([mid + nudge, mid - nudge, mid])
+    even = torch.where(low % 2 == 0, lo, hi)
+    expected = torch.cat([hi, lo, even])
+    sign = torch.where(torch.rand(values.shape, generator=g) < 0.5, -1.0, 1.0).to(torch.float64)
+    return values * sign, (expected * sign).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_a_float64_value_is_rounded_once_to_nearest_even(tmp_path, dtype):
+    """README: the fine-tune's values converted once, edited ones the float64 result rounded once to nearest, ties
+    to even. torch rounds a float64 to bf16/fp16 through float32 (twice), which gets values next to a midpoint
+    wrong: a float64 checkpoint written with --dtype must not."""
+    target = TORCH[dtype]
+    values, expected = near_ties(target, 512, seed=3)
+    g = torch.Generator().manual_seed(4)
+    w0 = torch.randn(48, 32, generator=g, dtype=torch.float64)
+    tensors = {"layer.weight": w0, "norm.weight": values}
+    tuned = {"layer.weight": w0 + 0.05 * torch.randn(48, 32, generator=g, dtype=torch.float64), "norm.weight": values}
+    for folder in ("base", "ft"):
+        (tmp_path / folder).mkdir()
+    save_file(tensors, tmp_path / "base" / "model.safetensors")
+    save_file(tuned, tmp_path / "ft" / "model.safetensors")
+    out = tmp_path / "out"
+    assert run("merge", tmp_path / "base", tmp_path / "ft", out, "--dtype", dtype, "-q").returncode == 0
+    got = load_folder(out)
+    assert report_rows(out)["norm.weight"]["action"] != "edit"
+    wrong = (got["norm.weight"].view(torch.int16) != expected.view(torch.int16)).sum().item()
+    assert wrong == 0, f"{wrong} of {values.numel()} values not rounded once to nearest even"
+
+
+def nearest_even(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The reference: every finite positive value of `dtype` listed, the two neighbours of |v| found by search and
+    the nearer taken by exact float64 differences (Sterbenz), ties to the even bit pattern; past the largest
+    value's half step, infinity."""
+    finite = torch.arange(1, {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}[dtype], dtype=torch.int32)
+    grid = torch.cat([torch.zeros(1, dtype=torch.float64), finite.to(torch.int16).view(dtype).to(torch.float64)])
+    top = grid[-1] + (grid[-1] - grid[-2])  # where the next value would be: the overflow threshold is its midpoint
+    grid = torch.cat([grid, top.reshape(1)])
+    mag = values.abs()
+    hi_i = torch.searchsorted(grid, mag, right=False).clamp(max=grid.numel() - 1)
+    lo_i = torch.where(grid[hi_i] == mag, hi_i, hi_i - 1).clamp(min=0)
+    lo, hi = grid[lo_i], grid[hi_i]
+    down, up = mag - lo, hi - mag
+    pick_hi = (up < down) | ((up == down) & (hi_i % 2 == 0) & (hi_i != lo_i))
+    index = torch.where(pick_hi, hi_i, lo_i)
+    bits = torch.where(index == grid.numel() - 1, torch.tensor(0x7F80 if dtype == torch.bfloat16 else 0x7C00), index)
+    bits = bits.to(torch.int32) | torch.where(torch.signbit(values), 0x8000, 0).to(torch.int32)
+    return bits.to(torch.int16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rounding_once_against_an_exact_reference(dtype):
+    """io.dtypes.rounded over values where rounding twice goes wrong (next to midpoints, subnormals, the
+    overflow threshold, zero, either sign) and over plain random values: the exact reference's bits."""
+    from streamsoup.io.dtypes import rounded
+
+    values, _ = near_ties(dtype, 4096, seed=5)
+    g = torch.Generator().manual_seed(6)
+    largest = torch.finfo(dtype).max
+    step = largest - float(torch.tensor(0x7F7E if dtype == torch.bfloat16 else 0x7BFE, dtype=torch.int16).view(dtype))
+    edge = torch.tensor(
+        [largest + step / 2, largest + step / 2 - step * 2.0**-30, largest + step, 0.0, -0.0, 2.0**-160]
+    )
+    plain = torch.randn(20000, generator=g, dtype=torch.float64) * torch.exp2(
+        torch.randint(-40, 16, (20000,), generator=g)
+    )
+    values = torch.cat([values, edge.to(torch.float64), -edge.to(torch.float64), plain])
+    got = rounded(values, dtype).view(torch.int16)
+    want = nearest_even(values, dtype)
+    bad = (got != want).nonzero().flatten()
+    assert bad.numel() == 0, [
+        (values[i].item(), hex(got[i].item() & 0xFFFF), hex(want[i].item() & 0xFFFF)) for i in bad[:5]
+    ]
+    assert rounded(torch.tensor([math.nan, math.inf, -math.inf], dtype=torch.float64), dtype).isnan().tolist() == [
+        True,
+        False,
+        False,
+    ]
+    if dtype == torch.float16:  # numpy converts float64 to float16 once: a second, independent reference
+        assert torch.equal(got, torch.from_numpy(values.numpy().astype(np.float16).view(np.int16)))
+
+
+def test_an_edited_tensor_is_its_float64_result_rounded_once():
+    """The projection's float64 values, micro block by micro block, rounded once: over a million values some lie
+    where rounding through float32 goes to the other neighbour (about one in 2^16)."""
+    from contextlib import nullcontext
+
+    from streamsoup.numerics.monosoup import reweigh
+    from streamsoup.numerics.spectral import MemoryRows
+    from streamsoup.options import MergeOptions
+    from streamsoup.tasks.dense import gram_pass, reweighed, spectrum_of
+
+    class Watch:
+        def __call__(self, phase):
+            return nullcontext()
+
+    g = torch.Generator().manual_seed(7)
+    w0 = torch.randn(1024, 1024, generator=g).to(torch.bfloat16)
+    update = torch.randn(1024, 8, generator=g) @ torch.randn(8, 1024, generator=g) / 8
+    w1 = (w0.float() + 0.02 * (update + 0.1 * torch.randn(1024, 1024, generator=g))).to(torch.bfloat16)
+    src = MemoryRows(w0, w1)
+    options = MergeOptions().edit
+    spectrum, coef = spectrum_of(src, gram_pass(src, options.spectral, Watch()), options, Watch())
+    got = reweighed(src, spectrum, coef, torch.bfloat16, Watch())
+    exact = torch.cat(
+        [
+            reweigh(*src.read(rows), spectrum.high_part(src.read(rows)[1], coef.k), coef).clone()
+            for rows in src.micro_blocks(slice(0, src.rows))
+        ]
+    )
+    assert torch.equal(got.view(torch.int16), nearest_even(exact, torch.bfloat16).reshape(got.shape))

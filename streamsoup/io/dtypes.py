@@ -95,3 +95,54 @@ def tensor_has_nonfinite(tensor: torch.Tensor) -> bool:
         if has_nonfinite(flat[start : start + FINITE_CHUNK].view(torch.uint8).numpy(), name):
             return True
     return False
+
+
+#: per 16-bit dtype: the float32 bits below its last kept one, their pattern at a midpoint of its grid, and the
+#: float32 bits (sign cleared) below which its grid is subnormal and no longer float32's bits (fp16 only)
+_MIDPOINT = {torch.bfloat16: (0xFFFF, 0x8000, 0), torch.float16: (0x1FFF, 0x1000, 0x38800000)}
+#: values rounded at a time: the temporaries take ~11 bytes per value of this, not of a whole tensor
+ROUNDING_CHUNK = 1 << 20
+
+
+def rounded(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`values` in `dtype`, rounded once to nearest, ties to even.
+
+    torch converts a float64 to bf16 or fp16 through float32, rounding twice: a value just past a midpoint of
+    the 16-bit grid lands on it in float32 and then goes to the even neighbour, the wrong one. Only values whose
+    float32 lies on a midpoint (or in fp16's subnormal range) can go wrong; those are rounded to odd in float32
+    (the float32 below them in magnitude, its last bit set where inexact), after which the second rounding is
+    the correct one (float32 keeps more than two bits beyond bf16's and fp16's: Boldo and Melquiond, "When
+    double rounding is odd", 2005).
+    """
+    if values.dtype != torch.float64 or dtype not in _MIDPOINT:
+        return values.to(dtype)
+    if values.numel() <= ROUNDING_CHUNK:
+        return _rounded(values, dtype)
+    out = torch.empty(values.shape, dtype=dtype, device=values.device)
+    flat, into = values.reshape(-1), out.view(-1)
+    for start in range(0, flat.numel(), ROUNDING_CHUNK):
+        into[start : start + ROUNDING_CHUNK] = _rounded(flat[start : start + ROUNDING_CHUNK], dtype)
+    return out
+
+
+def _rounded(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    near = values.to(torch.float32)  # to nearest
+    out = near.to(dtype)
+    below, midpoint, subnormal = _MIDPOINT[dtype]
+    bits = near.view(torch.int32)
+    suspect = (bits & below) == midpoint
+    if subnormal:
+        suspect |= (bits & 0x7FFFFFFF) < subnormal
+    where = suspect.nonzero(as_tuple=True)
+    if where[0].numel():
+        out[where] = _to_odd(values[where], near[where]).to(dtype)
+    return out
+
+
+def _to_odd(values: torch.Tensor, near: torch.Tensor) -> torch.Tensor:
+    """float64 `values` rounded to odd in float32, from their float32 rounding to nearest `near`."""
+    wide = near.to(torch.float64)
+    bits = near.view(torch.int32)
+    bits = torch.where(wide.abs() > values.abs(), bits - 1, bits)  # one step toward zero: sign-magnitude bits
+    bits = torch.where((wide != values) & ~values.isnan(), bits | 1, bits)
+    return bits.view(torch.float32)

@@ -19,7 +19,7 @@ import torch
 from ..faults import fault_point
 from ..io import writer
 from ..io.checkpoint import TensorRef, matrix_shape, read_block, read_tensor
-from ..io.dtypes import torch_dtype
+from ..io.dtypes import rounded, torch_dtype
 from ..io.layout import Placement
 from ..io.records import StateDamaged
 from ..io.tensorprogress import TensorProgress
@@ -111,7 +111,7 @@ def converted(job: TensorJob, values: torch.Tensor, allow_nonfinite: bool) -> to
     bad = int((~torch.isfinite(values)).sum()) if values.is_floating_point() else 0
     if bad and not allow_nonfinite:
         raise copied_as_is(job)
-    out = values.to(dtype)
+    out = rounded(values, dtype)
     if out.is_floating_point() and int((~torch.isfinite(out)).sum()) > bad:
         raise nonfinite_copy(job)
     return out
@@ -181,7 +181,7 @@ def reweighed(
         tall = src.tall_view(out)
         for block in src.read_blocks():
             for rows in src.micro_blocks(block):
-                tall[rows].copy_(_reweighed(src, rows, spectrum, coef))  # rounds to the output dtype once
+                tall[rows].copy_(rounded(_reweighed(src, rows, spectrum, coef), dtype))
     return out
 
 
@@ -234,7 +234,8 @@ def merge_streamed(
         with watch("project"):
             out = torch.empty(block.stop - block.start, src.cols, dtype=dtype)
             for rows in src.micro_blocks(block):
-                out[rows.start - block.start : rows.stop - block.start].copy_(_reweighed(src, rows, spectrum, coef))
+                values = rounded(_reweighed(src, rows, spectrum, coef), dtype)
+                out[rows.start - block.start : rows.stop - block.start].copy_(values)
         with watch("write"):
             crc = writer.write_block(files, edited_rows_slot(job), shape, block.start, out, src.transposed)
         del out  # before the next block's buffer exists

@@ -16,7 +16,7 @@ import torch
 from ..faults import fault_point
 from ..io import writer
 from ..io.checkpoint import matrix_shape, read_block, read_tensor
-from ..io.dtypes import torch_dtype
+from ..io.dtypes import rounded, torch_dtype
 from ..numerics.lowrank import LowRankSVD, factors, finite, lowrank_svd, reweighed_factors, row_blocks, weights
 from ..numerics.monosoup import Coefficients, coefficients
 from ..options import EditOptions
@@ -148,12 +148,12 @@ def _write_factors(
         left, right = reweighed_factors(svd, coef, update.rank)
         b_new, a_new = (right.T, left.T) if update.transposed else (left, right)
         parts = [
-            a_new.reshape(update.a.shape).to(torch_dtype(update.a.dtype)),
-            b_new.reshape(update.b.shape).to(torch_dtype(update.b.dtype)),
+            rounded(a_new.reshape(update.a.shape), torch_dtype(update.a.dtype)),
+            rounded(b_new.reshape(update.b.shape), torch_dtype(update.b.dtype)),
         ]
         if job.bias is not None:  # lora_B.bias, rescaled to the new scaling of 1
             bias = job.bias.bias
-            parts.append((read_tensor(bias).to(torch.float64) * job.bias.scale).to(torch_dtype(bias.dtype)))
+            parts.append(rounded(read_tensor(bias).to(torch.float64) * job.bias.scale, torch_dtype(bias.dtype)))
         for part in parts:
             writer.check_finite(part)
         data = torch.cat([p.contiguous().view(-1).view(torch.uint8) for p in parts])
@@ -170,7 +170,7 @@ def write_bias(job: TensorJob, files: writer.OutputFiles, watch: Stopwatch) -> T
     with watch("read"):
         b0 = read_tensor(job.base).to(torch.float64)
         lb = read_tensor(job.bias.bias).to(torch.float64)
-    out = (b0 + job.bias.scale * lb).to(torch_dtype(job.out_dtype))
+    out = rounded(b0 + job.bias.scale * lb, torch_dtype(job.out_dtype))
     if not bool(torch.isfinite(out).all()):
         raise nonfinite_bias(job)
     with watch("write"):
