@@ -354,7 +354,7 @@ def test_fp8_streamed_in_row_blocks_gives_the_in_memory_bytes(tmp_path):
         folder.mkdir()
         save_file({"model.layers.0.mlp.down_proj.weight": tensor.to(torch.bfloat16)}, folder / "model.safetensors")
         (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    w0 = fp8_quantized(base)
+    fp8_quantized(base)
     args = ("--devices", "cpu", "-q")
     streamed, roomy = tmp_path / "streamed", tmp_path / "roomy"
     assert run("merge", base, ft, streamed, "--max-ram", "640MB", *args).returncode == 0
@@ -362,7 +362,8 @@ def test_fp8_streamed_in_row_blocks_gives_the_in_memory_bytes(tmp_path):
     name = "model.layers.0.mlp.down_proj.weight"
     assert report_rows(streamed)[name]["blocks"] > 1 and report_rows(roomy)[name]["blocks"] == 0
     assert (streamed / "model.safetensors").read_bytes() == (roomy / "model.safetensors").read_bytes()
-    assert_like_reference(w0, load_folder(ft), roomy)
+    # the in-memory FP8 path is held to the float64 reference by test_fp8_block_scaled_base_and_bf16_fine_tune_merge_
+    # exactly; that reference's 3000 x 2304 SVD here took 6-12 s of the suite for no path that test does not take
 
 
 def test_decoded_values_beyond_the_output_dtype_are_named_as_such(tmp_path):

@@ -104,3 +104,18 @@ def test_precision_probe_projection_bound_holds():
             other = y + side * e  # float64's value, anywhere within e
             apart = precision_probe.ulps_apart(y.to(torch.float32).to(dtype), rounded(other, dtype))
             assert int((apart[ok] > 1).sum()) == 0, (dtype, side)
+
+
+def test_peak_rss_is_the_kernels_high_water_mark_not_only_a_sample():
+    """tools/peak_rss.py, which test_memory's budget checks rely on: a peak too short for a 20 ms sampler (256 MiB
+    touched, then the process exits) is still counted, from the kernel's own mark."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import peak_rss
+
+    touched = 256 * 2**20
+    result = peak_rss.measure([sys.executable, "-c", f"b = bytearray({touched}); b[::4096] = b'x' * len(b[::4096])"])
+    assert result["returncode"] == 0
+    assert result["kernel_peak_rss_bytes"] >= touched and result["peak_rss_bytes"] >= touched, result
+    assert peak_rss.measure([sys.executable, "-c", "raise SystemExit(3)"])["returncode"] == 3
