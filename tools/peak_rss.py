@@ -3,17 +3,18 @@
 
     python tools/peak_rss.py -- streamsoup merge BASE FT OUT
 
-The peak is the larger of two: the kernel's own high-water mark of the command's process (its ru_maxrss
-when it is reaped: exact whatever the machine's load, where a sampler starved of CPU could miss a short
-peak), and the sum over the process and all its children sampled with psutil every 20 ms (what a process
-tree holds at once). Both count file-backed mmap pages, as the kernel does.
+The peak is the larger of two, both sampled every 20 ms: the kernel's own high-water mark of the command's
+process (VmHWM in /proc/PID/status: a peak between two samples is in the next one, so a sampler the load
+starves of CPU misses nothing but the last 20 ms before the process exits), and the sum of the RSS of the
+process and all its children (what a process tree holds at once). Both count file-backed mmap pages, as the
+kernel does. Not the ru_maxrss of the reaped process: exec records there the high-water mark of the image it
+replaced, which for a child of a large process (a pytest worker) is that process's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -31,28 +32,36 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
+def high_water_mark(pid: int) -> int:
+    """VmHWM of a live process, in bytes (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def measure(cmd: list[str], interval: float = 0.02) -> dict:
     start = time.perf_counter()
     child = subprocess.Popen(cmd)
     proc = psutil.Process(child.pid)
-    peak = 0
-    while True:
-        pid, status, usage = os.wait4(child.pid, os.WNOHANG)  # reaped here, to read its rusage
-        if pid:
-            child.returncode = os.waitstatus_to_exitcode(status)
-            break
+    sampled = kernel = 0
+    while child.poll() is None:
+        kernel = max(kernel, high_water_mark(child.pid))
         try:
-            peak = max(peak, tree_rss(proc))
+            sampled = max(sampled, tree_rss(proc))
         except psutil.Error:
             pass
         time.sleep(interval)
-    kernel_peak = usage.ru_maxrss * 1024  # Linux: KiB
     return {
         "returncode": child.returncode,
         "seconds": time.perf_counter() - start,
-        "peak_rss_bytes": max(peak, kernel_peak),
-        "kernel_peak_rss_bytes": kernel_peak,
-        "sampled_peak_rss_bytes": peak,
+        "peak_rss_bytes": max(sampled, kernel),
+        "kernel_peak_rss_bytes": kernel,
+        "sampled_peak_rss_bytes": sampled,
     }
 
 
