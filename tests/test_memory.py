@@ -18,9 +18,9 @@ from streamsoup.io.layout import TensorSpec  # noqa: E402
 
 MAX_RAM = 640 * 2**20
 
-#: not serial: the peak is the kernel's high-water mark of the merge's process (tools/peak_rss.py), exact
-#: under any load, not only a sample a busy machine could take too late
-pytestmark = pytest.mark.slow
+#: alone, after the parallel part: their 7 GiB of writes and reads slowed it by more than they take alone (the
+#: peak itself is the kernel's high-water mark, tools/peak_rss.py: exact under any load)
+pytestmark = [pytest.mark.serial, pytest.mark.slow]
 
 
 class Noise:
