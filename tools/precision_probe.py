@@ -167,9 +167,11 @@ def within_one_step(y: torch.Tensor, e: torch.Tensor, dtype: torch.dtype) -> tor
 
 
 def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """How many grid steps of their (16- or 32-bit) dtype lie between a and b, across zero too: sign-magnitude
+    """How many grid steps of their (16-, 32- or 64-bit) dtype lie between a and b, across zero too: sign-magnitude
     bits made monotone integers."""
-    bits = {2: (torch.int16, 0x7FFF), 4: (torch.int32, 0x7FFFFFFF)}[a.dtype.itemsize]
+    bits = {2: (torch.int16, 0x7FFF), 4: (torch.int32, 0x7FFFFFFF), 8: (torch.int64, 0x7FFFFFFFFFFFFFFF)}[
+        a.dtype.itemsize
+    ]
 
     def ordered(t: torch.Tensor) -> torch.Tensor:
         raw = t.view(bits[0]).to(torch.int64)
