@@ -213,16 +213,11 @@ def test_rounding_once_against_an_exact_reference(dtype):
 def test_an_edited_tensor_is_its_float64_result_rounded_once():
     """The projection's float64 values, micro block by micro block, rounded once: over a million values some lie
     where rounding through float32 goes to the other neighbour (about one in 2^16)."""
-    from contextlib import nullcontext
-
     from streamsoup.numerics.monosoup import reweigh
     from streamsoup.numerics.spectral import MemoryRows
     from streamsoup.options import MergeOptions
     from streamsoup.tasks.dense import gram_pass, reweighed, spectrum_of
-
-    class Watch:
-        def __call__(self, phase):
-            return nullcontext()
+    from streamsoup.tasks.result import Stopwatch
 
     g = torch.Generator().manual_seed(7)
     w0 = torch.randn(1024, 1024, generator=g).to(torch.bfloat16)
@@ -230,12 +225,12 @@ def test_an_edited_tensor_is_its_float64_result_rounded_once():
     w1 = (w0.float() + 0.02 * (update + 0.1 * torch.randn(1024, 1024, generator=g))).to(torch.bfloat16)
     src = MemoryRows(w0, w1)
     options = MergeOptions().edit
-    spectrum, coef = spectrum_of(src, gram_pass(src, options.spectral, Watch()), options, Watch())
-    got = reweighed(src, spectrum, coef, torch.bfloat16, Watch())
-    exact = torch.cat(
-        [
-            reweigh(*src.read(rows), spectrum.high_part(src.read(rows)[1], coef.k), coef).clone()
-            for rows in src.micro_blocks(slice(0, src.rows))
-        ]
-    )
+    spectrum, coef = spectrum_of(src, gram_pass(src, options.spectral, Stopwatch()), options, Stopwatch())
+    got = reweighed(src, spectrum, coef, torch.bfloat16, Stopwatch())
+
+    def float64_values(rows: slice) -> torch.Tensor:
+        block_w0, x = src.read(rows)  # src's workspace: used before the next read
+        return reweigh(block_w0, x, spectrum.high_part(x, coef.k), coef)  # new tensors, not the workspace
+
+    exact = torch.cat([float64_values(rows) for rows in src.micro_blocks(slice(0, src.rows))])
     assert torch.equal(got.view(torch.int16), nearest_even(exact, torch.bfloat16).reshape(got.shape))

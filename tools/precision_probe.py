@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from streamsoup.io.checkpoint import matrix_shape, read_tensor  # noqa: E402
 from streamsoup.io.dtypes import torch_dtype  # noqa: E402
-from streamsoup.numerics.monosoup import energy_rank, entropy_rank, update_is_significant  # noqa: E402
+from streamsoup.numerics.monosoup import energy_rank, entropy_rank, reweigh, update_is_significant  # noqa: E402
 from streamsoup.options import MergeOptions  # noqa: E402
 from streamsoup.planning.planner import EDIT, plan_merge  # noqa: E402
 
@@ -113,12 +113,12 @@ def probe(name: str, dw: torch.Tensor) -> Row:
     g32 = a32.T @ a32
     lam = torch.linalg.eigvalsh(g32).to(torch.float64).flip(0)
     gram32_s = time.perf_counter() - t
-    gamma = m * U32 / (1 - m * U32)
+    g_m = gamma(m, U32)
     fro2_32 = fro2 * (1 + U32) ** 2  # ||dW in float32||_F^2 at most
-    g_norm = fro2_32 * (1 + gamma)  # ||G computed||_2 at most (<= its Frobenius norm), not the computed lam[0]
+    g_norm = fro2_32 * (1 + g_m)  # ||G computed||_2 at most (<= its Frobenius norm), not the computed lam[0]
     # rounding dW to float32 moves G by at most (2u + u^2) ||dW||_F^2; the dot products by gamma_m ||dW32||_F^2;
     # the eigensolver by n u ||G||_2 (LAPACK's standard error model, its constant taken as 1)
-    delta = (2 * U32 + U32**2) * fro2 + gamma * fro2_32 + n * U32 * g_norm
+    delta = (2 * U32 + U32**2) * fro2 + g_m * fro2_32 + n * U32 * g_norm
     gram = (lam.clamp(min=0).sqrt(), (lam - delta).clamp(min=0).sqrt(), (lam + delta).clamp(min=0).sqrt())
 
     t = time.perf_counter()
@@ -126,7 +126,7 @@ def probe(name: str, dw: torch.Tensor) -> Row:
     eig32_s = time.perf_counter() - t
     # the float64 Gram rounded to float32 moves it by at most u ||G||_F <= u ||dW||_F^2; the float32 eigensolver's
     # backward error n u ||G32||_2 (constant 1)
-    delta = m * U64 / (1 - m * U64) * fro2 + U32 * fro2 + n * U32 * fro2 * (1 + U32)  # + forming G in float64
+    delta = gamma(m, U64) * fro2 + U32 * fro2 + n * U32 * fro2 * (1 + U32)  # + forming G in float64
     eig32 = (lam.clamp(min=0).sqrt(), (lam - delta).clamp(min=0).sqrt(), (lam + delta).clamp(min=0).sqrt())
 
     t = time.perf_counter()
@@ -161,8 +161,8 @@ def spacing(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def within_one_step(y: torch.Tensor, e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Where every value within `e` of `y` rounds to `dtype` within one grid step of y's own rounding: the grid's
-    gap at |y| - e exceeds e. The margin 1 - 2^-13 allows for torch rounding a float64 to a 16-bit dtype through
-    float32 (two roundings, the first at most 2^-14 of a 16-bit gap)."""
+    gap at |y| - e exceeds e. The margin 1 - 2^-13 keeps the rule true should either value be rounded through
+    float32 first, as torch's own float64 conversion does (the first rounding at most 2^-14 of a 16-bit gap)."""
     return e < spacing((y.abs() - e).clamp(min=0), dtype) * (1 - 2.0**-13)
 
 
@@ -208,27 +208,23 @@ def project_probe(name: str, w0: torch.Tensor, w1: torch.Tensor, dtype: torch.dt
     """
     from streamsoup.numerics.spectral import MemoryRows, accumulate, eigh_spectrum
     from streamsoup.tasks.dense import reweighed, split
+    from streamsoup.tasks.result import Stopwatch
 
     options = MergeOptions()
     src = MemoryRows(w0, w1)
     spectrum, coef = split(eigh_spectrum(accumulate(src, with_gram=True).gram), options.edit)
     t = time.perf_counter()
-    out64 = src.tall_view(reweighed(src, spectrum, coef, dtype, _NoWatch()))
+    out64 = src.tall_view(reweighed(src, spectrum, coef, dtype, Stopwatch()))
     p64 = time.perf_counter() - t
     complement = spectrum.kept == "complement"
     v64 = spectrum.basis
     lam_low, alpha = coef.lambda_low, coef.lambda_high - coef.lambda_low
 
-    def float32_output(x: torch.Tensor, w0_: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-        y = torch.mul(x, lam_low)
-        y += w0_
-        return y.add_(high, alpha=alpha)
-
     t = time.perf_counter()  # numpy's sgemm (OpenBLAS): ~1.5x faster than torch's here, the best case for float32
     x32, v32 = src.w1.to(torch.float32) - src.w0.to(torch.float32), v64.to(torch.float32).numpy()
     high = torch.from_numpy((x32.numpy() @ v32) @ v32.T)
     high = x32 - high if complement else high
-    y32 = float32_output(x32, src.w0.to(torch.float32), high)
+    y32 = reweigh(src.w0.to(torch.float32), x32, high, coef)  # streamsoup's reweigh, in float32
     out32 = y32.to(dtype)
     p32 = time.perf_counter() - t
 
@@ -254,7 +250,7 @@ def project_probe(name: str, w0: torch.Tensor, w1: torch.Tensor, dtype: torch.dt
     tv = torch.from_numpy(x.numpy() @ v64.numpy())
     high_m = torch.from_numpy(tv.to(torch.float32).numpy() @ v32.T)
     high_m = x32 - high_m if complement else high_m
-    y_m = float32_output(x32, src.w0.to(torch.float32), high_m)
+    y_m = reweigh(src.w0.to(torch.float32), x32, high_m, coef)
     mixed_s = time.perf_counter() - t
     products = gamma(k + 4, U32) * torch.outer(tv.norm(dim=1), v64.norm(dim=1)) + gamma(c, U64) * torch.outer(rows, a)
     certified_m = certify(y_m, high_m, products)
@@ -293,9 +289,7 @@ def mixed_checked_seconds(src, spectrum, coef, dtype: torch.dtype) -> tuple[floa
         x32, w32 = x.to(torch.float32), w0.to(torch.float32)
         if spectrum.kept == "complement":
             high = x32 - high
-        y = x32 * lam_low
-        y += w32
-        y.add_(high, alpha=alpha)
+        y = reweigh(w32, x32, high, coef)
         e = torch.outer(torch.from_numpy(np.linalg.norm(tv, axis=1)).to(torch.float32) * g_k, v_rows)
         if spectrum.kept == "complement":
             e.add_(x32.abs(), alpha=4 * U32).add_(high.abs(), alpha=2 * U32)
@@ -305,16 +299,6 @@ def mixed_checked_seconds(src, spectrum, coef, dtype: torch.dtype) -> tuple[floa
         left += int((e.mul_(kappa) >= y.abs_()).sum())
         seconds += time.perf_counter() - t
     return seconds, left
-
-
-class _NoWatch:
-    def __call__(self, phase: str):
-        import contextlib
-
-        return contextlib.nullcontext()
-
-    def on(self, device: str) -> None:
-        pass
 
 
 def edited_matrices(base: Path, ft: Path, limit: int) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.dtype]]:

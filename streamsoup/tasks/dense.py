@@ -181,14 +181,15 @@ def reweighed(
         tall = src.tall_view(out)
         for block in src.read_blocks():
             for rows in src.micro_blocks(block):
-                tall[rows].copy_(rounded(_reweighed(src, rows, spectrum, coef), dtype))
+                tall[rows].copy_(_reweighed(src, rows, spectrum, coef, dtype))
     return out
 
 
-def _reweighed(src: RowSource, rows: slice, spectrum: Spectrum, coef: Coefficients) -> torch.Tensor:
-    """W = W0 + lam_low dW + (lam_high - lam_low) dW_high for one micro block, in float64 (src's workspace)."""
+def _reweighed(src: RowSource, rows: slice, spectrum: Spectrum, coef: Coefficients, dtype: torch.dtype) -> torch.Tensor:
+    """W = W0 + lam_low dW + (lam_high - lam_low) dW_high for one micro block: computed in float64 (src's
+    workspace), rounded once to `dtype`."""
     w0, x = src.read(rows)
-    return reweigh(w0, x, spectrum.high_part(x, coef.k, src), coef, out=src.buffer("out", x.shape[0]))
+    return rounded(reweigh(w0, x, spectrum.high_part(x, coef.k, src), coef, out=src.buffer("out", x.shape[0])), dtype)
 
 
 def merge_streamed(
@@ -234,8 +235,9 @@ def merge_streamed(
         with watch("project"):
             out = torch.empty(block.stop - block.start, src.cols, dtype=dtype)
             for rows in src.micro_blocks(block):
-                values = rounded(_reweighed(src, rows, spectrum, coef), dtype)
-                out[rows.start - block.start : rows.stop - block.start].copy_(values)
+                out[rows.start - block.start : rows.stop - block.start].copy_(
+                    _reweighed(src, rows, spectrum, coef, dtype)
+                )
         with watch("write"):
             crc = writer.write_block(files, edited_rows_slot(job), shape, block.start, out, src.transposed)
         del out  # before the next block's buffer exists
